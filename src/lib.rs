@@ -1,0 +1,5 @@
+//! toolwarden: makes the tools AI agents call safe to run in production.
+
+pub mod api;
+pub mod cli;
+pub mod policy;

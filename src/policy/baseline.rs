@@ -1,0 +1,208 @@
+//! Rules that hold for every tool, with or without a ToolPolicy: the schema
+//! compiles, expressions parse, quantities are valid, cross-field consistency,
+//! and no literal secrets.
+
+use crate::api::{AgentToolSpec, AuditLevel, PolicyMode, parse_quantity};
+
+use super::Violation;
+use super::catalog::{self as rule, Rule};
+use super::facts::ToolFacts;
+use super::literal_secrets::{SecretLook, is_secret_name, looks_like_secret};
+use super::schema_shape::MAX_SCHEMA_DEPTH;
+
+pub fn check(spec: &AgentToolSpec, facts: &ToolFacts, out: &mut Vec<Violation>) {
+    let mut flag = |rule: Rule, path: String, message: String| {
+        out.push(Violation {
+            rule: rule.id,
+            item: rule.item,
+            path,
+            message,
+            policy: None,
+            mode: PolicyMode::Enforce,
+        })
+    };
+
+    if let Some(error) = &facts.schema_error {
+        flag(
+            rule::SCHEMA_COMPILES,
+            "spec.inputSchema".into(),
+            format!("input schema does not compile: {error}"),
+        );
+    }
+    if !facts.schema_is_object {
+        flag(
+            rule::SCHEMA_IS_OBJECT,
+            "spec.inputSchema.type".into(),
+            "input schema must have top-level `type: object`".into(),
+        );
+    }
+    if let Some(site) = &facts.shape.too_deep {
+        flag(
+            rule::SCHEMA_TOO_DEEP,
+            site.schema_path.clone(),
+            format!("input schema nests deeper than {MAX_SCHEMA_DEPTH} levels"),
+        );
+    }
+    for (i, sanitize) in spec.sanitize.iter().enumerate() {
+        if !facts.shape.string_fields.contains(&sanitize.field) {
+            flag(
+                rule::SANITIZE_TARGET_EXISTS,
+                format!("spec.sanitize[{i}].field"),
+                format!(
+                    "`{}` is not a string field of the input schema",
+                    sanitize.field
+                ),
+            );
+        }
+    }
+    for (i, error) in &facts.authorization_errors {
+        flag(
+            rule::AUTHORIZATION_COMPILES,
+            format!("spec.authorization[{i}].expression"),
+            format!("not a valid CEL expression: {error}"),
+        );
+    }
+    if let Some(approval) = &spec.approval {
+        if let Some(error) = &facts.approval_when_error {
+            flag(
+                rule::APPROVAL_CONSISTENT,
+                "spec.approval.when".into(),
+                format!("not a valid CEL expression: {error}"),
+            );
+        }
+        if approval.when.is_some() && !approval.required {
+            flag(
+                rule::APPROVAL_CONSISTENT,
+                "spec.approval.when".into(),
+                "approval.when needs approval.required: true".into(),
+            );
+        }
+        if approval.required
+            && approval.approvers.users.is_empty()
+            && approval.approvers.groups.is_empty()
+        {
+            flag(
+                rule::APPROVAL_CONSISTENT,
+                "spec.approval.approvers".into(),
+                "approval is required but no approver users or groups are named".into(),
+            );
+        }
+    }
+    if spec.audit.input != AuditLevel::Redacted && !spec.audit.redact.is_empty() {
+        flag(
+            rule::AUDIT_REDACT_USED,
+            "spec.audit.redact".into(),
+            format!(
+                "redact fields have no effect with `input: {}`; use `input: redacted`",
+                spec.audit.input.as_str()
+            ),
+        );
+    }
+    let sandbox = &spec.sandbox;
+    let quantities = [
+        ("memory", &sandbox.memory),
+        ("cpu", &sandbox.cpu),
+        ("tmpSize", &sandbox.tmp_size),
+    ];
+    for (field, quantity) in quantities {
+        if let Some(q) = quantity {
+            match parse_quantity(q) {
+                Ok(v) if v > 0.0 => {}
+                Ok(_) => flag(
+                    rule::QUANTITIES_VALID,
+                    format!("spec.sandbox.{field}"),
+                    format!("{field} must be greater than zero"),
+                ),
+                Err(e) => flag(
+                    rule::QUANTITIES_VALID,
+                    format!("spec.sandbox.{field}"),
+                    e.to_string(),
+                ),
+            }
+        }
+    }
+    check_secret_delivery(spec, &mut flag);
+    check_literals(spec, &mut flag);
+}
+
+fn check_secret_delivery(spec: &AgentToolSpec, flag: &mut impl FnMut(Rule, String, String)) {
+    let egress = &spec.permissions.network.egress;
+    for (i, secret) in spec.secrets.iter().enumerate() {
+        let ways = [
+            secret.env.is_some(),
+            secret.file.is_some(),
+            secret.inject.is_some(),
+        ]
+        .iter()
+        .filter(|w| **w)
+        .count();
+        if ways != 1 {
+            flag(
+                rule::SECRET_DELIVERED_ONCE,
+                format!("spec.secrets[{i}]"),
+                format!(
+                    "secret `{}` must be delivered exactly one way (env, file or inject), found {ways}",
+                    secret.secret_name
+                ),
+            );
+        }
+        if let Some(inject) = &secret.inject
+            && !egress.iter().any(|rule| rule.host == inject.host)
+        {
+            flag(
+                rule::SECRET_DELIVERED_ONCE,
+                format!("spec.secrets[{i}].inject.host"),
+                format!(
+                    "`{}` is not in permissions.network.egress, so the header could never be sent",
+                    inject.host
+                ),
+            );
+        }
+    }
+}
+
+fn check_literals(spec: &AgentToolSpec, flag: &mut impl FnMut(Rule, String, String)) {
+    let runtime = &spec.runtime;
+    let env = runtime
+        .env
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (format!("spec.runtime.env[{i}].value"), e.value.as_str()));
+    let command = runtime
+        .command
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (format!("spec.runtime.command[{i}]"), c.as_str()));
+    let args = runtime
+        .args
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (format!("spec.runtime.args[{i}]"), a.as_str()));
+    for (path, value) in env.chain(command).chain(args) {
+        match looks_like_secret(value) {
+            Some(SecretLook::KnownFormat(kind)) => flag(
+                rule::NO_LITERAL_SECRET,
+                path,
+                format!("looks like a literal {kind}; reference a Secret in spec.secrets instead"),
+            ),
+            Some(SecretLook::HighEntropy) => flag(
+                rule::NO_HIGH_ENTROPY_LITERAL,
+                path,
+                "high-entropy literal that looks like a key; reference a Secret in spec.secrets instead".into(),
+            ),
+            None => {}
+        }
+    }
+    for (i, var) in runtime.env.iter().enumerate() {
+        if is_secret_name(&var.name) && !var.value.is_empty() {
+            flag(
+                rule::SECRET_NAMED_ENV_LITERAL,
+                format!("spec.runtime.env[{i}]"),
+                format!(
+                    "`{}` names a credential but has a literal value; deliver it with spec.secrets[].env",
+                    var.name
+                ),
+            );
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! The expensive, policy-independent analysis of one tool, done once per
+//! evaluation: compiling the input schema and CEL expressions, and walking the
+//! schema's shape.
+
+use serde_json::Value;
+
+use super::schema_shape::{self, SchemaShape};
+use crate::api::AgentToolSpec;
+
+/// The only JSON Schema dialect accepted in `inputSchema.$schema`.
+pub const DIALECT_2020_12: &str = "https://json-schema.org/draft/2020-12/schema";
+
+/// What the rules need to know about a tool beyond its plain fields.
+#[derive(Clone, Debug, Default)]
+pub struct ToolFacts {
+    /// Why the input schema does not compile, if it does not.
+    pub schema_error: Option<String>,
+    pub schema_is_object: bool,
+    pub shape: SchemaShape,
+    /// `(index, error)` of each authorization expression that is not valid CEL.
+    pub authorization_errors: Vec<(usize, String)>,
+    /// Why `approval.when` is not valid CEL, if it is not.
+    pub approval_when_error: Option<String>,
+}
+
+impl ToolFacts {
+    pub fn analyze(spec: &AgentToolSpec) -> ToolFacts {
+        let schema = &spec.input_schema;
+        ToolFacts {
+            schema_error: compile_error(schema),
+            schema_is_object: schema.get("type") == Some(&Value::String("object".into())),
+            shape: schema_shape::analyze(schema),
+            authorization_errors: spec
+                .authorization
+                .iter()
+                .enumerate()
+                .filter_map(|(i, rule)| cel_error(&rule.expression).map(|e| (i, e)))
+                .collect(),
+            approval_when_error: spec
+                .approval
+                .as_ref()
+                .and_then(|a| a.when.as_deref())
+                .and_then(cel_error),
+        }
+    }
+}
+
+/// Compiles the schema the way the runner will (2020-12, formats asserted, no
+/// remote references) and returns why it fails.
+fn compile_error(schema: &Value) -> Option<String> {
+    if let Some(dialect) = schema.get("$schema")
+        && dialect.as_str().map(|d| d.trim_end_matches('#')) != Some(DIALECT_2020_12)
+    {
+        return Some(format!(
+            "$schema must be {DIALECT_2020_12} (JSON Schema 2020-12), found {dialect}"
+        ));
+    }
+    jsonschema::draft202012::options()
+        .should_validate_formats(true)
+        .build(schema)
+        .err()
+        .map(|e| {
+            let at = e.instance_path().to_string();
+            if at.is_empty() {
+                e.to_string()
+            } else {
+                format!("{e} (at {at})")
+            }
+        })
+}
+
+/// Parses a CEL expression and returns why it is not valid.
+pub fn cel_error(expression: &str) -> Option<String> {
+    cel::Program::compile(expression)
+        .err()
+        .map(|e| e.to_string().lines().next().unwrap_or_default().to_string())
+}

@@ -1,0 +1,88 @@
+//! The security checklist as pure functions: `evaluate(tool, policies,
+//! namespace labels) -> Report`. The admission webhook and `toolwarden check`
+//! both call this; nothing here does I/O.
+
+mod baseline;
+pub mod catalog;
+mod facts;
+pub mod literal_secrets;
+mod matching;
+mod rules;
+pub mod schema_shape;
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::api::{AgentTool, PolicyMode, ToolPolicy};
+pub use catalog::{ChecklistItem, Rule};
+pub use facts::ToolFacts;
+pub use matching::policy_applies;
+
+/// One broken rule.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Violation {
+    /// Stable rule ID, e.g. `TW-INPUT-003`.
+    pub rule: &'static str,
+    pub item: ChecklistItem,
+    /// Field path in the manifest, e.g. `spec.sandbox.timeoutMs`.
+    pub path: String,
+    pub message: String,
+    /// The ToolPolicy that demanded the rule; `None` for the built-in baseline.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// What to do about it: `enforce` rejects, `warn` admits with a warning, `audit` records.
+    pub mode: PolicyMode,
+}
+
+/// Everything one tool breaks.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Report {
+    pub violations: Vec<Violation>,
+}
+
+impl Report {
+    /// True when an enforcing policy (or the baseline) rejects the tool.
+    pub fn denied(&self) -> bool {
+        self.violations
+            .iter()
+            .any(|v| v.mode == PolicyMode::Enforce)
+    }
+
+    /// Violations of one mode.
+    pub fn with_mode(&self, mode: PolicyMode) -> impl Iterator<Item = &Violation> {
+        self.violations.iter().filter(move |v| v.mode == mode)
+    }
+}
+
+/// Checks `tool` against the baseline and every policy that selects it.
+/// `namespace_labels` are the labels of the tool's namespace.
+pub fn evaluate(
+    tool: &AgentTool,
+    policies: &[ToolPolicy],
+    namespace_labels: &BTreeMap<String, String>,
+) -> Report {
+    let facts = ToolFacts::analyze(&tool.spec);
+    evaluate_with_facts(tool, &facts, policies, namespace_labels)
+}
+
+/// As [`evaluate`], with the per-tool analysis done by the caller (it depends on the
+/// tool alone, so a caller checking one tool against many policy sets reuses it).
+pub fn evaluate_with_facts(
+    tool: &AgentTool,
+    facts: &ToolFacts,
+    policies: &[ToolPolicy],
+    namespace_labels: &BTreeMap<String, String>,
+) -> Report {
+    let mut violations = Vec::new();
+    baseline::check(&tool.spec, facts, &mut violations);
+    let empty = BTreeMap::new();
+    let tool_labels = tool.metadata.labels.as_ref().unwrap_or(&empty);
+    for policy in policies {
+        if policy_applies(policy, tool_labels, namespace_labels) {
+            rules::check(policy, &tool.spec, facts, &mut violations);
+        }
+    }
+    Report { violations }
+}
