@@ -11,11 +11,23 @@ pub fn all_crds() -> Vec<CustomResourceDefinition> {
     vec![AgentTool::crd(), ToolPolicy::crd(), ToolApproval::crd()]
 }
 
-/// All CRDs as one multi-document YAML stream, as `toolwarden crd` prints it.
-pub fn crds_yaml() -> String {
+/// Each CRD as `(file name, YAML)`, the layout of the `crds/` folder.
+pub fn crd_files() -> Vec<(String, String)> {
     all_crds()
         .iter()
-        .map(|crd| serde_yaml::to_string(crd).expect("a CRD always serializes to YAML"))
+        .map(|crd| {
+            let name = crd.metadata.name.clone().expect("generated CRDs are named");
+            let yaml = serde_yaml::to_string(crd).expect("a CRD always serializes to YAML");
+            (format!("{name}.yaml"), yaml)
+        })
+        .collect()
+}
+
+/// All CRDs as one multi-document YAML stream, as `toolwarden crd` prints it.
+pub fn crds_yaml() -> String {
+    crd_files()
+        .into_iter()
+        .map(|(_, yaml)| yaml)
         .collect::<Vec<_>>()
         .join("---\n")
 }

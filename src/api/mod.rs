@@ -10,7 +10,7 @@ mod tool_policy;
 
 pub use agent_tool::*;
 pub use common::*;
-pub use crd::{all_crds, crds_yaml};
+pub use crd::{all_crds, crd_files, crds_yaml};
 pub use tool_approval::*;
 pub use tool_policy::*;
 

@@ -38,16 +38,42 @@ pub enum Command {
     /// the baseline, 2 unreadable or invalid input.
     Check(CheckArgs),
     /// Print the CustomResourceDefinitions (AgentTool, ToolPolicy, ToolApproval) as YAML.
-    Crd,
+    ///
+    /// Apply them with `toolwarden crd | kubectl apply --server-side -f -`.
+    Crd {
+        /// Write one file per CRD into this folder instead (how `crds/` is regenerated).
+        #[arg(long, value_name = "DIR")]
+        write: Option<std::path::PathBuf>,
+    },
 }
 
 /// Runs the parsed command and returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Check(args) => check::run(&args),
-        Command::Crd => {
+        Command::Crd { write: None } => {
             print!("{}", crate::api::crds_yaml());
             ExitCode::SUCCESS
+        }
+        Command::Crd { write: Some(dir) } => write_crds(&dir),
+    }
+}
+
+fn write_crds(dir: &std::path::Path) -> ExitCode {
+    let written = std::fs::create_dir_all(dir).and_then(|()| {
+        crate::api::crd_files()
+            .into_iter()
+            .try_for_each(|(name, yaml)| {
+                std::fs::write(dir.join(&name), yaml)?;
+                eprintln!("wrote {}", dir.join(&name).display());
+                Ok(())
+            })
+    });
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: writing CRDs to {}: {e}", dir.display());
+            ExitCode::from(2)
         }
     }
 }
