@@ -74,12 +74,13 @@ pub enum LoadError {
 }
 
 impl Manifests {
-    /// Reads every path (files, or folders searched for `*.yaml`/`*.yml`).
-    /// All errors are collected so one run reports every broken document.
-    pub fn load(paths: &[PathBuf]) -> Result<Manifests, Vec<LoadError>> {
+    /// Reads every path: files, or folders searched for `*.yaml`/`*.yml`
+    /// (subfolders too when `recursive`, as `kubectl -R`). All errors are
+    /// collected so one run reports every broken document.
+    pub fn load(paths: &[PathBuf], recursive: bool) -> Result<Manifests, Vec<LoadError>> {
         let mut manifests = Manifests::default();
         let mut errors = Vec::new();
-        for file in expand_paths(paths, &mut errors) {
+        for file in expand_paths(paths, recursive, &mut errors) {
             match read_file(&file) {
                 Ok(text) => manifests.add_text(&file, &text, &mut errors),
                 Err(e) => errors.push(e),
@@ -198,14 +199,12 @@ fn yaml_key(key: &serde_yaml::Value) -> String {
         .unwrap_or_else(|_| "(key)".into())
 }
 
-/// serde_yaml appends " at line X column Y" to messages; we print our own
-/// file-relative location instead.
+/// serde_yaml writes document-relative "at line X column Y" into messages;
+/// we print our own file-relative location instead.
 fn without_location(e: &serde_yaml::Error) -> String {
-    let text = e.to_string();
-    match text.rfind(" at line ") {
-        Some(at) => text[..at].to_string(),
-        None => text,
-    }
+    static LOCATION: LazyLock<regex::Regex> =
+        LazyLock::new(|| regex::Regex::new(r" at line \d+ column \d+").expect("static pattern"));
+    LOCATION.replace_all(&e.to_string(), "").into_owned()
 }
 
 /// Deserializes into the Rust type (exact field paths on error), then checks
@@ -339,11 +338,11 @@ fn read_file(path: &Path) -> Result<String, LoadError> {
 }
 
 /// Files named directly, plus `*.yaml`/`*.yml` found below folders, sorted.
-fn expand_paths(paths: &[PathBuf], errors: &mut Vec<LoadError>) -> Vec<PathBuf> {
+fn expand_paths(paths: &[PathBuf], recursive: bool, errors: &mut Vec<LoadError>) -> Vec<PathBuf> {
     let mut files = Vec::new();
     for path in paths {
         if path.is_dir() {
-            collect_yaml(path, &mut files, errors);
+            collect_yaml(path, recursive, &mut files, errors);
         } else if path.exists() {
             files.push(path.clone());
         } else {
@@ -356,7 +355,7 @@ fn expand_paths(paths: &[PathBuf], errors: &mut Vec<LoadError>) -> Vec<PathBuf> 
     files
 }
 
-fn collect_yaml(dir: &Path, files: &mut Vec<PathBuf>, errors: &mut Vec<LoadError>) {
+fn collect_yaml(dir: &Path, recursive: bool, files: &mut Vec<PathBuf>, errors: &mut Vec<LoadError>) {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) => {
@@ -377,7 +376,9 @@ fn collect_yaml(dir: &Path, files: &mut Vec<PathBuf>, errors: &mut Vec<LoadError
             continue;
         }
         if path.is_dir() {
-            collect_yaml(&path, files, errors);
+            if recursive {
+                collect_yaml(&path, recursive, files, errors);
+            }
         } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
             files.push(path);
         }

@@ -25,6 +25,9 @@ pub struct CheckArgs {
     /// Extra files or folders of ToolPolicies to apply (AgentTools in them are ignored). Repeatable.
     #[arg(long = "policy", value_name = "FILE")]
     pub policies: Vec<PathBuf>,
+    /// Also read the subfolders of folders given with -f.
+    #[arg(short = 'R', long)]
+    pub recursive: bool,
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
@@ -86,11 +89,11 @@ pub fn run(args: &CheckArgs) -> ExitCode {
 
 /// Reads the manifests and the extra policy files; all errors are reported together.
 fn load(args: &CheckArgs) -> Result<Manifests, Vec<LoadError>> {
-    let main = Manifests::load(&args.paths);
+    let main = Manifests::load(&args.paths, args.recursive);
     let extra = if args.policies.is_empty() {
         Ok(Manifests::default())
     } else {
-        Manifests::load(&args.policies)
+        Manifests::load(&args.policies, args.recursive)
     };
     match (main, extra) {
         (Ok(mut main), Ok(extra)) => {
