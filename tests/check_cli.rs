@@ -29,12 +29,19 @@ fn stderr(out: &Output) -> String {
 
 fn json_rules(out: &Output) -> BTreeSet<String> {
     let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
-    report["violations"].as_array().unwrap().iter().map(|v| v["rule"].as_str().unwrap().to_string()).collect()
+    report["violations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["rule"].as_str().unwrap().to_string())
+        .collect()
 }
 
 fn violation_files() -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> =
-        std::fs::read_dir(root().join("examples/violations")).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("examples/violations"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     files.sort();
     files
 }
@@ -47,23 +54,50 @@ fn write_temp(content: &str) -> tempfile::NamedTempFile {
 
 #[test]
 fn the_examples_pass_the_baseline_policy() {
-    let out = check(&["-f", "examples/", "--policy", "examples/baseline-policy.yaml"]);
-    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
-    assert!(stderr(&out).contains("checked 5 tool(s)"), "{}", stderr(&out));
+    let out = check(&[
+        "-f",
+        "examples/",
+        "--policy",
+        "examples/baseline-policy.yaml",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("checked 5 tool(s)"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
 fn every_rule_has_a_violation_manifest_that_breaks_only_that_rule() {
     let files = violation_files();
-    let covered: BTreeSet<String> =
-        files.iter().map(|f| f.file_stem().unwrap().to_string_lossy().into_owned()).collect();
-    let all: BTreeSet<String> = toolwarden::policy::catalog::ALL.iter().map(|r| r.id.to_string()).collect();
-    assert_eq!(covered, all, "examples/violations/ must hold exactly one manifest per rule");
+    let covered: BTreeSet<String> = files
+        .iter()
+        .map(|f| f.file_stem().unwrap().to_string_lossy().into_owned())
+        .collect();
+    let all: BTreeSet<String> = toolwarden::policy::catalog::ALL
+        .iter()
+        .map(|r| r.id.to_string())
+        .collect();
+    assert_eq!(
+        covered, all,
+        "examples/violations/ must hold exactly one manifest per rule"
+    );
     for file in files {
         let rule = file.file_stem().unwrap().to_string_lossy().into_owned();
         let out = check(&["-f", file.to_str().unwrap(), "-o", "json"]);
         assert_eq!(out.status.code(), Some(1), "{rule}: {}", stderr(&out));
-        assert_eq!(json_rules(&out), BTreeSet::from([rule.clone()]), "{rule} must break exactly its own rule");
+        assert_eq!(
+            json_rules(&out),
+            BTreeSet::from([rule.clone()]),
+            "{rule} must break exactly its own rule"
+        );
     }
 }
 
@@ -78,13 +112,28 @@ fn every_policy_rule_passes_on_compliant_tools() {
         if rule == "TW-PRIV-007" {
             continue;
         }
-        let out = check(&["-f", "examples/", "--policy", file.to_str().unwrap(), "-o", "json"]);
-        assert_eq!(out.status.code(), Some(0), "{rule}'s policy rejects the compliant examples: {}", stdout(&out));
+        let out = check(&[
+            "-f",
+            "examples/",
+            "--policy",
+            file.to_str().unwrap(),
+            "-o",
+            "json",
+        ]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{rule}'s policy rejects the compliant examples: {}",
+            stdout(&out)
+        );
     }
     let digest = "a".repeat(64);
     let pinned = std::fs::read_to_string(root().join("examples/violations/TW-PRIV-007.yaml"))
         .unwrap()
-        .replace("docker.io/library/busybox:1.36.1", &format!("docker.io/library/busybox@sha256:{digest}"));
+        .replace(
+            "docker.io/library/busybox:1.36.1",
+            &format!("docker.io/library/busybox@sha256:{digest}"),
+        );
     let file = write_temp(&pinned);
     let out = check(&["-f", file.path().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
@@ -136,26 +185,40 @@ fn sarif_output_has_the_shape_code_scanning_reads() {
     assert_eq!(result["ruleId"], "TW-INPUT-003");
     assert_eq!(result["level"], "error");
     let location = &result["locations"][0]["physicalLocation"];
-    assert_eq!(location["artifactLocation"]["uri"], "examples/violations/TW-INPUT-003.yaml");
+    assert_eq!(
+        location["artifactLocation"]["uri"],
+        "examples/violations/TW-INPUT-003.yaml"
+    );
     assert!(location["region"]["startLine"].as_u64().unwrap() >= 1);
 }
 
 #[test]
 fn other_kinds_are_skipped_and_counted() {
-    let file = write_temp("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n---\napiVersion: apps/v1\nkind: Deployment\n");
+    let file = write_temp(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n---\napiVersion: apps/v1\nkind: Deployment\n",
+    );
     let out = check(&["-f", file.path().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0));
-    assert!(stderr(&out).contains("skipped 2 other document(s)"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("skipped 2 other document(s)"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 fn expect_input_error(content: &str, expected: &str) {
     let file = write_temp(content);
     let out = check(&["-f", file.path().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(stderr(&out).contains(expected), "expected `{expected}` in:\n{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(expected),
+        "expected `{expected}` in:\n{}",
+        stderr(&out)
+    );
 }
 
-const TOOL_HEAD: &str = "apiVersion: toolwarden.dev/v1alpha1\nkind: AgentTool\nmetadata: {name: t}\n";
+const TOOL_HEAD: &str =
+    "apiVersion: toolwarden.dev/v1alpha1\nkind: AgentTool\nmetadata: {name: t}\n";
 const GOOD_SPEC: &str = "spec:\n  description: d\n  risk: low\n  inputSchema: {type: object}\n  runtime: {image: busybox}\n";
 
 #[test]
@@ -167,28 +230,63 @@ fn yaml_syntax_errors_name_the_file_line() {
     let out = check(&["-f", file.path().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     let message = stderr(&out);
-    assert!(message.contains(":2: YAML error at line 12, column 1: did not find expected ',' or ']'"), "{message}");
-    assert!(!message.contains("at line 3"), "document-relative lines must not leak: {message}");
+    assert!(
+        message.contains(":2: YAML error at line 12, column 1: did not find expected ',' or ']'"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("at line 3"),
+        "document-relative lines must not leak: {message}"
+    );
 }
 
 #[test]
 fn unknown_fields_are_reported_with_their_path() {
-    expect_input_error(&format!("{TOOL_HEAD}{GOOD_SPEC}  sandbox: {{timeoutMS: 10}}\n"), "spec.sandbox.timeoutMS: unknown field `timeoutMS`");
-    expect_input_error(&format!("{TOOL_HEAD}{GOOD_SPEC}specs: {{}}\n"), "specs: unknown field");
+    expect_input_error(
+        &format!("{TOOL_HEAD}{GOOD_SPEC}  sandbox: {{timeoutMS: 10}}\n"),
+        "spec.sandbox.timeoutMS: unknown field `timeoutMS`",
+    );
+    expect_input_error(
+        &format!("{TOOL_HEAD}{GOOD_SPEC}specs: {{}}\n"),
+        "specs: unknown field",
+    );
 }
 
 #[test]
 fn wrong_types_are_reported_with_their_path() {
-    expect_input_error(&format!("{TOOL_HEAD}{GOOD_SPEC}  sandbox: {{pids: lots}}\n"), "spec.sandbox.pids: invalid type: string \"lots\"");
-    expect_input_error(&format!("{TOOL_HEAD}{}", GOOD_SPEC.replace("risk: low", "risk: extreme")), "spec.risk: unknown variant `extreme`");
-    expect_input_error(&format!("{TOOL_HEAD}{GOOD_SPEC}  risk: high\n"), "spec: duplicate entry with key \"risk\"");
+    expect_input_error(
+        &format!("{TOOL_HEAD}{GOOD_SPEC}  sandbox: {{pids: lots}}\n"),
+        "spec.sandbox.pids: invalid type: string \"lots\"",
+    );
+    expect_input_error(
+        &format!(
+            "{TOOL_HEAD}{}",
+            GOOD_SPEC.replace("risk: low", "risk: extreme")
+        ),
+        "spec.risk: unknown variant `extreme`",
+    );
+    expect_input_error(
+        &format!("{TOOL_HEAD}{GOOD_SPEC}  risk: high\n"),
+        "spec: duplicate entry with key \"risk\"",
+    );
 }
 
 #[test]
 fn crd_bounds_are_enforced_offline() {
-    expect_input_error(&format!("{TOOL_HEAD}{GOOD_SPEC}  sandbox: {{timeoutMs: 50}}\n"), "spec.sandbox.timeoutMs: 50 is less than the minimum of 100");
-    expect_input_error(&format!("{TOOL_HEAD}{GOOD_SPEC}  sandbox: {{memory: lots}}\n"), "spec.sandbox.memory");
-    expect_input_error(&format!("{TOOL_HEAD}spec:\n  description: ''\n  risk: low\n  inputSchema: {{type: object}}\n  runtime: {{image: busybox}}\n"), "spec.description");
+    expect_input_error(
+        &format!("{TOOL_HEAD}{GOOD_SPEC}  sandbox: {{timeoutMs: 50}}\n"),
+        "spec.sandbox.timeoutMs: 50 is less than the minimum of 100",
+    );
+    expect_input_error(
+        &format!("{TOOL_HEAD}{GOOD_SPEC}  sandbox: {{memory: lots}}\n"),
+        "spec.sandbox.memory",
+    );
+    expect_input_error(
+        &format!(
+            "{TOOL_HEAD}spec:\n  description: ''\n  risk: low\n  inputSchema: {{type: object}}\n  runtime: {{image: busybox}}\n"
+        ),
+        "spec.description",
+    );
 }
 
 #[test]
@@ -196,22 +294,36 @@ fn missing_paths_and_wrong_api_versions_are_input_errors() {
     let out = check(&["-f", "does/not/exist.yaml"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("does/not/exist.yaml: no such file or directory"));
-    expect_input_error(&format!("apiVersion: toolwarden.dev/v1\nkind: AgentTool\n{GOOD_SPEC}"), "apiVersion: `toolwarden.dev/v1` is not served");
+    expect_input_error(
+        &format!("apiVersion: toolwarden.dev/v1\nkind: AgentTool\n{GOOD_SPEC}"),
+        "apiVersion: `toolwarden.dev/v1` is not served",
+    );
 }
 
 #[test]
 fn cli_usage_errors_exit_2_with_help() {
     let out = check(&[]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("--filename <PATH>"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--filename <PATH>"),
+        "{}",
+        stderr(&out)
+    );
     let out = check(&["-f", "examples/", "-o", "xml"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("possible values: text, json, sarif"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("possible values: text, json, sarif"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
 fn crd_subcommand_prints_every_crd() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_toolwarden")).arg("crd").output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_toolwarden"))
+        .arg("crd")
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let text = stdout(&out);
     assert_eq!(text.matches("kind: CustomResourceDefinition").count(), 3);

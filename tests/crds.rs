@@ -16,7 +16,10 @@ fn crds_folder_matches_the_rust_types() {
     on_disk.sort();
     let mut expected: Vec<String> = files.iter().map(|(name, _)| name.clone()).collect();
     expected.sort();
-    assert_eq!(on_disk, expected, "crds/ holds other files than the generated CRDs");
+    assert_eq!(
+        on_disk, expected,
+        "crds/ holds other files than the generated CRDs"
+    );
     for (name, yaml) in files {
         let committed = std::fs::read_to_string(dir.join(&name)).unwrap();
         assert!(
@@ -29,8 +32,13 @@ fn crds_folder_matches_the_rust_types() {
 fn walk<'a>(value: &'a Value, path: String, visit: &mut dyn FnMut(&str, &'a Value)) {
     visit(&path, value);
     match value {
-        Value::Object(map) => map.iter().for_each(|(k, v)| walk(v, format!("{path}.{k}"), visit)),
-        Value::Array(items) => items.iter().enumerate().for_each(|(i, v)| walk(v, format!("{path}[{i}]"), visit)),
+        Value::Object(map) => map
+            .iter()
+            .for_each(|(k, v)| walk(v, format!("{path}.{k}"), visit)),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .for_each(|(i, v)| walk(v, format!("{path}[{i}]"), visit)),
         _ => {}
     }
 }
@@ -40,7 +48,12 @@ fn schemas() -> Vec<(String, Value)> {
         .into_iter()
         .map(|crd| {
             let name = crd.metadata.name.clone().unwrap();
-            let schema = crd.spec.versions[0].schema.clone().unwrap().open_api_v3_schema.unwrap();
+            let schema = crd.spec.versions[0]
+                .schema
+                .clone()
+                .unwrap()
+                .open_api_v3_schema
+                .unwrap();
             (name, serde_json::to_value(schema).unwrap())
         })
         .collect()
@@ -51,13 +64,22 @@ fn schemas_are_structural() {
     for (name, schema) in schemas() {
         walk(&schema, name.clone(), &mut |path, node| {
             let Some(obj) = node.as_object() else { return };
-            assert!(!obj.contains_key("$ref"), "{path}: $ref is not allowed in a structural schema");
+            assert!(
+                !obj.contains_key("$ref"),
+                "{path}: $ref is not allowed in a structural schema"
+            );
             for forbidden in ["oneOf", "allOf", "not", "additionalItems"] {
-                assert!(!obj.contains_key(forbidden), "{path}: {forbidden} breaks structural schemas here");
+                assert!(
+                    !obj.contains_key(forbidden),
+                    "{path}: {forbidden} breaks structural schemas here"
+                );
             }
             // Every node that is not an int-or-string or free-form node declares its type.
-            let free = obj.contains_key("x-kubernetes-int-or-string") || obj.contains_key("x-kubernetes-preserve-unknown-fields");
-            let is_schema_node = obj.contains_key("properties") || obj.contains_key("items") || obj.contains_key("description");
+            let free = obj.contains_key("x-kubernetes-int-or-string")
+                || obj.contains_key("x-kubernetes-preserve-unknown-fields");
+            let is_schema_node = obj.contains_key("properties")
+                || obj.contains_key("items")
+                || obj.contains_key("description");
             if is_schema_node && !free && !path.ends_with(".properties") {
                 assert!(obj.contains_key("type"), "{path}: missing type");
             }
@@ -71,14 +93,29 @@ fn schemas_are_structural() {
 #[test]
 fn free_form_and_quantity_fields_use_the_kubernetes_extensions() {
     let schemas = schemas();
-    let (_, tool) = schemas.iter().find(|(n, _)| n == "agenttools.toolwarden.dev").unwrap();
+    let (_, tool) = schemas
+        .iter()
+        .find(|(n, _)| n == "agenttools.toolwarden.dev")
+        .unwrap();
     let spec = &tool["properties"]["spec"]["properties"];
-    assert_eq!(spec["inputSchema"]["x-kubernetes-preserve-unknown-fields"], true);
+    assert_eq!(
+        spec["inputSchema"]["x-kubernetes-preserve-unknown-fields"],
+        true
+    );
     for quantity in ["memory", "cpu", "tmpSize"] {
-        assert_eq!(spec["sandbox"]["properties"][quantity]["x-kubernetes-int-or-string"], true, "{quantity}");
+        assert_eq!(
+            spec["sandbox"]["properties"][quantity]["x-kubernetes-int-or-string"], true,
+            "{quantity}"
+        );
     }
     let secret_rules = spec["secrets"]["items"]["x-kubernetes-validations"].to_string();
-    assert!(secret_rules.contains("exactly one way"), "secret delivery CEL rule missing: {secret_rules}");
+    assert!(
+        secret_rules.contains("exactly one way"),
+        "secret delivery CEL rule missing: {secret_rules}"
+    );
     let spec_rules = tool["properties"]["spec"]["x-kubernetes-validations"].to_string();
-    assert!(spec_rules.contains("approval.required"), "approval CEL rule missing: {spec_rules}");
+    assert!(
+        spec_rules.contains("approval.required"),
+        "approval CEL rule missing: {spec_rules}"
+    );
 }

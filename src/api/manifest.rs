@@ -355,7 +355,12 @@ fn expand_paths(paths: &[PathBuf], recursive: bool, errors: &mut Vec<LoadError>)
     files
 }
 
-fn collect_yaml(dir: &Path, recursive: bool, files: &mut Vec<PathBuf>, errors: &mut Vec<LoadError>) {
+fn collect_yaml(
+    dir: &Path,
+    recursive: bool,
+    files: &mut Vec<PathBuf>,
+    errors: &mut Vec<LoadError>,
+) {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) => {

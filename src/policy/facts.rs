@@ -26,10 +26,16 @@ pub struct ToolFacts {
 impl ToolFacts {
     pub fn analyze(spec: &AgentToolSpec) -> ToolFacts {
         let schema = &spec.input_schema;
+        let shape = schema_shape::analyze(schema);
         ToolFacts {
-            schema_error: compile_error(schema),
+            // A schema too deep to walk is reported by its own rule and not compiled.
+            schema_error: if shape.too_deep.is_some() {
+                None
+            } else {
+                compile_error(schema)
+            },
             schema_is_object: schema.get("type") == Some(&Value::String("object".into())),
-            shape: schema_shape::analyze(schema),
+            shape,
             authorization_errors: spec
                 .authorization
                 .iter()

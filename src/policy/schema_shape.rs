@@ -32,8 +32,23 @@ pub struct SchemaShape {
     pub too_deep: Option<SchemaSite>,
 }
 
+/// Deepest raw JSON nesting of an input schema: two JSON levels per schema
+/// level (`properties` → name → subschema) plus slack for keywords.
+const MAX_JSON_DEPTH: usize = 2 * MAX_SCHEMA_DEPTH + 8;
+
 /// Walks `schema` (the tool's `inputSchema`), resolving local `#/$defs/...` references.
 pub fn analyze(schema: &Value) -> SchemaShape {
+    if exceeds_depth(schema, MAX_JSON_DEPTH) {
+        // Not walked (nor compiled, see facts.rs): deep input must not reach recursive code.
+        let site = SchemaSite {
+            schema_path: "spec.inputSchema".into(),
+            data_path: String::new(),
+        };
+        return SchemaShape {
+            too_deep: Some(site),
+            ..SchemaShape::default()
+        };
+    }
     let mut walk = Walk {
         root: schema,
         shape: SchemaShape::default(),
@@ -198,6 +213,22 @@ impl<'a> Walk<'a> {
         );
         self.ref_stack.pop();
     }
+}
+
+/// True when `value` nests deeper than `limit`; iterative, so no depth can overflow the stack.
+pub fn exceeds_depth(value: &Value, limit: usize) -> bool {
+    let mut stack = vec![(value, 0usize)];
+    while let Some((node, depth)) = stack.pop() {
+        if depth > limit {
+            return true;
+        }
+        match node {
+            Value::Object(map) => stack.extend(map.values().map(|v| (v, depth + 1))),
+            Value::Array(items) => stack.extend(items.iter().map(|v| (v, depth + 1))),
+            _ => {}
+        }
+    }
+    false
 }
 
 fn declared_types(obj: &Map<String, Value>) -> Vec<&str> {

@@ -1,0 +1,149 @@
+//! The libcontainer `Executor` that runs inside the container init. libcontainer calls
+//! `exec` after pivot_root, setuid(65534), capability drop, no_new_privs and the start
+//! signal; we then park reading the real invocation from a control pipe (late delivery is what
+//! makes warm containers possible), close every other fd, install seccomp and execve.
+
+use std::ffi::CString;
+use std::io::Read;
+use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use libcontainer::oci_spec::runtime::Spec;
+use libcontainer::workload::{
+    Executor, ExecutorError, ExecutorSetEnvsError, ExecutorValidationError,
+};
+
+use crate::sandbox::proto::LateExec;
+use crate::sandbox::spec::DEFAULT_PATH;
+
+#[derive(Clone)]
+pub struct LateExecutor {
+    /// Read end of the control pipe (open in the keeper when `build()` forks the init).
+    pub control_fd: RawFd,
+}
+
+/// Exit codes used when the sandbox could not run the tool (like a shell's 126/127).
+pub const EXIT_NOT_FOUND: i32 = 127;
+pub const EXIT_CANNOT_EXEC: i32 = 126;
+
+fn fail(code: i32, msg: &str) -> ! {
+    // fd 2 is the caller's stderr pipe: the reason becomes part of the Outcome.
+    let line = format!("toolwarden-sandbox: {msg}\n");
+    unsafe {
+        libc::write(2, line.as_ptr().cast(), line.len());
+        libc::_exit(code)
+    }
+}
+
+impl Executor for LateExecutor {
+    fn exec(&self, _spec: &Spec) -> Result<(), ExecutorError> {
+        // The init was cloned while the keeper held the parent-side pipe ends (stdin write end,
+        // control write end, ...): close every inherited fd except stdio and the control pipe
+        // now, or neither stdin nor the control pipe would ever reach EOF.
+        let fd = self.control_fd as u32;
+        unsafe {
+            if fd > 3 {
+                libc::syscall(libc::SYS_close_range, 3u32, fd - 1, 0u32);
+            }
+            libc::syscall(libc::SYS_close_range, fd + 1, u32::MAX, 0u32);
+        }
+        // SAFETY: the fd was created for this container only and is not used elsewhere here.
+        let mut control = unsafe { std::fs::File::from_raw_fd(self.control_fd) };
+        let mut buf = Vec::new();
+        if control.read_to_end(&mut buf).is_err() || buf.is_empty() {
+            // Pool shut down (runner closed the control pipe) before any invocation.
+            unsafe { libc::_exit(0) }
+        }
+        drop(control);
+        let inv: LateExec = match serde_json::from_slice(&buf) {
+            Ok(v) => v,
+            Err(e) => fail(EXIT_CANNOT_EXEC, &format!("bad invocation: {e}")),
+        };
+        // Close (not merely CLOEXEC) every fd above stdio before touching user-controlled
+        // paths, so `cwd=/proc/self/fd/N` cannot reach a runtime fd (CVE-2024-21626).
+        if unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) } != 0 {
+            fail(EXIT_CANNOT_EXEC, "close_range failed");
+        }
+        let cwd = inv.cwd.as_deref().unwrap_or("/");
+        if let Err(e) = nix::unistd::chdir(cwd) {
+            fail(EXIT_CANNOT_EXEC, &format!("chdir {cwd}: {e}"));
+        }
+        match nix::unistd::getcwd() {
+            // getcwd reports "(unreachable)..." (or fails) for a cwd outside our root.
+            Ok(p) if p.is_absolute() => {}
+            _ => fail(EXIT_CANNOT_EXEC, "cwd is outside the sandbox root"),
+        }
+        let Some(arg0) = inv.argv.first() else {
+            fail(EXIT_CANNOT_EXEC, "empty argv");
+        };
+        let path_var = inv
+            .env
+            .iter()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| v.as_str())
+            .unwrap_or(DEFAULT_PATH);
+        let Some(prog) = resolve(arg0, path_var) else {
+            fail(EXIT_NOT_FOUND, &format!("{arg0}: not found"));
+        };
+        let to_c = |s: String| {
+            CString::new(s).unwrap_or_else(|_| fail(EXIT_CANNOT_EXEC, "NUL byte in argument"))
+        };
+        let prog = to_c(prog);
+        let argv: Vec<CString> = inv.argv.into_iter().map(to_c).collect();
+        let envp: Vec<CString> = inv
+            .env
+            .into_iter()
+            .map(|(k, v)| to_c(format!("{k}={v}")))
+            .collect();
+        let filters = match crate::sandbox::seccomp::filters() {
+            Ok(f) => f,
+            Err(e) => fail(EXIT_CANNOT_EXEC, &e.to_string()),
+        };
+        // Last step before execve: from here only execve itself must be allowed.
+        if let Err(e) = crate::sandbox::seccomp::apply(filters) {
+            fail(EXIT_CANNOT_EXEC, &format!("seccomp: {e}"));
+        }
+        let err = nix::unistd::execve(&prog, &argv, &envp).unwrap_err();
+        let code = if err == nix::Error::ENOENT {
+            EXIT_NOT_FOUND
+        } else {
+            EXIT_CANNOT_EXEC
+        };
+        fail(code, &format!("exec {}: {err}", prog.to_string_lossy()))
+    }
+
+    fn validate(&self, _spec: &Spec) -> Result<(), ExecutorValidationError> {
+        // argv is not known yet; it is checked at exec time.
+        Ok(())
+    }
+
+    fn setup_envs(
+        &self,
+        _envs: std::collections::HashMap<String, String>,
+    ) -> Result<(), ExecutorSetEnvsError> {
+        // Scrub everything inherited from the runner; execve gets an explicit envp.
+        for (k, _) in std::env::vars_os() {
+            unsafe { std::env::remove_var(k) };
+        }
+        Ok(())
+    }
+}
+
+fn resolve(arg0: &str, path_var: &str) -> Option<String> {
+    let is_exec = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if arg0.contains('/') {
+        // Let execve report the precise error (ENOENT, EACCES...).
+        return Some(arg0.to_string());
+    }
+    path_var
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| Path::new(d).join(arg0))
+        .find(|p| is_exec(p))
+        .map(|p| p.to_string_lossy().into_owned())
+}

@@ -1,0 +1,169 @@
+//! Sandbox engine: runs one tool invocation per fresh OCI container (libcontainer/youki).
+//!
+//! Architecture (see NOTES.md):
+//! * The async runner ([`Sandboxes`]) never forks containers itself: cloning from a
+//!   multi-threaded tokio process is unsafe (youki #3011/#3027). It spawns a *zygote*:
+//!   the same binary re-executed with the hidden `sandbox-zygote` subcommand
+//!   ([`zygote_main`]), talking over a `SOCK_SEQPACKET` socketpair.
+//! * For every container the zygote forks a single-threaded *keeper* that builds and
+//!   starts the container, hands the per-call pipes and a pidfd to the runner with
+//!   `SCM_RIGHTS`, then waits for the container init, reports its status and deletes it.
+//!   Keepers are independent, so a slow `build()` never delays another call's result.
+//! * The container init parks inside our [`executor`] (after pivot_root, setuid, cap drop)
+//!   reading the invocation from a control pipe. A warm call is therefore: write argv/env to
+//!   the pipe, read output, get the exit status. Each container is used exactly once.
+
+pub mod detect;
+pub mod executor;
+pub mod netlo;
+pub mod output;
+pub mod pool;
+pub mod proto;
+pub mod seal;
+pub mod seccomp;
+pub mod spec;
+pub mod sweep;
+pub mod zygote;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use pool::{EngineConfig, Pool, Sandboxes};
+pub use zygote::zygote_main;
+
+/// Hidden subcommand under which the runner binary acts as the zygote.
+pub const ZYGOTE_SUBCOMMAND: &str = "sandbox-zygote";
+
+/// A bind mount from the host into the sandbox.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BindMount {
+    pub source: PathBuf,
+    /// Absolute path inside the sandbox. Resolved inside the rootfs (symlinks cannot escape).
+    pub destination: PathBuf,
+    pub read_only: bool,
+}
+
+/// Resource limits, fixed when a pool is created.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Limits {
+    /// Wall-clock limit from delivery of the invocation; the whole container is SIGKILLed.
+    pub timeout: Duration,
+    /// Memory (memory+swap) limit.
+    pub memory_bytes: Option<u64>,
+    /// CPU quota in millicores (1000 = one full core).
+    pub cpu_millicores: Option<u32>,
+    /// Maximum number of tasks (processes + threads).
+    pub pids: u32,
+    /// Cap for each of stdout and stderr; extra output is drained and dropped.
+    pub max_output_bytes: usize,
+    /// Size of the tmpfs mounted at /tmp (and /dev/shm).
+    pub tmp_size_bytes: u64,
+    /// RLIMIT_FSIZE: largest file a sandboxed process may write.
+    pub file_size_bytes: u64,
+    /// RLIMIT_NOFILE.
+    pub open_files: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            timeout: Duration::from_secs(10),
+            memory_bytes: Some(256 << 20),
+            cpu_millicores: Some(1000),
+            pids: 64,
+            max_output_bytes: 1 << 20,
+            tmp_size_bytes: 64 << 20,
+            file_size_bytes: 64 << 20,
+            open_files: 1024,
+        }
+    }
+}
+
+/// Everything fixed per pool (per tool generation).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SandboxSpec {
+    /// Root filesystem directory, mounted read-only.
+    pub rootfs: PathBuf,
+    pub mounts: Vec<BindMount>,
+    pub limits: Limits,
+    /// Number of pre-created containers kept ready (0 = every call is cold).
+    pub warm_pool: usize,
+}
+
+/// One call.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Invocation {
+    /// argv[0] is resolved against PATH from `env` (or a default PATH) if it has no '/'.
+    pub argv: Vec<String>,
+    /// The complete environment of the tool; nothing of the runner's leaks in.
+    pub env: Vec<(String, String)>,
+    /// Working directory inside the sandbox (default "/").
+    pub cwd: Option<String>,
+    pub stdin: Vec<u8>,
+}
+
+/// A captured output stream.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Captured {
+    pub bytes: Vec<u8>,
+    /// More bytes were written than `max_output_bytes`.
+    pub truncated: bool,
+}
+
+/// What enforces one limit.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Mechanism {
+    CgroupV1,
+    CgroupV2,
+    Rlimit,
+    Tmpfs,
+    None,
+}
+
+/// Which mechanism is active per limit, reported at startup and in every [`Outcome`].
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Enforcement {
+    pub memory: Mechanism,
+    pub pids: Mechanism,
+    pub cpu: Mechanism,
+    pub file_size: Mechanism,
+    pub tmp_size: Mechanism,
+    /// Devices restricted by the device cgroup (v1) or only by the device list (v2 without eBPF).
+    pub devices: Mechanism,
+    pub user_namespace: bool,
+    pub seccomp: bool,
+}
+
+/// Result of one call.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub stdout: Captured,
+    pub stderr: Captured,
+    pub timed_out: bool,
+    pub oom_killed: bool,
+    pub duration: Duration,
+    pub peak_memory_bytes: Option<u64>,
+    pub enforcement: Enforcement,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("system call: {0}")]
+    Nix(#[from] nix::Error),
+    #[error("invalid invocation: {0}")]
+    Invalid(String),
+    #[error("zygote: {0}")]
+    Zygote(String),
+    #[error("container: {0}")]
+    Container(String),
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

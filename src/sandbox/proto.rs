@@ -1,0 +1,129 @@
+//! Messages between the runner and the zygote/keepers over a `SOCK_SEQPACKET` socketpair.
+//! One message = one datagram (JSON) plus optional fds passed with `SCM_RIGHTS`.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use serde::{Deserialize, Serialize};
+
+use crate::sandbox::detect::HostReport;
+use crate::sandbox::{Enforcement, Error, Result, SandboxSpec};
+
+const MAX_MSG: usize = 256 * 1024;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ToZygote {
+    CreatePool {
+        pool: u64,
+        spec: SandboxSpec,
+    },
+    DropPool {
+        pool: u64,
+    },
+    /// Fork a keeper that creates one container of `pool`; replies are tagged `req`.
+    Spawn {
+        pool: u64,
+        req: u64,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum FromZygote {
+    Hello {
+        host: HostReport,
+    },
+    PoolCreated {
+        pool: u64,
+        enforcement: Enforcement,
+    },
+    PoolFailed {
+        pool: u64,
+        error: String,
+    },
+    /// Container is parked in the executor. Fds: control, stdin, stdout, stderr, pidfd.
+    Ready {
+        req: u64,
+        id: String,
+        pid: i32,
+    },
+    SpawnFailed {
+        req: u64,
+        error: String,
+    },
+    Exited {
+        req: u64,
+        exit: ExitInfo,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExitInfo {
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub oom_killed: bool,
+    pub peak_memory_bytes: Option<u64>,
+}
+
+/// Wire form of an invocation written into a parked container's control pipe.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LateExec {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<String>,
+}
+
+pub fn send<T: Serialize>(sock: BorrowedFd<'_>, msg: &T, fds: &[RawFd]) -> Result<()> {
+    let buf = serde_json::to_vec(msg).map_err(|e| Error::Protocol(e.to_string()))?;
+    if buf.len() > MAX_MSG {
+        return Err(Error::Protocol("message too large".into()));
+    }
+    let iov = [IoSlice::new(&buf)];
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
+    loop {
+        match sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(_) => return Ok(()),
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Blocking receive. `Ok(None)` means the peer closed the socket.
+pub fn recv<T: for<'de> Deserialize<'de>>(
+    sock: BorrowedFd<'_>,
+) -> Result<Option<(T, Vec<OwnedFd>)>> {
+    let mut buf = vec![0u8; MAX_MSG];
+    let mut cmsg_space = nix::cmsg_space!([RawFd; 8]);
+    let (len, fds) = loop {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        match recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg_space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(msg) => {
+                let mut fds = Vec::new();
+                for c in msg.cmsgs().map_err(|e| Error::Protocol(e.to_string()))? {
+                    if let ControlMessageOwned::ScmRights(raw) = c {
+                        // SAFETY: the kernel just installed these fds for us.
+                        fds.extend(raw.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
+                    }
+                }
+                if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+                    return Err(Error::Protocol("control message truncated".into()));
+                }
+                break (msg.bytes, fds);
+            }
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if len == 0 {
+        return Ok(None);
+    }
+    let msg = serde_json::from_slice(&buf[..len]).map_err(|e| Error::Protocol(e.to_string()))?;
+    Ok(Some((msg, fds)))
+}

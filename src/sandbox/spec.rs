@@ -1,0 +1,165 @@
+//! Builds the OCI runtime spec (config.json) for a pool. Written as JSON in the OCI format so
+//! it reads like runc's/Docker's defaults it is derived from.
+
+use serde_json::{Value, json};
+
+use crate::sandbox::detect::{CgroupMode, HostReport, USERNS_HOST_BASE, USERNS_SIZE};
+use crate::sandbox::{Error, Result, SandboxSpec};
+
+/// Placeholder argv: the real argv arrives late through the control pipe.
+pub const PLACEHOLDER_ARG: &str = "/toolwarden-late-exec";
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub const SANDBOX_UID: u32 = 65534;
+
+/// runc's default masked paths.
+const MASKED: &[&str] = &[
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+const READONLY: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
+/// (path, major, minor): the only devices in the sandbox. libcontainer always adds /dev/full
+/// too; the device cgroup (v1) denies it.
+const DEVICES: &[(&str, i64, i64)] = &[
+    ("/dev/null", 1, 3),
+    ("/dev/zero", 1, 5),
+    ("/dev/random", 1, 8),
+    ("/dev/urandom", 1, 9),
+    ("/dev/tty", 5, 0),
+];
+
+/// Returns the spec as JSON; `cgroups_path` is filled in per container.
+pub fn build(spec: &SandboxSpec, host: &HostReport, userns: bool) -> Result<Value> {
+    let l = &spec.limits;
+    if !spec.rootfs.is_absolute() {
+        return Err(Error::Invalid("rootfs must be an absolute path".into()));
+    }
+    let cgroups = host.cgroup_unusable.is_none();
+    let tmp_opts = |extra: &[&str]| {
+        let mut v: Vec<String> = vec!["nosuid".into(), "nodev".into(), "mode=1777".into()];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v.push(format!("size={}", l.tmp_size_bytes.max(4096)));
+        v
+    };
+    let mut mounts = vec![
+        json!({"destination": "/proc", "type": "proc", "source": "proc",
+               "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+               "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
+        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+               "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]}),
+        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": tmp_opts(&["noexec"])}),
+        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
+               "options": ["nosuid", "noexec", "nodev", "ro"]}),
+        json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": tmp_opts(&[])}),
+    ];
+    for m in &spec.mounts {
+        if !m.destination.is_absolute() || !m.source.is_absolute() {
+            return Err(Error::Invalid("bind mount paths must be absolute".into()));
+        }
+        let rw = if m.read_only { "ro" } else { "rw" };
+        mounts.push(
+            json!({"destination": m.destination, "type": "bind", "source": m.source,
+                           "options": ["rbind", rw, "nosuid", "nodev"]}),
+        );
+    }
+
+    let mut rlimits = vec![
+        json!({"type": "RLIMIT_NOFILE", "hard": l.open_files, "soft": l.open_files}),
+        json!({"type": "RLIMIT_CORE", "hard": 0, "soft": 0}),
+        json!({"type": "RLIMIT_FSIZE", "hard": l.file_size_bytes, "soft": l.file_size_bytes}),
+    ];
+    let mut resources = json!({
+        "devices": device_rules(),
+    });
+    if cgroups {
+        if let Some(mem) = l.memory_bytes {
+            resources["memory"] = match host.cgroup {
+                // Without swap accounting the limit is memory only (no swap on such hosts is
+                // typical; reported in NOTES).
+                Some(CgroupMode::V1 { memsw: false }) => json!({"limit": mem}),
+                _ => json!({"limit": mem, "swap": mem}),
+            };
+        }
+        resources["pids"] = json!({"limit": l.pids});
+        if let Some(mc) = l.cpu_millicores {
+            resources["cpu"] = json!({"quota": u64::from(mc) * 100, "period": 100_000});
+        }
+    } else {
+        // Fallback: per-process rlimits (weaker: NPROC counts per uid, AS is virtual memory).
+        if let Some(mem) = l.memory_bytes {
+            rlimits.push(json!({"type": "RLIMIT_AS", "hard": mem, "soft": mem}));
+        }
+        rlimits.push(json!({"type": "RLIMIT_NPROC", "hard": l.pids, "soft": l.pids}));
+        let cpu_secs = l.timeout.as_secs() + 1;
+        rlimits.push(json!({"type": "RLIMIT_CPU", "hard": cpu_secs, "soft": cpu_secs}));
+    }
+
+    let mut namespaces = vec![
+        json!({"type": "pid"}),
+        json!({"type": "mount"}),
+        json!({"type": "ipc"}),
+        json!({"type": "uts"}),
+        json!({"type": "network"}),
+        json!({"type": "cgroup"}),
+    ];
+    let mut linux = json!({
+        "namespaces": [],
+        "devices": DEVICES.iter().map(|(p, maj, min)| json!({
+            "path": p, "type": "c", "major": maj, "minor": min, "fileMode": 0o666, "uid": 0, "gid": 0
+        })).collect::<Vec<_>>(),
+        "resources": resources,
+        "maskedPaths": MASKED,
+        "readonlyPaths": READONLY,
+    });
+    if userns {
+        namespaces.push(json!({"type": "user"}));
+        let map = json!([{"containerID": 0, "hostID": USERNS_HOST_BASE, "size": USERNS_SIZE}]);
+        linux["uidMappings"] = map.clone();
+        linux["gidMappings"] = map;
+    }
+    linux["namespaces"] = Value::Array(namespaces);
+
+    let no_caps: Vec<String> = Vec::new();
+    Ok(json!({
+        "ociVersion": "1.0.2",
+        "root": {"path": spec.rootfs, "readonly": true},
+        "hostname": "sandbox",
+        "mounts": mounts,
+        "process": {
+            "terminal": false,
+            "user": {"uid": SANDBOX_UID, "gid": SANDBOX_UID, "additionalGids": []},
+            "args": [PLACEHOLDER_ARG],
+            "env": [format!("PATH={DEFAULT_PATH}")],
+            "cwd": "/",
+            "capabilities": {"bounding": no_caps, "effective": no_caps, "inheritable": no_caps,
+                             "permitted": no_caps, "ambient": no_caps},
+            "rlimits": rlimits,
+            "noNewPrivileges": true,
+        },
+        "linux": linux,
+    }))
+}
+
+fn device_rules() -> Vec<Value> {
+    let mut v = vec![json!({"allow": false, "access": "rwm"})];
+    v.extend(DEVICES.iter().map(
+        |(_, maj, min)| json!({"allow": true, "type": "c", "major": maj, "minor": min, "access": "rwm"}),
+    ));
+    v
+}

@@ -1,0 +1,100 @@
+//! Removes containers (state dirs, bundles, cgroups, processes) left behind by crashed
+//! zygotes/keepers. Container ids are `tw-<zygote pid>-<seq>`; an id is stale when its zygote
+//! is no longer a running `sandbox-zygote` process (other live runners are left alone).
+
+use std::path::{Path, PathBuf};
+
+use libcontainer::container::Container;
+
+use crate::sandbox::ZYGOTE_SUBCOMMAND;
+use crate::sandbox::detect::CGROUP_PARENT;
+
+pub fn container_id(zygote_pid: u32, seq: u64) -> String {
+    format!("tw-{zygote_pid}-{seq}")
+}
+
+fn owner_pid(id: &str) -> Option<u32> {
+    id.strip_prefix("tw-")?.split('-').next()?.parse().ok()
+}
+
+fn zygote_alive(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| {
+            c.split(|b| *b == 0)
+                .any(|a| a == ZYGOTE_SUBCOMMAND.as_bytes())
+        })
+        .unwrap_or(false)
+}
+
+/// All cgroup directories that may hold container `id`.
+pub fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
+    let root = Path::new("/sys/fs/cgroup");
+    let mut out = vec![root.join(CGROUP_PARENT).join(id)];
+    if let Ok(rd) = std::fs::read_dir(root) {
+        for e in rd.flatten() {
+            out.push(e.path().join(CGROUP_PARENT).join(id));
+        }
+    }
+    out.into_iter().filter(|p| p.is_dir()).collect()
+}
+
+/// Force-removes one container: kill its processes, delete via libcontainer, then remove any
+/// leftovers by hand (state dir, bundle, cgroup dirs).
+pub fn remove_container(state_root: &Path, id: &str) {
+    let dir = state_root.join(id);
+    if dir.is_dir() {
+        if let Ok(mut c) = Container::load(dir.clone()) {
+            let _ = c.delete(true);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let _ = std::fs::remove_dir_all(state_root.join("bundles").join(id));
+    for cg in cgroup_dirs(id) {
+        // A process may still be in the cgroup (e.g. keeper died before delete).
+        if let Ok(procs) = std::fs::read_to_string(cg.join("cgroup.procs")) {
+            for p in procs.lines().filter_map(|l| l.parse::<i32>().ok()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        // rmdir fails while dying tasks remain; retry briefly (bounded).
+        for _ in 0..200 {
+            if std::fs::remove_dir(&cg).is_ok() || !cg.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+}
+
+/// Sweeps everything not owned by a live zygote. Returns the ids removed.
+pub fn sweep(state_root: &Path) -> Vec<String> {
+    let mut ids = std::collections::BTreeSet::new();
+    let mut scan = |dir: &Path| {
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(pid) = owner_pid(&name)
+                    && !zygote_alive(pid)
+                {
+                    ids.insert(name);
+                }
+            }
+        }
+    };
+    scan(state_root);
+    scan(&state_root.join("bundles"));
+    let root = Path::new("/sys/fs/cgroup");
+    scan(&root.join(CGROUP_PARENT));
+    if let Ok(rd) = std::fs::read_dir(root) {
+        for e in rd.flatten() {
+            scan(&e.path().join(CGROUP_PARENT));
+        }
+    }
+    for id in &ids {
+        remove_container(state_root, id);
+    }
+    ids.into_iter().collect()
+}

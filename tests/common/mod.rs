@@ -1,0 +1,147 @@
+//! Shared test helpers: a busybox rootfs and an engine, both real.
+#![allow(dead_code)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toolwarden::sandbox::{
+    EngineConfig, Invocation, Limits, Outcome, Pool, SandboxSpec, Sandboxes,
+};
+
+pub const BUSYBOX: &str = "/bin/busybox";
+
+/// Returns a reason to skip, printed by the caller, or None when real sandboxes can run.
+pub fn skip_reason() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("not root: real sandboxes need root".into());
+    }
+    if !Path::new(BUSYBOX).exists() {
+        return Some(format!(
+            "{BUSYBOX} missing: apt-get install -y busybox-static"
+        ));
+    }
+    None
+}
+
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if let Some(why) = common::skip_reason() {
+            eprintln!("SKIPPED {}: {}", module_path!(), why);
+            return;
+        }
+    };
+}
+
+/// A rootfs dir with a static busybox and its applet symlinks (world-traversable so a user
+/// namespace root can reach it).
+pub struct Rootfs {
+    pub dir: tempfile::TempDir,
+}
+
+impl Rootfs {
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("rootfs")
+    }
+}
+
+pub fn busybox_rootfs() -> Rootfs {
+    let dir = tempfile::Builder::new()
+        .prefix("tw-rootfs")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let root = dir.path().join("rootfs");
+    for d in ["bin", "proc", "dev", "sys", "tmp", "etc", "mnt", "work"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy(BUSYBOX, root.join("bin/busybox")).unwrap();
+    let list = std::process::Command::new(BUSYBOX)
+        .arg("--list")
+        .output()
+        .unwrap();
+    for applet in String::from_utf8(list.stdout).unwrap().lines() {
+        if applet != "busybox" {
+            let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(applet));
+        }
+    }
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0::/:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
+    for entry in walk(&root) {
+        let m = std::fs::symlink_metadata(&entry).unwrap();
+        if m.is_dir() {
+            std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+    }
+    Rootfs { dir }
+}
+
+fn walk(p: &Path) -> Vec<PathBuf> {
+    let mut out = vec![p.to_path_buf()];
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                out.extend(walk(&e.path()));
+            }
+        }
+    }
+    out
+}
+
+pub fn state_root() -> PathBuf {
+    PathBuf::from(format!("/run/twtest-{}", std::process::id()))
+}
+
+pub fn engine() -> Sandboxes {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("info")
+        .with_test_writer()
+        .try_init();
+    let mut cfg = EngineConfig::new(PathBuf::from(env!("CARGO_BIN_EXE_toolwarden")));
+    cfg.state_root = state_root();
+    Sandboxes::start(&cfg).expect("start sandbox engine")
+}
+
+pub fn limits() -> Limits {
+    Limits {
+        timeout: Duration::from_secs(10),
+        memory_bytes: Some(64 << 20),
+        cpu_millicores: Some(1000),
+        pids: 32,
+        max_output_bytes: 64 * 1024,
+        tmp_size_bytes: 4 << 20,
+        file_size_bytes: 2 << 20,
+        open_files: 256,
+    }
+}
+
+pub fn spec(rootfs: &Rootfs, limits: Limits, warm: usize) -> SandboxSpec {
+    SandboxSpec {
+        rootfs: rootfs.path(),
+        mounts: vec![],
+        limits,
+        warm_pool: warm,
+    }
+}
+
+pub fn sh(script: &str) -> Invocation {
+    Invocation {
+        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        env: vec![("PATH".into(), "/bin".into())],
+        cwd: None,
+        stdin: vec![],
+    }
+}
+
+pub async fn run(pool: &Pool, inv: Invocation) -> Outcome {
+    pool.run(inv).await.expect("sandbox run")
+}
+
+pub fn text(c: &toolwarden::sandbox::Captured) -> String {
+    String::from_utf8_lossy(&c.bytes).into_owned()
+}
