@@ -117,6 +117,7 @@ fn evaluate_all(manifests: &Manifests) -> Vec<Finding> {
         .iter()
         .map(|p| p.object.clone())
         .collect();
+    let engine = policy::Engine::default();
     let mut findings = Vec::new();
     for tool in &manifests.tools {
         let namespace = tool
@@ -126,7 +127,7 @@ fn evaluate_all(manifests: &Manifests) -> Vec<Finding> {
             .clone()
             .unwrap_or_else(|| "default".into());
         let labels = BTreeMap::from([("kubernetes.io/metadata.name".to_string(), namespace)]);
-        let report = policy::evaluate(&tool.object, &policies, &labels);
+        let report = engine.evaluate(&tool.object, &policies, &labels);
         let name = tool.object.metadata.name.clone().unwrap_or_default();
         findings.extend(report.violations.into_iter().map(|violation| Finding {
             origin: tool.origin.clone(),

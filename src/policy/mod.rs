@@ -4,6 +4,7 @@
 
 mod baseline;
 pub mod catalog;
+mod engine;
 mod facts;
 pub mod literal_secrets;
 mod matching;
@@ -16,6 +17,7 @@ use serde::Serialize;
 
 use crate::api::{AgentTool, PolicyMode, ToolPolicy};
 pub use catalog::{ChecklistItem, Rule};
+pub use engine::Engine;
 pub use facts::ToolFacts;
 pub use matching::policy_applies;
 
