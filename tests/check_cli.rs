@@ -173,7 +173,7 @@ fn json_output_lists_rule_path_message_and_file() {
 
 #[test]
 fn sarif_output_has_the_shape_code_scanning_reads() {
-    let out = check(&["-f", "examples/violations/TW-INPUT-003.yaml", "-o", "sarif"]);
+    let out = check(&["-f", "examples/violations/TW-INPUT-002.yaml", "-o", "sarif"]);
     let sarif: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(sarif["version"], "2.1.0");
     let run = &sarif["runs"][0];
@@ -182,12 +182,12 @@ fn sarif_output_has_the_shape_code_scanning_reads() {
     let result = &run["results"][0];
     let index = result["ruleIndex"].as_u64().unwrap() as usize;
     assert_eq!(rules[index]["id"], result["ruleId"]);
-    assert_eq!(result["ruleId"], "TW-INPUT-003");
+    assert_eq!(result["ruleId"], "TW-INPUT-002");
     assert_eq!(result["level"], "error");
     let location = &result["locations"][0]["physicalLocation"];
     assert_eq!(
         location["artifactLocation"]["uri"],
-        "examples/violations/TW-INPUT-003.yaml"
+        "examples/violations/TW-INPUT-002.yaml"
     );
     assert!(location["region"]["startLine"].as_u64().unwrap() >= 1);
 }

@@ -161,7 +161,7 @@ fn deeply_nested_documents_are_rejected_not_overflowed() {
     );
     assert_eq!(
         load_and_evaluate(&nested_schema),
-        ["TW-INPUT-007"],
+        ["TW-INPUT-006"],
         "a 100-deep schema is reported, not compiled"
     );
 }

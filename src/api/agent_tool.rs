@@ -8,7 +8,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::{AuditLevel, Risk, optional_quantity, preserve_unknown_object};
+use super::common::{AuditLevel, Risk, input_schema_document, optional_quantity};
 
 /// Declares a tool an AI agent may call: its input contract, what it may touch,
 /// how it is sandboxed, limited, approved and audited.
@@ -26,8 +26,6 @@ use super::common::{AuditLevel, Risk, optional_quantity, preserve_unknown_object
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "has(self.inputSchema.type) && self.inputSchema.type == 'object'",
-     "message": "inputSchema must have top-level type: object", "fieldPath": ".inputSchema"},
     {"rule": "!has(self.approval) || !has(self.approval.when) || self.approval.required",
      "message": "approval.when needs approval.required: true", "fieldPath": ".approval.when"}
 ]))]
@@ -36,7 +34,7 @@ pub struct AgentToolSpec {
     #[schemars(length(min = 1, max = 1024))]
     pub description: String,
     /// JSON Schema (2020-12) of the tool's input; the top level must be `type: object`.
-    #[schemars(schema_with = "preserve_unknown_object")]
+    #[schemars(schema_with = "input_schema_document")]
     pub input_schema: serde_json::Value,
     /// Largest accepted input body in bytes.
     #[serde(default = "default_max_input_bytes")]

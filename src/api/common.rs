@@ -66,11 +66,17 @@ impl AuditLevel {
     }
 }
 
-/// Schema for free-form JSON that the API server must store as-is.
-pub fn preserve_unknown_object(_: &mut SchemaGenerator) -> Schema {
+/// Schema of `inputSchema`: a JSON Schema document the API server stores
+/// as-is, whose top level must say `type: object`. The `type` property is
+/// declared because CEL cannot see preserved unknown fields.
+pub fn input_schema_document(_: &mut SchemaGenerator) -> Schema {
     json_schema!({
         "type": "object",
         "x-kubernetes-preserve-unknown-fields": true,
+        "required": ["type"],
+        "properties": {
+            "type": {"type": "string", "enum": ["object"], "description": "Must be `object`: a tool's input is a JSON object."}
+        },
     })
 }
 

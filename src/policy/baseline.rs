@@ -29,13 +29,6 @@ pub fn check(spec: &AgentToolSpec, facts: &ToolFacts, out: &mut Vec<Violation>) 
             format!("input schema does not compile: {error}"),
         );
     }
-    if !facts.schema_is_object {
-        flag(
-            rule::SCHEMA_IS_OBJECT,
-            "spec.inputSchema.type".into(),
-            "input schema must have top-level `type: object`".into(),
-        );
-    }
     if let Some(site) = &facts.shape.too_deep {
         flag(
             rule::SCHEMA_TOO_DEEP,

@@ -131,10 +131,10 @@ mod tests {
             super::super::evaluate(&tool, &[], &labels)
         );
         // A changed schema must not be served the old analysis.
-        tool.spec.input_schema["type"] = serde_json::json!("array");
+        tool.spec.input_schema["minProperties"] = serde_json::json!("two");
         let changed = engine.evaluate(&tool, &[], &labels);
         assert!(
-            changed.violations.iter().any(|v| v.rule == "TW-INPUT-002"),
+            changed.violations.iter().any(|v| v.rule == "TW-INPUT-001"),
             "{changed:?}"
         );
         assert_eq!(changed, super::super::evaluate(&tool, &[], &labels));

@@ -15,7 +15,6 @@ pub const DIALECT_2020_12: &str = "https://json-schema.org/draft/2020-12/schema"
 pub struct ToolFacts {
     /// Why the input schema does not compile, if it does not.
     pub schema_error: Option<String>,
-    pub schema_is_object: bool,
     pub shape: SchemaShape,
     /// `(index, error)` of each authorization expression that is not valid CEL.
     pub authorization_errors: Vec<(usize, String)>,
@@ -34,7 +33,6 @@ impl ToolFacts {
             } else {
                 compile_error(schema)
             },
-            schema_is_object: schema.get("type") == Some(&Value::String("object".into())),
             shape,
             authorization_errors: spec
                 .authorization

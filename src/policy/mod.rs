@@ -25,7 +25,7 @@ pub use matching::policy_applies;
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Violation {
-    /// Stable rule ID, e.g. `TW-INPUT-003`.
+    /// Stable rule ID, e.g. `TW-INPUT-002`.
     pub rule: &'static str,
     pub item: ChecklistItem,
     /// Field path in the manifest, e.g. `spec.sandbox.timeoutMs`.
