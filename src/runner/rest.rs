@@ -176,3 +176,18 @@ async fn metrics(State(runner): State<Arc<Runner>>) -> Response {
     )
         .into_response()
 }
+
+/// Serves the runner on `listener` until `shutdown` completes; calls in
+/// flight are finished first.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    runner: Arc<Runner>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router(runner).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
