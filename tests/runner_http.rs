@@ -304,6 +304,10 @@ async fn guide_security_tests_over_http() {
             "authorization"
         ]
     );
+    assert_eq!(
+        events(&records, "denied")[0]["errors"][0]["path"],
+        "/updates/name"
+    );
     let sanitized = events(&records, "sanitized");
     assert!(
         sanitized

@@ -80,14 +80,14 @@ impl Trail<'_> {
         self.base.insert(key.into(), value.into());
     }
 
-    /// Records the refusal and hands back the problem for the caller.
+    /// Records the refusal (with every field error) and hands back the problem.
     fn deny(&self, stage: &str, reason: &str, mut problem: Problem) -> Problem {
-        let recorded = self.record(
-            "denied",
-            json!({"stage": stage, "reason": reason, "status": problem.kind.status().as_u16(),
-                   "problem": problem.kind.slug()}),
-        );
-        if let Err(audit) = recorded {
+        let mut fields = json!({"stage": stage, "reason": reason,
+                                "status": problem.kind.status().as_u16(), "problem": problem.kind.slug()});
+        if !problem.errors.is_empty() {
+            fields["errors"] = json!(problem.errors);
+        }
+        if let Err(audit) = self.record("denied", fields) {
             return audit;
         }
         problem.invocation_id = self
@@ -227,8 +227,8 @@ impl Runner {
         let mut input = parse_input(body, tool.spec.max_input_bytes)
             .map_err(|p| trail.deny("shape", &p.detail.clone(), p))?;
         if let Err(errors) = validate(&tool.validator, &input) {
-            let reason = json!(errors).to_string();
-            return Err(trail.deny("validation", &reason, Problem::validation(errors)));
+            let problem = Problem::validation(errors);
+            return Err(trail.deny("validation", &problem.detail.clone(), problem));
         }
         trail.record("validated", audited_input(tool, &input))?;
 
