@@ -13,6 +13,7 @@ use jsonwebtoken::Algorithm;
 use crate::runner::audit::AuditLog;
 use crate::runner::auth::{Authenticator, JwtKey, TokenReviewer, parse_token_file};
 use crate::runner::executor::{ToolExecutor, UnsandboxedProcessExecutor};
+use crate::runner::images::ImageStore;
 use crate::runner::metrics::Metrics;
 use crate::runner::pipeline::Runner;
 use crate::runner::ratelimit::LimiterClock;
@@ -72,6 +73,14 @@ pub struct CommonArgs {
     /// Secret values as `DIR/<secretName>/<key>` files (a mounted Secret volume layout).
     #[arg(long, value_name = "DIR")]
     pub secrets_dir: Option<PathBuf>,
+    /// Root file systems of tool images: `NAME/` (OCI layout or plain tree) or
+    /// `NAME.tar[.gz]`, NAME being the image reference with `/`, `:`, `@` as `_`.
+    /// Default: `images/` beside the manifests, when it exists.
+    #[arg(long, value_name = "DIR")]
+    pub images: Option<PathBuf>,
+    /// Where unpacked root file systems are cached.
+    #[arg(long, value_name = "DIR")]
+    pub image_cache: Option<PathBuf>,
     /// DANGER: run tools as plain child processes with NO ISOLATION. For trying
     /// the HTTP API with trusted tools only; never with real agents.
     #[arg(long)]
@@ -114,6 +123,18 @@ pub fn runner(args: RunnerArgs) -> ExitCode {
     };
     // The same runtime: the client's background tasks live on it.
     run(&args.tools, &args.common, auth, "runner", tokio)
+}
+
+/// `--image-cache`, or the user's cache folder: never a shared temporary
+/// folder, where another user could plant a root file system.
+fn image_cache(common: &CommonArgs) -> PathBuf {
+    common
+        .image_cache
+        .clone()
+        .unwrap_or_else(|| match std::env::var_os("HOME") {
+            Some(home) => PathBuf::from(home).join(".cache/toolwarden/rootfs"),
+            None => PathBuf::from("/var/cache/toolwarden/rootfs"),
+        })
 }
 
 fn fail(message: &str) -> ExitCode {
@@ -187,10 +208,30 @@ fn run(
         },
         None => AuditLog::to_writer(Box::new(std::io::stdout()), "stdout"),
     };
-    let registry = Arc::new(Registry::new(
-        LimiterClock::real(),
-        SecretsDir(common.secrets_dir.clone()),
-    ));
+    let mut registry = Registry::new(LimiterClock::real(), SecretsDir(common.secrets_dir.clone()));
+    let images = common.images.clone().or_else(|| {
+        let beside = if dir.is_dir() {
+            dir.join("images")
+        } else {
+            dir.with_file_name("images")
+        };
+        beside.is_dir().then_some(beside)
+    });
+    let images_line = match images {
+        Some(images) => {
+            let line = format!("root file systems from {}", images.display());
+            registry = registry.with_images(ImageStore {
+                dir: images,
+                cache: image_cache(common),
+            });
+            line
+        }
+        None => {
+            "not resolved (no --images folder; only the unsandboxed executor can run without one)"
+                .to_string()
+        }
+    };
+    let registry = Arc::new(registry);
     let report = load(&registry, dir);
     if !report.errors.is_empty() {
         return fail(&format!("{} could not be loaded", dir.display()));
@@ -208,7 +249,7 @@ fn run(
             Err(e) => return fail(&format!("cannot listen on {}: {e}", common.listen)),
         };
         let addr = listener.local_addr().unwrap_or(common.listen);
-        banner(command, dir, &registry, &runner, addr);
+        banner(command, dir, &registry, &runner, addr, &images_line);
         let _watcher = match watch(dir, registry) {
             Ok(w) => Some(w),
             Err(e) => {
@@ -247,7 +288,14 @@ fn load(registry: &Registry, dir: &Path) -> LoadReport {
     report
 }
 
-fn banner(command: &str, dir: &Path, registry: &Registry, runner: &Runner, addr: SocketAddr) {
+fn banner(
+    command: &str,
+    dir: &Path,
+    registry: &Registry,
+    runner: &Runner,
+    addr: SocketAddr,
+    images: &str,
+) {
     let tools = registry.snapshot();
     let names: Vec<&str> = tools.keys().map(String::as_str).collect();
     eprintln!(
@@ -267,6 +315,7 @@ fn banner(command: &str, dir: &Path, registry: &Registry, runner: &Runner, addr:
     eprintln!("  MCP:       http://{addr}/mcp   (streamable HTTP)");
     eprintln!("  probes:    http://{addr}/healthz  /readyz  /metrics");
     eprintln!("  isolation: {}", runner.executor.isolation());
+    eprintln!("  images:    {images}");
     eprintln!("  auth:      {}", runner.auth.describe());
     eprintln!(
         "  audit:     {} (hash-chained; check with `toolwarden audit verify`)",

@@ -13,6 +13,7 @@ use crate::policy;
 
 use super::authorize::{self, CompiledRule};
 use super::executor::SecretDelivery;
+use super::images::ImageStore;
 use super::ratelimit::{LimiterClock, ToolLimiter};
 use super::validate;
 
@@ -31,6 +32,8 @@ pub struct PreparedTool {
     pub secrets: Vec<SecretDelivery>,
     /// Every secret value the tool has (injected ones too), redacted from output.
     pub secret_values: Vec<Vec<u8>>,
+    /// Root file system of `runtime.image`, when the runner resolves images.
+    pub rootfs: Option<PathBuf>,
 }
 
 /// Where secret values come from: `DIR/<secretName>/<key>`, the layout of a
@@ -57,10 +60,17 @@ pub fn prepare(
     tool: &AgentTool,
     generation: u64,
     secrets: &SecretsDir,
+    images: Option<&ImageStore>,
     clock: &LimiterClock,
 ) -> Result<PreparedTool, Vec<String>> {
     let spec = &tool.spec;
     let mut errors = Vec::new();
+    let rootfs = images.and_then(|store| {
+        store
+            .resolve(&spec.runtime.image)
+            .map_err(|e| errors.push(format!("spec.runtime.image: {e}")))
+            .ok()
+    });
     let validator = validate::compile(&spec.input_schema)
         .map_err(|e| errors.push(format!("spec.inputSchema: {e}")))
         .ok();
@@ -128,6 +138,7 @@ pub fn prepare(
                 .map(|r| ToolLimiter::new(r, clock.clone())),
             secrets: deliveries,
             secret_values: values,
+            rootfs,
         }),
         _ => Err(errors),
     }
@@ -155,6 +166,7 @@ pub struct Registry {
     tools: RwLock<Arc<BTreeMap<String, Arc<PreparedTool>>>>,
     clock: LimiterClock,
     secrets: SecretsDir,
+    images: Option<ImageStore>,
 }
 
 impl Registry {
@@ -163,7 +175,15 @@ impl Registry {
             tools: RwLock::default(),
             clock,
             secrets,
+            images: None,
         }
+    }
+
+    /// Resolves every tool's image to a root file system; tools whose image
+    /// cannot be found are refused.
+    pub fn with_images(mut self, images: ImageStore) -> Registry {
+        self.images = Some(images);
+        self
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<PreparedTool>> {
@@ -239,7 +259,13 @@ impl Registry {
                 .generation
                 .and_then(|g| u64::try_from(g).ok())
                 .unwrap_or_else(|| previous.map_or(1, |p| p.generation + 1));
-            match prepare(tool, generation, &self.secrets, &self.clock) {
+            match prepare(
+                tool,
+                generation,
+                &self.secrets,
+                self.images.as_ref(),
+                &self.clock,
+            ) {
                 Ok(prepared) => {
                     next.insert(name.clone(), Arc::new(prepared));
                     report.served.push(name);
