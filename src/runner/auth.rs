@@ -352,4 +352,43 @@ mod tests {
             assert!(block_on(auth.authenticate(Some(&format!("Bearer {bad}")))).is_err());
         }
     }
+
+    #[test]
+    fn rs256_jwts_and_the_algorithm_confusion_attack() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let public = fixtures.join("test-only-rs256-public.pem");
+        let private = std::fs::read(fixtures.join("test-only-rs256-private.pem")).unwrap();
+        let auth = Authenticator {
+            jwt_keys: vec![
+                JwtKey::from_file(Algorithm::RS256, &public, None, Some("issuer")).unwrap(),
+            ],
+            ..Default::default()
+        };
+        let claims = serde_json::json!({"sub": "dave", "iss": "issuer",
+                                        "exp": jiff::Timestamp::now().as_second() + 600});
+        let good = jsonwebtoken::encode(
+            &Header::new(Algorithm::RS256),
+            &claims,
+            &EncodingKey::from_rsa_pem(&private).unwrap(),
+        )
+        .unwrap();
+        let caller = block_on(auth.authenticate(Some(&format!("Bearer {good}")))).unwrap();
+        assert_eq!(caller.sub, "dave");
+        // HS256 "signed" with the public key as the shared secret must not pass.
+        let forged = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(&std::fs::read(&public).unwrap()),
+        )
+        .unwrap();
+        assert!(block_on(auth.authenticate(Some(&format!("Bearer {forged}")))).is_err());
+        let expired = serde_json::json!({"sub": "dave", "iss": "issuer", "exp": 1});
+        let old = jsonwebtoken::encode(
+            &Header::new(Algorithm::RS256),
+            &expired,
+            &EncodingKey::from_rsa_pem(&private).unwrap(),
+        )
+        .unwrap();
+        assert!(block_on(auth.authenticate(Some(&format!("Bearer {old}")))).is_err());
+    }
 }
