@@ -342,7 +342,13 @@ fn watch(dir: &Path, registry: Arc<Registry>) -> notify::Result<notify::Recommen
             while let Ok(Some(())) =
                 tokio::time::timeout(Duration::from_millis(200), rx.recv()).await
             {}
-            let report = load(&registry, &dir);
+            // Loading compiles schemas and may unpack images: keep it off the I/O threads.
+            let (registry, dir) = (registry.clone(), dir.clone());
+            let Ok((report, dir)) =
+                tokio::task::spawn_blocking(move || (load(&registry, &dir), dir)).await
+            else {
+                continue;
+            };
             if report.errors.is_empty() {
                 eprintln!(
                     "reloaded {}: serving {}",
