@@ -58,8 +58,8 @@ impl ToolExecutor for Instant0 {
             })
         })
     }
-    fn isolation(&self) -> &'static str {
-        "none (benchmark)"
+    fn isolation(&self) -> String {
+        "none (benchmark)".into()
     }
 }
 

@@ -4,6 +4,20 @@
 //! adapter file. [`UnsandboxedProcessExecutor`] exists only so the HTTP pipeline
 //! can be tested before that lands: it runs the tool's command as a plain child
 //! process of the runner, with no isolation at all.
+//!
+//! ## The sandbox adapter (one file, once `src/sandbox/` is merged)
+//! - Keep one sandbox pool per tool name and generation. Create it on first use from
+//!   `PreparedTool::rootfs` (serve refuses to run sandboxed without `--images`), from
+//!   `spec.permissions.filesystem` as mounts, and from `spec.sandbox` as limits:
+//!   `timeoutMs`, `memory`/`cpu`/`tmpSize` through `api::parse_quantity`, `pids`,
+//!   `maxOutputBytes` and `warmPool`. Drop the pools of older generations after a reload.
+//! - Each call runs argv = `runtime.command ++ runtime.args`, env = `runtime.env` plus
+//!   [`SecretDelivery::Env`], cwd = `runtime.workingDir`, and the given stdin.
+//!   [`SecretDelivery::File`] becomes a read-only file at its path, visible to that run only.
+//! - Map the engine's outcome field by field onto [`ExecOutcome`]. A run killed by a signal
+//!   has `exit_code: None`.
+//! - `isolation()` describes what the engine actually enforces (user namespace, seccomp,
+//!   cgroup version).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -66,7 +80,7 @@ pub trait ToolExecutor: Send + Sync {
     ) -> ExecFuture<'a>;
 
     /// One line for the startup banner, e.g. `youki sandbox (namespaces, seccomp, cgroups)`.
-    fn isolation(&self) -> &'static str;
+    fn isolation(&self) -> String;
 }
 
 /// **Unsandboxed**: runs the tool's command as an ordinary child process of the
@@ -89,8 +103,8 @@ impl ToolExecutor for UnsandboxedProcessExecutor {
         Box::pin(run_process(tool, stdin, secrets))
     }
 
-    fn isolation(&self) -> &'static str {
-        "NONE: unsandboxed child processes (--unsandboxed-dev)"
+    fn isolation(&self) -> String {
+        "NONE: unsandboxed child processes (--unsandboxed-dev)".into()
     }
 }
 
