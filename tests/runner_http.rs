@@ -642,6 +642,18 @@ async fn mcp_initialize_list_and_call() {
         .await
         .unwrap();
     assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    let probe = s
+        .http
+        .post(format!("{}/mcp", s.base))
+        .json(&json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {"name": "nope", "arguments": {}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        probe.status(),
+        StatusCode::UNAUTHORIZED,
+        "no tool names for anonymous callers"
+    );
     assert_eq!(events(&s.audit(), "finished").len(), 1);
 }
 

@@ -148,10 +148,6 @@ pub async fn post(
                 return axum::Json(error(id, INVALID_PARAMS, "params.name is required"))
                     .into_response();
             };
-            if runner.registry.get(name).is_none() {
-                return axum::Json(error(id, INVALID_PARAMS, &format!("Unknown tool: {name}")))
-                    .into_response();
-            }
             let arguments = params
                 .get("arguments")
                 .cloned()
@@ -164,6 +160,10 @@ pub async fn post(
                 ),
                 Err(problem) => match problem.kind {
                     ProblemKind::Unauthenticated => return problem.into_response(),
+                    // After authentication, so names cannot be probed anonymously.
+                    ProblemKind::NotFound => {
+                        error(id, INVALID_PARAMS, &format!("Unknown tool: {name}"))
+                    }
                     ProblemKind::AuditUnavailable | ProblemKind::Internal => {
                         error(id, INTERNAL_ERROR, &problem.detail)
                     }
