@@ -1,13 +1,16 @@
 //! The `toolwarden` command line.
 
+mod audit;
 mod check;
 mod report_formats;
+mod serve;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 pub use check::CheckArgs;
+pub use serve::{RunnerArgs, ServeArgs};
 
 /// toolwarden makes the tools AI agents call safe to run in production.
 ///
@@ -45,6 +48,26 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         write: Option<std::path::PathBuf>,
     },
+    /// Serve the AgentTools in DIR over REST and MCP, with no cluster.
+    ///
+    /// Every tool is checked against the checklist first (same engine and messages as
+    /// `check`); failing tools are refused. Files in DIR are watched and reloaded; calls
+    /// in flight finish with the tool they started with.
+    Serve(ServeArgs),
+    /// The runner inside the pods the controller creates (TokenReview authentication).
+    Runner(RunnerArgs),
+    /// Work with audit logs.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Check an audit log's hash chain; reports the first broken record (exit 1).
+    Verify {
+        #[arg(value_name = "FILE")]
+        file: std::path::PathBuf,
+    },
 }
 
 /// Runs the parsed command and returns the process exit code.
@@ -56,6 +79,9 @@ pub fn run(cli: Cli) -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Crd { write: Some(dir) } => write_crds(&dir),
+        Command::Serve(args) => serve::serve(args),
+        Command::Runner(args) => serve::runner(args),
+        Command::Audit(AuditCommand::Verify { file }) => audit::verify_file(&file),
     }
 }
 

@@ -1,0 +1,140 @@
+//! The tool's `authorization` rules: CEL over `caller` and `input`, compiled
+//! once per tool generation. Every rule must evaluate to `true`; an error or a
+//! non-boolean result denies (fail closed).
+
+use serde_json::Value;
+
+use super::auth::Caller;
+use crate::api::AuthorizationRule;
+
+/// One compiled rule.
+pub struct CompiledRule {
+    pub expression: String,
+    program: cel::Program,
+    /// What the caller is told on denial.
+    pub message: String,
+}
+
+/// Compiles every rule; the error names the rule that does not parse.
+pub fn compile(rules: &[AuthorizationRule]) -> Result<Vec<CompiledRule>, String> {
+    rules
+        .iter()
+        .enumerate()
+        .map(|(i, rule)| {
+            let program = cel::Program::compile(&rule.expression)
+                .map_err(|e| format!("authorization[{i}]: {e}"))?;
+            Ok(CompiledRule {
+                expression: rule.expression.clone(),
+                program,
+                message: rule
+                    .message
+                    .clone()
+                    .unwrap_or_else(|| "the call is not authorized".into()),
+            })
+        })
+        .collect()
+}
+
+/// A denial: what the caller sees, and the full reason for the audit log.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Denied {
+    pub message: String,
+    pub reason: String,
+}
+
+pub fn authorize(rules: &[CompiledRule], caller: &Caller, input: &Value) -> Result<(), Denied> {
+    for rule in rules {
+        let reason = match holds(rule, caller, input) {
+            Ok(true) => continue,
+            Ok(false) => format!("`{}` is false", rule.expression),
+            Err(e) => e,
+        };
+        return Err(Denied {
+            message: rule.message.clone(),
+            reason,
+        });
+    }
+    Ok(())
+}
+
+/// Evaluates one rule; an error says why it has no boolean value.
+pub fn holds(rule: &CompiledRule, caller: &Caller, input: &Value) -> Result<bool, String> {
+    let mut context = cel::Context::default();
+    let caller_value = serde_json::json!({"sub": caller.sub, "groups": caller.groups});
+    context
+        .add_variable("caller", &caller_value)
+        .and_then(|()| context.add_variable("input", input))
+        .map_err(|e| format!("the input cannot be given to CEL: {e}"))?;
+    match rule.program.execute(&context) {
+        Ok(cel::Value::Bool(b)) => Ok(b),
+        Ok(other) => Err(format!(
+            "`{}` returned {other:?}, not a boolean",
+            rule.expression
+        )),
+        Err(e) => Err(format!("`{}` failed: {e}", rule.expression)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rules(expressions: &[&str]) -> Vec<CompiledRule> {
+        compile(
+            &expressions
+                .iter()
+                .map(|e| AuthorizationRule {
+                    expression: e.to_string(),
+                    message: Some(format!("denied by {e}")),
+                })
+                .collect::<Vec<_>>(),
+        )
+        .unwrap()
+    }
+
+    fn caller(sub: &str, groups: &[&str]) -> Caller {
+        Caller {
+            sub: sub.into(),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            method: "test",
+        }
+    }
+
+    #[test]
+    fn own_profile_or_admin() {
+        let r = rules(&[r#"caller.sub == input.userId || "admins" in caller.groups"#]);
+        let input = json!({"userId": "u1"});
+        assert!(authorize(&r, &caller("u1", &[]), &input).is_ok());
+        assert!(authorize(&r, &caller("u2", &["admins"]), &input).is_ok());
+        let denied = authorize(&r, &caller("u2", &["devs"]), &input).unwrap_err();
+        assert!(denied.message.starts_with("denied by"));
+        assert!(denied.reason.contains("is false"));
+    }
+
+    #[test]
+    fn path_traversal_is_denied() {
+        let r = rules(&[r#"!input.path.contains("..")"#]);
+        let c = caller("u", &[]);
+        assert!(authorize(&r, &c, &json!({"path": "/workspace/a.txt"})).is_ok());
+        assert!(authorize(&r, &c, &json!({"path": "/workspace/../etc/passwd"})).is_err());
+    }
+
+    #[test]
+    fn errors_and_non_booleans_deny() {
+        let c = caller("u", &[]);
+        let missing = authorize(&rules(&["input.nope == 1"]), &c, &json!({})).unwrap_err();
+        assert!(missing.reason.contains("failed"), "{}", missing.reason);
+        let not_bool = authorize(&rules(&["1 + 1"]), &c, &json!({})).unwrap_err();
+        assert!(not_bool.reason.contains("not a boolean"));
+    }
+
+    #[test]
+    fn bad_expressions_do_not_compile() {
+        let bad = [AuthorizationRule {
+            expression: "caller.sub ==".into(),
+            message: None,
+        }];
+        assert!(compile(&bad).err().unwrap().starts_with("authorization[0]"));
+    }
+}

@@ -1,0 +1,216 @@
+//! The seam between the runner and whatever runs a tool: [`ToolExecutor`].
+//!
+//! The real implementation is the sandbox engine (`src/sandbox/`), wired in one
+//! adapter file. [`UnsandboxedProcessExecutor`] exists only so the HTTP pipeline
+//! can be tested before that lands: it runs the tool's command as a plain child
+//! process of the runner, with no isolation at all.
+//!
+//! ## The sandbox adapter (one file, once `src/sandbox/` is merged)
+//! - Keep one sandbox pool per tool name and generation. Create it on first use from
+//!   `PreparedTool::rootfs` (serve refuses to run sandboxed without `--images`), from
+//!   `spec.permissions.filesystem` as mounts, and from `spec.sandbox` as limits:
+//!   `timeoutMs`, `memory`/`cpu`/`tmpSize` through `api::parse_quantity`, `pids`,
+//!   `maxOutputBytes` and `warmPool`. Drop the pools of older generations after a reload.
+//! - Each call runs argv = `runtime.command ++ runtime.args`, env = `runtime.env` plus
+//!   [`SecretDelivery::Env`], cwd = `runtime.workingDir`, and the given stdin.
+//!   [`SecretDelivery::File`] becomes a read-only file at its path, visible to that run only.
+//! - Map the engine's outcome field by field onto [`ExecOutcome`]. A run killed by a signal
+//!   has `exit_code: None`.
+//! - `isolation()` describes what the engine actually enforces (user namespace, seccomp,
+//!   cgroup version).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+
+use super::registry::PreparedTool;
+
+/// What one run of a tool produced.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ExecOutcome {
+    /// Exit status; `None` when the process was killed by a signal.
+    pub exit_code: Option<i32>,
+    /// At most `sandbox.maxOutputBytes` bytes.
+    pub stdout: Vec<u8>,
+    pub stdout_truncated: bool,
+    /// At most `sandbox.maxOutputBytes` bytes.
+    pub stderr: Vec<u8>,
+    pub stderr_truncated: bool,
+    pub timed_out: bool,
+    pub oom_killed: bool,
+    pub duration: Duration,
+    /// Peak memory of the run, when the executor can measure it.
+    pub peak_memory_bytes: Option<u64>,
+}
+
+/// Why a tool could not be run at all (as opposed to running and failing).
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("the tool could not be started: {0}")]
+    Spawn(String),
+    #[error("the tool's I/O failed: {0}")]
+    Io(String),
+}
+
+/// A secret value delivered to one run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SecretDelivery {
+    /// Set as this environment variable.
+    Env { name: String, value: String },
+    /// Written as a read-only file at this absolute path inside the sandbox.
+    File { path: String, value: Vec<u8> },
+}
+
+/// Future returned by [`ToolExecutor::execute`]; boxed so executors can sit
+/// behind `Arc<dyn ToolExecutor>` and `serve` can pick one at run time.
+pub type ExecFuture<'a> = Pin<Box<dyn Future<Output = Result<ExecOutcome, ExecError>> + Send + 'a>>;
+
+/// Runs one call of a tool: `tool.spec.runtime` with its limits
+/// (`tool.spec.sandbox`), `stdin` as standard input and `secrets` delivered
+/// as declared. Implementations enforce the timeout and the output cap.
+pub trait ToolExecutor: Send + Sync {
+    fn execute<'a>(
+        &'a self,
+        tool: &'a PreparedTool,
+        stdin: Vec<u8>,
+        secrets: Vec<SecretDelivery>,
+    ) -> ExecFuture<'a>;
+
+    /// One line for the startup banner, e.g. `youki sandbox (namespaces, seccomp, cgroups)`.
+    fn isolation(&self) -> String;
+}
+
+/// **Unsandboxed**: runs the tool's command as an ordinary child process of the
+/// runner, with the runner's privileges, file system and network. It enforces
+/// only the timeout and the output cap, ignores `runtime.image`, and refuses
+/// tools that declare file secrets (it has nowhere private to put them).
+///
+/// It exists for tests of the HTTP pipeline only. `serve` uses it only under
+/// the loud `--unsandboxed-dev` flag; it must never run untrusted tools.
+#[derive(Clone, Debug, Default)]
+pub struct UnsandboxedProcessExecutor;
+
+impl ToolExecutor for UnsandboxedProcessExecutor {
+    fn execute<'a>(
+        &'a self,
+        tool: &'a PreparedTool,
+        stdin: Vec<u8>,
+        secrets: Vec<SecretDelivery>,
+    ) -> ExecFuture<'a> {
+        Box::pin(run_process(tool, stdin, secrets))
+    }
+
+    fn isolation(&self) -> String {
+        "NONE: unsandboxed child processes (--unsandboxed-dev)".into()
+    }
+}
+
+async fn run_process(
+    tool: &PreparedTool,
+    stdin: Vec<u8>,
+    secrets: Vec<SecretDelivery>,
+) -> Result<ExecOutcome, ExecError> {
+    let runtime = &tool.spec.runtime;
+    let argv: Vec<&String> = runtime.command.iter().chain(&runtime.args).collect();
+    let Some((program, args)) = argv.split_first() else {
+        return Err(ExecError::Spawn("runtime.command is empty".into()));
+    };
+    let mut command = tokio::process::Command::new(program);
+    command
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .envs(runtime.env.iter().map(|e| (&e.name, &e.value)))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for secret in secrets {
+        match secret {
+            SecretDelivery::Env { name, value } => {
+                command.env(name, value);
+            }
+            SecretDelivery::File { path, .. } => {
+                return Err(ExecError::Spawn(format!(
+                    "file secrets ({path}) need the sandbox"
+                )));
+            }
+        }
+    }
+    if let Some(dir) = &runtime.working_dir {
+        command.current_dir(dir);
+    }
+    let cap = usize::try_from(tool.spec.sandbox.max_output_bytes).unwrap_or(usize::MAX);
+    let timeout = Duration::from_millis(u64::from(tool.spec.sandbox.timeout_ms));
+    let started = Instant::now();
+    let mut child = command
+        .spawn()
+        .map_err(|e| ExecError::Spawn(e.to_string()))?;
+    let mut child_stdin = child.stdin.take().expect("stdin is piped");
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let work = async {
+        // A tool that exits without reading its input closes the pipe: not an error.
+        let feed = async move {
+            let _ = child_stdin.write_all(&stdin).await;
+            drop(child_stdin);
+        };
+        let ((), out, err, status) = tokio::join!(
+            feed,
+            read_capped(stdout, cap),
+            read_capped(stderr, cap),
+            child.wait()
+        );
+        Ok::<_, ExecError>((
+            out?,
+            err?,
+            status.map_err(|e| ExecError::Io(e.to_string()))?,
+        ))
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(result) => {
+            let ((stdout, stdout_truncated), (stderr, stderr_truncated), status) = result?;
+            Ok(ExecOutcome {
+                exit_code: status.code(),
+                stdout,
+                stdout_truncated,
+                stderr,
+                stderr_truncated,
+                duration: started.elapsed(),
+                ..ExecOutcome::default()
+            })
+        }
+        // Dropping `work` dropped the child, and kill_on_drop killed it.
+        Err(_) => Ok(ExecOutcome {
+            timed_out: true,
+            duration: started.elapsed(),
+            ..ExecOutcome::default()
+        }),
+    }
+}
+
+/// Reads a stream to its end, keeping at most `cap` bytes (the rest is drained
+/// so the writer never blocks on a full pipe).
+async fn read_capped(
+    mut stream: impl AsyncRead + Unpin,
+    cap: usize,
+) -> Result<(Vec<u8>, bool), ExecError> {
+    let mut kept = Vec::new();
+    let mut truncated = false;
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = stream
+            .read(&mut buf)
+            .await
+            .map_err(|e| ExecError::Io(e.to_string()))?;
+        if n == 0 {
+            return Ok((kept, truncated));
+        }
+        let room = cap.saturating_sub(kept.len());
+        kept.extend_from_slice(&buf[..n.min(room)]);
+        truncated |= n > room;
+    }
+}

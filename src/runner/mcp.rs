@@ -1,0 +1,236 @@
+//! MCP (Model Context Protocol) over the streamable HTTP transport at `/mcp`:
+//! `initialize`, `ping`, `tools/list` and `tools/call`, answered as plain JSON
+//! (the transport allows a JSON response instead of an SSE stream). The server
+//! is stateless: no session IDs, no server-initiated messages, so `GET` and
+//! `DELETE` answer 405 as the transport specifies for that case.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::pipeline::Runner;
+use super::problem::{Problem, ProblemKind};
+use super::registry::PreparedTool;
+use super::rest::{call_context, read_body};
+use crate::api::Risk;
+
+/// Protocol revisions spoken, newest first; the newest is offered when the
+/// client asks for one we do not know.
+pub const PROTOCOL_VERSIONS: [&str; 3] = ["2025-11-25", "2025-06-18", "2025-03-26"];
+
+/// Largest JSON-RPC message read (the largest tool input the CRD allows, plus room).
+const MAX_MESSAGE_BYTES: usize = 17 * 1024 * 1024;
+
+const PARSE_ERROR: i64 = -32700;
+const INVALID_REQUEST: i64 = -32600;
+const METHOD_NOT_FOUND: i64 = -32601;
+const INVALID_PARAMS: i64 = -32602;
+const INTERNAL_ERROR: i64 = -32603;
+
+fn error(id: Value, code: i64, message: &str) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}})
+}
+
+fn result(id: Value, result: Value) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "result": result})
+}
+
+/// Browsers send `Origin`; agents do not. A foreign origin is a DNS-rebinding
+/// attempt on a local server, so only loopback origins are accepted.
+fn origin_allowed(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let host = origin
+        .to_str()
+        .unwrap_or_default()
+        .split("://")
+        .nth(1)
+        .unwrap_or_default();
+    let host = host.rsplit_once(':').map_or(host, |(h, port)| {
+        if port.chars().all(|c| c.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    });
+    matches!(host, "localhost" | "127.0.0.1" | "[::1]")
+}
+
+pub async fn get() -> Response {
+    (StatusCode::METHOD_NOT_ALLOWED, [(header::ALLOW, "POST")]).into_response()
+}
+
+pub async fn delete() -> Response {
+    (StatusCode::METHOD_NOT_ALLOWED, [(header::ALLOW, "POST")]).into_response()
+}
+
+pub async fn post(
+    State(runner): State<Arc<Runner>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if !origin_allowed(&headers) {
+        return Problem::new(
+            ProblemKind::Forbidden,
+            "this Origin may not call the MCP endpoint",
+        )
+        .into_response();
+    }
+    if let Some(version) = headers
+        .get("mcp-protocol-version")
+        .and_then(|v| v.to_str().ok())
+        && !PROTOCOL_VERSIONS.contains(&version)
+    {
+        let body = error(
+            Value::Null,
+            INVALID_REQUEST,
+            &format!("unsupported MCP-Protocol-Version {version}"),
+        );
+        return (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
+    }
+    let bytes = match read_body(body, MAX_MESSAGE_BYTES).await {
+        Ok(bytes) => bytes,
+        Err(problem) => return problem.into_response(),
+    };
+    let message: Value = match serde_json::from_slice(&bytes) {
+        Ok(message) => message,
+        Err(e) => {
+            let body = error(Value::Null, PARSE_ERROR, &format!("not JSON: {e}"));
+            return (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
+        }
+    };
+    let Some(method) = message.get("method").and_then(Value::as_str) else {
+        // A response or something else with no method: nothing to answer.
+        return if message.get("id").is_some()
+            && (message.get("result").is_some() || message.get("error").is_some())
+        {
+            StatusCode::ACCEPTED.into_response()
+        } else {
+            let body = error(
+                Value::Null,
+                INVALID_REQUEST,
+                "expected one JSON-RPC request or notification",
+            );
+            (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
+        };
+    };
+    let Some(id) = message.get("id").cloned() else {
+        return StatusCode::ACCEPTED.into_response(); // a notification
+    };
+    let ctx = call_context("mcp", peer, &headers);
+    let params = message.get("params").cloned().unwrap_or(Value::Null);
+    if method != "tools/call"
+        && let Err(e) = runner.auth.authenticate(ctx.authorization.as_deref()).await
+    {
+        return Problem::new(ProblemKind::Unauthenticated, e.to_string()).into_response();
+    }
+    let answer = match method {
+        "initialize" => result(id, initialize(&params)),
+        "ping" => result(id, json!({})),
+        "tools/list" => {
+            let tools: Vec<Value> = runner
+                .registry
+                .snapshot()
+                .values()
+                .map(|t| describe(t))
+                .collect();
+            result(id, json!({"tools": tools}))
+        }
+        "tools/call" => {
+            let Some(name) = params.get("name").and_then(Value::as_str) else {
+                return axum::Json(error(id, INVALID_PARAMS, "params.name is required"))
+                    .into_response();
+            };
+            let arguments = params
+                .get("arguments")
+                .cloned()
+                .unwrap_or_else(|| json!({}));
+            let input = serde_json::to_vec(&arguments).unwrap_or_default();
+            match runner.invoke(&ctx, name, Ok(&input)).await {
+                Ok(success) => result(
+                    id,
+                    call_result(&success.output, false, Some(&success.invocation_id)),
+                ),
+                Err(problem) => match problem.kind {
+                    ProblemKind::Unauthenticated => return problem.into_response(),
+                    // After authentication, so names cannot be probed anonymously.
+                    ProblemKind::NotFound => {
+                        error(id, INVALID_PARAMS, &format!("Unknown tool: {name}"))
+                    }
+                    ProblemKind::AuditUnavailable | ProblemKind::Internal => {
+                        error(id, INTERNAL_ERROR, &problem.detail)
+                    }
+                    _ => result(
+                        id,
+                        call_result(&problem.body(), true, problem.invocation_id.as_deref()),
+                    ),
+                },
+            }
+        }
+        other => error(id, METHOD_NOT_FOUND, &format!("method not found: {other}")),
+    };
+    axum::Json(answer).into_response()
+}
+
+fn initialize(params: &Value) -> Value {
+    let asked = params
+        .get("protocolVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let version = PROTOCOL_VERSIONS
+        .iter()
+        .find(|v| **v == asked)
+        .unwrap_or(&PROTOCOL_VERSIONS[0]);
+    json!({
+        "protocolVersion": version,
+        "capabilities": {"tools": {"listChanged": false}},
+        "serverInfo": {"name": "toolwarden", "version": env!("CARGO_PKG_VERSION")},
+        "instructions": "Every tool call is validated, authorized, rate limited and audited, then run in a fresh sandbox."
+    })
+}
+
+/// A tool as `tools/list` shows it, with hints derived from risk and permissions. Pure.
+pub fn describe(tool: &PreparedTool) -> Value {
+    let permissions = &tool.spec.permissions;
+    let writes_files = permissions.filesystem.iter().any(|m| !m.read_only);
+    let writes_cluster = permissions
+        .kubernetes
+        .iter()
+        .flat_map(|r| &r.verbs)
+        .any(|v| !matches!(v.as_str(), "get" | "list" | "watch"));
+    let networked = !permissions.network.egress.is_empty();
+    let read_only = !writes_files && !writes_cluster && !networked && tool.spec.risk == Risk::Low;
+    json!({
+        "name": tool.name,
+        "description": tool.spec.description,
+        "inputSchema": tool.spec.input_schema,
+        "annotations": {
+            "readOnlyHint": read_only,
+            "destructiveHint": !read_only && (tool.spec.risk == Risk::High || writes_files || writes_cluster),
+            "openWorldHint": networked,
+        }
+    })
+}
+
+/// A `tools/call` result: the output as text, and as structured content when it is an object.
+fn call_result(output: &Value, is_error: bool, invocation_id: Option<&str>) -> Value {
+    let text = match output {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let mut out = json!({"content": [{"type": "text", "text": text}], "isError": is_error});
+    if output.is_object() {
+        out["structuredContent"] = output.clone();
+    }
+    if let Some(id) = invocation_id {
+        out["_meta"] = json!({"toolwarden.dev/invocationId": id});
+    }
+    out
+}

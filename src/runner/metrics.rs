@@ -1,0 +1,103 @@
+//! Prometheus metrics (prometheus-client), served at `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    /// Empty for calls to unknown tools, so callers cannot grow the label set.
+    pub tool: String,
+    /// `ok` or the problem type (`validation`, `rate-limited`, ...).
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ToolLabel {
+    pub tool: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    calls: Family<CallLabels, Counter>,
+    run_seconds: Family<ToolLabel, Histogram>,
+    in_flight: Gauge,
+    pub tools_served: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("toolwarden");
+        let calls = Family::<CallLabels, Counter>::default();
+        registry.register("calls", "Tool calls by outcome", calls.clone());
+        let run_seconds = Family::<ToolLabel, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(0.001, 2.0, 16))) as fn() -> Histogram,
+        );
+        registry.register(
+            "tool_run_seconds",
+            "Wall time of tool runs",
+            run_seconds.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "calls_in_flight",
+            "Calls being processed",
+            in_flight.clone(),
+        );
+        let tools_served = Gauge::default();
+        registry.register(
+            "tools_served",
+            "Tools currently served",
+            tools_served.clone(),
+        );
+        Metrics {
+            registry,
+            calls,
+            run_seconds,
+            in_flight,
+            tools_served,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn call(&self, tool: &str, outcome: &str) {
+        self.calls
+            .get_or_create(&CallLabels {
+                tool: tool.into(),
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    pub fn run(&self, tool: &str, seconds: f64) {
+        self.run_seconds
+            .get_or_create(&ToolLabel { tool: tool.into() })
+            .observe(seconds);
+    }
+
+    /// Counts a call in flight until the guard is dropped.
+    pub fn in_flight(&self) -> InFlight {
+        self.in_flight.inc();
+        InFlight(self.in_flight.clone())
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+pub struct InFlight(Gauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

@@ -1,0 +1,718 @@
+//! The runner over real HTTP on loopback: the guide's security tests, hostile
+//! input, failures, audit and MCP. Tools run with the *unsandboxed* test
+//! executor (the sandbox engine is wired in separately), so these tests cover
+//! the pipeline and transports, not isolation.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use toolwarden::runner::audit::{AuditLog, verify};
+use toolwarden::runner::auth::{Authenticator, parse_token_file};
+use toolwarden::runner::executor::UnsandboxedProcessExecutor;
+use toolwarden::runner::metrics::Metrics;
+use toolwarden::runner::pipeline::Runner;
+use toolwarden::runner::ratelimit::LimiterClock;
+use toolwarden::runner::registry::{Registry, SecretsDir, manifest_files};
+use toolwarden::runner::rest;
+
+const ALICE: &str = "6f1c2c1e-8a8e-4a53-9d0e-2b8f2f0e8c11";
+const ALICE_TOKEN: &str = "alice-token";
+const SECRET: &str = "sk-live-0123456789";
+
+const ECHO_TOOL: &str = r#"
+apiVersion: toolwarden.dev/v1alpha1
+kind: AgentTool
+metadata: {name: echo, namespace: agents}
+spec:
+  description: Echo the input, or misbehave on request
+  risk: low
+  maxInputBytes: 1024
+  inputSchema:
+    type: object
+    additionalProperties: false
+    properties:
+      bio: {type: string, maxLength: 500}
+      mode: {type: string, enum: [ok, fail, slow, secret]}
+  sanitize:
+    - field: /bio
+      transforms: [stripHtml, trim]
+  runtime:
+    image: docker.io/library/busybox:1.36.1
+    command: [/bin/sh, -c, 'read -r line; case "$line" in *fail*) echo "internal path /srv/x $API_TOKEN" >&2; exit 3;; *slow*) exec sleep 5;; *secret*) echo "token=$API_TOKEN";; *) echo "$line";; esac']
+  sandbox: {timeoutMs: 300}
+  secrets:
+    - {secretName: echo-secrets, key: token, env: API_TOKEN}
+  rateLimit: {requestsPerMinute: 600}
+  audit: {input: full}
+"#;
+
+struct Server {
+    base: String,
+    audit_path: PathBuf,
+    clock: LimiterClock,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+fn examples() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples")
+}
+
+/// Serves the example tools plus the echo tool, with hashed bearer tokens.
+async fn start() -> Server {
+    start_with(None).await
+}
+
+async fn start_with(audit: Option<AuditLog>) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let tools = dir.path().join("tools");
+    std::fs::create_dir(&tools).unwrap();
+    // The examples' baseline policy demands injected secrets, which the echo
+    // tool does not use: it needs one the tool can see, to test redaction.
+    for file in manifest_files(&examples())
+        .unwrap()
+        .into_iter()
+        .filter(|f| !f.ends_with("baseline-policy.yaml"))
+    {
+        std::fs::copy(&file, tools.join(file.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(tools.join("echo.yaml"), ECHO_TOOL).unwrap();
+    let secrets = dir.path().join("secrets");
+    std::fs::create_dir_all(secrets.join("echo-secrets")).unwrap();
+    std::fs::write(secrets.join("echo-secrets/token"), SECRET).unwrap();
+
+    let clock = LimiterClock::manual();
+    let registry = Arc::new(Registry::new(clock.clone(), SecretsDir(Some(secrets))));
+    let report = registry.load(&manifest_files(&tools).unwrap());
+    assert!(
+        report.refused.is_empty() && report.errors.is_empty(),
+        "{report:?}"
+    );
+    let hash = |t: &str| hex::encode(Sha256::digest(t.as_bytes()));
+    let token_file = format!(
+        "{} {ALICE}\n{} root admins\n",
+        hash(ALICE_TOKEN),
+        hash("admin-token")
+    );
+    let auth = Authenticator {
+        tokens: parse_token_file(&token_file).unwrap(),
+        ..Authenticator::default()
+    };
+    let audit_path = dir.path().join("audit.log");
+    let audit = audit.unwrap_or_else(|| AuditLog::open_file(&audit_path).unwrap());
+    let runner = Arc::new(Runner {
+        registry,
+        auth,
+        audit,
+        executor: Arc::new(UnsandboxedProcessExecutor),
+        metrics: Metrics::default(),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(rest::serve(listener, runner, std::future::pending()));
+    Server {
+        base,
+        audit_path,
+        clock,
+        http: reqwest::Client::new(),
+        _dir: dir,
+    }
+}
+
+impl Server {
+    async fn invoke(&self, tool: &str, token: Option<&str>, body: Value) -> (StatusCode, Value) {
+        self.raw(
+            tool,
+            token,
+            "application/json",
+            body.to_string().into_bytes(),
+        )
+        .await
+    }
+
+    async fn raw(
+        &self,
+        tool: &str,
+        token: Option<&str>,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> (StatusCode, Value) {
+        let mut request = self
+            .http
+            .post(format!("{}/v1/tools/{tool}/invoke", self.base))
+            .header("content-type", content_type)
+            .body(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        if status != StatusCode::OK {
+            let ct = response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            assert_eq!(ct, "application/problem+json", "status {status}");
+        }
+        (status, response.json().await.unwrap())
+    }
+
+    fn audit(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(&self.audit_path).unwrap();
+        assert_eq!(
+            verify(text.as_bytes()),
+            Ok(text.lines().count()),
+            "the chain verifies"
+        );
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    async fn mcp(&self, message: Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}/mcp", self.base))
+            .bearer_auth(ALICE_TOKEN)
+            .header("accept", "application/json, text/event-stream")
+            .json(&message)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+fn profile(user: &str, name: &str) -> Value {
+    json!({"userId": user, "updates": {"name": name, "email": "Ada@Example.com", "bio": "hi"}})
+}
+
+fn events<'a>(records: &'a [Value], event: &str) -> Vec<&'a Value> {
+    records.iter().filter(|r| r["event"] == event).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guide_security_tests_over_http() {
+    let s = start().await;
+
+    let (status, body) = s
+        .invoke(
+            "user-profile-update",
+            Some(ALICE_TOKEN),
+            profile(ALICE, "Robert'); DROP TABLE users;--"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["type"], "https://toolwarden.dev/problems/validation");
+    assert_eq!(body["errors"][0]["path"], "/updates/name");
+
+    let (status, body) = s
+        .invoke(
+            "echo",
+            Some(ALICE_TOKEN),
+            json!({"bio": "<script>alert('xss')</script>Hello"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["output"], json!({"bio": "Hello"}));
+
+    let (status, body) = s
+        .invoke(
+            "file-operation",
+            Some(ALICE_TOKEN),
+            json!({"operation": "read", "path": "/workspace/../etc/passwd"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["errors"][0]["path"], "/path");
+
+    let (status, _) = s
+        .invoke("user-profile-update", None, profile(ALICE, "Ada"))
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = s
+        .invoke("user-profile-update", Some("forged"), profile(ALICE, "Ada"))
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    let other = "0b7f7a52-3b55-4f8e-9a43-6a1f0f3f2e10";
+    let (status, body) = s
+        .invoke(
+            "user-profile-update",
+            Some(ALICE_TOKEN),
+            profile(other, "Ada"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(body["detail"], "Cannot update another user's profile");
+    let (status, _) = s
+        .invoke(
+            "user-profile-update",
+            Some("admin-token"),
+            profile(other, "Ada"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+
+    let (status, body) = s
+        .invoke(
+            "user-profile-update",
+            Some(ALICE_TOKEN),
+            profile(ALICE, "Ada Lovelace"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["output"]["success"], true);
+    assert_eq!(body["exitCode"], 0);
+
+    let (status, body) = s
+        .invoke(
+            "file-operation",
+            Some(ALICE_TOKEN),
+            json!({"operation": "write", "path": "/workspace/a.txt", "content": "x"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert!(
+        body["approvalId"]
+            .as_str()
+            .unwrap()
+            .starts_with("approval-")
+    );
+    let (status, _) = s
+        .invoke(
+            "file-operation",
+            Some(ALICE_TOKEN),
+            json!({"operation": "read", "path": "/workspace/a.txt"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+
+    let records = s.audit();
+    let denied: Vec<&str> = events(&records, "denied")
+        .iter()
+        .map(|r| r["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        denied,
+        [
+            "validation",
+            "validation",
+            "authentication",
+            "authentication",
+            "authorization"
+        ]
+    );
+    assert_eq!(
+        events(&records, "denied")[0]["errors"][0]["path"],
+        "/updates/name"
+    );
+    let sanitized = events(&records, "sanitized");
+    assert!(
+        sanitized
+            .iter()
+            .any(|r| r["changedFields"] == json!(["/updates/email"]))
+    );
+    assert!(
+        sanitized
+            .iter()
+            .any(|r| r["changedFields"] == json!(["/bio"]))
+    );
+    // `audit.input: redacted` hides the e-mail; `digest` never records the input.
+    let validated = events(&records, "validated");
+    assert!(
+        validated
+            .iter()
+            .any(|r| r["input"]["updates"]["email"] == "[REDACTED]")
+    );
+    assert!(
+        validated
+            .iter()
+            .all(|r| r["inputDigest"].as_str().unwrap().starts_with("sha256:"))
+    );
+    let finished = events(&records, "finished");
+    assert_eq!(finished.len(), 4);
+    assert!(
+        finished
+            .iter()
+            .all(|r| r["caller"]["sub"].is_string() && r["invocationId"].is_string())
+    );
+    assert_eq!(events(&records, "approvalPending").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seventy_rapid_calls_against_sixty_per_minute_see_exactly_ten_429s() {
+    let s = start().await;
+    let mut limited = 0;
+    for _ in 0..70 {
+        let response = s
+            .http
+            .post(format!("{}/v1/tools/user-profile-update/invoke", s.base))
+            .bearer_auth(ALICE_TOKEN)
+            .json(&profile(ALICE, "Ada"))
+            .send()
+            .await
+            .unwrap();
+        match response.status() {
+            StatusCode::OK => {}
+            StatusCode::TOO_MANY_REQUESTS => {
+                assert_eq!(response.headers()["retry-after"], "1");
+                let body: Value = response.json().await.unwrap();
+                assert_eq!(body["type"], "https://toolwarden.dev/problems/rate-limited");
+                limited += 1;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(limited, 10);
+    // Another caller has its own budget; time refills it.
+    assert_eq!(
+        s.invoke(
+            "user-profile-update",
+            Some("admin-token"),
+            profile(ALICE, "Ada")
+        )
+        .await
+        .0,
+        StatusCode::OK
+    );
+    s.clock.advance(std::time::Duration::from_secs(1));
+    assert_eq!(
+        s.invoke(
+            "user-profile-update",
+            Some(ALICE_TOKEN),
+            profile(ALICE, "Ada")
+        )
+        .await
+        .0,
+        StatusCode::OK
+    );
+    assert_eq!(events(&s.audit(), "rateLimited").len(), 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_gets_problem_json_and_the_runner_keeps_serving() {
+    let s = start().await;
+    let tool = "user-profile-update";
+    let deep = format!("{{\"path\":{}{}}}", "[".repeat(10_000), "]".repeat(10_000));
+    let cases: Vec<(&str, &str, Vec<u8>, StatusCode)> = vec![
+        (
+            tool,
+            "application/json",
+            b"{\"userId\": ".to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            tool,
+            "application/json",
+            vec![b' '; 100 * 1024 * 1024],
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+        (
+            "file-operation",
+            "application/json",
+            deep.into_bytes(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            tool,
+            "application/json",
+            b"{\"userId\": \"\xff\xfe\"}".to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            tool,
+            "text/plain",
+            b"{}".to_vec(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            tool,
+            "application/json",
+            b"[]".to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "no-such-tool",
+            "application/json",
+            b"{}".to_vec(),
+            StatusCode::NOT_FOUND,
+        ),
+    ];
+    for (tool, content_type, body, expected) in cases {
+        let (status, problem) = s.raw(tool, Some(ALICE_TOKEN), content_type, body).await;
+        assert_eq!(status, expected, "{problem}");
+        assert!(
+            problem["detail"].is_string() && problem["type"].is_string(),
+            "{problem}"
+        );
+    }
+    let (_, problem) = s
+        .raw(
+            tool,
+            Some(ALICE_TOKEN),
+            "application/json",
+            vec![b' '; 5000],
+        )
+        .await;
+    assert!(
+        problem["detail"].as_str().unwrap().contains("4096 bytes"),
+        "{problem}"
+    );
+    let health = s
+        .http
+        .get(format!("{}/healthz", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    let (status, _) = s
+        .invoke(tool, Some(ALICE_TOKEN), profile(ALICE, "Ada"))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let stages: Vec<Value> = events(&s.audit(), "denied")
+        .iter()
+        .map(|r| r["stage"].clone())
+        .collect();
+    assert_eq!(
+        stages,
+        [
+            "shape", "shape", "shape", "shape", "shape", "shape", "lookup", "shape"
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_failures_are_generic_and_secrets_never_leave() {
+    let s = start().await;
+    let (status, body) = s
+        .invoke("echo", Some(ALICE_TOKEN), json!({"mode": "fail"}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(!body.to_string().contains("/srv"), "{body}");
+    let (status, _) = s
+        .invoke("echo", Some(ALICE_TOKEN), json!({"mode": "slow"}))
+        .await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    let (status, body) = s
+        .invoke("echo", Some(ALICE_TOKEN), json!({"mode": "secret"}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["output"], "token=[REDACTED]\n");
+
+    let records = s.audit();
+    assert!(
+        !std::fs::read_to_string(&s.audit_path)
+            .unwrap()
+            .contains(SECRET)
+    );
+    let finished = events(&records, "finished");
+    assert_eq!(finished[0]["exitCode"], 3);
+    assert_eq!(finished[0]["stderr"], "internal path /srv/x [REDACTED]\n");
+    assert_eq!(finished[1]["timedOut"], true);
+    // Every started call has its finish, right after it.
+    assert_eq!(events(&records, "started").len(), 3);
+}
+
+struct BrokenSink;
+impl std::io::Write for BrokenSink {
+    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+        Err(std::io::Error::other("disk full"))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_audit_sink_refuses_calls() {
+    let s = start_with(Some(AuditLog::to_writer(Box::new(BrokenSink), "broken"))).await;
+    for _ in 0..2 {
+        let (status, body) = s
+            .invoke("echo", Some(ALICE_TOKEN), json!({"bio": "x"}))
+            .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            body["type"],
+            "https://toolwarden.dev/problems/audit-unavailable"
+        );
+    }
+    let ready = s
+        .http
+        .get(format!("{}/readyz", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_initialize_list_and_call() {
+    let s = start().await;
+    let init = s
+        .mcp(
+            json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "test", "version": "1"}}}),
+        )
+        .await;
+    assert_eq!(init.status(), StatusCode::OK);
+    let init: Value = init.json().await.unwrap();
+    assert_eq!(init["result"]["protocolVersion"], "2025-06-18");
+    assert!(init["result"]["capabilities"]["tools"].is_object());
+    let note = s
+        .mcp(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+        .await;
+    assert_eq!(note.status(), StatusCode::ACCEPTED);
+
+    let list: Value = s
+        .mcp(json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let tools = list["result"]["tools"].as_array().unwrap();
+    let find = |name: &str| tools.iter().find(|t| t["name"] == name).unwrap().clone();
+    assert_eq!(
+        find("file-operation")["annotations"]["destructiveHint"],
+        true
+    );
+    assert_eq!(
+        find("moderate-content")["annotations"]["readOnlyHint"],
+        true
+    );
+    assert_eq!(find("echo")["inputSchema"]["type"], "object");
+
+    let call = |id: i64, name: &str, arguments: Value| json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": name, "arguments": arguments}});
+    let ok: Value = s
+        .mcp(call(
+            3,
+            "moderate-content",
+            json!({"content": "nice post", "contentType": "post"}),
+        ))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ok["result"]["isError"], false, "{ok}");
+    assert_eq!(ok["result"]["structuredContent"], json!({"approved": true}));
+    let invalid: Value = s
+        .mcp(call(4, "moderate-content", json!({"content": 5})))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(invalid["result"]["isError"], true);
+    assert!(
+        invalid["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("/content")
+    );
+    let unknown: Value = s
+        .mcp(call(5, "nope", json!({})))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(unknown["error"]["code"], -32602);
+    let missing: Value = s
+        .mcp(json!({"jsonrpc": "2.0", "id": 6, "method": "resources/list"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(missing["error"]["code"], -32601);
+
+    let foreign = s
+        .http
+        .post(format!("{}/mcp", s.base))
+        .header("origin", "https://evil.example")
+        .json(&json!({"jsonrpc": "2.0", "id": 7, "method": "ping"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(foreign.status(), StatusCode::FORBIDDEN);
+    let anonymous = s
+        .http
+        .post(format!("{}/mcp", s.base))
+        .json(&json!({"jsonrpc": "2.0", "id": 8, "method": "tools/list"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    let probe = s
+        .http
+        .post(format!("{}/mcp", s.base))
+        .json(&json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {"name": "nope", "arguments": {}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        probe.status(),
+        StatusCode::UNAUTHORIZED,
+        "no tool names for anonymous callers"
+    );
+    assert_eq!(events(&s.audit(), "finished").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_lists_tools_and_metrics_count_calls() {
+    let s = start().await;
+    let list: Value = s
+        .http
+        .get(format!("{}/v1/tools", s.base))
+        .bearer_auth(ALICE_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = list["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "api-call",
+            "echo",
+            "execute-code",
+            "file-operation",
+            "moderate-content",
+            "user-profile-update"
+        ]
+    );
+    assert_eq!(list["tools"][4]["risk"], "low");
+    s.invoke("echo", Some(ALICE_TOKEN), json!({"bio": "x"}))
+        .await;
+    s.invoke("echo", Some(ALICE_TOKEN), json!({"bio": 1})).await;
+    let metrics = s
+        .http
+        .get(format!("{}/metrics", s.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"toolwarden_calls_total{tool="echo",outcome="ok"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"toolwarden_calls_total{tool="echo",outcome="validation"} 1"#),
+        "{metrics}"
+    );
+    let wrong_method = s
+        .http
+        .get(format!("{}/v1/tools/echo/invoke", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_method.status(), StatusCode::METHOD_NOT_ALLOWED);
+}
