@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::os::unix::process::CommandExt;
+use toolwarden::sandbox::detect::HostReport;
 use toolwarden::sandbox::{EngineConfig, Invocation, Limits, SandboxSpec, Sandboxes};
-
-const N: usize = 200;
 
 fn rootfs(dir: &Path) -> PathBuf {
     let root = dir.join("rootfs");
@@ -25,55 +25,151 @@ fn rootfs(dir: &Path) -> PathBuf {
     root
 }
 
+/// Runs per runner (env BENCH_N, default 200).
+static N: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
+    std::env::var("BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200)
+});
+
 fn stats(mut v: Vec<Duration>) -> (f64, f64) {
     v.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     (ms(v[v.len() / 2]), ms(v[(v.len() * 95) / 100]))
 }
 
-/// An OCI bundle for crun/runc from `runc spec`, made equivalent: read-only busybox root,
-/// /bin/true, no terminal, same namespaces minus user (runc's default).
-fn oci_bundle(dir: &Path, root: &Path) -> Option<PathBuf> {
+/// The OCI bundle for crun/runc: toolwarden's own pool spec (`spec::build`, same namespaces
+/// incl. the user namespace + mapping when the pool uses one, same cgroup limits, device list,
+/// masked/readonly paths, rlimits, uid 65534, no capabilities, noNewPrivileges) with
+/// args=/bin/true. Differences: no seccomp filter (toolwarden installs its own in the init) and
+/// loopback stays down (toolwarden brings `lo` up). Returns the bundle and a description.
+fn oci_bundle(
+    dir: &Path,
+    spec: &SandboxSpec,
+    host: &HostReport,
+    userns: bool,
+) -> (PathBuf, String) {
     let b = dir.join("bundle");
     std::fs::create_dir_all(&b).unwrap();
-    let st = Command::new("runc")
-        .arg("spec")
-        .current_dir(&b)
-        .status()
-        .ok()?;
-    if !st.success() {
-        return None;
-    }
-    let mut v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(b.join("config.json")).unwrap()).unwrap();
-    v["process"]["terminal"] = false.into();
+    let mut v = toolwarden::sandbox::spec::build(spec, host, userns).unwrap();
     v["process"]["args"] = serde_json::json!(["/bin/true"]);
-    v["root"]["path"] = root.display().to_string().into();
     std::fs::write(b.join("config.json"), serde_json::to_vec(&v).unwrap()).unwrap();
-    Some(b)
+    let ns: Vec<&str> = v["linux"]["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["type"].as_str())
+        .collect();
+    let res: Vec<&str> = v["linux"]["resources"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let desc = format!(
+        "namespaces [{}], cgroup resources [{}] (cgroupfs, per-run cgroupsPath), ro busybox root, \
+         tmpfs /tmp+/dev/shm, {} masked paths, uid 65534, no caps, noNewPrivileges, \
+         no seccomp, lo down",
+        ns.join(" "),
+        res.join(" "),
+        v["linux"]["maskedPaths"].as_array().map_or(0, |a| a.len()),
+    );
+    (b, desc)
 }
 
-fn time_cmd(bin: &str, bundle: &Path) -> Option<Vec<Duration>> {
+/// True when /sys/fs/cgroup/unified is a cgroup2 mount with controllers (hybrid mode): crun
+/// (up to at least 1.8) refuses to run there ("cgroups in hybrid mode not supported, drop
+/// all controllers from cgroupv2") whatever its --cgroup-manager.
+fn hybrid_with_v2_controllers() -> bool {
+    std::fs::read_to_string("/sys/fs/cgroup/unified/cgroup.controllers")
+        .map(|s| !s.trim().is_empty())
+        .unwrap_or(false)
+}
+
+/// Runs the child in a private mount namespace without /sys/fs/cgroup/unified, so crun sees a
+/// pure v1 host (the same v1 hierarchies libcontainer and runc use here). Applied to crun AND
+/// runc so both pay the same (measured) wrapper cost.
+fn hide_unified(cmd: &mut Command) {
+    // SAFETY: only async-signal-safe syscalls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let none = c"none".as_ptr();
+            if libc::mount(
+                none,
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) != 0
+                || libc::umount2(c"/sys/fs/cgroup/unified".as_ptr(), libc::MNT_DETACH) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+fn time_cmd(bin: &str, bundle: &Path, wrap: bool, n: usize) -> Option<Vec<Duration>> {
+    let cfg = bundle.join("config.json");
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
+    spec["linux"]["cgroupsPath"] = format!("/{BENCH_CGROUP}/{bin}-{}", std::process::id()).into();
+    std::fs::write(&cfg, serde_json::to_vec(&spec).unwrap()).unwrap();
     let mut v = Vec::new();
-    for i in 0..N {
+    for _ in 0..n {
+        static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let i = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let id = format!("bench-{bin}-{}-{i}", std::process::id());
-        let t = Instant::now();
-        let st = Command::new(bin)
-            .args(["run", "--bundle"])
+        let mut cmd = Command::new(bin);
+        cmd.args(["run", "--bundle"])
             .arg(bundle)
             .arg(&id)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .ok()?;
+            .stderr(Stdio::piped());
+        if wrap {
+            hide_unified(&mut cmd);
+        }
+        let t = Instant::now();
+        let out = cmd.output().ok()?;
         v.push(t.elapsed());
-        if !st.success() {
-            eprintln!("{bin} run failed: {st}");
+        if !out.status.success() {
+            eprintln!(
+                "{bin} run failed: {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
             return None;
         }
     }
     Some(v)
+}
+
+/// fork+exec+wait of the rootfs's busybox `true` on the host (optionally in the same private
+/// mount namespace wrapper as crun/runc).
+fn bare(busybox: &Path, wrap: bool) -> Duration {
+    let mut cmd = Command::new(busybox);
+    cmd.arg("true");
+    if wrap {
+        hide_unified(&mut cmd);
+    }
+    let t = Instant::now();
+    assert!(cmd.status().unwrap().success());
+    t.elapsed()
+}
+
+const BENCH_CGROUP: &str = "twbench";
+
+/// Number of live keepers (children of the zygote).
+fn keepers(zpid: u32) -> usize {
+    std::fs::read_to_string(format!("/proc/{zpid}/task/{zpid}/children"))
+        .map(|s| s.split_whitespace().count())
+        .unwrap_or(0)
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -106,73 +202,103 @@ fn main() {
         argv: vec!["/bin/true".into()],
         ..Default::default()
     };
-    let spec = |warm| SandboxSpec {
-        rootfs: root.clone(),
+    let rootfs = root.clone();
+    let spec = move |warm| SandboxSpec {
+        rootfs: rootfs.clone(),
         mounts: vec![],
         limits: Limits::default(),
         warm_pool: warm,
     };
-    let mut rows: Vec<(&str, Vec<Duration>)> = Vec::new();
-    let (cold, warm, rss) = rt.block_on(async {
-        let cold_pool = engine.pool(spec(0)).await.unwrap();
-        let mut cold = Vec::new();
-        for _ in 0..N {
-            let t = Instant::now();
-            let o = cold_pool.run(inv.clone()).await.unwrap();
-            cold.push(t.elapsed());
-            assert_eq!(o.exit_code, Some(0));
-        }
-        drop(cold_pool);
-        let pool = engine.pool(spec(4)).await.unwrap();
-        let mut warm = Vec::new();
-        for _ in 0..N {
-            // Measure request latency with a filled pool (refill happens between requests).
-            while pool.warm_len() < 4 {
-                tokio::time::sleep(Duration::from_micros(200)).await;
+    let userns = rt
+        .block_on(engine.pool(spec(0)))
+        .unwrap()
+        .enforcement()
+        .user_namespace;
+    let (bundle, desc) = oci_bundle(tmp.path(), &spec(0), engine.host(), userns);
+    let wrap = hybrid_with_v2_controllers();
+    println!("\ncrun/runc bundle (identical for both): {desc}");
+    if wrap {
+        println!(
+            "hybrid cgroups with v2 controllers: crun and runc both run in a private mount ns \
+             without /sys/fs/cgroup/unified (crun refuses hybrid mode otherwise); its cost is \
+             the 'fork+exec in private mount ns' row"
+        );
+    }
+    let have = |bin: &str| time_cmd(bin, &bundle, wrap, 1).is_some();
+    let runtimes: Vec<&str> = ["crun", "runc"].into_iter().filter(|b| have(b)).collect();
+    let mut rows: Vec<(&str, Vec<Duration>)> = ["toolwarden cold", "toolwarden warm"]
+        .into_iter()
+        .chain(runtimes.iter().copied())
+        .chain(["bare fork+exec"])
+        .chain(wrap.then_some("fork+exec in private mount ns"))
+        .map(|n| (n, Vec::new()))
+        .collect();
+    // Interleaved rounds (one call of every runner per round) so that load changes on this
+    // shared host hit all columns alike. Before each timed call the warm pool is full again, so
+    // no refill runs during any measurement. The loop runs as a task, like a request handler.
+    let engine2 = engine.clone();
+    let busybox = root.join("bin/busybox");
+    let rss = rt
+        .block_on(rt.spawn(async move {
+            let engine = engine2;
+            let cold_pool = engine.pool(spec(0)).await.unwrap();
+            let pool = engine.pool(spec(4)).await.unwrap();
+            let zpid = engine.zygote_pid();
+            // Quiet point before each timed call: warm pool full and every other keeper gone
+            // (the zygote's only children are the 4 parked keepers), so no refill build or
+            // container deletion of an earlier call overlaps the measurement.
+            let settle = || async {
+                while pool.warm_len() < 4 || keepers(zpid) > 4 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            };
+            for _ in 0..*N {
+                for (name, v) in rows.iter_mut() {
+                    settle().await;
+                    let t = Instant::now();
+                    match *name {
+                        "toolwarden cold" | "toolwarden warm" => {
+                            let p = if *name == "toolwarden cold" {
+                                &cold_pool
+                            } else {
+                                &pool
+                            };
+                            let o = p.run(inv.clone()).await.unwrap();
+                            v.push(t.elapsed());
+                            assert_eq!(o.exit_code, Some(0));
+                        }
+                        "bare fork+exec" => v.push(bare(&busybox, false)),
+                        "fork+exec in private mount ns" => v.push(bare(&busybox, true)),
+                        bin => v.extend(time_cmd(bin, &bundle, wrap, 1).unwrap()),
+                    }
+                }
             }
-            let t = Instant::now();
-            let o = pool.run(inv.clone()).await.unwrap();
-            warm.push(t.elapsed());
-            assert_eq!(o.exit_code, Some(0));
-        }
-        while pool.warm_len() < 4 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        let rss = (rss_kib(std::process::id()), rss_kib(engine.zygote_pid()));
-        (cold, warm, rss)
-    });
-    rows.push(("toolwarden cold", cold));
-    rows.push(("toolwarden warm", warm));
-    let bundle = oci_bundle(tmp.path(), &root);
-    for bin in ["crun", "runc"] {
-        match bundle.as_deref().and_then(|b| time_cmd(bin, b)) {
-            Some(v) => rows.push((bin, v)),
-            None => println!("{bin}: not available"),
-        }
+            settle().await;
+            let rss = (rss_kib(std::process::id()), rss_kib(engine.zygote_pid()));
+            (rss, rows)
+        }))
+        .unwrap();
+    let (rss, rows) = rss;
+    for d in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+        let _ = std::fs::remove_dir(d.path().join(BENCH_CGROUP));
     }
-    let mut bare = Vec::new();
-    for _ in 0..N {
-        let t = Instant::now();
-        Command::new(root.join("bin/busybox"))
-            .arg("true")
-            .status()
-            .unwrap();
-        bare.push(t.elapsed());
-    }
-    rows.push(("bare fork+exec", bare));
-    let crun_med = rows
-        .iter()
-        .find(|r| r.0 == "crun")
-        .map(|r| stats(r.1.clone()).0);
-    println!("\n{N} runs of /bin/true (busybox rootfs)\n");
-    println!("| runner | median ms | p95 ms | x crun median |");
-    println!("|---|---:|---:|---:|");
+    let med = |name: &str| {
+        rows.iter()
+            .find(|r| r.0 == name)
+            .map(|r| stats(r.1.clone()).0)
+    };
+    let (crun_med, runc_med) = (med("crun"), med("runc"));
+    println!("\n{} runs of /bin/true (busybox rootfs)\n", *N);
+    println!("| runner | median ms | p95 ms | x crun median | x runc median |");
+    println!("|---|---:|---:|---:|---:|");
     for (name, v) in &rows {
-        let (med, p95) = stats(v.clone());
-        let ratio = crun_med
-            .map(|c| format!("{:.2}", med / c))
-            .unwrap_or("-".into());
-        println!("| {name} | {med:.3} | {p95:.3} | {ratio} |");
+        let (m, p95) = stats(v.clone());
+        let ratio = |r: Option<f64>| r.map(|c| format!("{:.2}", m / c)).unwrap_or("-".into());
+        println!(
+            "| {name} | {m:.3} | {p95:.3} | {} | {} |",
+            ratio(crun_med),
+            ratio(runc_med)
+        );
     }
     println!(
         "\nrunner RSS with warm pool of 4: {} KiB (zygote: {} KiB)",

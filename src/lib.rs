@@ -3,5 +3,5 @@
 pub mod api;
 pub mod cli;
 pub mod policy;
-pub mod sandbox;
 pub mod runner;
+pub mod sandbox;

@@ -73,4 +73,5 @@ async fn thousand_calls_leave_nothing_behind() {
         !Path::new(&format!("/proc/{zpid}")).exists(),
         "zygote still running"
     );
+    common::wait_removed(&common::state_root()).await;
 }

@@ -1,7 +1,8 @@
 //! The libcontainer `Executor` that runs inside the container init. libcontainer calls
 //! `exec` after pivot_root, setuid(65534), capability drop, no_new_privs and the start
 //! signal; we then park reading the real invocation from a control pipe (late delivery is what
-//! makes warm containers possible), close every other fd, install seccomp and execve.
+//! makes warm containers possible; seccomp is installed before parking), close every other fd
+//! and execve.
 
 use std::ffi::CString;
 use std::io::Read;
@@ -47,6 +48,17 @@ impl Executor for LateExecutor {
                 libc::syscall(libc::SYS_close_range, 3u32, fd - 1, 0u32);
             }
             libc::syscall(libc::SYS_close_range, fd + 1, u32::MAX, 0u32);
+        }
+        // Install seccomp before parking: the filter (~1,400 BPF instructions) costs ~0.3 ms to
+        // load, which is then off the request path; everything below until execve (read, close,
+        // chdir, getcwd, stat, write, exit) is in the allowlist, and parking under the filter
+        // only tightens the init.
+        let filters = match crate::sandbox::seccomp::filters() {
+            Ok(f) => f,
+            Err(e) => fail(EXIT_CANNOT_EXEC, &e.to_string()),
+        };
+        if let Err(e) = crate::sandbox::seccomp::apply(filters) {
+            fail(EXIT_CANNOT_EXEC, &format!("seccomp: {e}"));
         }
         // SAFETY: the fd was created for this container only and is not used elsewhere here.
         let mut control = unsafe { std::fs::File::from_raw_fd(self.control_fd) };
@@ -96,14 +108,6 @@ impl Executor for LateExecutor {
             .into_iter()
             .map(|(k, v)| to_c(format!("{k}={v}")))
             .collect();
-        let filters = match crate::sandbox::seccomp::filters() {
-            Ok(f) => f,
-            Err(e) => fail(EXIT_CANNOT_EXEC, &e.to_string()),
-        };
-        // Last step before execve: from here only execve itself must be allowed.
-        if let Err(e) = crate::sandbox::seccomp::apply(filters) {
-            fail(EXIT_CANNOT_EXEC, &format!("seccomp: {e}"));
-        }
         let err = nix::unistd::execve(&prog, &argv, &envp).unwrap_err();
         let code = if err == nix::Error::ENOENT {
             EXIT_NOT_FOUND

@@ -7,7 +7,8 @@
 //!   ([`zygote_main`]), talking over a `SOCK_SEQPACKET` socketpair.
 //! * For every container the zygote forks a single-threaded *keeper* that builds and
 //!   starts the container, hands the per-call pipes and a pidfd to the runner with
-//!   `SCM_RIGHTS`, then waits for the container init, reports its status and deletes it.
+//!   `SCM_RIGHTS`, then waits for the container init, reports its status through a per-container
+//!   report pipe (read directly by the calling task) and deletes it.
 //!   Keepers are independent, so a slow `build()` never delays another call's result.
 //! * The container init parks inside our [`executor`] (after pivot_root, setuid, cap drop)
 //!   reading the invocation from a control pipe. A warm call is therefore: write argv/env to

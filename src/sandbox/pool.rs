@@ -9,10 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
-use tokio::sync::{mpsc, oneshot};
+use tokio::io::AsyncReadExt;
+use tokio::net::unix::pipe;
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::sandbox::detect::HostReport;
-use crate::sandbox::proto::{self, ExitInfo, FromZygote, LateExec, ToZygote};
+use crate::sandbox::proto::{self, FromZygote, LateExec, ToZygote};
 use crate::sandbox::zygote::{ENV_FORCE_RLIMITS, ENV_STATE_ROOT, ZYGOTE_SOCK_FD};
 use crate::sandbox::{
     Captured, Enforcement, Error, Invocation, Outcome, Result, SandboxSpec, ZYGOTE_SUBCOMMAND,
@@ -32,6 +34,12 @@ pub struct EngineConfig {
     pub state_root: PathBuf,
     /// Ignore cgroups and use rlimits only (for hosts where cgroups misbehave, and tests).
     pub force_rlimits: bool,
+    /// Containers being built (keeper forked, container not yet parked) at once, over all
+    /// pools: a burst queues here instead of forking one keeper per request.
+    pub max_concurrent_builds: usize,
+    /// Calls executing at once, over all pools; further `run`s wait in FIFO order. Together with
+    /// the warm pools this bounds the number of live keepers/containers.
+    pub max_running: usize,
 }
 
 impl EngineConfig {
@@ -40,6 +48,10 @@ impl EngineConfig {
             zygote_exe,
             state_root: PathBuf::from("/run/toolwarden/sandbox"),
             force_rlimits: false,
+            // Builds are CPU-bound (clone, mounts, cgroups): more than the core count in
+            // parallel only slows each one down.
+            max_concurrent_builds: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            max_running: 64,
         }
     }
 }
@@ -47,7 +59,6 @@ impl EngineConfig {
 enum Event {
     Ready { fds: Vec<OwnedFd> },
     Failed(String),
-    Exited(ExitInfo),
 }
 
 struct Inner {
@@ -56,6 +67,8 @@ struct Inner {
     pool_replies: Mutex<HashMap<u64, oneshot::Sender<FromZygote>>>,
     next: AtomicU64,
     child: Mutex<std::process::Child>,
+    builds: Semaphore,
+    running: Semaphore,
 }
 
 impl Inner {
@@ -127,6 +140,8 @@ impl Sandboxes {
             pool_replies: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
             child: Mutex::new(child),
+            builds: Semaphore::new(cfg.max_concurrent_builds.max(1)),
+            running: Semaphore::new(cfg.max_running.max(1)),
         });
         let reader_sock = inner.sock.try_clone()?;
         let weak = Arc::downgrade(&inner);
@@ -175,12 +190,10 @@ impl Sandboxes {
                 id,
                 spec,
                 enforcement,
-                warm: Mutex::new(VecDeque::new()),
+                warm: Mutex::new(WarmQueue::default()),
             }),
         };
-        for _ in 0..pool.shared.spec.warm_pool {
-            pool.shared.clone().refill();
-        }
+        pool.shared.refill();
         Ok(pool)
     }
 }
@@ -213,7 +226,8 @@ fn reader(sock: OwnedFd, inner: std::sync::Weak<Inner>) {
         let (req, ev, last) = match msg {
             FromZygote::Ready { req, .. } => (req, Event::Ready { fds }, false),
             FromZygote::SpawnFailed { req, error } => (req, Event::Failed(error), true),
-            FromZygote::Exited { req, exit } => (req, Event::Exited(exit), true),
+            // Exit reports travel through each container's report pipe.
+            FromZygote::Exited { .. } => continue,
             m @ (FromZygote::PoolCreated { .. } | FromZygote::PoolFailed { .. }) => {
                 let pool = match &m {
                     FromZygote::PoolCreated { pool, .. } | FromZygote::PoolFailed { pool, .. } => {
@@ -250,7 +264,28 @@ struct Warm {
     stdout: OwnedFd,
     stderr: OwnedFd,
     pidfd: OwnedFd,
-    events: mpsc::UnboundedReceiver<Event>,
+    /// Read end of the keeper's exit-report pipe: one `FromZygote::Exited`/`SpawnFailed`, then
+    /// EOF. Read directly by the calling task (no reader-thread/channel hop on the hot path);
+    /// EOF without a report means the keeper died.
+    report: OwnedFd,
+}
+
+impl Warm {
+    /// True if the parked container already died (report or EOF readable).
+    fn is_dead(&self) -> bool {
+        let mut fds = [nix::poll::PollFd::new(
+            self.report.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).map_or(true, |n| n > 0)
+    }
+}
+
+#[derive(Default)]
+struct WarmQueue {
+    parked: VecDeque<Warm>,
+    /// Refills requested but not parked yet (so a burst never overfills the pool).
+    pending: usize,
 }
 
 struct PoolShared {
@@ -258,28 +293,45 @@ struct PoolShared {
     id: u64,
     spec: SandboxSpec,
     enforcement: Enforcement,
-    warm: Mutex<VecDeque<Warm>>,
+    warm: Mutex<WarmQueue>,
 }
 
 impl Drop for PoolShared {
     fn drop(&mut self) {
         // Parked containers exit on EOF of their control pipe (dropped with Warm).
-        lock(&self.warm).clear();
+        lock(&self.warm).parked.clear();
         let _ = self.inner.send(&ToZygote::DropPool { pool: self.id });
     }
 }
 
 impl PoolShared {
-    async fn spawn(&self) -> Result<Warm> {
+    /// Creates one container. `background` (refills) builds it at low CPU priority so it does
+    /// not compete with running calls.
+    async fn spawn(&self, background: bool) -> Result<Warm> {
+        // Held until the container is parked (or failed): caps concurrent keeper builds.
+        let _build = self
+            .inner
+            .builds
+            .acquire()
+            .await
+            .map_err(|_| Error::Zygote("engine closed".into()))?;
         let req = self.inner.next.fetch_add(1, Ordering::Relaxed);
         let (tx, mut rx) = mpsc::unbounded_channel();
         lock(&self.inner.routes).insert(req, tx);
-        if let Err(e) = self.inner.send(&ToZygote::Spawn { pool: self.id, req }) {
+        let msg = ToZygote::Spawn {
+            pool: self.id,
+            req,
+            background,
+        };
+        if let Err(e) = self.inner.send(&msg) {
             lock(&self.inner.routes).remove(&req);
             return Err(e);
         }
-        match rx.recv().await {
-            Some(Event::Ready { fds }) if fds.len() == 5 => {
+        let ev = rx.recv().await;
+        // Everything after Ready comes through the report pipe.
+        lock(&self.inner.routes).remove(&req);
+        match ev {
+            Some(Event::Ready { fds }) if fds.len() == 6 => {
                 let mut it = fds.into_iter();
                 let mut next = || it.next().expect("length checked");
                 Ok(Warm {
@@ -288,7 +340,7 @@ impl PoolShared {
                     stdout: next(),
                     stderr: next(),
                     pidfd: next(),
-                    events: rx,
+                    report: next(),
                 })
             }
             Some(Event::Failed(e)) => Err(Error::Container(e)),
@@ -297,16 +349,43 @@ impl PoolShared {
         }
     }
 
-    /// Adds one container to the warm queue, off the request path.
-    fn refill(self: Arc<Self>) {
-        tokio::spawn(async move {
-            match self.spawn().await {
-                Ok(w) => lock(&self.warm).push_back(w),
-                Err(e) => {
-                    tracing::error!(error = %e, pool = self.id, "warm sandbox creation failed")
+    /// Tops the warm queue up to `warm_pool` (parked + pending), in background tasks.
+    fn refill(self: &Arc<Self>) {
+        // Called from Drop too: without a runtime (shutdown) there is nothing to refill for.
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        loop {
+            {
+                let mut q = lock(&self.warm);
+                if q.parked.len() + q.pending >= self.spec.warm_pool {
+                    return;
                 }
+                q.pending += 1;
             }
-        });
+            let s = self.clone();
+            rt.spawn(async move {
+                let r = s.spawn(true).await;
+                let mut q = lock(&s.warm);
+                q.pending -= 1;
+                match r {
+                    Ok(w) => q.parked.push_back(w),
+                    Err(e) => {
+                        tracing::error!(error = %e, pool = s.id, "warm sandbox creation failed")
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// Refills the pool when the call is over (result delivered or call dropped), so the next
+/// container's build does not compete with this call for the CPU.
+struct RefillOnDrop(Arc<PoolShared>);
+
+impl Drop for RefillOnDrop {
+    fn drop(&mut self) {
+        self.0.refill();
     }
 }
 
@@ -323,83 +402,142 @@ impl Pool {
 
     /// Number of containers currently parked.
     pub fn warm_len(&self) -> usize {
-        lock(&self.shared.warm).len()
+        lock(&self.shared.warm).parked.len()
     }
 
     /// Runs one invocation in a fresh sandbox. Never hangs: the container is SIGKILLed at the
     /// timeout and every wait afterwards is bounded.
     pub async fn run(&self, inv: Invocation) -> Result<Outcome> {
         validate(&inv)?;
-        let start = Instant::now();
         let s = &self.shared;
+        // Back-pressure: a burst beyond max_running waits here instead of forking keepers.
+        let _running = s
+            .inner
+            .running
+            .acquire()
+            .await
+            .map_err(|_| Error::Zygote("engine closed".into()))?;
+        let start = Instant::now();
+        let _refill = RefillOnDrop(s.clone());
         let warm = loop {
-            let popped = lock(&s.warm).pop_front();
+            let popped = lock(&s.warm).parked.pop_front();
             match popped {
-                Some(mut w) => {
-                    s.clone().refill();
+                Some(w) => {
                     // A parked container that already died (e.g. killed) is skipped.
-                    if w.events.try_recv().is_ok() {
-                        continue;
+                    if !w.is_dead() {
+                        break w;
                     }
-                    break w;
                 }
-                None => {
-                    if s.spec.warm_pool > 0 {
-                        s.clone().refill();
-                    }
-                    break s.spawn().await?;
-                }
+                None => break s.spawn(false).await?,
             }
         };
         self.run_in(warm, inv, start).await
     }
 
-    async fn run_in(&self, mut w: Warm, inv: Invocation, start: Instant) -> Result<Outcome> {
+    async fn run_in(&self, w: Warm, inv: Invocation, start: Instant) -> Result<Outcome> {
         let limits = &self.shared.spec.limits;
         let cap = limits.max_output_bytes;
         let out = Arc::new(Mutex::new(Captured::default()));
         let err = Arc::new(Mutex::new(Captured::default()));
-        let out_task = tokio::spawn(output::capture(w.stdout, cap, out.clone()));
-        let err_task = tokio::spawn(output::capture(w.stderr, cap, err.clone()));
         let late = LateExec {
             argv: inv.argv,
             env: inv.env,
             cwd: inv.cwd,
         };
         let payload = serde_json::to_vec(&late).map_err(|e| Error::Protocol(e.to_string()))?;
-        let kill_guard = KillOnDrop(Some(w.pidfd.try_clone()?));
-        // Control pipe first (it releases the parked init), then stdin, both async so a tool
-        // that does not read stdin cannot block us.
-        let stdin_task = tokio::spawn(async move {
-            output::feed(w.control, payload).await;
-            output::feed(w.stdin, inv.stdin).await;
+        let kill_guard = KillOnDrop(Some(w.pidfd));
+        let released_ns = proto::monotonic_ns();
+        // Control pipe first (it releases the parked init). A payload up to PIPE_BUF always fits
+        // into the fresh, empty pipe, so write it inline (no task, no epoll registration) and
+        // close it at once: the init starts on EOF. Larger payloads and stdin are fed by a task
+        // so a tool that does not read them cannot block us.
+        let mut feed: Vec<(OwnedFd, Vec<u8>)> = Vec::new();
+        if payload.len() <= libc::PIPE_BUF {
+            let n = nix::unistd::write(&w.control, &payload)?;
+            if n != payload.len() {
+                return Err(Error::Protocol("short write to control pipe".into()));
+            }
+            drop(w.control);
+        } else {
+            feed.push((w.control, payload));
+        }
+        if inv.stdin.is_empty() {
+            drop(w.stdin);
+        } else {
+            feed.push((w.stdin, inv.stdin));
+        }
+        let stdin_task = (!feed.is_empty()).then(|| {
+            tokio::spawn(async move {
+                for (fd, data) in feed {
+                    output::feed(fd, data).await;
+                }
+            })
         });
-        let deadline = Instant::now() + limits.timeout;
-        let mut timed_out = false;
-        let exit = match tokio::time::timeout_at(deadline.into(), w.events.recv()).await {
-            Ok(ev) => ev,
-            Err(_) => {
-                timed_out = true;
-                kill_guard.kill();
-                tokio::time::timeout(KILL_GRACE, w.events.recv())
-                    .await
-                    .ok()
-                    .flatten()
+        // Output is captured in this task (no spawn, no cross-thread wakeup) while waiting for
+        // the exit report.
+        let capture = async {
+            tokio::join!(
+                output::capture(w.stdout, cap, out.clone()),
+                output::capture(w.stderr, cap, err.clone())
+            )
+        };
+        let mut capture = std::pin::pin!(capture);
+        let mut report = pipe::Receiver::from_owned_fd(w.report)?;
+        let wait_exit = async {
+            let mut buf = Vec::new();
+            let mut read = std::pin::pin!(report.read_to_end(&mut buf));
+            let deadline = Instant::now() + limits.timeout;
+            let (r, timed_out) = match tokio::time::timeout_at(deadline.into(), &mut read).await {
+                Ok(r) => (Some(r), false),
+                Err(_) => {
+                    kill_guard.kill();
+                    (tokio::time::timeout(KILL_GRACE, &mut read).await.ok(), true)
+                }
+            };
+            let ev = match r {
+                Some(Ok(_)) if !buf.is_empty() => serde_json::from_slice::<FromZygote>(&buf)
+                    .map_err(|e| Error::Protocol(e.to_string())),
+                Some(Ok(_)) => Err(Error::Zygote("keeper died without an exit report".into())),
+                Some(Err(e)) => Err(e.into()),
+                None => Err(Error::Zygote("no exit status for sandbox".into())),
+            };
+            (ev, timed_out)
+        };
+        let mut wait_exit = std::pin::pin!(wait_exit);
+        let mut captured = false;
+        let (exit, timed_out) = tokio::select! {
+            r = &mut wait_exit => r,
+            _ = &mut capture => {
+                captured = true;
+                wait_exit.await
             }
         };
-        let exit = match exit {
-            Some(Event::Exited(e)) => e,
-            Some(Event::Failed(e)) => return Err(Error::Container(e)),
-            Some(Event::Ready { .. }) => return Err(Error::Protocol("duplicate ready".into())),
-            None => return Err(Error::Zygote("no exit status for sandbox".into())),
+        let exit = match exit? {
+            FromZygote::Exited { exit, .. } => exit,
+            FromZygote::SpawnFailed { error, .. } => return Err(Error::Container(error)),
+            _ => return Err(Error::Protocol("unexpected exit report".into())),
         };
         let duration = start.elapsed();
-        let drain = async {
-            let _ = out_task.await;
-            let _ = err_task.await;
-        };
-        let _ = tokio::time::timeout(OUTPUT_GRACE, drain).await;
-        stdin_task.abort();
+        let got_ns = proto::monotonic_ns();
+        if !captured {
+            // Pipes normally hit EOF with the exit; a leaked writer (a daemonised grandchild
+            // is killed with the pid namespace) cannot hold us longer than the grace.
+            let _ = tokio::time::timeout(OUTPUT_GRACE, &mut capture).await;
+        }
+        if let Some(t) = stdin_task {
+            t.abort();
+        }
+        let us = |a: u64, b: u64| b.saturating_sub(a) / 1000;
+        tracing::debug!(
+            pool = self.shared.id,
+            setup_us = start.elapsed().as_micros() as u64 - us(released_ns, proto::monotonic_ns()),
+            released_to_reaped_us = us(released_ns, exit.reaped_ns),
+            reaped_to_sent_us = us(exit.reaped_ns, exit.sent_ns),
+            sent_to_received_us = us(exit.sent_ns, got_ns),
+            received_to_done_us = us(got_ns, proto::monotonic_ns()),
+            total_us = start.elapsed().as_micros() as u64,
+            "sandbox call timing"
+        );
         let take = |c: &Arc<Mutex<Captured>>| std::mem::take(&mut *lock(c));
         Ok(Outcome {
             exit_code: exit.exit_code,

@@ -25,6 +25,9 @@ pub enum ToZygote {
     Spawn {
         pool: u64,
         req: u64,
+        /// A warm-pool refill: build at low CPU priority.
+        #[serde(default)]
+        background: bool,
     },
 }
 
@@ -41,7 +44,8 @@ pub enum FromZygote {
         pool: u64,
         error: String,
     },
-    /// Container is parked in the executor. Fds: control, stdin, stdout, stderr, pidfd.
+    /// Container is parked in the executor. Fds: control, stdin, stdout, stderr, pidfd, and
+    /// the read end of the exit-report pipe (which then carries `Exited` or `SpawnFailed`).
     Ready {
         req: u64,
         id: String,
@@ -63,6 +67,23 @@ pub struct ExitInfo {
     pub signal: Option<i32>,
     pub oom_killed: bool,
     pub peak_memory_bytes: Option<u64>,
+    /// CLOCK_MONOTONIC (ns) when the keeper reaped the init and when it sent this report: lets
+    /// the runner log where a call's time went (debug level).
+    #[serde(default)]
+    pub reaped_ns: u64,
+    #[serde(default)]
+    pub sent_ns: u64,
+}
+
+/// CLOCK_MONOTONIC in ns (same clock in every process of the host).
+pub fn monotonic_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out pointer; CLOCK_MONOTONIC cannot fail.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
 /// Wire form of an invocation written into a parked container's control pipe.
@@ -94,10 +115,21 @@ pub fn send<T: Serialize>(sock: BorrowedFd<'_>, msg: &T, fds: &[RawFd]) -> Resul
 pub fn recv<T: for<'de> Deserialize<'de>>(
     sock: BorrowedFd<'_>,
 ) -> Result<Option<(T, Vec<OwnedFd>)>> {
-    let mut buf = vec![0u8; MAX_MSG];
+    thread_local! {
+        // Reused: a fresh 256 KiB buffer per message is an mmap + munmap + page faults on the
+        // exit-report path.
+        static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; MAX_MSG]);
+    }
+    BUF.with_borrow_mut(|buf| recv_into(sock, buf))
+}
+
+fn recv_into<T: for<'de> Deserialize<'de>>(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> Result<Option<(T, Vec<OwnedFd>)>> {
     let mut cmsg_space = nix::cmsg_space!([RawFd; 8]);
     let (len, fds) = loop {
-        let mut iov = [IoSliceMut::new(&mut buf)];
+        let mut iov = [IoSliceMut::new(buf)];
         match recvmsg::<()>(
             sock.as_raw_fd(),
             &mut iov,

@@ -34,7 +34,8 @@ const READONLY: &[&str] = &[
 ];
 
 /// (path, major, minor): the only devices in the sandbox. libcontainer always adds /dev/full
-/// too; the device cgroup (v1) denies it.
+/// too; the keeper unlinks it before start (`zygote::remove_extra_devices`) and the device
+/// cgroup (v1) does not allow it.
 const DEVICES: &[(&str, i64, i64)] = &[
     ("/dev/null", 1, 3),
     ("/dev/zero", 1, 5),

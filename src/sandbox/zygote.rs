@@ -95,6 +95,7 @@ fn run(sock: BorrowedFd<'_>, seal_err: Option<std::io::Error>) -> Result<()> {
         let Some((msg, _fds)) = proto::recv::<ToZygote>(sock)? else {
             // Runner gone. Parked containers see EOF on their control pipes and exit; their
             // keepers clean up.
+            shutdown(&mut keepers, &sigfd, &state_root);
             return Ok(());
         };
         match msg {
@@ -127,7 +128,11 @@ fn run(sock: BorrowedFd<'_>, seal_err: Option<std::io::Error>) -> Result<()> {
             ToZygote::DropPool { pool } => {
                 pools.remove(&pool);
             }
-            ToZygote::Spawn { pool, req } => {
+            ToZygote::Spawn {
+                pool,
+                req,
+                background,
+            } => {
                 let Some(def) = pools.get(&pool) else {
                     let error = format!("unknown pool {pool}");
                     proto::send(sock, &FromZygote::SpawnFailed { req, error }, &[])?;
@@ -135,12 +140,21 @@ fn run(sock: BorrowedFd<'_>, seal_err: Option<std::io::Error>) -> Result<()> {
                 };
                 seq += 1;
                 let id = sweep::container_id(zpid, seq);
+                // A refill's fork (copying the zygote's page tables) must not preempt the call
+                // that triggered it: fork at low priority; the keeper inherits it.
+                if background {
+                    set_nice(0, BACKGROUND_NICE);
+                }
                 // SAFETY: the zygote is single-threaded.
-                match unsafe { fork() } {
+                let forked = unsafe { fork() };
+                if background && !matches!(forked, Ok(ForkResult::Child)) {
+                    set_nice(0, 0);
+                }
+                match forked {
                     Ok(ForkResult::Child) => {
                         // The keeper must not inherit a blocked SIGCHLD (nor pass it on).
                         let _ = sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&mask), None);
-                        let code = keeper(sock, &state_root, &id, def, req);
+                        let code = keeper(sock, &state_root, &id, def, req, background);
                         unsafe { libc::_exit(code) }
                     }
                     Ok(ForkResult::Parent { child }) => {
@@ -155,6 +169,41 @@ fn run(sock: BorrowedFd<'_>, seal_err: Option<std::io::Error>) -> Result<()> {
         }
     }
 }
+
+/// Waits (bounded) for the keepers to finish their containers, then removes the state root if
+/// nothing else uses it, so an engine leaves no directory behind.
+fn shutdown(keepers: &mut HashMap<Pid, String>, sigfd: &SignalFd, state_root: &Path) {
+    let deadline = std::time::Instant::now() + SHUTDOWN_GRACE;
+    loop {
+        reap_keepers(keepers, state_root);
+        if keepers.is_empty() {
+            break;
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            for (pid, id) in keepers.drain() {
+                let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+                let _ = waitpid(pid, None);
+                sweep::remove_container(state_root, &id);
+            }
+            break;
+        }
+        let mut fds = [nix::poll::PollFd::new(
+            sigfd.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms));
+        while let Ok(Some(_)) = sigfd.read_signal() {}
+    }
+    // Non-recursive: another engine may share the root (its entries keep it).
+    let _ = std::fs::remove_dir(state_root.join("bundles"));
+    let _ = std::fs::remove_dir(state_root);
+}
+
+/// How long the zygote waits for its keepers when the runner goes away (parked containers exit
+/// at once on EOF; running ones were SIGKILLed by the runner's call guards).
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Reaps exited keepers; a keeper that did not exit cleanly may have left its container.
 fn reap_keepers(keepers: &mut HashMap<Pid, String>, state_root: &Path) {
@@ -174,17 +223,76 @@ fn reap_keepers(keepers: &mut HashMap<Pid, String>, state_root: &Path) {
 }
 
 /// Keeper body (in a forked child). Returns the keeper's exit code.
-fn keeper(sock: BorrowedFd<'_>, state_root: &Path, id: &str, def: &PoolDef, req: u64) -> i32 {
-    let result = keeper_run(sock, state_root, id, def, req);
-    sweep::remove_container(state_root, id);
-    match result {
-        Ok(()) => 0,
+fn keeper(
+    sock: BorrowedFd<'_>,
+    state_root: &Path,
+    id: &str,
+    def: &PoolDef,
+    req: u64,
+    background: bool,
+) -> i32 {
+    let code = match keeper_run(sock, state_root, id, def, req, background) {
         Err(e) => {
             let error = e.to_string();
             let _ = proto::send(sock, &FromZygote::SpawnFailed { req, error }, &[]);
             1
         }
+        Ok((mut container, pid, report, mnt_ns)) => {
+            let msg = match keeper_wait(def, id, pid) {
+                Ok(exit) => FromZygote::Exited { req, exit },
+                Err(e) => FromZygote::SpawnFailed {
+                    req,
+                    error: e.to_string(),
+                },
+            };
+            // Small (< PIPE_BUF) into a fresh pipe: never blocks. EPIPE (call dropped) is fine.
+            if let Ok(buf) = serde_json::to_vec(&msg) {
+                let _ = nix::unistd::write(&report, &buf);
+            }
+            drop(report);
+            // Now the mount tree may be torn down (see keeper_run).
+            drop(mnt_ns);
+            // The call is answered: deleting the container is background work.
+            set_nice(0, BACKGROUND_NICE);
+            match container.delete(true) {
+                Ok(()) => 0,
+                Err(_) => 1,
+            }
+        }
+    };
+    sweep::remove_container(state_root, id);
+    code
+}
+
+/// libcontainer always creates /dev/full (`rootfs::utils::default_devices`), but the sandbox's
+/// device list is explicit (null, zero, random, urandom, tty): unlink it from the container's
+/// /dev tmpfs after `build()` (pivot_root done, init parked before `start()`). No sandboxed code
+/// has run yet, so nothing under that /dev can be a planted symlink.
+fn remove_extra_devices(pid: i32) -> Result<()> {
+    use nix::fcntl::OFlag;
+    let dev = nix::fcntl::open(
+        format!("/proc/{pid}/root/dev").as_str(),
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    // SAFETY: open just returned this fd to us.
+    let dev = unsafe { OwnedFd::from_raw_fd(dev) };
+    match nix::unistd::unlinkat(
+        Some(dev.as_raw_fd()),
+        "full",
+        nix::unistd::UnlinkatFlags::NoRemoveDir,
+    ) {
+        Ok(()) | Err(nix::Error::ENOENT) => Ok(()),
+        Err(e) => Err(Error::Container(format!("remove /dev/full: {e}"))),
     }
+}
+
+/// Nice value of background (refill) builds.
+const BACKGROUND_NICE: i32 = 10;
+
+fn set_nice(pid: i32, nice: i32) {
+    // SAFETY: plain syscall. Failure only costs scheduling priority.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, pid as libc::id_t, nice) };
 }
 
 fn pidfd_open(pid: i32) -> Result<OwnedFd> {
@@ -202,7 +310,17 @@ fn keeper_run(
     id: &str,
     def: &PoolDef,
     req: u64,
-) -> Result<()> {
+    background: bool,
+) -> Result<(
+    libcontainer::container::Container,
+    Pid,
+    OwnedFd,
+    std::fs::File,
+)> {
+    if background {
+        // A refill must not steal CPU from running calls on a small host.
+        set_nice(0, BACKGROUND_NICE);
+    }
     let bundle = state_root.join("bundles").join(id);
     std::fs::create_dir_all(&bundle)?;
     let mut spec = def.spec.clone();
@@ -237,10 +355,23 @@ fn keeper_run(
         .pid()
         .ok_or_else(|| Error::Container("no init pid".into()))?;
     let pidfd = pidfd_open(pid.as_raw())?;
+    remove_extra_devices(pid.as_raw())?;
+    // Holding a reference to the container's mount namespace moves its teardown (unmounting
+    // ~30 mounts plus an RCU grace period) out of the init's exit, i.e. off the path between the
+    // tool's exit and its report; it happens when the keeper closes this after reporting.
+    let mnt_ns = std::fs::File::open(format!("/proc/{}/ns/mnt", pid.as_raw()))?;
+    if background {
+        // The init inherited our nice value: the tool must run at normal priority, and so must
+        // this keeper's exit report (root may lower nice values again).
+        set_nice(pid.as_raw(), 0);
+        set_nice(0, 0);
+    }
     netlo::bring_up_lo(pid.as_raw())?;
     container
         .start()
         .map_err(|e| Error::Container(format!("start: {e}")))?;
+    // Created after build() so the container never inherits it.
+    let (report_r, report_w) = pipe2(cloexec)?;
     proto::send(
         sock,
         &FromZygote::Ready {
@@ -254,11 +385,16 @@ fn keeper_run(
             out_r.as_raw_fd(),
             err_r.as_raw_fd(),
             pidfd.as_raw_fd(),
+            report_r.as_raw_fd(),
         ],
     )?;
     // The runner now holds the only parent-side ends.
-    drop((ctl_w, in_w, out_r, err_r, pidfd));
+    drop((ctl_w, in_w, out_r, err_r, pidfd, report_r));
+    Ok((container, pid, report_w, mnt_ns))
+}
 
+/// Waits for the container init and collects its exit status and memory statistics.
+fn keeper_wait(def: &PoolDef, id: &str, pid: Pid) -> Result<ExitInfo> {
     // The init is our child via CLONE_PARENT without an exit signal: needs __WALL.
     let status = loop {
         match waitpid(pid, Some(WaitPidFlag::__WALL)) {
@@ -266,23 +402,21 @@ fn keeper_run(
             other => break other?,
         }
     };
+    let reaped_ns = proto::monotonic_ns();
     let (exit_code, signal) = match status {
         WaitStatus::Exited(_, c) => (Some(c), None),
         WaitStatus::Signaled(_, s, _) => (None, Some(s as i32)),
         _ => (None, None),
     };
     let (oom_killed, peak_memory_bytes) = memory_stats(def.cgroup, id);
-    let exit = ExitInfo {
+    Ok(ExitInfo {
         exit_code,
         signal,
         oom_killed,
         peak_memory_bytes,
-    };
-    proto::send(sock, &FromZygote::Exited { req, exit }, &[])?;
-    container
-        .delete(true)
-        .map_err(|e| Error::Container(format!("delete: {e}")))?;
-    Ok(())
+        reaped_ns,
+        sent_ns: proto::monotonic_ns(),
+    })
 }
 
 fn read_kv(path: PathBuf, key: &str) -> Option<u64> {

@@ -93,18 +93,32 @@ fn walk(p: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// The state root of the calling test (one per test thread, so engines of tests running in
+/// parallel never share one and each test can check that its root is removed).
 pub fn state_root() -> PathBuf {
-    PathBuf::from(format!("/run/twtest-{}", std::process::id()))
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    thread_local! {
+        static N: usize = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    PathBuf::from(format!(
+        "/run/twtest-{}-{}",
+        std::process::id(),
+        N.with(|n| *n)
+    ))
 }
 
-pub fn engine() -> Sandboxes {
+pub fn config() -> EngineConfig {
     let _ = tracing_subscriber::fmt()
         .with_env_filter("info")
         .with_test_writer()
         .try_init();
     let mut cfg = EngineConfig::new(PathBuf::from(env!("CARGO_BIN_EXE_toolwarden")));
     cfg.state_root = state_root();
-    Sandboxes::start(&cfg).expect("start sandbox engine")
+    cfg
+}
+
+pub fn engine() -> Sandboxes {
+    Sandboxes::start(&config()).expect("start sandbox engine")
 }
 
 pub fn limits() -> Limits {
@@ -144,4 +158,17 @@ pub async fn run(pool: &Pool, inv: Invocation) -> Outcome {
 
 pub fn text(c: &toolwarden::sandbox::Captured) -> String {
     String::from_utf8_lossy(&c.bytes).into_owned()
+}
+
+/// Waits (bounded) until the engine's asynchronous shutdown has removed `root`.
+pub async fn wait_removed(root: &Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while root.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} left behind",
+            root.display()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
