@@ -19,6 +19,8 @@ use crate::runner::pipeline::Runner;
 use crate::runner::ratelimit::LimiterClock;
 use crate::runner::registry::{LoadReport, Registry, SecretsDir, is_manifest, manifest_files};
 use crate::runner::rest;
+use crate::runner::sandbox_executor::{SandboxExecutor, VolumesDir};
+use crate::sandbox::{EngineConfig, Sandboxes};
 
 const EXIT_FAILED: u8 = 2;
 
@@ -81,6 +83,14 @@ pub struct CommonArgs {
     /// Where unpacked root file systems are cached.
     #[arg(long, value_name = "DIR")]
     pub image_cache: Option<PathBuf>,
+    /// Volumes tools mount: `DIR/pvc/<claim>` for persistentVolumeClaim and
+    /// `DIR/configmap/<name>` for configMap. Default: `volumes/` beside the
+    /// manifests, when it exists.
+    #[arg(long, value_name = "DIR")]
+    pub volumes: Option<PathBuf>,
+    /// Sandbox state (container state, bundles, file secrets).
+    #[arg(long, value_name = "DIR", default_value = "/run/toolwarden")]
+    pub state_dir: PathBuf,
     /// DANGER: run tools as plain child processes with NO ISOLATION. For trying
     /// the HTTP API with trusted tools only; never with real agents.
     #[arg(long)]
@@ -196,10 +206,10 @@ fn run(
         );
         Arc::new(UnsandboxedProcessExecutor)
     } else {
-        return fail(
-            "the sandbox engine is not part of this build yet, so no tool can run isolated; \
-             pass --unsandboxed-dev to try the API without isolation (trusted tools only)",
-        );
+        match sandbox_executor(dir, common) {
+            Ok(executor) => Arc::new(executor),
+            Err(e) => return fail(&e),
+        }
     };
     let audit = match &common.audit_log {
         Some(path) => match AuditLog::open_file(path) {
@@ -209,14 +219,10 @@ fn run(
         None => AuditLog::to_writer(Box::new(std::io::stdout()), "stdout"),
     };
     let mut registry = Registry::new(LimiterClock::real(), SecretsDir(common.secrets_dir.clone()));
-    let images = common.images.clone().or_else(|| {
-        let beside = if dir.is_dir() {
-            dir.join("images")
-        } else {
-            dir.with_file_name("images")
-        };
-        beside.is_dir().then_some(beside)
-    });
+    let images = common
+        .images
+        .clone()
+        .or_else(|| folder_beside(dir, "images"));
     let images_line = match images {
         Some(images) => {
             let line = format!("root file systems from {}", images.display());
@@ -250,7 +256,8 @@ fn run(
         };
         let addr = listener.local_addr().unwrap_or(common.listen);
         banner(command, dir, &registry, &runner, addr, &images_line);
-        let _watcher = match watch(dir, registry) {
+        prepare_sandboxes(&registry, runner.executor.as_ref()).await;
+        let _watcher = match watch(dir, registry, runner.executor.clone()) {
             Ok(w) => Some(w),
             Err(e) => {
                 eprintln!("warning: not watching {} for changes: {e}", dir.display());
@@ -262,6 +269,52 @@ fn run(
             Err(e) => fail(&e.to_string()),
         }
     })
+}
+
+/// `name/` next to the manifests (inside DIR, or beside a single file), if it exists.
+fn folder_beside(manifests: &Path, name: &str) -> Option<PathBuf> {
+    let beside = if manifests.is_dir() {
+        manifests.join(name)
+    } else {
+        manifests.with_file_name(name)
+    };
+    beside.is_dir().then_some(beside)
+}
+
+/// Starts the sandbox engine (its zygote is this binary, re-executed).
+fn sandbox_executor(dir: &Path, common: &CommonArgs) -> Result<SandboxExecutor, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    let mut config = EngineConfig::new(exe);
+    config.state_root = common.state_dir.join("sandbox");
+    let engine = Sandboxes::start(&config).map_err(|e| {
+        format!(
+            "the sandbox engine could not start ({e}); it needs root (or pass --unsandboxed-dev \
+             to try the API without isolation, trusted tools only)"
+        )
+    })?;
+    let volumes = common
+        .volumes
+        .clone()
+        .or_else(|| folder_beside(dir, "volumes"));
+    Ok(SandboxExecutor::new(
+        engine,
+        VolumesDir(volumes),
+        common.state_dir.join("secret-files"),
+    ))
+}
+
+/// Fills the warm pools of the tools now served (dropping those of replaced
+/// tools) and reports the tools that cannot run.
+async fn prepare_sandboxes(registry: &Registry, executor: &dyn ToolExecutor) {
+    let tools: Vec<_> = registry.snapshot().values().cloned().collect();
+    match executor.prepare(&tools).await {
+        Ok(errors) => {
+            for e in errors {
+                eprintln!("error: cannot run {e}");
+            }
+        }
+        Err(e) => eprintln!("error: preparing sandboxes: {e}"),
+    }
 }
 
 /// Loads `dir` into the registry and reports what is (not) served on stderr.
@@ -325,7 +378,11 @@ fn banner(
 
 /// Reloads on any change to a manifest in `dir`, after changes settle for
 /// 200 ms (editors write files in several steps).
-fn watch(dir: &Path, registry: Arc<Registry>) -> notify::Result<notify::RecommendedWatcher> {
+fn watch(
+    dir: &Path,
+    registry: Arc<Registry>,
+    executor: Arc<dyn ToolExecutor>,
+) -> notify::Result<notify::RecommendedWatcher> {
     use notify::Watcher;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -343,9 +400,9 @@ fn watch(dir: &Path, registry: Arc<Registry>) -> notify::Result<notify::Recommen
                 tokio::time::timeout(Duration::from_millis(200), rx.recv()).await
             {}
             // Loading compiles schemas and may unpack images: keep it off the I/O threads.
-            let (registry, dir) = (registry.clone(), dir.clone());
+            let (loading, dir) = (registry.clone(), dir.clone());
             let Ok((report, dir)) =
-                tokio::task::spawn_blocking(move || (load(&registry, &dir), dir)).await
+                tokio::task::spawn_blocking(move || (load(&loading, &dir), dir)).await
             else {
                 continue;
             };
@@ -355,6 +412,7 @@ fn watch(dir: &Path, registry: Arc<Registry>) -> notify::Result<notify::Recommen
                     dir.display(),
                     report.served.join(", ")
                 );
+                prepare_sandboxes(&registry, executor.as_ref()).await;
             } else {
                 eprintln!(
                     "reload of {} failed; still serving the previous tools",

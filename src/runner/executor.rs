@@ -1,23 +1,9 @@
 //! The seam between the runner and whatever runs a tool: [`ToolExecutor`].
 //!
-//! The real implementation is the sandbox engine (`src/sandbox/`), wired in one
-//! adapter file. [`UnsandboxedProcessExecutor`] exists only so the HTTP pipeline
-//! can be tested before that lands: it runs the tool's command as a plain child
-//! process of the runner, with no isolation at all.
-//!
-//! ## The sandbox adapter (one file, once `src/sandbox/` is merged)
-//! - Keep one sandbox pool per tool name and generation. Create it on first use from
-//!   `PreparedTool::rootfs` (serve refuses to run sandboxed without `--images`), from
-//!   `spec.permissions.filesystem` as mounts, and from `spec.sandbox` as limits:
-//!   `timeoutMs`, `memory`/`cpu`/`tmpSize` through `api::parse_quantity`, `pids`,
-//!   `maxOutputBytes` and `warmPool`. Drop the pools of older generations after a reload.
-//! - Each call runs argv = `runtime.command ++ runtime.args`, env = `runtime.env` plus
-//!   [`SecretDelivery::Env`], cwd = `runtime.workingDir`, and the given stdin.
-//!   [`SecretDelivery::File`] becomes a read-only file at its path, visible to that run only.
-//! - Map the engine's outcome field by field onto [`ExecOutcome`]. A run killed by a signal
-//!   has `exit_code: None`.
-//! - `isolation()` describes what the engine actually enforces (user namespace, seccomp,
-//!   cgroup version).
+//! The real implementation is [`super::sandbox_executor::SandboxExecutor`]: a
+//! fresh youki sandbox per call. [`UnsandboxedProcessExecutor`] runs the tool's
+//! command as a plain child process of the runner, with no isolation at all: it
+//! exists for the HTTP pipeline's tests and the loud `--unsandboxed-dev` flag.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -44,6 +30,8 @@ pub struct ExecOutcome {
     pub duration: Duration,
     /// Peak memory of the run, when the executor can measure it.
     pub peak_memory_bytes: Option<u64>,
+    /// Which mechanism enforced each limit; `None` without a sandbox.
+    pub enforcement: Option<crate::sandbox::Enforcement>,
 }
 
 /// Why a tool could not be run at all (as opposed to running and failing).
@@ -66,7 +54,8 @@ pub enum SecretDelivery {
 
 /// Future returned by [`ToolExecutor::execute`]; boxed so executors can sit
 /// behind `Arc<dyn ToolExecutor>` and `serve` can pick one at run time.
-pub type ExecFuture<'a> = Pin<Box<dyn Future<Output = Result<ExecOutcome, ExecError>> + Send + 'a>>;
+pub type ExecFuture<'a, T = ExecOutcome> =
+    Pin<Box<dyn Future<Output = Result<T, ExecError>> + Send + 'a>>;
 
 /// Runs one call of a tool: `tool.spec.runtime` with its limits
 /// (`tool.spec.sandbox`), `stdin` as standard input and `secrets` delivered
@@ -78,6 +67,18 @@ pub trait ToolExecutor: Send + Sync {
         stdin: Vec<u8>,
         secrets: Vec<SecretDelivery>,
     ) -> ExecFuture<'a>;
+
+    /// Called with the whole tool set after every (re)load, off the request
+    /// path: get ready to run `tools` (e.g. fill warm pools) and release what
+    /// belonged to tools no longer in it. Returns one reason per tool that
+    /// cannot be run.
+    fn prepare<'a>(
+        &'a self,
+        tools: &'a [std::sync::Arc<PreparedTool>],
+    ) -> ExecFuture<'a, Vec<String>> {
+        let _ = tools;
+        Box::pin(async { Ok(Vec::new()) })
+    }
 
     /// One line for the startup banner, e.g. `youki sandbox (namespaces, seccomp, cgroups)`.
     fn isolation(&self) -> String;

@@ -19,5 +19,6 @@ pub mod ratelimit;
 pub mod redact;
 pub mod registry;
 pub mod rest;
+pub mod sandbox_executor;
 pub mod sanitize;
 pub mod validate;

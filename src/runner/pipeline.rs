@@ -307,6 +307,7 @@ fn finished_record(outcome: &ExecOutcome, stdout: &[u8], secrets: &[Vec<u8>]) ->
         "oomKilled": outcome.oom_killed,
         "durationMs": outcome.duration.as_millis() as u64,
         "peakMemoryBytes": outcome.peak_memory_bytes,
+        "enforcement": outcome.enforcement,
         "outputBytes": stdout.len(),
         "outputTruncated": outcome.stdout_truncated,
         "stderr": String::from_utf8_lossy(&stderr),
