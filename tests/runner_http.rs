@@ -1,7 +1,8 @@
-//! The runner over real HTTP on loopback: the guide's security tests, hostile
-//! input, failures, audit and MCP. Tools run with the *unsandboxed* test
-//! executor (the sandbox engine is wired in separately), so these tests cover
-//! the pipeline and transports, not isolation.
+//! The runner over real HTTP on loopback with real sandboxes: the guide's
+//! security tests, hostile input, failures, secrets, audit and MCP. Needs root
+//! and busybox-static; each test prints SKIPPED with the reason otherwise.
+
+mod common;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,7 +12,6 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use toolwarden::runner::audit::{AuditLog, verify};
 use toolwarden::runner::auth::{Authenticator, parse_token_file};
-use toolwarden::runner::executor::UnsandboxedProcessExecutor;
 use toolwarden::runner::metrics::Metrics;
 use toolwarden::runner::pipeline::Runner;
 use toolwarden::runner::ratelimit::LimiterClock;
@@ -35,16 +35,17 @@ spec:
     additionalProperties: false
     properties:
       bio: {type: string, maxLength: 500}
-      mode: {type: string, enum: [ok, fail, slow, secret]}
+      mode: {type: string, enum: [ok, fail, slow, secret, file]}
   sanitize:
     - field: /bio
       transforms: [stripHtml, trim]
   runtime:
     image: docker.io/library/busybox:1.36.1
-    command: [/bin/sh, -c, 'read -r line; case "$line" in *fail*) echo "internal path /srv/x $API_TOKEN" >&2; exit 3;; *slow*) exec sleep 5;; *secret*) echo "token=$API_TOKEN";; *) echo "$line";; esac']
+    command: [/bin/sh, -c, 'read -r line; case "$line" in *fail*) echo "internal path /srv/x $API_TOKEN" >&2; exit 3;; *slow*) exec sleep 5;; *secret*) echo "token=$API_TOKEN";; *file*) echo "file=$(cat /run/secrets/token)";; *) echo "$line";; esac']
   sandbox: {timeoutMs: 300}
   secrets:
     - {secretName: echo-secrets, key: token, env: API_TOKEN}
+    - {secretName: echo-secrets, key: token, file: /run/secrets/token}
   rateLimit: {requestsPerMinute: 600}
   audit: {input: full}
 "#;
@@ -67,7 +68,8 @@ async fn start() -> Server {
 }
 
 async fn start_with(audit: Option<AuditLog>) -> Server {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::world_traversable_tempdir();
+    let (executor, images) = common::runner_sandbox(dir.path());
     let tools = dir.path().join("tools");
     std::fs::create_dir(&tools).unwrap();
     // The examples' baseline policy demands injected secrets, which the echo
@@ -85,7 +87,8 @@ async fn start_with(audit: Option<AuditLog>) -> Server {
     std::fs::write(secrets.join("echo-secrets/token"), SECRET).unwrap();
 
     let clock = LimiterClock::manual();
-    let registry = Arc::new(Registry::new(clock.clone(), SecretsDir(Some(secrets))));
+    let registry =
+        Arc::new(Registry::new(clock.clone(), SecretsDir(Some(secrets))).with_images(images));
     let report = registry.load(&manifest_files(&tools).unwrap());
     assert!(
         report.refused.is_empty() && report.errors.is_empty(),
@@ -107,7 +110,7 @@ async fn start_with(audit: Option<AuditLog>) -> Server {
         registry,
         auth,
         audit,
-        executor: Arc::new(UnsandboxedProcessExecutor),
+        executor: Arc::new(executor),
         metrics: Metrics::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -194,6 +197,7 @@ fn events<'a>(records: &'a [Value], event: &str) -> Vec<&'a Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guide_security_tests_over_http() {
+    require_root!();
     let s = start().await;
 
     let (status, body) = s
@@ -343,6 +347,7 @@ async fn guide_security_tests_over_http() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seventy_rapid_calls_against_sixty_per_minute_see_exactly_ten_429s() {
+    require_root!();
     let s = start().await;
     let mut limited = 0;
     for _ in 0..70 {
@@ -393,6 +398,7 @@ async fn seventy_rapid_calls_against_sixty_per_minute_see_exactly_ten_429s() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_input_gets_problem_json_and_the_runner_keeps_serving() {
+    require_root!();
     let s = start().await;
     let tool = "user-profile-update";
     let deep = format!("{{\"path\":{}{}}}", "[".repeat(10_000), "]".repeat(10_000));
@@ -485,6 +491,7 @@ async fn hostile_input_gets_problem_json_and_the_runner_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tool_failures_are_generic_and_secrets_never_leave() {
+    require_root!();
     let s = start().await;
     let (status, body) = s
         .invoke("echo", Some(ALICE_TOKEN), json!({"mode": "fail"}))
@@ -500,6 +507,14 @@ async fn tool_failures_are_generic_and_secrets_never_leave() {
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["output"], "token=[REDACTED]\n");
+    let (status, body) = s
+        .invoke("echo", Some(ALICE_TOKEN), json!({"mode": "file"}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body["output"], "file=[REDACTED]\n",
+        "the file secret was mounted"
+    );
 
     let records = s.audit();
     assert!(
@@ -512,7 +527,9 @@ async fn tool_failures_are_generic_and_secrets_never_leave() {
     assert_eq!(finished[0]["stderr"], "internal path /srv/x [REDACTED]\n");
     assert_eq!(finished[1]["timedOut"], true);
     // Every started call has its finish, right after it.
-    assert_eq!(events(&records, "started").len(), 3);
+    assert_eq!(events(&records, "started").len(), 4);
+    // Every run says what enforced its limits.
+    assert_eq!(finished[0]["enforcement"]["seccomp"], true);
 }
 
 struct BrokenSink;
@@ -527,6 +544,7 @@ impl std::io::Write for BrokenSink {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_audit_sink_refuses_calls() {
+    require_root!();
     let s = start_with(Some(AuditLog::to_writer(Box::new(BrokenSink), "broken"))).await;
     for _ in 0..2 {
         let (status, body) = s
@@ -549,6 +567,7 @@ async fn a_failing_audit_sink_refuses_calls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mcp_initialize_list_and_call() {
+    require_root!();
     let s = start().await;
     let init = s
         .mcp(
@@ -659,6 +678,7 @@ async fn mcp_initialize_list_and_call() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_lists_tools_and_metrics_count_calls() {
+    require_root!();
     let s = start().await;
     let list: Value = s
         .http

@@ -16,6 +16,7 @@
 
 pub mod detect;
 pub mod executor;
+pub mod mountpoint;
 pub mod netlo;
 pub mod output;
 pub mod pool;

@@ -18,7 +18,7 @@ use serde_json::Value;
 use crate::sandbox::detect::{CGROUP_PARENT, CgroupMode, HostReport};
 use crate::sandbox::executor::LateExecutor;
 use crate::sandbox::proto::{self, ExitInfo, FromZygote, ToZygote};
-use crate::sandbox::{Enforcement, Error, Result, netlo, seal, seccomp, spec, sweep};
+use crate::sandbox::{Enforcement, Error, Result, mountpoint, netlo, seal, seccomp, spec, sweep};
 
 /// Fd number of the runner socket in the zygote.
 pub const ZYGOTE_SOCK_FD: RawFd = 3;
@@ -101,12 +101,15 @@ fn run(sock: BorrowedFd<'_>, seal_err: Option<std::io::Error>) -> Result<()> {
         match msg {
             ToZygote::CreatePool { pool, spec: sspec } => {
                 let userns_why = host.userns_unusable_for(&sspec);
-                let reply = match spec::build(&sspec, &host, userns_why.is_none()).and_then(|v| {
-                    // Validate once here rather than failing in every keeper.
-                    serde_json::from_value::<Spec>(v.clone())
-                        .map_err(|e| Error::Invalid(format!("OCI spec: {e}")))?;
-                    Ok(v)
-                }) {
+                let reply = match mountpoint::ensure(&sspec)
+                    .map_err(|e| Error::Invalid(format!("mount targets: {e}")))
+                    .and_then(|()| spec::build(&sspec, &host, userns_why.is_none()))
+                    .and_then(|v| {
+                        // Validate once here rather than failing in every keeper.
+                        serde_json::from_value::<Spec>(v.clone())
+                            .map_err(|e| Error::Invalid(format!("OCI spec: {e}")))?;
+                        Ok(v)
+                    }) {
                     Ok(v) => {
                         pools.insert(
                             pool,

@@ -5,6 +5,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use toolwarden::runner::images::{ImageStore, entry_name};
+use toolwarden::runner::sandbox_executor::{SandboxExecutor, VolumesDir};
 use toolwarden::sandbox::{
     EngineConfig, Invocation, Limits, Outcome, Pool, SandboxSpec, Sandboxes,
 };
@@ -47,12 +49,23 @@ impl Rootfs {
 }
 
 pub fn busybox_rootfs() -> Rootfs {
+    let dir = world_traversable_tempdir();
+    build_busybox_rootfs(&dir.path().join("rootfs"));
+    Rootfs { dir }
+}
+
+/// A temporary folder a user-namespaced sandbox can reach (mode 0755).
+pub fn world_traversable_tempdir() -> tempfile::TempDir {
     let dir = tempfile::Builder::new()
-        .prefix("tw-rootfs")
+        .prefix("tw-test")
         .tempdir()
         .unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let root = dir.path().join("rootfs");
+    dir
+}
+
+/// Writes a static busybox root file system into `root`.
+pub fn build_busybox_rootfs(root: &Path) {
     for d in ["bin", "proc", "dev", "sys", "tmp", "etc", "mnt", "work"] {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
@@ -78,7 +91,6 @@ pub fn busybox_rootfs() -> Rootfs {
             std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
     }
-    Rootfs { dir }
 }
 
 fn walk(p: &Path) -> Vec<PathBuf> {
@@ -119,6 +131,25 @@ pub fn config() -> EngineConfig {
 
 pub fn engine() -> Sandboxes {
     Sandboxes::start(&config()).expect("start sandbox engine")
+}
+
+/// The runner's real executor on a fresh engine, and an image store holding
+/// the busybox root file system under the examples' image reference.
+pub fn runner_sandbox(dir: &Path) -> (SandboxExecutor, ImageStore) {
+    // The examples' file tool mounts this claim.
+    std::fs::create_dir_all(dir.join("volumes/pvc/agent-workspace")).unwrap();
+    let images = dir.join("images");
+    build_busybox_rootfs(&images.join(entry_name("docker.io/library/busybox:1.36.1")));
+    let executor = SandboxExecutor::new(
+        engine(),
+        VolumesDir(Some(dir.join("volumes"))),
+        dir.join("secret-files"),
+    );
+    let store = ImageStore {
+        dir: images,
+        cache: dir.join("image-cache"),
+    };
+    (executor, store)
 }
 
 pub fn limits() -> Limits {
