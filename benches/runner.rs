@@ -1,12 +1,23 @@
-//! Runner performance: the pipeline alone (no sandbox), end-to-end HTTP calls
-//! of a trivial tool, and idle RSS of `toolwarden serve`. Prints figures;
-//! targets: pipeline median <= 100 us, >= 300 calls/s, p99 <= 10 ms at 100
-//! calls/s, idle RSS <= 20 MB.
+//! Runner performance, `cargo bench --bench runner` (root needed for the sandboxed columns).
 //!
-//! End-to-end figures use the *unsandboxed* process executor until the
-//! sandbox engine is wired in; rerun them then.
+//! Measures, and prints side by side with targets:
+//! - the pipeline alone (auth, validation, sanitising, rate limit, audit to a file) with an
+//!   executor that answers at once: target median <= 100 us;
+//! - end-to-end HTTP calls of a trivial tool (`/bin/echo {}`) through the REST endpoint:
+//!   throughput with 8 concurrent callers over N calls (target >= 300 calls/s) and p50/p99
+//!   latency at a fixed offered rate of 100 calls/s, open loop, latency counted from each
+//!   call's scheduled start (target p99 <= 10 ms). Three executors: the unsandboxed process
+//!   executor (the baseline, no isolation) and the real `SandboxExecutor` (a fresh youki
+//!   sandbox per call) with the default warm pool (2) and a larger one (8);
+//! - idle RSS of the `toolwarden serve` process: target <= 20 MB.
+//!
+//! Environment: `BENCH_N` calls for throughput (default 2000), `BENCH_RATE_SECS` seconds at
+//! 100 calls/s (default 10), `RUST_LOG` for engine logs (default `warn`).
 
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use toolwarden::runner::audit::AuditLog;
@@ -14,11 +25,18 @@ use toolwarden::runner::auth::Authenticator;
 use toolwarden::runner::executor::{
     ExecFuture, ExecOutcome, SecretDelivery, ToolExecutor, UnsandboxedProcessExecutor,
 };
+use toolwarden::runner::images::{ImageStore, entry_name};
 use toolwarden::runner::metrics::Metrics;
 use toolwarden::runner::pipeline::{CallContext, Runner};
 use toolwarden::runner::ratelimit::LimiterClock;
 use toolwarden::runner::registry::{PreparedTool, Registry, SecretsDir};
+use toolwarden::runner::sandbox_executor::{SandboxExecutor, VolumesDir};
+use toolwarden::sandbox::{EngineConfig, Sandboxes};
 
+const IMAGE: &str = "docker.io/library/busybox:1.36.1";
+const BUSYBOX: &str = "/bin/busybox";
+
+/// The trivial tool; `{sandbox}` is replaced by its `spec.sandbox` block.
 const TOOL: &str = r#"
 apiVersion: toolwarden.dev/v1alpha1
 kind: AgentTool
@@ -39,7 +57,35 @@ spec:
     image: docker.io/library/busybox:1.36.1
     command: [/bin/echo, "{}"]
   rateLimit: {requestsPerMinute: 1000000}
-"#;
+{sandbox}"#;
+
+const BODY: &[u8] = br#"{"name":" Ada Lovelace ","email":"ada@example.com"}"#;
+
+/// Concurrent callers in the throughput run.
+const CONCURRENCY: usize = 8;
+/// Offered rate of the latency run.
+const RATE_PER_SEC: u64 = 100;
+
+const TARGET_PIPELINE: Duration = Duration::from_micros(100);
+const TARGET_THROUGHPUT: f64 = 300.0;
+const TARGET_P99: Duration = Duration::from_millis(10);
+const TARGET_RSS_KB: u64 = 20 * 1024;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The tool manifest with `spec.sandbox.warmPool` (None: the default).
+fn tool_yaml(warm_pool: Option<u32>) -> String {
+    let sandbox = match warm_pool {
+        Some(n) => format!("  sandbox: {{warmPool: {n}}}\n"),
+        None => String::new(),
+    };
+    TOOL.replace("{sandbox}", &sandbox)
+}
 
 /// Answers at once, so the pipeline's own cost is measured.
 struct Instant0;
@@ -63,31 +109,53 @@ impl ToolExecutor for Instant0 {
     }
 }
 
-fn runner(dir: &std::path::Path, executor: Arc<dyn ToolExecutor>) -> Arc<Runner> {
-    std::fs::write(dir.join("trivial.yaml"), TOOL).unwrap();
-    let registry = Arc::new(Registry::new(LimiterClock::real(), SecretsDir::default()));
-    let report = registry.load(&[dir.join("trivial.yaml")]);
+/// A runner serving the trivial tool from `dir/<name>.yaml`, resolving images from `images`.
+fn runner(
+    dir: &Path,
+    name: &str,
+    yaml: &str,
+    images: Option<ImageStore>,
+    executor: Arc<dyn ToolExecutor>,
+) -> Arc<Runner> {
+    let manifest = dir.join(format!("{name}.yaml"));
+    std::fs::write(&manifest, yaml).unwrap();
+    let mut registry = Registry::new(LimiterClock::real(), SecretsDir::default());
+    if let Some(images) = images {
+        registry = registry.with_images(images);
+    }
+    let report = registry.load(&[manifest]);
     assert_eq!(report.served, ["trivial"], "{report:?}");
     Arc::new(Runner {
-        registry,
+        registry: Arc::new(registry),
         auth: Authenticator {
             allow_anonymous: true,
             ..Authenticator::default()
         },
-        audit: AuditLog::open_file(&dir.join("audit.log")).unwrap(),
+        audit: AuditLog::open_file(&dir.join(format!("{name}-audit.log"))).unwrap(),
         executor,
         metrics: Metrics::default(),
     })
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p) as usize]
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-const BODY: &[u8] = br#"{"name":" Ada Lovelace ","email":"ada@example.com"}"#;
+fn fmt_dur(d: Duration) -> String {
+    if d < Duration::from_millis(1) {
+        format!("{:.1} us", d.as_secs_f64() * 1e6)
+    } else {
+        format!("{:.2} ms", d.as_secs_f64() * 1e3)
+    }
+}
 
-async fn pipeline_only(dir: &std::path::Path) {
-    let runner = runner(dir, Arc::new(Instant0));
+struct PipelineStats {
+    median: Duration,
+    p99: Duration,
+}
+
+async fn pipeline_only(dir: &Path) -> PipelineStats {
+    let runner = runner(dir, "pipeline", &tool_yaml(None), None, Arc::new(Instant0));
     let ctx = CallContext {
         transport: "bench",
         ..CallContext::default()
@@ -99,122 +167,662 @@ async fn pipeline_only(dir: &std::path::Path) {
         times.push(start.elapsed());
     }
     times.sort();
-    println!(
-        "pipeline without sandbox (audit to a file): median {:?}, p99 {:?}  (target: median <= 100 us)",
-        percentile(&times, 0.5),
-        percentile(&times, 0.99)
-    );
+    PipelineStats {
+        median: percentile(&times, 0.5),
+        p99: percentile(&times, 0.99),
+    }
 }
 
-async fn http(dir: &std::path::Path) {
-    let runner = runner(dir, Arc::new(UnsandboxedProcessExecutor));
+/// End-to-end figures of one executor.
+#[derive(Default)]
+struct EndToEnd {
+    calls: usize,
+    throughput: f64,
+    /// Latency at the fixed rate, sorted.
+    latencies: Vec<Duration>,
+    /// Calls (of both runs) that did not answer 2xx, and the first such answer.
+    failures: usize,
+    first_failure: Option<String>,
+    /// Calls that ran late in the open-loop run because the client fell behind (> 1 ms).
+    late_starts: usize,
+}
+
+/// One HTTP call; Ok(()) on 2xx, Err(description) otherwise.
+async fn call(client: &reqwest::Client, url: &str) -> Result<(), String> {
+    let response = client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(BODY)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    let body = response.bytes().await.map_err(|e| e.to_string())?;
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("{status}: {}", String::from_utf8_lossy(&body)))
+    }
+}
+
+/// Serves `runner` on a loopback port and measures it; the server stops afterwards.
+/// `before_run` is awaited before each measured run (e.g. to let warm pools refill).
+async fn end_to_end<F, Fut>(
+    runner: Arc<Runner>,
+    n: usize,
+    rate_secs: u64,
+    before_run: F,
+) -> EndToEnd
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!(
         "http://{}/v1/tools/trivial/invoke",
         listener.local_addr().unwrap()
     );
-    tokio::spawn(toolwarden::runner::rest::serve(
-        listener,
-        runner,
-        std::future::pending(),
-    ));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(toolwarden::runner::rest::serve(listener, runner, async {
+        let _ = stopped.await;
+    }));
     let client = reqwest::Client::new();
-    let call = |client: reqwest::Client, url: String| async move {
-        let start = Instant::now();
-        let response = client
-            .post(&url)
-            .header("content-type", "application/json")
-            .body(BODY)
-            .send()
-            .await
-            .unwrap();
-        assert!(response.status().is_success());
-        response.bytes().await.unwrap();
-        start.elapsed()
+    let failures = Arc::new(AtomicUsize::new(0));
+    let first_failure = Arc::new(std::sync::Mutex::new(None::<String>));
+    let record = {
+        let (failures, first_failure) = (failures.clone(), first_failure.clone());
+        move |r: Result<(), String>| {
+            if let Err(e) = r {
+                failures.fetch_add(1, Ordering::Relaxed);
+                first_failure.lock().unwrap().get_or_insert(e);
+            }
+        }
     };
-    // Throughput: 8 concurrent callers for 3 s.
-    let deadline = Instant::now() + Duration::from_secs(3);
-    let workers: Vec<_> = (0..8)
+    // Warm-up: connections, lazily created state, the first sandboxes.
+    for _ in 0..20 {
+        record(call(&client, &url).await);
+    }
+
+    // Throughput: CONCURRENCY callers share N calls.
+    before_run().await;
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let workers: Vec<_> = (0..CONCURRENCY)
         .map(|_| {
-            let (client, url) = (client.clone(), url.clone());
+            let (client, url, next, record) =
+                (client.clone(), url.clone(), next.clone(), record.clone());
             tokio::spawn(async move {
-                let mut n = 0u32;
-                while Instant::now() < deadline {
-                    call(client.clone(), url.clone()).await;
-                    n += 1;
+                while next.fetch_add(1, Ordering::Relaxed) < n {
+                    record(call(&client, &url).await);
                 }
-                n
             })
         })
         .collect();
-    let mut total = 0;
     for w in workers {
-        total += w.await.unwrap();
+        w.await.unwrap();
     }
-    println!(
-        "end-to-end throughput (8 concurrent, unsandboxed processes): {:.0} calls/s  (target >= 300)",
-        f64::from(total) / 3.0
-    );
-    // Latency at a fixed 100 calls/s for 3 s.
-    let mut ticker = tokio::time::interval(Duration::from_millis(10));
-    let mut pending = Vec::new();
-    for _ in 0..300 {
-        ticker.tick().await;
-        pending.push(tokio::spawn(call(client.clone(), url.clone())));
-    }
-    let mut times = Vec::new();
+    let throughput = n as f64 / start.elapsed().as_secs_f64();
+
+    // Latency at a fixed offered rate, open loop: call i is due at t0 + i/RATE whatever
+    // the previous calls do, and its latency counts from then (no coordinated omission).
+    before_run().await;
+    let count = (RATE_PER_SEC * rate_secs) as usize;
+    let period = Duration::from_nanos(1_000_000_000 / RATE_PER_SEC);
+    let t0 = tokio::time::Instant::now() + Duration::from_millis(50);
+    let late = Arc::new(AtomicUsize::new(0));
+    let pending: Vec<_> = (0..count)
+        .map(|i| {
+            let (client, url, record, late) =
+                (client.clone(), url.clone(), record.clone(), late.clone());
+            let due = t0 + period * i as u32;
+            tokio::spawn(async move {
+                tokio::time::sleep_until(due).await;
+                if due.elapsed() > Duration::from_millis(1) {
+                    late.fetch_add(1, Ordering::Relaxed);
+                }
+                record(call(&client, &url).await);
+                due.elapsed()
+            })
+        })
+        .collect();
+    let mut latencies = Vec::with_capacity(count);
     for p in pending {
-        times.push(p.await.unwrap());
+        latencies.push(p.await.unwrap());
     }
-    times.sort();
-    println!(
-        "end-to-end latency at 100 calls/s: p50 {:?}, p99 {:?}  (target p99 <= 10 ms)",
-        percentile(&times, 0.5),
-        percentile(&times, 0.99)
+    latencies.sort();
+
+    drop(client);
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+    let first_failure = first_failure.lock().unwrap().take();
+    EndToEnd {
+        calls: n,
+        throughput,
+        latencies,
+        failures: failures.load(Ordering::Relaxed),
+        first_failure,
+        late_starts: late.load(Ordering::Relaxed),
+    }
+}
+
+/// Containers in `state_root` (libcontainer state dirs `tw-<zygote>-<seq>`): parked ones plus
+/// any still being built or running.
+fn containers(state_root: &Path) -> usize {
+    std::fs::read_dir(state_root).map_or(0, |rd| {
+        rd.flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("tw-"))
+            .count()
+    })
+}
+
+/// Waits until the engine is idle with `warm` containers parked (at most 30 s): the number
+/// of containers must reach `warm` and stay unchanged for 300 ms.
+async fn wait_warm(state_root: &Path, warm: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut stable_since = Instant::now();
+    let mut last = usize::MAX;
+    while Instant::now() < deadline {
+        let now = containers(state_root);
+        if now != last {
+            last = now;
+            stable_since = Instant::now();
+        }
+        if now >= warm && stable_since.elapsed() >= Duration::from_millis(300) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "warning: warm pool did not settle at {warm} within 30 s ({last} containers in {})",
+        state_root.display()
     );
 }
 
-fn idle_rss(dir: &std::path::Path) {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_toolwarden"))
-        .args([
-            "serve",
-            "--unsandboxed-dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--audit-log",
-        ])
-        .arg(dir.join("idle-audit.log"))
-        .arg(dir.join("trivial.yaml"))
+/// A folder a user-namespaced sandbox can traverse (0755, and so are its ancestors).
+fn world_traversable(path: &Path) {
+    std::fs::create_dir_all(path).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// Writes a static busybox root file system into `root` (as tests/common does).
+fn build_busybox_rootfs(root: &Path) {
+    for d in ["bin", "proc", "dev", "sys", "tmp", "etc", "mnt", "work"] {
+        world_traversable(&root.join(d));
+    }
+    world_traversable(root);
+    std::fs::copy(BUSYBOX, root.join("bin/busybox")).unwrap();
+    let list = std::process::Command::new(BUSYBOX)
+        .arg("--list")
+        .output()
+        .unwrap();
+    for applet in String::from_utf8(list.stdout).unwrap().lines() {
+        if applet != "busybox" {
+            let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(applet));
+        }
+    }
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0::/:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
+}
+
+/// Why the sandboxed figures cannot be taken here, if they cannot.
+fn sandbox_unavailable() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("not running as root (the sandbox engine needs root)".into());
+    }
+    if !Path::new(BUSYBOX).is_file() {
+        return Some(format!(
+            "{BUSYBOX} is missing (install busybox-static for the tool's root file system)"
+        ));
+    }
+    None
+}
+
+/// The toolwarden binary (the zygote is this binary re-executed). Cargo builds it for
+/// benches and passes its path in CARGO_BIN_EXE_toolwarden.
+fn toolwarden_exe() -> Result<PathBuf, String> {
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_toolwarden"));
+    if exe.is_file() {
+        Ok(exe)
+    } else {
+        Err(format!(
+            "{} is missing (build it with `cargo build --release`)",
+            exe.display()
+        ))
+    }
+}
+
+/// A unique sandbox state root under /run, removed on drop (the zygote removes it on a clean
+/// shutdown; this is the backstop).
+struct StateRoot(PathBuf);
+
+impl StateRoot {
+    fn new(tag: &str) -> StateRoot {
+        StateRoot(PathBuf::from(format!(
+            "/run/tw-bench-{}-{tag}",
+            std::process::id()
+        )))
+    }
+}
+
+impl Drop for StateRoot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The end-to-end figures of the real sandbox executor with `warm_pool` (None: default 2).
+async fn sandboxed(
+    dir: &Path,
+    images: &Path,
+    warm_pool: Option<u32>,
+    n: usize,
+    rate_secs: u64,
+) -> Result<(EndToEnd, String), String> {
+    let tag = format!(
+        "wp{}",
+        warm_pool.map_or("default".into(), |n| n.to_string())
+    );
+    let state = StateRoot::new(&tag);
+    let mut cfg = EngineConfig::new(toolwarden_exe()?);
+    cfg.state_root = state.0.clone();
+    let engine = Sandboxes::start(&cfg).map_err(|e| format!("sandbox engine: {e}"))?;
+    let scratch = dir.join(format!("{tag}-secret-files"));
+    let executor = Arc::new(SandboxExecutor::new(engine, VolumesDir(None), scratch));
+    let isolation = executor.isolation();
+    let store = ImageStore {
+        dir: images.to_path_buf(),
+        cache: dir.join("image-cache"),
+    };
+    let runner = runner(
+        dir,
+        &tag,
+        &tool_yaml(warm_pool),
+        Some(store),
+        executor.clone(),
+    );
+    let tools: Vec<_> = runner.registry.snapshot().values().cloned().collect();
+    let errors = executor
+        .prepare(&tools)
+        .await
+        .map_err(|e| format!("prepare: {e}"))?;
+    if !errors.is_empty() {
+        return Err(format!("prepare: {}", errors.join("; ")));
+    }
+    let warm = tools[0].spec.sandbox.warm_pool as usize;
+    wait_warm(&state.0, warm).await;
+    let root = state.0.clone();
+    let figures = end_to_end(runner, n, rate_secs, || wait_warm(&root, warm)).await;
+    // The server is stopped; dropping the last executor stops the zygote, which removes the
+    // state root.
+    drop(executor);
+    Ok((figures, isolation))
+}
+
+/// RSS of a process in KiB, from /proc.
+fn rss_kb(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Direct children of a process.
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+                .flat_map(|c| {
+                    c.split_whitespace()
+                        .filter_map(|p| p.parse().ok())
+                        .collect::<Vec<u32>>()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+struct IdleRss {
+    serve_kb: u64,
+    /// The zygote (sandboxed serve only).
+    zygote_kb: Option<u64>,
+}
+
+/// Idle RSS of `toolwarden serve` on the trivial tool with `warm_pool`, measured 1.5 s after
+/// its banner (the warm pool is filled by then). `sandbox`: (images folder, state dir) or None for
+/// `--unsandboxed-dev`.
+fn idle_rss(
+    dir: &Path,
+    warm_pool: Option<u32>,
+    sandbox: Option<(&Path, &Path)>,
+) -> Result<IdleRss, String> {
+    use std::io::BufRead;
+    let tool_dir = dir.join("idle-tools");
+    std::fs::create_dir_all(&tool_dir).unwrap();
+    std::fs::write(tool_dir.join("trivial.yaml"), tool_yaml(warm_pool)).unwrap();
+    let mut cmd = std::process::Command::new(toolwarden_exe()?);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--audit-log"])
+        .arg(dir.join("idle-audit.log"));
+    match sandbox {
+        Some((images, state)) => {
+            cmd.arg("--images")
+                .arg(images)
+                .arg("--image-cache")
+                .arg(dir.join("idle-image-cache"))
+                .arg("--state-dir")
+                .arg(state);
+        }
+        None => {
+            cmd.arg("--unsandboxed-dev");
+        }
+    }
+    let mut child = cmd
+        .arg(tool_dir.join("trivial.yaml"))
+        .env("RUST_LOG", "warn")
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .unwrap();
-    // Wait for the banner's last line, then measure.
-    use std::io::BufRead;
-    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    for line in stderr.lines() {
-        if line.unwrap().trim_start().starts_with("audit:") {
+        .map_err(|e| format!("toolwarden serve: {e}"))?;
+    // Wait for the banner's last line, then keep draining stderr so it never blocks.
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut banner = Vec::new();
+    let mut ready = false;
+    for line in stderr.by_ref() {
+        let Ok(line) = line else { break };
+        ready = line.trim_start().starts_with("audit:");
+        banner.push(line);
+        if ready {
             break;
         }
     }
-    let status =
-        std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
-    let rss = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .unwrap_or("VmRSS: unknown")
-        .to_string();
-    println!("idle `toolwarden serve` {rss}  (target <= 20 MB)");
+    std::thread::spawn(move || for _ in stderr {});
+    let result = if ready {
+        std::thread::sleep(Duration::from_millis(1500));
+        let pid = child.id();
+        let zygote = children(pid).into_iter().find(|c| {
+            std::fs::read(format!("/proc/{c}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"sandbox-zygote"))
+        });
+        match rss_kb(pid) {
+            Some(serve_kb) => Ok(IdleRss {
+                serve_kb,
+                zygote_kb: zygote.and_then(rss_kb),
+            }),
+            None => Err("no VmRSS in /proc".into()),
+        }
+    } else {
+        Err(format!(
+            "serve did not start: {}",
+            banner.last().map_or("(no output)", String::as_str)
+        ))
+    };
+    // SIGTERM: a clean shutdown, so the zygote removes its state.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let _ = child.kill();
     let _ = child.wait();
+    result
+}
+
+/// One column of the end-to-end table.
+struct Column {
+    title: String,
+    /// None: skipped or failed, with the reason.
+    figures: Result<EndToEnd, String>,
+    rss: Result<IdleRss, String>,
+    /// Whether the targets are judged on this column (the baseline is not).
+    judged: bool,
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "NOT met" }
+}
+
+fn print_table(pipeline: &PipelineStats, columns: &[Column]) {
+    let w0 = 34;
+    let w = 24;
+    let mut header = format!("{:w0$}", "measurement");
+    for c in columns {
+        header += &format!(" | {:>w$}", c.title);
+    }
+    header += " | target           | verdict (sandboxed columns)";
+    println!("{header}");
+    println!("{}", "-".repeat(header.len()));
+
+    type Cell = Box<dyn Fn(&EndToEnd) -> (String, Option<bool>)>;
+    let rows: Vec<(&str, &str, Cell)> = vec![
+        (
+            "throughput, 8 concurrent",
+            ">= 300 calls/s",
+            Box::new(|e: &EndToEnd| {
+                (
+                    format!("{:.0} calls/s", e.throughput),
+                    Some(e.throughput >= TARGET_THROUGHPUT),
+                )
+            }),
+        ),
+        (
+            "latency p50 at 100 calls/s",
+            "-",
+            Box::new(|e: &EndToEnd| (fmt_dur(percentile(&e.latencies, 0.5)), None)),
+        ),
+        (
+            "latency p99 at 100 calls/s",
+            "<= 10 ms",
+            Box::new(|e: &EndToEnd| {
+                let p99 = percentile(&e.latencies, 0.99);
+                (fmt_dur(p99), Some(p99 <= TARGET_P99))
+            }),
+        ),
+        (
+            "latency max at 100 calls/s",
+            "-",
+            Box::new(|e: &EndToEnd| (fmt_dur(*e.latencies.last().unwrap()), None)),
+        ),
+        (
+            "failed calls (all runs)",
+            "0",
+            Box::new(|e: &EndToEnd| {
+                (
+                    format!("{} of {}", e.failures, e.calls + e.latencies.len() + 20),
+                    Some(e.failures == 0),
+                )
+            }),
+        ),
+    ];
+    for (name, target, cell) in &rows {
+        let mut line = format!("{name:w0$}");
+        let mut verdicts = Vec::new();
+        for c in columns {
+            let text = match &c.figures {
+                Ok(e) => {
+                    let (text, met) = cell(e);
+                    if let (true, Some(met)) = (c.judged, met) {
+                        verdicts.push(format!("{}: {}", c.title.trim(), verdict(met)));
+                    }
+                    text
+                }
+                Err(_) => {
+                    if c.judged && *target != "-" {
+                        verdicts.push(format!("{}: not measured", c.title.trim()));
+                    }
+                    "SKIPPED".into()
+                }
+            };
+            line += &format!(" | {text:>w$}");
+        }
+        line += &format!(" | {target:16} | {}", verdicts.join(", "));
+        println!("{line}");
+    }
+
+    // Idle RSS of the serve process.
+    let mut line = format!("{:w0$}", "idle RSS of `toolwarden serve`");
+    let mut verdicts = Vec::new();
+    for c in columns {
+        let text = match &c.rss {
+            Ok(r) => {
+                if c.judged {
+                    verdicts.push(format!(
+                        "{}: {}",
+                        c.title.trim(),
+                        verdict(r.serve_kb <= TARGET_RSS_KB)
+                    ));
+                }
+                format!("{:.1} MB", r.serve_kb as f64 / 1024.0)
+            }
+            Err(_) => "SKIPPED".into(),
+        };
+        line += &format!(" | {text:>w$}");
+    }
+    line += &format!(" | {:16} | {}", "<= 20 MB", verdicts.join(", "));
+    println!("{line}");
+    let mut line = format!("{:w0$}", "  + its sandbox zygote (not judged)");
+    for c in columns {
+        let text = match &c.rss {
+            Ok(IdleRss {
+                zygote_kb: Some(kb),
+                ..
+            }) => format!("{:.1} MB", *kb as f64 / 1024.0),
+            _ => "-".into(),
+        };
+        line += &format!(" | {text:>w$}");
+    }
+    println!("{line} | {:16} |", "-");
+
+    // The pipeline alone: one figure, the executor does not take part.
+    println!(
+        "{:w0$} | {:>w$} | {:16} | {}",
+        "pipeline alone, median (no HTTP)",
+        fmt_dur(pipeline.median),
+        "<= 100 us",
+        verdict(pipeline.median <= TARGET_PIPELINE)
+    );
+    println!(
+        "{:w0$} | {:>w$} | {:16} |",
+        "pipeline alone, p99 (no HTTP)",
+        fmt_dur(pipeline.p99),
+        "-"
+    );
 }
 
 fn main() {
-    let dir = tempfile::tempdir().unwrap();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let n = env_or("BENCH_N", 2000) as usize;
+    let rate_secs = env_or("BENCH_RATE_SECS", 10);
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    // World-traversable: user-namespaced sandboxes must reach the image root file system.
+    let dir = tempfile::Builder::new()
+        .prefix("tw-bench")
+        .tempdir()
+        .unwrap();
+    world_traversable(dir.path());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(pipeline_only(dir.path()));
-    rt.block_on(http(dir.path()));
-    idle_rss(dir.path());
+
+    println!(
+        "toolwarden runner bench: {cores} cores, throughput over {n} calls with {CONCURRENCY} \
+         concurrent callers, latency over {} calls offered at {RATE_PER_SEC} calls/s (open loop); \
+         client, runner and sandboxes share this machine",
+        RATE_PER_SEC * rate_secs
+    );
+    let pipeline = rt.block_on(pipeline_only(dir.path()));
+
+    let baseline_runner = runner(
+        dir.path(),
+        "baseline",
+        &tool_yaml(None),
+        None,
+        Arc::new(UnsandboxedProcessExecutor),
+    );
+    let baseline = rt.block_on(end_to_end(baseline_runner, n, rate_secs, || async {}));
+    let mut columns = vec![Column {
+        title: "unsandboxed (baseline)".into(),
+        figures: Ok(baseline),
+        rss: idle_rss(dir.path(), None, None),
+        judged: false,
+    }];
+
+    let skip = sandbox_unavailable();
+    let images = dir.path().join("images");
+    if skip.is_none() {
+        world_traversable(&images);
+        build_busybox_rootfs(&images.join(entry_name(IMAGE)));
+    }
+    let mut isolation = None;
+    for warm_pool in [None, Some(8)] {
+        let title = format!("sandbox warmPool={}", warm_pool.unwrap_or(2));
+        let (figures, rss) = match &skip {
+            Some(why) => (Err(why.clone()), Err(why.clone())),
+            None => {
+                let figures = rt.block_on(sandboxed(dir.path(), &images, warm_pool, n, rate_secs));
+                let figures = figures.map(|(f, iso)| {
+                    isolation.get_or_insert(iso);
+                    f
+                });
+                let state = StateRoot::new("serve");
+                let rss = idle_rss(dir.path(), warm_pool, Some((&images, &state.0)));
+                (figures, rss)
+            }
+        };
+        columns.push(Column {
+            title,
+            figures,
+            rss,
+            judged: true,
+        });
+    }
+
+    println!();
+    print_table(&pipeline, &columns);
+    println!();
+    if let Some(why) = &skip {
+        println!("sandboxed columns SKIPPED: {why}");
+    }
+    for c in &columns {
+        match &c.figures {
+            Ok(e) => {
+                if let Some(f) = &e.first_failure {
+                    println!("{}: first failed call: {f}", c.title);
+                }
+                if e.late_starts > 0 {
+                    println!(
+                        "{}: {} calls of the fixed-rate run started > 1 ms late (client behind)",
+                        c.title, e.late_starts
+                    );
+                }
+            }
+            Err(why) if skip.is_none() => println!("{}: FAILED: {why}", c.title),
+            Err(_) => {}
+        }
+        if let Err(why) = &c.rss
+            && skip.is_none()
+        {
+            println!("{}: idle RSS FAILED: {why}", c.title);
+        }
+    }
+    if let Some(iso) = isolation {
+        println!("sandbox isolation: {iso}");
+    }
 }

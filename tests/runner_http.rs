@@ -284,14 +284,15 @@ async fn guide_security_tests_over_http() {
             .unwrap()
             .starts_with("approval-")
     );
-    let (status, _) = s
+    let (status, body) = s
         .invoke(
             "file-operation",
             Some(ALICE_TOKEN),
-            json!({"operation": "read", "path": "/workspace/a.txt"}),
+            json!({"operation": "read", "path": "/workspace/notes.txt"}),
         )
         .await;
-    assert_eq!(status, StatusCode::OK);
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["output"], "remember the milk\n");
 
     let records = s.audit();
     let denied: Vec<&str> = events(&records, "denied")
@@ -530,6 +531,46 @@ async fn tool_failures_are_generic_and_secrets_never_leave() {
     assert_eq!(events(&records, "started").len(), 4);
     // Every run says what enforced its limits.
     assert_eq!(finished[0]["enforcement"]["seccomp"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escapes_through_execute_code_are_contained() {
+    require_root!();
+    let s = start().await;
+    let run = |code: String| {
+        let s = &s;
+        async move {
+            s.invoke("execute-code", Some(ALICE_TOKEN), json!({ "code": code }))
+                .await
+        }
+    };
+    let listener = s.base.trim_start_matches("http://").to_string();
+    let (status, body) = run(format!(
+        "echo x > /bin/x || echo rootfs-read-only; \
+         mount -t proc proc /tmp 2>/dev/null || echo no-mount; \
+         wget -q -O- -T 1 http://{listener}/healthz || echo no-network; \
+         env; cat /proc/1/environ; id -u"
+    ))
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let output = body["output"].as_str().unwrap();
+    for expected in ["rootfs-read-only", "no-mount", "no-network", "65534"] {
+        assert!(output.contains(expected), "{expected} missing: {output}");
+    }
+    // The runner's own environment (cargo sets CARGO_* for tests) never reaches a tool.
+    assert!(!output.contains("CARGO"), "{output}");
+
+    let (status, _) = run(":(){ :|:& };:".into()).await;
+    assert!(status.is_server_error(), "a fork bomb fails: {status}");
+    let (status, _) = run("while :; do :; done".into()).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "a busy loop is killed");
+    let (status, body) = run("echo still serving".into()).await;
+    assert_eq!(
+        (status, body["output"].as_str()),
+        (StatusCode::OK, Some("still serving\n"))
+    );
+    let finished = events(&s.audit(), "finished").len();
+    assert_eq!(finished, 4, "every run is audited");
 }
 
 struct BrokenSink;

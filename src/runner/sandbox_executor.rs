@@ -74,12 +74,14 @@ impl SandboxExecutor {
     }
 
     async fn create_pool(&self, tool: &PreparedTool) -> Result<Arc<ToolPool>, String> {
-        let rootfs = tool.rootfs.clone().ok_or_else(|| {
+        let rootfs = tool.rootfs.as_ref().ok_or_else(|| {
             format!(
                 "no root file system for image {:?} (pass --images)",
                 tool.spec.runtime.image
             )
         })?;
+        let rootfs =
+            std::fs::canonicalize(rootfs).map_err(|e| format!("{}: {e}", rootfs.display()))?;
         let mut spec = SandboxSpec {
             rootfs,
             mounts: volume_mounts(&tool.spec, &self.volumes)?,
@@ -248,13 +250,13 @@ fn volume_mounts(spec: &AgentToolSpec, volumes: &VolumesDir) -> Result<Vec<BindM
         .iter()
         .enumerate()
         .map(|(i, mount)| {
-            let source = volume_source(mount, volumes)
-                .map_err(|e| format!("spec.permissions.filesystem[{i}]: {e}"))?;
+            let at = |e: String| format!("spec.permissions.filesystem[{i}]: {e}");
+            let named = volume_source(mount, volumes).map_err(at)?;
+            // The engine takes absolute paths; symlinks are resolved here, on the host.
+            let source = std::fs::canonicalize(&named)
+                .map_err(|e| at(format!("{}: {e}", named.display())))?;
             if !source.is_dir() {
-                return Err(format!(
-                    "spec.permissions.filesystem[{i}]: {} is not a folder",
-                    source.display()
-                ));
+                return Err(at(format!("{} is not a folder", source.display())));
             }
             Ok(BindMount {
                 source,

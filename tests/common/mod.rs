@@ -137,7 +137,9 @@ pub fn engine() -> Sandboxes {
 /// the busybox root file system under the examples' image reference.
 pub fn runner_sandbox(dir: &Path) -> (SandboxExecutor, ImageStore) {
     // The examples' file tool mounts this claim.
-    std::fs::create_dir_all(dir.join("volumes/pvc/agent-workspace")).unwrap();
+    let workspace = dir.join("volumes/pvc/agent-workspace");
+    std::fs::create_dir_all(&workspace).unwrap();
+    std::fs::write(workspace.join("notes.txt"), "remember the milk\n").unwrap();
     let images = dir.join("images");
     build_busybox_rootfs(&images.join(entry_name("docker.io/library/busybox:1.36.1")));
     let executor = SandboxExecutor::new(
