@@ -140,11 +140,18 @@ fn every_policy_rule_passes_on_compliant_tools() {
 }
 
 #[test]
-fn text_output_names_file_document_rule_and_path() {
-    let out = check(&["-f", "examples/violations/TW-SANDBOX-001.yaml"]);
+fn text_output_names_file_document_rule_path_and_policy() {
+    let out = check(&[
+        "-f",
+        "examples/violations/TW-SANDBOX-001.yaml",
+        "-f",
+        "examples/baseline-policy.yaml",
+    ]);
+    let line = "examples/violations/TW-SANDBOX-001.yaml:1: TW-SANDBOX-001 spec.sandbox.timeoutMs: timeoutMs 60000 exceeds the policy cap of";
+    // Two policies demand the rule: one line each, saying which.
     assert_eq!(
         stdout(&out),
-        "examples/violations/TW-SANDBOX-001.yaml:1: TW-SANDBOX-001 spec.sandbox.timeoutMs: timeoutMs 60000 exceeds the policy cap of 30000\n"
+        format!("{line} 30000 (policy demands-tw-sandbox-001)\n{line} 30000 (policy baseline)\n")
     );
 }
 

@@ -1,6 +1,8 @@
 //! `toolwarden serve` and `toolwarden audit verify` as a user runs them: the
-//! real binary, real HTTP on loopback, a real SIGKILL. Tools run with
-//! `--unsandboxed-dev` until the sandbox engine is wired in.
+//! real binary, real HTTP on loopback, real sandboxes, a real SIGKILL. Needs
+//! root and busybox-static; each test prints SKIPPED with the reason otherwise.
+
+mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -33,9 +35,12 @@ fn examples() -> PathBuf {
 }
 
 /// A tools folder: the examples (with their baseline policy), the slow tool,
-/// and one tool that fails the checklist.
+/// one tool that fails the checklist, and beside them the `images/` and
+/// `volumes/` folders `serve` finds on its own.
 fn tools_dir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::world_traversable_tempdir();
+    common::build_busybox_rootfs(&dir.path().join("images/docker.io_library_busybox_1.36.1"));
+    std::fs::create_dir_all(dir.path().join("volumes/pvc/agent-workspace")).unwrap();
     for entry in std::fs::read_dir(examples()).unwrap() {
         let path = entry.unwrap().path();
         if path.is_file() {
@@ -43,7 +48,7 @@ fn tools_dir() -> tempfile::TempDir {
         }
     }
     std::fs::copy(
-        examples().join("violations/TW-INPUT-004.yaml"),
+        examples().join("violations/TW-INPUT-003.yaml"),
         dir.path().join("unbounded.yaml"),
     )
     .unwrap();
@@ -55,6 +60,7 @@ struct Served {
     child: Child,
     addr: String,
     banner: Vec<String>,
+    _state: tempfile::TempDir,
 }
 
 impl Drop for Served {
@@ -66,15 +72,15 @@ impl Drop for Served {
 
 /// Starts `serve` on a free port and reads its startup lines.
 fn serve(dir: &Path, audit: &Path) -> Served {
+    let state = tempfile::Builder::new()
+        .prefix("twtest-serve")
+        .tempdir_in("/run")
+        .unwrap();
     let mut child = toolwarden()
-        .args([
-            "serve",
-            "--unsandboxed-dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--audit-log",
-        ])
+        .args(["serve", "--listen", "127.0.0.1:0", "--audit-log"])
         .arg(audit)
+        .arg("--state-dir")
+        .arg(state.path())
         .arg(dir)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -108,6 +114,7 @@ fn serve(dir: &Path, audit: &Path) -> Served {
         child,
         addr,
         banner,
+        _state: state,
     }
 }
 
@@ -149,26 +156,40 @@ fn call_slow(addr: &str) -> std::thread::JoinHandle<Result<u16, String>> {
 }
 
 #[test]
-fn serve_refuses_to_start_without_the_sandbox() {
-    let out = toolwarden().arg("serve").arg(examples()).output().unwrap();
+fn serve_refuses_to_start_without_a_working_sandbox() {
+    // The engine cannot create its state under /proc: no tool may run unisolated.
+    let out = toolwarden()
+        .args(["serve", "--state-dir", "/proc/toolwarden"])
+        .arg(examples())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--unsandboxed-dev"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the sandbox engine could not start"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--unsandboxed-dev"), "{stderr}");
 }
 
 #[test]
 fn serve_prints_what_it_serves_refuses_failing_tools_and_reloads_without_dropping_calls() {
+    require_root!();
     let dir = tools_dir();
     let audit_dir = tempfile::tempdir().unwrap();
     let audit = audit_dir.path().join("audit.log");
     let served = serve(dir.path(), &audit);
     let banner = served.banner.join("\n");
-    assert!(banner.contains("refused violates-tw-input-004"), "{banner}");
+    assert!(banner.contains("refused violates-tw-input-003"), "{banner}");
     assert!(
-        banner.contains("TW-INPUT-004 spec.inputSchema.properties.query"),
+        banner.contains("TW-INPUT-003 spec.inputSchema.properties.query"),
         "{banner}"
     );
     assert!(banner.contains("serving 6 tool(s)"), "{banner}");
-    assert!(banner.contains("isolation: NONE"), "{banner}");
+    assert!(
+        banner.contains("isolation: youki sandbox per call"),
+        "{banner}"
+    );
 
     let call = call_slow(&served.addr);
     wait_for("the slow call to start", || {
@@ -210,6 +231,7 @@ fn serve_prints_what_it_serves_refuses_failing_tools_and_reloads_without_droppin
 
 #[test]
 fn a_killed_runner_leaves_started_as_the_calls_last_record_and_the_chain_verifies() {
+    require_root!();
     let dir = tools_dir();
     let audit_dir = tempfile::tempdir().unwrap();
     let audit = audit_dir.path().join("audit.log");

@@ -14,22 +14,18 @@ pub struct Finding {
     pub violation: Violation,
 }
 
-/// `file:document: RULE path: message`, with the policy and mode appended
-/// when the rule is not an enforced one.
+/// `file:document: RULE path: message (source)`, with the mode in front of
+/// the source when the rule is not an enforced one: two policies demanding
+/// the same rule give two lines that say which is which.
 pub fn render_text(findings: &[Finding]) -> String {
     findings
         .iter()
         .map(|f| {
             let v = &f.violation;
-            let source = v
-                .policy
-                .as_deref()
-                .map(|p| format!("policy {p}"))
-                .unwrap_or_else(|| "baseline".into());
             let note = if v.mode == PolicyMode::Enforce {
-                String::new()
+                format!(" ({})", v.source())
             } else {
-                format!(" ({}, {source})", v.mode.as_str())
+                format!(" ({}, {})", v.mode.as_str(), v.source())
             };
             format!("{}: {} {}: {}{note}\n", f.origin, v.rule, v.path, v.message)
         })

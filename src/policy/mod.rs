@@ -38,6 +38,15 @@ pub struct Violation {
     pub mode: PolicyMode,
 }
 
+impl Violation {
+    /// Who demanded the rule: `policy NAME`, or `baseline`.
+    pub fn source(&self) -> String {
+        self.policy
+            .as_deref()
+            .map_or_else(|| "baseline".into(), |p| format!("policy {p}"))
+    }
+}
+
 /// Everything one tool breaks.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Report {

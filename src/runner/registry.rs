@@ -243,7 +243,7 @@ impl Registry {
                 report.refused.push(refuse(
                     verdict
                         .with_mode(crate::api::PolicyMode::Enforce)
-                        .map(|v| format!("{} {}: {}", v.rule, v.path, v.message))
+                        .map(|v| format!("{} {}: {} ({})", v.rule, v.path, v.message, v.source()))
                         .collect(),
                 ));
                 continue;

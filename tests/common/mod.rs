@@ -85,7 +85,7 @@ pub fn build_busybox_rootfs(root: &Path) {
     )
     .unwrap();
     std::fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
-    for entry in walk(&root) {
+    for entry in walk(root) {
         let m = std::fs::symlink_metadata(&entry).unwrap();
         if m.is_dir() {
             std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o755)).unwrap();
