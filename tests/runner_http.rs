@@ -769,6 +769,18 @@ async fn rest_lists_tools_and_metrics_count_calls() {
         metrics.contains(r#"toolwarden_calls_total{tool="echo",outcome="validation"} 1"#),
         "{metrics}"
     );
+    // What enforced the sandbox's limits is visible to the operator.
+    for limit in [
+        r#"limit="seccomp",mechanism="yes""#,
+        r#"limit="tmpSize",mechanism="tmpfs""#,
+    ] {
+        assert!(
+            metrics.contains(&format!(
+                "toolwarden_sandbox_enforcement{{tool=\"echo\",{limit}}} 1"
+            )),
+            "{metrics}"
+        );
+    }
     let wrong_method = s
         .http
         .get(format!("{}/v1/tools/echo/invoke", s.base))

@@ -20,8 +20,19 @@ pub struct ToolLabel {
     pub tool: String,
 }
 
+/// Which mechanism enforces one limit of a tool's sandbox.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EnforcementLabels {
+    pub tool: String,
+    /// `memory`, `pids`, `cpu`, `fileSize`, `tmpSize`, `devices`, `userNamespace`, `seccomp`.
+    pub limit: String,
+    /// `cgroup v1`, `cgroup v2`, `rlimits`, `tmpfs`, `none`, or `yes`/`no`.
+    pub mechanism: String,
+}
+
 pub struct Metrics {
     registry: Registry,
+    enforcement: Family<EnforcementLabels, Gauge>,
     calls: Family<CallLabels, Counter>,
     run_seconds: Family<ToolLabel, Histogram>,
     in_flight: Gauge,
@@ -53,8 +64,15 @@ impl Default for Metrics {
             "Tools currently served",
             tools_served.clone(),
         );
+        let enforcement = Family::<EnforcementLabels, Gauge>::default();
+        registry.register(
+            "sandbox_enforcement",
+            "1 for the mechanism that enforced each sandbox limit of a tool's last run",
+            enforcement.clone(),
+        );
         Metrics {
             registry,
+            enforcement,
             calls,
             run_seconds,
             in_flight,
@@ -71,6 +89,19 @@ impl Metrics {
                 outcome: outcome.into(),
             })
             .inc();
+    }
+
+    /// Records what enforced the limits of `tool`'s last run.
+    pub fn enforcement(&self, tool: &str, limits: &[(&str, &str)]) {
+        for (limit, mechanism) in limits {
+            self.enforcement
+                .get_or_create(&EnforcementLabels {
+                    tool: tool.into(),
+                    limit: (*limit).into(),
+                    mechanism: (*mechanism).into(),
+                })
+                .set(1);
+        }
     }
 
     pub fn run(&self, tool: &str, seconds: f64) {

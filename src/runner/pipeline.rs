@@ -23,6 +23,7 @@ use super::metrics::Metrics;
 use super::problem::{Problem, ProblemKind};
 use super::redact::{redact_fields, redact_secrets};
 use super::registry::{PreparedTool, Registry};
+use super::sandbox_executor::enforcement_pairs;
 use super::sanitize::sanitize;
 use super::validate::validate;
 use crate::api::AuditLevel;
@@ -288,6 +289,10 @@ impl Runner {
             }
         };
         self.metrics.run(&tool.name, outcome.duration.as_secs_f64());
+        if let Some(enforcement) = &outcome.enforcement {
+            self.metrics
+                .enforcement(&tool.name, &enforcement_pairs(enforcement));
+        }
         let stdout = redact_secrets(&outcome.stdout, &tool.secret_values);
         trail.record(
             "finished",

@@ -315,19 +315,28 @@ fn write_secret_files(
     Ok(written)
 }
 
+/// Which mechanism enforces each limit, as (limit, mechanism) pairs.
+pub fn enforcement_pairs(e: &Enforcement) -> [(&'static str, &'static str); 8] {
+    let yes_no = |b: bool| if b { "yes" } else { "no" };
+    [
+        ("memory", describe_mechanism(e.memory)),
+        ("pids", describe_mechanism(e.pids)),
+        ("cpu", describe_mechanism(e.cpu)),
+        ("fileSize", describe_mechanism(e.file_size)),
+        ("tmpSize", describe_mechanism(e.tmp_size)),
+        ("devices", describe_mechanism(e.devices)),
+        ("userNamespace", yes_no(e.user_namespace)),
+        ("seccomp", yes_no(e.seccomp)),
+    ]
+}
+
 /// One line for logs: which mechanism enforces each limit.
 pub fn describe(e: &Enforcement) -> String {
-    format!(
-        "memory={} pids={} cpu={} fileSize={} tmp={} devices={} userns={} seccomp={}",
-        describe_mechanism(e.memory),
-        describe_mechanism(e.pids),
-        describe_mechanism(e.cpu),
-        describe_mechanism(e.file_size),
-        describe_mechanism(e.tmp_size),
-        describe_mechanism(e.devices),
-        e.user_namespace,
-        e.seccomp
-    )
+    enforcement_pairs(e)
+        .iter()
+        .map(|(limit, mechanism)| format!("{limit}={mechanism}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn describe_mechanism(m: crate::sandbox::Mechanism) -> &'static str {
