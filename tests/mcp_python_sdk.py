@@ -1,19 +1,32 @@
-# Drives `toolwarden serve` with the official MCP Python SDK (pip install mcp).
-# Usage: toolwarden serve examples --unsandboxed-dev --listen 127.0.0.1:18081 &
-#        python tests/mcp_python_sdk.py
+# Drives a toolwarden runner with the official MCP Python SDK (pip install mcp).
+# Usage: python tests/mcp_python_sdk.py http://127.0.0.1:8080/mcp
+# Prints one JSON object with what the SDK saw; tests/serve_cli.rs asserts it.
 import asyncio
+import json
+import sys
+
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
-async def main():
-    async with streamable_http_client("http://127.0.0.1:18081/mcp") as (r, w):
-        async with ClientSession(r, w) as s:
-            init = await s.initialize()
-            print("protocol", init.protocol_version)
-            tools = await s.list_tools()
-            print([t.name for t in tools.tools], tools.tools[0].annotations)
-            res = await s.call_tool("moderate-content", {"content": "hello", "contentType": "post"})
-            print("ok:", res.is_error, res.structured_content)
-            res = await s.call_tool("moderate-content", {"content": 1})
-            print("bad:", res.is_error, res.content[0].text[:120])
-asyncio.run(main())
+
+async def main(url):
+    async with streamable_http_client(url) as (read, write, *_):
+        async with ClientSession(read, write) as session:
+            init = await session.initialize()
+            tools = await session.list_tools()
+            ok = await session.call_tool(
+                "moderate-content", {"content": "hello", "contentType": "post"}
+            )
+            bad = await session.call_tool("moderate-content", {"content": 1})
+            print(json.dumps({
+                "protocol": init.protocol_version,
+                "tools": sorted(t.name for t in tools.tools),
+                "readOnly": {t.name: t.annotations.read_only_hint for t in tools.tools},
+                "okIsError": ok.is_error,
+                "okResult": ok.structured_content,
+                "badIsError": bad.is_error,
+                "badText": bad.content[0].text,
+            }))
+
+
+asyncio.run(main(sys.argv[1]))

@@ -279,3 +279,64 @@ fn a_killed_runner_leaves_started_as_the_calls_last_record_and_the_chain_verifie
     assert_eq!(verify.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&verify.stdout).contains("line 1: content was altered"));
 }
+
+/// The Python that has the official MCP SDK: `TOOLWARDEN_TEST_PYTHON` (set by
+/// `.ci/run`), else `python3`. `None` (with the reason) when it lacks `mcp`.
+fn python_with_mcp_sdk() -> Result<String, String> {
+    let python = std::env::var("TOOLWARDEN_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    match Command::new(&python).args(["-c", "import mcp"]).output() {
+        Ok(out) if out.status.success() => Ok(python),
+        Ok(_) => Err(format!("{python} has no `mcp` module (pip install mcp)")),
+        Err(e) => Err(format!("{python}: {e}")),
+    }
+}
+
+#[test]
+fn the_official_mcp_python_sdk_lists_and_calls_tools() {
+    require_root!();
+    let python = match python_with_mcp_sdk() {
+        Ok(python) => python,
+        Err(why) => {
+            eprintln!("SKIPPED the_official_mcp_python_sdk_lists_and_calls_tools: {why}");
+            return;
+        }
+    };
+    let dir = tools_dir();
+    let audit = dir.path().join("audit.log");
+    let served = serve(dir.path(), &audit);
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/mcp_python_sdk.py");
+    let out = Command::new(python)
+        .arg(script)
+        .arg(format!("http://{}/mcp", served.addr))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen["protocol"], "2025-11-25");
+    assert_eq!(
+        seen["tools"],
+        serde_json::json!([
+            "api-call",
+            "execute-code",
+            "file-operation",
+            "moderate-content",
+            "slow",
+            "user-profile-update"
+        ])
+    );
+    assert_eq!(seen["readOnly"]["moderate-content"], true);
+    assert_eq!(seen["readOnly"]["file-operation"], false);
+    assert_eq!(seen["okIsError"], false);
+    assert_eq!(seen["okResult"], serde_json::json!({"approved": true}));
+    assert_eq!(seen["badIsError"], true);
+    let problem: Value = serde_json::from_str(seen["badText"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        problem["type"],
+        "https://toolwarden.dev/problems/validation"
+    );
+    assert_eq!(problem["errors"][1]["path"], "/content");
+}
