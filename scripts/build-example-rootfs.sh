@@ -11,7 +11,11 @@ mkdir -p "$out"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
-apt-get download busybox-static >/dev/null
+# A fresh machine may have no package lists yet: fetch them once and retry.
+apt-get download busybox-static >/dev/null 2>&1 || {
+    apt-get update -qq
+    apt-get download busybox-static >/dev/null
+}
 dpkg-deb -x busybox-static_*.deb pkg
 mkdir -p rootfs/bin rootfs/etc rootfs/tmp rootfs/workspace
 cp pkg/bin/busybox rootfs/bin/busybox
