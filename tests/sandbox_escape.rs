@@ -343,3 +343,49 @@ async fn resource_bombs_are_contained() {
     host.kill().unwrap();
     let _ = host.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runner_binary_cannot_be_overwritten_through_proc_exe() {
+    require_root!();
+    // CVE-2019-5736: a container process reaching /proc/<pid>/exe of the process that
+    // created it could overwrite the runtime binary. Here even the host's root tries, on
+    // the zygote that every container init is a clone of.
+    let engine = common::engine();
+    let exe = format!("/proc/{}/exe", engine.zygote_pid());
+    let target = std::fs::read_link(&exe).unwrap();
+    assert!(
+        target
+            .to_string_lossy()
+            .starts_with("/memfd:toolwarden-sealed"),
+        "the zygote runs from a sealed copy, not from {}",
+        target.display()
+    );
+    let binary = env!("CARGO_BIN_EXE_toolwarden");
+    let before = std::fs::read(binary).unwrap();
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&exe)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"\x7fELF-overwritten"));
+    let error = written.expect_err("writing through /proc/<zygote>/exe must fail");
+    // ETXTBSY while it runs; the write seal holds even once nothing executes it.
+    assert!(
+        [libc::ETXTBSY, libc::EPERM].contains(&error.raw_os_error().unwrap_or(0)),
+        "{error}"
+    );
+    let sealed = std::fs::File::open(&exe).unwrap();
+    let seals = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&sealed), libc::F_GET_SEALS) };
+    assert!(seals >= 0, "{}", std::io::Error::last_os_error());
+    for seal in [
+        libc::F_SEAL_WRITE,
+        libc::F_SEAL_GROW,
+        libc::F_SEAL_SHRINK,
+        libc::F_SEAL_SEAL,
+    ] {
+        assert_ne!(seals & seal, 0, "seal {seal:#x} missing from {seals:#x}");
+    }
+    assert_eq!(
+        std::fs::read(binary).unwrap(),
+        before,
+        "the binary is unchanged"
+    );
+}
