@@ -788,4 +788,12 @@ async fn rest_lists_tools_and_metrics_count_calls() {
         .await
         .unwrap();
     assert_eq!(wrong_method.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let problem: Value = wrong_method.json().await.unwrap();
+    assert_eq!(
+        (problem["status"].as_u64(), problem["type"].as_str()),
+        (
+            Some(405),
+            Some("https://toolwarden.dev/problems/method-not-allowed")
+        )
+    );
 }

@@ -135,16 +135,16 @@ pub fn runner(args: RunnerArgs) -> ExitCode {
     run(&args.tools, &args.common, auth, "runner", tokio)
 }
 
-/// `--image-cache`, or the user's cache folder: never a shared temporary
-/// folder, where another user could plant a root file system.
+/// `--image-cache`, or a cache folder: never a shared temporary folder, where
+/// another user could plant a root file system. Root gets the system cache:
+/// a user-namespaced sandbox cannot reach into `/root` (mode 0700), which
+/// would cost every pool its user namespace.
 fn image_cache(common: &CommonArgs) -> PathBuf {
-    common
-        .image_cache
-        .clone()
-        .unwrap_or_else(|| match std::env::var_os("HOME") {
-            Some(home) => PathBuf::from(home).join(".cache/toolwarden/rootfs"),
-            None => PathBuf::from("/var/cache/toolwarden/rootfs"),
-        })
+    let home = std::env::var_os("HOME").filter(|_| !nix::unistd::geteuid().is_root());
+    common.image_cache.clone().unwrap_or_else(|| match home {
+        Some(home) => PathBuf::from(home).join(".cache/toolwarden/rootfs"),
+        None => PathBuf::from("/var/cache/toolwarden/rootfs"),
+    })
 }
 
 fn fail(message: &str) -> ExitCode {
@@ -283,6 +283,14 @@ fn folder_beside(manifests: &Path, name: &str) -> Option<PathBuf> {
 
 /// Starts the sandbox engine (its zygote is this binary, re-executed).
 fn sandbox_executor(dir: &Path, common: &CommonArgs) -> Result<SandboxExecutor, String> {
+    if !nix::unistd::geteuid().is_root() {
+        // Rootless sandboxes (user namespace without root) are not built yet.
+        return Err(
+            "the sandbox engine needs root; run as root, or pass --unsandboxed-dev \
+                    to try the API without isolation (trusted tools only)"
+                .into(),
+        );
+    }
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
     let mut config = EngineConfig::new(exe);
     config.state_root = common.state_dir.join("sandbox");
@@ -386,7 +394,10 @@ fn watch(
     use notify::Watcher;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Reading the files (our own reload included) raises access events:
+        // reacting to those would reload forever.
         if let Ok(event) = event
+            && !matches!(event.kind, notify::EventKind::Access(_))
             && event.paths.iter().any(|p| is_manifest(p))
         {
             let _ = tx.send(());

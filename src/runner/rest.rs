@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
@@ -31,11 +31,10 @@ pub fn router(runner: Arc<Runner>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(|| async { Problem::new(ProblemKind::NotFound, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
-            let mut response =
-                Problem::new(ProblemKind::NotFound, "method not allowed on this endpoint")
-                    .into_response();
-            *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
-            response
+            Problem::new(
+                ProblemKind::MethodNotAllowed,
+                "method not allowed on this endpoint",
+            )
         })
         .with_state(runner)
 }
