@@ -30,6 +30,10 @@ pub struct HostReport {
     pub cgroup_unusable: Option<String>,
     /// Why user namespaces cannot be used (None = they can).
     pub userns_unusable: Option<String>,
+    /// When per-call cgroups cannot be used: the limits of the cgroup the engine itself runs
+    /// in (in a pod, the pod's), which bound all sandboxes together.
+    #[serde(default)]
+    pub outer_bound: Option<String>,
 }
 
 impl HostReport {
@@ -43,10 +47,12 @@ impl HostReport {
                 Some(mode) => probe_cgroup_writable(mode).err(),
             }
         };
+        let outer_bound = cgroup_unusable.as_ref().map(|_| own_cgroup_limits(cgroup));
         HostReport {
             cgroup,
             cgroup_unusable,
             userns_unusable: probe_userns().err(),
+            outer_bound,
         }
     }
 
@@ -105,6 +111,47 @@ fn detect_cgroup() -> Option<CgroupMode> {
         return Some(CgroupMode::V1 { memsw });
     }
     None
+}
+
+/// The memory, pids and cpu limits of our own cgroup, e.g.
+/// `memory.max=2147483648 pids.max=max cpu.max=200000 100000` ("?" where unreadable).
+fn own_cgroup_limits(mode: Option<CgroupMode>) -> String {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let root = Path::new("/sys/fs/cgroup");
+    // "<id>:<controllers>:<path>"; v2 has the single line "0::<path>".
+    let path_of = |ctrl: &str| {
+        own.lines().find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, ctrls, path) = (f.next()?, f.next()?, f.next()?);
+            ctrls
+                .split(',')
+                .any(|c| c == ctrl)
+                .then(|| path.trim_start_matches('/').to_string())
+        })
+    };
+    let read = |ctrl: &str, hierarchy: &str, file: &str| match path_of(ctrl) {
+        // The (real) root cgroup has no limit files: it is not limited.
+        Some(p) if p.is_empty() && !root.join(hierarchy).join(file).exists() => "max".into(),
+        Some(p) => std::fs::read_to_string(root.join(hierarchy).join(p).join(file))
+            .map_or("?".to_string(), |v| v.trim().to_string()),
+        None => "?".into(),
+    };
+    match mode {
+        Some(CgroupMode::V2) => format!(
+            "memory.max={} pids.max={} cpu.max={}",
+            read("", "", "memory.max"),
+            read("", "", "pids.max"),
+            read("", "", "cpu.max")
+        ),
+        Some(CgroupMode::V1 { .. }) => format!(
+            "memory.limit_in_bytes={} pids.max={} cpu.cfs_quota_us={} cpu.cfs_period_us={}",
+            read("memory", "memory", "memory.limit_in_bytes"),
+            read("pids", "pids", "pids.max"),
+            read("cpu", "cpu", "cpu.cfs_quota_us"),
+            read("cpu", "cpu", "cpu.cfs_period_us")
+        ),
+        None => "no cgroup hierarchy".to_string(),
+    }
 }
 
 /// Tries to create (and remove) a probe cgroup where the per-call cgroups will live.

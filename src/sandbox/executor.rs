@@ -22,6 +22,9 @@ use crate::sandbox::spec::DEFAULT_PATH;
 pub struct LateExecutor {
     /// Read end of the control pipe (open in the keeper when `build()` forks the init).
     pub control_fd: RawFd,
+    /// RLIMIT_AS (rlimit mode), set just before execve: earlier, the init still has the
+    /// zygote's (larger) address space and its own allocations would fail.
+    pub address_space: Option<u64>,
 }
 
 /// Exit codes used when the sandbox could not run the tool (like a shell's 126/127).
@@ -108,6 +111,16 @@ impl Executor for LateExecutor {
             .into_iter()
             .map(|(k, v)| to_c(format!("{k}={v}")))
             .collect();
+        if let Some(bytes) = self.address_space {
+            let lim = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
+            // SAFETY: plain syscall (allowed by the filter); lowering needs no privilege.
+            if unsafe { libc::setrlimit(libc::RLIMIT_AS, &lim) } != 0 {
+                fail(EXIT_CANNOT_EXEC, "setrlimit(RLIMIT_AS) failed");
+            }
+        }
         let err = nix::unistd::execve(&prog, &argv, &envp).unwrap_err();
         let code = if err == nix::Error::ENOENT {
             EXIT_NOT_FOUND

@@ -146,8 +146,12 @@ pub struct Outcome {
     pub stdout: Captured,
     pub stderr: Captured,
     pub timed_out: bool,
+    /// Killed by the memory cgroup's OOM killer. Always false when memory is enforced by
+    /// RLIMIT_AS (see `enforcement.memory`): allocations are refused instead.
     pub oom_killed: bool,
     pub duration: Duration,
+    /// Peak memory of the sandbox (memory cgroup); with rlimits, the largest peak RSS of a
+    /// single process (the tool or a descendant it reaped).
     pub peak_memory_bytes: Option<u64>,
     pub enforcement: Enforcement,
 }

@@ -215,7 +215,14 @@ fn log_host(h: &HostReport) {
         tracing::warn!(reason = %why, "sandboxes run WITHOUT a user namespace");
     }
     if let Some(why) = &h.cgroup_unusable {
-        tracing::warn!(reason = %why, "memory/pids/cpu limits degrade to rlimits (AS, NPROC, CPU)");
+        tracing::warn!(
+            reason = %why,
+            outer_bound = h.outer_bound.as_deref().unwrap_or("-"),
+            "no per-call cgroups: memory, pids and cpu limits fall back to rlimits \
+             (RLIMIT_AS; RLIMIT_NPROC, shared by the sandboxes without a user namespace; \
+             RLIMIT_CPU seconds), no OOM-kill detection; the engine's own cgroup limits \
+             stay the outer bound"
+        );
     }
 }
 

@@ -4,7 +4,7 @@
 use serde_json::{Value, json};
 
 use crate::sandbox::detect::{CgroupMode, HostReport, USERNS_HOST_BASE, USERNS_SIZE};
-use crate::sandbox::{Error, Result, SandboxSpec};
+use crate::sandbox::{Error, Limits, Result, SandboxSpec};
 
 /// Placeholder argv: the real argv arrives late through the control pipe.
 pub const PLACEHOLDER_ARG: &str = "/toolwarden-late-exec";
@@ -102,13 +102,19 @@ pub fn build(spec: &SandboxSpec, host: &HostReport, userns: bool) -> Result<Valu
             resources["cpu"] = json!({"quota": u64::from(mc) * 100, "period": 100_000});
         }
     } else {
-        // Fallback: per-process rlimits (weaker: NPROC counts per uid, AS is virtual memory).
-        if let Some(mem) = l.memory_bytes {
-            rlimits.push(json!({"type": "RLIMIT_AS", "hard": mem, "soft": mem}));
-        }
+        // Fallback: per-process rlimits (weaker: NPROC counts per uid, shared by all sandboxes
+        // without a user namespace; AS is virtual memory). RLIMIT_AS is not in the spec:
+        // libcontainer would set it in its intermediate process, so the parked init, a copy of
+        // the zygote (~63 MiB of address space here), would run our executor under it and every
+        // allocation before execve could fail. The executor sets it just before execve instead
+        // (`address_space_limit`), so it bounds the tool's fresh address space only.
         rlimits.push(json!({"type": "RLIMIT_NPROC", "hard": l.pids, "soft": l.pids}));
-        let cpu_secs = l.timeout.as_secs() + 1;
-        rlimits.push(json!({"type": "RLIMIT_CPU", "hard": cpu_secs, "soft": cpu_secs}));
+        let cpu_secs = cpu_seconds(l);
+        // Soft < hard: a process gets SIGXCPU (its signal names the cause), then SIGKILL one
+        // CPU second later. The tool itself, pid 1 of its namespace, never sees the SIGXCPU
+        // (the kernel drops default-action signals to a namespace init): for it, the SIGKILL
+        // at the hard limit, before the timeout when the quota is below one core.
+        rlimits.push(json!({"type": "RLIMIT_CPU", "hard": cpu_secs + 1, "soft": cpu_secs}));
     }
 
     let mut namespaces = vec![
@@ -128,6 +134,14 @@ pub fn build(spec: &SandboxSpec, host: &HostReport, userns: bool) -> Result<Valu
         "maskedPaths": MASKED,
         "readonlyPaths": READONLY,
     });
+    if !cgroups {
+        // No cgroup at all: libcontainer is not asked to apply any resource (the zygote also
+        // hides the cgroup file system from it, see `zygote::hide_cgroupfs`); devices are then
+        // limited by the explicit device list only.
+        if let Some(obj) = linux.as_object_mut() {
+            obj.remove("resources");
+        }
+    }
     if userns {
         namespaces.push(json!({"type": "user"}));
         let map = json!([{"containerID": 0, "hostID": USERNS_HOST_BASE, "size": USERNS_SIZE}]);
@@ -155,6 +169,24 @@ pub fn build(spec: &SandboxSpec, host: &HostReport, userns: bool) -> Result<Valu
         },
         "linux": linux,
     }))
+}
+
+/// RLIMIT_AS for the tool, set by the executor just before execve (None = not limited this way).
+pub fn address_space_limit(limits: &Limits, host: &HostReport) -> Option<u64> {
+    // Only without cgroups (the memory cgroup enforces the limit otherwise).
+    host.cgroup_unusable.as_ref().and(limits.memory_bytes)
+}
+
+/// CPU seconds per process in rlimit mode: what the CPU quota allows over the whole timeout
+/// (at least 1 s), or the timeout plus 1 s as a backstop when no quota is set.
+pub fn cpu_seconds(l: &Limits) -> u64 {
+    match l.cpu_millicores {
+        Some(mc) => {
+            let ms = l.timeout.as_millis() as u64 * u64::from(mc) / 1000;
+            ms.div_ceil(1000).max(1)
+        }
+        None => l.timeout.as_secs() + 1,
+    }
 }
 
 fn device_rules() -> Vec<Value> {

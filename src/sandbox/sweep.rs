@@ -26,6 +26,17 @@ fn zygote_alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// True if `pid` is alive (not a zombie) and in another pid namespace than ours, i.e. still the
+/// container's init and not a host process that reused the pid.
+fn is_container_init(pid: nix::unistd::Pid) -> bool {
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/pid")).ok();
+    let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| Some(s.rsplit_once(')')?.1.trim_start().chars().next()? != 'Z'))
+        .unwrap_or(false);
+    alive && ns(&pid.to_string()).is_some_and(|n| Some(n) != ns("self"))
+}
+
 /// All cgroup directories that may hold container `id`.
 pub fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
     let root = Path::new("/sys/fs/cgroup");
@@ -43,8 +54,24 @@ pub fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
 pub fn remove_container(state_root: &Path, id: &str) {
     let dir = state_root.join(id);
     if dir.is_dir() {
-        if let Ok(mut c) = Container::load(dir.clone()) {
-            let _ = c.delete(true);
+        if let Ok(mut c) = Container::load(dir.clone())
+            && c.delete(true).is_err()
+        {
+            // Without cgroups (rlimit mode) libcontainer cannot list a running container's
+            // processes and the forced delete fails: kill its init instead, which takes the
+            // whole pid namespace with it, then delete again.
+            if let Some(pid) = c.pid()
+                && is_container_init(pid)
+            {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                for _ in 0..200 {
+                    if !is_container_init(pid) {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                let _ = c.delete(true);
+            }
         }
         let _ = std::fs::remove_dir_all(&dir);
     }

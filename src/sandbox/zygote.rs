@@ -28,7 +28,10 @@ pub const ENV_FORCE_RLIMITS: &str = "TOOLWARDEN_SANDBOX_FORCE_RLIMITS";
 
 struct PoolDef {
     spec: Value,
+    /// The per-call cgroups' hierarchy; None when cgroups are not used (rlimit mode).
     cgroup: Option<CgroupMode>,
+    /// RLIMIT_AS the executor sets just before execve (rlimit mode).
+    address_space: Option<u64>,
 }
 
 /// Entry point of the hidden `sandbox-zygote` subcommand. Returns the process exit code.
@@ -62,6 +65,9 @@ fn run(sock: BorrowedFd<'_>, seal_err: Option<std::io::Error>) -> Result<()> {
     std::fs::create_dir_all(state_root.join("bundles"))?;
     let host = HostReport::detect(std::env::var_os(ENV_FORCE_RLIMITS).is_some());
     sweep::sweep(&state_root);
+    if host.cgroup_unusable.is_some() {
+        hide_cgroupfs()?;
+    }
     seccomp::filters()?;
     proto::send(sock, &FromZygote::Hello { host: host.clone() }, &[])?;
 
@@ -111,11 +117,14 @@ fn run(sock: BorrowedFd<'_>, seal_err: Option<std::io::Error>) -> Result<()> {
                         Ok(v)
                     }) {
                     Ok(v) => {
+                        let cgroup = host.cgroup.filter(|_| host.cgroup_unusable.is_none());
+                        let address_space = spec::address_space_limit(&sspec.limits, &host);
                         pools.insert(
                             pool,
                             PoolDef {
                                 spec: v,
-                                cgroup: host.cgroup,
+                                cgroup,
+                                address_space,
                             },
                         );
                         let enforcement: Enforcement = host.enforcement(userns_why.is_none());
@@ -327,7 +336,9 @@ fn keeper_run(
     let bundle = state_root.join("bundles").join(id);
     std::fs::create_dir_all(&bundle)?;
     let mut spec = def.spec.clone();
-    spec["linux"]["cgroupsPath"] = Value::String(format!("/{CGROUP_PARENT}/{id}"));
+    if def.cgroup.is_some() {
+        spec["linux"]["cgroupsPath"] = Value::String(format!("/{CGROUP_PARENT}/{id}"));
+    }
     std::fs::write(
         bundle.join("config.json"),
         serde_json::to_vec(&spec).map_err(|e| Error::Protocol(e.to_string()))?,
@@ -340,6 +351,7 @@ fn keeper_run(
     let (err_r, err_w) = pipe2(cloexec)?;
     let executor = LateExecutor {
         control_fd: ctl_r.as_raw_fd(),
+        address_space: def.address_space,
     };
     let mut container = ContainerBuilder::new(id.to_string(), SyscallType::Linux)
         .with_root_path(state_root)
@@ -398,20 +410,34 @@ fn keeper_run(
 
 /// Waits for the container init and collects its exit status and memory statistics.
 fn keeper_wait(def: &PoolDef, id: &str, pid: Pid) -> Result<ExitInfo> {
-    // The init is our child via CLONE_PARENT without an exit signal: needs __WALL.
-    let status = loop {
-        match waitpid(pid, Some(WaitPidFlag::__WALL)) {
-            Err(nix::Error::EINTR) => continue,
-            other => break other?,
+    // The init is our child via CLONE_PARENT without an exit signal: needs __WALL. wait4 for
+    // the rusage: its max RSS is the peak memory when there is no memory cgroup.
+    // SAFETY: zeroed rusage is a valid value; wait4 only writes into it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let mut raw = 0;
+    loop {
+        // SAFETY: plain syscall with valid pointers.
+        if unsafe { libc::wait4(pid.as_raw(), &mut raw, libc::__WALL, &mut usage) } >= 0 {
+            break;
         }
-    };
+        match nix::Error::last() {
+            nix::Error::EINTR => continue,
+            e => return Err(e.into()),
+        }
+    }
+    let status = WaitStatus::from_raw(pid, raw)?;
     let reaped_ns = proto::monotonic_ns();
     let (exit_code, signal) = match status {
         WaitStatus::Exited(_, c) => (Some(c), None),
         WaitStatus::Signaled(_, s, _) => (None, Some(s as i32)),
         _ => (None, None),
     };
-    let (oom_killed, peak_memory_bytes) = memory_stats(def.cgroup, id);
+    let (oom_killed, peak_memory_bytes) = match def.cgroup {
+        Some(mode) => memory_stats(mode, id),
+        // rlimit mode: no OOM kill to detect (RLIMIT_AS refuses allocations instead); the
+        // peak is the largest RSS of the init and its reaped descendants (KiB on Linux).
+        None => (false, Some(usage.ru_maxrss.max(0) as u64 * 1024)),
+    };
     Ok(ExitInfo {
         exit_code,
         signal,
@@ -430,20 +456,81 @@ fn read_kv(path: PathBuf, key: &str) -> Option<u64> {
 }
 
 /// (oom_killed, peak memory) read from the container's memory cgroup before deletion.
-fn memory_stats(mode: Option<CgroupMode>, id: &str) -> (bool, Option<u64>) {
+fn memory_stats(mode: CgroupMode, id: &str) -> (bool, Option<u64>) {
     let root = Path::new("/sys/fs/cgroup");
     let read_u64 = |p: PathBuf| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok();
     match mode {
-        Some(CgroupMode::V1 { .. }) => {
+        CgroupMode::V1 { .. } => {
             let dir = root.join("memory").join(CGROUP_PARENT).join(id);
             let oom = read_kv(dir.join("memory.oom_control"), "oom_kill").unwrap_or(0) > 0;
             (oom, read_u64(dir.join("memory.max_usage_in_bytes")))
         }
-        Some(CgroupMode::V2) => {
+        CgroupMode::V2 => {
             let dir = root.join(CGROUP_PARENT).join(id);
             let oom = read_kv(dir.join("memory.events"), "oom_kill").unwrap_or(0) > 0;
             (oom, read_u64(dir.join("memory.peak")))
         }
-        None => (false, None),
     }
+}
+
+/// rlimit mode. libcontainer always moves the container into a cgroup (`cgroupsPath`, or
+/// `:youki:<id>` without one) and fails on a read-only cgroup file system (cgroup v1 has no
+/// "rootless" tolerance at all). So the zygote takes a private mount namespace (inherited by
+/// its keepers, hence by the containers, which get a fresh /sys anyway) in which no cgroup file
+/// system is mounted and /sys/fs/cgroup is an empty read-only tmpfs: libcgroups then detects a
+/// legacy layout without any hierarchy, and its add_task/apply/remove do nothing. The host's
+/// (the pod's) cgroups stay the outer bound of everything the zygote starts.
+fn hide_cgroupfs() -> Result<()> {
+    use nix::mount::{MntFlags, MsFlags, mount, umount2};
+    let cgroup_root = Path::new("/sys/fs/cgroup");
+    let hide_err = |what: &str, e: nix::Error| Error::Zygote(format!("hide cgroupfs: {what}: {e}"));
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+        .map_err(|e| hide_err("unshare(CLONE_NEWNS)", e))?;
+    let none = None::<&str>;
+    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
+        .map_err(|e| hide_err("make / rprivate", e))?;
+    // Deepest first; a mount that cannot be detached (e.g. locked) is covered below, which is
+    // enough for cgroup2 (libcgroups only looks for v1 hierarchies once the root is a tmpfs).
+    let mut cgroup_mounts = mounts_of_type(&["cgroup", "cgroup2"])?;
+    cgroup_mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in &cgroup_mounts {
+        let _ = umount2(m.as_str(), MntFlags::MNT_DETACH);
+    }
+    let _ = umount2(cgroup_root, MntFlags::MNT_DETACH);
+    if !cgroup_root.is_dir() {
+        return Err(Error::Zygote(
+            "hide cgroupfs: /sys/fs/cgroup missing (libcontainer needs it)".into(),
+        ));
+    }
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY;
+    mount(
+        Some("tmpfs"),
+        cgroup_root,
+        Some("tmpfs"),
+        flags,
+        Some("size=4k,mode=555"),
+    )
+    .map_err(|e| hide_err("mount tmpfs on /sys/fs/cgroup", e))?;
+    let left = mounts_of_type(&["cgroup"])?;
+    if !left.is_empty() {
+        return Err(Error::Zygote(format!(
+            "hide cgroupfs: cannot unmount cgroup v1 hierarchies {left:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// Mount points of the file systems of these types in our mount namespace.
+fn mounts_of_type(types: &[&str]) -> Result<Vec<String>> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(info
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            // Fields: id parent dev root mountpoint opts [optional...] - fstype source superopts
+            let sep = f.iter().position(|x| *x == "-")?;
+            let fstype = f.get(sep + 1)?;
+            types.contains(fstype).then(|| f[4].to_string())
+        })
+        .collect())
 }

@@ -205,3 +205,109 @@ pub async fn wait_removed(root: &Path) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Starts an engine whose zygote sees the cgroup file system read-only, as in a
+/// user-namespaced Kubernetes pod (`hostUsers: false`): a helper thread unshares its mount
+/// namespace (allowed in a multi-threaded process), makes every mount private and remounts each
+/// mount at or under /sys/fs/cgroup read-only (MS_REMOUNT|MS_BIND|MS_RDONLY, per mount, so the
+/// host and the rest of the test process are unaffected). The zygote, spawned from that
+/// thread, inherits its mount namespace. Returns an error naming the step that failed.
+pub fn engine_with_readonly_cgroupfs(cfg: EngineConfig) -> Result<Sandboxes, String> {
+    std::thread::spawn(move || -> Result<Sandboxes, String> {
+        use nix::mount::{MsFlags, mount};
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+            .map_err(|e| format!("unshare(CLONE_NEWNS): {e}"))?;
+        let none = None::<&str>;
+        mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
+            .map_err(|e| format!("make / rprivate: {e}"))?;
+        // /proc/self would be the thread group leader's (other) namespace.
+        let info = std::fs::read_to_string("/proc/thread-self/mountinfo")
+            .map_err(|e| format!("mountinfo: {e}"))?;
+        let mut remounted = Vec::new();
+        for line in info.lines() {
+            let f: Vec<&str> = line.split(' ').collect();
+            let (mp, opts) = (f[4], f[5]);
+            if mp != "/sys/fs/cgroup" && !mp.starts_with("/sys/fs/cgroup/") {
+                continue;
+            }
+            let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
+            // Keep the per-mount flags the mount has (as a container runtime would).
+            for o in opts.split(',') {
+                flags |= match o {
+                    "nosuid" => MsFlags::MS_NOSUID,
+                    "nodev" => MsFlags::MS_NODEV,
+                    "noexec" => MsFlags::MS_NOEXEC,
+                    _ => MsFlags::empty(),
+                };
+            }
+            mount(none, mp, none, flags, none)
+                .map_err(|e| format!("remount {mp} read-only: {e}"))?;
+            remounted.push(mp.to_string());
+        }
+        if remounted.is_empty() {
+            return Err("no mount at or under /sys/fs/cgroup".into());
+        }
+        // Check the reproduction itself: no cgroup can be created anywhere in the tree.
+        for mp in &remounted {
+            let probe = Path::new(mp).join(format!("tw-rotest-{}", std::process::id()));
+            match std::fs::create_dir(&probe) {
+                Err(e) if e.raw_os_error() == Some(libc::EROFS) => {}
+                other => {
+                    let _ = std::fs::remove_dir(&probe);
+                    return Err(format!("{mp} still writable: mkdir gave {other:?}"));
+                }
+            }
+        }
+        Sandboxes::start(&cfg).map_err(|e| format!("engine start: {e}"))
+    })
+    .join()
+    .map_err(|_| "read-only cgroupfs helper thread panicked".to_string())?
+}
+
+/// Cgroup directories (anywhere in the host's cgroup tree, up to 3 levels deep) created for
+/// containers of zygote `zpid` (ids `tw-<zpid>-<n>`, e.g. `toolwarden/tw-…` or `:youki:tw-…`).
+pub fn cgroups_of(zpid: u32) -> Vec<PathBuf> {
+    fn walk(dir: &Path, depth: u32, needle: &str, out: &mut Vec<PathBuf>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            if !e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                continue;
+            }
+            if e.file_name().to_string_lossy().contains(needle) {
+                out.push(e.path());
+            } else if depth > 0 {
+                walk(&e.path(), depth - 1, needle, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(
+        Path::new("/sys/fs/cgroup"),
+        3,
+        &format!("tw-{zpid}-"),
+        &mut out,
+    );
+    out
+}
+
+/// Everything that belongs to zygote `zpid`: state dirs, bundles, cgroups, child processes.
+pub fn engine_leftovers(state_root: &Path, zpid: u32) -> Vec<String> {
+    let prefix = format!("tw-{zpid}-");
+    let mut out = Vec::new();
+    for dir in [state_root.to_path_buf(), state_root.join("bundles")] {
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    out.push(e.path().display().to_string());
+                }
+            }
+        }
+    }
+    out.extend(cgroups_of(zpid).iter().map(|p| p.display().to_string()));
+    if let Ok(kids) = std::fs::read_to_string(format!("/proc/{zpid}/task/{zpid}/children")) {
+        out.extend(kids.split_whitespace().map(|p| format!("process {p}")));
+    }
+    out
+}
