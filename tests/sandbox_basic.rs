@@ -104,3 +104,28 @@ async fn burst_is_capped_by_max_running() {
         assert!(seen <= 2, "a tool saw {seen} tools running: {o:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tools_start_with_default_signals_like_from_a_shell() {
+    require_root!();
+    let rootfs = common::busybox_rootfs();
+    let engine = common::engine();
+    let pool = engine
+        .pool(common::spec(&rootfs, common::limits(), 1))
+        .await
+        .unwrap();
+    // No signal ignored or blocked (the runner ignores SIGPIPE), so a pipeline ends
+    // the usual way: `yes` dies of SIGPIPE once `head` has its line.
+    let o = common::run(
+        &pool,
+        common::sh("grep -E '^Sig(Ign|Blk)' /proc/self/status; yes | head -n 1"),
+    )
+    .await;
+    assert_eq!(
+        common::text(&o.stdout),
+        "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\ny\n",
+        "{o:?}"
+    );
+    assert_eq!(common::text(&o.stderr), "", "{o:?}");
+    assert_eq!(o.exit_code, Some(0));
+}

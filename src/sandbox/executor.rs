@@ -121,6 +121,7 @@ impl Executor for LateExecutor {
                 fail(EXIT_CANNOT_EXEC, "setrlimit(RLIMIT_AS) failed");
             }
         }
+        reset_signals();
         let err = nix::unistd::execve(&prog, &argv, &envp).unwrap_err();
         let code = if err == nix::Error::ENOENT {
             EXIT_NOT_FOUND
@@ -163,4 +164,52 @@ fn resolve(arg0: &str, path_var: &str) -> Option<String> {
         .map(|d| Path::new(d).join(arg0))
         .find(|p| is_exec(p))
         .map(|p| p.to_string_lossy().into_owned())
+}
+
+/// Gives the tool default signal dispositions and an empty signal mask, as a
+/// shell would: the Rust runtime ignores SIGPIPE (and glibc's internal real-time
+/// signals may be ignored too), and execve keeps ignored signals ignored, so
+/// `yes | head -1` would otherwise never end by SIGPIPE.
+fn reset_signals() {
+    /// The kernel's `struct sigaction` on x86_64 (glibc's wrapper refuses the
+    /// real-time signals it reserves, so the raw system call is used).
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: usize,
+        flags: u64,
+        restorer: usize,
+        mask: u64,
+    }
+    let default = KernelSigaction {
+        handler: 0, // SIG_DFL
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    for sig in 1..=64 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: single-threaded init just before execve; SIG_DFL runs no handler code.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                &default as *const KernelSigaction,
+                std::ptr::null_mut::<KernelSigaction>(),
+                8usize,
+            )
+        };
+    }
+    let empty = 0u64;
+    // SAFETY: as above; the kernel's sigset is 8 bytes.
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &empty as *const u64,
+            std::ptr::null_mut::<u64>(),
+            8usize,
+        )
+    };
 }
