@@ -9,10 +9,19 @@
 //!   call's scheduled start (target p99 <= 10 ms). Three executors: the unsandboxed process
 //!   executor (the baseline, no isolation) and the real `SandboxExecutor` (a fresh youki
 //!   sandbox per call) with the default warm pool (2) and a larger one (8);
-//! - idle RSS of the `toolwarden serve` process: target <= 20 MB.
+//! - idle RSS of the `toolwarden serve` process: target <= 20 MB;
+//! - CPU time per call during the throughput run, split by who spent it (this process,
+//!   the tool processes or the zygote with its keepers and sandboxes, kernel threads, the
+//!   rest of the machine), to show where the time goes. Not judged.
+//!
+//! The sandboxed columns need root and /bin/busybox (the tool's root file system is built
+//! from it); without them they print SKIPPED with the reason.
 //!
 //! Environment: `BENCH_N` calls for throughput (default 2000), `BENCH_RATE_SECS` seconds at
 //! 100 calls/s (default 10), `RUST_LOG` for engine logs (default `warn`).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -34,7 +43,6 @@ use toolwarden::runner::sandbox_executor::{SandboxExecutor, VolumesDir};
 use toolwarden::sandbox::{EngineConfig, Sandboxes};
 
 const IMAGE: &str = "docker.io/library/busybox:1.36.1";
-const BUSYBOX: &str = "/bin/busybox";
 
 /// The trivial tool; `{sandbox}` is replaced by its `spec.sandbox` block.
 const TOOL: &str = r#"
@@ -183,8 +191,91 @@ struct EndToEnd {
     /// Calls (of both runs) that did not answer 2xx, and the first such answer.
     failures: usize,
     first_failure: Option<String>,
-    /// Calls that ran late in the open-loop run because the client fell behind (> 1 ms).
+    /// Calls of the open-loop run that started > 1 ms after they were due (the bench
+    /// process's runtime was short of CPU); their latency still counts from when they were due.
     late_starts: usize,
+    /// CPU time spent during the throughput run, per call.
+    cpu_per_call: Cpu,
+}
+
+/// CPU time in seconds.
+#[derive(Clone, Copy, Debug, Default)]
+struct Cpu {
+    /// All CPUs of the machine, busy (not idle or iowait).
+    machine: f64,
+    /// This process: the HTTP client and the runner.
+    bench: f64,
+    /// Tool processes (the unsandboxed executor's children), the zygote and everything it
+    /// forked (keepers, sandboxes) once reaped.
+    tools: f64,
+    /// Kernel threads (e.g. network namespace and cgroup teardown, RCU callbacks).
+    kthreads: f64,
+}
+
+impl Cpu {
+    fn sample(zygote: Option<u32>) -> Cpu {
+        const TICK: f64 = 0.01; // USER_HZ is 100 on Linux
+        let machine = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| {
+                let f: Vec<f64> = s
+                    .lines()
+                    .next()?
+                    .split_whitespace()
+                    .skip(1)
+                    .filter_map(|v| v.parse().ok())
+                    .collect();
+                // user nice system idle iowait irq softirq steal
+                Some(f.iter().take(8).sum::<f64>() - f.get(3)? - f.get(4)?)
+            })
+            .unwrap_or(0.0);
+        // utime, stime, cutime, cstime of a process.
+        let times = |pid: &str| -> [f64; 4] {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let f: Vec<f64> = rest
+                .split_whitespace()
+                .skip(11)
+                .take(4)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            std::array::from_fn(|i| f.get(i).copied().unwrap_or(0.0))
+        };
+        // Kernel threads: kthreadd (pid 2) and its children.
+        let kthreads: f64 = std::fs::read_dir("/proc")
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| {
+                        let pid = e.file_name().to_str()?.parse::<u32>().ok()?;
+                        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+                        let rest = stat.rsplit_once(')')?.1;
+                        let f: Vec<&str> = rest.split_whitespace().collect();
+                        let ppid: u32 = f.get(1)?.parse().ok()?;
+                        let cpu = f.get(11..13)?.iter().filter_map(|v| v.parse::<f64>().ok());
+                        (pid == 2 || ppid == 2).then(|| cpu.sum::<f64>())
+                    })
+                    .sum()
+            })
+            .unwrap_or(0.0);
+        let me = times("self");
+        let zygote = zygote.map_or([0.0; 4], |z| times(&z.to_string()));
+        Cpu {
+            machine: machine * TICK,
+            bench: (me[0] + me[1]) * TICK,
+            tools: (me[2] + me[3] + zygote.iter().sum::<f64>()) * TICK,
+            kthreads: kthreads * TICK,
+        }
+    }
+
+    fn per_call(self, before: Cpu, calls: usize) -> Cpu {
+        let n = calls as f64;
+        Cpu {
+            machine: (self.machine - before.machine) / n,
+            bench: (self.bench - before.bench) / n,
+            tools: (self.tools - before.tools) / n,
+            kthreads: (self.kthreads - before.kthreads) / n,
+        }
+    }
 }
 
 /// One HTTP call; Ok(()) on 2xx, Err(description) otherwise.
@@ -211,6 +302,7 @@ async fn end_to_end<F, Fut>(
     runner: Arc<Runner>,
     n: usize,
     rate_secs: u64,
+    zygote: Option<u32>,
     before_run: F,
 ) -> EndToEnd
 where
@@ -246,6 +338,7 @@ where
     // Throughput: CONCURRENCY callers share N calls.
     before_run().await;
     let next = Arc::new(AtomicUsize::new(0));
+    let cpu_before = Cpu::sample(zygote);
     let start = Instant::now();
     let workers: Vec<_> = (0..CONCURRENCY)
         .map(|_| {
@@ -262,29 +355,44 @@ where
         w.await.unwrap();
     }
     let throughput = n as f64 / start.elapsed().as_secs_f64();
+    // Containers are deleted in the background after each call: let that finish too.
+    before_run().await;
+    let cpu_per_call = Cpu::sample(zygote).per_call(cpu_before, n);
 
     // Latency at a fixed offered rate, open loop: call i is due at t0 + i/RATE whatever
     // the previous calls do, and its latency counts from then (no coordinated omission).
+    // A plain thread paces the calls: its sleep is precise to tens of microseconds, where
+    // tokio's timer rounds up to the next millisecond.
     before_run().await;
     let count = (RATE_PER_SEC * rate_secs) as usize;
     let period = Duration::from_nanos(1_000_000_000 / RATE_PER_SEC);
-    let t0 = tokio::time::Instant::now() + Duration::from_millis(50);
     let late = Arc::new(AtomicUsize::new(0));
-    let pending: Vec<_> = (0..count)
-        .map(|i| {
-            let (client, url, record, late) =
-                (client.clone(), url.clone(), record.clone(), late.clone());
-            let due = t0 + period * i as u32;
-            tokio::spawn(async move {
-                tokio::time::sleep_until(due).await;
-                if due.elapsed() > Duration::from_millis(1) {
-                    late.fetch_add(1, Ordering::Relaxed);
-                }
-                record(call(&client, &url).await);
-                due.elapsed()
-            })
+    let pacer = {
+        let (client, url, record, late) =
+            (client.clone(), url.clone(), record.clone(), late.clone());
+        let rt = tokio::runtime::Handle::current();
+        std::thread::spawn(move || {
+            let t0 = Instant::now() + Duration::from_millis(50);
+            (0..count)
+                .map(|i| {
+                    let due = t0 + period * i as u32;
+                    std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                    let (client, url, record, late) =
+                        (client.clone(), url.clone(), record.clone(), late.clone());
+                    rt.spawn(async move {
+                        if due.elapsed() > Duration::from_millis(1) {
+                            late.fetch_add(1, Ordering::Relaxed);
+                        }
+                        record(call(&client, &url).await);
+                        due.elapsed()
+                    })
+                })
+                .collect::<Vec<_>>()
         })
-        .collect();
+    };
+    let pending = tokio::task::spawn_blocking(move || pacer.join().unwrap())
+        .await
+        .unwrap();
     let mut latencies = Vec::with_capacity(count);
     for p in pending {
         latencies.push(p.await.unwrap());
@@ -302,6 +410,7 @@ where
         failures: failures.load(Ordering::Relaxed),
         first_failure,
         late_starts: late.load(Ordering::Relaxed),
+        cpu_per_call,
     }
 }
 
@@ -342,43 +451,6 @@ async fn wait_warm(state_root: &Path, warm: usize) {
 fn world_traversable(path: &Path) {
     std::fs::create_dir_all(path).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
-}
-
-/// Writes a static busybox root file system into `root` (as tests/common does).
-fn build_busybox_rootfs(root: &Path) {
-    for d in ["bin", "proc", "dev", "sys", "tmp", "etc", "mnt", "work"] {
-        world_traversable(&root.join(d));
-    }
-    world_traversable(root);
-    std::fs::copy(BUSYBOX, root.join("bin/busybox")).unwrap();
-    let list = std::process::Command::new(BUSYBOX)
-        .arg("--list")
-        .output()
-        .unwrap();
-    for applet in String::from_utf8(list.stdout).unwrap().lines() {
-        if applet != "busybox" {
-            let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(applet));
-        }
-    }
-    std::fs::write(
-        root.join("etc/passwd"),
-        "root:x:0:0::/:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n",
-    )
-    .unwrap();
-    std::fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
-}
-
-/// Why the sandboxed figures cannot be taken here, if they cannot.
-fn sandbox_unavailable() -> Option<String> {
-    if !nix::unistd::geteuid().is_root() {
-        return Some("not running as root (the sandbox engine needs root)".into());
-    }
-    if !Path::new(BUSYBOX).is_file() {
-        return Some(format!(
-            "{BUSYBOX} is missing (install busybox-static for the tool's root file system)"
-        ));
-    }
-    None
 }
 
 /// The toolwarden binary (the zygote is this binary re-executed). Cargo builds it for
@@ -430,6 +502,7 @@ async fn sandboxed(
     let mut cfg = EngineConfig::new(toolwarden_exe()?);
     cfg.state_root = state.0.clone();
     let engine = Sandboxes::start(&cfg).map_err(|e| format!("sandbox engine: {e}"))?;
+    let zygote = engine.zygote_pid();
     let scratch = dir.join(format!("{tag}-secret-files"));
     let executor = Arc::new(SandboxExecutor::new(engine, VolumesDir(None), scratch));
     let isolation = executor.isolation();
@@ -455,9 +528,14 @@ async fn sandboxed(
     let warm = tools[0].spec.sandbox.warm_pool as usize;
     wait_warm(&state.0, warm).await;
     let root = state.0.clone();
-    let figures = end_to_end(runner, n, rate_secs, || wait_warm(&root, warm)).await;
-    // The server is stopped; dropping the last executor stops the zygote, which removes the
-    // state root.
+    let figures = end_to_end(runner, n, rate_secs, Some(zygote), || {
+        wait_warm(&root, warm)
+    })
+    .await;
+    // Let the refills in flight finish first: dropping a pool while its sandboxes are being
+    // built makes those builds fail (logged as errors). The server is stopped; dropping the
+    // last executor stops the zygote, which removes the state root.
+    wait_warm(&state.0, warm).await;
     drop(executor);
     Ok((figures, isolation))
 }
@@ -581,7 +659,7 @@ fn idle_rss(
 /// One column of the end-to-end table.
 struct Column {
     title: String,
-    /// None: skipped or failed, with the reason.
+    /// Err: skipped or failed, with the reason.
     figures: Result<EndToEnd, String>,
     rss: Result<IdleRss, String>,
     /// Whether the targets are judged on this column (the baseline is not).
@@ -593,7 +671,7 @@ fn verdict(met: bool) -> &'static str {
 }
 
 fn print_table(pipeline: &PipelineStats, columns: &[Column]) {
-    let w0 = 34;
+    let w0 = 36;
     let w = 24;
     let mut header = format!("{:w0$}", "measurement");
     for c in columns {
@@ -632,6 +710,35 @@ fn print_table(pipeline: &PipelineStats, columns: &[Column]) {
             "latency max at 100 calls/s",
             "-",
             Box::new(|e: &EndToEnd| (fmt_dur(*e.latencies.last().unwrap()), None)),
+        ),
+        (
+            "CPU/call, throughput run: machine",
+            "-",
+            Box::new(|e: &EndToEnd| (format!("{:.2} ms", e.cpu_per_call.machine * 1e3), None)),
+        ),
+        (
+            "  bench process (client + runner)",
+            "-",
+            Box::new(|e: &EndToEnd| (format!("{:.2} ms", e.cpu_per_call.bench * 1e3), None)),
+        ),
+        (
+            "  tool procs / zygote+keepers+boxes",
+            "-",
+            Box::new(|e: &EndToEnd| (format!("{:.2} ms", e.cpu_per_call.tools * 1e3), None)),
+        ),
+        (
+            "  kernel threads (teardown, RCU)",
+            "-",
+            Box::new(|e: &EndToEnd| (format!("{:.2} ms", e.cpu_per_call.kthreads * 1e3), None)),
+        ),
+        (
+            "  other processes (noise)",
+            "-",
+            Box::new(|e: &EndToEnd| {
+                let c = e.cpu_per_call;
+                let other = c.machine - c.bench - c.tools - c.kthreads;
+                (format!("{:.2} ms", other * 1e3), None)
+            }),
         ),
         (
             "failed calls (all runs)",
@@ -684,7 +791,12 @@ fn print_table(pipeline: &PipelineStats, columns: &[Column]) {
                 }
                 format!("{:.1} MB", r.serve_kb as f64 / 1024.0)
             }
-            Err(_) => "SKIPPED".into(),
+            Err(_) => {
+                if c.judged {
+                    verdicts.push(format!("{}: not measured", c.title.trim()));
+                }
+                "SKIPPED".into()
+            }
         };
         line += &format!(" | {text:>w$}");
     }
@@ -747,6 +859,8 @@ fn main() {
          client, runner and sandboxes share this machine",
         RATE_PER_SEC * rate_secs
     );
+    let loadavg = || std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("load average at start: {}", loadavg().trim());
     let pipeline = rt.block_on(pipeline_only(dir.path()));
 
     let baseline_runner = runner(
@@ -756,7 +870,9 @@ fn main() {
         None,
         Arc::new(UnsandboxedProcessExecutor),
     );
-    let baseline = rt.block_on(end_to_end(baseline_runner, n, rate_secs, || async {}));
+    let baseline = rt.block_on(end_to_end(baseline_runner, n, rate_secs, None, || async {
+        // Tool processes are reaped when the call ends: nothing runs in the background.
+    }));
     let mut columns = vec![Column {
         title: "unsandboxed (baseline)".into(),
         figures: Ok(baseline),
@@ -764,11 +880,11 @@ fn main() {
         judged: false,
     }];
 
-    let skip = sandbox_unavailable();
+    let skip = common::skip_reason();
     let images = dir.path().join("images");
     if skip.is_none() {
         world_traversable(&images);
-        build_busybox_rootfs(&images.join(entry_name(IMAGE)));
+        common::build_busybox_rootfs(&images.join(entry_name(IMAGE)));
     }
     let mut isolation = None;
     for warm_pool in [None, Some(8)] {
@@ -808,7 +924,7 @@ fn main() {
                 }
                 if e.late_starts > 0 {
                     println!(
-                        "{}: {} calls of the fixed-rate run started > 1 ms late (client behind)",
+                        "{}: {} calls of the fixed-rate run started > 1 ms late (the bench process was short of CPU)",
                         c.title, e.late_starts
                     );
                 }
@@ -822,6 +938,11 @@ fn main() {
             println!("{}: idle RSS FAILED: {why}", c.title);
         }
     }
+    println!(
+        "load average at end: {} (the machine is shared: other processes' CPU shows in the \
+         'other processes' row and slows every column)",
+        loadavg().trim()
+    );
     if let Some(iso) = isolation {
         println!("sandbox isolation: {iso}");
     }
