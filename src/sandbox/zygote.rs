@@ -67,6 +67,11 @@ fn run(sock: BorrowedFd<'_>, seal_err: Option<std::io::Error>) -> Result<()> {
     sweep::sweep(&state_root);
     if host.cgroup_unusable.is_some() {
         hide_cgroupfs()?;
+    } else if matches!(host.cgroup, Some(CgroupMode::V1 { .. }))
+        && let Err(e) = hide_unused_cgroup_v1()
+    {
+        // Only a cost: libcontainer then uses every hierarchy, as before.
+        eprintln!("toolwarden sandbox-zygote: keeping all cgroup v1 hierarchies: {e}");
     }
     seccomp::filters()?;
     proto::send(sock, &FromZygote::Hello { host: host.clone() }, &[])?;
@@ -520,8 +525,75 @@ fn hide_cgroupfs() -> Result<()> {
     Ok(())
 }
 
-/// Mount points of the file systems of these types in our mount namespace.
-fn mounts_of_type(types: &[&str]) -> Result<Vec<String>> {
+/// cgroup v1 controllers the sandbox's limits use: memory (memory+swap), pids, cpu (quota) and
+/// devices (the device cgroup; libcontainer also lists a container's processes there).
+const V1_CONTROLLERS_USED: &[&str] = &["memory", "pids", "cpu", "devices"];
+
+/// cgroup v1 (hybrid) with writable cgroups. libcgroups' v1 manager puts every container into
+/// *every* mounted hierarchy (cpuacct, cpuset, blkio, freezer, ...), although the sandbox sets
+/// no limit there: a cgroup created, joined and removed per call and per hierarchy. So the
+/// zygote takes its own mount namespace (a slave of the host's: later host mounts still
+/// arrive; nothing propagates back) in which only the hierarchies of the limits in use stay
+/// mounted. Containers then get cgroups only there; their limits are unchanged, and a hidden
+/// hierarchy imposed none. The sweeper has already run in the host's view.
+fn hide_unused_cgroup_v1() -> Result<()> {
+    use nix::mount::{MntFlags, MsFlags, mount, umount2};
+    let err = |what: &str, e: nix::Error| Error::Zygote(format!("{what}: {e}"));
+    let unused: Vec<String> = mountinfo()?
+        .into_iter()
+        .filter(|m| m.fstype == "cgroup")
+        .filter(|m| {
+            // Super options, e.g. "rw,cpu,cpuacct" or "rw,name=systemd" (a named hierarchy
+            // without controllers: libcgroups ignores it, leave it alone).
+            let opts: Vec<&str> = m.super_opts.split(',').collect();
+            let controllers = opts.iter().any(|o| is_v1_controller(o));
+            controllers && !opts.iter().any(|o| V1_CONTROLLERS_USED.contains(o))
+        })
+        .map(|m| m.mount_point)
+        .collect();
+    if unused.is_empty() {
+        return Ok(());
+    }
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+        .map_err(|e| err("unshare(CLONE_NEWNS)", e))?;
+    let none = None::<&str>;
+    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_SLAVE, none)
+        .map_err(|e| err("make / rslave", e))?;
+    for m in &unused {
+        umount2(m.as_str(), MntFlags::MNT_DETACH).map_err(|e| err(&format!("umount {m}"), e))?;
+    }
+    Ok(())
+}
+
+/// Names of cgroup v1 controllers (as in a hierarchy's mount options).
+fn is_v1_controller(opt: &str) -> bool {
+    matches!(
+        opt,
+        "cpu"
+            | "cpuacct"
+            | "cpuset"
+            | "memory"
+            | "devices"
+            | "freezer"
+            | "net_cls"
+            | "net_prio"
+            | "blkio"
+            | "perf_event"
+            | "hugetlb"
+            | "pids"
+            | "rdma"
+            | "misc"
+    )
+}
+
+struct MountEntry {
+    mount_point: String,
+    fstype: String,
+    super_opts: String,
+}
+
+/// Our mount namespace's mounts, from /proc/self/mountinfo.
+fn mountinfo() -> Result<Vec<MountEntry>> {
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
     Ok(info
         .lines()
@@ -529,8 +601,20 @@ fn mounts_of_type(types: &[&str]) -> Result<Vec<String>> {
             let f: Vec<&str> = l.split(' ').collect();
             // Fields: id parent dev root mountpoint opts [optional...] - fstype source superopts
             let sep = f.iter().position(|x| *x == "-")?;
-            let fstype = f.get(sep + 1)?;
-            types.contains(fstype).then(|| f[4].to_string())
+            Some(MountEntry {
+                mount_point: f.get(4)?.to_string(),
+                fstype: f.get(sep + 1)?.to_string(),
+                super_opts: f.get(sep + 3).unwrap_or(&"").to_string(),
+            })
         })
+        .collect())
+}
+
+/// Mount points of the file systems of these types in our mount namespace.
+fn mounts_of_type(types: &[&str]) -> Result<Vec<String>> {
+    Ok(mountinfo()?
+        .into_iter()
+        .filter(|m| types.contains(&m.fstype.as_str()))
+        .map(|m| m.mount_point)
         .collect())
 }
