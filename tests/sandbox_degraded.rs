@@ -99,15 +99,21 @@ async fn readonly_cgroupfs_degrades_to_rlimits_and_contains_bombs() {
     scenario(true).await;
 }
 
+/// A rootfs the user-namespace root cannot traverse: the pool runs without a
+/// user namespace, as in a pod (where a nested one cannot be set up).
+fn deny_user_namespace(rootfs: &common::Rootfs) {
+    std::fs::set_permissions(
+        rootfs.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+}
+
 async fn scenario(userns: bool) {
     eprintln!("--- read-only cgroupfs, user namespace: {userns}");
     let rootfs = common::busybox_rootfs();
     if !userns {
-        std::fs::set_permissions(
-            rootfs.dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        )
-        .unwrap();
+        deny_user_namespace(&rootfs);
     }
     let cfg = common::config();
     let state_root = cfg.state_root.clone();
@@ -333,11 +339,7 @@ async fn crash_helper_runner() {
     }
     let rootfs = common::busybox_rootfs();
     // No user namespace, as in the pod.
-    std::fs::set_permissions(
-        rootfs.dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o700),
-    )
-    .unwrap();
+    deny_user_namespace(&rootfs);
     let cfg = common::config();
     let state_root = cfg.state_root.clone();
     let engine = common::engine_with_readonly_cgroupfs(cfg).unwrap();
