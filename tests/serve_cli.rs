@@ -39,8 +39,7 @@ fn examples() -> PathBuf {
 /// `volumes/` folders `serve` finds on its own.
 fn tools_dir() -> tempfile::TempDir {
     let dir = common::world_traversable_tempdir();
-    common::build_busybox_rootfs(&dir.path().join("images/docker.io_library_busybox_1.36.1"));
-    std::fs::create_dir_all(dir.path().join("volumes/pvc/agent-workspace")).unwrap();
+    common::example_images_and_volumes(dir.path());
     for entry in std::fs::read_dir(examples()).unwrap() {
         let path = entry.unwrap().path();
         if path.is_file() {

@@ -52,6 +52,8 @@ impl Executor for LateExecutor {
             }
             libc::syscall(libc::SYS_close_range, fd + 1, u32::MAX, 0u32);
         }
+        // Also before parking, off the request path: dispositions survive until execve.
+        reset_signals();
         // Install seccomp before parking: the filter (~1,400 BPF instructions) costs ~0.3 ms to
         // load, which is then off the request path; everything below until execve (read, close,
         // chdir, getcwd, stat, write, exit) is in the allowlist, and parking under the filter
@@ -121,7 +123,6 @@ impl Executor for LateExecutor {
                 fail(EXIT_CANNOT_EXEC, "setrlimit(RLIMIT_AS) failed");
             }
         }
-        reset_signals();
         let err = nix::unistd::execve(&prog, &argv, &envp).unwrap_err();
         let code = if err == nix::Error::ENOENT {
             EXIT_NOT_FOUND

@@ -28,6 +28,12 @@ pub fn ensure(spec: &SandboxSpec) -> io::Result<()> {
 }
 
 fn ensure_one(rootfs: &Path, target: &Path, is_file: bool) -> io::Result<()> {
+    if target.components().any(|c| c == Component::ParentDir) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("mount target {} must not contain ..", target.display()),
+        ));
+    }
     let parts: Vec<_> = target
         .components()
         .filter_map(|c| match c {
@@ -35,12 +41,6 @@ fn ensure_one(rootfs: &Path, target: &Path, is_file: bool) -> io::Result<()> {
             _ => None,
         })
         .collect();
-    if target.components().any(|c| c == Component::ParentDir) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("mount target {} must not contain ..", target.display()),
-        ));
-    }
     let mut path = rootfs.to_path_buf();
     for (i, part) in parts.iter().enumerate() {
         path.push(part);

@@ -133,22 +133,30 @@ pub fn engine() -> Sandboxes {
     Sandboxes::start(&config()).expect("start sandbox engine")
 }
 
-/// The runner's real executor on a fresh engine, and an image store holding
-/// the busybox root file system under the examples' image reference.
-pub fn runner_sandbox(dir: &Path) -> (SandboxExecutor, ImageStore) {
-    // The examples' file tool mounts this claim.
+/// What the example tools need beside their manifests in `dir`: `images/`
+/// with the busybox root file system under their image reference, and
+/// `volumes/` with the claim the file tool mounts (holding `notes.txt`).
+pub fn example_images_and_volumes(dir: &Path) {
     let workspace = dir.join("volumes/pvc/agent-workspace");
     std::fs::create_dir_all(&workspace).unwrap();
     std::fs::write(workspace.join("notes.txt"), "remember the milk\n").unwrap();
-    let images = dir.join("images");
-    build_busybox_rootfs(&images.join(entry_name("docker.io/library/busybox:1.36.1")));
+    build_busybox_rootfs(
+        &dir.join("images")
+            .join(entry_name("docker.io/library/busybox:1.36.1")),
+    );
+}
+
+/// The runner's real executor on a fresh engine, and an image store holding
+/// the busybox root file system under the examples' image reference.
+pub fn runner_sandbox(dir: &Path) -> (SandboxExecutor, ImageStore) {
+    example_images_and_volumes(dir);
     let executor = SandboxExecutor::new(
         engine(),
         VolumesDir(Some(dir.join("volumes"))),
         dir.join("secret-files"),
     );
     let store = ImageStore {
-        dir: images,
+        dir: dir.join("images"),
         cache: dir.join("image-cache"),
     };
     (executor, store)
