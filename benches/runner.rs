@@ -215,20 +215,6 @@ struct Cpu {
 impl Cpu {
     fn sample(zygote: Option<u32>) -> Cpu {
         const TICK: f64 = 0.01; // USER_HZ is 100 on Linux
-        let machine = std::fs::read_to_string("/proc/stat")
-            .ok()
-            .and_then(|s| {
-                let f: Vec<f64> = s
-                    .lines()
-                    .next()?
-                    .split_whitespace()
-                    .skip(1)
-                    .filter_map(|v| v.parse().ok())
-                    .collect();
-                // user nice system idle iowait irq softirq steal
-                Some(f.iter().take(8).sum::<f64>() - f.get(3)? - f.get(4)?)
-            })
-            .unwrap_or(0.0);
         // utime, stime, cutime, cstime of a process.
         let times = |pid: &str| -> [f64; 4] {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -260,7 +246,7 @@ impl Cpu {
         let me = times("self");
         let zygote = zygote.map_or([0.0; 4], |z| times(&z.to_string()));
         Cpu {
-            machine: machine * TICK,
+            machine: common::machine_busy_secs(),
             bench: (me[0] + me[1]) * TICK,
             tools: (me[2] + me[3] + zygote.iter().sum::<f64>()) * TICK,
             kthreads: kthreads * TICK,
@@ -414,24 +400,15 @@ where
     }
 }
 
-/// Containers in `state_root` (libcontainer state dirs `tw-<zygote>-<seq>`): parked ones plus
-/// any still being built or running.
-fn containers(state_root: &Path) -> usize {
-    std::fs::read_dir(state_root).map_or(0, |rd| {
-        rd.flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with("tw-"))
-            .count()
-    })
-}
-
 /// Waits until the engine is idle with `warm` containers parked (at most 30 s): the number
-/// of containers must reach `warm` and stay unchanged for 300 ms.
-async fn wait_warm(state_root: &Path, warm: usize) {
+/// of containers (one keeper process each, parked or still being built or removed) must reach
+/// `warm` and stay unchanged for 300 ms.
+async fn wait_warm(zygote: u32, warm: usize) {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut stable_since = Instant::now();
     let mut last = usize::MAX;
     while Instant::now() < deadline {
-        let now = containers(state_root);
+        let now = common::keepers(zygote).len();
         if now != last {
             last = now;
             stable_since = Instant::now();
@@ -441,10 +418,7 @@ async fn wait_warm(state_root: &Path, warm: usize) {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    eprintln!(
-        "warning: warm pool did not settle at {warm} within 30 s ({last} containers in {})",
-        state_root.display()
-    );
+    eprintln!("warning: warm pool did not settle at {warm} within 30 s ({last} containers)");
 }
 
 /// A folder a user-namespaced sandbox can traverse (0755, and so are its ancestors).
@@ -526,16 +500,15 @@ async fn sandboxed(
         return Err(format!("prepare: {}", errors.join("; ")));
     }
     let warm = tools[0].spec.sandbox.warm_pool as usize;
-    wait_warm(&state.0, warm).await;
-    let root = state.0.clone();
+    wait_warm(zygote, warm).await;
     let figures = end_to_end(runner, n, rate_secs, Some(zygote), || {
-        wait_warm(&root, warm)
+        wait_warm(zygote, warm)
     })
     .await;
     // Let the refills in flight finish first: dropping a pool while its sandboxes are being
     // built makes those builds fail (logged as errors). The server is stopped; dropping the
     // last executor stops the zygote, which removes the state root.
-    wait_warm(&state.0, warm).await;
+    wait_warm(zygote, warm).await;
     drop(executor);
     Ok((figures, isolation))
 }

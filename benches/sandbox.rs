@@ -1,5 +1,9 @@
 //! `cargo bench --bench sandbox`: N runs of /bin/true in a busybox rootfs: toolwarden cold and
-//! warm vs `crun run` / `runc run` on an equivalent bundle vs bare fork+exec. Needs root.
+//! warm vs `crun run` / `runc run` on an equivalent bundle vs bare fork+exec, then the whole
+//! machine's CPU time per container for each of them. Needs root.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -165,13 +169,6 @@ fn bare(busybox: &Path, wrap: bool) -> Duration {
 
 const BENCH_CGROUP: &str = "twbench";
 
-/// Number of live keepers (children of the zygote).
-fn keepers(zpid: u32) -> usize {
-    std::fs::read_to_string(format!("/proc/{zpid}/task/{zpid}/children"))
-        .map(|s| s.split_whitespace().count())
-        .unwrap_or(0)
-}
-
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -238,6 +235,8 @@ fn main() {
     // no refill runs during any measurement. The loop runs as a task, like a request handler.
     let engine2 = engine.clone();
     let busybox = root.join("bin/busybox");
+    // USER_HZ ticks are 10 ms: enough containers for a figure to within a few per cent.
+    let cpu_runs = (*N).max(100);
     let rss = rt
         .block_on(rt.spawn(async move {
             let engine = engine2;
@@ -248,7 +247,7 @@ fn main() {
             // (the zygote's only children are the 4 parked keepers), so no refill build or
             // container deletion of an earlier call overlaps the measurement.
             let settle = || async {
-                while pool.warm_len() < 4 || keepers(zpid) > 4 {
+                while pool.warm_len() < 4 || common::keepers(zpid).len() > 4 {
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
             };
@@ -275,10 +274,41 @@ fn main() {
             }
             settle().await;
             let rss = (rss_kib(std::process::id()), rss_kib(engine.zygote_pid()));
-            (rss, rows)
+            // CPU per container: each runner starts containers back to back, and the machine's
+            // busy time (every process and kernel thread) is divided by their number. For
+            // toolwarden that is the whole life of a container (build, run, delete, and for the
+            // warm pool the refill), since `settle` waits for all of it.
+            let mut cpu = Vec::new();
+            for (name, _) in rows.iter() {
+                settle().await;
+                let before = common::machine_busy_secs();
+                for _ in 0..cpu_runs {
+                    match *name {
+                        "toolwarden cold" => {
+                            cold_pool.run(inv.clone()).await.unwrap();
+                        }
+                        "toolwarden warm" => {
+                            pool.run(inv.clone()).await.unwrap();
+                        }
+                        "bare fork+exec" => {
+                            bare(&busybox, false);
+                        }
+                        "fork+exec in private mount ns" => {
+                            bare(&busybox, true);
+                        }
+                        bin => {
+                            time_cmd(bin, &bundle, wrap, 1).unwrap();
+                        }
+                    }
+                }
+                settle().await;
+                let ms = (common::machine_busy_secs() - before) * 1e3 / cpu_runs as f64;
+                cpu.push((*name, ms));
+            }
+            (rss, rows, cpu)
         }))
         .unwrap();
-    let (rss, rows) = rss;
+    let (rss, rows, cpu) = rss;
     for d in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
         let _ = std::fs::remove_dir(d.path().join(BENCH_CGROUP));
     }
@@ -299,6 +329,14 @@ fn main() {
             ratio(crun_med),
             ratio(runc_med)
         );
+    }
+    let crun_cpu = cpu.iter().find(|r| r.0 == "crun").map(|r| r.1);
+    println!("\nCPU per container, whole machine, {cpu_runs} containers back to back per runner\n");
+    println!("| runner | CPU ms per container | x crun |");
+    println!("|---|---:|---:|");
+    for (name, ms) in &cpu {
+        let ratio = crun_cpu.map_or("-".into(), |c| format!("{:.2}", ms / c));
+        println!("| {name} | {ms:.2} | {ratio} |");
     }
     println!(
         "\nrunner RSS with warm pool of 4: {} KiB (zygote: {} KiB)",

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 
 use crate::sandbox::detect::HostReport;
 use crate::sandbox::proto::{self, FromZygote, LateExec, ToZygote};
@@ -191,6 +191,7 @@ impl Sandboxes {
                 spec,
                 enforcement,
                 warm: Mutex::new(WarmQueue::default()),
+                parked: Notify::new(),
             }),
         };
         pool.shared.refill();
@@ -293,6 +294,8 @@ struct WarmQueue {
     parked: VecDeque<Warm>,
     /// Refills requested but not parked yet (so a burst never overfills the pool).
     pending: usize,
+    /// Calls waiting for one of the `pending` refills (never more than `pending`).
+    waiting: usize,
 }
 
 struct PoolShared {
@@ -301,6 +304,8 @@ struct PoolShared {
     spec: SandboxSpec,
     enforcement: Enforcement,
     warm: Mutex<WarmQueue>,
+    /// Signalled whenever a container is parked, for calls waiting on an empty pool.
+    parked: Notify,
 }
 
 impl Drop for PoolShared {
@@ -373,16 +378,58 @@ impl PoolShared {
             let s = self.clone();
             rt.spawn(async move {
                 let r = s.spawn(true).await;
-                let mut q = lock(&s.warm);
-                q.pending -= 1;
-                match r {
-                    Ok(w) => q.parked.push_back(w),
-                    Err(e) => {
-                        tracing::error!(error = %e, pool = s.id, "warm sandbox creation failed")
-                    }
+                let failed = {
+                    let mut q = lock(&s.warm);
+                    q.pending -= 1;
+                    r.map(|w| q.parked.push_back(w)).err()
+                };
+                // Also on failure: a waiting call then sees one refill fewer and builds its own.
+                s.parked.notify_one();
+                if let Some(e) = failed {
+                    tracing::error!(error = %e, pool = s.id, "warm sandbox creation failed")
                 }
             });
         }
+    }
+
+    /// A parked container, else one of the refills in flight, else a container built for this
+    /// call. Refills in flight were started earlier, so one is usually parked well before a
+    /// build started now would be ready; each waiting call counts on its own refill (more
+    /// waiters than refills build their own), so nobody waits for a refill that never comes.
+    async fn take(self: &Arc<Self>) -> Result<Warm> {
+        loop {
+            // Created before the check: a refill parked in between leaves a permit for it.
+            let parked = self.parked.notified();
+            let waiting = {
+                let mut q = lock(&self.warm);
+                while let Some(w) = q.parked.pop_front() {
+                    // A parked container that already died (e.g. killed) is skipped.
+                    if !w.is_dead() {
+                        return Ok(w);
+                    }
+                }
+                if q.waiting >= q.pending {
+                    None
+                } else {
+                    q.waiting += 1;
+                    Some(Waiting(self))
+                }
+            };
+            let Some(_waiting) = waiting else {
+                return self.spawn(false).await;
+            };
+            parked.await;
+        }
+    }
+}
+
+/// One call waiting for a refill; counted in `WarmQueue::waiting` until dropped (also when the
+/// call is cancelled).
+struct Waiting<'a>(&'a PoolShared);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.warm).waiting -= 1;
     }
 }
 
@@ -426,18 +473,7 @@ impl Pool {
             .map_err(|_| Error::Zygote("engine closed".into()))?;
         let start = Instant::now();
         let _refill = RefillOnDrop(s.clone());
-        let warm = loop {
-            let popped = lock(&s.warm).parked.pop_front();
-            match popped {
-                Some(w) => {
-                    // A parked container that already died (e.g. killed) is skipped.
-                    if !w.is_dead() {
-                        break w;
-                    }
-                }
-                None => break s.spawn(false).await?,
-            }
-        };
+        let warm = s.take().await?;
         self.run_in(warm, inv, start).await
     }
 

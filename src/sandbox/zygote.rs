@@ -62,9 +62,22 @@ fn run(sock: BorrowedFd<'_>, seal_err: Option<std::io::Error>) -> Result<()> {
     let state_root = PathBuf::from(
         std::env::var_os(ENV_STATE_ROOT).ok_or_else(|| Error::Zygote("no state root".into()))?,
     );
-    std::fs::create_dir_all(state_root.join("bundles"))?;
+    std::fs::create_dir_all(&state_root)?;
     let host = HostReport::detect(std::env::var_os(ENV_FORCE_RLIMITS).is_some());
+    let zpid = std::process::id();
+    // Sweep in the host's view, before this zygote's mount namespace hides anything.
     sweep::sweep(&state_root);
+    enter_own_mount_namespace()?;
+    let per_call_cgroups = host.cgroup.is_some() && host.cgroup_unusable.is_none();
+    let root = if per_call_cgroups {
+        let root = sweep::zygote_dir(&state_root, zpid);
+        std::fs::create_dir_all(&root)?;
+        mount_state_tmpfs(&root)?;
+        root
+    } else {
+        state_root.clone()
+    };
+    std::fs::create_dir_all(root.join("bundles"))?;
     if host.cgroup_unusable.is_some() {
         hide_cgroupfs()?;
     } else if matches!(host.cgroup, Some(CgroupMode::V1 { .. }))
@@ -74,6 +87,11 @@ fn run(sock: BorrowedFd<'_>, seal_err: Option<std::io::Error>) -> Result<()> {
         eprintln!("toolwarden sandbox-zygote: keeping all cgroup v1 hierarchies: {e}");
     }
     seccomp::filters()?;
+    // libcontainer and libcgroups reach /proc through pathrs, which mounts a private procfs
+    // instance (fsopen/fsmount) per process the first time and caches it. Created here, the
+    // cached handle (subset=pid, detached, close-on-exec) is inherited by every keeper and its
+    // container processes: ~2 procfs instances fewer per call. Failure only costs that.
+    let _ = pathrs::procfs::ProcfsHandle::new();
     proto::send(sock, &FromZygote::Hello { host: host.clone() }, &[])?;
 
     let mut mask = SigSet::empty();
@@ -81,7 +99,6 @@ fn run(sock: BorrowedFd<'_>, seal_err: Option<std::io::Error>) -> Result<()> {
     sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None)?;
     let sigfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
 
-    let zpid = std::process::id();
     let mut pools: HashMap<u64, PoolDef> = HashMap::new();
     let mut keepers: HashMap<Pid, String> = HashMap::new();
     let mut seq: u64 = 0;
@@ -98,7 +115,7 @@ fn run(sock: BorrowedFd<'_>, seal_err: Option<std::io::Error>) -> Result<()> {
         let sig_ready = fds[1].any().unwrap_or(false);
         if sig_ready {
             while let Ok(Some(_)) = sigfd.read_signal() {}
-            reap_keepers(&mut keepers, &state_root);
+            reap_keepers(&mut keepers, &root);
         }
         if !sock_ready {
             continue;
@@ -106,7 +123,7 @@ fn run(sock: BorrowedFd<'_>, seal_err: Option<std::io::Error>) -> Result<()> {
         let Some((msg, _fds)) = proto::recv::<ToZygote>(sock)? else {
             // Runner gone. Parked containers see EOF on their control pipes and exit; their
             // keepers clean up.
-            shutdown(&mut keepers, &sigfd, &state_root);
+            shutdown(&mut keepers, &sigfd, &root, &state_root);
             return Ok(());
         };
         match msg {
@@ -171,7 +188,7 @@ fn run(sock: BorrowedFd<'_>, seal_err: Option<std::io::Error>) -> Result<()> {
                     Ok(ForkResult::Child) => {
                         // The keeper must not inherit a blocked SIGCHLD (nor pass it on).
                         let _ = sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&mask), None);
-                        let code = keeper(sock, &state_root, &id, def, req, background);
+                        let code = keeper(sock, &root, &id, def, req, background);
                         unsafe { libc::_exit(code) }
                     }
                     Ok(ForkResult::Parent { child }) => {
@@ -187,12 +204,13 @@ fn run(sock: BorrowedFd<'_>, seal_err: Option<std::io::Error>) -> Result<()> {
     }
 }
 
-/// Waits (bounded) for the keepers to finish their containers, then removes the state root if
-/// nothing else uses it, so an engine leaves no directory behind.
-fn shutdown(keepers: &mut HashMap<Pid, String>, sigfd: &SignalFd, state_root: &Path) {
+/// Waits (bounded) for the keepers to finish their containers, then removes this zygote's
+/// container root and the state root if nothing else uses it, so an engine leaves no directory
+/// behind.
+fn shutdown(keepers: &mut HashMap<Pid, String>, sigfd: &SignalFd, root: &Path, state_root: &Path) {
     let deadline = std::time::Instant::now() + SHUTDOWN_GRACE;
     loop {
-        reap_keepers(keepers, state_root);
+        reap_keepers(keepers, root);
         if keepers.is_empty() {
             break;
         }
@@ -201,7 +219,7 @@ fn shutdown(keepers: &mut HashMap<Pid, String>, sigfd: &SignalFd, state_root: &P
             for (pid, id) in keepers.drain() {
                 let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
                 let _ = waitpid(pid, None);
-                sweep::remove_container(state_root, &id);
+                sweep::remove_container(root, &id);
             }
             break;
         }
@@ -214,7 +232,11 @@ fn shutdown(keepers: &mut HashMap<Pid, String>, sigfd: &SignalFd, state_root: &P
         while let Ok(Some(_)) = sigfd.read_signal() {}
     }
     // Non-recursive: another engine may share the root (its entries keep it).
-    let _ = std::fs::remove_dir(state_root.join("bundles"));
+    let _ = std::fs::remove_dir(root.join("bundles"));
+    if root != state_root {
+        let _ = nix::mount::umount2(root, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir(root);
+    }
     let _ = std::fs::remove_dir(state_root);
 }
 
@@ -248,37 +270,40 @@ fn keeper(
     req: u64,
     background: bool,
 ) -> i32 {
-    let code = match keeper_run(sock, state_root, id, def, req, background) {
+    let (pid, report, mnt_ns) = match keeper_run(sock, state_root, id, def, req, background) {
+        Ok(started) => started,
         Err(e) => {
             let error = e.to_string();
             let _ = proto::send(sock, &FromZygote::SpawnFailed { req, error }, &[]);
-            1
-        }
-        Ok((mut container, pid, report, mnt_ns)) => {
-            let msg = match keeper_wait(def, id, pid) {
-                Ok(exit) => FromZygote::Exited { req, exit },
-                Err(e) => FromZygote::SpawnFailed {
-                    req,
-                    error: e.to_string(),
-                },
-            };
-            // Small (< PIPE_BUF) into a fresh pipe: never blocks. EPIPE (call dropped) is fine.
-            if let Ok(buf) = serde_json::to_vec(&msg) {
-                let _ = nix::unistd::write(&report, &buf);
-            }
-            drop(report);
-            // Now the mount tree may be torn down (see keeper_run).
-            drop(mnt_ns);
-            // The call is answered: deleting the container is background work.
-            set_nice(0, BACKGROUND_NICE);
-            match container.delete(true) {
-                Ok(()) => 0,
-                Err(_) => 1,
-            }
+            sweep::remove_container(state_root, id);
+            return 1;
         }
     };
-    sweep::remove_container(state_root, id);
-    code
+    let waited = keeper_wait(def, id, pid);
+    let reaped = waited.is_ok();
+    let msg = match waited {
+        Ok(exit) => FromZygote::Exited { req, exit },
+        Err(e) => FromZygote::SpawnFailed {
+            req,
+            error: e.to_string(),
+        },
+    };
+    // Small (< PIPE_BUF) into a fresh pipe: never blocks. EPIPE (call dropped) is fine.
+    if let Ok(buf) = serde_json::to_vec(&msg) {
+        let _ = nix::unistd::write(&report, &buf);
+    }
+    drop(report);
+    // Now the mount tree may be torn down (see keeper_run).
+    drop(mnt_ns);
+    // The call is answered: deleting the container is background work.
+    set_nice(0, BACKGROUND_NICE);
+    if reaped {
+        sweep::remove_exited(state_root, id);
+        0
+    } else {
+        sweep::remove_container(state_root, id);
+        1
+    }
 }
 
 /// libcontainer always creates /dev/full (`rootfs::utils::default_devices`), but the sandbox's
@@ -328,12 +353,7 @@ fn keeper_run(
     def: &PoolDef,
     req: u64,
     background: bool,
-) -> Result<(
-    libcontainer::container::Container,
-    Pid,
-    OwnedFd,
-    std::fs::File,
-)> {
+) -> Result<(Pid, OwnedFd, std::fs::File)> {
     if background {
         // A refill must not steal CPU from running calls on a small host.
         set_nice(0, BACKGROUND_NICE);
@@ -410,7 +430,7 @@ fn keeper_run(
     )?;
     // The runner now holds the only parent-side ends.
     drop((ctl_w, in_w, out_r, err_r, pidfd, report_r));
-    Ok((container, pid, report_w, mnt_ns))
+    Ok((pid, report_w, mnt_ns))
 }
 
 /// Waits for the container init and collects its exit status and memory statistics.
@@ -478,22 +498,54 @@ fn memory_stats(mode: CgroupMode, id: &str) -> (bool, Option<u64>) {
     }
 }
 
+/// The zygote's own mount namespace, inherited by its keepers (and copied into each container,
+/// which pivots away from it): a slave of the host's, so later host mounts (bind sources,
+/// images) still arrive and nothing done here propagates back.
+fn enter_own_mount_namespace() -> Result<()> {
+    use nix::mount::{MsFlags, mount};
+    let err =
+        |what: &str, e: nix::Error| Error::Zygote(format!("own mount namespace: {what}: {e}"));
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+        .map_err(|e| err("unshare(CLONE_NEWNS)", e))?;
+    let none = None::<&str>;
+    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_SLAVE, none)
+        .map_err(|e| err("make / rslave", e))
+}
+
+/// Upper bound of the container-state tmpfs: a container's state and bundle take ~10 KiB.
+const STATE_TMPFS_SIZE: &str = "size=64m";
+
+/// libcontainer writes and rewrites each container's state.json, config and bundle, then
+/// deletes them; on a disk file system (here /run is ext4; in a pod it is an emptyDir) the
+/// journal work alone cost ~1.5 ms of CPU per call. A tmpfs in the zygote's own mount
+/// namespace keeps that in memory and vanishes with the zygote. Only used with per-call
+/// cgroups: those name every container, so the sweeper still finds a crashed zygote's
+/// containers without their state dirs (in rlimit mode the state dirs are the only record).
+fn mount_state_tmpfs(dir: &Path) -> Result<()> {
+    use nix::mount::{MsFlags, mount};
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let options = format!("mode=0700,{STATE_TMPFS_SIZE}");
+    mount(
+        Some("tmpfs"),
+        dir,
+        Some("tmpfs"),
+        flags,
+        Some(options.as_str()),
+    )
+    .map_err(|e| Error::Zygote(format!("mount state tmpfs on {}: {e}", dir.display())))
+}
+
 /// rlimit mode. libcontainer always moves the container into a cgroup (`cgroupsPath`, or
 /// `:youki:<id>` without one) and fails on a read-only cgroup file system (cgroup v1 has no
-/// "rootless" tolerance at all). So the zygote takes a private mount namespace (inherited by
-/// its keepers, hence by the containers, which get a fresh /sys anyway) in which no cgroup file
-/// system is mounted and /sys/fs/cgroup is an empty read-only tmpfs: libcgroups then detects a
-/// legacy layout without any hierarchy, and its add_task/apply/remove do nothing. The host's
-/// (the pod's) cgroups stay the outer bound of everything the zygote starts.
+/// "rootless" tolerance at all). So in the zygote's own mount namespace (inherited by its
+/// keepers, hence by the containers, which get a fresh /sys anyway) no cgroup file system stays
+/// mounted and /sys/fs/cgroup is an empty read-only tmpfs: libcgroups then detects a legacy
+/// layout without any hierarchy, and its add_task/apply/remove do nothing. The host's (the
+/// pod's) cgroups stay the outer bound of everything the zygote starts.
 fn hide_cgroupfs() -> Result<()> {
     use nix::mount::{MntFlags, MsFlags, mount, umount2};
     let cgroup_root = Path::new("/sys/fs/cgroup");
     let hide_err = |what: &str, e: nix::Error| Error::Zygote(format!("hide cgroupfs: {what}: {e}"));
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
-        .map_err(|e| hide_err("unshare(CLONE_NEWNS)", e))?;
-    let none = None::<&str>;
-    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
-        .map_err(|e| hide_err("make / rprivate", e))?;
     // Deepest first; a mount that cannot be detached (e.g. locked) is covered below, which is
     // enough for cgroup2 (libcgroups only looks for v1 hierarchies once the root is a tmpfs).
     let mut cgroup_mounts = mounts_of_type(&["cgroup", "cgroup2"])?;
@@ -531,13 +583,12 @@ const V1_CONTROLLERS_USED: &[&str] = &["memory", "pids", "cpu", "devices"];
 
 /// cgroup v1 (hybrid) with writable cgroups. libcgroups' v1 manager puts every container into
 /// *every* mounted hierarchy (cpuacct, cpuset, blkio, freezer, ...), although the sandbox sets
-/// no limit there: a cgroup created, joined and removed per call and per hierarchy. So the
-/// zygote takes its own mount namespace (a slave of the host's: later host mounts still
-/// arrive; nothing propagates back) in which only the hierarchies of the limits in use stay
-/// mounted. Containers then get cgroups only there; their limits are unchanged, and a hidden
-/// hierarchy imposed none. The sweeper has already run in the host's view.
+/// no limit there: a cgroup created, joined and removed per call and per hierarchy. So in the
+/// zygote's own mount namespace only the hierarchies of the limits in use stay mounted.
+/// Containers then get cgroups only there; their limits are unchanged, and a hidden hierarchy
+/// imposed none. The sweeper has already run in the host's view.
 fn hide_unused_cgroup_v1() -> Result<()> {
-    use nix::mount::{MntFlags, MsFlags, mount, umount2};
+    use nix::mount::{MntFlags, umount2};
     let err = |what: &str, e: nix::Error| Error::Zygote(format!("{what}: {e}"));
     let unused: Vec<String> = mountinfo()?
         .into_iter()
@@ -554,11 +605,6 @@ fn hide_unused_cgroup_v1() -> Result<()> {
     if unused.is_empty() {
         return Ok(());
     }
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
-        .map_err(|e| err("unshare(CLONE_NEWNS)", e))?;
-    let none = None::<&str>;
-    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_SLAVE, none)
-        .map_err(|e| err("make / rslave", e))?;
     for m in &unused {
         umount2(m.as_str(), MntFlags::MNT_DETACH).map_err(|e| err(&format!("umount {m}"), e))?;
     }

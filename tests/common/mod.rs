@@ -8,7 +8,7 @@ use std::time::Duration;
 use toolwarden::runner::images::{ImageStore, entry_name};
 use toolwarden::runner::sandbox_executor::{SandboxExecutor, VolumesDir};
 use toolwarden::sandbox::{
-    EngineConfig, Invocation, Limits, Outcome, Pool, SandboxSpec, Sandboxes,
+    EngineConfig, Invocation, Limits, Outcome, Pool, SandboxSpec, Sandboxes, sweep,
 };
 
 pub const BUSYBOX: &str = "/bin/busybox";
@@ -301,11 +301,18 @@ pub fn cgroups_of(zpid: u32) -> Vec<PathBuf> {
 }
 
 /// Everything that belongs to zygote `zpid`: state dirs, bundles, cgroups, child processes.
+/// State dirs and bundles are looked for in the state root and, while the zygote runs, in the
+/// private tmpfs it keeps them on (seen through its /proc root).
 pub fn engine_leftovers(state_root: &Path, zpid: u32) -> Vec<String> {
     let prefix = format!("tw-{zpid}-");
+    let private = sweep::zygote_dir(state_root, zpid);
+    let private = Path::new(&format!("/proc/{zpid}/root")).join(private.strip_prefix("/").unwrap());
     let mut out = Vec::new();
-    for dir in [state_root.to_path_buf(), state_root.join("bundles")] {
-        if let Ok(rd) = std::fs::read_dir(&dir) {
+    for root in [state_root.to_path_buf(), private] {
+        for dir in [root.join("bundles"), root] {
+            let Ok(rd) = std::fs::read_dir(&dir) else {
+                continue;
+            };
             for e in rd.flatten() {
                 if e.file_name().to_string_lossy().starts_with(&prefix) {
                     out.push(e.path().display().to_string());
@@ -314,8 +321,34 @@ pub fn engine_leftovers(state_root: &Path, zpid: u32) -> Vec<String> {
         }
     }
     out.extend(cgroups_of(zpid).iter().map(|p| p.display().to_string()));
-    if let Ok(kids) = std::fs::read_to_string(format!("/proc/{zpid}/task/{zpid}/children")) {
-        out.extend(kids.split_whitespace().map(|p| format!("process {p}")));
-    }
+    out.extend(keepers(zpid).into_iter().map(|p| format!("process {p}")));
     out
+}
+
+/// The zygote's children: one keeper per container (parked, building, running or being
+/// removed).
+pub fn keepers(zpid: u32) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{zpid}/task/{zpid}/children"))
+        .map(|kids| kids.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+/// Busy CPU time of the whole machine (every process and kernel thread; not idle or iowait) in
+/// seconds, from /proc/stat.
+pub fn machine_busy_secs() -> f64 {
+    const TICK: f64 = 0.01; // USER_HZ is 100 on Linux
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            let f: Vec<f64> = s
+                .lines()
+                .next()?
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            // user nice system idle iowait irq softirq steal
+            Some(f.iter().take(8).sum::<f64>() - f.get(3)? - f.get(4)?)
+        })
+        .map_or(0.0, |ticks| ticks * TICK)
 }
