@@ -68,8 +68,9 @@ fn run(sock: BorrowedFd<'_>, seal_err: Option<std::io::Error>) -> Result<()> {
     // Sweep in the host's view, before this zygote's mount namespace hides anything.
     sweep::sweep(&state_root);
     enter_own_mount_namespace()?;
-    let per_call_cgroups = host.cgroup.is_some() && host.cgroup_unusable.is_none();
-    let root = if per_call_cgroups {
+    // The per-call cgroups' hierarchy; None in rlimit mode.
+    let per_call_cgroup = host.cgroup.filter(|_| host.cgroup_unusable.is_none());
+    let root = if per_call_cgroup.is_some() {
         let root = sweep::zygote_dir(&state_root, zpid);
         std::fs::create_dir_all(&root)?;
         mount_state_tmpfs(&root)?;
@@ -139,13 +140,12 @@ fn run(sock: BorrowedFd<'_>, seal_err: Option<std::io::Error>) -> Result<()> {
                         Ok(v)
                     }) {
                     Ok(v) => {
-                        let cgroup = host.cgroup.filter(|_| host.cgroup_unusable.is_none());
                         let address_space = spec::address_space_limit(&sspec.limits, &host);
                         pools.insert(
                             pool,
                             PoolDef {
                                 spec: v,
-                                cgroup,
+                                cgroup: per_call_cgroup,
                                 address_space,
                             },
                         );
