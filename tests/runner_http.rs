@@ -10,6 +10,7 @@ use std::sync::Arc;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use toolwarden::runner::admission::Admission;
 use toolwarden::runner::audit::{AuditLog, verify};
 use toolwarden::runner::auth::{Authenticator, parse_token_file};
 use toolwarden::runner::metrics::Metrics;
@@ -112,6 +113,7 @@ async fn start_with(audit: Option<AuditLog>) -> Server {
         audit,
         executor: Arc::new(executor),
         metrics: Metrics::default(),
+        admission: Admission::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
