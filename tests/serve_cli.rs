@@ -80,7 +80,18 @@ fn serve_with(dir: &Path, audit: &Path, flags: &[&str]) -> Served {
         .prefix("twtest-serve")
         .tempdir_in("/run")
         .unwrap();
-    let mut child = toolwarden()
+    let mut command = toolwarden();
+    // The usual soft open-files limit, which `serve` must raise itself.
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs before exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            use nix::sys::resource::{Resource, getrlimit, setrlimit};
+            let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+            setrlimit(Resource::RLIMIT_NOFILE, 1024.min(hard), hard)?;
+            Ok(())
+        });
+    }
+    let mut child = command
         .args(["serve", "--listen", "127.0.0.1:0", "--audit-log"])
         .arg(audit)
         .arg("--state-dir")
@@ -424,8 +435,8 @@ fn serve_with_tokens_refuses_anonymous_raises_the_fd_limit_and_exposes_metrics_o
     let banner = served.banner.join("\n");
     assert!(!banner.contains("ANONYMOUS"), "{banner}");
 
-    // The soft open-files limit is the hard one: a connection flood cannot run
-    // the runner out of descriptors at 1024.
+    // Started with a soft open-files limit of 1024, it now runs with the hard
+    // limit: a connection flood cannot run it out of descriptors at 1024.
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", served.child.id())).unwrap();
     let files = limits
         .lines()
