@@ -384,7 +384,11 @@ fn weak_or_incomplete_authentication_settings_refuse_to_start() {
     };
     let good_key = file("good.key", "0123456789abcdef0123456789abcdef\n");
     // Anyone could forge an admin token with an empty or guessable secret.
-    for weak in [file("empty.key", ""), file("nl.key", "\n"), file("short.key", "hunter2\n")] {
+    for weak in [
+        file("empty.key", ""),
+        file("nl.key", "\n"),
+        file("short.key", "hunter2\n"),
+    ] {
         refuses_to_start(
             &["--jwt-hs256-key", &weak, "--jwt-audience", "toolwarden"],
             "an HS256 key must be at least 32 bytes",
@@ -393,18 +397,29 @@ fn weak_or_incomplete_authentication_settings_refuse_to_start() {
     // A token minted for another service must not open this one.
     refuses_to_start(&["--jwt-hs256-key", &good_key], "without --jwt-audience");
     // An empty token file would leave anonymous access on (or refuse everyone).
-    for empty in [file("empty.tokens", ""), file("comments.tokens", "# none yet\n\n")] {
+    for empty in [
+        file("empty.tokens", ""),
+        file("comments.tokens", "# none yet\n\n"),
+    ] {
         refuses_to_start(&["--tokens", &empty], "holds no tokens");
     }
     // An explicit --jwt-any-audience gets past authentication (to the sandbox check).
     let out = toolwarden()
-        .args(["serve", "--state-dir", "/proc/toolwarden", "--jwt-hs256-key"])
+        .args([
+            "serve",
+            "--state-dir",
+            "/proc/toolwarden",
+            "--jwt-hs256-key",
+        ])
         .args([&good_key, "--jwt-any-audience"])
         .arg(examples())
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("the sandbox engine could not start"), "{stderr}");
+    assert!(
+        stderr.contains("the sandbox engine could not start"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -453,7 +468,10 @@ fn serve_with_tokens_refuses_anonymous_raises_the_fd_limit_and_exposes_metrics_o
         let http = reqwest::Client::new();
         let call = |token: Option<&str>| {
             let mut request = http
-                .post(format!("http://{}/v1/tools/moderate-content/invoke", served.addr))
+                .post(format!(
+                    "http://{}/v1/tools/moderate-content/invoke",
+                    served.addr
+                ))
                 .json(&serde_json::json!({"text": "hello"}));
             if let Some(token) = token {
                 request = request.bearer_auth(token);
