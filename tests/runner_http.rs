@@ -1000,9 +1000,17 @@ async fn token_less_calls_are_refused_from_their_headers_before_any_body_is_sent
         .await
         .unwrap();
     assert_eq!(long_agent.status(), StatusCode::UNAUTHORIZED);
+    let long_name = s
+        .http
+        .post(format!("{}/v1/tools/{}/invoke", s.base, "t".repeat(20_000)))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(long_name.status(), StatusCode::UNAUTHORIZED);
     let records = s.audit();
     let denied = events(&records, "denied");
-    assert_eq!(denied.len(), 9, "every refusal is audited");
+    assert_eq!(denied.len(), 10, "every refusal is audited");
     assert!(denied.iter().all(|r| r["stage"] == "authentication"));
     for record in &records {
         let line = record.to_string();
@@ -1016,6 +1024,11 @@ async fn token_less_calls_are_refused_from_their_headers_before_any_body_is_sent
     assert!(
         agent.len() <= 256 && agent.ends_with("...[truncated]"),
         "{agent}"
+    );
+    let tool = denied[9]["tool"].as_str().unwrap();
+    assert!(
+        tool.len() <= 253 && tool.ends_with("...[truncated]"),
+        "{tool}"
     );
     assert!(events(&records, "started").is_empty());
 }
@@ -1045,6 +1058,7 @@ async fn dns_rebinding_hosts_and_origins_are_refused_on_every_endpoint() {
         format!("Host: 127.0.0.1.nip.io:{port}\r\n"),
         "Host: localhost.evil.example\r\n".to_string(),
         String::new(), // no Host at all
+        format!("Host: localhost:{port}\r\nHost: rebind.evil.example\r\n"),
         format!("Host: 127.0.0.1:{port}\r\nOrigin: http://rebind.evil.example:{port}\r\n"),
         format!("Host: localhost:{port}\r\nOrigin: null\r\n"),
         format!("Host: localhost:{port}\r\nOrigin: https://localhost.evil.example\r\n"),

@@ -364,6 +364,9 @@ impl Authenticator {
         if token.matches('.').count() == 2 {
             for key in &self.jwt_keys {
                 match jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation) {
+                    Ok(data) if data.claims.sub.is_empty() => {
+                        reasons.push("jwt: the sub claim is empty".into());
+                    }
                     Ok(data) => {
                         return Ok(Caller {
                             sub: data.claims.sub,
@@ -531,6 +534,9 @@ mod tests {
             block_on(auth.authenticate(Some(&format!("Bearer {}", hs256_signed(claims)))))
         };
         assert_eq!(check(&full).unwrap().sub, "eve");
+        let mut claims = full.clone();
+        claims["sub"] = "".into();
+        assert!(check(&claims).is_err(), "an empty subject was accepted");
         for missing in ["aud", "iss", "exp", "sub"] {
             let mut claims = full.clone();
             claims.as_object_mut().unwrap().remove(missing);

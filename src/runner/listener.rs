@@ -110,6 +110,12 @@ impl AllowedHosts {
     /// absolute-form authority), or an `Origin` naming another site.
     fn refusal(&self, request: &Request<Incoming>) -> Option<String> {
         let headers = request.headers();
+        // Two of either could be read differently by a proxy in front.
+        for name in [header::HOST, header::ORIGIN] {
+            if headers.get_all(&name).iter().count() > 1 {
+                return Some(format!("the request has more than one {name} header"));
+            }
+        }
         let host = request
             .uri()
             .authority()

@@ -23,7 +23,7 @@ use super::audit::{AuditFailed, AuditLog};
 use super::auth::{AuthError, Authenticator, Caller};
 use super::authorize::{authorize, holds};
 use super::executor::{ExecOutcome, ToolExecutor};
-use super::limits::parse_input;
+use super::limits::{bounded, parse_input};
 use super::metrics::Metrics;
 use super::problem::{Problem, ProblemKind};
 use super::redact::{redact_fields, redact_secrets};
@@ -35,6 +35,10 @@ use crate::api::AuditLevel;
 
 /// Bytes of a failed tool's stderr kept in the audit record.
 const AUDIT_STDERR_BYTES: usize = 4096;
+
+/// Longest tool name recorded as asked: the longest Kubernetes name. Longer
+/// names are no tool's, and an anonymous caller chooses them.
+const AUDIT_TOOL_NAME_BYTES: usize = 253;
 
 /// Everything the runner needs; shared by every connection.
 pub struct Runner {
@@ -200,7 +204,10 @@ impl Runner {
         };
         trail.set("invocationId", uuid::Uuid::new_v4().to_string());
         trail.set("transport", ctx.transport);
-        trail.set("tool", tool_name);
+        trail.set(
+            "tool",
+            tool_name.map(|name| bounded(name, AUDIT_TOOL_NAME_BYTES)),
+        );
         if let Some(tool) = tool {
             trail.set("toolGeneration", tool.generation);
         }

@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 
-use super::limits::too_large;
+use super::limits::{bounded, too_large};
 use super::listener::{self, HttpConfig};
 use super::mcp;
 use super::pipeline::{CallContext, Runner};
@@ -29,7 +29,6 @@ const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Longest `User-Agent` kept for the audit log; longer ones are cut and marked.
 const MAX_USER_AGENT_BYTES: usize = 256;
-const TRUNCATED: &str = "...[truncated]";
 
 pub fn router(runner: Arc<Runner>) -> Router {
     Router::new()
@@ -76,18 +75,6 @@ pub fn call_context(transport: &'static str, peer: SocketAddr, headers: &HeaderM
         authorization: text(header::AUTHORIZATION),
         caller: None,
     }
-}
-
-/// `text` cut to at most `max` bytes on a character boundary, marked when cut.
-fn bounded(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_string();
-    }
-    let mut end = max.saturating_sub(TRUNCATED.len());
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}{TRUNCATED}", &text[..end])
 }
 
 async fn list_tools(
@@ -245,19 +232,4 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let config = HttpConfig::for_listen(listener.local_addr()?);
     listener::serve(listener, router(runner), config, shutdown).await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn long_user_agents_are_cut_on_a_character_boundary_and_marked() {
-        assert_eq!(bounded("curl/8", 256), "curl/8");
-        let cut = bounded(&"é".repeat(200_000), MAX_USER_AGENT_BYTES);
-        assert!(
-            cut.len() <= MAX_USER_AGENT_BYTES && cut.ends_with(TRUNCATED),
-            "{cut}"
-        );
-    }
 }
