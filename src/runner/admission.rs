@@ -76,14 +76,13 @@ impl Admission {
     pub async fn admit(&self, tool: &str) -> Result<RunSlot, QueueTimeout> {
         let slots = {
             let mut all = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-            all.entry(tool.to_string())
-                .or_insert_with(|| Arc::new(Semaphore::new(self.calls_per_tool)))
-                .clone()
-        };
-        let timeout = QueueTimeout {
-            tool: tool.to_string(),
-            limit: self.calls_per_tool,
-            waited: self.queue_timeout,
+            match all.get(tool) {
+                Some(slots) => slots.clone(),
+                None => all
+                    .entry(tool.to_string())
+                    .or_insert_with(|| Arc::new(Semaphore::new(self.calls_per_tool)))
+                    .clone(),
+            }
         };
         let both = async {
             let tool = slots.acquire_owned().await?;
@@ -96,7 +95,11 @@ impl Admission {
         match tokio::time::timeout(self.queue_timeout, both).await {
             Ok(Ok(slot)) => Ok(slot),
             // The semaphores are never closed; treat that like a full queue anyway.
-            Ok(Err(_)) | Err(_) => Err(timeout),
+            Ok(Err(_)) | Err(_) => Err(QueueTimeout {
+                tool: tool.to_string(),
+                limit: self.calls_per_tool,
+                waited: self.queue_timeout,
+            }),
         }
     }
 }
