@@ -369,6 +369,34 @@ mod tests {
     }
 
     #[test]
+    fn a_full_table_closes_the_oldest_idle_connection_and_never_a_busy_one() {
+        let table = Arc::new(Connections {
+            open: Mutex::new(BTreeMap::new()),
+            next_id: AtomicU64::new(0),
+            max: 3,
+        });
+        let busy = table.admit().unwrap();
+        busy.connection.requests.fetch_add(1, Ordering::Relaxed);
+        let idle = table.admit().unwrap();
+        let _newer = table.admit().unwrap();
+        // Full: the oldest idle one (not the older busy one) is told to close.
+        let _fourth = table.admit().unwrap();
+        assert!(idle.connection.evicting.load(Ordering::Relaxed));
+        assert!(!busy.connection.evicting.load(Ordering::Relaxed));
+        drop(idle);
+        // Every remaining connection busy: a new one is refused.
+        for slot in [&_newer, &_fourth] {
+            slot.connection.requests.fetch_add(1, Ordering::Relaxed);
+        }
+        assert!(table.admit().is_none());
+        drop(busy);
+        assert!(
+            table.admit().is_some(),
+            "a closed connection frees its place"
+        );
+    }
+
+    #[test]
     fn configured_names_and_every_ip_when_listening_everywhere() {
         let h = hosts("0.0.0.0:8080", &["Runner.Agents.svc"]);
         for ok in ["runner.agents.svc:8080", "10.1.2.3", "[fe80::1]:80"] {

@@ -5,11 +5,10 @@
 //! sanitize, authorize, approval gate, wait for a run slot of the tool, run,
 //! redact. Authentication uses the headers alone and the body is read only
 //! after it and rate limiting, so an anonymous caller costs no body reading or
-//! parsing. Authorization
-//! runs on the sanitized input, the exact input the tool receives: checking
-//! the raw input would let a transform turn an approved value into a forbidden
-//! one (e.g. `.\u0000.` passes `!input.path.contains("..")`, then
-//! stripControlChars makes it `..`).
+//! parsing. Authorization runs on the sanitized input, the exact input the
+//! tool receives: checking the raw input would let a transform turn an
+//! approved value into a forbidden one (e.g. `.\u0000.` passes
+//! `!input.path.contains("..")`, then stripControlChars makes it `..`).
 
 use std::future::Future;
 use std::sync::Arc;
