@@ -1,5 +1,7 @@
 //! The runner over real HTTP on loopback with real sandboxes: the guide's
-//! security tests, hostile input, failures, secrets, audit and MCP. Needs root
+//! security tests, hostile input, failures, secrets, audit and MCP, and the
+//! attacks on the HTTP layer (slowloris, work before authentication, DNS
+//! rebinding, one tool starving the others, anonymous metrics). Needs root
 //! and busybox-static; each test prints SKIPPED with the reason otherwise.
 
 mod common;
