@@ -506,3 +506,62 @@ fn serve_with_tokens_refuses_anonymous_raises_the_fd_limit_and_exposes_metrics_o
         assert_eq!(other.status(), 404);
     });
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn token_less_16_mib_posts_do_not_grow_the_runner() {
+    use std::io::{Read, Write};
+    require_root!();
+    let dir = tools_dir();
+    let work = tempfile::tempdir().unwrap();
+    let tokens = work.path().join("tokens");
+    let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"some-token"));
+    std::fs::write(&tokens, format!("{hash} agent\n")).unwrap();
+    let served = serve_with(
+        dir.path(),
+        &work.path().join("audit.log"),
+        &["--tokens", tokens.to_str().unwrap()],
+    );
+    let before = rss_kib(served.child.id());
+    // The attack: six 16 MiB bodies, sent in full as fast as the server takes them.
+    let senders: Vec<_> = (0..6)
+        .map(|_| {
+            let addr = served.addr.clone();
+            std::thread::spawn(move || {
+                let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+                let body = format!(
+                    "{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{{\"name\":\"x\",\"arguments\":{{\"a\":\"{}\"}}}}}}",
+                    "A".repeat(16 << 20)
+                );
+                let head = format!(
+                    "POST /mcp HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                );
+                // The server may close mid-body; that is the point.
+                let _ = stream.write_all(head.as_bytes());
+                let _ = stream.write_all(body.as_bytes());
+                let mut answer = Vec::new();
+                let _ = stream.read_to_end(&mut answer);
+                String::from_utf8_lossy(&answer).into_owned()
+            })
+        })
+        .collect();
+    for sender in senders {
+        let answer = sender.join().unwrap();
+        // Empty when the close reset the connection before the 401 was read.
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 401"),
+            "{answer:.200}"
+        );
+    }
+    let grown = rss_kib(served.child.id()).saturating_sub(before);
+    assert!(grown < 16 * 1024, "the runner grew by {grown} KiB");
+}
