@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use toolwarden::runner::admission::Admission;
 use toolwarden::runner::audit::AuditLog;
 use toolwarden::runner::auth::Authenticator;
 use toolwarden::runner::executor::{
@@ -142,6 +143,7 @@ fn runner(
         audit: AuditLog::open_file(&dir.join(format!("{name}-audit.log"))).unwrap(),
         executor,
         metrics: Metrics::default(),
+        admission: Admission::default(),
     })
 }
 
@@ -171,7 +173,10 @@ async fn pipeline_only(dir: &Path) -> PipelineStats {
     let mut times = Vec::with_capacity(20_000);
     for _ in 0..20_000 {
         let start = Instant::now();
-        runner.invoke(&ctx, "trivial", Ok(BODY)).await.unwrap();
+        runner
+            .invoke(&ctx, "trivial", std::future::ready(Ok(BODY.into())))
+            .await
+            .unwrap();
         times.push(start.elapsed());
     }
     times.sort();

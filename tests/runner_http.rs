@@ -1,5 +1,7 @@
 //! The runner over real HTTP on loopback with real sandboxes: the guide's
-//! security tests, hostile input, failures, secrets, audit and MCP. Needs root
+//! security tests, hostile input, failures, secrets, audit and MCP, and the
+//! attacks on the HTTP layer (slowloris, work before authentication, DNS
+//! rebinding, one tool starving the others, anonymous metrics). Needs root
 //! and busybox-static; each test prints SKIPPED with the reason otherwise.
 
 mod common;
@@ -10,8 +12,10 @@ use std::sync::Arc;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use toolwarden::runner::admission::Admission;
 use toolwarden::runner::audit::{AuditLog, verify};
 use toolwarden::runner::auth::{Authenticator, parse_token_file};
+use toolwarden::runner::listener::{self, HttpConfig, HttpLimits};
 use toolwarden::runner::metrics::Metrics;
 use toolwarden::runner::pipeline::Runner;
 use toolwarden::runner::ratelimit::LimiterClock;
@@ -50,8 +54,34 @@ spec:
   audit: {input: full}
 "#;
 
+/// Sleeps long enough to hold its run slots for a whole starvation test.
+const SLOW_TOOL: &str = r#"
+apiVersion: toolwarden.dev/v1alpha1
+kind: AgentTool
+metadata: {name: slow, namespace: agents}
+spec:
+  description: Sleeps, then answers
+  risk: low
+  inputSchema: {type: object, additionalProperties: false, properties: {}}
+  runtime:
+    image: docker.io/library/busybox:1.36.1
+    command: [/bin/sh, -c, 'cat >/dev/null; sleep 6; echo "{\"slept\":true}"']
+  sandbox: {timeoutMs: 20000, memory: 16Mi}
+  rateLimit: {requestsPerMinute: 600}
+"#;
+
+/// How the test server differs from the defaults.
+#[derive(Default)]
+struct Options {
+    audit: Option<AuditLog>,
+    admission: Option<Admission>,
+    limits: Option<HttpLimits>,
+    slow_tool: bool,
+}
+
 struct Server {
     base: String,
+    addr: std::net::SocketAddr,
     audit_path: PathBuf,
     clock: LimiterClock,
     http: reqwest::Client,
@@ -68,6 +98,14 @@ async fn start() -> Server {
 }
 
 async fn start_with(audit: Option<AuditLog>) -> Server {
+    start_opts(Options {
+        audit,
+        ..Options::default()
+    })
+    .await
+}
+
+async fn start_opts(options: Options) -> Server {
     let dir = common::world_traversable_tempdir();
     let (executor, images) = common::runner_sandbox(dir.path());
     let tools = dir.path().join("tools");
@@ -82,6 +120,9 @@ async fn start_with(audit: Option<AuditLog>) -> Server {
         std::fs::copy(&file, tools.join(file.file_name().unwrap())).unwrap();
     }
     std::fs::write(tools.join("echo.yaml"), ECHO_TOOL).unwrap();
+    if options.slow_tool {
+        std::fs::write(tools.join("slow.yaml"), SLOW_TOOL).unwrap();
+    }
     let secrets = dir.path().join("secrets");
     std::fs::create_dir_all(secrets.join("echo-secrets")).unwrap();
     std::fs::write(secrets.join("echo-secrets/token"), SECRET).unwrap();
@@ -105,19 +146,43 @@ async fn start_with(audit: Option<AuditLog>) -> Server {
         ..Authenticator::default()
     };
     let audit_path = dir.path().join("audit.log");
-    let audit = audit.unwrap_or_else(|| AuditLog::open_file(&audit_path).unwrap());
+    let audit = options
+        .audit
+        .unwrap_or_else(|| AuditLog::open_file(&audit_path).unwrap());
     let runner = Arc::new(Runner {
         registry,
         auth,
         audit,
         executor: Arc::new(executor),
         metrics: Metrics::default(),
+        admission: options.admission.unwrap_or_default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(rest::serve(listener, runner, std::future::pending()));
+    let addr = listener.local_addr().unwrap();
+    let base = format!("http://{addr}");
+    match options.limits {
+        None => drop(tokio::spawn(rest::serve(
+            listener,
+            runner,
+            std::future::pending(),
+        ))),
+        Some(limits) => {
+            let config = HttpConfig {
+                limits,
+                ..HttpConfig::for_listen(addr)
+            };
+            let router = rest::router(runner);
+            drop(tokio::spawn(listener::serve(
+                listener,
+                router,
+                config,
+                std::future::pending(),
+            )));
+        }
+    }
     Server {
         base,
+        addr,
         audit_path,
         clock,
         http: reqwest::Client::new(),
@@ -773,6 +838,7 @@ async fn rest_lists_tools_and_metrics_count_calls() {
     let metrics = s
         .http
         .get(format!("{}/metrics", s.base))
+        .bearer_auth(ALICE_TOKEN)
         .send()
         .await
         .unwrap()
@@ -814,4 +880,300 @@ async fn rest_lists_tools_and_metrics_count_calls() {
             Some("https://toolwarden.dev/problems/method-not-allowed")
         )
     );
+}
+
+/// Sends `request` on a fresh connection and reads until the server closes it
+/// (or 10 s pass); the answer's text.
+async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut answer),
+    )
+    .await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+fn status_of(answer: &str) -> u16 {
+    answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {answer:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_connections_cannot_lock_out_healthz() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    require_root!();
+    // The client side of 1,100 connections needs descriptors too.
+    listener::raise_fd_limit().unwrap();
+    let limits = HttpLimits {
+        header_read_timeout: std::time::Duration::from_secs(3),
+        ..HttpLimits::default()
+    };
+    let s = start_opts(Options {
+        limits: Some(limits.clone()),
+        ..Options::default()
+    })
+    .await;
+    // The attack: more idle and half-sent connections than the table holds.
+    let mut held = Vec::new();
+    for i in 0..1100 {
+        let mut stream = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        if i % 2 == 0 {
+            stream
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+                .await
+                .unwrap();
+        }
+        held.push(stream);
+    }
+    // A real client still gets through at once (well before any header
+    // deadline): the oldest idle connections made room.
+    let started = std::time::Instant::now();
+    let answer = raw_exchange(
+        s.addr,
+        b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&answer), 200, "{answer}");
+    assert!(
+        started.elapsed() < limits.header_read_timeout,
+        "healthz took {:?}",
+        started.elapsed()
+    );
+    // Every attacking connection is closed by the header deadline at the latest.
+    let deadline = limits.header_read_timeout + std::time::Duration::from_secs(5);
+    for (i, stream) in held.iter_mut().enumerate() {
+        let mut buf = [0u8; 256];
+        let closed = tokio::time::timeout(deadline, stream.read(&mut buf)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+            "connection {i} still open: {closed:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_less_calls_are_refused_from_their_headers_before_any_body_is_sent() {
+    require_root!();
+    let s = start().await;
+    // 16 MiB announced, not one byte sent: the 401 must come anyway.
+    for (path, content_type) in [
+        ("/v1/tools/echo/invoke", "application/json"),
+        ("/v1/tools/no-such-tool/invoke", "application/json"),
+        ("/v1/tools/echo/invoke", "text/plain"),
+        ("/mcp", "application/json"),
+    ] {
+        for token in ["", "Authorization: Bearer forged\r\n"] {
+            let request = format!(
+                "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n\
+                 {token}Content-Length: 16777216\r\n\r\n"
+            );
+            let started = std::time::Instant::now();
+            let answer = raw_exchange(s.addr, request.as_bytes()).await;
+            assert_eq!(status_of(&answer), 401, "{path} {token:?}: {answer}");
+            // ...and the connection is closed instead of waiting for the body.
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(5),
+                "{path}: the server waited for the body"
+            );
+        }
+    }
+    // A huge User-Agent costs the sender, not the audit log: headers past the
+    // cap are refused outright, and what fits is cut before it is recorded.
+    let huge = format!(
+        "POST /v1/tools/echo/invoke HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: {}\r\n\
+         Content-Length: 2\r\nConnection: close\r\n\r\n{{}}",
+        "A".repeat(200_000)
+    );
+    let answer = raw_exchange(s.addr, huge.as_bytes()).await;
+    assert_eq!(status_of(&answer), 431, "{answer:.200}");
+    let long_agent = s
+        .http
+        .post(format!("{}/v1/tools/echo/invoke", s.base))
+        .header("user-agent", "B".repeat(20_000))
+        .json(&json!({"bio": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(long_agent.status(), StatusCode::UNAUTHORIZED);
+    let long_name = s
+        .http
+        .post(format!("{}/v1/tools/{}/invoke", s.base, "t".repeat(20_000)))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(long_name.status(), StatusCode::UNAUTHORIZED);
+    let records = s.audit();
+    let denied = events(&records, "denied");
+    assert_eq!(denied.len(), 10, "every refusal is audited");
+    assert!(denied.iter().all(|r| r["stage"] == "authentication"));
+    for record in &records {
+        let line = record.to_string();
+        assert!(
+            line.len() < 2048,
+            "an oversized record: {} bytes",
+            line.len()
+        );
+    }
+    let agent = denied[8]["userAgent"].as_str().unwrap();
+    assert!(
+        agent.len() <= 256 && agent.ends_with("...[truncated]"),
+        "{agent}"
+    );
+    let tool = denied[9]["tool"].as_str().unwrap();
+    assert!(
+        tool.len() <= 253 && tool.ends_with("...[truncated]"),
+        "{tool}"
+    );
+    assert!(events(&records, "started").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_rebinding_hosts_and_origins_are_refused_on_every_endpoint() {
+    require_root!();
+    let s = start().await;
+    let port = s.addr.port();
+    let auth = format!("Authorization: Bearer {ALICE_TOKEN}\r\n");
+    let code = r#"{"code":"print(1)"}"#;
+    let requests = [
+        format!("GET /v1/tools HTTP/1.1\r\n{auth}"),
+        "GET /healthz HTTP/1.1\r\n".to_string(),
+        format!("GET /metrics HTTP/1.1\r\n{auth}"),
+        format!(
+            "POST /v1/tools/execute-code/invoke HTTP/1.1\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n",
+            code.len()
+        ),
+        format!(
+            "POST /mcp HTTP/1.1\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n",
+            code.len()
+        ),
+    ];
+    let forged = [
+        format!("Host: rebind.evil.example:{port}\r\n"),
+        format!("Host: 127.0.0.1.nip.io:{port}\r\n"),
+        "Host: localhost.evil.example\r\n".to_string(),
+        String::new(), // no Host at all
+        format!("Host: localhost:{port}\r\nHost: rebind.evil.example\r\n"),
+        format!("Host: 127.0.0.1:{port}\r\nOrigin: http://rebind.evil.example:{port}\r\n"),
+        format!("Host: localhost:{port}\r\nOrigin: null\r\n"),
+        format!("Host: localhost:{port}\r\nOrigin: https://localhost.evil.example\r\n"),
+    ];
+    for request in &requests {
+        for headers in &forged {
+            let text = format!("{request}{headers}Connection: close\r\n\r\n{code}");
+            let answer = raw_exchange(s.addr, text.as_bytes()).await;
+            assert_eq!(status_of(&answer), 403, "{text}\n{answer}");
+        }
+    }
+    // The runner's own names still work, from a page on localhost too.
+    for headers in [
+        format!("Host: 127.0.0.1:{port}\r\n"),
+        format!("Host: localhost:{port}\r\nOrigin: http://localhost:3000\r\n"),
+    ] {
+        let text = format!("{}{headers}Connection: close\r\n\r\n", requests[0]);
+        let answer = raw_exchange(s.addr, text.as_bytes()).await;
+        assert_eq!(status_of(&answer), 200, "{answer}");
+    }
+    // Nothing reached the pipeline, let alone a sandbox.
+    assert!(s.audit().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_one_slow_tool_does_not_starve_another_tool() {
+    require_root!();
+    let s = start_opts(Options {
+        admission: Some(Admission::new(8, std::time::Duration::from_secs(2))),
+        slow_tool: true,
+        ..Options::default()
+    })
+    .await;
+    // Warm the other tool's pool first, as a served runner does at start.
+    let (status, _) = s
+        .invoke("echo", Some(ALICE_TOKEN), json!({"bio": "warm"}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let flood: Vec<_> = (0..64)
+        .map(|_| {
+            let (http, url) = (s.http.clone(), format!("{}/v1/tools/slow/invoke", s.base));
+            tokio::spawn(async move {
+                let response = http
+                    .post(url)
+                    .bearer_auth("admin-token")
+                    .json(&json!({}))
+                    .send()
+                    .await
+                    .unwrap();
+                let retry_after = response
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap().to_string());
+                let body: Value = response.json().await.unwrap();
+                (body, retry_after)
+            })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    let (status, body) = s
+        .invoke("echo", Some(ALICE_TOKEN), json!({"bio": "still here"}))
+        .await;
+    assert_eq!(
+        (status, body["output"]["bio"].as_str()),
+        (StatusCode::OK, Some("still here"))
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "the other tool waited {:?} behind the flood",
+        started.elapsed()
+    );
+    let mut overloaded = 0;
+    for call in flood {
+        let (body, retry_after) = call.await.unwrap();
+        if body["type"] == "https://toolwarden.dev/problems/overloaded" {
+            assert_eq!(body["status"], 503);
+            assert_eq!(retry_after.as_deref(), Some("20"), "the tool's timeout");
+            overloaded += 1;
+        } else {
+            assert_eq!(body["output"]["slept"], true, "{body}");
+        }
+    }
+    assert_eq!(
+        overloaded,
+        64 - 8,
+        "8 slots, the rest timed out in the queue"
+    );
+    let records = s.audit();
+    let queued_out = events(&records, "denied")
+        .into_iter()
+        .filter(|r| r["stage"] == "admission")
+        .count();
+    assert_eq!(queued_out, 56);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_not_shown_to_anonymous_callers() {
+    require_root!();
+    let s = start().await;
+    s.invoke("echo", Some(ALICE_TOKEN), json!({"bio": "x"}))
+        .await;
+    for token in [None, Some("forged")] {
+        let mut request = s.http.get(format!("{}/metrics", s.base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        let text = response.text().await.unwrap();
+        assert!(
+            !text.contains("echo") && !text.contains("toolwarden_calls"),
+            "{text}"
+        );
+    }
 }

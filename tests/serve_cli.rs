@@ -71,15 +71,32 @@ impl Drop for Served {
 
 /// Starts `serve` on a free port and reads its startup lines.
 fn serve(dir: &Path, audit: &Path) -> Served {
+    serve_with(dir, audit, &[])
+}
+
+/// [`serve`] with more flags.
+fn serve_with(dir: &Path, audit: &Path, flags: &[&str]) -> Served {
     let state = tempfile::Builder::new()
         .prefix("twtest-serve")
         .tempdir_in("/run")
         .unwrap();
-    let mut child = toolwarden()
+    let mut command = toolwarden();
+    // The usual soft open-files limit, which `serve` must raise itself.
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs before exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            use nix::sys::resource::{Resource, getrlimit, setrlimit};
+            let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+            setrlimit(Resource::RLIMIT_NOFILE, 1024.min(hard), hard)?;
+            Ok(())
+        });
+    }
+    let mut child = command
         .args(["serve", "--listen", "127.0.0.1:0", "--audit-log"])
         .arg(audit)
         .arg("--state-dir")
         .arg(state.path())
+        .args(flags)
         .arg(dir)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -344,4 +361,213 @@ fn the_official_mcp_python_sdk_lists_and_calls_tools() {
         "https://toolwarden.dev/problems/validation"
     );
     assert_eq!(problem["errors"][1]["path"], "/content");
+}
+
+/// `serve` with `flags` must refuse to start, saying `expected`.
+fn refuses_to_start(flags: &[&str], expected: &str) {
+    let out = toolwarden()
+        .args(["serve", "--state-dir", "/proc/toolwarden"])
+        .args(flags)
+        .arg(examples())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{flags:?}: {stderr}");
+    assert!(stderr.contains(expected), "{flags:?}: {stderr}");
+    assert!(
+        !stderr.contains("sandbox engine"),
+        "{flags:?} got as far as the sandbox: {stderr}"
+    );
+}
+
+#[test]
+fn weak_or_incomplete_authentication_settings_refuse_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let good_key = file("good.key", "0123456789abcdef0123456789abcdef\n");
+    // Anyone could forge an admin token with an empty or guessable secret.
+    for weak in [
+        file("empty.key", ""),
+        file("nl.key", "\n"),
+        file("short.key", "hunter2\n"),
+    ] {
+        refuses_to_start(
+            &["--jwt-hs256-key", &weak, "--jwt-audience", "toolwarden"],
+            "an HS256 key must be at least 32 bytes",
+        );
+    }
+    // A token minted for another service must not open this one.
+    refuses_to_start(&["--jwt-hs256-key", &good_key], "without --jwt-audience");
+    // An empty token file would leave anonymous access on (or refuse everyone).
+    for empty in [
+        file("empty.tokens", ""),
+        file("comments.tokens", "# none yet\n\n"),
+    ] {
+        refuses_to_start(&["--tokens", &empty], "holds no tokens");
+    }
+    // An explicit --jwt-any-audience gets past authentication (to the sandbox check).
+    let out = toolwarden()
+        .args([
+            "serve",
+            "--state-dir",
+            "/proc/toolwarden",
+            "--jwt-hs256-key",
+        ])
+        .args([&good_key, "--jwt-any-audience"])
+        .arg(examples())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the sandbox engine could not start"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn serve_with_tokens_refuses_anonymous_raises_the_fd_limit_and_exposes_metrics_only_where_asked() {
+    require_root!();
+    let dir = tools_dir();
+    let work = tempfile::tempdir().unwrap();
+    let audit = work.path().join("audit.log");
+    let token = "agent-token-0123456789";
+    let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()));
+    let tokens = work.path().join("tokens");
+    std::fs::write(&tokens, format!("{hash} agent\n")).unwrap();
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let served = serve_with(
+        dir.path(),
+        &audit,
+        &[
+            "--tokens",
+            tokens.to_str().unwrap(),
+            "--metrics-listen",
+            &metrics_addr,
+        ],
+    );
+    let banner = served.banner.join("\n");
+    assert!(!banner.contains("ANONYMOUS"), "{banner}");
+
+    // Started with a soft open-files limit of 1024, it now runs with the hard
+    // limit: a connection flood cannot run it out of descriptors at 1024.
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", served.child.id())).unwrap();
+    let files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let numbers: Vec<&str> = files.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(numbers[0], numbers[1], "{files}");
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let http = reqwest::Client::new();
+        let call = |token: Option<&str>| {
+            let mut request = http
+                .post(format!(
+                    "http://{}/v1/tools/moderate-content/invoke",
+                    served.addr
+                ))
+                .json(&serde_json::json!({"text": "hello"}));
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            request.send()
+        };
+        // --anonymous auto on loopback, but a token file is configured: no anonymous calls.
+        assert_eq!(call(None).await.unwrap().status(), 401);
+        assert_ne!(call(Some(token)).await.unwrap().status(), 401);
+        let main_metrics = http
+            .get(format!("http://{}/metrics", served.addr))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(main_metrics.status(), 401);
+        // The metrics address the operator chose serves the scraper without a token.
+        let scraped = http
+            .get(format!("http://{metrics_addr}/metrics"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(scraped.status(), 200);
+        let text = scraped.text().await.unwrap();
+        assert!(text.contains("toolwarden_calls_total"), "{text}");
+        // Only metrics there.
+        let other = http
+            .get(format!("http://{metrics_addr}/v1/tools"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(other.status(), 404);
+    });
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn token_less_16_mib_posts_do_not_grow_the_runner() {
+    use std::io::{Read, Write};
+    require_root!();
+    let dir = tools_dir();
+    let work = tempfile::tempdir().unwrap();
+    let tokens = work.path().join("tokens");
+    let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"some-token"));
+    std::fs::write(&tokens, format!("{hash} agent\n")).unwrap();
+    let served = serve_with(
+        dir.path(),
+        &work.path().join("audit.log"),
+        &["--tokens", tokens.to_str().unwrap()],
+    );
+    let before = rss_kib(served.child.id());
+    // The attack: six 16 MiB bodies, sent in full as fast as the server takes them.
+    let senders: Vec<_> = (0..6)
+        .map(|_| {
+            let addr = served.addr.clone();
+            std::thread::spawn(move || {
+                let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+                let body = format!(
+                    "{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{{\"name\":\"x\",\"arguments\":{{\"a\":\"{}\"}}}}}}",
+                    "A".repeat(16 << 20)
+                );
+                let head = format!(
+                    "POST /mcp HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                );
+                // The server may close mid-body; that is the point.
+                let _ = stream.write_all(head.as_bytes());
+                let _ = stream.write_all(body.as_bytes());
+                let mut answer = Vec::new();
+                let _ = stream.read_to_end(&mut answer);
+                String::from_utf8_lossy(&answer).into_owned()
+            })
+        })
+        .collect();
+    for sender in senders {
+        let answer = sender.join().unwrap();
+        // Empty when the close reset the connection before the 401 was read.
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 401"),
+            "{answer:.200}"
+        );
+    }
+    let grown = rss_kib(served.child.id()).saturating_sub(before);
+    assert!(grown < 16 * 1024, "the runner grew by {grown} KiB");
 }

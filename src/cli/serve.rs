@@ -10,10 +10,12 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use jsonwebtoken::Algorithm;
 
+use crate::runner::admission::{Admission, DEFAULT_CALLS_PER_TOOL, DEFAULT_QUEUE_TIMEOUT};
 use crate::runner::audit::AuditLog;
-use crate::runner::auth::{Authenticator, JwtKey, TokenReviewer, parse_token_file};
+use crate::runner::auth::{AuthConfigError, Authenticator, JwtKey, TokenReviewer, load_token_file};
 use crate::runner::executor::{ToolExecutor, UnsandboxedProcessExecutor};
 use crate::runner::images::ImageStore;
+use crate::runner::listener::{self, AllowedHosts, HttpConfig, HttpLimits};
 use crate::runner::metrics::Metrics;
 use crate::runner::pipeline::Runner;
 use crate::runner::ratelimit::LimiterClock;
@@ -41,13 +43,19 @@ pub struct ServeArgs {
     /// Accept RS256 JWTs verified with the PEM public key in FILE.
     #[arg(long, value_name = "FILE")]
     pub jwt_rs256_key: Option<PathBuf>,
-    /// Required `aud` claim of JWTs.
+    /// Required `aud` claim of JWTs (tokens without it are refused). Needed with
+    /// any --jwt-*-key unless --jwt-any-audience is given.
     #[arg(long, value_name = "AUD")]
     pub jwt_audience: Option<String>,
-    /// Required `iss` claim of JWTs.
+    /// Accept JWTs minted for any audience (no `aud` check): only when the key
+    /// signs tokens for this runner alone.
+    #[arg(long, conflicts_with = "jwt_audience")]
+    pub jwt_any_audience: bool,
+    /// Required `iss` claim of JWTs (tokens without it are refused).
     #[arg(long, value_name = "ISS")]
     pub jwt_issuer: Option<String>,
-    /// Calls without a token: `auto` allows them only on a loopback address with no other auth configured.
+    /// Calls without a token: `auto` allows them only on a loopback address when
+    /// no authentication (--tokens, --jwt-*) is configured.
     #[arg(long, value_enum, default_value_t = Anonymous::Auto)]
     pub anonymous: Anonymous,
 }
@@ -69,6 +77,31 @@ pub struct CommonArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Another name clients may use in `Host` and `Origin` (repeatable), e.g. the
+    /// Service's DNS name. Always allowed: the listen IP (any IP when listening on
+    /// 0.0.0.0 or ::), and localhost names on loopback; any other name is refused
+    /// with 403 (DNS-rebinding protection).
+    #[arg(long, value_name = "NAME")]
+    pub allowed_host: Vec<String>,
+    /// Connections open at once; when full, the oldest idle connection is closed
+    /// to make room, and new ones are refused only when every one is busy.
+    #[arg(long, value_name = "N", default_value_t = HttpLimits::default().max_connections)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers (an idle keep-alive
+    /// connection too) before it is closed.
+    #[arg(long, value_name = "SECS", default_value_t = HttpLimits::default().header_read_timeout.as_secs())]
+    pub header_read_timeout: u64,
+    /// Calls of one tool running at once; further calls of that tool wait.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_CALLS_PER_TOOL)]
+    pub max_calls_per_tool: usize,
+    /// Seconds a call waits for a run slot of its tool before it is answered
+    /// 503 (problem type `overloaded`) with Retry-After.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_QUEUE_TIMEOUT.as_secs())]
+    pub queue_timeout: u64,
+    /// Also serve `/metrics` WITHOUT authentication on this address (for a
+    /// Prometheus scraper); on --listen, `/metrics` needs a bearer token.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Append audit records to FILE (the hash chain continues); default: stdout.
     #[arg(long, value_name = "FILE")]
     pub audit_log: Option<PathBuf>,
@@ -107,7 +140,7 @@ pub enum Anonymous {
 pub fn serve(args: ServeArgs) -> ExitCode {
     let auth = match standalone_auth(&args) {
         Ok(auth) => auth,
-        Err(e) => return fail(&e),
+        Err(e) => return fail(&e.to_string()),
     };
     match tokio::runtime::Runtime::new() {
         Ok(tokio) => run(&args.dir, &args.common, auth, "serve", tokio),
@@ -125,10 +158,7 @@ pub fn runner(args: RunnerArgs) -> ExitCode {
         Err(e) => return fail(&format!("no Kubernetes client for TokenReview: {e}")),
     };
     let auth = Authenticator {
-        token_review: Some(TokenReviewer {
-            client,
-            audience: args.audience.clone(),
-        }),
+        token_review: Some(TokenReviewer::new(client, args.audience.clone())),
         ..Authenticator::default()
     };
     // The same runtime: the client's background tasks live on it.
@@ -152,11 +182,14 @@ fn fail(message: &str) -> ExitCode {
     ExitCode::from(EXIT_FAILED)
 }
 
-fn standalone_auth(args: &ServeArgs) -> Result<Authenticator, String> {
+fn standalone_auth(args: &ServeArgs) -> Result<Authenticator, AuthConfigError> {
     let mut auth = Authenticator::default();
     if let Some(path) = &args.tokens {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        auth.tokens = parse_token_file(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        auth.tokens = load_token_file(path)?;
+    }
+    let jwt_configured = args.jwt_hs256_key.is_some() || args.jwt_rs256_key.is_some();
+    if jwt_configured && args.jwt_audience.is_none() && !args.jwt_any_audience {
+        return Err(AuthConfigError::NoAudience);
     }
     for (algorithm, path) in [
         (Algorithm::HS256, &args.jwt_hs256_key),
@@ -175,7 +208,7 @@ fn standalone_auth(args: &ServeArgs) -> Result<Authenticator, String> {
     auth.allow_anonymous = match args.anonymous {
         Anonymous::Allow => true,
         Anonymous::Deny => false,
-        Anonymous::Auto => loopback && auth.tokens.is_empty() && auth.jwt_keys.is_empty(),
+        Anonymous::Auto => loopback && args.tokens.is_none() && !jwt_configured,
     };
     if auth.allow_anonymous {
         eprintln!(
@@ -248,14 +281,40 @@ fn run(
         audit,
         executor,
         metrics: Metrics::default(),
+        admission: Admission::new(
+            common.max_calls_per_tool,
+            Duration::from_secs(common.queue_timeout),
+        ),
     });
+    let http = http_config(common);
     tokio.block_on(async move {
         let listener = match tokio::net::TcpListener::bind(common.listen).await {
             Ok(l) => l,
             Err(e) => return fail(&format!("cannot listen on {}: {e}", common.listen)),
         };
         let addr = listener.local_addr().unwrap_or(common.listen);
+        if let Some(metrics_addr) = common.metrics_listen {
+            match tokio::net::TcpListener::bind(metrics_addr).await {
+                Ok(metrics) => {
+                    let config = HttpConfig {
+                        limits: http.limits.clone(),
+                        allowed_hosts: AllowedHosts::for_listen(metrics_addr, &common.allowed_host),
+                    };
+                    let router = rest::metrics_router(runner.clone());
+                    tokio::spawn(listener::serve(
+                        metrics,
+                        router,
+                        config,
+                        std::future::pending(),
+                    ));
+                }
+                Err(e) => return fail(&format!("cannot listen on {metrics_addr}: {e}")),
+            }
+        }
         banner(command, dir, &registry, &runner, addr, &images_line);
+        if let Some(metrics_addr) = common.metrics_listen {
+            eprintln!("  metrics:   http://{metrics_addr}/metrics   (no authentication)");
+        }
         prepare_sandboxes(&registry, runner.executor.as_ref()).await;
         let _watcher = match watch(dir, registry, runner.executor.clone()) {
             Ok(w) => Some(w),
@@ -264,11 +323,40 @@ fn run(
                 None
             }
         };
-        match rest::serve(listener, runner, shutdown_signal()).await {
+        match listener::serve(listener, rest::router(runner), http, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e.to_string()),
         }
     })
+}
+
+/// The HTTP limits of the flags, after raising the open-files limit: every
+/// connection takes a descriptor, and so does every sandbox's I/O, so at most
+/// half of them go to connections.
+fn http_config(common: &CommonArgs) -> HttpConfig {
+    let mut limits = HttpLimits {
+        max_connections: common.max_connections,
+        header_read_timeout: Duration::from_secs(common.header_read_timeout.max(1)),
+        ..HttpLimits::default()
+    };
+    match listener::raise_fd_limit() {
+        Ok(files) => {
+            let fit = usize::try_from(files / 2).unwrap_or(usize::MAX);
+            if limits.max_connections > fit {
+                tracing::warn!(
+                    open_files = files,
+                    max_connections = fit,
+                    "--max-connections lowered to half the open-files limit"
+                );
+                limits.max_connections = fit;
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+    }
+    HttpConfig {
+        limits,
+        allowed_hosts: AllowedHosts::for_listen(common.listen, &common.allowed_host),
+    }
 }
 
 /// `name/` next to the manifests (inside DIR, or beside a single file), if it exists.
@@ -374,7 +462,7 @@ fn banner(
     );
     eprintln!("  REST:      http://{addr}/v1/tools   POST http://{addr}/v1/tools/{{name}}/invoke");
     eprintln!("  MCP:       http://{addr}/mcp   (streamable HTTP)");
-    eprintln!("  probes:    http://{addr}/healthz  /readyz  /metrics");
+    eprintln!("  probes:    http://{addr}/healthz  /readyz  /metrics (with a token)");
     eprintln!("  isolation: {}", runner.executor.isolation());
     eprintln!("  images:    {images}");
     eprintln!("  auth:      {}", runner.auth.describe());

@@ -3,7 +3,10 @@
 //! or JWTs (HS256/RS256) standalone; anonymous only when allowed.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
@@ -85,6 +88,82 @@ pub fn parse_token_file(text: &str) -> Result<HashMap<String, (String, Vec<Strin
     Ok(tokens)
 }
 
+/// Shortest HS256 secret accepted: RFC 7518 (3.2) requires a key at least as
+/// long as the hash output; a shorter one can be guessed, an empty one forged.
+pub const MIN_HS256_KEY_BYTES: usize = 32;
+
+/// Clock skew allowed on `exp` and `nbf`.
+const JWT_LEEWAY_SECS: u64 = 30;
+
+/// Why an authentication setting cannot be used; `serve` refuses to start.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthConfigError {
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{}: an HS256 key must be at least {MIN_HS256_KEY_BYTES} bytes, this one has {len} \
+         (make one with `head -c 32 /dev/urandom | base64 > FILE`)",
+        path.display()
+    )]
+    WeakHs256Key { path: PathBuf, len: usize },
+    #[error("{}: not an RSA public key in PEM: {source}", path.display())]
+    NotRsaPem {
+        path: PathBuf,
+        source: jsonwebtoken::errors::Error,
+    },
+    #[error("unsupported JWT algorithm {0:?}")]
+    UnsupportedAlgorithm(Algorithm),
+    #[error("{}: {message}", path.display())]
+    TokenFile { path: PathBuf, message: String },
+    #[error(
+        "{}: holds no tokens; every call would be refused (add `SHA256HEX SUBJECT` lines)",
+        path.display()
+    )]
+    NoTokens { path: PathBuf },
+    #[error(
+        "JWT keys are configured without --jwt-audience: tokens minted for any other service \
+         would be accepted; set --jwt-audience, or pass --jwt-any-audience to accept that"
+    )]
+    NoAudience,
+}
+
+impl AuthConfigError {
+    /// Stable CamelCase reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthConfigError::Read { .. } => "Unreadable",
+            AuthConfigError::WeakHs256Key { .. } => "WeakHs256Key",
+            AuthConfigError::NotRsaPem { .. } => "NotRsaPem",
+            AuthConfigError::UnsupportedAlgorithm(_) => "UnsupportedAlgorithm",
+            AuthConfigError::TokenFile { .. } => "InvalidTokenFile",
+            AuthConfigError::NoTokens { .. } => "NoTokens",
+            AuthConfigError::NoAudience => "NoAudience",
+        }
+    }
+}
+
+/// Reads a `--tokens` file; a file without any token is an error (it would
+/// silently refuse everyone, or leave anonymous access on).
+pub fn load_token_file(
+    path: &Path,
+) -> Result<HashMap<String, (String, Vec<String>)>, AuthConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| AuthConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
+    let tokens = parse_token_file(&text).map_err(|message| AuthConfigError::TokenFile {
+        path: path.into(),
+        message,
+    })?;
+    if tokens.is_empty() {
+        return Err(AuthConfigError::NoTokens { path: path.into() });
+    }
+    Ok(tokens)
+}
+
 /// A JWT verification key with its algorithm.
 pub struct JwtKey {
     key: DecodingKey,
@@ -92,31 +171,55 @@ pub struct JwtKey {
 }
 
 impl JwtKey {
-    /// `HS256` with a shared secret (the file's bytes, trailing newline dropped)
-    /// or `RS256` with a PEM public key. `aud`/`iss` are checked when given.
+    /// `HS256` with a shared secret (the file's bytes, trailing newline dropped,
+    /// at least [`MIN_HS256_KEY_BYTES`]) or `RS256` with a PEM public key.
+    /// `exp` and `sub` are required and `nbf` is honoured; `aud` and `iss` are
+    /// required and checked when given.
     pub fn from_file(
         algorithm: Algorithm,
         path: &Path,
         audience: Option<&str>,
         issuer: Option<&str>,
-    ) -> Result<JwtKey, String> {
-        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    ) -> Result<JwtKey, AuthConfigError> {
+        let bytes = std::fs::read(path).map_err(|source| AuthConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
         let key = match algorithm {
             Algorithm::HS256 => {
-                DecodingKey::from_secret(bytes.strip_suffix(b"\n").unwrap_or(&bytes))
+                let secret = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+                if secret.len() < MIN_HS256_KEY_BYTES {
+                    return Err(AuthConfigError::WeakHs256Key {
+                        path: path.into(),
+                        len: secret.len(),
+                    });
+                }
+                DecodingKey::from_secret(secret)
             }
-            Algorithm::RS256 => DecodingKey::from_rsa_pem(&bytes)
-                .map_err(|e| format!("{}: not an RSA public key in PEM: {e}", path.display()))?,
-            other => return Err(format!("unsupported JWT algorithm {other:?}")),
+            Algorithm::RS256 => {
+                DecodingKey::from_rsa_pem(&bytes).map_err(|source| AuthConfigError::NotRsaPem {
+                    path: path.into(),
+                    source,
+                })?
+            }
+            other => return Err(AuthConfigError::UnsupportedAlgorithm(other)),
         };
         let mut validation = Validation::new(algorithm);
+        validation.leeway = JWT_LEEWAY_SECS;
+        validation.validate_nbf = true;
+        let mut required = vec!["exp", "sub"];
         match audience {
-            Some(aud) => validation.set_audience(&[aud]),
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
         if let Some(iss) = issuer {
             validation.set_issuer(&[iss]);
+            required.push("iss");
         }
+        validation.set_required_spec_claims(&required);
         Ok(JwtKey { key, validation })
     }
 }
@@ -128,11 +231,76 @@ struct Claims {
     groups: Vec<String>,
 }
 
-/// In-cluster authentication through the API server's TokenReview.
+/// How long a TokenReview answer is reused: accepted tokens a minute (the API
+/// server's own webhook cache keeps them two), refused ones a few seconds so a
+/// token that just became valid is not refused for long.
+const REVIEW_ACCEPTED_TTL: Duration = Duration::from_secs(60);
+const REVIEW_REFUSED_TTL: Duration = Duration::from_secs(5);
+/// Distinct tokens remembered; the least recently used is forgotten first.
+const REVIEW_CACHE_ENTRIES: usize = 4096;
+/// TokenReviews in flight at once: a flood of fresh tokens queues here
+/// instead of hammering the API server.
+const REVIEWS_IN_FLIGHT: usize = 16;
+
+type ReviewCache = lru::LruCache<[u8; 32], (Result<Caller, String>, Instant)>;
+
+/// In-cluster authentication through the API server's TokenReview, with
+/// answers cached by the token's SHA-256 (never the token itself).
 pub struct TokenReviewer {
-    pub client: kube::Client,
+    client: kube::Client,
     /// The runner's audience: tokens minted for anything else are rejected.
-    pub audience: String,
+    audience: String,
+    cache: Mutex<ReviewCache>,
+    in_flight: tokio::sync::Semaphore,
+}
+
+impl TokenReviewer {
+    pub fn new(client: kube::Client, audience: String) -> TokenReviewer {
+        TokenReviewer {
+            client,
+            audience,
+            cache: Mutex::new(lru::LruCache::new(
+                NonZeroUsize::new(REVIEW_CACHE_ENTRIES).unwrap_or(NonZeroUsize::MIN),
+            )),
+            in_flight: tokio::sync::Semaphore::new(REVIEWS_IN_FLIGHT),
+        }
+    }
+
+    fn cached(&self, digest: &[u8; 32]) -> Option<Result<Caller, String>> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        match cache.get(digest) {
+            Some((answer, expires)) if *expires > Instant::now() => Some(answer.clone()),
+            Some(_) => {
+                cache.pop(digest);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// The API server's verdict on `token`, from the cache when fresh.
+    async fn review(&self, token: &str) -> Result<Caller, String> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(answer) = self.cached(&digest) {
+            return answer;
+        }
+        // Closed only on drop; a failed acquire cannot happen while `self` lives.
+        let _permit = self.in_flight.acquire().await;
+        if let Some(answer) = self.cached(&digest) {
+            return answer; // reviewed while this call waited
+        }
+        let answer = review(self, token).await;
+        let ttl = if answer.is_ok() {
+            REVIEW_ACCEPTED_TTL
+        } else {
+            REVIEW_REFUSED_TTL
+        };
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .put(digest, (answer.clone(), Instant::now() + ttl));
+        answer
+    }
 }
 
 /// Every configured way to authenticate, tried in a fixed order.
@@ -196,6 +364,9 @@ impl Authenticator {
         if token.matches('.').count() == 2 {
             for key in &self.jwt_keys {
                 match jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation) {
+                    Ok(data) if data.claims.sub.is_empty() => {
+                        reasons.push("jwt: the sub claim is empty".into());
+                    }
                     Ok(data) => {
                         return Ok(Caller {
                             sub: data.claims.sub,
@@ -208,7 +379,7 @@ impl Authenticator {
             }
         }
         if let Some(reviewer) = &self.token_review {
-            match review(reviewer, token).await {
+            match reviewer.review(token).await {
                 Ok(caller) => return Ok(caller),
                 Err(e) => reasons.push(format!("tokenreview: {e}")),
             }
@@ -317,11 +488,139 @@ mod tests {
         );
     }
 
+    const KEY: &str = "0123456789abcdef0123456789abcdef";
+
+    fn hs256_signed(claims: &serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            claims,
+            &EncodingKey::from_secret(KEY.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn short_and_empty_hs256_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        for weak in ["", "\n", "short-secret\n", &KEY[1..]] {
+            std::fs::write(&path, weak).unwrap();
+            let Err(e) = JwtKey::from_file(Algorithm::HS256, &path, Some("a"), None) else {
+                panic!("{weak:?} accepted");
+            };
+            assert_eq!(e.reason(), "WeakHs256Key", "{e}");
+            assert!(e.to_string().contains("at least 32 bytes"), "{e}");
+        }
+        std::fs::write(&path, KEY).unwrap();
+        JwtKey::from_file(Algorithm::HS256, &path, Some("a"), None).unwrap();
+    }
+
+    #[test]
+    fn tokens_that_omit_required_claims_or_are_not_yet_valid_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, KEY).unwrap();
+        let auth = Authenticator {
+            jwt_keys: vec![
+                JwtKey::from_file(Algorithm::HS256, &path, Some("toolwarden"), Some("idp"))
+                    .unwrap(),
+            ],
+            ..Default::default()
+        };
+        let now = jiff::Timestamp::now().as_second();
+        let full = serde_json::json!({"sub": "eve", "aud": "toolwarden", "iss": "idp",
+                                      "exp": now + 600, "nbf": now - 10});
+        let check = |claims: &serde_json::Value| {
+            block_on(auth.authenticate(Some(&format!("Bearer {}", hs256_signed(claims)))))
+        };
+        assert_eq!(check(&full).unwrap().sub, "eve");
+        let mut claims = full.clone();
+        claims["sub"] = "".into();
+        assert!(check(&claims).is_err(), "an empty subject was accepted");
+        for missing in ["aud", "iss", "exp", "sub"] {
+            let mut claims = full.clone();
+            claims.as_object_mut().unwrap().remove(missing);
+            let Err(AuthError::Invalid { reason }) = check(&claims) else {
+                panic!("a token without {missing} was accepted");
+            };
+            assert!(reason.contains(missing), "{missing}: {reason}");
+        }
+        for (claim, value) in [
+            ("nbf", serde_json::json!(now + 600)),
+            ("aud", serde_json::json!(["other"])),
+            ("iss", serde_json::json!("other-idp")),
+            ("exp", serde_json::json!(now - 600)),
+        ] {
+            let mut claims = full.clone();
+            claims[claim] = value;
+            assert!(check(&claims).is_err(), "{claim} not checked");
+        }
+    }
+
+    #[test]
+    fn token_files_without_tokens_are_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        for empty in ["", "\n", "# only a comment\n\n"] {
+            std::fs::write(&path, empty).unwrap();
+            let e = load_token_file(&path).unwrap_err();
+            assert_eq!(e.reason(), "NoTokens", "{e}");
+        }
+        std::fs::write(&path, format!("{} alice\n", hash("t"))).unwrap();
+        assert_eq!(load_token_file(&path).unwrap().len(), 1);
+    }
+
+    /// A fake API server on loopback that answers TokenReviews and counts them.
+    async fn fake_api_server(
+        reviews: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) -> kube::Client {
+        use axum::routing::post;
+        let app = axum::Router::new().route(
+            "/apis/authentication.k8s.io/v1/tokenreviews",
+            post(move |axum::Json(review): axum::Json<serde_json::Value>| {
+                reviews.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let good = review["spec"]["token"] == "good-token";
+                async move {
+                    axum::Json(serde_json::json!({
+                        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                        "status": {"authenticated": good, "audiences": ["toolwarden"],
+                                   "user": {"username": "system:serviceaccount:agents:bot"}}
+                    }))
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap()
+    }
+
+    #[tokio::test]
+    async fn token_reviews_are_cached_by_digest_and_a_flood_of_one_token_costs_one_review() {
+        let reviews = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let client = fake_api_server(reviews.clone()).await;
+        let auth = Authenticator {
+            token_review: Some(TokenReviewer::new(client, "toolwarden".into())),
+            ..Default::default()
+        };
+        for _ in 0..50 {
+            let caller = auth.authenticate(Some("Bearer good-token")).await.unwrap();
+            assert_eq!(caller.sub, "system:serviceaccount:agents:bot");
+            assert!(auth.authenticate(Some("Bearer forged")).await.is_err());
+        }
+        assert_eq!(reviews.load(std::sync::atomic::Ordering::SeqCst), 2);
+        let reviewer = auth.token_review.as_ref().unwrap();
+        let cache = reviewer.cache.lock().unwrap();
+        let forged: [u8; 32] = Sha256::digest(b"forged").into();
+        let (answer, expires) = cache.peek(&forged).unwrap();
+        assert!(answer.is_err() && *expires <= Instant::now() + REVIEW_REFUSED_TTL);
+    }
+
     #[test]
     fn hs256_jwts_with_audience() {
         let dir = tempfile::tempdir().unwrap();
         let key_path = dir.path().join("key");
-        std::fs::write(&key_path, "shared-key\n").unwrap();
+        std::fs::write(&key_path, format!("{KEY}\n")).unwrap();
         let auth = Authenticator {
             jwt_keys: vec![
                 JwtKey::from_file(Algorithm::HS256, &key_path, Some("toolwarden"), None).unwrap(),
@@ -341,12 +640,12 @@ mod tests {
         };
         let good = block_on(auth.authenticate(Some(&format!(
             "Bearer {}",
-            sign("toolwarden", b"shared-key")
+            sign("toolwarden", KEY.as_bytes())
         ))))
         .unwrap();
         assert_eq!((good.sub.as_str(), good.method), ("carol", "jwt"));
         for bad in [
-            sign("other", b"shared-key"),
+            sign("other", KEY.as_bytes()),
             sign("toolwarden", b"wrong-key"),
         ] {
             assert!(block_on(auth.authenticate(Some(&format!("Bearer {bad}")))).is_err());

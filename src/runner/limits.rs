@@ -46,6 +46,22 @@ pub fn parse_input(body: &[u8], max_bytes: u64) -> Result<Value, Problem> {
     Ok(value)
 }
 
+/// Marks a value [`bounded`] cut.
+pub const TRUNCATED: &str = "...[truncated]";
+
+/// `text` cut to at most `max` bytes on a character boundary, marked when cut:
+/// for caller-chosen text (user agent, tool name) that goes into audit records.
+pub fn bounded(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max.saturating_sub(TRUNCATED.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{TRUNCATED}", &text[..end])
+}
+
 pub fn too_large(max_bytes: u64) -> Problem {
     Problem::new(
         ProblemKind::TooLarge,
@@ -95,6 +111,14 @@ fn depth_exceeded(text: &str, max: usize) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_text_is_cut_on_a_character_boundary_and_marked() {
+        assert_eq!(bounded("curl/8", 256), "curl/8");
+        let cut = bounded(&"é".repeat(200_000), 256);
+        assert!(cut.len() <= 256 && cut.ends_with(TRUNCATED), "{cut}");
+        assert_eq!(bounded(&"a".repeat(300), 256).len(), 256);
+    }
 
     #[test]
     fn accepts_an_object_within_limits() {

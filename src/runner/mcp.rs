@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::pipeline::Runner;
-use super::problem::{Problem, ProblemKind};
+use super::problem::ProblemKind;
 use super::registry::PreparedTool;
 use super::rest::{call_context, read_body};
 use crate::api::Risk;
@@ -40,28 +40,6 @@ fn result(id: Value, result: Value) -> Value {
     json!({"jsonrpc": "2.0", "id": id, "result": result})
 }
 
-/// Browsers send `Origin`; agents do not. A foreign origin is a DNS-rebinding
-/// attempt on a local server, so only loopback origins are accepted.
-fn origin_allowed(headers: &HeaderMap) -> bool {
-    let Some(origin) = headers.get(header::ORIGIN) else {
-        return true;
-    };
-    let host = origin
-        .to_str()
-        .unwrap_or_default()
-        .split("://")
-        .nth(1)
-        .unwrap_or_default();
-    let host = host.rsplit_once(':').map_or(host, |(h, port)| {
-        if port.chars().all(|c| c.is_ascii_digit()) {
-            h
-        } else {
-            host
-        }
-    });
-    matches!(host, "localhost" | "127.0.0.1" | "[::1]")
-}
-
 pub async fn get() -> Response {
     (StatusCode::METHOD_NOT_ALLOWED, [(header::ALLOW, "POST")]).into_response()
 }
@@ -76,12 +54,12 @@ pub async fn post(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    if !origin_allowed(&headers) {
-        return Problem::new(
-            ProblemKind::Forbidden,
-            "this Origin may not call the MCP endpoint",
-        )
-        .into_response();
+    // `Origin` and `Host` were checked by the accept loop (DNS rebinding).
+    // The caller is authenticated from the headers before the body is read.
+    let mut ctx = call_context("mcp", peer, &headers);
+    match runner.authenticate(&ctx).await {
+        Ok(caller) => ctx.caller = Some(caller),
+        Err(problem) => return problem.into_response(),
     }
     if let Some(version) = headers
         .get("mcp-protocol-version")
@@ -124,13 +102,7 @@ pub async fn post(
     let Some(id) = message.get("id").cloned() else {
         return StatusCode::ACCEPTED.into_response(); // a notification
     };
-    let ctx = call_context("mcp", peer, &headers);
     let params = message.get("params").cloned().unwrap_or(Value::Null);
-    if method != "tools/call"
-        && let Err(e) = runner.auth.authenticate(ctx.authorization.as_deref()).await
-    {
-        return Problem::new(ProblemKind::Unauthenticated, e.to_string()).into_response();
-    }
     let answer = match method {
         "initialize" => result(id, initialize(&params)),
         "ping" => result(id, json!({})),
@@ -153,7 +125,8 @@ pub async fn post(
                 .cloned()
                 .unwrap_or_else(|| json!({}));
             let input = serde_json::to_vec(&arguments).unwrap_or_default();
-            match runner.invoke(&ctx, name, Ok(&input)).await {
+            let body = std::future::ready(Ok(input.into()));
+            match runner.invoke(&ctx, name, body).await {
                 Ok(success) => result(
                     id,
                     call_result(&success.output, false, Some(&success.invocation_id)),

@@ -5,12 +5,14 @@
 //! Pure decisions live in their own files; `rest.rs` and `mcp.rs` are thin
 //! HTTP layers over [`pipeline::Runner::invoke`].
 
+pub mod admission;
 pub mod audit;
 pub mod auth;
 pub mod authorize;
 pub mod executor;
 pub mod images;
 pub mod limits;
+pub mod listener;
 pub mod mcp;
 pub mod metrics;
 pub mod pipeline;

@@ -1,24 +1,28 @@
 //! One call, start to finish: every check of the security checklist, each
 //! step audited, then the run. REST and MCP both call [`Runner::invoke`].
 //!
-//! Order: authenticate, rate limit, size and shape, validate, sanitize,
-//! authorize, approval gate, run, redact. Rate limiting comes right after
-//! authentication so floods are turned away before any parsing. Authorization
-//! runs on the sanitized input, the exact input the tool receives: checking
-//! the raw input would let a transform turn an approved value into a forbidden
-//! one (e.g. `.\u0000.` passes `!input.path.contains("..")`, then
-//! stripControlChars makes it `..`).
+//! Order: authenticate, rate limit, read the body, size and shape, validate,
+//! sanitize, authorize, approval gate, wait for a run slot of the tool, run,
+//! redact. Authentication uses the headers alone and the body is read only
+//! after it and rate limiting, so an anonymous caller costs no body reading or
+//! parsing. Authorization runs on the sanitized input, the exact input the
+//! tool receives: checking the raw input would let a transform turn an
+//! approved value into a forbidden one (e.g. `.\u0000.` passes
+//! `!input.path.contains("..")`, then stripControlChars makes it `..`).
 
+use std::future::Future;
 use std::sync::Arc;
 
+use axum::body::Bytes;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
+use super::admission::Admission;
 use super::audit::{AuditFailed, AuditLog};
-use super::auth::{Authenticator, Caller};
+use super::auth::{AuthError, Authenticator, Caller};
 use super::authorize::{authorize, holds};
 use super::executor::{ExecOutcome, ToolExecutor};
-use super::limits::parse_input;
+use super::limits::{bounded, parse_input};
 use super::metrics::Metrics;
 use super::problem::{Problem, ProblemKind};
 use super::redact::{redact_fields, redact_secrets};
@@ -31,6 +35,10 @@ use crate::api::AuditLevel;
 /// Bytes of a failed tool's stderr kept in the audit record.
 const AUDIT_STDERR_BYTES: usize = 4096;
 
+/// Longest tool name recorded as asked: the longest Kubernetes name. Longer
+/// names are no tool's, and an anonymous caller chooses them.
+const AUDIT_TOOL_NAME_BYTES: usize = 253;
+
 /// Everything the runner needs; shared by every connection.
 pub struct Runner {
     pub registry: Arc<Registry>,
@@ -38,6 +46,8 @@ pub struct Runner {
     pub audit: AuditLog,
     pub executor: Arc<dyn ToolExecutor>,
     pub metrics: Metrics,
+    /// Per-tool run slots with a queue deadline.
+    pub admission: Admission,
 }
 
 /// Who is asking, as the transport saw it.
@@ -47,6 +57,9 @@ pub struct CallContext {
     pub client_ip: Option<String>,
     pub user_agent: Option<String>,
     pub authorization: Option<String>,
+    /// Set when the transport authenticated the caller already (MCP does,
+    /// before it reads the body that names the tool).
+    pub caller: Option<Caller>,
 }
 
 /// A successful call.
@@ -100,6 +113,12 @@ impl Trail<'_> {
     }
 }
 
+/// Records an authentication refusal and hands back the caller's `401`.
+fn unauthenticated(trail: &Trail<'_>, e: &AuthError) -> Problem {
+    let problem = Problem::new(ProblemKind::Unauthenticated, e.to_string());
+    trail.deny("authentication", &e.reason(), problem)
+}
+
 fn audit_problem(e: AuditFailed) -> Problem {
     tracing::error!("{e}; refusing calls");
     Problem::new(
@@ -130,14 +149,15 @@ pub fn audited_input(tool: &PreparedTool, input: &Value) -> Value {
 }
 
 impl Runner {
-    /// Runs the pipeline for one call of `tool_name` with `body` as its input.
-    /// `body` is an error when the transport already refused it (too large,
-    /// wrong content type); the refusal is audited like any other.
+    /// Runs the pipeline for one call of `tool_name`. `body` reads its input;
+    /// it is awaited only once the caller is authenticated and within its rate
+    /// limit, and yields an error when the transport refuses the body (too
+    /// large, wrong content type, too slow): audited like any other refusal.
     pub async fn invoke(
         &self,
         ctx: &CallContext,
         tool_name: &str,
-        body: Result<&[u8], Problem>,
+        body: impl Future<Output = Result<Bytes, Problem>> + Send,
     ) -> Result<Success, Problem> {
         let _in_flight = self.metrics.in_flight();
         let tool = self.registry.get(tool_name);
@@ -151,41 +171,70 @@ impl Runner {
         result
     }
 
-    async fn pipeline(
+    /// Authenticates from the headers alone, for transports that must know
+    /// the caller before reading the body. A refusal is audited (with no tool:
+    /// the body naming it is never read).
+    pub async fn authenticate(&self, ctx: &CallContext) -> Result<Caller, Problem> {
+        match self.auth.authenticate(ctx.authorization.as_deref()).await {
+            Ok(caller) => Ok(caller),
+            Err(e) => {
+                let trail = self.trail(ctx, None, None)?;
+                trail.record("received", json!({}))?;
+                Err(unauthenticated(&trail, &e))
+            }
+        }
+    }
+
+    /// A new call's trail with its correlation fields; fails closed when the
+    /// audit log is down.
+    fn trail(
         &self,
         ctx: &CallContext,
-        tool_name: &str,
+        tool_name: Option<&str>,
         tool: Option<&PreparedTool>,
-        body: Result<&[u8], Problem>,
-    ) -> Result<Success, Problem> {
+    ) -> Result<Trail<'_>, Problem> {
         // Fail closed before doing anything we could not record.
         if let Some(e) = self.audit.failure() {
             return Err(audit_problem(e));
         }
-        let invocation_id = uuid::Uuid::new_v4().to_string();
         let mut trail = Trail {
             log: &self.audit,
             base: Map::new(),
         };
-        trail.set("invocationId", invocation_id.clone());
+        trail.set("invocationId", uuid::Uuid::new_v4().to_string());
         trail.set("transport", ctx.transport);
-        trail.set("tool", tool_name);
+        trail.set(
+            "tool",
+            tool_name.map(|name| bounded(name, AUDIT_TOOL_NAME_BYTES)),
+        );
         if let Some(tool) = tool {
             trail.set("toolGeneration", tool.generation);
         }
         trail.set("clientIp", ctx.client_ip.clone());
         trail.set("userAgent", ctx.user_agent.clone());
-        trail.record(
-            "received",
-            json!({"bodyBytes": body.as_ref().ok().map(|b| b.len())}),
-        )?;
+        Ok(trail)
+    }
 
-        let caller = match self.auth.authenticate(ctx.authorization.as_deref()).await {
-            Ok(caller) => caller,
-            Err(e) => {
-                let problem = Problem::new(ProblemKind::Unauthenticated, e.to_string());
-                return Err(trail.deny("authentication", &e.reason(), problem));
-            }
+    async fn pipeline(
+        &self,
+        ctx: &CallContext,
+        tool_name: &str,
+        tool: Option<&PreparedTool>,
+        body: impl Future<Output = Result<Bytes, Problem>> + Send,
+    ) -> Result<Success, Problem> {
+        let mut trail = self.trail(ctx, Some(tool_name), tool)?;
+        let invocation_id = trail.base["invocationId"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        trail.record("received", json!({}))?;
+
+        let caller = match &ctx.caller {
+            Some(caller) => caller.clone(),
+            None => match self.auth.authenticate(ctx.authorization.as_deref()).await {
+                Ok(caller) => caller,
+                Err(e) => return Err(unauthenticated(&trail, &e)),
+            },
         };
         trail.set(
             "caller",
@@ -224,14 +273,18 @@ impl Runner {
             return Err(problem);
         }
 
-        let body = body.map_err(|p| trail.deny("shape", &p.detail.clone(), p))?;
-        let mut input = parse_input(body, tool.spec.max_input_bytes)
+        let body = body
+            .await
+            .map_err(|p| trail.deny("shape", &p.detail.clone(), p))?;
+        let mut input = parse_input(&body, tool.spec.max_input_bytes)
             .map_err(|p| trail.deny("shape", &p.detail.clone(), p))?;
         if let Err(errors) = validate(&tool.validator, &input) {
             let problem = Problem::validation(errors);
             return Err(trail.deny("validation", &problem.detail.clone(), problem));
         }
-        trail.record("validated", audited_input(tool, &input))?;
+        let mut validated = audited_input(tool, &input);
+        validated["bodyBytes"] = body.len().into();
+        trail.record("validated", validated)?;
 
         let changed = sanitize(&mut input, &tool.spec.sanitize);
         if !tool.spec.sanitize.is_empty() {
@@ -257,6 +310,19 @@ impl Runner {
             return Err(problem);
         }
 
+        let _slot = match self.admission.admit(&tool.name).await {
+            Ok(slot) => slot,
+            Err(busy) => {
+                let mut problem = Problem::new(ProblemKind::Overloaded, busy.to_string());
+                // About when a running call of the tool ends and frees a slot.
+                problem.retry_after_secs = Some(
+                    u64::from(tool.spec.sandbox.timeout_ms)
+                        .div_ceil(1000)
+                        .max(1),
+                );
+                return Err(trail.deny("admission", busy.reason(), problem));
+            }
+        };
         self.run(&trail, tool, input, invocation_id).await
     }
 

@@ -26,6 +26,10 @@ pub enum ProblemKind {
     ToolFailed,
     ToolTimeout,
     AuditUnavailable,
+    /// The tool's run slots stayed full for the queue deadline.
+    Overloaded,
+    /// The body did not arrive in time.
+    RequestTimeout,
     Internal,
 }
 
@@ -44,6 +48,8 @@ impl ProblemKind {
             ProblemKind::ToolFailed => StatusCode::BAD_GATEWAY,
             ProblemKind::ToolTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProblemKind::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ProblemKind::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            ProblemKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ProblemKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -63,6 +69,8 @@ impl ProblemKind {
             ProblemKind::ToolFailed => "tool-failed",
             ProblemKind::ToolTimeout => "tool-timeout",
             ProblemKind::AuditUnavailable => "audit-unavailable",
+            ProblemKind::Overloaded => "overloaded",
+            ProblemKind::RequestTimeout => "request-timeout",
             ProblemKind::Internal => "internal",
         }
     }
@@ -81,6 +89,8 @@ impl ProblemKind {
             ProblemKind::ToolFailed => "The tool failed",
             ProblemKind::ToolTimeout => "The tool timed out",
             ProblemKind::AuditUnavailable => "The audit log is unavailable",
+            ProblemKind::Overloaded => "The tool is busy",
+            ProblemKind::RequestTimeout => "The request body did not arrive in time",
             ProblemKind::Internal => "Internal error",
         }
     }
@@ -96,7 +106,7 @@ pub struct Problem {
     pub detail: String,
     /// Every invalid field, for `validation`.
     pub errors: Vec<FieldError>,
-    /// Seconds until a call may succeed, for `rate-limited` (`Retry-After`).
+    /// Seconds until a call may succeed, for `rate-limited` and `overloaded` (`Retry-After`).
     pub retry_after_secs: Option<u64>,
     /// Set once the call has an ID, so callers can quote it.
     pub invocation_id: Option<String>,

@@ -1,9 +1,11 @@
 //! The HTTP surface: REST (`/v1/tools`, `/v1/tools/{name}/invoke`), probes,
 //! `/metrics`, and the MCP endpoint mounted from `mcp.rs`. Thin: every
-//! decision is made by the pipeline.
+//! decision is made by the pipeline. Connections, header limits and the
+//! `Host`/`Origin` check are the accept loop's (`listener.rs`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -13,13 +15,20 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 
-use super::limits::too_large;
+use super::limits::{bounded, too_large};
+use super::listener::{self, HttpConfig};
 use super::mcp;
 use super::pipeline::{CallContext, Runner};
 use super::problem::{Problem, ProblemKind};
 
 /// Body cap for calls to unknown tools (they are refused anyway).
 const UNKNOWN_TOOL_BODY_BYTES: usize = 64 * 1024;
+
+/// A body must arrive within this once the call is admitted to read it.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Longest `User-Agent` kept for the audit log; longer ones are cut and marked.
+const MAX_USER_AGENT_BYTES: usize = 256;
 
 pub fn router(runner: Arc<Runner>) -> Router {
     Router::new()
@@ -28,7 +37,7 @@ pub fn router(runner: Arc<Runner>) -> Router {
         .route("/mcp", post(mcp::post).get(mcp::get).delete(mcp::delete))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(authenticated_metrics))
         .fallback(|| async { Problem::new(ProblemKind::NotFound, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             Problem::new(
@@ -39,7 +48,17 @@ pub fn router(runner: Arc<Runner>) -> Router {
         .with_state(runner)
 }
 
-/// What the transport knows about the caller.
+/// Only `/metrics`, unauthenticated: for `--metrics-listen`, an address the
+/// operator chose to expose to the scraper.
+pub fn metrics_router(runner: Arc<Runner>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .fallback(|| async { Problem::new(ProblemKind::NotFound, "no such endpoint") })
+        .with_state(runner)
+}
+
+/// What the transport knows about the caller. The user agent is bounded
+/// (it goes into every audit record of the call).
 pub fn call_context(transport: &'static str, peer: SocketAddr, headers: &HeaderMap) -> CallContext {
     let text = |name| {
         headers
@@ -50,8 +69,11 @@ pub fn call_context(transport: &'static str, peer: SocketAddr, headers: &HeaderM
     CallContext {
         transport,
         client_ip: Some(peer.ip().to_string()),
-        user_agent: text(header::USER_AGENT),
+        user_agent: headers
+            .get(header::USER_AGENT)
+            .map(|v| bounded(&String::from_utf8_lossy(v.as_bytes()), MAX_USER_AGENT_BYTES)),
         authorization: text(header::AUTHORIZATION),
+        caller: None,
     }
 }
 
@@ -95,9 +117,20 @@ pub fn is_json(headers: &HeaderMap) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
-/// Reads a body up to `limit` bytes, as a problem when it is larger.
+/// Reads a body up to `limit` bytes within [`BODY_READ_TIMEOUT`], as a
+/// problem when it is larger or slower.
 pub async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, Problem> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+    let read = tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit));
+    let Ok(read) = read.await else {
+        return Err(Problem::new(
+            ProblemKind::RequestTimeout,
+            format!(
+                "the body did not arrive within {} s",
+                BODY_READ_TIMEOUT.as_secs()
+            ),
+        ));
+    };
+    read.map_err(|e| {
         let source = std::error::Error::source(&e)
             .map(ToString::to_string)
             .unwrap_or_default();
@@ -126,18 +159,19 @@ async fn invoke(
         .map_or(UNKNOWN_TOOL_BODY_BYTES, |t| {
             usize::try_from(t.spec.max_input_bytes).unwrap_or(usize::MAX)
         });
-    let body = if is_json(&headers) {
-        read_body(body, limit).await
-    } else {
-        Err(Problem::new(
-            ProblemKind::UnsupportedMediaType,
-            "the body must be JSON (Content-Type: application/json)",
-        ))
+    let json = is_json(&headers);
+    // Read by the pipeline only after authentication and rate limiting.
+    let body = async move {
+        if json {
+            read_body(body, limit).await
+        } else {
+            Err(Problem::new(
+                ProblemKind::UnsupportedMediaType,
+                "the body must be JSON (Content-Type: application/json)",
+            ))
+        }
     };
-    match runner
-        .invoke(&ctx, &name, body.as_deref().map_err(Clone::clone))
-        .await
-    {
+    match runner.invoke(&ctx, &name, body).await {
         Ok(success) => {
             let mut out = json!({
                 "invocationId": success.invocation_id,
@@ -161,6 +195,18 @@ async fn ready(State(runner): State<Arc<Runner>>) -> Response {
     }
 }
 
+/// `/metrics` on the main listener: tool names and call counts are for
+/// authenticated callers only, like `/v1/tools`.
+async fn authenticated_metrics(State(runner): State<Arc<Runner>>, headers: HeaderMap) -> Response {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if let Err(e) = runner.auth.authenticate(authorization).await {
+        return Problem::new(ProblemKind::Unauthenticated, e.to_string()).into_response();
+    }
+    metrics(State(runner)).await
+}
+
 async fn metrics(State(runner): State<Arc<Runner>>) -> Response {
     runner
         .metrics
@@ -176,17 +222,14 @@ async fn metrics(State(runner): State<Arc<Runner>>) -> Response {
         .into_response()
 }
 
-/// Serves the runner on `listener` until `shutdown` completes; calls in
-/// flight are finished first.
+/// Serves the runner on `listener` with the default HTTP limits and the
+/// listen address's names until `shutdown` completes; calls in flight are
+/// finished first.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     runner: Arc<Runner>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router(runner).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    let config = HttpConfig::for_listen(listener.local_addr()?);
+    listener::serve(listener, router(runner), config, shutdown).await
 }

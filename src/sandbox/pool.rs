@@ -26,6 +26,9 @@ const KILL_GRACE: Duration = Duration::from_secs(5);
 /// How long to keep reading output after the exit report (pipes normally hit EOF at once).
 const OUTPUT_GRACE: Duration = Duration::from_millis(500);
 
+/// Default of [`EngineConfig::max_running`]; the runner's per-tool slots are derived from it.
+pub const DEFAULT_MAX_RUNNING: usize = 64;
+
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     /// The runner binary; started as `<exe> sandbox-zygote`.
@@ -51,7 +54,7 @@ impl EngineConfig {
             // Builds are CPU-bound (clone, mounts, cgroups): more than the core count in
             // parallel only slows each one down.
             max_concurrent_builds: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            max_running: 64,
+            max_running: DEFAULT_MAX_RUNNING,
         }
     }
 }
