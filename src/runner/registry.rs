@@ -435,6 +435,91 @@ mod tests {
         );
     }
 
+    const ROTATING_TOOL: &str = r#"
+apiVersion: toolwarden.dev/v1alpha1
+kind: AgentTool
+metadata: {name: rotating}
+spec:
+  description: Uses a secret
+  risk: low
+  inputSchema: {type: object, additionalProperties: false, properties: {}}
+  runtime: {image: "busybox:1.36.1", command: [/bin/true]}
+  rateLimit: {requestsPerMinute: 60}
+  secrets:
+    - {secretName: api, key: token, env: API_TOKEN}
+"#;
+
+    #[test]
+    fn rotated_secrets_are_picked_up_and_the_old_ones_stay_redacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = dir.path().join("tool.yaml");
+        std::fs::write(&manifest, ROTATING_TOOL).unwrap();
+        let token = dir.path().join("secrets/api/token");
+        std::fs::create_dir_all(token.parent().unwrap()).unwrap();
+        std::fs::write(&token, "first-token-value\n").unwrap();
+        let registry = Registry::new(
+            LimiterClock::manual(),
+            SecretsDir(Some(dir.path().join("secrets"))),
+        );
+        let load = || registry.load(std::slice::from_ref(&manifest));
+        load();
+        let first = registry.get("rotating").unwrap();
+        assert!(load().rotated.is_empty());
+        assert!(Arc::ptr_eq(&first, &registry.get("rotating").unwrap()));
+
+        std::fs::write(&token, "second-token-value\n").unwrap();
+        let report = load();
+        assert_eq!(report.rotated, ["rotating"]);
+        let second = registry.get("rotating").unwrap();
+        assert_eq!(
+            (second.generation, second.secrets_revision),
+            (first.generation, first.secrets_revision + 1),
+            "a rotation is not a new spec, but needs fresh sandboxes"
+        );
+        assert_eq!(
+            second.secrets,
+            [SecretDelivery::Env {
+                name: "API_TOKEN".into(),
+                value: "second-token-value\n".into()
+            }]
+        );
+        assert!(
+            Arc::ptr_eq(
+                first.limiter.as_ref().unwrap(),
+                second.limiter.as_ref().unwrap()
+            ),
+            "the rate-limit state survives"
+        );
+        assert_eq!(
+            second
+                .redactor
+                .redact_str("first-token-value second-token-value"),
+            "[REDACTED] [REDACTED]"
+        );
+
+        // Retired values are kept up to a bound, newest first.
+        for i in 0..RETIRED_SECRETS_KEPT + 2 {
+            std::fs::write(&token, format!("token-number-{i:02}")).unwrap();
+            load();
+        }
+        let last = registry.get("rotating").unwrap();
+        assert_eq!(last.redactor.values().len(), 1 + RETIRED_SECRETS_KEPT);
+        assert_eq!(
+            last.redactor
+                .redact_str("token-number-00 token-number-02 token-number-17"),
+            "token-number-00 [REDACTED] [REDACTED]"
+        );
+
+        // A secret that disappears refuses the tool: it would run without it.
+        std::fs::remove_file(&token).unwrap();
+        let report = load();
+        assert!(registry.get("rotating").is_none());
+        assert!(
+            report.refused[0].reasons[0].contains("secret api/token is not available"),
+            "{report:?}"
+        );
+    }
+
     #[test]
     fn unchanged_tools_keep_their_generation_and_state() {
         let registry = Registry::new(LimiterClock::manual(), SecretsDir::default());
