@@ -129,19 +129,34 @@ mod tests {
             let errors = check_after(no_shell.clone(), attack, nfc);
             assert_eq!(errors.len(), 1, "{attack}");
             assert_eq!(errors[0].path, "/cmd");
-            assert!(errors[0].message.starts_with("after sanitizing: "), "{errors:?}");
+            assert!(
+                errors[0].message.starts_with("after sanitizing: "),
+                "{errors:?}"
+            );
             assert!(!errors[0].message.contains("id"), "the value is masked");
         }
         // Other confusables: KELVIN SIGN is K, OHM SIGN is omega.
-        check_after(json!({"type": "string", "pattern": "^[^K]*$"}), "\u{212a}ill", nfc);
-        check_after(json!({"type": "string", "pattern": "^[^\\u03a9]*$"}), "1 \u{2126}", nfc);
+        check_after(
+            json!({"type": "string", "pattern": "^[^K]*$"}),
+            "\u{212a}ill",
+            nfc,
+        );
+        check_after(
+            json!({"type": "string", "pattern": "^[^\\u03a9]*$"}),
+            "1 \u{2126}",
+            nfc,
+        );
         // Escaping and case folding grow values past maxLength.
         let short = json!({"type": "string", "maxLength": 20});
         check_after(short.clone(), &"&".repeat(20), &[Transform::StripHtml]);
         check_after(short.clone(), "x < y > \"z\" & w", &[Transform::StripHtml]);
         check_after(short, &"\u{130}".repeat(20), &[Transform::Lowercase]);
         // Lowercase turning a pattern-valid value invalid.
-        check_after(json!({"type": "string", "pattern": "^[A-Z_]+$"}), "DROP_ALL", &[Transform::Lowercase]);
+        check_after(
+            json!({"type": "string", "pattern": "^[A-Z_]+$"}),
+            "DROP_ALL",
+            &[Transform::Lowercase],
+        );
     }
 
     #[test]
