@@ -41,6 +41,7 @@ spec:
       - -c
       - |
         read -r line
+        case "$line" in *'"stderr"'*) exec >&2;; esac
         pad=$(echo "$line" | sed -n 's/.*"pad":\([0-9]*\).*/\1/p')
         head -c "${pad:-0}" /dev/zero | tr '\0' x
         uesc() { printf %s "$1" | od -An -v -tx1 | tr -d '\n' | sed 's/ /\\u00/g'; }
@@ -294,9 +295,12 @@ fn a_tool_leaking_its_secret_escaped_trimmed_or_across_the_cap_gets_only_redacte
         }
     }
 
-    // Stderr kept in the audit record: raw and escaped both redacted.
-    let (status, _) = served.invoke("leaky", &json!({"mode": "stderr"}));
-    assert_eq!(status, 502);
+    // Stderr kept in the audit record: escaped and raw, and across the cap.
+    let pads = [0, 40, 50, 55, 60, 63, 64];
+    for pad in pads {
+        let (status, _) = served.invoke("capped", &json!({"mode": "stderr", "pad": pad}));
+        assert_eq!(status, 502);
+    }
     let audit = served.audit_text();
     assert_no_leak("the audit log", &audit);
     let stderr: Vec<String> = audit
@@ -305,7 +309,15 @@ fn a_tool_leaking_its_secret_escaped_trimmed_or_across_the_cap_gets_only_redacte
         .filter(|r| r["event"] == "finished" && r["exitCode"] == 1)
         .map(|r| r["stderr"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(stderr, ["[REDACTED][REDACTED]"]);
+    let expected: Vec<String> = pads
+        .iter()
+        .map(|&pad| {
+            // The raw copy starts past the cap: only the escaped one is kept.
+            let whole = format!("{}[REDACTED]", "x".repeat(pad));
+            whole[..whole.len().min(64)].to_string()
+        })
+        .collect();
+    assert_eq!(stderr, expected);
 }
 
 #[test]

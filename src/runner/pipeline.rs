@@ -309,7 +309,7 @@ impl Runner {
         let truncated = cut || outcome.stdout_truncated;
         trail.record(
             "finished",
-            finished_record(&outcome, &stdout, truncated, &tool.redactor),
+            finished_record(&outcome, &stdout, truncated, tool),
         )?;
         respond(outcome, stdout, truncated, &tool.redactor, invocation_id)
     }
@@ -320,9 +320,11 @@ fn finished_record(
     outcome: &ExecOutcome,
     stdout: &[u8],
     stdout_truncated: bool,
-    redactor: &Redactor,
+    tool: &PreparedTool,
 ) -> Value {
-    let (stderr, _) = redactor.redact_capped(&outcome.stderr, AUDIT_STDERR_BYTES);
+    // Within maxOutputBytes: past it, the capture may end inside a secret.
+    let stderr_cap = AUDIT_STDERR_BYTES.min(tool.output_cap());
+    let (stderr, _) = tool.redactor.redact_capped(&outcome.stderr, stderr_cap);
     json!({
         "exitCode": outcome.exit_code,
         "timedOut": outcome.timed_out,
