@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 /// 24 bytes with its newline, as a Secret's file often has; a `/` to escape.
-const SECRET: &str = "sk-live/0123456789abcdef\n";
+const SECRET: &str = "sk-live/0123456789abcde\n";
 
 /// A tool that leaks its secret (env `T`, file `/run/secrets/t`) in the form
 /// the input asks for, after `pad` bytes of `x`.

@@ -73,6 +73,8 @@ pub struct CommonArgs {
     #[arg(long, value_name = "FILE")]
     pub audit_log: Option<PathBuf>,
     /// Secret values as `DIR/<secretName>/<key>` files (a mounted Secret volume layout).
+    /// Watched: rotated values (a rewritten file, kubelet's `..data` swap) reach new calls,
+    /// and the old ones stay redacted until restart.
     #[arg(long, value_name = "DIR")]
     pub secrets_dir: Option<PathBuf>,
     /// Root file systems of tool images: `NAME/` (OCI layout or plain tree) or
