@@ -1,5 +1,6 @@
 //! The tools being served: each AgentTool checked against the checklist and
-//! compiled once per generation (schema, CEL rules, rate limiter, secrets).
+//! compiled once per generation (schema, CEL rules, rate limiter, secrets),
+//! and prepared again when a reload finds its secret values rotated.
 //! A reload swaps the whole set atomically; calls in flight keep the
 //! `Arc<PreparedTool>` they started with.
 
@@ -60,7 +61,7 @@ impl PreparedTool {
     /// values stay redacted (the newest [`RETIRED_SECRETS_KEPT`], until
     /// restart: a tool may have kept an old value on a volume), and when the
     /// spec is unchanged, the rate-limit state.
-    fn succeed(&mut self, previous: &PreparedTool) -> Result<(), RedactorError> {
+    fn take_over_from(&mut self, previous: &PreparedTool) -> Result<(), RedactorError> {
         let mut values = self.secret_values.clone();
         let retired = previous
             .redactor
@@ -352,7 +353,7 @@ impl Registry {
             )
             .and_then(|mut prepared| match previous {
                 Some(prev) => prepared
-                    .succeed(prev)
+                    .take_over_from(prev)
                     .map(|()| prepared)
                     .map_err(|e| vec![format!("spec.secrets: {e}")]),
                 None => Ok(prepared),
