@@ -106,6 +106,8 @@ pub struct CommonArgs {
     #[arg(long, value_name = "FILE")]
     pub audit_log: Option<PathBuf>,
     /// Secret values as `DIR/<secretName>/<key>` files (a mounted Secret volume layout).
+    /// Watched: rotated values (a rewritten file, kubelet's `..data` swap) reach new calls,
+    /// and the old ones stay redacted until restart.
     #[arg(long, value_name = "DIR")]
     pub secrets_dir: Option<PathBuf>,
     /// Root file systems of tool images: `NAME/` (OCI layout or plain tree) or
@@ -316,7 +318,8 @@ fn run(
             eprintln!("  metrics:   http://{metrics_addr}/metrics   (no authentication)");
         }
         prepare_sandboxes(&registry, runner.executor.as_ref()).await;
-        let _watcher = match watch(dir, registry, runner.executor.clone()) {
+        let secrets = common.secrets_dir.as_deref();
+        let _watcher = match watch(dir, secrets, registry, runner.executor.clone()) {
             Ok(w) => Some(w),
             Err(e) => {
                 eprintln!("warning: not watching {} for changes: {e}", dir.display());
@@ -472,26 +475,43 @@ fn banner(
     );
 }
 
-/// Reloads on any change to a manifest in `dir`, after changes settle for
-/// 200 ms (editors write files in several steps).
+/// Reloads on any change to a manifest in `dir` or to anything under the
+/// secrets folder, after changes settle for 200 ms (editors write files in
+/// several steps). The secrets folder is watched whole, recursively: kubelet
+/// rotates a mounted Secret by swapping a `..data` symlink, which no event
+/// of the key files themselves reports.
 fn watch(
     dir: &Path,
+    secrets: Option<&Path>,
     registry: Arc<Registry>,
     executor: Arc<dyn ToolExecutor>,
 ) -> notify::Result<notify::RecommendedWatcher> {
     use notify::Watcher;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    // Events name paths under the folder as watched: compare with the same form.
+    let secrets = secrets.map(|s| std::fs::canonicalize(s).unwrap_or_else(|_| s.to_path_buf()));
+    let secrets_watched = secrets.clone();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         // Reading the files (our own reload included) raises access events:
         // reacting to those would reload forever.
         if let Ok(event) = event
             && !matches!(event.kind, notify::EventKind::Access(_))
-            && event.paths.iter().any(|p| is_manifest(p))
+            && event.paths.iter().any(|p| {
+                is_manifest(p) || secrets_watched.as_ref().is_some_and(|s| p.starts_with(s))
+            })
         {
             let _ = tx.send(());
         }
     })?;
     watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
+    if let Some(secrets) = &secrets
+        && let Err(e) = watcher.watch(secrets, notify::RecursiveMode::Recursive)
+    {
+        eprintln!(
+            "warning: not watching {} for rotated secrets: {e}",
+            secrets.display()
+        );
+    }
     let dir = dir.to_path_buf();
     tokio::spawn(async move {
         while rx.recv().await.is_some() {
@@ -511,6 +531,9 @@ fn watch(
                     dir.display(),
                     report.served.join(", ")
                 );
+                if !report.rotated.is_empty() {
+                    eprintln!("  new secret values for {}", report.rotated.join(", "));
+                }
                 prepare_sandboxes(&registry, executor.as_ref()).await;
             } else {
                 eprintln!(

@@ -19,10 +19,11 @@ use super::registry::PreparedTool;
 pub struct ExecOutcome {
     /// Exit status; `None` when the process was killed by a signal.
     pub exit_code: Option<i32>,
-    /// At most `sandbox.maxOutputBytes` bytes.
+    /// At most [`PreparedTool::capture_bytes`]: the pipeline redacts, then
+    /// cuts to `sandbox.maxOutputBytes`.
     pub stdout: Vec<u8>,
     pub stdout_truncated: bool,
-    /// At most `sandbox.maxOutputBytes` bytes.
+    /// At most [`PreparedTool::capture_bytes`].
     pub stderr: Vec<u8>,
     pub stderr_truncated: bool,
     pub timed_out: bool,
@@ -144,7 +145,7 @@ async fn run_process(
     if let Some(dir) = &runtime.working_dir {
         command.current_dir(dir);
     }
-    let cap = usize::try_from(tool.spec.sandbox.max_output_bytes).unwrap_or(usize::MAX);
+    let cap = tool.capture_bytes();
     let timeout = Duration::from_millis(u64::from(tool.spec.sandbox.timeout_ms));
     let started = Instant::now();
     let mut child = command

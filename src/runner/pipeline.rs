@@ -2,12 +2,13 @@
 //! step audited, then the run. REST and MCP both call [`Runner::invoke`].
 //!
 //! Order: authenticate, rate limit, read the body, size and shape, validate,
-//! sanitize, authorize, approval gate, wait for a run slot of the tool, run,
-//! redact. Authentication uses the headers alone and the body is read only
-//! after it and rate limiting, so an anonymous caller costs no body reading or
-//! parsing. Authorization runs on the sanitized input, the exact input the
-//! tool receives: checking the raw input would let a transform turn an
-//! approved value into a forbidden one (e.g. `.\u0000.` passes
+//! sanitize, validate again (when sanitizing changed something), authorize,
+//! approval gate, wait for a run slot of the tool, run, redact, cap.
+//! Authentication uses the headers alone and the body is read only after it
+//! and rate limiting, so an anonymous caller costs no body reading or parsing.
+//! Authorization runs on the sanitized input, the exact input the tool
+//! receives: checking the raw input would let a transform turn an approved
+//! value into a forbidden one (e.g. `.\u0000.` passes
 //! `!input.path.contains("..")`, then stripControlChars makes it `..`).
 
 use std::future::Future;
@@ -25,11 +26,11 @@ use super::executor::{ExecOutcome, ToolExecutor};
 use super::limits::{bounded, parse_input};
 use super::metrics::Metrics;
 use super::problem::{Problem, ProblemKind};
-use super::redact::{redact_fields, redact_secrets};
+use super::redact::{Redactor, redact_fields};
 use super::registry::{PreparedTool, Registry};
 use super::sandbox_executor::enforcement_pairs;
 use super::sanitize::sanitize;
-use super::validate::validate;
+use super::validate::{validate, validate_sanitized};
 use crate::api::AuditLevel;
 
 /// Bytes of a failed tool's stderr kept in the audit record.
@@ -293,6 +294,18 @@ impl Runner {
                 json!({"changedFields": changed, "sanitizedDigest": input_digest(&input)}),
             )?;
         }
+        // The tool gets what the schema promises: a transform can make a valid
+        // value invalid (NFC turns U+037E into `;`, escaping grows a value).
+        if !changed.is_empty()
+            && let Err(errors) = validate_sanitized(&tool.validator, &input)
+        {
+            let problem = Problem::validation(errors);
+            return Err(trail.deny(
+                "validation",
+                "the sanitized input fails the schema",
+                problem,
+            ));
+        }
 
         if let Err(denied) = authorize(&tool.rules, &caller, &input) {
             let problem = Problem::new(ProblemKind::Forbidden, denied.message.clone());
@@ -342,11 +355,7 @@ impl Runner {
         {
             Ok(outcome) => outcome,
             Err(e) => {
-                let reason = String::from_utf8_lossy(&redact_secrets(
-                    e.to_string().as_bytes(),
-                    &tool.secret_values,
-                ))
-                .into_owned();
+                let reason = tool.redactor.redact_str(&e.to_string());
                 trail.record("failed", json!({"error": reason}))?;
                 let mut problem =
                     Problem::new(ProblemKind::ToolFailed, "the tool could not be run");
@@ -359,19 +368,29 @@ impl Runner {
             self.metrics
                 .enforcement(&tool.name, &enforcement_pairs(enforcement));
         }
-        let stdout = redact_secrets(&outcome.stdout, &tool.secret_values);
+        // Redact first, then cut: the run captured more than the cap for this.
+        let (stdout, cut) = tool
+            .redactor
+            .redact_capped(&outcome.stdout, tool.output_cap());
+        let truncated = cut || outcome.stdout_truncated;
         trail.record(
             "finished",
-            finished_record(&outcome, &stdout, &tool.secret_values),
+            finished_record(&outcome, &stdout, truncated, tool),
         )?;
-        respond(outcome, stdout, invocation_id)
+        respond(outcome, stdout, truncated, &tool.redactor, invocation_id)
     }
 }
 
 /// The `finished` record: everything about the run, internal details included. Pure.
-fn finished_record(outcome: &ExecOutcome, stdout: &[u8], secrets: &[Vec<u8>]) -> Value {
-    let mut stderr = redact_secrets(&outcome.stderr, secrets);
-    stderr.truncate(AUDIT_STDERR_BYTES);
+fn finished_record(
+    outcome: &ExecOutcome,
+    stdout: &[u8],
+    stdout_truncated: bool,
+    tool: &PreparedTool,
+) -> Value {
+    // Within maxOutputBytes: past it, the capture may end inside a secret.
+    let stderr_cap = AUDIT_STDERR_BYTES.min(tool.output_cap());
+    let (stderr, _) = tool.redactor.redact_capped(&outcome.stderr, stderr_cap);
     json!({
         "exitCode": outcome.exit_code,
         "timedOut": outcome.timed_out,
@@ -380,7 +399,7 @@ fn finished_record(outcome: &ExecOutcome, stdout: &[u8], secrets: &[Vec<u8>]) ->
         "peakMemoryBytes": outcome.peak_memory_bytes,
         "enforcement": outcome.enforcement,
         "outputBytes": stdout.len(),
-        "outputTruncated": outcome.stdout_truncated,
+        "outputTruncated": stdout_truncated,
         "stderr": String::from_utf8_lossy(&stderr),
     })
 }
@@ -389,6 +408,8 @@ fn finished_record(outcome: &ExecOutcome, stdout: &[u8], secrets: &[Vec<u8>]) ->
 fn respond(
     outcome: ExecOutcome,
     stdout: Vec<u8>,
+    stdout_truncated: bool,
+    redactor: &Redactor,
     invocation_id: String,
 ) -> Result<Success, Problem> {
     let failed = |kind, detail: &str| {
@@ -408,14 +429,20 @@ fn respond(
             );
         }
     }
-    let output = serde_json::from_slice(&stdout)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&stdout).into_owned()));
+    // The caller sees decoded JSON: redact what it decodes to, not only its bytes.
+    let output = match serde_json::from_slice(&stdout) {
+        Ok(mut json) => {
+            redactor.redact_json(&mut json);
+            json
+        }
+        Err(_) => Value::String(String::from_utf8_lossy(&stdout).into_owned()),
+    };
     Ok(Success {
         invocation_id,
         output,
         exit_code: 0,
         duration_ms: outcome.duration.as_millis() as u64,
-        output_truncated: outcome.stdout_truncated,
+        output_truncated: stdout_truncated,
     })
 }
 

@@ -1,32 +1,313 @@
 //! Redaction: secret values out of tool output, and `audit.redact` fields out
-//! of recorded inputs. Pure functions.
+//! of recorded inputs.
+//!
+//! Secrets are found by exact matching (Aho-Corasick, every needle in one
+//! pass) in three views of the output: the raw bytes; the bytes with JSON
+//! string escapes decoded, so `\u0073k-live` or `a\/b` is found (up to
+//! [`MAX_UNESCAPE_DEPTH`] times escaped); and, when the output is JSON, every
+//! decoded string and key. Encoded forms (base64, hex, reversed, split into
+//! pieces) are beyond exact matching.
 
+use std::ops::Range;
+
+use aho_corasick::AhoCorasick;
 use serde_json::Value;
 
 pub const REDACTED: &str = "[REDACTED]";
 
-/// Replaces every occurrence of every secret in `text`. Longer secrets go first
-/// so a secret that contains another is replaced whole. Empty values are skipped.
-pub fn redact_secrets(text: &[u8], secrets: &[Vec<u8>]) -> Vec<u8> {
-    let mut ordered: Vec<&Vec<u8>> = secrets.iter().filter(|s| !s.is_empty()).collect();
-    ordered.sort_by_key(|s| std::cmp::Reverse(s.len()));
-    let mut out = text.to_vec();
-    for secret in ordered {
-        out = replace_all(&out, secret, REDACTED.as_bytes());
+/// Trimmed copies of a secret shorter than this are not searched for: a
+/// 1–3 byte needle matches ordinary output everywhere (mangling it, and
+/// showing where the secret's bytes occur), and a value that short is guessed
+/// in a few thousand tries anyway. The untrimmed value is always searched for.
+pub const MIN_TRIMMED_BYTES: usize = 4;
+
+/// How many layers of JSON escaping (`\\u0041` is two) are decoded.
+const MAX_UNESCAPE_DEPTH: usize = 4;
+
+/// Source bytes per decoded byte of the longest JSON escape: `\u0041` for `A`.
+const ESCAPE_EXPANSION: usize = 6;
+
+#[derive(Debug, thiserror::Error)]
+#[error("the secret values cannot be indexed for redaction: {0}")]
+pub struct RedactorError(#[from] aho_corasick::BuildError);
+
+impl RedactorError {
+    pub fn reason(&self) -> &'static str {
+        "RedactorBuildFailed"
     }
-    out
 }
 
-fn replace_all(haystack: &[u8], needle: &[u8], with: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(haystack.len());
-    let mut rest = haystack;
-    while let Some(at) = rest.windows(needle.len()).position(|w| w == needle) {
-        out.extend_from_slice(&rest[..at]);
-        out.extend_from_slice(with);
-        rest = &rest[at + needle.len()..];
+/// Finds a tool's secrets in its output; built once per prepared tool.
+#[derive(Clone, Debug, Default)]
+pub struct Redactor {
+    /// The secret values the needles come from.
+    values: Vec<Vec<u8>>,
+    /// `None` when there is nothing to find.
+    matcher: Option<AhoCorasick>,
+    longest: usize,
+}
+
+impl Redactor {
+    /// Needles: each non-empty value, its whitespace-trimmed form (a file
+    /// secret usually ends in a newline the tool may drop) and, for a value
+    /// that is not UTF-8, the lossy text an env secret is delivered as.
+    pub fn new(values: Vec<Vec<u8>>) -> Result<Redactor, RedactorError> {
+        let mut needles: Vec<Vec<u8>> = Vec::new();
+        for value in &values {
+            needles.push(value.clone());
+            let trimmed = value.trim_ascii();
+            if trimmed.len() != value.len() && trimmed.len() >= MIN_TRIMMED_BYTES {
+                needles.push(trimmed.to_vec());
+            }
+            if std::str::from_utf8(value).is_err() {
+                needles.push(String::from_utf8_lossy(value).into_owned().into_bytes());
+            }
+        }
+        needles.retain(|n| !n.is_empty());
+        needles.sort();
+        needles.dedup();
+        let longest = needles.iter().map(Vec::len).max().unwrap_or(0);
+        let matcher = if needles.is_empty() {
+            None
+        } else {
+            Some(AhoCorasick::new(&needles)?)
+        };
+        Ok(Redactor {
+            values,
+            matcher,
+            longest,
+        })
     }
-    out.extend_from_slice(rest);
-    out
+
+    /// The secret values this redactor was built from.
+    pub fn values(&self) -> &[Vec<u8>] {
+        &self.values
+    }
+
+    /// How many bytes beyond the output cap a run must capture so that a
+    /// secret starting before the cap, even JSON-escaped once, is seen whole.
+    pub fn capture_margin(&self) -> usize {
+        self.longest * ESCAPE_EXPANSION
+    }
+
+    /// `text` with every secret replaced, then cut to `cap` bytes; `true` when
+    /// something was cut. Secrets are searched in all of `text` first, so one
+    /// that crosses the cut is replaced whole and none of its bytes are kept.
+    pub fn redact_capped(&self, text: &[u8], cap: usize) -> (Vec<u8>, bool) {
+        splice(text, &self.covered(text), cap)
+    }
+
+    pub fn redact_str(&self, text: &str) -> String {
+        self.redacted(text).unwrap_or_else(|| text.to_owned())
+    }
+
+    /// `Some` redacted copy of `text` when it holds a secret.
+    fn redacted(&self, text: &str) -> Option<String> {
+        let covered = self.covered(text.as_bytes());
+        if covered.is_empty() {
+            return None;
+        }
+        let (bytes, _) = splice(text.as_bytes(), &covered, usize::MAX);
+        Some(match String::from_utf8(bytes) {
+            Ok(text) => text,
+            // A needle that is not UTF-8 may have matched inside a character.
+            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        })
+    }
+
+    /// Redacts every string and every object key of a parsed output: the
+    /// decoded text the caller will see, whatever escapes the raw bytes used.
+    pub fn redact_json(&self, value: &mut Value) {
+        if self.matcher.is_none() {
+            return;
+        }
+        match value {
+            Value::String(text) => {
+                if let Some(redacted) = self.redacted(text) {
+                    *text = redacted;
+                }
+            }
+            Value::Array(items) => items.iter_mut().for_each(|v| self.redact_json(v)),
+            Value::Object(map) => {
+                map.values_mut().for_each(|v| self.redact_json(v));
+                if map.keys().any(|k| self.redacted(k).is_some()) {
+                    *map = std::mem::take(map)
+                        .into_iter()
+                        .map(|(k, v)| (self.redact_str(&k), v))
+                        .collect();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Sorted, disjoint byte ranges of `text` covered by an occurrence of a
+    /// needle in the raw bytes or in one of its unescaped views. Overlapping
+    /// occurrences are merged: the tail of one secret that is the head of
+    /// another is covered too.
+    fn covered(&self, text: &[u8]) -> Vec<Range<usize>> {
+        let Some(matcher) = &self.matcher else {
+            return Vec::new();
+        };
+        let mut found: Vec<Range<usize>> = matcher
+            .find_overlapping_iter(text)
+            .map(|m| m.range())
+            .collect();
+        let mut views: Vec<Unescaped> = Vec::new();
+        while views.len() < MAX_UNESCAPE_DEPTH {
+            let source = views.last().map_or(text, |v| v.bytes.as_slice());
+            let Some(view) = unescape(source) else {
+                break;
+            };
+            for m in matcher.find_overlapping_iter(&view.bytes) {
+                let range = views
+                    .iter()
+                    .rev()
+                    .fold(view.to_source(m.range()), |r, outer| outer.to_source(r));
+                found.push(range);
+            }
+            views.push(view);
+        }
+        found.sort_by_key(|r| r.start);
+        let mut merged: Vec<Range<usize>> = Vec::with_capacity(found.len());
+        for range in found {
+            match merged.last_mut() {
+                Some(last) if range.start < last.end => last.end = last.end.max(range.end),
+                _ => merged.push(range),
+            }
+        }
+        merged
+    }
+}
+
+/// `text` with each of the sorted, disjoint `covered` ranges replaced by
+/// [`REDACTED`], cut to `cap` bytes; `true` when something was cut. Ranges
+/// that start before the cap are replaced whole.
+fn splice(text: &[u8], covered: &[Range<usize>], cap: usize) -> (Vec<u8>, bool) {
+    let mut out = Vec::with_capacity(text.len().min(cap));
+    let mut at = 0;
+    for range in covered {
+        if range.start >= cap {
+            break;
+        }
+        out.extend_from_slice(&text[at..range.start]);
+        out.extend_from_slice(REDACTED.as_bytes());
+        at = range.end;
+    }
+    let end = text.len().min(cap);
+    if at < end {
+        out.extend_from_slice(&text[at..end]);
+        at = end;
+    }
+    let cut = at < text.len() || out.len() > cap;
+    out.truncate(cap);
+    (out, cut)
+}
+
+/// A text with its JSON string escapes decoded, and where each escape was.
+struct Unescaped {
+    bytes: Vec<u8>,
+    /// In increasing order of `at`.
+    escapes: Vec<Escape>,
+}
+
+#[derive(Clone, Copy)]
+struct Escape {
+    /// Where its decoded bytes start in the view, and how many there are.
+    at: usize,
+    len: usize,
+    /// Where the escape sequence starts in the source, and its length.
+    source_at: usize,
+    source_len: usize,
+}
+
+impl Unescaped {
+    /// The source bytes view byte `i` came from: a whole escape, or one byte.
+    fn source_span(&self, i: usize) -> Range<usize> {
+        let before = self.escapes.partition_point(|e| e.at <= i);
+        match before.checked_sub(1).map(|k| self.escapes[k]) {
+            Some(e) if i < e.at + e.len => e.source_at..e.source_at + e.source_len,
+            Some(e) => {
+                let at = e.source_at + e.source_len + (i - e.at - e.len);
+                at..at + 1
+            }
+            None => i..i + 1,
+        }
+    }
+
+    /// A non-empty range of the view as the range of the source it came from.
+    fn to_source(&self, range: Range<usize>) -> Range<usize> {
+        self.source_span(range.start).start..self.source_span(range.end - 1).end
+    }
+}
+
+/// `text` with every valid JSON escape decoded; `None` when it has none.
+/// Invalid sequences are kept as they are.
+fn unescape(text: &[u8]) -> Option<Unescaped> {
+    let first = text.iter().position(|&b| b == b'\\')?;
+    let mut bytes = Vec::with_capacity(text.len());
+    bytes.extend_from_slice(&text[..first]);
+    let mut escapes = Vec::new();
+    let mut i = first;
+    while i < text.len() {
+        match (text[i] == b'\\').then(|| escape_at(&text[i..])).flatten() {
+            Some((c, source_len)) => {
+                let mut utf8 = [0u8; 4];
+                let decoded = c.encode_utf8(&mut utf8).as_bytes();
+                escapes.push(Escape {
+                    at: bytes.len(),
+                    len: decoded.len(),
+                    source_at: i,
+                    source_len,
+                });
+                bytes.extend_from_slice(decoded);
+                i += source_len;
+            }
+            None => {
+                bytes.push(text[i]);
+                i += 1;
+            }
+        }
+    }
+    (!escapes.is_empty()).then_some(Unescaped { bytes, escapes })
+}
+
+/// The character of the JSON escape at the start of `text`, and its length.
+fn escape_at(text: &[u8]) -> Option<(char, usize)> {
+    let c = match *text.get(1)? {
+        b'"' => '"',
+        b'\\' => '\\',
+        b'/' => '/',
+        b'b' => '\u{8}',
+        b'f' => '\u{c}',
+        b'n' => '\n',
+        b'r' => '\r',
+        b't' => '\t',
+        b'u' => {
+            let unit = hex4(text.get(2..6)?)?;
+            if let Some(c) = char::from_u32(unit) {
+                return Some((c, 6));
+            }
+            // A surrogate: only a high one followed by an escaped low one is a character.
+            let low = text
+                .get(6..8)
+                .filter(|u| *u == b"\\u")
+                .and_then(|_| hex4(text.get(8..12)?))?;
+            if !(0xD800..0xDC00).contains(&unit) || !(0xDC00..0xE000).contains(&low) {
+                return None;
+            }
+            return char::from_u32(0x10000 + ((unit - 0xD800) << 10) + (low - 0xDC00))
+                .map(|c| (c, 12));
+        }
+        _ => return None,
+    };
+    Some((c, 2))
+}
+
+fn hex4(digits: &[u8]) -> Option<u32> {
+    digits
+        .iter()
+        .try_fold(0u32, |n, &d| char::from(d).to_digit(16).map(|v| n * 16 + v))
 }
 
 /// A copy of `input` with every field named by a JSON pointer replaced.
@@ -45,15 +326,128 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    const SECRET: &str = "sk-live/0123456789";
+
+    fn redactor(values: &[&str]) -> Redactor {
+        Redactor::new(values.iter().map(|v| v.as_bytes().to_vec()).collect()).unwrap()
+    }
+
+    fn redact(r: &Redactor, text: &str) -> String {
+        r.redact_str(text)
+    }
+
+    /// `text` with every character written as a `\u` escape.
+    fn u_escaped(text: &str) -> String {
+        text.encode_utf16().map(|u| format!("\\u{u:04x}")).collect()
+    }
+
     #[test]
     fn every_occurrence_of_every_secret_is_replaced() {
-        let out = redact_secrets(
-            b"key=hunter2 again hunter2, long=hunter2xyz",
-            &[b"hunter2".to_vec(), b"hunter2xyz".to_vec(), Vec::new()],
-        );
+        let r = redactor(&["hunter2", "hunter2xyz", ""]);
         assert_eq!(
-            String::from_utf8(out).unwrap(),
+            redact(&r, "key=hunter2 again hunter2, long=hunter2xyz"),
             "key=[REDACTED] again [REDACTED], long=[REDACTED]"
+        );
+    }
+
+    #[test]
+    fn overlapping_secrets_are_covered_together() {
+        // Leftmost-first matching would take "abcdef" and leave "ghij" of the other.
+        let r = redactor(&["abcdef", "defghij"]);
+        assert_eq!(redact(&r, "<abcdefghij>"), "<[REDACTED]>");
+    }
+
+    #[test]
+    fn json_escaped_secrets_are_found_in_raw_text() {
+        let r = redactor(&[SECRET]);
+        for escaped in [
+            r"sk-live\/0123456789".to_string(),
+            r"\u0073k-live\/0123456789".to_string(),
+            r"sk-live\u002F0123456789".to_string(),
+            u_escaped(SECRET),
+            // Escaped twice: a caller decoding twice would see it.
+            u_escaped(SECRET).replace('\\', r"\\"),
+            r"sk-live\\\/0123456789".to_string(),
+        ] {
+            let text = format!("{{\"t\":\"{escaped}\"}} and {escaped}");
+            assert_eq!(
+                redact(&r, &text),
+                "{\"t\":\"[REDACTED]\"} and [REDACTED]",
+                "{escaped}"
+            );
+        }
+    }
+
+    #[test]
+    fn escaped_non_ascii_and_surrogate_pairs_are_decoded() {
+        let secret = "pässwörd-🔑-key";
+        let r = redactor(&[secret]);
+        let escaped = u_escaped(secret);
+        assert!(escaped.contains(r"\ud83d\udd11"), "{escaped}");
+        assert_eq!(redact(&r, &format!("x{escaped}y")), "x[REDACTED]y");
+        // A lone surrogate or a broken escape is left as it is.
+        assert_eq!(redact(&r, r"\ud83d \u12 \q"), r"\ud83d \u12 \q");
+    }
+
+    #[test]
+    fn parsed_json_strings_and_keys_are_redacted() {
+        let r = redactor(&[SECRET]);
+        let mut value: Value = serde_json::from_str(&format!(
+            r#"{{"{}": ["a {} b", {{"deep": "{}"}}], "n": 1}}"#,
+            u_escaped(SECRET),
+            r"sk-live\/0123456789",
+            u_escaped(SECRET).replace('\\', r"\\")
+        ))
+        .unwrap();
+        r.redact_json(&mut value);
+        assert_eq!(
+            value,
+            json!({"[REDACTED]": ["a [REDACTED] b", {"deep": "[REDACTED]"}], "n": 1})
+        );
+    }
+
+    #[test]
+    fn trimmed_copies_of_file_secrets_are_redacted() {
+        let r = redactor(&["  hunter2-file\r\n", "ab\n"]);
+        assert_eq!(
+            redact(&r, "a=hunter2-file b=  hunter2-file\r\n c=ab ab\n"),
+            "a=[REDACTED] b=[REDACTED] c=ab [REDACTED]"
+        );
+        assert_eq!(MIN_TRIMMED_BYTES, 4, "the README names this minimum");
+    }
+
+    #[test]
+    fn a_secret_across_the_cut_leaves_no_prefix() {
+        let r = redactor(&[SECRET]);
+        for escaped in [SECRET.to_string(), u_escaped(SECRET)] {
+            for before in 0..=SECRET.len() + 2 {
+                let cap = 32;
+                let text = format!("{}{escaped}{}", "x".repeat(cap - before), "y".repeat(50));
+                let captured = &text.as_bytes()[..text.len().min(cap + r.capture_margin())];
+                let (out, cut) = r.redact_capped(captured, cap);
+                let out = String::from_utf8(out).unwrap();
+                assert!(cut);
+                assert!(out.len() <= cap, "{out}");
+                let kept = out.trim_start_matches('x').trim_end_matches('y');
+                assert!(
+                    kept.is_empty() || REDACTED.starts_with(kept),
+                    "{before} bytes before the cut: {out:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn output_within_the_cap_is_not_cut() {
+        let r = redactor(&["hunter2"]);
+        assert_eq!(
+            r.redact_capped(b"a hunter2", 9),
+            (b"a [REDACTED]"[..9].to_vec(), true)
+        );
+        assert_eq!(r.redact_capped(b"plain", 5), (b"plain".to_vec(), false));
+        assert_eq!(
+            Redactor::default().redact_capped(b"plain", 3),
+            (b"pla".to_vec(), true)
         );
     }
 

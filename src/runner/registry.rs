@@ -1,5 +1,6 @@
 //! The tools being served: each AgentTool checked against the checklist and
-//! compiled once per generation (schema, CEL rules, rate limiter, secrets).
+//! compiled once per generation (schema, CEL rules, rate limiter, secrets),
+//! and prepared again when a reload finds its secret values rotated.
 //! A reload swaps the whole set atomically; calls in flight keep the
 //! `Arc<PreparedTool>` they started with.
 
@@ -15,6 +16,7 @@ use super::authorize::{self, CompiledRule};
 use super::executor::SecretDelivery;
 use super::images::ImageStore;
 use super::ratelimit::{LimiterClock, ToolLimiter};
+use super::redact::{Redactor, RedactorError};
 use super::validate;
 
 /// A tool ready to be called.
@@ -27,13 +29,63 @@ pub struct PreparedTool {
     pub rules: Vec<CompiledRule>,
     /// `approval.when`, compiled.
     pub approval_when: Option<CompiledRule>,
-    pub limiter: Option<ToolLimiter>,
+    /// Shared with the tool's next version when only its secrets rotate.
+    pub limiter: Option<Arc<ToolLimiter>>,
     /// Env and file secrets, handed to the executor.
     pub secrets: Vec<SecretDelivery>,
-    /// Every secret value the tool has (injected ones too), redacted from output.
+    /// Every secret value the tool has now (injected ones too).
     pub secret_values: Vec<Vec<u8>>,
+    /// Finds `secret_values` and the values rotation retired in output.
+    pub redactor: Redactor,
+    /// Bumped each time the tool is prepared again (rotated secrets or a new
+    /// spec), so that executors know their warm sandboxes hold stale secrets.
+    pub secrets_revision: u64,
     /// Root file system of `runtime.image`, when the runner resolves images.
     pub rootfs: Option<PathBuf>,
+}
+
+impl PreparedTool {
+    /// How much output a run must capture: `maxOutputBytes` plus room for a
+    /// secret that crosses the cap, so it is redacted before the cut.
+    pub fn capture_bytes(&self) -> usize {
+        self.output_cap()
+            .saturating_add(self.redactor.capture_margin())
+    }
+
+    /// `sandbox.maxOutputBytes`: what the caller gets at most, after redaction.
+    pub fn output_cap(&self) -> usize {
+        usize::try_from(self.spec.sandbox.max_output_bytes).unwrap_or(usize::MAX)
+    }
+
+    /// Takes over what outlives a new version of the tool: retired secret
+    /// values stay redacted (the newest [`RETIRED_SECRETS_KEPT`], until
+    /// restart: a tool may have kept an old value on a volume), and when the
+    /// spec is unchanged, the rate-limit state.
+    fn take_over_from(&mut self, previous: &PreparedTool) -> Result<(), RedactorError> {
+        let mut values = self.secret_values.clone();
+        let retired = previous
+            .redactor
+            .values()
+            .iter()
+            .filter(|v| !self.secret_values.contains(v))
+            .take(RETIRED_SECRETS_KEPT);
+        values.extend(retired.cloned());
+        self.redactor = Redactor::new(values)?;
+        self.secrets_revision = previous.secrets_revision + 1;
+        if previous.spec == self.spec {
+            self.limiter.clone_from(&previous.limiter);
+        }
+        Ok(())
+    }
+}
+
+/// Retired secret values a tool keeps redacting.
+pub const RETIRED_SECRETS_KEPT: usize = 16;
+
+/// A tool's secrets as read from the secrets folder.
+struct ToolSecrets {
+    deliveries: Vec<SecretDelivery>,
+    values: Vec<Vec<u8>>,
 }
 
 /// Where secret values come from: `DIR/<secretName>/<key>`, the layout of a
@@ -52,6 +104,50 @@ impl SecretsDir {
             return None;
         }
         std::fs::read(dir.join(secret).join(key)).ok()
+    }
+
+    /// Reads every secret `spec` uses; errors name the missing ones.
+    fn read_all(&self, spec: &AgentToolSpec) -> Result<ToolSecrets, Vec<String>> {
+        let mut errors = Vec::new();
+        let mut deliveries = Vec::new();
+        let mut values = Vec::new();
+        for (i, use_) in spec.secrets.iter().enumerate() {
+            let value = self.read(&use_.secret_name, &use_.key);
+            match (value, &use_.env, &use_.file) {
+                (Some(v), Some(env), _) => {
+                    values.push(v.clone());
+                    deliveries.push(SecretDelivery::Env {
+                        name: env.clone(),
+                        value: String::from_utf8_lossy(&v).into_owned(),
+                    });
+                }
+                (Some(v), None, Some(path)) => {
+                    values.push(v.clone());
+                    deliveries.push(SecretDelivery::File {
+                        path: path.clone(),
+                        value: v,
+                    });
+                }
+                // Injected secrets never reach the tool; the runner redacts them if it can read them.
+                (Some(v), None, None) => values.push(v),
+                (None, None, None) => {}
+                (None, _, _) => errors.push(format!(
+                    "spec.secrets[{i}]: secret {}/{} is not available{}",
+                    use_.secret_name,
+                    use_.key,
+                    if self.0.is_none() {
+                        " (no --secrets-dir)"
+                    } else {
+                        ""
+                    }
+                )),
+            }
+        }
+        if errors.is_empty() {
+            Ok(ToolSecrets { deliveries, values })
+        } else {
+            Err(errors)
+        }
     }
 }
 
@@ -90,56 +186,35 @@ pub fn prepare(
         .map_err(|e| errors.push(format!("spec.approval.when: {e}")))
         .ok()
         .and_then(|mut rules| rules.pop());
-    let mut deliveries = Vec::new();
-    let mut values = Vec::new();
-    for (i, use_) in spec.secrets.iter().enumerate() {
-        let value = secrets.read(&use_.secret_name, &use_.key);
-        match (value, &use_.env, &use_.file) {
-            (Some(v), Some(env), _) => {
-                values.push(v.clone());
-                deliveries.push(SecretDelivery::Env {
-                    name: env.clone(),
-                    value: String::from_utf8_lossy(&v).into_owned(),
-                });
-            }
-            (Some(v), None, Some(path)) => {
-                values.push(v.clone());
-                deliveries.push(SecretDelivery::File {
-                    path: path.clone(),
-                    value: v,
-                });
-            }
-            // Injected secrets never reach the tool; the runner redacts them if it can read them.
-            (Some(v), None, None) => values.push(v),
-            (None, None, None) => {}
-            (None, _, _) => errors.push(format!(
-                "spec.secrets[{i}]: secret {}/{} is not available{}",
-                use_.secret_name,
-                use_.key,
-                if secrets.0.is_none() {
-                    " (no --secrets-dir)"
-                } else {
-                    ""
-                }
-            )),
+    let secrets = secrets
+        .read_all(spec)
+        .map_err(|reasons| errors.extend(reasons))
+        .ok();
+    let redactor = secrets.as_ref().and_then(|s| {
+        Redactor::new(s.values.clone())
+            .map_err(|e| errors.push(format!("spec.secrets: {e}")))
+            .ok()
+    });
+    match (validator, rules, secrets, redactor) {
+        (Some(validator), Some(rules), Some(secrets), Some(redactor)) if errors.is_empty() => {
+            Ok(PreparedTool {
+                name: tool.metadata.name.clone().unwrap_or_default(),
+                generation,
+                spec: spec.clone(),
+                validator,
+                rules,
+                approval_when,
+                limiter: spec
+                    .rate_limit
+                    .as_ref()
+                    .map(|r| Arc::new(ToolLimiter::new(r, clock.clone()))),
+                secrets: secrets.deliveries,
+                secret_values: secrets.values,
+                redactor,
+                secrets_revision: 0,
+                rootfs,
+            })
         }
-    }
-    match (validator, rules, errors.is_empty()) {
-        (Some(validator), Some(rules), true) => Ok(PreparedTool {
-            name: tool.metadata.name.clone().unwrap_or_default(),
-            generation,
-            spec: spec.clone(),
-            validator,
-            rules,
-            approval_when,
-            limiter: spec
-                .rate_limit
-                .as_ref()
-                .map(|r| ToolLimiter::new(r, clock.clone())),
-            secrets: deliveries,
-            secret_values: values,
-            rootfs,
-        }),
         _ => Err(errors),
     }
 }
@@ -157,6 +232,8 @@ pub struct Refusal {
 pub struct LoadReport {
     pub served: Vec<String>,
     pub refused: Vec<Refusal>,
+    /// Tools served with a spec unchanged but secrets that changed.
+    pub rotated: Vec<String>,
     /// Files that could not be read at all; nothing was changed.
     pub errors: Vec<String>,
 }
@@ -249,24 +326,44 @@ impl Registry {
                 continue;
             }
             let previous = current.get(&name);
-            if let Some(prev) = previous.filter(|p| p.spec == tool.spec) {
-                next.insert(name.clone(), prev.clone());
-                report.served.push(name);
-                continue;
+            let unchanged = previous.filter(|p| p.spec == tool.spec);
+            if let Some(prev) = unchanged {
+                // Secrets are read again on every reload: rotation changes no spec.
+                let fresh = self.secrets.read_all(&tool.spec);
+                if fresh.is_ok_and(|s| s.values == prev.secret_values) {
+                    next.insert(name.clone(), prev.clone());
+                    report.served.push(name);
+                    continue;
+                }
             }
-            let generation = tool
-                .metadata
-                .generation
-                .and_then(|g| u64::try_from(g).ok())
-                .unwrap_or_else(|| previous.map_or(1, |p| p.generation + 1));
-            match prepare(
+            let generation = match unchanged {
+                Some(prev) => prev.generation,
+                None => tool
+                    .metadata
+                    .generation
+                    .and_then(|g| u64::try_from(g).ok())
+                    .unwrap_or_else(|| previous.map_or(1, |p| p.generation + 1)),
+            };
+            let prepared = prepare(
                 tool,
                 generation,
                 &self.secrets,
                 self.images.as_ref(),
                 &self.clock,
-            ) {
+            )
+            .and_then(|mut prepared| match previous {
+                Some(prev) => prepared
+                    .take_over_from(prev)
+                    .map(|()| prepared)
+                    .map_err(|e| vec![format!("spec.secrets: {e}")]),
+                None => Ok(prepared),
+            });
+            match prepared {
                 Ok(prepared) => {
+                    if unchanged.is_some() {
+                        tracing::info!(tool = %name, revision = prepared.secrets_revision, "secrets rotated");
+                        report.rotated.push(name.clone());
+                    }
                     next.insert(name.clone(), Arc::new(prepared));
                     report.served.push(name);
                 }
@@ -335,6 +432,91 @@ mod tests {
                 .reasons
                 .iter()
                 .any(|r| r.contains("TW-INPUT-001")),
+            "{report:?}"
+        );
+    }
+
+    const ROTATING_TOOL: &str = r#"
+apiVersion: toolwarden.dev/v1alpha1
+kind: AgentTool
+metadata: {name: rotating}
+spec:
+  description: Uses a secret
+  risk: low
+  inputSchema: {type: object, additionalProperties: false, properties: {}}
+  runtime: {image: "busybox:1.36.1", command: [/bin/true]}
+  rateLimit: {requestsPerMinute: 60}
+  secrets:
+    - {secretName: api, key: token, env: API_TOKEN}
+"#;
+
+    #[test]
+    fn rotated_secrets_are_picked_up_and_the_old_ones_stay_redacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = dir.path().join("tool.yaml");
+        std::fs::write(&manifest, ROTATING_TOOL).unwrap();
+        let token = dir.path().join("secrets/api/token");
+        std::fs::create_dir_all(token.parent().unwrap()).unwrap();
+        std::fs::write(&token, "first-token-value\n").unwrap();
+        let registry = Registry::new(
+            LimiterClock::manual(),
+            SecretsDir(Some(dir.path().join("secrets"))),
+        );
+        let load = || registry.load(std::slice::from_ref(&manifest));
+        load();
+        let first = registry.get("rotating").unwrap();
+        assert!(load().rotated.is_empty());
+        assert!(Arc::ptr_eq(&first, &registry.get("rotating").unwrap()));
+
+        std::fs::write(&token, "second-token-value\n").unwrap();
+        let report = load();
+        assert_eq!(report.rotated, ["rotating"]);
+        let second = registry.get("rotating").unwrap();
+        assert_eq!(
+            (second.generation, second.secrets_revision),
+            (first.generation, first.secrets_revision + 1),
+            "a rotation is not a new spec, but needs fresh sandboxes"
+        );
+        assert_eq!(
+            second.secrets,
+            [SecretDelivery::Env {
+                name: "API_TOKEN".into(),
+                value: "second-token-value\n".into()
+            }]
+        );
+        assert!(
+            Arc::ptr_eq(
+                first.limiter.as_ref().unwrap(),
+                second.limiter.as_ref().unwrap()
+            ),
+            "the rate-limit state survives"
+        );
+        assert_eq!(
+            second
+                .redactor
+                .redact_str("first-token-value second-token-value"),
+            "[REDACTED] [REDACTED]"
+        );
+
+        // Retired values are kept up to a bound, newest first.
+        for i in 0..RETIRED_SECRETS_KEPT + 2 {
+            std::fs::write(&token, format!("token-number-{i:02}")).unwrap();
+            load();
+        }
+        let last = registry.get("rotating").unwrap();
+        assert_eq!(last.redactor.values().len(), 1 + RETIRED_SECRETS_KEPT);
+        assert_eq!(
+            last.redactor
+                .redact_str("token-number-00 token-number-02 token-number-17"),
+            "token-number-00 [REDACTED] [REDACTED]"
+        );
+
+        // A secret that disappears refuses the tool: it would run without it.
+        std::fs::remove_file(&token).unwrap();
+        let report = load();
+        assert!(registry.get("rotating").is_none());
+        assert!(
+            report.refused[0].reasons[0].contains("secret api/token is not available"),
             "{report:?}"
         );
     }

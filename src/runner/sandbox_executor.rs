@@ -32,7 +32,8 @@ pub struct SandboxExecutor {
     pools: Mutex<HashMap<PoolKey, Arc<OnceCell<Arc<ToolPool>>>>>,
 }
 
-type PoolKey = (String, u64);
+/// Name, generation and secrets revision: rotated secrets need fresh sandboxes.
+type PoolKey = (String, u64, u64);
 
 /// A pool and the secret files only its sandboxes see; the files go with it.
 struct ToolPool {
@@ -47,6 +48,10 @@ impl Drop for SecretFiles {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+fn pool_key(tool: &PreparedTool) -> PoolKey {
+    (tool.name.clone(), tool.generation, tool.secrets_revision)
 }
 
 impl SandboxExecutor {
@@ -64,7 +69,7 @@ impl SandboxExecutor {
             .pools
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry((tool.name.clone(), tool.generation))
+            .entry(pool_key(tool))
             .or_default()
             .clone();
         // A failed creation leaves the cell empty: the next call tries again.
@@ -85,7 +90,10 @@ impl SandboxExecutor {
         let mut spec = SandboxSpec {
             rootfs,
             mounts: volume_mounts(&tool.spec, &self.volumes)?,
-            limits: limits(&tool.spec)?,
+            limits: Limits {
+                max_output_bytes: tool.capture_bytes(),
+                ..limits(&tool.spec)?
+            },
             warm_pool: tool.spec.sandbox.warm_pool as usize,
         };
         let files: Vec<(&str, &[u8])> = tool
@@ -176,10 +184,7 @@ impl ToolExecutor for SandboxExecutor {
 
     fn prepare<'a>(&'a self, tools: &'a [Arc<PreparedTool>]) -> ExecFuture<'a, Vec<String>> {
         Box::pin(async move {
-            let live: Vec<PoolKey> = tools
-                .iter()
-                .map(|t| (t.name.clone(), t.generation))
-                .collect();
+            let live: Vec<PoolKey> = tools.iter().map(|t| pool_key(t)).collect();
             // Pools of replaced or removed tools go; calls in flight hold their own Arc.
             self.pools
                 .lock()

@@ -32,9 +32,26 @@ pub fn validate(validator: &Validator, input: &Value) -> Result<(), Vec<FieldErr
     }
 }
 
+/// Validation of the sanitized input: the same schema, with messages that
+/// say the failing value is the one sanitizing produced (the caller sent a
+/// valid one).
+pub fn validate_sanitized(validator: &Validator, input: &Value) -> Result<(), Vec<FieldError>> {
+    validate(validator, input).map_err(|errors| {
+        errors
+            .into_iter()
+            .map(|e| FieldError {
+                message: format!("after sanitizing: {}", e.message),
+                ..e
+            })
+            .collect()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::{SanitizeRule, Transform};
+    use crate::runner::sanitize::sanitize;
     use serde_json::json;
 
     fn profile_schema() -> Value {
@@ -83,6 +100,62 @@ mod tests {
                 "/updates/site",
                 "/userId"
             ]
+        );
+    }
+
+    /// A value the schema accepts, then the same value after `transforms`.
+    fn check_after(schema: Value, value: &str, transforms: &[Transform]) -> Vec<FieldError> {
+        let v = compile(&json!({"type": "object", "properties": {"cmd": schema}})).unwrap();
+        let mut input = json!({ "cmd": value });
+        validate(&v, &input).expect("the raw value is valid");
+        let rules = [SanitizeRule {
+            field: "/cmd".into(),
+            transforms: transforms.to_vec(),
+        }];
+        assert_eq!(sanitize(&mut input, &rules), ["/cmd"]);
+        validate_sanitized(&v, &input).unwrap_err()
+    }
+
+    #[test]
+    fn sanitizing_cannot_turn_a_valid_value_into_one_the_schema_forbids() {
+        let no_shell = json!({"type": "string", "pattern": "^[^;`|]*$"});
+        let nfc = &[Transform::NormalizeUnicode];
+        // NFC folds singletons: GREEK QUESTION MARK to `;`, GREEK VARIA to a backtick.
+        for attack in [
+            "ls\u{37e} id \u{1fef}id\u{1fef}",
+            "ls\u{37e}rm -rf /",
+            "echo \u{1fef}id\u{1fef}",
+        ] {
+            let errors = check_after(no_shell.clone(), attack, nfc);
+            assert_eq!(errors.len(), 1, "{attack}");
+            assert_eq!(errors[0].path, "/cmd");
+            assert!(
+                errors[0].message.starts_with("after sanitizing: "),
+                "{errors:?}"
+            );
+            assert!(!errors[0].message.contains("id"), "the value is masked");
+        }
+        // Other confusables: KELVIN SIGN is K, OHM SIGN is omega.
+        check_after(
+            json!({"type": "string", "pattern": "^[^K]*$"}),
+            "\u{212a}ill",
+            nfc,
+        );
+        check_after(
+            json!({"type": "string", "pattern": "^[^\\u03a9]*$"}),
+            "1 \u{2126}",
+            nfc,
+        );
+        // Escaping and case folding grow values past maxLength.
+        let short = json!({"type": "string", "maxLength": 20});
+        check_after(short.clone(), &"&".repeat(20), &[Transform::StripHtml]);
+        check_after(short.clone(), "x < y > \"z\" & w", &[Transform::StripHtml]);
+        check_after(short, &"\u{130}".repeat(20), &[Transform::Lowercase]);
+        // Lowercase turning a pattern-valid value invalid.
+        check_after(
+            json!({"type": "string", "pattern": "^[A-Z_]+$"}),
+            "DROP_ALL",
+            &[Transform::Lowercase],
         );
     }
 
