@@ -226,10 +226,7 @@ fn run(
     let images_line = match images {
         Some(images) => {
             let line = format!("root file systems from {}", images.display());
-            registry = registry.with_images(ImageStore {
-                dir: images,
-                cache: image_cache(common),
-            });
+            registry = registry.with_images(ImageStore::new(images, image_cache(common)));
             line
         }
         None => {
