@@ -24,10 +24,22 @@ impl Layer {
 
     fn entry(mut self, kind: EntryType, name: &str, link: &str, mode: u32, data: &[u8]) -> Layer {
         if name.len() > 100 {
-            self = self.entry(EntryType::GNULongName, "././@LongLink", "", 0o644, &[name.as_bytes(), b"\0"].concat());
+            self = self.entry(
+                EntryType::GNULongName,
+                "././@LongLink",
+                "",
+                0o644,
+                &[name.as_bytes(), b"\0"].concat(),
+            );
         }
         if link.len() > 100 {
-            self = self.entry(EntryType::GNULongLink, "././@LongLink", "", 0o644, &[link.as_bytes(), b"\0"].concat());
+            self = self.entry(
+                EntryType::GNULongLink,
+                "././@LongLink",
+                "",
+                0o644,
+                &[link.as_bytes(), b"\0"].concat(),
+            );
         }
         let mut header = tar::Header::new_gnu();
         let raw = header.as_old_mut();
@@ -97,7 +109,11 @@ impl Fixture {
     fn host_state(&self) -> BTreeMap<PathBuf, (u32, u64, Vec<u8>)> {
         fn walk(p: &Path, out: &mut BTreeMap<PathBuf, (u32, u64, Vec<u8>)>) {
             let meta = std::fs::symlink_metadata(p).unwrap();
-            let content = if meta.is_file() { std::fs::read(p).unwrap() } else { vec![] };
+            let content = if meta.is_file() {
+                std::fs::read(p).unwrap()
+            } else {
+                vec![]
+            };
             out.insert(p.to_path_buf(), (meta.mode(), meta.nlink(), content));
             if meta.is_dir() {
                 for e in std::fs::read_dir(p).unwrap() {
@@ -120,7 +136,11 @@ impl Fixture {
         let layout = self.store.dir.join(folder);
         let blobs = layout.join("blobs/sha256");
         std::fs::create_dir_all(&blobs).unwrap();
-        std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        std::fs::write(
+            layout.join("oci-layout"),
+            r#"{"imageLayoutVersion":"1.0.0"}"#,
+        )
+        .unwrap();
         let descriptors: Vec<_> = layers
             .iter()
             .map(|layer| {
@@ -164,18 +184,52 @@ fn entries_naming_paths_outside_the_root_are_refused() {
     let fx = Fixture::new();
     let host = fx.host().display().to_string();
     let cases: Vec<(&str, Layer)> = vec![
-        ("absolute whiteout of a file", Layer::new().file("ok", "x").file(&format!("{host}/.wh.victim.txt"), "")),
-        ("absolute whiteout of a folder", Layer::new().file(&format!("{host}/.wh.dir"), "")),
-        ("`..` whiteout", Layer::new().file("a/../../../host/.wh.victim.txt", "")),
-        ("whiteout hiding `..`", Layer::new().dir("a").file("a/.wh...", "")),
+        (
+            "absolute whiteout of a file",
+            Layer::new()
+                .file("ok", "x")
+                .file(&format!("{host}/.wh.victim.txt"), ""),
+        ),
+        (
+            "absolute whiteout of a folder",
+            Layer::new().file(&format!("{host}/.wh.dir"), ""),
+        ),
+        (
+            "`..` whiteout",
+            Layer::new().file("a/../../../host/.wh.victim.txt", ""),
+        ),
+        (
+            "whiteout hiding `..`",
+            Layer::new().dir("a").file("a/.wh...", ""),
+        ),
         ("`..` file", Layer::new().file("../escape", "x")),
-        ("absolute file", Layer::new().file(&format!("{host}/planted"), "x")),
-        ("absolute folder", Layer::new().dir(&format!("{host}/newdir"))),
+        (
+            "absolute file",
+            Layer::new().file(&format!("{host}/planted"), "x"),
+        ),
+        (
+            "absolute folder",
+            Layer::new().dir(&format!("{host}/newdir")),
+        ),
         ("`..` symlink name", Layer::new().symlink("../../link", "/")),
-        ("hard link to an absolute host file", Layer::new().hardlink("passwd", &format!("{host}/victim.txt"))),
-        ("hard link to /etc/passwd", Layer::new().hardlink("passwd", "/etc/passwd")),
-        ("hard link climbing out", Layer::new().hardlink("passwd", "../../../../../etc/passwd")),
-        ("hard link with an absolute name", Layer::new().file("t", "x").hardlink(&format!("{host}/l"), "t")),
+        (
+            "hard link to an absolute host file",
+            Layer::new().hardlink("passwd", &format!("{host}/victim.txt")),
+        ),
+        (
+            "hard link to /etc/passwd",
+            Layer::new().hardlink("passwd", "/etc/passwd"),
+        ),
+        (
+            "hard link climbing out",
+            Layer::new().hardlink("passwd", "../../../../../etc/passwd"),
+        ),
+        (
+            "hard link with an absolute name",
+            Layer::new()
+                .file("t", "x")
+                .hardlink(&format!("{host}/l"), "t"),
+        ),
     ];
     let before = fx.host_state();
     let passwd_links = std::fs::metadata("/etc/passwd").unwrap().nlink();
@@ -194,7 +248,10 @@ fn entries_naming_paths_outside_the_root_are_refused() {
         assert_eq!(fx.host_state(), before, "{what} changed the host");
         fx.assert_cache_empty();
     }
-    assert_eq!(std::fs::metadata("/etc/passwd").unwrap().nlink(), passwd_links);
+    assert_eq!(
+        std::fs::metadata("/etc/passwd").unwrap().nlink(),
+        passwd_links
+    );
 }
 
 /// A symlink an earlier entry (or layer) planted resolves inside the root, as
@@ -211,51 +268,138 @@ fn planted_symlinks_never_lead_out_of_the_root() {
     // (attack, layers, Ok(file in the root and its content) or the refusal's reason)
     type Expect = Result<Option<(String, &'static str)>, &'static str>;
     let cases: Vec<(&str, Vec<Vec<u8>>, Expect)> = vec![
-        ("whiteout through an absolute symlink",
-            vec![Layer::new().symlink("evil", &host).file("evil/.wh.victim.txt", "").bytes()], Ok(None)),
-        ("folder whiteout through a relative climbing symlink",
-            vec![Layer::new().symlink("evil", &deep_up).file("evil/.wh.dir", "").bytes()], Ok(None)),
-        ("whiteout through a symlink from a lower layer",
-            vec![Layer::new().symlink("evil", &host).bytes(), Layer::new().file("evil/dir/.wh.inner.txt", "").bytes()], Ok(None)),
-        ("opaque whiteout through a symlink",
-            vec![Layer::new().symlink("evil", &host).file("evil/.wh..wh..opq", "").bytes()], Ok(None)),
-        ("file through a symlink to /etc",
-            vec![Layer::new().dir("etc").symlink("evil", "/etc").file("evil/passwd", "pwned").bytes()],
-            Ok(Some(("etc/passwd".into(), "pwned")))),
-        ("file through a symlink in a lower layer",
+        (
+            "whiteout through an absolute symlink",
             vec![
-                Layer::new().file(&format!("{host_in_root}/dir/inner.txt"), "lower").symlink("evil", &format!("{host}/dir")).bytes(),
+                Layer::new()
+                    .symlink("evil", &host)
+                    .file("evil/.wh.victim.txt", "")
+                    .bytes(),
+            ],
+            Ok(None),
+        ),
+        (
+            "folder whiteout through a relative climbing symlink",
+            vec![
+                Layer::new()
+                    .symlink("evil", &deep_up)
+                    .file("evil/.wh.dir", "")
+                    .bytes(),
+            ],
+            Ok(None),
+        ),
+        (
+            "whiteout through a symlink from a lower layer",
+            vec![
+                Layer::new().symlink("evil", &host).bytes(),
+                Layer::new().file("evil/dir/.wh.inner.txt", "").bytes(),
+            ],
+            Ok(None),
+        ),
+        (
+            "opaque whiteout through a symlink",
+            vec![
+                Layer::new()
+                    .symlink("evil", &host)
+                    .file("evil/.wh..wh..opq", "")
+                    .bytes(),
+            ],
+            Ok(None),
+        ),
+        (
+            "file through a symlink to /etc",
+            vec![
+                Layer::new()
+                    .dir("etc")
+                    .symlink("evil", "/etc")
+                    .file("evil/passwd", "pwned")
+                    .bytes(),
+            ],
+            Ok(Some(("etc/passwd".into(), "pwned"))),
+        ),
+        (
+            "file through a symlink in a lower layer",
+            vec![
+                Layer::new()
+                    .file(&format!("{host_in_root}/dir/inner.txt"), "lower")
+                    .symlink("evil", &format!("{host}/dir"))
+                    .bytes(),
                 Layer::new().file("evil/inner.txt", "overwritten").bytes(),
             ],
-            Ok(Some((format!("{host_in_root}/dir/inner.txt"), "overwritten")))),
-        ("file through a symlink to a host folder missing in the root",
-            vec![Layer::new().symlink("evil", &host).file("evil/planted", "x").bytes()], Err("ImageUnpackFailed")),
-        ("file replacing a symlink to a host file",
+            Ok(Some((
+                format!("{host_in_root}/dir/inner.txt"),
+                "overwritten",
+            ))),
+        ),
+        (
+            "file through a symlink to a host folder missing in the root",
             vec![
-                Layer::new().symlink("evil", &format!("{host}/victim.txt")).bytes(),
+                Layer::new()
+                    .symlink("evil", &host)
+                    .file("evil/planted", "x")
+                    .bytes(),
+            ],
+            Err("ImageUnpackFailed"),
+        ),
+        (
+            "file replacing a symlink to a host file",
+            vec![
+                Layer::new()
+                    .symlink("evil", &format!("{host}/victim.txt"))
+                    .bytes(),
                 Layer::new().file("evil", "overwritten").bytes(),
             ],
-            Ok(Some(("evil".into(), "overwritten")))),
-        ("file replacing a symlink to /etc/passwd in the same layer",
-            vec![Layer::new().symlink("evil", "/etc/passwd").file("evil", "overwritten").bytes()],
-            Ok(Some(("evil".into(), "overwritten")))),
-        ("hard link through a symlinked folder",
-            vec![Layer::new().symlink("evil", &host).hardlink("stolen", "evil/victim.txt").bytes()], Err("ImageUnpackFailed")),
-        ("whiteout of the symlink itself",
-            vec![Layer::new().symlink("evil", &host).bytes(), Layer::new().file(".wh.evil", "").bytes()], Ok(None)),
+            Ok(Some(("evil".into(), "overwritten"))),
+        ),
+        (
+            "file replacing a symlink to /etc/passwd in the same layer",
+            vec![
+                Layer::new()
+                    .symlink("evil", "/etc/passwd")
+                    .file("evil", "overwritten")
+                    .bytes(),
+            ],
+            Ok(Some(("evil".into(), "overwritten"))),
+        ),
+        (
+            "hard link through a symlinked folder",
+            vec![
+                Layer::new()
+                    .symlink("evil", &host)
+                    .hardlink("stolen", "evil/victim.txt")
+                    .bytes(),
+            ],
+            Err("ImageUnpackFailed"),
+        ),
+        (
+            "whiteout of the symlink itself",
+            vec![
+                Layer::new().symlink("evil", &host).bytes(),
+                Layer::new().file(".wh.evil", "").bytes(),
+            ],
+            Ok(None),
+        ),
     ];
     for (what, layers, expect) in cases {
         let before = fx.host_state();
         fx.oci("example.com_tool_v1", &layers);
         let result = fx.store.resolve("example.com/tool:v1");
-        assert_eq!(fx.host_state(), before, "{what} changed the host ({result:?})");
+        assert_eq!(
+            fx.host_state(),
+            before,
+            "{what} changed the host ({result:?})"
+        );
         assert_eq!(std::fs::read("/etc/passwd").unwrap(), passwd, "{what}");
         match (result, expect) {
             (Ok(rootfs), Ok(file)) => {
                 if let Some((path, content)) = file {
                     let meta = std::fs::symlink_metadata(rootfs.join(&path)).unwrap();
                     assert!(meta.is_file(), "{what}: {path} is not a file in the root");
-                    assert_eq!(std::fs::read_to_string(rootfs.join(&path)).unwrap(), content, "{what}");
+                    assert_eq!(
+                        std::fs::read_to_string(rootfs.join(&path)).unwrap(),
+                        content,
+                        "{what}"
+                    );
                 }
             }
             (Err(err), Err(reason)) => {
@@ -295,7 +439,10 @@ fn opaque_and_plain_whiteouts_follow_the_oci_rules() {
     let rootfs = fx.store.resolve("example.com/tool:v1").unwrap();
     let mut found: Vec<String> = walk_names(&rootfs);
     found.sort();
-    assert_eq!(found, ["d", "d/new-after", "d/sub", "d/sub/new-before", "f", "keep"]);
+    assert_eq!(
+        found,
+        ["d", "d/new-after", "d/sub", "d/sub/new-before", "f", "keep"]
+    );
 }
 
 fn walk_names(root: &Path) -> Vec<String> {
@@ -371,23 +518,35 @@ fn digest_pins_and_blob_digests_are_verified() {
     let other = format!("sha256:{}", "e".repeat(64));
     let pinned_name = |d: &str| format!("example.com_tool_v1_{}", d.replace(':', "_"));
     std::fs::rename(&layout, fx.store.dir.join(pinned_name(&other))).unwrap();
-    let err = fx.store.resolve(&format!("example.com/tool:v1@{other}")).unwrap_err();
+    let err = fx
+        .store
+        .resolve(&format!("example.com/tool:v1@{other}"))
+        .unwrap_err();
     assert_eq!(err.reason(), "ImagePinMismatch", "{err}");
     assert!(err.to_string().contains(&digest), "{err}");
     fx.assert_cache_empty();
 
     // The right pin works.
-    std::fs::rename(fx.store.dir.join(pinned_name(&other)), fx.store.dir.join(pinned_name(&digest))).unwrap();
+    std::fs::rename(
+        fx.store.dir.join(pinned_name(&other)),
+        fx.store.dir.join(pinned_name(&digest)),
+    )
+    .unwrap();
     let pinned = format!("example.com/tool:v1@{digest}");
     let rootfs = fx.store.resolve(&pinned).unwrap();
-    assert_eq!(std::fs::read_to_string(rootfs.join("bin/tool")).unwrap(), "v1");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("bin/tool")).unwrap(),
+        "v1"
+    );
     std::fs::remove_dir_all(&fx.store.cache).unwrap();
 
     // index.json claims the pinned digest, but the blob under it says something else.
     let blobs = fx.store.dir.join(pinned_name(&digest)).join("blobs/sha256");
     let manifest_blob = blobs.join(digest.trim_start_matches("sha256:"));
     let original = std::fs::read(&manifest_blob).unwrap();
-    let forged = String::from_utf8(original.clone()).unwrap().replace("\"layers\"", "\"layers\" ");
+    let forged = String::from_utf8(original.clone())
+        .unwrap()
+        .replace("\"layers\"", "\"layers\" ");
     std::fs::write(&manifest_blob, &forged).unwrap();
     let err = fx.store.resolve(&pinned).unwrap_err();
     assert!(matches!(err.reason(), "ImageDigestMismatch"), "{err}");
@@ -406,10 +565,18 @@ fn digest_pins_and_blob_digests_are_verified() {
     }
 
     // Pinned references to plain root file systems cannot be checked.
-    fx.tarball(&pinned_name(&other).replace("example.com_tool_v1", "plain"), Layer::new().file("x", "y").bytes());
+    fx.tarball(
+        &pinned_name(&other).replace("example.com_tool_v1", "plain"),
+        Layer::new().file("x", "y").bytes(),
+    );
     let err = fx.store.resolve(&format!("plain@{other}")).unwrap_err();
     assert_eq!(err.reason(), "ImagePinUnverifiable", "{err}");
-    std::fs::create_dir(fx.store.dir.join(format!("tree_{}", other.replace(':', "_")))).unwrap();
+    std::fs::create_dir(
+        fx.store
+            .dir
+            .join(format!("tree_{}", other.replace(':', "_"))),
+    )
+    .unwrap();
     let err = fx.store.resolve(&format!("tree@{other}")).unwrap_err();
     assert_eq!(err.reason(), "ImagePinUnverifiable", "{err}");
     let err = fx.store.resolve("tree@sha256:ABC").unwrap_err();
@@ -426,20 +593,38 @@ fn a_pinned_index_selects_this_platform() {
     let layout = fx.store.dir.join("ours");
     for blob in std::fs::read_dir(fx.store.dir.join("theirs/blobs/sha256")).unwrap() {
         let blob = blob.unwrap();
-        std::fs::copy(blob.path(), layout.join("blobs/sha256").join(blob.file_name())).unwrap();
+        std::fs::copy(
+            blob.path(),
+            layout.join("blobs/sha256").join(blob.file_name()),
+        )
+        .unwrap();
     }
     let arch = match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",
         other => other,
     };
-    let size = |d: &str| std::fs::metadata(layout.join("blobs/sha256").join(d.trim_start_matches("sha256:"))).unwrap().len();
+    let size = |d: &str| {
+        std::fs::metadata(
+            layout
+                .join("blobs/sha256")
+                .join(d.trim_start_matches("sha256:")),
+        )
+        .unwrap()
+        .len()
+    };
     let image_index = serde_json::json!({"schemaVersion": 2, "manifests": [
         {"digest": theirs, "size": size(&theirs), "platform": {"os": "linux", "architecture": "s390x"}},
         {"digest": ours, "size": size(&ours), "platform": {"os": "linux", "architecture": arch}},
         {"digest": theirs, "size": size(&theirs), "platform": {"os": "unknown", "architecture": "unknown"}}]})
     .to_string();
-    std::fs::write(layout.join("blobs/sha256").join(sha(image_index.as_bytes())), &image_index).unwrap();
+    std::fs::write(
+        layout
+            .join("blobs/sha256")
+            .join(sha(image_index.as_bytes())),
+        &image_index,
+    )
+    .unwrap();
     let index_digest = format!("sha256:{}", sha(image_index.as_bytes()));
     std::fs::write(
         layout.join("index.json"),
@@ -449,9 +634,18 @@ fn a_pinned_index_selects_this_platform() {
     )
     .unwrap();
     let reference = format!("example.com/multi@{index_digest}");
-    std::fs::rename(&layout, fx.store.dir.join(toolwarden::runner::images::entry_name(&reference))).unwrap();
+    std::fs::rename(
+        &layout,
+        fx.store
+            .dir
+            .join(toolwarden::runner::images::entry_name(&reference)),
+    )
+    .unwrap();
     let rootfs = fx.store.resolve(&reference).unwrap();
-    assert_eq!(std::fs::read_to_string(rootfs.join("arch")).unwrap(), "ours");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("arch")).unwrap(),
+        "ours"
+    );
 }
 
 /// Bombs and absurd names are refused with the limit they crossed, and leave
@@ -459,7 +653,10 @@ fn a_pinned_index_selects_this_platform() {
 #[test]
 fn bombs_and_absurd_paths_are_refused_cleanly() {
     let mut fx = Fixture::new();
-    fx.store.limits = UnpackLimits { max_bytes: 4 << 20, max_entries: 100 };
+    fx.store.limits = UnpackLimits {
+        max_bytes: 4 << 20,
+        max_entries: 100,
+    };
 
     // 64 MiB of zeros in a 64 KiB gzip layer.
     let mut bomb = tar::Builder::new(Vec::new());
@@ -473,7 +670,16 @@ fn bombs_and_absurd_paths_are_refused_cleanly() {
     std::io::Write::write_all(&mut gz, &bomb.into_inner().unwrap()).unwrap();
     std::fs::write(fx.store.dir.join("gzbomb.tar.gz"), gz.finish().unwrap()).unwrap();
     let err = fx.store.resolve("gzbomb").unwrap_err();
-    assert!(matches!(err, ImageError::LimitExceeded { limit: Limit::Bytes(_), .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            ImageError::LimitExceeded {
+                limit: Limit::Bytes(_),
+                ..
+            }
+        ),
+        "{err}"
+    );
     fx.assert_cache_empty();
 
     let mut many = Layer::new();
@@ -482,13 +688,34 @@ fn bombs_and_absurd_paths_are_refused_cleanly() {
     }
     fx.tarball("many", many.bytes());
     let err = fx.store.resolve("many").unwrap_err();
-    assert!(matches!(err, ImageError::LimitExceeded { limit: Limit::Entries(100), .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            ImageError::LimitExceeded {
+                limit: Limit::Entries(100),
+                ..
+            }
+        ),
+        "{err}"
+    );
     fx.assert_cache_empty();
 
     // A GNU long name of 2 MiB: the tar reader would hold it in memory.
-    fx.tarball("longname", Layer::new().file(&"a/".repeat(1 << 20), "x").bytes());
+    fx.tarball(
+        "longname",
+        Layer::new().file(&"a/".repeat(1 << 20), "x").bytes(),
+    );
     let err = fx.store.resolve("longname").unwrap_err();
-    assert!(matches!(err, ImageError::LimitExceeded { limit: Limit::HeaderBytes(_), .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            ImageError::LimitExceeded {
+                limit: Limit::HeaderBytes(_),
+                ..
+            }
+        ),
+        "{err}"
+    );
     fx.assert_cache_empty();
 
     let cases = [
@@ -518,7 +745,11 @@ fn stale_or_foreign_cache_entries_are_not_trusted() {
     let old = fx.store.cache.join(&digest);
     std::fs::create_dir_all(old.join("rootfs/bin")).unwrap();
     std::fs::write(old.join("rootfs/bin/tool"), "planted").unwrap();
-    std::fs::set_permissions(old.join("rootfs/bin/tool"), std::fs::Permissions::from_mode(0o4755)).unwrap();
+    std::fs::set_permissions(
+        old.join("rootfs/bin/tool"),
+        std::fs::Permissions::from_mode(0o4755),
+    )
+    .unwrap();
     std::fs::write(old.join("complete"), &digest).unwrap();
     // Another old entry no tool uses any more: swept all the same.
     let unused = fx.store.cache.join("f".repeat(64));
@@ -526,8 +757,14 @@ fn stale_or_foreign_cache_entries_are_not_trusted() {
     std::fs::write(unused.join("complete"), "x").unwrap();
 
     let rootfs = fx.store.resolve("tool").unwrap();
-    assert_eq!(std::fs::read_to_string(rootfs.join("bin/tool")).unwrap(), "real");
-    assert_eq!(std::fs::metadata(rootfs.join("bin/tool")).unwrap().mode() & 0o7777, 0o644);
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("bin/tool")).unwrap(),
+        "real"
+    );
+    assert_eq!(
+        std::fs::metadata(rootfs.join("bin/tool")).unwrap().mode() & 0o7777,
+        0o644
+    );
     assert!(!unused.exists());
     // Served from the cache the second time.
     assert_eq!(fx.store.resolve("tool").unwrap(), rootfs);
@@ -565,7 +802,9 @@ async fn an_unpacked_image_runs_in_a_user_namespaced_sandbox() {
     header.set_size(busybox.len() as u64);
     header.set_mode(0o4755);
     header.set_cksum();
-    builder.append_data(&mut header, "bin/busybox-suid", &busybox[..]).unwrap();
+    builder
+        .append_data(&mut header, "bin/busybox-suid", &busybox[..])
+        .unwrap();
     fx.tarball("busybox", builder.into_inner().unwrap());
     let rootfs = fx.store.resolve("busybox").unwrap();
 
@@ -577,7 +816,84 @@ async fn an_unpacked_image_runs_in_a_user_namespaced_sandbox() {
         warm_pool: 0,
     };
     let pool = engine.pool(spec).await.unwrap();
-    assert!(pool.enforcement().user_namespace, "{:?}", pool.enforcement());
+    assert!(
+        pool.enforcement().user_namespace,
+        "{:?}",
+        pool.enforcement()
+    );
     let o = common::run(&pool, common::sh("/bin/busybox-suid id -u; ls /bin/sh")).await;
     assert_eq!(common::text(&o.stdout), "65534\n/bin/sh\n", "{o:?}");
+}
+
+/// The way `serve` meets a hostile image: loading the tool, before any call.
+/// The tool is refused with the reason, the host folder is untouched, and a
+/// digest-pinned tool whose layout holds another manifest is refused too.
+#[test]
+fn loading_a_tool_with_a_hostile_image_refuses_it_and_changes_nothing() {
+    use toolwarden::runner::ratelimit::LimiterClock;
+    use toolwarden::runner::registry::{Registry, SecretsDir};
+    let fx = Fixture::new();
+    let host = fx.host().display().to_string();
+    fx.tarball(
+        "evil.example_wipe_1",
+        Layer::new()
+            .symlink("evil", &host)
+            .file("evil/.wh.dir", "")
+            .file(&format!("{host}/.wh.victim.txt"), "")
+            .bytes(),
+    );
+    let digest = fx.oci(
+        "evil.example_pinned_sha256_placeholder",
+        &[Layer::new().file("x", "y").bytes()],
+    );
+    let pin = format!("sha256:{}", "d".repeat(64));
+    std::fs::rename(
+        fx.store.dir.join("evil.example_pinned_sha256_placeholder"),
+        fx.store
+            .dir
+            .join(format!("evil.example_pinned_{}", pin.replace(':', "_"))),
+    )
+    .unwrap();
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/execute-code.yaml"
+    ))
+    .unwrap();
+    let tools = fx.dir.path().join("tools");
+    std::fs::create_dir(&tools).unwrap();
+    for (name, image) in [
+        ("wipe", "evil.example/wipe:1".to_string()),
+        ("pinned", format!("evil.example/pinned@{pin}")),
+    ] {
+        let manifest = example
+            .replace("name: execute-code", &format!("name: {name}"))
+            .replace("docker.io/library/busybox:1.36.1", &image);
+        std::fs::write(tools.join(format!("{name}.yaml")), manifest).unwrap();
+    }
+    let before = fx.host_state();
+    let store = ImageStore::new(fx.store.dir.clone(), fx.store.cache.clone());
+    let registry = Registry::new(LimiterClock::real(), SecretsDir::default()).with_images(store);
+    let report = registry.load(&[tools.join("wipe.yaml"), tools.join("pinned.yaml")]);
+    assert!(report.served.is_empty(), "{report:?}");
+    let reasons = |tool: &str| {
+        report
+            .refused
+            .iter()
+            .find(|r| r.tool == tool)
+            .unwrap_or_else(|| panic!("{tool} not refused: {report:?}"))
+            .reasons
+            .join("; ")
+    };
+    assert!(
+        reasons("wipe").contains("refused: absolute path"),
+        "{}",
+        reasons("wipe")
+    );
+    assert!(
+        reasons("pinned").contains("pinned by digest") && reasons("pinned").contains(&digest),
+        "{}",
+        reasons("pinned")
+    );
+    assert_eq!(fx.host_state(), before);
+    fx.assert_cache_empty();
 }

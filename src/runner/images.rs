@@ -31,8 +31,8 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::sandbox::detect::USERNS_HOST_BASE;
-use layer::{Layer, Unpacker};
 pub use layer::Refusal;
+use layer::{Layer, Unpacker};
 
 /// Written last into a complete cache entry. An entry without it, or from
 /// another version of the unpacking rules, is unpacked again.
@@ -204,7 +204,11 @@ impl ImageStore {
             .into_iter()
             .map(|candidate| self.dir.join(candidate))
             .find(|path| path.is_file());
-        let plain = if dir.is_dir() { Some(&dir) } else { tarball.as_ref() };
+        let plain = if dir.is_dir() {
+            Some(&dir)
+        } else {
+            tarball.as_ref()
+        };
         match (plain, parsed.digest) {
             (None, _) => Err(ImageError::NotFound {
                 reference: reference.to_string(),
@@ -269,7 +273,12 @@ impl ImageStore {
         Ok(entry.join("rootfs"))
     }
 
-    fn unpack_into(&self, partial: &Path, digest: &str, layers: &[Layer]) -> Result<(), ImageError> {
+    fn unpack_into(
+        &self,
+        partial: &Path,
+        digest: &str,
+        layers: &[Layer],
+    ) -> Result<(), ImageError> {
         let io_error = |path: &Path| {
             let path = path.to_path_buf();
             move |source| ImageError::Io { path, source }
@@ -305,14 +314,24 @@ impl ImageStore {
             path: self.cache.clone(),
             why,
         };
-        std::fs::create_dir_all(&self.cache).map_err(|e| unsafe_cache(e.to_string()))?;
-        let canonical = std::fs::canonicalize(&self.cache).map_err(|e| unsafe_cache(e.to_string()))?;
+        // Missing folders are made `0711` whatever the umask: a `0777` one would be refused below.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(&self.cache)
+            .map_err(|e| unsafe_cache(e.to_string()))?;
+        let canonical =
+            std::fs::canonicalize(&self.cache).map_err(|e| unsafe_cache(e.to_string()))?;
         let me = nix::unistd::geteuid().as_raw();
         for folder in canonical.ancestors() {
             let meta = std::fs::metadata(folder).map_err(|e| unsafe_cache(e.to_string()))?;
             let sticky = meta.mode() & 0o1000 != 0 && folder != canonical;
             if ![0, me].contains(&meta.uid()) {
-                return Err(unsafe_cache(format!("{} is owned by uid {}", folder.display(), meta.uid())));
+                return Err(unsafe_cache(format!(
+                    "{} is owned by uid {}",
+                    folder.display(),
+                    meta.uid()
+                )));
             }
             if meta.mode() & 0o022 != 0 && !sticky {
                 return Err(unsafe_cache(format!(
@@ -324,7 +343,10 @@ impl ImageStore {
         }
         let meta = std::fs::metadata(&canonical).map_err(|e| unsafe_cache(e.to_string()))?;
         if meta.uid() != me {
-            return Err(unsafe_cache(format!("owned by uid {}, not by this user", meta.uid())));
+            return Err(unsafe_cache(format!(
+                "owned by uid {}, not by this user",
+                meta.uid()
+            )));
         }
         if meta.mode() & 0o7777 != 0o711 {
             std::fs::set_permissions(&canonical, std::fs::Permissions::from_mode(0o711))
@@ -387,7 +409,11 @@ fn is_trusted_entry(entry: &Path, digest: &str) -> bool {
 /// seen half-removed, then deleted (std's `remove_dir_all` does not follow
 /// symlinks).
 fn discard(entry: &Path, cache: &Path) -> io::Result<()> {
-    let aside = cache.join(format!(".partial-{}-{}", std::process::id(), uuid::Uuid::new_v4()));
+    let aside = cache.join(format!(
+        ".partial-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4()
+    ));
     std::fs::rename(entry, &aside)?;
     std::fs::remove_dir_all(&aside)
 }
@@ -405,5 +431,24 @@ fn file_digest(path: &Path) -> Result<String, ImageError> {
             0 => return Ok(hex::encode(hasher.finalize())),
             n => hasher.update(&buf[..n]),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_split_into_tag_and_digest() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let pinned = format!("localhost:5000/team/tool:v2@{digest}");
+        let r = Reference::parse(&pinned);
+        assert_eq!((r.tag, r.digest), (Some("v2"), Some(digest.as_str())));
+        let r = Reference::parse("localhost:5000/team/tool");
+        assert_eq!((r.tag, r.digest), (None, None));
+        assert_eq!(
+            entry_name("docker.io/library/busybox:1.36.1"),
+            "docker.io_library_busybox_1.36.1"
+        );
     }
 }

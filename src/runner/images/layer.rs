@@ -14,6 +14,7 @@
 //! are ours to apply), keeps set-id bits with `preserve_permissions`, and checks
 //! containment by path string rather than by resolving inside the root.
 
+use std::cell::Cell;
 use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::io::{self, Read, Write};
@@ -21,7 +22,6 @@ use std::os::fd::{AsFd, AsRawFd, IntoRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::cell::Cell;
 use std::time::{Duration, SystemTime};
 
 use nix::fcntl::AtFlags;
@@ -443,7 +443,10 @@ fn apply_entry(
         _ => {
             let mut file = at.create_file(
                 name,
-                OpenFlags::O_WRONLY | OpenFlags::O_EXCL | OpenFlags::O_NOFOLLOW | OpenFlags::O_CLOEXEC,
+                OpenFlags::O_WRONLY
+                    | OpenFlags::O_EXCL
+                    | OpenFlags::O_NOFOLLOW
+                    | OpenFlags::O_CLOEXEC,
                 &std::fs::Permissions::from_mode(0o600),
             )?;
             io::copy(entry, &mut file)?;
@@ -469,8 +472,14 @@ fn dir_perm() -> std::fs::Permissions {
 
 /// The type of `name` in `dir`, without following it; None when absent.
 fn lstat_type(dir: &Handle, name: &OsStr) -> Result<Option<SFlag>, EntryError> {
-    match fstatat(Some(dir.as_fd().as_raw_fd()), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
-        Ok(stat) => Ok(Some(SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT)),
+    match fstatat(
+        Some(dir.as_fd().as_raw_fd()),
+        name,
+        AtFlags::AT_SYMLINK_NOFOLLOW,
+    ) {
+        Ok(stat) => Ok(Some(
+            SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT,
+        )),
         Err(nix::errno::Errno::ENOENT) => Ok(None),
         Err(e) => Err(EntryError::Io(e.into())),
     }
@@ -508,7 +517,8 @@ fn clear_lower(dir: &Handle, dir_path: &Path, written: &Written) -> Result<(), E
         .map_err(io::Error::from)?
         .iter()
     {
-        let name = OsStr::from_bytes(item.map_err(io::Error::from)?.file_name().to_bytes()).to_os_string();
+        let name =
+            OsStr::from_bytes(item.map_err(io::Error::from)?.file_name().to_bytes()).to_os_string();
         if name != "." && name != ".." {
             names.push(name);
         }
@@ -553,5 +563,36 @@ fn entry_kind(kind: tar::EntryType) -> &'static str {
         tar::EntryType::Block => "block-device",
         tar::EntryType::Fifo => "fifo",
         _ => "file",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_paths_are_normalised_or_refused() {
+        assert_eq!(entry_path(b"./a//b/./c/").unwrap(), Path::new("a/b/c"));
+        assert_eq!(entry_path(b"./").unwrap(), Path::new(""));
+        assert!(matches!(entry_path(b"/etc/passwd"), Err(Refusal::Absolute)));
+        assert!(matches!(
+            entry_path(b"a/../../b"),
+            Err(Refusal::ParentComponent)
+        ));
+        assert!(matches!(entry_path(b"a/\0b"), Err(Refusal::NulByte)));
+    }
+
+    #[test]
+    fn whiteout_names_are_told_apart() {
+        assert!(matches!(
+            whiteout(OsStr::new(".wh..wh..opq")),
+            Some(Whiteout::Opaque)
+        ));
+        assert!(matches!(
+            whiteout(OsStr::new(".wh..wh.plnk")),
+            Some(Whiteout::Bookkeeping)
+        ));
+        assert!(matches!(whiteout(OsStr::new(".wh.x")), Some(Whiteout::Remove(n)) if n == "x"));
+        assert!(whiteout(OsStr::new("x.wh.y")).is_none());
     }
 }
