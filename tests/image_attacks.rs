@@ -682,6 +682,33 @@ fn bombs_and_absurd_paths_are_refused_cleanly() {
     );
     fx.assert_cache_empty();
 
+    // A GNU sparse file: 64 MiB of holes, no data at all in the stream.
+    let mut header = tar::Header::new_gnu();
+    header.set_path("holes").unwrap();
+    header.set_entry_type(EntryType::GNUSparse);
+    header.set_mode(0o644);
+    header.set_size(0);
+    let gnu = header.as_gnu_mut().unwrap();
+    gnu.set_real_size(64 << 20);
+    gnu.sparse[0].set_offset(64 << 20);
+    gnu.sparse[0].set_length(0);
+    header.set_cksum();
+    let mut sparse = tar::Builder::new(Vec::new());
+    sparse.append(&header, std::io::empty()).unwrap();
+    fx.tarball("sparse", sparse.into_inner().unwrap());
+    let err = fx.store.resolve("sparse").unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ImageError::LimitExceeded {
+                limit: Limit::Bytes(_),
+                ..
+            }
+        ),
+        "{err}"
+    );
+    fx.assert_cache_empty();
+
     let mut many = Layer::new();
     for i in 0..101 {
         many = many.file(&format!("f{i}"), "");
@@ -777,6 +804,14 @@ fn stale_or_foreign_cache_entries_are_not_trusted() {
         let err = store.resolve("tool").unwrap_err();
         assert_eq!(err.reason(), "ImageCacheUnsafe", "{err}");
     }
+    // A symlink planted where the cache is configured: refused, wherever it leads.
+    let root_mode = std::fs::metadata("/").unwrap().mode();
+    let link = fx.dir.path().join("link");
+    std::os::unix::fs::symlink("/", &link).unwrap();
+    let store = ImageStore::new(fx.store.dir.clone(), link.clone());
+    let err = store.resolve("tool").unwrap_err();
+    assert_eq!(err.reason(), "ImageCacheUnsafe", "{err}");
+    assert_eq!(std::fs::metadata("/").unwrap().mode(), root_mode);
     let open = fx.dir.path().join("open");
     std::fs::create_dir(&open).unwrap();
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
@@ -896,4 +931,22 @@ fn loading_a_tool_with_a_hostile_image_refuses_it_and_changes_nothing() {
     );
     assert_eq!(fx.host_state(), before);
     fx.assert_cache_empty();
+}
+
+/// A fifo planted as a blob is refused instead of blocking the load forever.
+#[test]
+fn a_fifo_blob_is_refused() {
+    let fx = Fixture::new();
+    let layer = Layer::new().file("x", "y").bytes();
+    fx.oci("example.com_tool_v1", std::slice::from_ref(&layer));
+    let blob = fx
+        .store
+        .dir
+        .join("example.com_tool_v1/blobs/sha256")
+        .join(sha(&layer));
+    std::fs::remove_file(&blob).unwrap();
+    nix::unistd::mkfifo(&blob, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    let err = fx.store.resolve("example.com/tool:v1").unwrap_err();
+    assert_eq!(err.reason(), "ImageUnreadable", "{err}");
+    assert!(err.to_string().contains("not a regular file"), "{err}");
 }

@@ -25,7 +25,7 @@ mod oci;
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -320,12 +320,23 @@ impl ImageStore {
             .mode(0o711)
             .create(&self.cache)
             .map_err(|e| unsafe_cache(e.to_string()))?;
+        // The folder itself, not where a symlink planted at its path leads.
+        let meta =
+            std::fs::symlink_metadata(&self.cache).map_err(|e| unsafe_cache(e.to_string()))?;
+        let me = nix::unistd::geteuid().as_raw();
+        if !meta.is_dir() {
+            return Err(unsafe_cache("not a folder (a symlink?)".into()));
+        }
+        if meta.uid() != me {
+            return Err(unsafe_cache(format!(
+                "owned by uid {}, not by this user",
+                meta.uid()
+            )));
+        }
         let canonical =
             std::fs::canonicalize(&self.cache).map_err(|e| unsafe_cache(e.to_string()))?;
-        let me = nix::unistd::geteuid().as_raw();
-        for folder in canonical.ancestors() {
+        for folder in canonical.ancestors().skip(1) {
             let meta = std::fs::metadata(folder).map_err(|e| unsafe_cache(e.to_string()))?;
-            let sticky = meta.mode() & 0o1000 != 0 && folder != canonical;
             if ![0, me].contains(&meta.uid()) {
                 return Err(unsafe_cache(format!(
                     "{} is owned by uid {}",
@@ -333,6 +344,7 @@ impl ImageStore {
                     meta.uid()
                 )));
             }
+            let sticky = meta.mode() & 0o1000 != 0;
             if meta.mode() & 0o022 != 0 && !sticky {
                 return Err(unsafe_cache(format!(
                     "{} is writable by other users (mode {:o})",
@@ -340,13 +352,6 @@ impl ImageStore {
                     meta.mode() & 0o7777
                 )));
             }
-        }
-        let meta = std::fs::metadata(&canonical).map_err(|e| unsafe_cache(e.to_string()))?;
-        if meta.uid() != me {
-            return Err(unsafe_cache(format!(
-                "owned by uid {}, not by this user",
-                meta.uid()
-            )));
         }
         if meta.mode() & 0o7777 != 0o711 {
             std::fs::set_permissions(&canonical, std::fs::Permissions::from_mode(0o711))
@@ -418,12 +423,25 @@ fn discard(entry: &Path, cache: &Path) -> io::Result<()> {
     std::fs::remove_dir_all(&aside)
 }
 
+/// Opens a file of the images folder for reading, refusing anything but a
+/// regular file (a fifo planted as a blob would block the load forever).
+fn open_regular(path: &Path) -> io::Result<File> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    Ok(file)
+}
+
 fn file_digest(path: &Path) -> Result<String, ImageError> {
     let io_error = |source| ImageError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let mut file = File::open(path).map_err(io_error)?;
+    let mut file = open_regular(path).map_err(io_error)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {

@@ -151,6 +151,8 @@ pub(super) struct Unpacker {
     root: Root,
     budget: Budget,
     entries: u64,
+    /// Sum of the entries' sizes, all layers together.
+    file_bytes: u64,
 }
 
 impl Unpacker {
@@ -169,6 +171,7 @@ impl Unpacker {
                 crossed: Cell::new(None),
             },
             entries: 0,
+            file_bytes: 0,
         })
     }
 
@@ -180,7 +183,7 @@ impl Unpacker {
             path: layer.path.clone(),
             source,
         };
-        let file = std::fs::File::open(&layer.path).map_err(io_error)?;
+        let file = super::open_regular(&layer.path).map_err(io_error)?;
         let actual_size = file.metadata().map_err(io_error)?.len();
         if let Some(size) = layer.size.filter(|&s| s != actual_size) {
             return Err(ImageError::SizeMismatch {
@@ -233,10 +236,21 @@ impl Unpacker {
             self.budget.in_headers.set(false);
             let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
             self.entries += 1;
-            if self.entries > self.budget.limits.max_entries {
+            // What the entry unpacks to: more than its bytes in the stream for
+            // a GNU sparse file, whose holes the tar reader fills with zeros.
+            self.file_bytes = self.file_bytes.saturating_add(entry.size());
+            let limits = self.budget.limits;
+            let crossed = if self.entries > limits.max_entries {
+                Some(Limit::Entries(limits.max_entries))
+            } else if self.file_bytes > limits.max_bytes {
+                Some(Limit::Bytes(limits.max_bytes))
+            } else {
+                None
+            };
+            if let Some(limit) = crossed {
                 return Err(ImageError::LimitExceeded {
                     layer: layer.path.clone(),
-                    limit: Limit::Entries(self.budget.limits.max_entries),
+                    limit,
                 });
             }
             let refused = |why| ImageError::EntryRefused {

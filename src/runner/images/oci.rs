@@ -216,7 +216,7 @@ fn read_limited(path: &Path) -> Result<Vec<u8>, ImageError> {
         source,
     };
     let mut bytes = Vec::new();
-    std::fs::File::open(path)
+    super::open_regular(path)
         .map_err(io_error)?
         .take(MAX_DOCUMENT_BYTES + 1)
         .read_to_end(&mut bytes)
