@@ -950,3 +950,28 @@ fn a_fifo_blob_is_refused() {
     assert_eq!(err.reason(), "ImageUnreadable", "{err}");
     assert!(err.to_string().contains("not a regular file"), "{err}");
 }
+
+/// Digests are names of files in `blobs/`: one that is not 64 lowercase hex
+/// digits (a path, another algorithm) is refused before any file is opened.
+#[test]
+fn descriptor_digests_cannot_name_other_files() {
+    let fx = Fixture::new();
+    fx.oci(
+        "example.com_tool_v1",
+        &[Layer::new().file("x", "y").bytes()],
+    );
+    let index = fx.store.dir.join("example.com_tool_v1/index.json");
+    for digest in [
+        "sha256:../../../../../../etc/passwd",
+        "sha512:abcd",
+        &format!("sha256:{}", "A".repeat(64)),
+    ] {
+        let forged = serde_json::json!({"manifests": [{"digest": digest}]});
+        std::fs::write(&index, forged.to_string()).unwrap();
+        let err = fx.store.resolve("example.com/tool:v1").unwrap_err();
+        assert!(
+            matches!(err, ImageError::UnsupportedDigest { .. }),
+            "{digest}: {err}"
+        );
+    }
+}
