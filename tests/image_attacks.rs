@@ -745,6 +745,20 @@ fn bombs_and_absurd_paths_are_refused_cleanly() {
     );
     fx.assert_cache_empty();
 
+    // A modification time no clock can hold.
+    let mut header = tar::Header::new_gnu();
+    header.set_path("forever").unwrap();
+    header.set_size(1);
+    header.set_mode(0o644);
+    header.set_mtime(u64::MAX);
+    header.set_cksum();
+    let mut forever = tar::Builder::new(Vec::new());
+    forever.append(&header, &b"x"[..]).unwrap();
+    fx.tarball("forever", forever.into_inner().unwrap());
+    let rootfs = fx.store.resolve("forever").unwrap();
+    assert_eq!(std::fs::read(rootfs.join("forever")).unwrap(), b"x");
+    std::fs::remove_dir_all(&fx.store.cache).unwrap();
+
     let cases = [
         ("deep", "d/".repeat(200) + "f", "deeper"),
         ("longpath", "abcdefgh/".repeat(500) + "f", "longer"),

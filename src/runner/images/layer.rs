@@ -466,8 +466,15 @@ fn apply_entry(
             io::copy(entry, &mut file)?;
             file.flush()?;
             file.set_permissions(std::fs::Permissions::from_mode(mode))?;
-            if let Ok(mtime) = entry.header().mtime() {
-                let _ = file.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(mtime));
+            // Best effort (a hostile time may not fit in a SystemTime): only tools
+            // comparing timestamps, such as Python's bytecode cache, look at it.
+            let mtime = entry
+                .header()
+                .mtime()
+                .ok()
+                .and_then(|secs| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs)));
+            if let Some(mtime) = mtime {
+                let _ = file.set_modified(mtime);
             }
         }
     }
