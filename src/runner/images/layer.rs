@@ -1,14 +1,17 @@
 //! Applies image layers to a root file system without ever touching anything
 //! outside it.
 //!
-//! Every entry's parent folder is resolved *inside* the root with pathrs
-//! (`openat2` `RESOLVE_IN_ROOT`, or its checked userspace fallback on older
-//! kernels): a symlink planted by an earlier entry (`evil -> /etc`) resolves to
-//! the root's own `/etc`, exactly as the sandbox will later see it. The entry's
-//! own name is never followed: whatever is there (a planted symlink included) is
-//! removed and the entry created with `O_EXCL | O_NOFOLLOW`. Names are checked
-//! before any of that: absolute paths, `..`, over-long and over-deep paths are
-//! refused for every entry type, hard-link targets included.
+//! Every entry's folder path is resolved *inside* the root with pathrs
+//! (`openat2` with `RESOLVE_IN_ROOT | RESOLVE_NO_SYMLINKS`, or its checked
+//! userspace fallback on older kernels) and must consist of real folders: a
+//! symlink in it, such as one an earlier entry or layer planted (`evil -> /etc`,
+//! then `evil/passwd`), is refused. Layers name real paths (Docker and BuildKit
+//! write them from the file system they diff), and real folders also bound how
+//! deep the tree can grow: no deeper than the deepest entry name. The entry's
+//! own name is never followed: whatever is there (a planted symlink included)
+//! is removed and the entry created with `O_EXCL | O_NOFOLLOW`. Names are
+//! checked before any of that: absolute paths, `..`, over-long and over-deep
+//! paths are refused for every entry type, hard-link targets included.
 //!
 //! The tar crate's own `unpack_in` is not used: it deletes nothing (whiteouts
 //! are ours to apply), keeps set-id bits with `preserve_permissions`, and checks
@@ -27,7 +30,7 @@ use std::time::{Duration, SystemTime};
 use nix::fcntl::AtFlags;
 use nix::sys::stat::{SFlag, fstatat};
 use pathrs::error::ErrorKind;
-use pathrs::flags::OpenFlags;
+use pathrs::flags::{OpenFlags, ResolverFlags};
 use pathrs::{Handle, InodeType, Root, RootRef};
 use sha2::{Digest, Sha256};
 
@@ -71,6 +74,8 @@ pub enum Refusal {
     PathTooLong,
     #[error("a path deeper than {MAX_DEPTH} folders")]
     TooDeep,
+    #[error("a symlink in its folder path (layers must name real folders)")]
+    SymlinkInPath,
     #[error("a NUL byte in a name")]
     NulByte,
     #[error("a whiteout that names no file")]
@@ -157,10 +162,12 @@ pub(super) struct Unpacker {
 
 impl Unpacker {
     pub fn new(rootfs: &Path, limits: UnpackLimits) -> Result<Unpacker, ImageError> {
-        let root = Root::open(rootfs).map_err(|e| ImageError::Io {
-            path: rootfs.to_path_buf(),
-            source: io::Error::other(e),
-        })?;
+        let root = Root::open(rootfs)
+            .map_err(|e| ImageError::Io {
+                path: rootfs.to_path_buf(),
+                source: io::Error::other(e),
+            })?
+            .with_resolver_flags(ResolverFlags::NO_SYMLINKS);
         Ok(Unpacker {
             root,
             budget: Budget {
@@ -302,6 +309,11 @@ impl From<io::Error> for EntryError {
 
 impl From<pathrs::error::Error> for EntryError {
     fn from(e: pathrs::error::Error) -> Self {
+        // With `RESOLVE_NO_SYMLINKS`, and final names never followed, ELOOP
+        // means a symlink in the folder path.
+        if e.kind() == ErrorKind::OsError(Some(libc::ELOOP)) {
+            return EntryError::Refused(Refusal::SymlinkInPath);
+        }
         EntryError::Io(io::Error::other(e))
     }
 }
@@ -451,7 +463,8 @@ fn apply_entry(
         }
         (tar::EntryType::Symlink, Some(target)) => at.create(name, &InodeType::Symlink(target))?,
         (tar::EntryType::Link, Some(target)) => {
-            // The target resolves inside the root too; its last name is not followed.
+            // The target resolves inside the root too, through real folders only;
+            // its last name is not followed (a link to a symlink links the symlink).
             root.create(in_root(path), &InodeType::Hardlink(in_root(&target)))?;
         }
         _ => {
