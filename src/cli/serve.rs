@@ -80,8 +80,8 @@ pub struct CommonArgs {
     /// Default: `images/` beside the manifests, when it exists.
     #[arg(long, value_name = "DIR")]
     pub images: Option<PathBuf>,
-    /// Where unpacked root file systems are cached. Made 0711; refused when
-    /// another user owns it or can write to it or to a folder above it.
+    /// Where unpacked root file systems are cached. Made 0711; refused when it
+    /// is a symlink or another user's, or another user can write to a folder above it.
     #[arg(long, value_name = "DIR")]
     pub image_cache: Option<PathBuf>,
     /// Volumes tools mount: `DIR/pvc/<claim>` for persistentVolumeClaim and
