@@ -45,6 +45,8 @@ pub(super) const MAX_DEPTH: usize = 128;
 /// Bytes of headers (GNU long names, PAX records) the tar reader may buffer
 /// for one entry: it reads them into memory whole.
 pub(super) const MAX_HEADER_BYTES: u64 = 1 << 20;
+/// How an error reading a tar header (no entry yet) names the entry.
+const HEADER: &str = "<tar header>";
 /// Mode bits kept from an image: set-user-id, set-group-id and write access
 /// for group and others are dropped. The sandbox mounts the root read-only and
 /// `nosuid`, so inside it nothing changes; outside it, nothing in the cache
@@ -237,9 +239,9 @@ impl Unpacker {
         let mut written = Written::default();
         let entries = archive
             .entries()
-            .map_err(|e| stream_error(&self.budget, layer, "", e))?;
+            .map_err(|e| stream_error(&self.budget, layer, HEADER, e))?;
         for entry in entries {
-            let mut entry = entry.map_err(|e| stream_error(&self.budget, layer, "", e))?;
+            let mut entry = entry.map_err(|e| stream_error(&self.budget, layer, HEADER, e))?;
             self.budget.in_headers.set(false);
             let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
             self.entries += 1;
