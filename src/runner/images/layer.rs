@@ -41,10 +41,10 @@ const MAX_PATH_BYTES: usize = 4096;
 /// Longest single name (Linux's `NAME_MAX`).
 const MAX_NAME_BYTES: usize = 255;
 /// Deepest entry path accepted.
-pub(super) const MAX_DEPTH: usize = 128;
+const MAX_DEPTH: usize = 128;
 /// Bytes of headers (GNU long names, PAX records) the tar reader may buffer
 /// for one entry: it reads them into memory whole.
-pub(super) const MAX_HEADER_BYTES: u64 = 1 << 20;
+const MAX_HEADER_BYTES: u64 = 1 << 20;
 /// How an error reading a tar header (no entry yet) names the entry.
 const HEADER: &str = "<tar header>";
 /// Mode bits kept from an image: set-user-id, set-group-id and write access
