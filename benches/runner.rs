@@ -485,10 +485,7 @@ async fn sandboxed(
     let scratch = dir.join(format!("{tag}-secret-files"));
     let executor = Arc::new(SandboxExecutor::new(engine, VolumesDir(None), scratch));
     let isolation = executor.isolation();
-    let store = ImageStore {
-        dir: images.to_path_buf(),
-        cache: dir.join("image-cache"),
-    };
+    let store = ImageStore::new(images.to_path_buf(), dir.join("image-cache"));
     let runner = runner(
         dir,
         &tag,

@@ -115,7 +115,8 @@ pub struct CommonArgs {
     /// Default: `images/` beside the manifests, when it exists.
     #[arg(long, value_name = "DIR")]
     pub images: Option<PathBuf>,
-    /// Where unpacked root file systems are cached.
+    /// Where unpacked root file systems are cached. Made 0711; refused when it
+    /// is a symlink or another user's, or another user can write to a folder above it.
     #[arg(long, value_name = "DIR")]
     pub image_cache: Option<PathBuf>,
     /// Volumes tools mount: `DIR/pvc/<claim>` for persistentVolumeClaim and
@@ -261,10 +262,7 @@ fn run(
     let images_line = match images {
         Some(images) => {
             let line = format!("root file systems from {}", images.display());
-            registry = registry.with_images(ImageStore {
-                dir: images,
-                cache: image_cache(common),
-            });
+            registry = registry.with_images(ImageStore::new(images, image_cache(common)));
             line
         }
         None => {

@@ -4,23 +4,174 @@
 //! `docker.io/library/busybox:1.36.1` is `docker.io_library_busybox_1.36.1`):
 //!
 //! - `NAME/` holding an OCI image layout (`oci-layout`, `index.json`, `blobs/`):
-//!   the manifest tagged with the reference (or the only one) is unpacked, each
-//!   blob checked against its digest;
+//!   the manifest the reference names (by digest when pinned, else by tag, else
+//!   the only one) is unpacked, every blob checked against its descriptor;
 //! - `NAME/` holding anything else: used as the root file system as it is;
 //! - `NAME.tar` or `NAME.tar.gz`: a root file system tarball, unpacked.
 //!
+//! A reference pinned by digest (`name@sha256:...`) is only served from an OCI
+//! layout, where the pin is checked; a plain tree or tarball has no manifest to
+//! check it against and is refused.
+//!
 //! Unpacked trees are cached under `CACHE/<sha256>/rootfs`, keyed by content.
+//! Each is unpacked into a private temporary folder and renamed into place
+//! complete, so a failed unpack leaves nothing behind. The cache folder is
+//! `0711` and each entry `0710` with the group of the sandboxes' user-namespace
+//! root (or `0700` when not run as root): a sandbox can reach its root file
+//! system, local users cannot.
+
+mod layer;
+mod oci;
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{self, Read};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use serde_json::Value;
 use sha2::{Digest, Sha256};
+
+use crate::sandbox::detect::USERNS_HOST_BASE;
+pub use layer::Refusal;
+use layer::{Layer, Unpacker};
+
+/// Written last into a complete cache entry. An entry without it, or from
+/// another version of the unpacking rules, is unpacked again.
+const FORMAT: &str = "toolwarden-rootfs 2";
 
 pub struct ImageStore {
     pub dir: PathBuf,
     pub cache: PathBuf,
+    pub limits: UnpackLimits,
+}
+
+/// Bounds on what one image may unpack to.
+#[derive(Clone, Copy, Debug)]
+pub struct UnpackLimits {
+    /// Bytes of decompressed layer data, all layers together.
+    pub max_bytes: u64,
+    /// Entries, all layers together.
+    pub max_entries: u64,
+}
+
+impl Default for UnpackLimits {
+    fn default() -> Self {
+        UnpackLimits {
+            max_bytes: 8 << 30,
+            max_entries: 1_000_000,
+        }
+    }
+}
+
+/// A limit an image crossed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    Bytes(u64),
+    Entries(u64),
+    HeaderBytes(u64),
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Limit::Bytes(n) => write!(f, "the image unpacks to more than {n} bytes"),
+            Limit::Entries(n) => write!(f, "the image has more than {n} entries"),
+            Limit::HeaderBytes(n) => write!(f, "an entry has more than {n} bytes of tar headers"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("image {reference} not found in {} (looked for {name}/, {name}.tar, {name}.tar.gz)", dir.display())]
+    NotFound {
+        reference: String,
+        dir: PathBuf,
+        name: String,
+    },
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{}: {detail}", path.display())]
+    Layout { path: PathBuf, detail: String },
+    #[error("unsupported digest {digest:?} (expected sha256:<64 lowercase hex digits>)")]
+    UnsupportedDigest { digest: String },
+    #[error("{}: content is {actual}, not {expected}", path.display())]
+    DigestMismatch {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error("{}: {actual} bytes, not {expected} as its descriptor says", path.display())]
+    SizeMismatch {
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("image {reference} is pinned by digest, but {}/index.json lists no such manifest (it lists {listed})", layout.display())]
+    PinMismatch {
+        reference: String,
+        layout: PathBuf,
+        listed: String,
+    },
+    #[error("image {reference} is pinned by digest, but {} is a plain root file system with no manifest to check the digest against; provide it as an OCI image layout", path.display())]
+    PinUnverifiable { reference: String, path: PathBuf },
+    #[error("{}: entry {entry:?} refused: {why}", layer.display())]
+    EntryRefused {
+        layer: PathBuf,
+        entry: String,
+        why: Refusal,
+    },
+    #[error("{}: entry {entry:?}: {source}", layer.display())]
+    Unpack {
+        layer: PathBuf,
+        entry: String,
+        source: io::Error,
+    },
+    #[error("{}: {limit}", layer.display())]
+    LimitExceeded { layer: PathBuf, limit: Limit },
+    #[error("image cache {}: {why}", path.display())]
+    UnsafeCache { path: PathBuf, why: String },
+}
+
+impl ImageError {
+    /// Stable CamelCase name of the error class.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ImageError::NotFound { .. } => "ImageNotFound",
+            ImageError::Io { .. } => "ImageUnreadable",
+            ImageError::Layout { .. } | ImageError::UnsupportedDigest { .. } => {
+                "ImageLayoutInvalid"
+            }
+            ImageError::DigestMismatch { .. } | ImageError::SizeMismatch { .. } => {
+                "ImageDigestMismatch"
+            }
+            ImageError::PinMismatch { .. } => "ImagePinMismatch",
+            ImageError::PinUnverifiable { .. } => "ImagePinUnverifiable",
+            ImageError::EntryRefused { .. } => "ImageEntryRefused",
+            ImageError::Unpack { .. } => "ImageUnpackFailed",
+            ImageError::LimitExceeded { .. } => "ImageTooLarge",
+            ImageError::UnsafeCache { .. } => "ImageCacheUnsafe",
+        }
+    }
+}
+
+/// The parts of an image reference the lookup needs.
+pub(crate) struct Reference<'a> {
+    full: &'a str,
+    tag: Option<&'a str>,
+    digest: Option<&'a str>,
+}
+
+impl<'a> Reference<'a> {
+    fn parse(full: &'a str) -> Reference<'a> {
+        let (name, digest) = match full.split_once('@') {
+            Some((name, digest)) => (name, Some(digest)),
+            None => (full, None),
+        };
+        // A `:` after the last `/` starts the tag (`localhost:5000/x` has none).
+        let last = name.rsplit('/').next().unwrap_or(name);
+        let tag = last.rsplit_once(':').map(|(_, tag)| tag);
+        Reference { full, tag, digest }
+    }
 }
 
 /// The file name an image reference is looked up under. Pure.
@@ -29,146 +180,275 @@ pub fn entry_name(reference: &str) -> String {
 }
 
 impl ImageStore {
+    pub fn new(dir: PathBuf, cache: PathBuf) -> ImageStore {
+        ImageStore {
+            dir,
+            cache,
+            limits: UnpackLimits::default(),
+        }
+    }
+
     /// The root file system directory of `reference`.
-    pub fn resolve(&self, reference: &str) -> Result<PathBuf, String> {
+    pub fn resolve(&self, reference: &str) -> Result<PathBuf, ImageError> {
+        let parsed = Reference::parse(reference);
+        if let Some(digest) = parsed.digest {
+            oci::check_digest(digest)?;
+        }
         let name = entry_name(reference);
         let dir = self.dir.join(&name);
         if dir.join("oci-layout").is_file() {
-            return self.unpack_oci(&dir, reference);
+            let image = oci::select(&dir, &parsed)?;
+            return self.unpack(&image.manifest, &image.layers);
         }
-        if dir.is_dir() {
-            return Ok(dir);
-        }
-        for candidate in [format!("{name}.tar"), format!("{name}.tar.gz")] {
-            let path = self.dir.join(&candidate);
-            if path.is_file() {
-                let digest = file_digest(&path)?;
-                return self.unpack(&digest, &[(path, candidate.ends_with(".gz"))]);
-            }
-        }
-        Err(format!(
-            "image {reference} not found in {} (looked for {name}/, {name}.tar, {name}.tar.gz)",
-            self.dir.display()
-        ))
-    }
-
-    fn unpack_oci(&self, layout: &Path, reference: &str) -> Result<PathBuf, String> {
-        let read_json = |path: &Path| -> Result<Value, String> {
-            let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))
+        let tarball = [format!("{name}.tar"), format!("{name}.tar.gz")]
+            .into_iter()
+            .map(|candidate| self.dir.join(candidate))
+            .find(|path| path.is_file());
+        let plain = if dir.is_dir() {
+            Some(&dir)
+        } else {
+            tarball.as_ref()
         };
-        let index = read_json(&layout.join("index.json"))?;
-        let manifests = index["manifests"].as_array().cloned().unwrap_or_default();
-        let tag = reference
-            .rsplit_once(':')
-            .map(|(_, t)| t)
-            .unwrap_or_default();
-        let chosen = manifests
-            .iter()
-            .find(|m| {
-                let name = m["annotations"]["org.opencontainers.image.ref.name"].as_str();
-                name == Some(reference) || name == Some(tag)
-            })
-            .or(if manifests.len() == 1 {
-                manifests.first()
-            } else {
-                None
-            })
-            .ok_or_else(|| format!("{}: no manifest is tagged {reference}", layout.display()))?;
-        let digest = chosen["digest"]
-            .as_str()
-            .ok_or("a manifest without digest")?;
-        let manifest = read_json(&blob(layout, digest)?)?;
-        let mut layers = Vec::new();
-        for layer in manifest["layers"].as_array().cloned().unwrap_or_default() {
-            let layer_digest = layer["digest"].as_str().ok_or("a layer without digest")?;
-            let path = blob(layout, layer_digest)?;
-            let actual = format!("sha256:{}", file_digest(&path)?);
-            if actual != layer_digest {
-                return Err(format!(
-                    "{}: content is {actual}, not {layer_digest}",
-                    path.display()
-                ));
+        match (plain, parsed.digest) {
+            (None, _) => Err(ImageError::NotFound {
+                reference: reference.to_string(),
+                dir: self.dir.clone(),
+                name,
+            }),
+            (Some(path), Some(_)) => Err(ImageError::PinUnverifiable {
+                reference: reference.to_string(),
+                path: path.clone(),
+            }),
+            (Some(path), None) if path == &dir => Ok(dir),
+            (Some(path), None) => {
+                let digest = file_digest(path)?;
+                let layer = Layer {
+                    gzip: path.extension().is_some_and(|e| e == "gz"),
+                    sha256: digest.clone(),
+                    size: None,
+                    path: path.clone(),
+                };
+                self.unpack(&digest, &[layer])
             }
-            let gzip = layer["mediaType"]
-                .as_str()
-                .is_some_and(|m| m.ends_with("gzip"));
-            layers.push((path, gzip));
         }
-        self.unpack(digest.trim_start_matches("sha256:"), &layers)
     }
 
     /// Unpacks layers in order into the cache, once per content digest.
-    fn unpack(&self, digest: &str, layers: &[(PathBuf, bool)]) -> Result<PathBuf, String> {
-        let root = self.cache.join(digest);
-        let rootfs = root.join("rootfs");
-        if root.join("complete").is_file() {
-            return Ok(rootfs);
+    fn unpack(&self, digest: &str, layers: &[Layer]) -> Result<PathBuf, ImageError> {
+        self.prepare_cache()?;
+        let entry = self.cache.join(digest);
+        if is_trusted_entry(&entry, digest) {
+            return Ok(entry.join("rootfs"));
         }
-        let fail = |e: std::io::Error| format!("unpacking into {}: {e}", rootfs.display());
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(&rootfs).map_err(fail)?;
-        for (path, gzip) in layers {
-            let file = File::open(path).map_err(fail)?;
-            let reader: Box<dyn Read> = if *gzip {
-                Box::new(flate2::read::GzDecoder::new(file))
-            } else {
-                Box::new(file)
-            };
-            apply_layer(reader, &rootfs).map_err(|e| format!("{}: {e}", path.display()))?;
-        }
-        std::fs::write(root.join("complete"), digest).map_err(fail)?;
-        Ok(rootfs)
-    }
-}
-
-/// Applies one layer: OCI whiteouts (`.wh.NAME`) delete, everything else is
-/// unpacked with the tar crate's `unpack_in`, which refuses paths that leave
-/// the root (`..`, absolute paths, symlinks pointing out).
-fn apply_layer(reader: impl Read, rootfs: &Path) -> std::io::Result<()> {
-    let mut archive = tar::Archive::new(reader);
-    archive.set_preserve_permissions(true);
-    for entry in archive.entries()? {
-        let mut entry = entry?;
-        let path = entry.path()?.into_owned();
-        let file_name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default();
-        if let Some(hidden) = file_name.strip_prefix(".wh.") {
-            if hidden != ".wh..opq" && !path.components().any(|c| c.as_os_str() == "..") {
-                let target = rootfs.join(path.with_file_name(hidden));
-                let _ = std::fs::remove_dir_all(&target).or_else(|_| std::fs::remove_file(&target));
+        let partial = self.cache.join(format!(
+            ".partial-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4()
+        ));
+        let result = self.unpack_into(&partial, digest, layers).and_then(|()| {
+            if entry.exists() {
+                // From an older version, or incomplete: never trusted.
+                discard(&entry, &self.cache).map_err(|source| ImageError::Io {
+                    path: entry.clone(),
+                    source,
+                })?;
             }
-            continue;
+            std::fs::rename(&partial, &entry).or_else(|e| {
+                // Another runner sharing the cache finished first.
+                if is_trusted_entry(&entry, digest) {
+                    Ok(())
+                } else {
+                    Err(ImageError::Io {
+                        path: entry.clone(),
+                        source: e,
+                    })
+                }
+            })
+        });
+        if partial.exists() {
+            let _ = std::fs::remove_dir_all(&partial);
         }
-        entry.unpack_in(rootfs)?;
+        result?;
+        tracing::info!(image = %digest, layers = layers.len(), cache = %entry.display(), "image unpacked");
+        Ok(entry.join("rootfs"))
     }
-    Ok(())
+
+    fn unpack_into(
+        &self,
+        partial: &Path,
+        digest: &str,
+        layers: &[Layer],
+    ) -> Result<(), ImageError> {
+        let io_error = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ImageError::Io { path, source }
+        };
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(partial)
+            .map_err(io_error(partial))?;
+        let rootfs = partial.join("rootfs");
+        std::fs::DirBuilder::new()
+            .mode(0o755)
+            .create(&rootfs)
+            .map_err(io_error(&rootfs))?;
+        let mut unpacker = Unpacker::new(&rootfs, self.limits)?;
+        for layer in layers {
+            unpacker.apply(layer)?;
+        }
+        std::fs::set_permissions(&rootfs, std::fs::Permissions::from_mode(0o755))
+            .map_err(io_error(&rootfs))?;
+        let marker = partial.join("format");
+        std::fs::write(&marker, marker_text(digest)).map_err(io_error(&marker))?;
+        let (group, mode) = entry_access();
+        std::os::unix::fs::chown(partial, None, Some(group)).map_err(io_error(partial))?;
+        std::fs::set_permissions(partial, std::fs::Permissions::from_mode(mode))
+            .map_err(io_error(partial))
+    }
+
+    /// Creates the cache folder (`0711`) and checks that no other user can
+    /// change it or what leads to it; removes entries left by older versions
+    /// and by unpacks that died.
+    fn prepare_cache(&self) -> Result<(), ImageError> {
+        let unsafe_cache = |why: String| ImageError::UnsafeCache {
+            path: self.cache.clone(),
+            why,
+        };
+        // Missing folders are made `0711` whatever the umask: a `0777` one would be refused below.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(&self.cache)
+            .map_err(|e| unsafe_cache(e.to_string()))?;
+        // The folder itself, not where a symlink planted at its path leads.
+        let meta =
+            std::fs::symlink_metadata(&self.cache).map_err(|e| unsafe_cache(e.to_string()))?;
+        let me = nix::unistd::geteuid().as_raw();
+        if !meta.is_dir() {
+            return Err(unsafe_cache("not a folder (a symlink?)".into()));
+        }
+        if meta.uid() != me {
+            return Err(unsafe_cache(format!(
+                "owned by uid {}, not by this user",
+                meta.uid()
+            )));
+        }
+        let canonical =
+            std::fs::canonicalize(&self.cache).map_err(|e| unsafe_cache(e.to_string()))?;
+        for folder in canonical.ancestors().skip(1) {
+            let meta = std::fs::metadata(folder).map_err(|e| unsafe_cache(e.to_string()))?;
+            if ![0, me].contains(&meta.uid()) {
+                return Err(unsafe_cache(format!(
+                    "{} is owned by uid {}",
+                    folder.display(),
+                    meta.uid()
+                )));
+            }
+            let sticky = meta.mode() & 0o1000 != 0;
+            if meta.mode() & 0o022 != 0 && !sticky {
+                return Err(unsafe_cache(format!(
+                    "{} is writable by other users (mode {:o})",
+                    folder.display(),
+                    meta.mode() & 0o7777
+                )));
+            }
+        }
+        if meta.mode() & 0o7777 != 0o711 {
+            std::fs::set_permissions(&canonical, std::fs::Permissions::from_mode(0o711))
+                .map_err(|e| unsafe_cache(e.to_string()))?;
+        }
+        for item in std::fs::read_dir(&canonical).map_err(|e| unsafe_cache(e.to_string()))? {
+            let Ok(item) = item else { continue };
+            let name = item.file_name().to_string_lossy().into_owned();
+            let stale = match name.strip_prefix(".partial-") {
+                Some(rest) => rest
+                    .split('-')
+                    .next()
+                    .and_then(|pid| pid.parse::<u32>().ok())
+                    .is_some_and(|pid| !Path::new("/proc").join(pid.to_string()).exists()),
+                None => {
+                    oci::check_digest(&format!("sha256:{name}")).is_ok()
+                        && !is_trusted_entry(&item.path(), &name)
+                }
+            };
+            if stale {
+                tracing::info!(entry = %item.path().display(), "image cache: removing an entry from an older version or an interrupted unpack");
+                if let Err(e) = discard(&item.path(), &canonical) {
+                    tracing::warn!(entry = %item.path().display(), error = %e, "image cache: could not remove a stale entry");
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
-fn blob(layout: &Path, digest: &str) -> Result<PathBuf, String> {
-    let (algorithm, hex) = digest
-        .split_once(':')
-        .ok_or_else(|| format!("bad digest {digest}"))?;
-    if algorithm != "sha256" || hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!("unsupported digest {digest}"));
-    }
-    Ok(layout.join("blobs").join(algorithm).join(hex))
+fn marker_text(digest: &str) -> String {
+    format!("{FORMAT} sha256:{digest}\n")
 }
 
-fn file_digest(path: &Path) -> Result<String, String> {
-    let mut file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+/// The group and mode of a cache entry. As root: group = the sandboxes'
+/// user-namespace root (a sandbox's setup runs as it and must reach the root
+/// file system), `0710`. Otherwise only this user: `0700`.
+fn entry_access() -> (u32, u32) {
+    if nix::unistd::geteuid().is_root() {
+        (USERNS_HOST_BASE, 0o710)
+    } else {
+        (nix::unistd::getegid().as_raw(), 0o700)
+    }
+}
+
+/// A complete entry of this version, as only this user can have made it.
+fn is_trusted_entry(entry: &Path, digest: &str) -> bool {
+    let (group, mode) = entry_access();
+    let Ok(meta) = std::fs::symlink_metadata(entry) else {
+        return false;
+    };
+    meta.is_dir()
+        && meta.uid() == nix::unistd::geteuid().as_raw()
+        && meta.gid() == group
+        && meta.mode() & 0o7777 == mode
+        && std::fs::read_to_string(entry.join("format")).is_ok_and(|m| m == marker_text(digest))
+}
+
+/// Removes a cache entry: first renamed out of the way so that it is never
+/// seen half-removed, then deleted (std's `remove_dir_all` does not follow
+/// symlinks).
+fn discard(entry: &Path, cache: &Path) -> io::Result<()> {
+    let aside = cache.join(format!(
+        ".partial-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4()
+    ));
+    std::fs::rename(entry, &aside)?;
+    std::fs::remove_dir_all(&aside)
+}
+
+/// Opens a file of the images folder for reading, refusing anything but a
+/// regular file (a fifo planted as a blob would block the load forever).
+fn open_regular(path: &Path) -> io::Result<File> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    Ok(file)
+}
+
+fn file_digest(path: &Path) -> Result<String, ImageError> {
+    let io_error = |source| ImageError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = open_regular(path).map_err(io_error)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = file
-            .read(&mut buf)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        if n == 0 {
-            return Ok(hex::encode(hasher.finalize()));
+        match file.read(&mut buf).map_err(io_error)? {
+            0 => return Ok(hex::encode(hasher.finalize())),
+            n => hasher.update(&buf[..n]),
         }
-        hasher.update(&buf[..n]);
     }
 }
 
@@ -176,112 +456,17 @@ fn file_digest(path: &Path) -> Result<String, String> {
 mod tests {
     use super::*;
 
-    fn tarball(files: &[(&str, &[u8])]) -> Vec<u8> {
-        let mut builder = tar::Builder::new(Vec::new());
-        for (path, data) in files {
-            let mut header = tar::Header::new_gnu();
-            header.set_size(data.len() as u64);
-            header.set_mode(0o755);
-            header.set_cksum();
-            builder.append_data(&mut header, path, *data).unwrap();
-        }
-        builder.into_inner().unwrap()
-    }
-
-    fn store() -> (tempfile::TempDir, ImageStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = ImageStore {
-            dir: dir.path().join("images"),
-            cache: dir.path().join("cache"),
-        };
-        std::fs::create_dir_all(&store.dir).unwrap();
-        (dir, store)
-    }
-
-    fn sha(data: &[u8]) -> String {
-        hex::encode(Sha256::digest(data))
-    }
-
     #[test]
-    fn a_rootfs_tarball_is_unpacked_once() {
-        let (_dir, store) = store();
-        let name = entry_name("docker.io/library/busybox:1.36.1");
-        assert_eq!(name, "docker.io_library_busybox_1.36.1");
-        std::fs::write(
-            store.dir.join(format!("{name}.tar")),
-            tarball(&[("bin/sh", b"#!")]),
-        )
-        .unwrap();
-        let rootfs = store.resolve("docker.io/library/busybox:1.36.1").unwrap();
-        assert_eq!(std::fs::read(rootfs.join("bin/sh")).unwrap(), b"#!");
+    fn references_split_into_tag_and_digest() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let pinned = format!("localhost:5000/team/tool:v2@{digest}");
+        let r = Reference::parse(&pinned);
+        assert_eq!((r.tag, r.digest), (Some("v2"), Some(digest.as_str())));
+        let r = Reference::parse("localhost:5000/team/tool");
+        assert_eq!((r.tag, r.digest), (None, None));
         assert_eq!(
-            store.resolve("docker.io/library/busybox:1.36.1").unwrap(),
-            rootfs
+            entry_name("docker.io/library/busybox:1.36.1"),
+            "docker.io_library_busybox_1.36.1"
         );
-        assert!(
-            store
-                .resolve("docker.io/library/alpine:3")
-                .unwrap_err()
-                .contains("not found")
-        );
-    }
-
-    #[test]
-    fn an_oci_layout_is_verified_and_whiteouts_apply() {
-        let (_dir, store) = store();
-        let layout = store.dir.join("example.com_tool_v1");
-        std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
-        std::fs::write(
-            layout.join("oci-layout"),
-            r#"{"imageLayoutVersion":"1.0.0"}"#,
-        )
-        .unwrap();
-        let base = tarball(&[("bin/tool", b"v1"), ("etc/old", b"x")]);
-        let top = tarball(&[("etc/.wh.old", b""), ("bin/tool", b"v2")]);
-        for layer in [&base, &top] {
-            std::fs::write(layout.join("blobs/sha256").join(sha(layer)), layer).unwrap();
-        }
-        let manifest = serde_json::json!({"layers": [
-            {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": format!("sha256:{}", sha(&base))},
-            {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": format!("sha256:{}", sha(&top))}]})
-        .to_string();
-        std::fs::write(
-            layout.join("blobs/sha256").join(sha(manifest.as_bytes())),
-            &manifest,
-        )
-        .unwrap();
-        let index = serde_json::json!({"manifests": [{"digest": format!("sha256:{}", sha(manifest.as_bytes())),
-            "annotations": {"org.opencontainers.image.ref.name": "v1"}}]});
-        std::fs::write(layout.join("index.json"), index.to_string()).unwrap();
-
-        let rootfs = store.resolve("example.com/tool:v1").unwrap();
-        assert_eq!(std::fs::read(rootfs.join("bin/tool")).unwrap(), b"v2");
-        assert!(!rootfs.join("etc/old").exists());
-
-        std::fs::write(layout.join("blobs/sha256").join(sha(&base)), b"tampered").unwrap();
-        std::fs::remove_dir_all(&store.cache).unwrap();
-        assert!(
-            store
-                .resolve("example.com/tool:v1")
-                .unwrap_err()
-                .contains("content is")
-        );
-    }
-
-    #[test]
-    fn layers_cannot_write_outside_the_rootfs() {
-        let (dir, store) = store();
-        let mut builder = tar::Builder::new(Vec::new());
-        let mut header = tar::Header::new_gnu();
-        header.set_size(1);
-        header.set_mode(0o644);
-        // `append_data` refuses `..`; write the name raw, as an attacker would.
-        header.as_gnu_mut().unwrap().name[..9].copy_from_slice(b"../escape");
-        header.set_cksum();
-        builder.append(&header, &b"x"[..]).unwrap();
-        std::fs::write(store.dir.join("evil.tar"), builder.into_inner().unwrap()).unwrap();
-        let _ = store.resolve("evil");
-        assert!(!dir.path().join("cache/escape").exists());
-        assert!(!store.cache.join("escape").exists());
     }
 }

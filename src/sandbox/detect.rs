@@ -1,7 +1,7 @@
 //! Host capability detection, done once at zygote startup, so that every limit is enforced by
 //! the strongest mechanism available and the choice is reported (never silently degraded).
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -204,7 +204,10 @@ fn world_traversable(path: &Path) -> Result<(), String> {
     let canon = std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
     for anc in canon.ancestors() {
         let meta = std::fs::metadata(anc).map_err(|e| format!("{}: {e}", anc.display()))?;
-        if meta.is_dir() && meta.permissions().mode() & 0o001 == 0 {
+        let mode = meta.permissions().mode();
+        // The image cache's entries are `0710` with the mapped root's group.
+        let group_traversable = meta.gid() == USERNS_HOST_BASE && mode & 0o010 != 0;
+        if meta.is_dir() && mode & 0o001 == 0 && !group_traversable {
             return Err(format!(
                 "{} is not world-traversable (o+x), the user-namespace root could not reach it",
                 anc.display()

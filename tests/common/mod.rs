@@ -168,10 +168,7 @@ pub fn runner_sandbox(dir: &Path) -> (SandboxExecutor, ImageStore) {
         VolumesDir(Some(dir.join("volumes"))),
         dir.join("secret-files"),
     );
-    let store = ImageStore {
-        dir: dir.join("images"),
-        cache: dir.join("image-cache"),
-    };
+    let store = ImageStore::new(dir.join("images"), dir.join("image-cache"));
     (executor, store)
 }
 
