@@ -63,10 +63,21 @@ pub enum Command {
 
 #[derive(Subcommand, Debug)]
 pub enum AuditCommand {
-    /// Check an audit log's hash chain; reports the first broken record (exit 1).
+    /// Check an audit log: its chain, its MACs (with --key), its start and its
+    /// anchor. Reports the first damage (exit 1): an altered or resealed record,
+    /// a removed/reordered/inserted one, a dropped head, a cut tail, an
+    /// incomplete record. Exit 0 when intact (notes say what cannot be ruled
+    /// out), 2 when a file cannot be read.
     Verify {
         #[arg(value_name = "FILE")]
         file: std::path::PathBuf,
+        /// The audit key that sealed the log (`serve --audit-key`); without it
+        /// only the links are checked, and a resealed log passes.
+        #[arg(long, value_name = "FILE")]
+        key: Option<std::path::PathBuf>,
+        /// The anchor file naming the latest checkpoint; default: FILE.anchor when present.
+        #[arg(long, value_name = "ANCHOR")]
+        anchor: Option<std::path::PathBuf>,
     },
 }
 
@@ -81,7 +92,9 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Crd { write: Some(dir) } => write_crds(&dir),
         Command::Serve(args) => serve::serve(args),
         Command::Runner(args) => serve::runner(args),
-        Command::Audit(AuditCommand::Verify { file }) => audit::verify_file(&file),
+        Command::Audit(AuditCommand::Verify { file, key, anchor }) => {
+            audit::verify_file(&file, key.as_deref(), anchor.as_deref())
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use jsonwebtoken::Algorithm;
 
-use crate::runner::audit::AuditLog;
+use crate::runner::audit::{AuditKey, AuditLog};
 use crate::runner::auth::{Authenticator, JwtKey, TokenReviewer, parse_token_file};
 use crate::runner::executor::{ToolExecutor, UnsandboxedProcessExecutor};
 use crate::runner::images::ImageStore;
@@ -69,9 +69,13 @@ pub struct CommonArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// Append audit records to FILE (the hash chain continues); default: stdout.
+    /// Append audit records to FILE (the chain continues; its anchor is FILE.anchor); default: stdout.
     #[arg(long, value_name = "FILE")]
     pub audit_log: Option<PathBuf>,
+    /// Key that seals the audit chain (HMAC-SHA256): a file of at least 32 bytes,
+    /// e.g. a mounted Secret. Default: STATE_DIR/audit.key, created (0600) when missing.
+    #[arg(long, value_name = "FILE")]
+    pub audit_key: Option<PathBuf>,
     /// Secret values as `DIR/<secretName>/<key>` files (a mounted Secret volume layout).
     #[arg(long, value_name = "DIR")]
     pub secrets_dir: Option<PathBuf>,
@@ -211,12 +215,16 @@ fn run(
             Err(e) => return fail(&e),
         }
     };
+    let (audit_key, key_line) = match audit_key(common) {
+        Ok(key) => key,
+        Err(e) => return fail(&e),
+    };
     let audit = match &common.audit_log {
-        Some(path) => match AuditLog::open_file(path) {
+        Some(path) => match AuditLog::open_file(path, audit_key) {
             Ok(log) => log,
-            Err(e) => return fail(&format!("audit log {}: {e}", path.display())),
+            Err(e) => return fail(&format!("audit log: {e}")),
         },
-        None => AuditLog::to_writer(Box::new(std::io::stdout()), "stdout"),
+        None => AuditLog::to_writer(Box::new(std::io::stdout()), "stdout", audit_key),
     };
     let mut registry = Registry::new(LimiterClock::real(), SecretsDir(common.secrets_dir.clone()));
     let images = common
@@ -255,7 +263,8 @@ fn run(
             Err(e) => return fail(&format!("cannot listen on {}: {e}", common.listen)),
         };
         let addr = listener.local_addr().unwrap_or(common.listen);
-        banner(command, dir, &registry, &runner, addr, &images_line);
+        banner(command, dir, &registry, &runner, addr, &images_line, &key_line);
+        tokio::spawn(runner.audit.clone().maintain());
         prepare_sandboxes(&registry, runner.executor.as_ref()).await;
         let _watcher = match watch(dir, registry, runner.executor.clone()) {
             Ok(w) => Some(w),
@@ -264,11 +273,42 @@ fn run(
                 None
             }
         };
-        match rest::serve(listener, runner, shutdown_signal()).await {
+        let served = rest::serve(listener, runner.clone(), shutdown_signal()).await;
+        // Calls whose callers left are still running: wait for their closing records.
+        if let Err(e) = runner.audit.close(AUDIT_CLOSE_GRACE).await {
+            eprintln!("error: no shutdown checkpoint: {e}");
+        }
+        match served {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e.to_string()),
         }
     })
+}
+
+/// How long a clean shutdown waits for calls still running to be closed in the audit log.
+const AUDIT_CLOSE_GRACE: Duration = Duration::from_secs(30);
+
+/// `--audit-key`, or the key under the state dir (created when missing), and
+/// how the banner describes it. The key itself is never printed.
+fn audit_key(common: &CommonArgs) -> Result<(AuditKey, String), String> {
+    if let Some(path) = &common.audit_key {
+        let key = AuditKey::from_file(path).map_err(|e| e.to_string())?;
+        let line = format!("key id {} from {}", key.id(), path.display());
+        return Ok((key, line));
+    }
+    let path = common.state_dir.join("audit.key");
+    std::fs::create_dir_all(&common.state_dir)
+        .map_err(|e| format!("{}: {e} (or pass --audit-key)", common.state_dir.display()))?;
+    let (key, created) =
+        AuditKey::load_or_create(&path).map_err(|e| format!("{e} (or pass --audit-key)"))?;
+    if created {
+        tracing::warn!(
+            key = %path.display(),
+            "created an audit key; keep it to verify the log, and prefer --audit-key on storage the log's writers cannot read"
+        );
+    }
+    let line = format!("key id {} from {} (default)", key.id(), path.display());
+    Ok((key, line))
 }
 
 /// `name/` next to the manifests (inside DIR, or beside a single file), if it exists.
@@ -356,6 +396,7 @@ fn banner(
     runner: &Runner,
     addr: SocketAddr,
     images: &str,
+    audit_key: &str,
 ) {
     let tools = registry.snapshot();
     let names: Vec<&str> = tools.keys().map(String::as_str).collect();
@@ -379,8 +420,8 @@ fn banner(
     eprintln!("  images:    {images}");
     eprintln!("  auth:      {}", runner.auth.describe());
     eprintln!(
-        "  audit:     {} (hash-chained; check with `toolwarden audit verify`)",
-        runner.audit.description
+        "  audit:     {} (HMAC-chained, {audit_key}; check with `toolwarden audit verify --key`)",
+        runner.audit.description()
     );
 }
 

@@ -61,12 +61,12 @@ pub struct Success {
 }
 
 /// The audit trail of one call: every record carries the same correlation fields.
-struct Trail<'a> {
-    log: &'a AuditLog,
+struct Trail {
+    log: AuditLog,
     base: Map<String, Value>,
 }
 
-impl Trail<'_> {
+impl Trail {
     fn record(&self, event: &str, fields: Value) -> Result<(), Problem> {
         let mut record = Map::new();
         record.insert("event".into(), event.into());
@@ -101,7 +101,8 @@ impl Trail<'_> {
 }
 
 fn audit_problem(e: AuditFailed) -> Problem {
-    tracing::error!("{e}; refusing calls");
+    // The log itself reports each change of its health; this is per call.
+    tracing::debug!("{e}; refusing the call");
     Problem::new(
         ProblemKind::AuditUnavailable,
         "calls are refused because the audit log cannot be written",
@@ -134,14 +135,14 @@ impl Runner {
     /// `body` is an error when the transport already refused it (too large,
     /// wrong content type); the refusal is audited like any other.
     pub async fn invoke(
-        &self,
+        self: &Arc<Self>,
         ctx: &CallContext,
         tool_name: &str,
         body: Result<&[u8], Problem>,
     ) -> Result<Success, Problem> {
         let _in_flight = self.metrics.in_flight();
         let tool = self.registry.get(tool_name);
-        let result = self.pipeline(ctx, tool_name, tool.as_deref(), body).await;
+        let result = self.pipeline(ctx, tool_name, tool.as_ref(), body).await;
         let outcome = match &result {
             Ok(_) => "ok",
             Err(p) => p.kind.slug(),
@@ -152,19 +153,17 @@ impl Runner {
     }
 
     async fn pipeline(
-        &self,
+        self: &Arc<Self>,
         ctx: &CallContext,
         tool_name: &str,
-        tool: Option<&PreparedTool>,
+        tool: Option<&Arc<PreparedTool>>,
         body: Result<&[u8], Problem>,
     ) -> Result<Success, Problem> {
-        // Fail closed before doing anything we could not record.
-        if let Some(e) = self.audit.failure() {
-            return Err(audit_problem(e));
-        }
+        // Fail closed before doing anything we could not record (a failed log retries here).
+        self.audit.ensure_writable().map_err(audit_problem)?;
         let invocation_id = uuid::Uuid::new_v4().to_string();
         let mut trail = Trail {
-            log: &self.audit,
+            log: self.audit.clone(),
             base: Map::new(),
         };
         trail.set("invocationId", invocation_id.clone());
@@ -257,15 +256,54 @@ impl Runner {
             return Err(problem);
         }
 
-        self.run(&trail, tool, input, invocation_id).await
+        self.run_detached(trail, Arc::clone(tool), input, invocation_id)
+            .await
     }
 
+    /// Runs the call in its own task, so that the run and its closing record
+    /// happen whether or not the caller is still listening: a caller that
+    /// hangs up mid-call still gets a call whose side effects are recorded
+    /// (closed as `abandoned`).
+    async fn run_detached(
+        self: &Arc<Self>,
+        trail: Trail,
+        tool: Arc<PreparedTool>,
+        input: Value,
+        invocation_id: String,
+    ) -> Result<Success, Problem> {
+        let (answer, caller) = tokio::sync::oneshot::channel();
+        let runner = Arc::clone(self);
+        tokio::spawn(async move {
+            let _open = runner.audit.open_call();
+            let closing = |event| {
+                if answer.is_closed() {
+                    "abandoned"
+                } else {
+                    event
+                }
+            };
+            let result = runner
+                .run(&trail, &tool, input, invocation_id, closing)
+                .await;
+            let _ = answer.send(result);
+        });
+        caller.await.unwrap_or_else(|_| {
+            Err(Problem::new(
+                ProblemKind::ToolFailed,
+                "the tool could not be run",
+            ))
+        })
+    }
+
+    /// `closing` names the closing record: `finished`/`failed`, or
+    /// `abandoned` once the caller is gone.
     async fn run(
         &self,
-        trail: &Trail<'_>,
+        trail: &Trail,
         tool: &PreparedTool,
         input: Value,
         invocation_id: String,
+        closing: impl Fn(&'static str) -> &'static str,
     ) -> Result<Success, Problem> {
         trail.record("started", json!({}))?;
         let stdin = input.to_string().into_bytes();
@@ -281,7 +319,7 @@ impl Runner {
                     &tool.secret_values,
                 ))
                 .into_owned();
-                trail.record("failed", json!({"error": reason}))?;
+                trail.record(closing("failed"), json!({"error": reason}))?;
                 let mut problem =
                     Problem::new(ProblemKind::ToolFailed, "the tool could not be run");
                 problem.invocation_id = Some(invocation_id);
@@ -295,7 +333,7 @@ impl Runner {
         }
         let stdout = redact_secrets(&outcome.stdout, &tool.secret_values);
         trail.record(
-            "finished",
+            closing("finished"),
             finished_record(&outcome, &stdout, &tool.secret_values),
         )?;
         respond(outcome, stdout, invocation_id)
