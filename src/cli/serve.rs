@@ -263,7 +263,15 @@ fn run(
             Err(e) => return fail(&format!("cannot listen on {}: {e}", common.listen)),
         };
         let addr = listener.local_addr().unwrap_or(common.listen);
-        banner(command, dir, &registry, &runner, addr, &images_line, &key_line);
+        banner(
+            command,
+            dir,
+            &registry,
+            &runner,
+            addr,
+            &images_line,
+            &key_line,
+        );
         tokio::spawn(runner.audit.clone().maintain());
         prepare_sandboxes(&registry, runner.executor.as_ref()).await;
         let _watcher = match watch(dir, registry, runner.executor.clone()) {

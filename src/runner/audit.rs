@@ -284,7 +284,10 @@ fn shrink(value: &mut Value, depth: usize) -> bool {
                 for k in extra {
                     map.remove(&k);
                 }
-                map.insert("…".into(), Value::String(format!("[truncated {dropped} keys]")));
+                map.insert(
+                    "…".into(),
+                    Value::String(format!("[truncated {dropped} keys]")),
+                );
                 cut = true;
             }
             for item in map.values_mut() {
@@ -418,7 +421,11 @@ impl Anchor {
         let value: Value =
             serde_json::from_str(text.trim()).map_err(|e| format!("not an anchor: {e}"))?;
         let text = |name: &str| value.get(name).and_then(Value::as_str).map(str::to_owned);
-        match (value.get("seq").and_then(Value::as_u64), text("hash"), text("mac")) {
+        match (
+            value.get("seq").and_then(Value::as_u64),
+            text("hash"),
+            text("mac"),
+        ) {
             (Some(seq), Some(hash), Some(mac)) => Ok(Anchor { seq, hash, mac }),
             _ => Err("not an anchor: needs seq, hash and mac".into()),
         }
@@ -462,11 +469,13 @@ pub fn verify(
     let mut raw = Vec::new();
     loop {
         raw.clear();
-        let read = reader.read_until(b'\n', &mut raw).map_err(|e| BrokenChain {
-            line: verifier.line + 1,
-            damage: Damage::Incomplete,
-            message: format!("unreadable: {e}"),
-        })?;
+        let read = reader
+            .read_until(b'\n', &mut raw)
+            .map_err(|e| BrokenChain {
+                line: verifier.line + 1,
+                damage: Damage::Incomplete,
+                message: format!("unreadable: {e}"),
+            })?;
         if read == 0 {
             break;
         }
@@ -508,9 +517,9 @@ impl Verifier<'_> {
         let parsed = match parsed {
             Ok(parsed) => parsed,
             Err(why) => {
-                let (_, _, bytes) = self.garbage.get_or_insert_with(|| {
-                    (self.line, why, Discarded::default())
-                });
+                let (_, _, bytes) = self
+                    .garbage
+                    .get_or_insert_with(|| (self.line, why, Discarded::default()));
                 bytes.add(raw);
                 return Ok(());
             }
@@ -542,8 +551,8 @@ impl Verifier<'_> {
             }
         }
         if let Some((first, why, bytes)) = self.garbage.take() {
-            let acknowledged = checkpoint.is_some()
-                && p.record.get("discarded") == Some(&bytes.to_json());
+            let acknowledged =
+                checkpoint.is_some() && p.record.get("discarded") == Some(&bytes.to_json());
             if !acknowledged {
                 return Err(self.broken(first, Damage::Incomplete, why));
             }
@@ -758,7 +767,10 @@ impl Default for Cadence {
 
 enum Output {
     /// A file: checkpoints are synced and anchored in `anchor`.
-    File { file: File, anchor: PathBuf },
+    File {
+        file: File,
+        anchor: PathBuf,
+    },
     Stream(Box<dyn Write + Send>),
 }
 
@@ -910,7 +922,11 @@ impl AuditLog {
             checkpoint_at: Instant::now(),
             failure: None,
         };
-        Ok(AuditLog::begin(sink, key, format!("file {}", path.display())))
+        Ok(AuditLog::begin(
+            sink,
+            key,
+            format!("file {}", path.display()),
+        ))
     }
 
     /// Any writer (stdout, or a test's sink), starting a new chain.
@@ -1459,7 +1475,10 @@ mod tests {
                     body = body.replace(&p.prev_hash, &prev);
                 }
                 let hash = mac(&body);
-                out.push_str(&format!("{},\"hash\":\"{hash}\"}}\n", &body[..body.len() - 1]));
+                out.push_str(&format!(
+                    "{},\"hash\":\"{hash}\"}}\n",
+                    &body[..body.len() - 1]
+                ));
                 prev = hash;
             }
             out
@@ -1544,13 +1563,22 @@ mod tests {
         let full = std::fs::read_to_string(&path).unwrap();
         let count = full.lines().count();
         // Every cut that removes the shutdown checkpoint: whole lines, mid-line, everything.
-        for (keep, partial) in [(count - 1, 0), (count - 4, 0), (count - 2, 20), (1, 0), (0, 0)] {
+        for (keep, partial) in [
+            (count - 1, 0),
+            (count - 4, 0),
+            (count - 2, 20),
+            (1, 0),
+            (0, 0),
+        ] {
             std::fs::write(&path, &full).unwrap();
             let anchor = std::fs::read(anchor_path(&path)).unwrap();
             cut(&path, keep, partial);
             let e = check_file(&path).unwrap_err();
             assert!(
-                matches!(e.damage, Damage::Truncated | Damage::Incomplete | Damage::MissingStart),
+                matches!(
+                    e.damage,
+                    Damage::Truncated | Damage::Incomplete | Damage::MissingStart
+                ),
                 "cut to {keep}+{partial}: {e}"
             );
             // The runner restarts on the cut log and writes on.
@@ -1619,7 +1647,10 @@ mod tests {
         event.insert("event".into(), "denied".into());
         event.insert("userAgent".into(), huge.clone().into());
         event.insert("errors".into(), many.into());
-        event.insert("input".into(), json!({"deep": deep, "é": "é".repeat(40_000)}));
+        event.insert(
+            "input".into(),
+            json!({"deep": deep, "é": "é".repeat(40_000)}),
+        );
         log.append(event).unwrap();
         let line = lines(&disk).pop().unwrap();
         assert!(line.len() <= MAX_RECORD_BYTES, "{} bytes", line.len());
@@ -1650,7 +1681,9 @@ mod tests {
             "{verified:?}"
         );
         // The acknowledgement covers exactly those bytes: changing them is caught.
-        let text = std::fs::read_to_string(&path).unwrap().replacen("yyyy", "yyyz", 1);
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replacen("yyyy", "yyyz", 1);
         let e = check(&text).unwrap_err();
         assert_eq!(e.damage, Damage::Incomplete, "{e}");
     }
@@ -1747,7 +1780,10 @@ mod tests {
         let (made, created) = AuditKey::load_or_create(&path).unwrap();
         assert!(created);
         let mode = std::fs::metadata(&path).unwrap().permissions();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
         let (again, created) = AuditKey::load_or_create(&path).unwrap();
         assert!(!created);
         assert_eq!(made.id(), again.id());

@@ -270,8 +270,7 @@ fn keeper(
     req: u64,
     background: bool,
 ) -> i32 {
-    let (pid, init, report, mnt_ns) = match keeper_run(sock, state_root, id, def, req, background)
-    {
+    let (pid, init, report, mnt_ns) = match keeper_run(sock, state_root, id, def, req, background) {
         Ok(started) => started,
         Err(e) => {
             let error = e.to_string();
