@@ -23,6 +23,7 @@ use crate::runner::sandbox_executor::{SandboxExecutor, VolumesDir};
 use crate::sandbox::{EngineConfig, Sandboxes};
 
 const EXIT_FAILED: u8 = 2;
+const DEFAULT_STATE_DIR: &str = "/run/toolwarden";
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -73,7 +74,9 @@ pub struct CommonArgs {
     #[arg(long, value_name = "FILE")]
     pub audit_log: Option<PathBuf>,
     /// Key that seals the audit chain (HMAC-SHA256): a file of at least 32 bytes,
-    /// e.g. a mounted Secret. Default: STATE_DIR/audit.key, created (0600) when missing.
+    /// e.g. a mounted Secret. Default: STATE_DIR/audit.key (for users other than
+    /// root with the default state dir: ~/.local/state/toolwarden/audit.key),
+    /// created (0600) when missing.
     #[arg(long, value_name = "FILE")]
     pub audit_key: Option<PathBuf>,
     /// Secret values as `DIR/<secretName>/<key>` files (a mounted Secret volume layout).
@@ -93,7 +96,7 @@ pub struct CommonArgs {
     #[arg(long, value_name = "DIR")]
     pub volumes: Option<PathBuf>,
     /// Sandbox state (container state, bundles, file secrets).
-    #[arg(long, value_name = "DIR", default_value = "/run/toolwarden")]
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
     /// DANGER: run tools as plain child processes with NO ISOLATION. For trying
     /// the HTTP API with trusted tools only; never with real agents.
@@ -304,9 +307,10 @@ fn audit_key(common: &CommonArgs) -> Result<(AuditKey, String), String> {
         let line = format!("key id {} from {}", key.id(), path.display());
         return Ok((key, line));
     }
-    let path = common.state_dir.join("audit.key");
-    std::fs::create_dir_all(&common.state_dir)
-        .map_err(|e| format!("{}: {e} (or pass --audit-key)", common.state_dir.display()))?;
+    let dir = default_audit_key_dir(common);
+    let path = dir.join("audit.key");
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| format!("{}: {e} (or pass --audit-key)", dir.display()))?;
     let (key, created) =
         AuditKey::load_or_create(&path).map_err(|e| format!("{e} (or pass --audit-key)"))?;
     if created {
@@ -317,6 +321,19 @@ fn audit_key(common: &CommonArgs) -> Result<(AuditKey, String), String> {
     }
     let line = format!("key id {} from {} (default)", key.id(), path.display());
     Ok((key, line))
+}
+
+/// Where the default audit key lives: the state dir, except for a user other
+/// than root left with the default state dir (which only root can create):
+/// then `$HOME/.local/state/toolwarden`.
+fn default_audit_key_dir(common: &CommonArgs) -> PathBuf {
+    let home = std::env::var_os("HOME").filter(|_| !nix::unistd::geteuid().is_root());
+    match home {
+        Some(home) if common.state_dir == Path::new(DEFAULT_STATE_DIR) => {
+            PathBuf::from(home).join(".local/state/toolwarden")
+        }
+        _ => common.state_dir.clone(),
+    }
 }
 
 /// `name/` next to the manifests (inside DIR, or beside a single file), if it exists.

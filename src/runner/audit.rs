@@ -219,26 +219,32 @@ pub fn seal(
 /// Returns whether anything was cut (the record then says `truncated: true`).
 pub fn bound(event: &mut Map<String, Value>) -> bool {
     let mut cut = false;
-    for value in event.values_mut() {
-        cut |= shrink(value, 1);
+    let mut most = 0;
+    for (key, value) in event.iter_mut() {
+        let (field_cut, field_most) = shrink(value, 1);
+        cut |= field_cut;
+        most += most_json_bytes(key) + field_most;
     }
     let budget = MAX_RECORD_BYTES - ENVELOPE_BYTES;
-    let mut size = serde_json::to_string(&*event).map_or(usize::MAX, |s| s.len());
-    while size > budget {
-        let largest = event
-            .iter()
-            .filter(|(k, _)| !KEPT_FIELDS.contains(&k.as_str()))
-            .map(|(k, v)| (k.clone(), v.to_string().len()))
-            .max_by_key(|(_, len)| *len);
-        let Some((field, len)) = largest else { break };
-        let marker = Value::String(format!("…[truncated {len} bytes]"));
-        let saved = len.saturating_sub(marker.to_string().len());
-        if saved == 0 {
-            break;
+    // Serializing to measure only when the bound allows too much (rare): not on every record.
+    if most > budget {
+        let mut size = serde_json::to_string(&*event).map_or(usize::MAX, |s| s.len());
+        while size > budget {
+            let largest = event
+                .iter()
+                .filter(|(k, _)| !KEPT_FIELDS.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.to_string().len()))
+                .max_by_key(|(_, len)| *len);
+            let Some((field, len)) = largest else { break };
+            let marker = Value::String(format!("…[truncated {len} bytes]"));
+            let saved = len.saturating_sub(marker.to_string().len());
+            if saved == 0 {
+                break;
+            }
+            event.insert(field, marker);
+            size -= saved;
+            cut = true;
         }
-        event.insert(field, marker);
-        size -= saved;
-        cut = true;
     }
     if cut {
         event.insert("truncated".into(), true.into());
@@ -246,7 +252,14 @@ pub fn bound(event: &mut Map<String, Value>) -> bool {
     cut
 }
 
-fn shrink(value: &mut Value, depth: usize) -> bool {
+/// An upper bound of a string's JSON size: escaping takes at most 6 bytes per byte.
+fn most_json_bytes(s: &str) -> usize {
+    6 * s.len() + 4
+}
+
+/// Cuts `value` to the per-field bounds. Returns whether it cut, and an upper
+/// bound of the JSON size of what is left.
+fn shrink(value: &mut Value, depth: usize) -> (bool, usize) {
     match value {
         Value::String(s) if s.len() > MAX_STRING_BYTES => {
             let mut end = MAX_STRING_BYTES;
@@ -256,12 +269,13 @@ fn shrink(value: &mut Value, depth: usize) -> bool {
             let cut = s.len() - end;
             s.truncate(end);
             s.push_str(&format!("…[truncated {cut} bytes]"));
-            true
+            (true, most_json_bytes(s))
         }
+        Value::String(s) => (false, most_json_bytes(s)),
         Value::Array(_) | Value::Object(_) if depth > MAX_DEPTH => {
             let len = value.to_string().len();
             *value = Value::String(format!("…[truncated {len} bytes nested too deep]"));
-            true
+            (true, 64)
         }
         Value::Array(items) => {
             let mut cut = false;
@@ -271,10 +285,13 @@ fn shrink(value: &mut Value, depth: usize) -> bool {
                 items.push(Value::String(format!("…[truncated {dropped} items]")));
                 cut = true;
             }
+            let mut most = 2;
             for item in items.iter_mut() {
-                cut |= shrink(item, depth + 1);
+                let (item_cut, item_most) = shrink(item, depth + 1);
+                cut |= item_cut;
+                most += item_most + 1;
             }
-            cut
+            (cut, most)
         }
         Value::Object(map) => {
             let mut cut = false;
@@ -290,12 +307,16 @@ fn shrink(value: &mut Value, depth: usize) -> bool {
                 );
                 cut = true;
             }
-            for item in map.values_mut() {
-                cut |= shrink(item, depth + 1);
+            let mut most = 2;
+            for (key, item) in map.iter_mut() {
+                let (item_cut, item_most) = shrink(item, depth + 1);
+                cut |= item_cut;
+                most += most_json_bytes(key) + item_most + 2;
             }
-            cut
+            (cut, most)
         }
-        _ => false,
+        // Numbers, booleans and null: at most 24 bytes.
+        _ => (false, 24),
     }
 }
 
@@ -1658,6 +1679,24 @@ mod tests {
         assert_eq!(record["truncated"], true);
         assert_eq!(record["event"], "denied");
         assert!(line.contains("…[truncated"), "{line}");
+        // Large only in sum, or only once escaped: still bounded.
+        let mut many_fields = Map::new();
+        many_fields.insert("event".into(), "denied".into());
+        for i in 0..20 {
+            many_fields.insert(format!("f{i}"), "z".repeat(3000).into());
+        }
+        many_fields.insert("control".into(), "\u{1}".repeat(4000).into());
+        log.append(many_fields).unwrap();
+        let line = lines(&disk).pop().unwrap();
+        assert!(line.len() <= MAX_RECORD_BYTES, "{} bytes", line.len());
+        let record: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(record["truncated"], true);
+        assert!(
+            record["control"]
+                .as_str()
+                .unwrap()
+                .starts_with("…[truncated")
+        );
         check(&disk.text()).unwrap();
     }
 
