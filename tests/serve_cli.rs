@@ -367,6 +367,13 @@ fn a_cut_tail_before_a_restart_and_a_dropped_head_are_reported() {
         out.contains("(Truncated)"),
         "the anchor names what was cut: {out}"
     );
+    let anchor = audit.with_extension("log.anchor");
+    let saved_anchor = std::fs::read(&anchor).unwrap();
+    std::fs::remove_file(&anchor).unwrap();
+    let (code, out) = audit_verify(&audit);
+    assert_eq!(code, Some(1), "deleting the anchor with the tail: {out}");
+    assert!(out.contains("no anchor file"), "{out}");
+    std::fs::write(&anchor, saved_anchor).unwrap();
     // Restarting on the cut log does not hide the cut.
     stop(serve(dir.path(), &audit));
     let (code, out) = audit_verify(&audit);
@@ -529,8 +536,9 @@ fn sigkill(pid: u32) {
     );
 }
 
-/// `kill -9` of the runner and its zygote during a call (and, first, of the
-/// keepers too): the tool must not outlive its 5 s deadline.
+/// `kill -9` of the runner alone, of the runner and its zygote, and of the
+/// keepers first, then both, during a call: the tool must not outlive its 5 s
+/// deadline.
 #[test]
 fn a_tool_dies_with_its_killed_runner_and_zygote() {
     require_root!();
@@ -538,7 +546,7 @@ fn a_tool_dies_with_its_killed_runner_and_zygote() {
     std::fs::write(dir.path().join("long.yaml"), LONG_TOOL).unwrap();
     let audit_dir = tempfile::tempdir().unwrap();
     let audit = audit_dir.path().join("audit.log");
-    for kill_keepers in [false, true] {
+    for (kill_zygote, kill_keepers) in [(false, false), (true, false), (true, true)] {
         let mut served = serve(dir.path(), &audit);
         let runner = served.child.id();
         let addr = served.addr.clone();
@@ -556,14 +564,18 @@ fn a_tool_dies_with_its_killed_runner_and_zygote() {
             children(zygote).into_iter().for_each(sigkill);
         }
         sigkill(runner);
-        sigkill(zygote);
+        if kill_zygote {
+            sigkill(zygote);
+        }
         served.child.wait().unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         while !long_tool_processes().is_empty() {
             if Instant::now() > deadline {
                 let left = long_tool_processes();
                 left.iter().for_each(|p| sigkill(*p));
-                panic!("kill_keepers={kill_keepers}: the tool outlived its deadline: {left:?}");
+                panic!(
+                    "kill_zygote={kill_zygote} kill_keepers={kill_keepers}: the tool outlived its deadline: {left:?}"
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -8,7 +8,17 @@ use crate::runner::audit::{Anchor, AuditKey, anchor_path, verify};
 const EXIT_BROKEN: u8 = 1;
 const EXIT_UNREADABLE: u8 = 2;
 
-pub fn verify_file(path: &Path, key: Option<&Path>, anchor: Option<&Path>) -> ExitCode {
+/// Which anchor file `verify` checks the log against.
+pub enum AnchorArg {
+    /// `FILE.anchor`, which must exist: a log written with `--audit-log` always has one,
+    /// and one that went missing may hide a cut tail.
+    BesideLog,
+    File(PathBuf),
+    /// A log without one (collected from stdout).
+    None,
+}
+
+pub fn verify_file(path: &Path, key: Option<&Path>, anchor: AnchorArg) -> ExitCode {
     let unreadable = |what: String| {
         eprintln!("error: {what}");
         ExitCode::from(EXIT_UNREADABLE)
@@ -17,10 +27,21 @@ pub fn verify_file(path: &Path, key: Option<&Path>, anchor: Option<&Path>) -> Ex
         Ok(key) => key,
         Err(e) => return unreadable(e.to_string()),
     };
-    // The anchor beside the log is used when present; one named explicitly must exist.
-    let anchor_file: Option<PathBuf> = match anchor {
-        Some(anchor) => Some(anchor.into()),
-        None => Some(anchor_path(path)).filter(|p| p.exists()),
+    let anchor_file = match anchor {
+        AnchorArg::BesideLog => {
+            let beside = anchor_path(path);
+            if !beside.exists() {
+                println!(
+                    "{}: no anchor file {}: a cut tail cannot be ruled out (pass --anchor FILE, or --no-anchor for a log collected from stdout)",
+                    path.display(),
+                    beside.display()
+                );
+                return ExitCode::from(EXIT_BROKEN);
+            }
+            Some(beside)
+        }
+        AnchorArg::File(file) => Some(file),
+        AnchorArg::None => None,
     };
     let anchor = match anchor_file.as_deref().map(read_anchor).transpose() {
         Ok(anchor) => anchor,

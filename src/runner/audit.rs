@@ -992,10 +992,6 @@ impl AuditLog {
         &self.inner.description
     }
 
-    pub fn key_id(&self) -> &str {
-        self.inner.key.id()
-    }
-
     fn with_sink<T>(&self, f: impl FnOnce(&Inner, &mut Sink) -> T) -> T {
         let mut sink = self.inner.sink.lock().unwrap_or_else(|p| p.into_inner());
         f(&self.inner, &mut sink)
