@@ -45,7 +45,7 @@ const MAX_DEPTH: usize = 8;
 /// Room left for `seq`, `time`, `prevHash`, `hash` and `truncated` around the event.
 const ENVELOPE_BYTES: usize = 320;
 /// Event fields the size bound never replaces (small by construction).
-const KEPT_FIELDS: &[&str] = &["event", "invocationId", "reason"];
+const KEPT_FIELDS: &[&str] = &["event", "invocationId"];
 /// Shortest audit key accepted.
 pub const MIN_KEY_BYTES: usize = 32;
 /// How far back from the end of a log the runner looks for its last record.
@@ -1694,6 +1694,35 @@ mod tests {
                 .starts_with("…[truncated")
         );
         check(&disk.text()).unwrap();
+    }
+
+    fn any_json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            any::<i64>().prop_map(Value::from),
+            // Escapes (controls, quotes) and multi-byte characters, up to well past the caps.
+            "[\\x00-\\x1f\"\\\\aé😀]{0,20}".prop_map(|s| Value::String(s.repeat(400))),
+        ];
+        leaf.prop_recursive(12, 600, 40, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..40).prop_map(Value::Array),
+                prop::collection::btree_map("[a-z]{1,8}", inner, 0..40)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+        /// Whatever a caller manages to put into a record, the sealed line stays bounded.
+        #[test]
+        fn every_sealed_record_is_bounded(fields in proptest::collection::btree_map("[a-zA-Z]{1,12}", any_json(), 0..12)) {
+            let mut event: Map<String, Value> = fields.into_iter().collect();
+            event.insert("event".into(), "denied".into());
+            bound(&mut event);
+            let (line, _) = seal(&key(), u64::MAX, "2026-12-01T12:00:00.123456789Z", GENESIS, event);
+            proptest::prop_assert!(line.len() <= MAX_RECORD_BYTES, "{} bytes", line.len());
+        }
     }
 
     #[test]
