@@ -746,11 +746,11 @@ pub enum AuditOpenError {
         source: std::io::Error,
     },
     #[error(
-        "{path}: its last record (seq {seq}) does not verify with this audit key (id {key_id}): it was sealed with another key, or altered. Pass the key that sealed it (--audit-key), or move the log aside to start a new one; `toolwarden audit verify --key FILE` tells which"
+        "{path}: none of its last {records} record(s) verifies with this audit key (id {key_id}): it was sealed with another key. Pass the key that sealed it (--audit-key), or move the log and its anchor aside to start a new one; `toolwarden audit verify --key FILE` tells more"
     )]
     WrongKey {
         path: PathBuf,
-        seq: u64,
+        records: usize,
         key_id: String,
     },
     #[error(
@@ -892,6 +892,8 @@ struct Tail {
     /// seq and hash of the last record.
     last: Option<(u64, String)>,
     discarded: Option<Discarded>,
+    /// Whole records after `last` that do not verify (corrupt or altered).
+    set_aside: usize,
     line_end: LineEnd,
 }
 
@@ -922,8 +924,12 @@ impl AuditLog {
             tracing::warn!(
                 log = %path.display(),
                 bytes = discarded.bytes,
-                "the audit log ends with an incomplete record; continuing after it (the start checkpoint acknowledges it)"
+                records_not_verifying = tail.set_aside,
+                "the audit log ends with an incomplete, corrupt or altered record; continuing after its last good record (the start checkpoint acknowledges what it set aside; `audit verify` reports it)"
             );
+        }
+        if tail.set_aside > 0 {
+            start.insert("setAside".into(), tail.set_aside.into());
         }
         let (seq, prev_hash) = tail
             .last
@@ -1278,9 +1284,10 @@ fn found_anchor(path: &Path, key: &AuditKey, tail: &Tail) -> Value {
     }
 }
 
-/// Finds the last record of a log, looking back at most [`MAX_TAIL_SCAN_BYTES`].
-/// Anything after it (a record cut short) is returned as discarded; a record
-/// that does not verify with `key` stops the start.
+/// Finds the last record of a log that verifies with `key`, looking back at
+/// most [`MAX_TAIL_SCAN_BYTES`]. Anything after it (a record cut short, or
+/// corrupt or altered ones) is returned as discarded. When records are found
+/// but none verifies, the log was sealed with another key: the start stops.
 fn read_tail(file: &mut File, path: &Path, key: &AuditKey) -> Result<Tail, AuditOpenError> {
     let io = |source| AuditOpenError::Io {
         path: path.into(),
@@ -1291,6 +1298,7 @@ fn read_tail(file: &mut File, path: &Path, key: &AuditKey) -> Result<Tail, Audit
         return Ok(Tail {
             last: None,
             discarded: None,
+            set_aside: 0,
             line_end: LineEnd::Clean,
         });
     }
@@ -1311,6 +1319,7 @@ fn read_tail(file: &mut File, path: &Path, key: &AuditKey) -> Result<Tail, Audit
         if start == 0 {
             starts.insert(0, 0);
         }
+        let mut set_aside = 0;
         for (n, &from) in starts.iter().enumerate().rev() {
             let to = starts.get(n + 1).copied().unwrap_or(buf.len());
             let raw = &buf[from..to];
@@ -1319,11 +1328,8 @@ fn read_tail(file: &mut File, path: &Path, key: &AuditKey) -> Result<Tail, Audit
                 continue;
             };
             if !key.check(parsed.body.as_bytes(), &parsed.hash) {
-                return Err(AuditOpenError::WrongKey {
-                    path: path.into(),
-                    seq: parsed.seq,
-                    key_id: key.id().into(),
-                });
+                set_aside += 1;
+                continue;
             }
             let rest = &buf[to..];
             let line_end = match (raw.ends_with(b"\n"), rest.is_empty()) {
@@ -1340,7 +1346,15 @@ fn read_tail(file: &mut File, path: &Path, key: &AuditKey) -> Result<Tail, Audit
             return Ok(Tail {
                 last: Some((parsed.seq, parsed.hash)),
                 discarded,
+                set_aside,
                 line_end,
+            });
+        }
+        if set_aside > 0 && (start == 0 || window >= MAX_TAIL_SCAN_BYTES) {
+            return Err(AuditOpenError::WrongKey {
+                path: path.into(),
+                records: set_aside,
+                key_id: key.id().into(),
             });
         }
         if start == 0 {
@@ -1350,6 +1364,7 @@ fn read_tail(file: &mut File, path: &Path, key: &AuditKey) -> Result<Tail, Audit
             d.add(&buf);
             return Ok(Tail {
                 last: None,
+                set_aside: 0,
                 line_end: if buf.ends_with(b"\n") {
                     LineEnd::Clean
                 } else {
@@ -1750,6 +1765,29 @@ mod tests {
             .replacen("yyyy", "yyyz", 1);
         let e = check(&text).unwrap_err();
         assert_eq!(e.damage, Damage::Incomplete, "{e}");
+    }
+
+    /// A bit flip (or an edit) in the last record: serve continues after the
+    /// last good record, and verify still reports the damage.
+    #[test]
+    fn a_log_ending_in_a_corrupt_record_is_continued_and_still_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = file_log(&path, 1000);
+        (0..3).for_each(|n| log.append(event(n)).unwrap());
+        drop(log);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replace("\"n\":2", "\"n\":3")).unwrap();
+        let log = file_log(&path, 1000);
+        log.append(event(3)).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let start: Value = serde_json::from_str(text.lines().nth(4).unwrap()).unwrap();
+        assert_eq!(
+            (&start["reason"], &start["setAside"]),
+            (&json!("start"), &json!(1))
+        );
+        let e = check(&text).unwrap_err();
+        assert_eq!((e.line, e.damage), (4, Damage::Altered), "{e}");
     }
 
     #[test]
