@@ -339,7 +339,13 @@ fn a_cut_tail_before_a_restart_and_a_dropped_head_are_reported() {
         let answer = post(&served.addr, "/v1/tools/nope/invoke", "{}", "t").unwrap();
         assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
     }
+    let banner = served.banner.join("\n");
+    assert!(banner.contains("key id "), "{banner}");
     stop(served);
+    let key = std::fs::read_to_string(audit_key(&audit)).unwrap();
+    let key = key.trim_end();
+    assert!(!banner.contains(key), "the key is never printed");
+    assert!(!std::fs::read_to_string(&audit).unwrap().contains(key));
     let (code, out) = audit_verify(&audit);
     assert_eq!(code, Some(0), "{out}");
     assert!(
