@@ -781,7 +781,7 @@ impl Default for Cadence {
     fn default() -> Self {
         Cadence {
             records: 1000,
-            interval: Duration::from_secs(60),
+            interval: Duration::from_secs(10),
         }
     }
 }
