@@ -391,7 +391,7 @@ fn a_cut_tail_before_a_restart_and_a_dropped_head_are_reported() {
     );
 }
 
-/// A huge input and a huge header make bounded records, and a log whose last
+/// A huge invalid input and a huge header make bounded records, and a log whose last
 /// record was cut short (a runner killed mid-write) is continued, not refused.
 #[test]
 fn oversized_records_are_bounded_and_a_broken_last_record_does_not_stop_serve() {
@@ -400,18 +400,16 @@ fn oversized_records_are_bounded_and_a_broken_last_record_does_not_stop_serve() 
     let audit_dir = tempfile::tempdir().unwrap();
     let audit = audit_dir.path().join("audit.log");
     let mut served = serve(dir.path(), &audit);
-    let huge = "\u{1F600}".repeat(15_000);
+    // A 60 KB invalid path (each error quotes it), 500 unknown fields, emoji content.
+    let extra: String = (0..500).map(|i| format!(", \"f{i}\": {i}")).collect();
     let body = format!(
-        "{{\"content\": \"{huge}\", \"x\": [{}]}}",
-        "1,".repeat(10_000) + "1"
+        "{{\"operation\": \"nope\", \"path\": \"{}\", \"content\": \"{}\"{extra}}}",
+        "x".repeat(60_000),
+        "\u{1F600}".repeat(15_000)
     );
-    post(
-        &served.addr,
-        "/v1/tools/moderate-content/invoke",
-        &body,
-        "t",
-    )
-    .unwrap();
+    let answer = post(&served.addr, "/v1/tools/file-operation/invoke", &body, "t").unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{}", &answer[..200]);
+    // A huge header too, where the HTTP layer lets one through.
     post(
         &served.addr,
         "/v1/tools/nope/invoke",
@@ -419,7 +417,12 @@ fn oversized_records_are_bounded_and_a_broken_last_record_does_not_stop_serve() 
         &"A".repeat(200_000),
     );
     let text = std::fs::read_to_string(&audit).unwrap();
-    assert!(text.contains("…[truncated"), "{text}");
+    let denied = records(&audit)
+        .into_iter()
+        .find(|r| r["event"] == "denied" && r["tool"] == "file-operation")
+        .unwrap();
+    assert_eq!(denied["truncated"], true, "{denied}");
+    assert!(denied.to_string().contains("…[truncated"), "{denied}");
     for line in text.lines() {
         assert!(line.len() <= 16 * 1024, "a record of {} bytes", line.len());
     }
