@@ -934,21 +934,15 @@ impl AuditLog {
         let (seq, prev_hash) = tail
             .last
             .map_or((0, GENESIS.to_string()), |(seq, hash)| (seq + 1, hash));
-        let sink = Sink {
-            out: Output::File {
+        let mut sink = Sink::new(
+            Output::File {
                 file,
                 anchor: anchor_file,
             },
-            seq,
-            prev_hash,
-            line_end: tail.line_end,
-            discarded: tail.discarded,
-            start: Some(start),
-            cadence: Cadence::default(),
-            since_checkpoint: 0,
-            checkpoint_at: Instant::now(),
-            failure: None,
-        };
+            start,
+        );
+        (sink.seq, sink.prev_hash) = (seq, prev_hash);
+        (sink.line_end, sink.discarded) = (tail.line_end, tail.discarded);
         Ok(AuditLog::begin(
             sink,
             key,
@@ -958,18 +952,7 @@ impl AuditLog {
 
     /// Any writer (stdout, or a test's sink), starting a new chain.
     pub fn to_writer(out: Box<dyn Write + Send>, description: &str, key: AuditKey) -> AuditLog {
-        let sink = Sink {
-            out: Output::Stream(out),
-            seq: 0,
-            prev_hash: GENESIS.into(),
-            line_end: LineEnd::Clean,
-            discarded: None,
-            start: Some(Map::new()),
-            cadence: Cadence::default(),
-            since_checkpoint: 0,
-            checkpoint_at: Instant::now(),
-            failure: None,
-        };
+        let sink = Sink::new(Output::Stream(out), Map::new());
         AuditLog::begin(sink, key, description.into())
     }
 
@@ -1099,6 +1082,22 @@ impl Drop for OpenCall {
 }
 
 impl Sink {
+    /// A sink starting a new chain, owing its start checkpoint with `start`'s fields.
+    fn new(out: Output, start: Map<String, Value>) -> Sink {
+        Sink {
+            out,
+            seq: 0,
+            prev_hash: GENESIS.into(),
+            line_end: LineEnd::Clean,
+            discarded: None,
+            start: Some(start),
+            cadence: Cadence::default(),
+            since_checkpoint: 0,
+            checkpoint_at: Instant::now(),
+            failure: None,
+        }
+    }
+
     /// Writes one sealed record; on failure the log is failed and the bytes
     /// that did get out are remembered for the next checkpoint.
     fn write(&mut self, inner: &Inner, mut event: Map<String, Value>) -> Result<(), AuditFailed> {
