@@ -287,7 +287,7 @@ fn run(
         let served = rest::serve(listener, runner.clone(), shutdown_signal()).await;
         // Calls whose callers left are still running: wait for their closing records.
         if let Err(e) = runner.audit.close(AUDIT_CLOSE_GRACE).await {
-            eprintln!("error: no shutdown checkpoint: {e}");
+            tracing::error!(error = %e, "no shutdown checkpoint in the audit log");
         }
         match served {
             Ok(()) => ExitCode::SUCCESS,
