@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use toolwarden::runner::admission::Admission;
-use toolwarden::runner::audit::AuditLog;
+use toolwarden::runner::audit::{AuditKey, AuditLog};
 use toolwarden::runner::auth::Authenticator;
 use toolwarden::runner::executor::{
     ExecFuture, ExecOutcome, SecretDelivery, ToolExecutor, UnsandboxedProcessExecutor,
@@ -140,7 +140,11 @@ fn runner(
             allow_anonymous: true,
             ..Authenticator::default()
         },
-        audit: AuditLog::open_file(&dir.join(format!("{name}-audit.log"))).unwrap(),
+        audit: AuditLog::open_file(
+            &dir.join(format!("{name}-audit.log")),
+            AuditKey::new(&[1u8; 32]).unwrap(),
+        )
+        .unwrap(),
         executor,
         metrics: Metrics::default(),
         admission: Admission::default(),
@@ -563,8 +567,12 @@ fn idle_rss(
     std::fs::create_dir_all(&tool_dir).unwrap();
     std::fs::write(tool_dir.join("trivial.yaml"), tool_yaml(warm_pool)).unwrap();
     let mut cmd = std::process::Command::new(toolwarden_exe()?);
+    let audit_key = dir.join("idle-audit.key");
+    std::fs::write(&audit_key, [1u8; 32]).unwrap();
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--audit-log"])
-        .arg(dir.join("idle-audit.log"));
+        .arg(dir.join("idle-audit.log"))
+        .arg("--audit-key")
+        .arg(&audit_key);
     match sandbox {
         Some((images, state)) => {
             cmd.arg("--images")

@@ -13,7 +13,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use toolwarden::runner::admission::Admission;
-use toolwarden::runner::audit::{AuditLog, verify};
+use toolwarden::runner::audit::{AuditKey, AuditLog, verify};
 use toolwarden::runner::auth::{Authenticator, parse_token_file};
 use toolwarden::runner::listener::{self, HttpConfig, HttpLimits};
 use toolwarden::runner::metrics::Metrics;
@@ -88,6 +88,10 @@ struct Server {
     _dir: tempfile::TempDir,
 }
 
+fn audit_key() -> AuditKey {
+    AuditKey::new(b"runner-http-test-audit-key-32-bytes!").unwrap()
+}
+
 fn examples() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples")
 }
@@ -148,7 +152,7 @@ async fn start_opts(options: Options) -> Server {
     let audit_path = dir.path().join("audit.log");
     let audit = options
         .audit
-        .unwrap_or_else(|| AuditLog::open_file(&audit_path).unwrap());
+        .unwrap_or_else(|| AuditLog::open_file(&audit_path, audit_key()).unwrap());
     let runner = Arc::new(Runner {
         registry,
         auth,
@@ -230,11 +234,9 @@ impl Server {
 
     fn audit(&self) -> Vec<Value> {
         let text = std::fs::read_to_string(&self.audit_path).unwrap();
-        assert_eq!(
-            verify(text.as_bytes()),
-            Ok(text.lines().count()),
-            "the chain verifies"
-        );
+        let verified =
+            verify(text.as_bytes(), Some(&audit_key()), None).expect("the chain verifies");
+        assert_eq!(verified.records, text.lines().count());
         text.lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
@@ -669,7 +671,12 @@ impl std::io::Write for BrokenSink {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_audit_sink_refuses_calls() {
     require_root!();
-    let s = start_with(Some(AuditLog::to_writer(Box::new(BrokenSink), "broken"))).await;
+    let s = start_with(Some(AuditLog::to_writer(
+        Box::new(BrokenSink),
+        "broken",
+        audit_key(),
+    )))
+    .await;
     for _ in 0..2 {
         let (status, body) = s
             .invoke("echo", Some(ALICE_TOKEN), json!({"bio": "x"}))
@@ -687,6 +694,109 @@ async fn a_failing_audit_sink_refuses_calls() {
         .await
         .unwrap();
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+}
+
+/// A small tmpfs, mounted for one test and detached when dropped.
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn mount(bytes: u64) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            dir.path(),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(format!("size={bytes}").as_str()),
+        )
+        .unwrap();
+        SmallDisk(dir)
+    }
+
+    /// Writes a filler file until the file system is full.
+    fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let path = self.0.path().join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        while file.write_all(&[0u8; 4096]).is_ok() {}
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(self.0.path(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// The disk under the audit log fills up (as a tool filling a shared volume
+/// did), then space is freed: calls are refused meanwhile, and served again
+/// afterwards without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_audit_disk_refuses_calls_until_space_is_freed() {
+    require_root!();
+    let disk = SmallDisk::mount(256 << 10);
+    let log_path = disk.0.path().join("audit.log");
+    let s = start_with(Some(AuditLog::open_file(&log_path, audit_key()).unwrap())).await;
+    let call = || s.invoke("echo", Some(ALICE_TOKEN), json!({"bio": "x"}));
+    let get = |path: &'static str| {
+        let url = format!("{}{path}", s.base);
+        let http = s.http.clone();
+        async move {
+            let response = http.get(url).send().await.unwrap();
+            (response.status(), response.text().await.unwrap())
+        }
+    };
+    assert_eq!(call().await.0, StatusCode::OK);
+
+    let filler = disk.fill();
+    let (status, body) = call().await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        body["type"],
+        "https://toolwarden.dev/problems/audit-unavailable"
+    );
+    assert_eq!(call().await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(get("/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        get("/metrics")
+            .await
+            .1
+            .contains("toolwarden_audit_healthy 0")
+    );
+
+    std::fs::remove_file(filler).unwrap();
+    assert_eq!(
+        get("/readyz").await.0,
+        StatusCode::OK,
+        "recovered without a restart"
+    );
+    assert!(
+        get("/metrics")
+            .await
+            .1
+            .contains("toolwarden_audit_healthy 1")
+    );
+    assert_eq!(call().await.0, StatusCode::OK);
+
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    verify(text.as_bytes(), Some(&audit_key()), None).expect("the chain verifies");
+    // Lines cut short by the full disk are acknowledged by the checkpoint after them.
+    let recovered: Vec<Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| r["reason"] == "recovered")
+        .collect();
+    assert!(!recovered.is_empty(), "{text}");
+    assert!(recovered[0]["unwrittenRecords"].as_u64().unwrap() >= 1);
+    assert!(
+        recovered[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("No space left"),
+        "{}",
+        recovered[0]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

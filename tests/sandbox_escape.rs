@@ -76,6 +76,9 @@ async fn dangerous_syscalls_are_denied() {
         (&["raw"], "EPERM"),
         (&["packet"], "EPERM"),
         (&["vsock"], "EPERM"),
+        // The sandbox dies with its keeper; the tool cannot opt out.
+        (&["pdeathsig"], "9"),
+        (&["pdeathsig_clear"], "EPERM"),
     ] {
         expect_probe(&pool, args, want).await;
     }

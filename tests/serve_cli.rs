@@ -69,6 +69,15 @@ impl Drop for Served {
     }
 }
 
+/// The audit key tests pass to `serve` and `audit verify`: FILE.key beside the log.
+fn audit_key(audit: &Path) -> PathBuf {
+    let key = audit.with_extension("key");
+    if !key.exists() {
+        std::fs::write(&key, "serve-cli-test-audit-key-of-32-bytes\n").unwrap();
+    }
+    key
+}
+
 /// Starts `serve` on a free port and reads its startup lines.
 fn serve(dir: &Path, audit: &Path) -> Served {
     serve_with(dir, audit, &[])
@@ -94,6 +103,8 @@ fn serve_with(dir: &Path, audit: &Path, flags: &[&str]) -> Served {
     let mut child = command
         .args(["serve", "--listen", "127.0.0.1:0", "--audit-log"])
         .arg(audit)
+        .arg("--audit-key")
+        .arg(audit_key(audit))
         .arg("--state-dir")
         .arg(state.path())
         .args(flags)
@@ -265,21 +276,14 @@ fn a_killed_runner_leaves_started_as_the_calls_last_record_and_the_chain_verifie
     let all = records(&audit);
     assert_eq!(all.last().unwrap()["event"], "started");
 
-    let verify = toolwarden()
-        .args(["audit", "verify"])
-        .arg(&audit)
-        .output()
-        .unwrap();
-    assert_eq!(
-        verify.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&verify.stdout)
-    );
+    let (code, out) = audit_verify(&audit);
+    assert_eq!(code, Some(0), "{out}");
     assert!(
-        String::from_utf8_lossy(&verify.stdout)
-            .contains(&format!("{} record(s), hash chain intact", all.len()))
+        out.contains(&format!("{} record(s), 1 run(s)", all.len())),
+        "{out}"
     );
+    assert!(out.contains("chain intact; MACs verified"), "{out}");
+    assert!(out.contains("without a shutdown checkpoint"), "{out}");
 
     let text = std::fs::read_to_string(&audit).unwrap();
     std::fs::write(
@@ -287,13 +291,324 @@ fn a_killed_runner_leaves_started_as_the_calls_last_record_and_the_chain_verifie
         text.replacen("\"event\":\"received\"", "\"event\":\"received \"", 1),
     )
     .unwrap();
-    let verify = toolwarden()
-        .args(["audit", "verify"])
-        .arg(&audit)
+    let (code, out) = audit_verify(&audit);
+    assert_eq!(code, Some(1));
+    assert!(
+        out.contains("(Altered) at line 2: the MAC does not match"),
+        "{out}"
+    );
+}
+
+/// `toolwarden audit verify --key` on `audit` (its anchor found beside it): exit code and stdout.
+fn audit_verify(audit: &Path) -> (Option<i32>, String) {
+    let out = toolwarden()
+        .args(["audit", "verify", "--key"])
+        .arg(audit_key(audit))
+        .arg(audit)
         .output()
         .unwrap();
-    assert_eq!(verify.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&verify.stdout).contains("line 1: content was altered"));
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// A clean stop (SIGTERM), bounded.
+fn stop(mut served: Served) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(served.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while served.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "serve did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Connects and sends one JSON POST, leaving the answer unread.
+fn send_post(addr: &str, path: &str, body: &str, user_agent: &str) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nUser-Agent: {user_agent}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    // A server that hangs up early shows as an unreadable answer.
+    let _ = conn.write_all(request.as_bytes());
+    conn
+}
+
+/// One POST over a raw connection, answer read; `None` when the server hung up.
+fn post(addr: &str, path: &str, body: &str, user_agent: &str) -> Option<String> {
+    use std::io::Read;
+    let mut conn = send_post(addr, path, body, user_agent);
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).ok()?;
+    Some(answer)
+}
+
+/// The attacks: stop the runner, cut the log's tail, start it again; drop
+/// the log's head. `audit verify` reports both.
+#[test]
+fn a_cut_tail_before_a_restart_and_a_dropped_head_are_reported() {
+    require_root!();
+    let dir = tools_dir();
+    let audit_dir = tempfile::tempdir().unwrap();
+    let audit = audit_dir.path().join("audit.log");
+    let served = serve(dir.path(), &audit);
+    for _ in 0..3 {
+        let answer = post(&served.addr, "/v1/tools/nope/invoke", "{}", "t").unwrap();
+        assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    }
+    let banner = served.banner.join("\n");
+    assert!(banner.contains("key id "), "{banner}");
+    stop(served);
+    let key = std::fs::read_to_string(audit_key(&audit)).unwrap();
+    let key = key.trim_end();
+    assert!(!banner.contains(key), "the key is never printed");
+    assert!(!std::fs::read_to_string(&audit).unwrap().contains(key));
+    let (code, out) = audit_verify(&audit);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        !out.contains("note:"),
+        "a clean run leaves nothing to doubt: {out}"
+    );
+
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let head_dropped: String = lines[1..].iter().map(|l| format!("{l}\n")).collect();
+    let tail_cut: String = lines[..lines.len() - 3]
+        .iter()
+        .map(|l| format!("{l}\n"))
+        .collect();
+
+    std::fs::write(&audit, &head_dropped).unwrap();
+    let (code, out) = audit_verify(&audit);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("(MissingStart) at line 1"), "{out}");
+
+    std::fs::write(&audit, &tail_cut).unwrap();
+    let (code, out) = audit_verify(&audit);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("(Truncated)"),
+        "the anchor names what was cut: {out}"
+    );
+    let anchor = audit.with_extension("log.anchor");
+    let saved_anchor = std::fs::read(&anchor).unwrap();
+    std::fs::remove_file(&anchor).unwrap();
+    let (code, out) = audit_verify(&audit);
+    assert_eq!(code, Some(1), "deleting the anchor with the tail: {out}");
+    assert!(out.contains("no anchor file"), "{out}");
+    std::fs::write(&anchor, saved_anchor).unwrap();
+    // Restarting on the cut log does not hide the cut.
+    stop(serve(dir.path(), &audit));
+    let (code, out) = audit_verify(&audit);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("(Truncated)"), "{out}");
+    assert!(
+        out.contains("restarted here after anchoring checkpoint"),
+        "{out}"
+    );
+}
+
+/// A huge invalid input and a huge header make bounded records, and a log whose last
+/// record was cut short (a runner killed mid-write) is continued, not refused.
+#[test]
+fn oversized_records_are_bounded_and_a_broken_last_record_does_not_stop_serve() {
+    require_root!();
+    let dir = tools_dir();
+    let audit_dir = tempfile::tempdir().unwrap();
+    let audit = audit_dir.path().join("audit.log");
+    let mut served = serve(dir.path(), &audit);
+    // A 60 KB invalid path, 3,000 unknown fields (the error names them all), emoji content.
+    let extra: String = (0..3000).map(|i| format!(", \"f{i}\": {i}")).collect();
+    let body = format!(
+        "{{\"operation\": \"nope\", \"path\": \"{}\", \"content\": \"{}\"{extra}}}",
+        "x".repeat(60_000),
+        "\u{1F600}".repeat(15_000)
+    );
+    let answer = post(&served.addr, "/v1/tools/file-operation/invoke", &body, "t").unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{}", &answer[..200]);
+    // A huge header too, where the HTTP layer lets one through.
+    post(
+        &served.addr,
+        "/v1/tools/nope/invoke",
+        "{}",
+        &"A".repeat(200_000),
+    );
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let denied = records(&audit)
+        .into_iter()
+        .find(|r| r["event"] == "denied" && r["tool"] == "file-operation")
+        .unwrap();
+    assert_eq!(denied["truncated"], true, "{denied}");
+    assert!(denied.to_string().contains("…[truncated"), "{denied}");
+    for line in text.lines() {
+        assert!(line.len() <= 16 * 1024, "a record of {} bytes", line.len());
+    }
+    served.child.kill().unwrap();
+    served.child.wait().unwrap();
+    // A record cut short: 2 MB and no newline.
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&audit)
+        .unwrap();
+    std::io::Write::write_all(
+        &mut log,
+        format!("{{\"seq\":99,\"x\":\"{}", "y".repeat(2 << 20)).as_bytes(),
+    )
+    .unwrap();
+    drop(log);
+    let served = serve(dir.path(), &audit);
+    assert!(served.banner.iter().any(|l| l.contains("audit:")));
+    stop(served);
+    let (code, out) = audit_verify(&audit);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("acknowledged by the checkpoint"), "{out}");
+}
+
+/// A caller that hangs up mid-call: the call runs on and is closed as
+/// `abandoned` with what the sandbox did; a clean stop waits for such calls.
+#[test]
+fn a_caller_that_hangs_up_still_gets_its_call_closed() {
+    require_root!();
+    let dir = tools_dir();
+    let audit_dir = tempfile::tempdir().unwrap();
+    let audit = audit_dir.path().join("audit.log");
+    let served = serve(dir.path(), &audit);
+    let hang_up_during_a_slow_call = |calls: usize| {
+        let conn = send_post(&served.addr, "/v1/tools/slow/invoke", "{}", "t");
+        wait_for("the slow call to start", || {
+            records(&audit)
+                .iter()
+                .filter(|r| r["event"] == "started")
+                .count()
+                == calls
+        });
+        drop(conn);
+    };
+    hang_up_during_a_slow_call(1);
+    wait_for("the closing record", || {
+        records(&audit).iter().any(|r| r["event"] == "abandoned")
+    });
+    let all = records(&audit);
+    let closing = all.iter().find(|r| r["event"] == "abandoned").unwrap();
+    let started = all.iter().find(|r| r["event"] == "started").unwrap();
+    assert_eq!(closing["invocationId"], started["invocationId"]);
+    assert_eq!(
+        closing["exitCode"], 0,
+        "the sandbox ran to its end: {closing}"
+    );
+    assert!(closing["durationMs"].as_u64().unwrap() >= 3000, "{closing}");
+
+    // Stopped while an abandoned call runs: the stop waits for its closing record.
+    hang_up_during_a_slow_call(2);
+    stop(served);
+    let all = records(&audit);
+    let last = all.last().unwrap();
+    assert_eq!(last["reason"], "shutdown", "{last}");
+    assert_eq!(last["openCalls"], 0, "{last}");
+    let closings = all
+        .iter()
+        .filter(|r| matches!(r["event"].as_str(), Some("abandoned" | "finished")))
+        .count();
+    assert_eq!(closings, 2, "every started call is closed");
+    let (code, out) = audit_verify(&audit);
+    assert_eq!(code, Some(0), "{out}");
+}
+
+const LONG_TOOL: &str = r#"
+apiVersion: toolwarden.dev/v1alpha1
+kind: AgentTool
+metadata: {name: long}
+spec:
+  description: Sleeps far past its deadline
+  risk: low
+  inputSchema: {type: object, additionalProperties: false, properties: {}}
+  runtime:
+    image: docker.io/library/busybox:1.36.1
+    command: [/bin/sh, -c, 'cat >/dev/null; sleep 86421']
+  sandbox: {timeoutMs: 5000, memory: 16Mi}
+  rateLimit: {requestsPerMinute: 60}
+"#;
+
+/// Processes whose command line names the long tool's sleep.
+fn long_tool_processes() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"86421"))
+        })
+        .collect()
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+fn sigkill(pid: u32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+/// `kill -9` of the runner alone, of the runner and its zygote, and of the
+/// keepers first, then both, during a call: the tool must not outlive its 5 s
+/// deadline.
+#[test]
+fn a_tool_dies_with_its_killed_runner_and_zygote() {
+    require_root!();
+    let dir = tools_dir();
+    std::fs::write(dir.path().join("long.yaml"), LONG_TOOL).unwrap();
+    let audit_dir = tempfile::tempdir().unwrap();
+    let audit = audit_dir.path().join("audit.log");
+    for (kill_zygote, kill_keepers) in [(false, false), (true, false), (true, true)] {
+        let mut served = serve(dir.path(), &audit);
+        let runner = served.child.id();
+        let addr = served.addr.clone();
+        std::thread::spawn(move || post(&addr, "/v1/tools/long/invoke", "{}", "t"));
+        wait_for("the long tool to run", || !long_tool_processes().is_empty());
+        let zygote = children(runner)
+            .into_iter()
+            .find(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"sandbox-zygote"))
+            })
+            .expect("the zygote");
+        // Keepers first: then only the sandbox's own parent-death signal can end it.
+        if kill_keepers {
+            children(zygote).into_iter().for_each(sigkill);
+        }
+        sigkill(runner);
+        if kill_zygote {
+            sigkill(zygote);
+        }
+        served.child.wait().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !long_tool_processes().is_empty() {
+            if Instant::now() > deadline {
+                let left = long_tool_processes();
+                left.iter().for_each(|p| sigkill(*p));
+                panic!(
+                    "kill_zygote={kill_zygote} kill_keepers={kill_keepers}: the tool outlived its deadline: {left:?}"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 /// The Python that has the official MCP SDK: `TOOLWARDEN_TEST_PYTHON` (set by

@@ -69,10 +69,26 @@ pub enum Command {
 
 #[derive(Subcommand, Debug)]
 pub enum AuditCommand {
-    /// Check an audit log's hash chain; reports the first broken record (exit 1).
+    /// Check an audit log: its chain, its MACs (with --key), its start and its
+    /// anchor. Reports the first damage (exit 1): an altered or resealed record,
+    /// a removed/reordered/inserted one, a dropped head, a cut tail, an
+    /// incomplete record. Exit 0 when intact (notes say what cannot be ruled
+    /// out), 2 when a file cannot be read.
     Verify {
+        /// The audit log (`serve --audit-log`, or a collected stdout log with --no-anchor).
         #[arg(value_name = "FILE")]
         file: std::path::PathBuf,
+        /// The audit key that sealed the log (`serve --audit-key`); without it
+        /// only the links are checked, and a resealed log passes.
+        #[arg(long, value_name = "FILE")]
+        key: Option<std::path::PathBuf>,
+        /// The anchor file naming the latest checkpoint; default: FILE.anchor.
+        #[arg(long, value_name = "ANCHOR", conflicts_with = "no_anchor")]
+        anchor: Option<std::path::PathBuf>,
+        /// Check a log that has no anchor file (one collected from stdout): a cut
+        /// tail after its last checkpoint then cannot be detected.
+        #[arg(long)]
+        no_anchor: bool,
     },
 }
 
@@ -87,7 +103,19 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Crd { write: Some(dir) } => write_crds(&dir),
         Command::Serve(args) => serve::serve(args),
         Command::Runner(args) => serve::runner(args),
-        Command::Audit(AuditCommand::Verify { file }) => audit::verify_file(&file),
+        Command::Audit(AuditCommand::Verify {
+            file,
+            key,
+            anchor,
+            no_anchor,
+        }) => {
+            let anchor = match (anchor, no_anchor) {
+                (_, true) => audit::AnchorArg::None,
+                (Some(path), false) => audit::AnchorArg::File(path),
+                (None, false) => audit::AnchorArg::BesideLog,
+            };
+            audit::verify_file(&file, key.as_deref(), anchor)
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use clap::{Args, ValueEnum};
 use jsonwebtoken::Algorithm;
 
 use crate::runner::admission::{Admission, DEFAULT_CALLS_PER_TOOL, DEFAULT_QUEUE_TIMEOUT};
-use crate::runner::audit::AuditLog;
+use crate::runner::audit::{AuditKey, AuditLog};
 use crate::runner::auth::{AuthConfigError, Authenticator, JwtKey, TokenReviewer, load_token_file};
 use crate::runner::executor::{ToolExecutor, UnsandboxedProcessExecutor};
 use crate::runner::images::ImageStore;
@@ -25,6 +25,7 @@ use crate::runner::sandbox_executor::{SandboxExecutor, VolumesDir};
 use crate::sandbox::{EngineConfig, Sandboxes};
 
 const EXIT_FAILED: u8 = 2;
+const DEFAULT_STATE_DIR: &str = "/run/toolwarden";
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -102,9 +103,15 @@ pub struct CommonArgs {
     /// Prometheus scraper); on --listen, `/metrics` needs a bearer token.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
-    /// Append audit records to FILE (the hash chain continues); default: stdout.
+    /// Append audit records to FILE (the chain continues; its anchor is FILE.anchor); default: stdout.
     #[arg(long, value_name = "FILE")]
     pub audit_log: Option<PathBuf>,
+    /// Key that seals the audit chain (HMAC-SHA256): a file of at least 32 bytes,
+    /// e.g. a mounted Secret. Default: STATE_DIR/audit.key (for users other than
+    /// root with the default state dir: ~/.local/state/toolwarden/audit.key),
+    /// created (0600) when missing.
+    #[arg(long, value_name = "FILE")]
+    pub audit_key: Option<PathBuf>,
     /// Secret values as `DIR/<secretName>/<key>` files (a mounted Secret volume layout).
     /// Watched: rotated values (a rewritten file, kubelet's `..data` swap) reach new calls,
     /// and the old ones stay redacted until restart.
@@ -125,7 +132,7 @@ pub struct CommonArgs {
     #[arg(long, value_name = "DIR")]
     pub volumes: Option<PathBuf>,
     /// Sandbox state (container state, bundles, file secrets).
-    #[arg(long, value_name = "DIR", default_value = "/run/toolwarden")]
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
     /// DANGER: run tools as plain child processes with NO ISOLATION. For trying
     /// the HTTP API with trusted tools only; never with real agents.
@@ -247,12 +254,16 @@ fn run(
             Err(e) => return fail(&e),
         }
     };
+    let (audit_key, key_line) = match audit_key(common) {
+        Ok(key) => key,
+        Err(e) => return fail(&e),
+    };
     let audit = match &common.audit_log {
-        Some(path) => match AuditLog::open_file(path) {
+        Some(path) => match AuditLog::open_file(path, audit_key) {
             Ok(log) => log,
-            Err(e) => return fail(&format!("audit log {}: {e}", path.display())),
+            Err(e) => return fail(&format!("audit log: {e}")),
         },
-        None => AuditLog::to_writer(Box::new(std::io::stdout()), "stdout"),
+        None => AuditLog::to_writer(Box::new(std::io::stdout()), "stdout", audit_key),
     };
     let mut registry = Registry::new(LimiterClock::real(), SecretsDir(common.secrets_dir.clone()));
     let images = common
@@ -311,10 +322,19 @@ fn run(
                 Err(e) => return fail(&format!("cannot listen on {metrics_addr}: {e}")),
             }
         }
-        banner(command, dir, &registry, &runner, addr, &images_line);
+        banner(
+            command,
+            dir,
+            &registry,
+            &runner,
+            addr,
+            &images_line,
+            &key_line,
+        );
         if let Some(metrics_addr) = common.metrics_listen {
             eprintln!("  metrics:   http://{metrics_addr}/metrics   (no authentication)");
         }
+        tokio::spawn(runner.audit.clone().maintain());
         prepare_sandboxes(&registry, runner.executor.as_ref()).await;
         let secrets = common.secrets_dir.as_deref();
         let _watcher = match watch(dir, secrets, registry, runner.executor.clone()) {
@@ -324,7 +344,12 @@ fn run(
                 None
             }
         };
-        match listener::serve(listener, rest::router(runner), http, shutdown_signal()).await {
+        let served = listener::serve(listener, rest::router(runner.clone()), http, shutdown_signal()).await;
+        // Calls whose callers left are still running: wait for their closing records.
+        if let Err(e) = runner.audit.close(AUDIT_CLOSE_GRACE).await {
+            tracing::error!(error = %e, "no shutdown checkpoint in the audit log");
+        }
+        match served {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e.to_string()),
         }
@@ -357,6 +382,46 @@ fn http_config(common: &CommonArgs) -> HttpConfig {
     HttpConfig {
         limits,
         allowed_hosts: AllowedHosts::for_listen(common.listen, &common.allowed_host),
+    }
+}
+
+/// How long a clean shutdown waits for calls still running to be closed in the audit log.
+const AUDIT_CLOSE_GRACE: Duration = Duration::from_secs(30);
+
+/// `--audit-key`, or the key under the state dir (created when missing), and
+/// how the banner describes it. The key itself is never printed.
+fn audit_key(common: &CommonArgs) -> Result<(AuditKey, String), String> {
+    if let Some(path) = &common.audit_key {
+        let key = AuditKey::from_file(path).map_err(|e| e.to_string())?;
+        let line = format!("key id {} from {}", key.id(), path.display());
+        return Ok((key, line));
+    }
+    let dir = default_audit_key_dir(common);
+    let path = dir.join("audit.key");
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| format!("{}: {e} (or pass --audit-key)", dir.display()))?;
+    let (key, created) =
+        AuditKey::load_or_create(&path).map_err(|e| format!("{e} (or pass --audit-key)"))?;
+    if created {
+        tracing::warn!(
+            key = %path.display(),
+            "created an audit key; keep it to verify the log, and prefer --audit-key on storage the log's writers cannot read"
+        );
+    }
+    let line = format!("key id {} from {} (default)", key.id(), path.display());
+    Ok((key, line))
+}
+
+/// Where the default audit key lives: the state dir, except for a user other
+/// than root left with the default state dir (which only root can create):
+/// then `$HOME/.local/state/toolwarden`.
+fn default_audit_key_dir(common: &CommonArgs) -> PathBuf {
+    let home = std::env::var_os("HOME").filter(|_| !nix::unistd::geteuid().is_root());
+    match home {
+        Some(home) if common.state_dir == Path::new(DEFAULT_STATE_DIR) => {
+            PathBuf::from(home).join(".local/state/toolwarden")
+        }
+        _ => common.state_dir.clone(),
     }
 }
 
@@ -445,6 +510,7 @@ fn banner(
     runner: &Runner,
     addr: SocketAddr,
     images: &str,
+    audit_key: &str,
 ) {
     let tools = registry.snapshot();
     let names: Vec<&str> = tools.keys().map(String::as_str).collect();
@@ -468,8 +534,8 @@ fn banner(
     eprintln!("  images:    {images}");
     eprintln!("  auth:      {}", runner.auth.describe());
     eprintln!(
-        "  audit:     {} (hash-chained; check with `toolwarden audit verify`)",
-        runner.audit.description
+        "  audit:     {} (HMAC-chained, {audit_key}; check with `toolwarden audit verify --key`)",
+        runner.audit.description()
     );
 }
 

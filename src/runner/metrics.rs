@@ -37,6 +37,7 @@ pub struct Metrics {
     run_seconds: Family<ToolLabel, Histogram>,
     in_flight: Gauge,
     pub tools_served: Gauge,
+    pub audit_healthy: Gauge,
 }
 
 impl Default for Metrics {
@@ -64,6 +65,12 @@ impl Default for Metrics {
             "Tools currently served",
             tools_served.clone(),
         );
+        let audit_healthy = Gauge::default();
+        registry.register(
+            "audit_healthy",
+            "1 while audit records can be written; 0 while calls are refused for a failed audit log",
+            audit_healthy.clone(),
+        );
         let enforcement = Family::<EnforcementLabels, Gauge>::default();
         registry.register(
             "sandbox_enforcement",
@@ -77,6 +84,7 @@ impl Default for Metrics {
             run_seconds,
             in_flight,
             tools_served,
+            audit_healthy,
         }
     }
 }

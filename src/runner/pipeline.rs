@@ -18,7 +18,7 @@ use axum::body::Bytes;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
-use super::admission::Admission;
+use super::admission::{Admission, RunSlot};
 use super::audit::{AuditFailed, AuditLog};
 use super::auth::{AuthError, Authenticator, Caller};
 use super::authorize::{authorize, holds};
@@ -75,12 +75,12 @@ pub struct Success {
 }
 
 /// The audit trail of one call: every record carries the same correlation fields.
-struct Trail<'a> {
-    log: &'a AuditLog,
+struct Trail {
+    log: AuditLog,
     base: Map<String, Value>,
 }
 
-impl Trail<'_> {
+impl Trail {
     fn record(&self, event: &str, fields: Value) -> Result<(), Problem> {
         let mut record = Map::new();
         record.insert("event".into(), event.into());
@@ -115,13 +115,14 @@ impl Trail<'_> {
 }
 
 /// Records an authentication refusal and hands back the caller's `401`.
-fn unauthenticated(trail: &Trail<'_>, e: &AuthError) -> Problem {
+fn unauthenticated(trail: &Trail, e: &AuthError) -> Problem {
     let problem = Problem::new(ProblemKind::Unauthenticated, e.to_string());
     trail.deny("authentication", &e.reason(), problem)
 }
 
 fn audit_problem(e: AuditFailed) -> Problem {
-    tracing::error!("{e}; refusing calls");
+    // The log itself reports each change of its health; this is per call.
+    tracing::debug!("{e}; refusing the call");
     Problem::new(
         ProblemKind::AuditUnavailable,
         "calls are refused because the audit log cannot be written",
@@ -155,14 +156,14 @@ impl Runner {
     /// limit, and yields an error when the transport refuses the body (too
     /// large, wrong content type, too slow): audited like any other refusal.
     pub async fn invoke(
-        &self,
+        self: &Arc<Self>,
         ctx: &CallContext,
         tool_name: &str,
         body: impl Future<Output = Result<Bytes, Problem>> + Send,
     ) -> Result<Success, Problem> {
         let _in_flight = self.metrics.in_flight();
         let tool = self.registry.get(tool_name);
-        let result = self.pipeline(ctx, tool_name, tool.as_deref(), body).await;
+        let result = self.pipeline(ctx, tool_name, tool.as_ref(), body).await;
         let outcome = match &result {
             Ok(_) => "ok",
             Err(p) => p.kind.slug(),
@@ -193,13 +194,11 @@ impl Runner {
         ctx: &CallContext,
         tool_name: Option<&str>,
         tool: Option<&PreparedTool>,
-    ) -> Result<Trail<'_>, Problem> {
-        // Fail closed before doing anything we could not record.
-        if let Some(e) = self.audit.failure() {
-            return Err(audit_problem(e));
-        }
+    ) -> Result<Trail, Problem> {
+        // Fail closed before doing anything we could not record (a failed log retries here).
+        self.audit.ensure_writable().map_err(audit_problem)?;
         let mut trail = Trail {
-            log: &self.audit,
+            log: self.audit.clone(),
             base: Map::new(),
         };
         trail.set("invocationId", uuid::Uuid::new_v4().to_string());
@@ -217,13 +216,13 @@ impl Runner {
     }
 
     async fn pipeline(
-        &self,
+        self: &Arc<Self>,
         ctx: &CallContext,
         tool_name: &str,
-        tool: Option<&PreparedTool>,
+        tool: Option<&Arc<PreparedTool>>,
         body: impl Future<Output = Result<Bytes, Problem>> + Send,
     ) -> Result<Success, Problem> {
-        let mut trail = self.trail(ctx, Some(tool_name), tool)?;
+        let mut trail = self.trail(ctx, Some(tool_name), tool.map(Arc::as_ref))?;
         let invocation_id = trail.base["invocationId"]
             .as_str()
             .unwrap_or_default()
@@ -323,7 +322,7 @@ impl Runner {
             return Err(problem);
         }
 
-        let _slot = match self.admission.admit(&tool.name).await {
+        let slot = match self.admission.admit(&tool.name).await {
             Ok(slot) => slot,
             Err(busy) => {
                 let mut problem = Problem::new(ProblemKind::Overloaded, busy.to_string());
@@ -336,15 +335,58 @@ impl Runner {
                 return Err(trail.deny("admission", busy.reason(), problem));
             }
         };
-        self.run(&trail, tool, input, invocation_id).await
+        self.run_detached(trail, Arc::clone(tool), input, invocation_id, slot)
+            .await
     }
 
+    /// Runs the call in its own task, so that the run and its closing record
+    /// happen whether or not the caller is still listening: a caller that
+    /// hangs up mid-call still gets a call whose side effects are recorded
+    /// (closed as `abandoned`).
+    async fn run_detached(
+        self: &Arc<Self>,
+        trail: Trail,
+        tool: Arc<PreparedTool>,
+        input: Value,
+        invocation_id: String,
+        slot: RunSlot,
+    ) -> Result<Success, Problem> {
+        let (answer, caller) = tokio::sync::oneshot::channel();
+        let runner = Arc::clone(self);
+        tokio::spawn(async move {
+            // The tool's run slot is held for as long as the sandbox runs, not as long as
+            // the caller waits: hanging up must not get around the per-tool limit.
+            let _slot = slot;
+            let _open = runner.audit.open_call();
+            let closing = |event| {
+                if answer.is_closed() {
+                    "abandoned"
+                } else {
+                    event
+                }
+            };
+            let result = runner
+                .run(&trail, &tool, input, invocation_id, closing)
+                .await;
+            let _ = answer.send(result);
+        });
+        caller.await.unwrap_or_else(|_| {
+            Err(Problem::new(
+                ProblemKind::ToolFailed,
+                "the tool could not be run",
+            ))
+        })
+    }
+
+    /// `closing` names the closing record: `finished`/`failed`, or
+    /// `abandoned` once the caller is gone.
     async fn run(
         &self,
-        trail: &Trail<'_>,
+        trail: &Trail,
         tool: &PreparedTool,
         input: Value,
         invocation_id: String,
+        closing: impl Fn(&'static str) -> &'static str,
     ) -> Result<Success, Problem> {
         trail.record("started", json!({}))?;
         let stdin = input.to_string().into_bytes();
@@ -356,7 +398,7 @@ impl Runner {
             Ok(outcome) => outcome,
             Err(e) => {
                 let reason = tool.redactor.redact_str(&e.to_string());
-                trail.record("failed", json!({"error": reason}))?;
+                trail.record(closing("failed"), json!({"error": reason}))?;
                 let mut problem =
                     Problem::new(ProblemKind::ToolFailed, "the tool could not be run");
                 problem.invocation_id = Some(invocation_id);
@@ -374,7 +416,7 @@ impl Runner {
             .redact_capped(&outcome.stdout, tool.output_cap());
         let truncated = cut || outcome.stdout_truncated;
         trail.record(
-            "finished",
+            closing("finished"),
             finished_record(&outcome, &stdout, truncated, tool),
         )?;
         respond(outcome, stdout, truncated, &tool.redactor, invocation_id)

@@ -189,9 +189,9 @@ async fn invoke(
 }
 
 async fn ready(State(runner): State<Arc<Runner>>) -> Response {
-    match runner.audit.failure() {
-        None => "ready\n".into_response(),
-        Some(e) => Problem::new(ProblemKind::AuditUnavailable, e.to_string()).into_response(),
+    match runner.audit.ensure_writable() {
+        Ok(()) => "ready\n".into_response(),
+        Err(e) => Problem::new(ProblemKind::AuditUnavailable, e.to_string()).into_response(),
     }
 }
 
@@ -212,6 +212,10 @@ async fn metrics(State(runner): State<Arc<Runner>>) -> Response {
         .metrics
         .tools_served
         .set(runner.registry.snapshot().len() as i64);
+    runner
+        .metrics
+        .audit_healthy
+        .set(i64::from(runner.audit.is_healthy()));
     (
         [(
             header::CONTENT_TYPE,

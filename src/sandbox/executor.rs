@@ -22,6 +22,8 @@ use crate::sandbox::spec::DEFAULT_PATH;
 pub struct LateExecutor {
     /// Read end of the control pipe (open in the keeper when `build()` forks the init).
     pub control_fd: RawFd,
+    /// A pidfd of the keeper (the init's parent), open until `exec` has set the parent-death signal.
+    pub keeper_pidfd: RawFd,
     /// RLIMIT_AS (rlimit mode), set just before execve: earlier, the init still has the
     /// zygote's (larger) address space and its own allocations would fail.
     pub address_space: Option<u64>,
@@ -42,6 +44,26 @@ fn fail(code: i32, msg: &str) -> ! {
 
 impl Executor for LateExecutor {
     fn exec(&self, _spec: &Spec) -> Result<(), ExecutorError> {
+        // Die with the keeper: if the keeper is killed (with its zygote and runner, say) nothing
+        // else would end this sandbox at its deadline. Set here because a credential change
+        // (libcontainer's setuid/setgid, done by now) clears it; execve keeps it (nosuid mounts:
+        // no set-id exec can clear it), and seccomp stops the tool from clearing it. As PID 1 of
+        // its pid namespace the init takes the tool's whole tree along.
+        // SAFETY: plain syscalls.
+        unsafe {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                fail(EXIT_CANNOT_EXEC, "prctl(PR_SET_PDEATHSIG) failed");
+            }
+            // The keeper may have died before that: then nothing would ever send the signal.
+            let mut keeper = libc::pollfd {
+                fd: self.keeper_pidfd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            if libc::poll(&mut keeper, 1, 0) != 0 {
+                libc::_exit(EXIT_CANNOT_EXEC)
+            }
+        }
         // The init was cloned while the keeper held the parent-side pipe ends (stdin write end,
         // control write end, ...): close every inherited fd except stdio and the control pipe
         // now, or neither stdin nor the control pipe would ever reach EOF.

@@ -166,7 +166,6 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_pipe2,
     libc::SYS_poll,
     libc::SYS_ppoll,
-    libc::SYS_prctl,
     libc::SYS_pread64,
     libc::SYS_preadv,
     libc::SYS_preadv2,
@@ -344,6 +343,17 @@ fn compile() -> Result<Vec<BpfProgram>> {
                 )?])
             })
             .collect::<Result<_>>()?,
+    );
+    // prctl(2) except PR_SET_PDEATHSIG: the init's parent-death signal ends the sandbox with its
+    // keeper, and the tool (the init after execve) must not clear it.
+    rules.insert(
+        libc::SYS_prctl,
+        vec![rule(vec![cond(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Ne,
+            libc::PR_SET_PDEATHSIG as u64,
+        )?])?],
     );
     // personality(2): only the values Docker allows (query and PER_LINUX variants).
     rules.insert(

@@ -243,7 +243,7 @@ fn shutdown(keepers: &mut HashMap<Pid, String>, sigfd: &SignalFd, root: &Path, s
 }
 
 /// How long the zygote waits for its keepers when the runner goes away (parked containers exit
-/// at once on EOF; running ones were SIGKILLed by the runner's call guards).
+/// at once on EOF; keepers kill running ones when the runner's socket hangs up).
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Reaps exited keepers; a keeper that did not exit cleanly may have left its container.
@@ -272,7 +272,7 @@ fn keeper(
     req: u64,
     background: bool,
 ) -> i32 {
-    let (pid, report, mnt_ns) = match keeper_run(sock, state_root, id, def, req, background) {
+    let (pid, init, report, mnt_ns) = match keeper_run(sock, state_root, id, def, req, background) {
         Ok(started) => started,
         Err(e) => {
             let error = e.to_string();
@@ -281,6 +281,7 @@ fn keeper(
             return 1;
         }
     };
+    kill_if_runner_leaves(init.as_fd(), sock);
     let waited = keeper_wait(def, id, pid);
     let reaped = waited.is_ok();
     let msg = match waited {
@@ -355,7 +356,7 @@ fn keeper_run(
     def: &PoolDef,
     req: u64,
     background: bool,
-) -> Result<(Pid, OwnedFd, std::fs::File)> {
+) -> Result<(Pid, OwnedFd, OwnedFd, std::fs::File)> {
     if background {
         // A refill must not steal CPU from running calls on a small host.
         set_nice(0, BACKGROUND_NICE);
@@ -383,8 +384,11 @@ fn keeper_run(
     let (in_r, in_w) = pipe2(cloexec)?;
     let (out_r, out_w) = pipe2(cloexec)?;
     let (err_r, err_w) = pipe2(cloexec)?;
+    // The init checks through this that we are still alive once its parent-death signal is set.
+    let keeper = pidfd_open(std::process::id() as i32)?;
     let executor = LateExecutor {
         control_fd: ctl_r.as_raw_fd(),
+        keeper_pidfd: keeper.as_raw_fd(),
         address_space: def.address_space,
     };
     let mut container = ContainerBuilder::new(id.to_string(), SyscallType::Linux)
@@ -399,7 +403,7 @@ fn keeper_run(
         .with_detach(true)
         .build()
         .map_err(|e| Error::Container(format!("build: {e}")))?;
-    drop(ctl_r);
+    drop((ctl_r, keeper));
     let pid = container
         .pid()
         .ok_or_else(|| Error::Container("no init pid".into()))?;
@@ -438,8 +442,46 @@ fn keeper_run(
         ],
     )?;
     // The runner now holds the only parent-side ends.
-    drop((ctl_w, in_w, out_r, err_r, pidfd, report_r));
-    Ok((pid, report_w, mnt_ns))
+    drop((ctl_w, in_w, out_r, err_r, report_r));
+    Ok((pid, pidfd, report_w, mnt_ns))
+}
+
+/// Returns when the container init has exited. If the runner goes away first (its end of the
+/// zygote socket hangs up: it exited or was killed, with or without this zygote), nobody
+/// enforces the call's deadline any more: kill the init, which takes its pid namespace (the
+/// tool's whole tree) with it. A keeper killed outright takes the init along by the init's
+/// parent-death signal (see `LateExecutor::exec`).
+fn kill_if_runner_leaves(init: BorrowedFd<'_>, sock: BorrowedFd<'_>) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    loop {
+        // No events asked of the socket: only its hang-up (always reported) wakes us.
+        let mut fds = [
+            PollFd::new(init, PollFlags::POLLIN),
+            PollFd::new(sock, PollFlags::empty()),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Err(nix::Error::EINTR) => continue,
+            Err(_) => return,
+            Ok(_) => {}
+        }
+        if fds[0].any().unwrap_or(false) {
+            return;
+        }
+        let gone = PollFlags::POLLHUP | PollFlags::POLLERR;
+        if fds[1].revents().is_some_and(|r| r.intersects(gone)) {
+            // SAFETY: plain syscall on a pidfd we own (never a reused pid).
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    init.as_raw_fd(),
+                    libc::SIGKILL,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0u32,
+                )
+            };
+            return;
+        }
+    }
 }
 
 /// Waits for the container init and collects its exit status and memory statistics.

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mount.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -28,6 +29,8 @@ static int report(long rc) {
 int main(int argc, char **argv) {
     if (argc < 2) return 2;
     const char *c = argv[1];
+    if (!strcmp(c, "pdeathsig")) { int sig = -1; if (prctl(PR_GET_PDEATHSIG, &sig) < 0) return report(-1); printf("%d\n", sig); return 0; }
+    if (!strcmp(c, "pdeathsig_clear")) return report(prctl(PR_SET_PDEATHSIG, 0));
     if (!strcmp(c, "bpf")) { char attr[128] = {0}; return report(syscall(SYS_bpf, 0, attr, sizeof attr)); }
     if (!strcmp(c, "io_uring")) { char p[120] = {0}; return report(syscall(SYS_io_uring_setup, 4, p)); }
     if (!strcmp(c, "keyctl")) return report(syscall(SYS_keyctl, 0 /*GET_KEYRING_ID*/, -3, 0));
