@@ -344,7 +344,13 @@ fn run(
                 None
             }
         };
-        let served = listener::serve(listener, rest::router(runner.clone()), http, shutdown_signal()).await;
+        let served = listener::serve(
+            listener,
+            rest::router(runner.clone()),
+            http,
+            shutdown_signal(),
+        )
+        .await;
         // Calls whose callers left are still running: wait for their closing records.
         if let Err(e) = runner.audit.close(AUDIT_CLOSE_GRACE).await {
             tracing::error!(error = %e, "no shutdown checkpoint in the audit log");
