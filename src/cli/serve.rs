@@ -12,7 +12,7 @@ use jsonwebtoken::Algorithm;
 
 use crate::runner::audit::AuditLog;
 use crate::runner::auth::{Authenticator, JwtKey, TokenReviewer, parse_token_file};
-use crate::runner::executor::{ToolExecutor, UnsandboxedProcessExecutor};
+use crate::runner::executor::{Degradation, ToolExecutor, UnsandboxedProcessExecutor};
 use crate::runner::images::ImageStore;
 use crate::runner::metrics::Metrics;
 use crate::runner::pipeline::Runner;
@@ -95,6 +95,12 @@ pub struct CommonArgs {
     /// the HTTP API with trusted tools only; never with real agents.
     #[arg(long)]
     pub unsandboxed_dev: bool,
+    /// Serve tools whose sandbox this host can only give weaker isolation (no
+    /// user namespace, or rlimits instead of cgroups). Without it, such a tool is
+    /// refused unless it sets `spec.sandbox.allowDegraded: true`. Degraded tools
+    /// are named in the banner, `GET /v1/tools` and `toolwarden_sandbox_degraded`.
+    #[arg(long)]
+    pub allow_degraded: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -255,9 +261,9 @@ fn run(
             Err(e) => return fail(&format!("cannot listen on {}: {e}", common.listen)),
         };
         let addr = listener.local_addr().unwrap_or(common.listen);
+        prepare_sandboxes(&runner).await;
         banner(command, dir, &registry, &runner, addr, &images_line);
-        prepare_sandboxes(&registry, runner.executor.as_ref()).await;
-        let _watcher = match watch(dir, registry, runner.executor.clone()) {
+        let _watcher = match watch(dir, runner.clone()) {
             Ok(w) => Some(w),
             Err(e) => {
                 eprintln!("warning: not watching {} for changes: {e}", dir.display());
@@ -304,25 +310,38 @@ fn sandbox_executor(dir: &Path, common: &CommonArgs) -> Result<SandboxExecutor, 
         .volumes
         .clone()
         .or_else(|| folder_beside(dir, "volumes"));
-    Ok(SandboxExecutor::new(
-        engine,
-        VolumesDir(volumes),
-        common.state_dir.join("secret-files"),
-    ))
+    Ok(
+        SandboxExecutor::new(engine, VolumesDir(volumes), common.state_dir.clone())
+            .allow_degraded(common.allow_degraded),
+    )
 }
 
 /// Fills the warm pools of the tools now served (dropping those of replaced
-/// tools) and reports the tools that cannot run.
-async fn prepare_sandboxes(registry: &Registry, executor: &dyn ToolExecutor) {
-    let tools: Vec<_> = registry.snapshot().values().cloned().collect();
-    match executor.prepare(&tools).await {
-        Ok(errors) => {
-            for e in errors {
-                eprintln!("error: cannot run {e}");
+/// tools). A tool that cannot run (e.g. its isolation would be degraded
+/// without permission) is reported and no longer served; the metrics name
+/// what each served tool runs without.
+async fn prepare_sandboxes(runner: &Runner) {
+    let tools: Vec<_> = runner.registry.snapshot().values().cloned().collect();
+    match runner.executor.prepare(&tools).await {
+        Ok(unrunnable) => {
+            for (tool, reason) in &unrunnable {
+                eprintln!("error: cannot run {tool}, not served: {reason}");
             }
+            let names: Vec<String> = unrunnable.into_iter().map(|(tool, _)| tool).collect();
+            runner.registry.withdraw(&names);
         }
         Err(e) => eprintln!("error: preparing sandboxes: {e}"),
     }
+    let served: Vec<_> = runner.registry.snapshot().values().cloned().collect();
+    let degraded: Vec<(String, Vec<Degradation>)> = served
+        .iter()
+        .map(|t| (t.name.clone(), runner.executor.degradations(t).unwrap_or_default()))
+        .collect();
+    runner.metrics.set_degraded(
+        degraded
+            .iter()
+            .flat_map(|(tool, list)| list.iter().map(move |d| (tool.as_str(), d.missing))),
+    );
 }
 
 /// Loads `dir` into the registry and reports what is (not) served on stderr.
@@ -376,6 +395,13 @@ fn banner(
     eprintln!("  MCP:       http://{addr}/mcp   (streamable HTTP)");
     eprintln!("  probes:    http://{addr}/healthz  /readyz  /metrics");
     eprintln!("  isolation: {}", runner.executor.isolation());
+    for tool in tools.values() {
+        let degradations = runner.executor.degradations(tool).unwrap_or_default();
+        if !degradations.is_empty() {
+            let list: Vec<String> = degradations.iter().map(ToString::to_string).collect();
+            eprintln!("  DEGRADED:  {} runs with {}", tool.name, list.join("; "));
+        }
+    }
     eprintln!("  images:    {images}");
     eprintln!("  auth:      {}", runner.auth.describe());
     eprintln!(
@@ -386,11 +412,7 @@ fn banner(
 
 /// Reloads on any change to a manifest in `dir`, after changes settle for
 /// 200 ms (editors write files in several steps).
-fn watch(
-    dir: &Path,
-    registry: Arc<Registry>,
-    executor: Arc<dyn ToolExecutor>,
-) -> notify::Result<notify::RecommendedWatcher> {
+fn watch(dir: &Path, runner: Arc<Runner>) -> notify::Result<notify::RecommendedWatcher> {
     use notify::Watcher;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -411,7 +433,7 @@ fn watch(
                 tokio::time::timeout(Duration::from_millis(200), rx.recv()).await
             {}
             // Loading compiles schemas and may unpack images: keep it off the I/O threads.
-            let (loading, dir) = (registry.clone(), dir.clone());
+            let (loading, dir) = (runner.registry.clone(), dir.clone());
             let Ok((report, dir)) =
                 tokio::task::spawn_blocking(move || (load(&loading, &dir), dir)).await
             else {
@@ -423,7 +445,7 @@ fn watch(
                     dir.display(),
                     report.served.join(", ")
                 );
-                prepare_sandboxes(&registry, executor.as_ref()).await;
+                prepare_sandboxes(&runner).await;
             } else {
                 eprintln!(
                     "reload of {} failed; still serving the previous tools",

@@ -69,7 +69,7 @@ rules! {
     IMAGE_REGISTRY_ALLOWED = "TW-PRIV-006", LeastPrivilege, false, "the image comes from an allowed registry";
     IMAGE_PINNED = "TW-PRIV-007", LeastPrivilege, false, "the image is pinned by digest";
     AUTHORIZATION_COMPILES = "TW-PRIV-008", LeastPrivilege, true, "authorization expressions are valid CEL";
-    NO_HOST_PATH = "TW-PRIV-009", LeastPrivilege, false, "no hostPath mounts";
+    NO_HOST_PATH = "TW-PRIV-009", LeastPrivilege, true, "no hostPath mounts, except read-only under a policy's allowedHostPaths";
     TIMEOUT_CAPPED = "TW-SANDBOX-001", Sandboxing, false, "timeoutMs is within the policy cap";
     MEMORY_CAPPED = "TW-SANDBOX-002", Sandboxing, false, "sandbox.memory is set and within the policy cap";
     PIDS_CAPPED = "TW-SANDBOX-003", Sandboxing, false, "pids is within the policy cap";

@@ -22,3 +22,4 @@ pub mod rest;
 pub mod sandbox_executor;
 pub mod sanitize;
 pub mod validate;
+pub mod volumes;

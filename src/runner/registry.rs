@@ -194,6 +194,14 @@ impl Registry {
         self.tools.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Stops serving `names` (tools that cannot run); the others stay as they are.
+    pub fn withdraw(&self, names: &[String]) {
+        let mut tools = self.tools.write().unwrap_or_else(|p| p.into_inner());
+        let mut next = (**tools).clone();
+        next.retain(|name, _| !names.contains(name));
+        *tools = Arc::new(next);
+    }
+
     /// Loads `paths` and replaces the tool set. A tool whose spec did not change
     /// keeps its compiled form and its rate-limit state. When the manifests
     /// cannot be read at all, the current set stays.

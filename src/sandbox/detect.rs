@@ -195,11 +195,17 @@ fn probe_userns() -> Result<(), String> {
     }
 }
 
+/// Every folder on the way to `path` can be searched by the user-namespace
+/// root: by everyone (`o+x`), or by the mapped root as its owner (a private
+/// per-tool folder, see `write_secret_files`).
 fn world_traversable(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
     let canon = std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
     for anc in canon.ancestors() {
         let meta = std::fs::metadata(anc).map_err(|e| format!("{}: {e}", anc.display()))?;
-        if meta.is_dir() && meta.permissions().mode() & 0o001 == 0 {
+        let mode = meta.permissions().mode();
+        let mapped_root_owns = meta.uid() == USERNS_HOST_BASE && mode & 0o100 != 0;
+        if meta.is_dir() && mode & 0o001 == 0 && !mapped_root_owns {
             return Err(format!(
                 "{} is not world-traversable (o+x), the user-namespace root could not reach it",
                 anc.display()

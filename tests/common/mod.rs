@@ -153,7 +153,7 @@ pub fn runner_sandbox(dir: &Path) -> (SandboxExecutor, ImageStore) {
     let executor = SandboxExecutor::new(
         engine(),
         VolumesDir(Some(dir.join("volumes"))),
-        dir.join("secret-files"),
+        dir.join("state"),
     );
     let store = ImageStore {
         dir: dir.join("images"),

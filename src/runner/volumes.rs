@@ -1,0 +1,396 @@
+//! Where the standalone runner finds the volumes a tool mounts, and how it
+//! bounds the writable ones.
+//!
+//! Names are Kubernetes names (checked again here, whatever the manifest
+//! loader did) and are opened beneath their folder with `openat2`
+//! (`RESOLVE_IN_ROOT | RESOLVE_NO_SYMLINKS` through `pathrs`): no `..`, no
+//! absolute path and no symbolic link planted in `volumes/pvc/` can lead out.
+//!
+//! A writable volume gets a size limit the kernel enforces: its data lives in
+//! an ext4 image of `sizeLimit` bytes (`STATE/volumes/<kind>-<name>.ext4`,
+//! seeded once from the folder), loop-mounted in the sandbox engine's own
+//! mount namespace. A tool that fills it gets `ENOSPC`; the host file system
+//! only ever holds the image.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+
+use pathrs::Root;
+use pathrs::flags::ResolverFlags;
+use sha2::Digest;
+
+use crate::api::names::{self, NameError};
+use crate::api::{FilesystemMount, parse_quantity};
+
+/// Size of a writable volume whose mount sets no `sizeLimit`.
+pub const DEFAULT_WRITABLE_SIZE: u64 = 256 << 20;
+/// ext4 needs room for its own metadata; smaller limits are refused.
+pub const MIN_WRITABLE_SIZE: u64 = 1 << 20;
+
+/// Where the standalone runner finds the volumes a tool names:
+/// `DIR/pvc/<claim>` and `DIR/configmap/<name>`.
+#[derive(Clone, Debug, Default)]
+pub struct VolumesDir(pub Option<PathBuf>);
+
+/// Why a volume cannot be mounted.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error(
+        "{kind} {name:?} needs a volumes folder (--volumes DIR, read as DIR/{kind}/{name})"
+    )]
+    NoVolumesDir { kind: &'static str, name: String },
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error(
+        "{path}: cannot be opened beneath the volumes folder without following a symbolic link or leaving it ({source})"
+    )]
+    Escapes {
+        path: String,
+        source: pathrs::error::Error,
+    },
+    #[error("hostPath {given} resolves to {real}: name the real folder (symbolic links are not followed)")]
+    HostPathLink { given: String, real: PathBuf },
+    #[error("{0} is not a folder")]
+    NotAFolder(PathBuf),
+    #[error("emptyDir is not available to the standalone runner; use /tmp (spec.sandbox.tmpSize)")]
+    EmptyDir,
+    #[error("sizeLimit: {0}")]
+    SizeLimit(String),
+    #[error(
+        "{image} holds this volume with {found} bytes, but sizeLimit is now {wanted}: restore sizeLimit or move the image away (its data is the volume's)"
+    )]
+    SizeChanged {
+        image: PathBuf,
+        found: u64,
+        wanted: u64,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{command} failed: {output}")]
+    Command { command: String, output: String },
+}
+
+impl VolumeError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            VolumeError::NoVolumesDir { .. } => "NoVolumesDir",
+            VolumeError::Name(e) => e.reason(),
+            VolumeError::Escapes { .. } => "VolumeEscapes",
+            VolumeError::HostPathLink { .. } => "HostPathLink",
+            VolumeError::NotAFolder(_) => "NotAFolder",
+            VolumeError::EmptyDir => "EmptyDirUnsupported",
+            VolumeError::SizeLimit(_) => "InvalidSizeLimit",
+            VolumeError::SizeChanged { .. } => "SizeLimitChanged",
+            VolumeError::Io { .. } => "VolumeIo",
+            VolumeError::Command { .. } => "VolumeCommandFailed",
+        }
+    }
+}
+
+fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> VolumeError {
+    let what = what.to_string();
+    move |source| VolumeError::Io { what, source }
+}
+
+/// The host folder behind one mount, resolved so that it cannot be outside
+/// its folder. `kind` is `pvc`, `configmap` or `hostpath` (for the image name).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeSource {
+    pub kind: &'static str,
+    pub name: String,
+    pub folder: PathBuf,
+}
+
+impl VolumesDir {
+    /// The folder `mount` names. Never a path outside `DIR/<kind>/`.
+    pub fn resolve(&self, mount: &FilesystemMount) -> Result<VolumeSource, VolumeError> {
+        if let Some(path) = &mount.host_path {
+            return host_folder(path);
+        }
+        let (kind, name) = match (&mount.persistent_volume_claim, &mount.config_map) {
+            (Some(claim), _) => ("pvc", claim),
+            (None, Some(name)) => ("configmap", name),
+            // A shared folder would let one call leave data for the next, which a
+            // fresh sandbox per call must not allow; /tmp is the per-call scratch.
+            (None, None) => return Err(VolumeError::EmptyDir),
+        };
+        let name = names::dns1123_subdomain(name)?;
+        let Some(dir) = &self.0 else {
+            return Err(VolumeError::NoVolumesDir {
+                kind,
+                name: name.into(),
+            });
+        };
+        let relative = format!("{kind}/{name}");
+        let escapes = |source| VolumeError::Escapes {
+            path: dir.join(&relative).display().to_string(),
+            source,
+        };
+        // The volumes folder itself is the administrator's choice; below it,
+        // nothing is followed.
+        let root = Root::open(dir)
+            .map_err(escapes)?
+            .with_resolver_flags(ResolverFlags::NO_SYMLINKS);
+        let handle = root.resolve(&relative).map_err(escapes)?;
+        let folder = fd_path(handle.as_fd())?;
+        let canonical_root = std::fs::canonicalize(dir).map_err(io(dir.display()))?;
+        if !folder.starts_with(&canonical_root) {
+            // openat2 guarantees this; a failure here is a kernel or pathrs bug.
+            return Err(VolumeError::HostPathLink {
+                given: dir.join(&relative).display().to_string(),
+                real: folder,
+            });
+        }
+        let meta = std::fs::metadata(&folder).map_err(io(folder.display()))?;
+        if !meta.is_dir() {
+            return Err(VolumeError::NotAFolder(folder));
+        }
+        Ok(VolumeSource {
+            kind,
+            name: name.into(),
+            folder,
+        })
+    }
+}
+
+/// A hostPath as given: absolute, without `.`/`..` and without symbolic
+/// links, so the folder a policy allowed by prefix is the folder mounted.
+fn host_folder(path: &str) -> Result<VolumeSource, VolumeError> {
+    names::absolute_clean_path(path)?;
+    let given = Path::new(path);
+    let real = std::fs::canonicalize(given).map_err(io(path))?;
+    if real != given.components().collect::<PathBuf>() {
+        return Err(VolumeError::HostPathLink {
+            given: path.into(),
+            real,
+        });
+    }
+    if !real.is_dir() {
+        return Err(VolumeError::NotAFolder(real));
+    }
+    // The image name stands for the path: a digest keeps it one file name.
+    let digest = hex::encode(sha2::Sha256::digest(path.as_bytes()));
+    Ok(VolumeSource {
+        kind: "hostpath",
+        name: digest[..16].to_string(),
+        folder: real,
+    })
+}
+
+/// The path an open file descriptor refers to.
+fn fd_path(fd: std::os::fd::BorrowedFd<'_>) -> Result<PathBuf, VolumeError> {
+    let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    std::fs::read_link(&link).map_err(io(link))
+}
+
+/// `sizeLimit` of a writable mount in bytes.
+pub fn size_limit(mount: &FilesystemMount) -> Result<u64, VolumeError> {
+    let Some(q) = &mount.size_limit else {
+        return Ok(DEFAULT_WRITABLE_SIZE);
+    };
+    let bytes = parse_quantity(q).map_err(|e| VolumeError::SizeLimit(e.to_string()))?;
+    if bytes < MIN_WRITABLE_SIZE as f64 {
+        return Err(VolumeError::SizeLimit(format!(
+            "{} is below the smallest bounded volume, 1Mi",
+            q.0
+        )));
+    }
+    Ok(bytes as u64)
+}
+
+/// The writable volumes of all pools: one loop-mounted ext4 image per
+/// volume, shared by every pool that mounts it and unmounted with the last.
+pub struct BoundedVolumes {
+    /// `STATE/volumes`: the images and their mount points.
+    store: PathBuf,
+    /// The mount namespace the sandboxes are built in (the zygote's).
+    zygote_pid: u32,
+    mounted: Mutex<HashMap<PathBuf, Weak<BoundedVolume>>>,
+}
+
+/// One mounted image; unmounted when the last pool using it is dropped.
+pub struct BoundedVolume {
+    /// Where the sandboxes find it (in the zygote's mount namespace).
+    pub mountpoint: PathBuf,
+    zygote_pid: u32,
+}
+
+impl Drop for BoundedVolume {
+    fn drop(&mut self) {
+        if let Err(e) = in_mount_namespace(self.zygote_pid, "umount", &[self.mountpoint.as_os_str()])
+        {
+            tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "bounded volume not unmounted");
+        }
+    }
+}
+
+impl BoundedVolumes {
+    pub fn new(store: PathBuf, zygote_pid: u32) -> Self {
+        BoundedVolumes {
+            store,
+            zygote_pid,
+            mounted: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The mounted image holding `source`, of `size` bytes, whose root folder
+    /// belongs to `owner` (the sandbox user as the host sees it).
+    pub fn mount(
+        &self,
+        source: &VolumeSource,
+        size: u64,
+        owner: u32,
+    ) -> Result<Arc<BoundedVolume>, VolumeError> {
+        let image = self.store.join(format!("{}.ext4", stem(source)));
+        let mut mounted = self.mounted.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(volume) = mounted.get(&image).and_then(Weak::upgrade) {
+            check_size(&image, size)?;
+            return Ok(volume);
+        }
+        let mountpoint = self.mountpoint(source)?;
+        if image.exists() {
+            check_size(&image, size)?;
+        } else {
+            create_image(&image, &source.folder, size)?;
+        }
+        in_mount_namespace(
+            self.zygote_pid,
+            "mount",
+            &[
+                "-o".as_ref(),
+                "loop,nosuid,nodev".as_ref(),
+                image.as_os_str(),
+                mountpoint.as_os_str(),
+            ],
+        )?;
+        let volume = Arc::new(BoundedVolume {
+            mountpoint,
+            zygote_pid: self.zygote_pid,
+        });
+        // The file system's root, as the sandboxes see it: owned by the sandbox user.
+        let root = self.seen_by_sandboxes(&volume.mountpoint);
+        std::os::unix::fs::chown(&root, Some(owner), Some(owner)).map_err(io(root.display()))?;
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755))
+            .map_err(io(root.display()))?;
+        mounted.retain(|_, v| v.strong_count() > 0);
+        mounted.insert(image, Arc::downgrade(&volume));
+        Ok(volume)
+    }
+
+    /// Where the bounded image of `source` is mounted (an empty folder until it is).
+    pub fn mountpoint(&self, source: &VolumeSource) -> Result<PathBuf, VolumeError> {
+        let mountpoints = self.store.join("mnt");
+        for dir in [&self.store, &mountpoints] {
+            std::fs::create_dir_all(dir).map_err(io(dir.display()))?;
+            // Traversable for a user-namespaced sandbox's setup, listable by nobody.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+                .map_err(io(dir.display()))?;
+        }
+        let mountpoint = mountpoints.join(stem(source));
+        std::fs::create_dir_all(&mountpoint).map_err(io(mountpoint.display()))?;
+        Ok(mountpoint)
+    }
+
+    /// `path` in the sandbox engine's mount namespace, as this process can reach it.
+    pub fn seen_by_sandboxes(&self, path: &Path) -> PathBuf {
+        Path::new(&format!("/proc/{}/root", self.zygote_pid))
+            .join(path.strip_prefix("/").unwrap_or(path))
+    }
+}
+
+/// File name of a volume's image and mount point: names are DNS-1123, so
+/// `pvc-NAME`, `configmap-NAME` and `hostpath-DIGEST` never collide.
+fn stem(source: &VolumeSource) -> String {
+    format!("{}-{}", source.kind, source.name)
+}
+
+fn check_size(image: &Path, wanted: u64) -> Result<(), VolumeError> {
+    let found = std::fs::metadata(image).map_err(io(image.display()))?.len();
+    if found == wanted {
+        Ok(())
+    } else {
+        Err(VolumeError::SizeChanged {
+            image: image.into(),
+            found,
+            wanted,
+        })
+    }
+}
+
+/// A sparse image of `size` bytes with an ext4 file system holding a copy of
+/// `folder`. Written under a temporary name: a failure leaves nothing behind.
+fn create_image(image: &Path, folder: &Path, size: u64) -> Result<(), VolumeError> {
+    let partial = image.with_extension("ext4.partial");
+    let _ = std::fs::remove_file(&partial);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&partial)
+        .map_err(io(partial.display()))?;
+    file.set_len(size).map_err(io(partial.display()))?;
+    drop(file);
+    let result = run(std::process::Command::new("mkfs.ext4").args([
+        "-q".as_ref(),
+        "-F".as_ref(),
+        // No blocks reserved for root: the tool gets the whole limit.
+        "-m".as_ref(),
+        "0".as_ref(),
+        "-d".as_ref(),
+        folder.as_os_str(),
+        partial.as_os_str(),
+    ]))
+    .and_then(|()| std::fs::rename(&partial, image).map_err(io(image.display())));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    result
+}
+
+/// Runs `program args` inside the mount namespace of process `pid`.
+fn in_mount_namespace(
+    pid: u32,
+    program: &str,
+    args: &[&std::ffi::OsStr],
+) -> Result<(), VolumeError> {
+    let ns_path = format!("/proc/{pid}/ns/mnt");
+    let ns: OwnedFd = std::fs::File::open(&ns_path)
+        .map_err(io(&ns_path))?
+        .into();
+    let raw = ns.as_raw_fd();
+    let mut command = std::process::Command::new(program);
+    command.args(args);
+    // SAFETY: setns is async-signal-safe; the forked child is single-threaded,
+    // which entering a mount namespace requires.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setns(raw, libc::CLONE_NEWNS) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let result = run(&mut command);
+    drop(ns);
+    result
+}
+
+fn run(command: &mut std::process::Command) -> Result<(), VolumeError> {
+    let describe = format!("{command:?}");
+    let output = command.output().map_err(io(&describe))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(VolumeError::Command {
+            command: describe,
+            output: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        })
+    }
+}
