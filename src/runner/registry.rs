@@ -42,16 +42,22 @@ pub struct PreparedTool {
 pub struct SecretsDir(pub Option<PathBuf>);
 
 impl SecretsDir {
+    /// `DIR/<secret>/<key>`, for Kubernetes names only, opened beneath DIR:
+    /// symbolic links are followed (a mounted Secret's keys are links into
+    /// `..data/`) but resolved inside DIR, so none leads out of it.
     fn read(&self, secret: &str, key: &str) -> Option<Vec<u8>> {
+        use std::io::Read;
         let dir = self.0.as_ref()?;
-        // Names are validated by the CRD bounds, but never let one climb out.
-        if [secret, key]
-            .iter()
-            .any(|s| s.contains('/') || s.starts_with('.'))
-        {
-            return None;
-        }
-        std::fs::read(dir.join(secret).join(key)).ok()
+        crate::api::names::dns1123_subdomain(secret).ok()?;
+        crate::api::names::config_key(key).ok()?;
+        let root = pathrs::Root::open(dir).ok()?;
+        let mut file = root
+            .resolve(format!("{secret}/{key}"))
+            .and_then(|handle| handle.reopen(pathrs::flags::OpenFlags::O_RDONLY))
+            .ok()?;
+        let mut value = Vec::new();
+        file.read_to_end(&mut value).ok()?;
+        Some(value)
     }
 }
 
