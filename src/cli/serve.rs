@@ -2,6 +2,7 @@
 //! controller creates): load tools, check them, serve REST and MCP.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -297,6 +298,12 @@ fn sandbox_executor(dir: &Path, common: &CommonArgs) -> Result<SandboxExecutor, 
                 .into(),
         );
     }
+    // Root-owned and 0711: a user-namespaced sandbox's setup passes through it
+    // to the volumes and secret files below, and nobody can list it.
+    let state = &common.state_dir;
+    std::fs::create_dir_all(state)
+        .and_then(|()| std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o711)))
+        .map_err(|e| format!("--state-dir {}: {e}", state.display()))?;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
     let mut config = EngineConfig::new(exe);
     config.state_root = common.state_dir.join("sandbox");

@@ -224,6 +224,10 @@ pub struct BoundedVolume {
 
 impl Drop for BoundedVolume {
     fn drop(&mut self) {
+        // Once the engine has stopped, its mount namespace and this mount are gone.
+        if !Path::new(&format!("/proc/{}/ns/mnt", self.zygote_pid)).exists() {
+            return;
+        }
         if let Err(e) = in_mount_namespace(self.zygote_pid, "umount", &[self.mountpoint.as_os_str()])
         {
             tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "bounded volume not unmounted");
