@@ -298,21 +298,22 @@ fn sandbox_executor(dir: &Path, common: &CommonArgs) -> Result<SandboxExecutor, 
                 .into(),
         );
     }
+    let could_not_start = |e: String| {
+        format!(
+            "the sandbox engine could not start ({e}); it needs root (or pass --unsandboxed-dev \
+             to try the API without isolation, trusted tools only)"
+        )
+    };
     // Root-owned and 0711: a user-namespaced sandbox's setup passes through it
     // to the volumes and secret files below, and nobody can list it.
     let state = &common.state_dir;
     std::fs::create_dir_all(state)
         .and_then(|()| std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o711)))
-        .map_err(|e| format!("--state-dir {}: {e}", state.display()))?;
+        .map_err(|e| could_not_start(format!("--state-dir {}: {e}", state.display())))?;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
     let mut config = EngineConfig::new(exe);
     config.state_root = common.state_dir.join("sandbox");
-    let engine = Sandboxes::start(&config).map_err(|e| {
-        format!(
-            "the sandbox engine could not start ({e}); it needs root (or pass --unsandboxed-dev \
-             to try the API without isolation, trusted tools only)"
-        )
-    })?;
+    let engine = Sandboxes::start(&config).map_err(|e| could_not_start(e.to_string()))?;
     let volumes = common
         .volumes
         .clone()
