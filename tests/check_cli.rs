@@ -411,18 +411,39 @@ fn host_paths_need_an_administrators_allowance() {
         assert!(text.contains(message), "expected `{message}` in {text}");
     };
     // No policy: any hostPath, read-only or not, is refused.
-    refused(mount("/", false), "no ToolPolicy selecting this tool lists it");
-    refused(mount("/etc", true), "no ToolPolicy selecting this tool lists it");
+    refused(
+        mount("/", false),
+        "no ToolPolicy selecting this tool lists it",
+    );
+    refused(
+        mount("/etc", true),
+        "no ToolPolicy selecting this tool lists it",
+    );
     let data = "{pathPrefix: /srv/data}";
     // Allowed read-only folder: a read-only mount below it passes...
-    assert_eq!(verdict(mount("/srv/data/reports", true) + &allow(data, "")).0, Some(0));
-    assert_eq!(verdict(mount("/srv/data", true) + &allow(data, "")).0, Some(0));
+    assert_eq!(
+        verdict(mount("/srv/data/reports", true) + &allow(data, "")).0,
+        Some(0)
+    );
+    assert_eq!(
+        verdict(mount("/srv/data", true) + &allow(data, "")).0,
+        Some(0)
+    );
     // ...a writable one does not, nor a sibling sharing the prefix's text.
-    refused(mount("/srv/data", false) + &allow(data, ""), "read-only mounts only");
-    refused(mount("/srv/database", true) + &allow(data, ""), "no ToolPolicy");
+    refused(
+        mount("/srv/data", false) + &allow(data, ""),
+        "read-only mounts only",
+    );
+    refused(
+        mount("/srv/database", true) + &allow(data, ""),
+        "no ToolPolicy",
+    );
     // Writes only where the administrator said so.
     let writable = "{pathPrefix: /srv/data, readOnly: false}";
-    assert_eq!(verdict(mount("/srv/data/out", false) + &allow(writable, "")).0, Some(0));
+    assert_eq!(
+        verdict(mount("/srv/data/out", false) + &allow(writable, "")).0,
+        Some(0)
+    );
     // forbidHostPath in any selecting policy refuses even an allowed folder.
     refused(
         mount("/srv/data", true) + &allow(data, "      forbidHostPath: true\n"),

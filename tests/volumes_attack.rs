@@ -42,11 +42,7 @@ spec:
     serde_yaml::from_str(&yaml).unwrap()
 }
 
-fn prepared(
-    tool: &AgentTool,
-    store: &ImageStore,
-    secrets: &SecretsDir,
-) -> Arc<PreparedTool> {
+fn prepared(tool: &AgentTool, store: &ImageStore, secrets: &SecretsDir) -> Arc<PreparedTool> {
     Arc::new(prepare(tool, 1, secrets, Some(store), &LimiterClock::manual()).unwrap())
 }
 
@@ -98,7 +94,10 @@ async fn call(executor: &SandboxExecutor, tool: &PreparedTool) -> (String, Strin
 async fn assert_refused(executor: &SandboxExecutor, tool: &Arc<PreparedTool>, why: &str) {
     let refused = executor.prepare(std::slice::from_ref(tool)).await.unwrap();
     assert_eq!(refused.len(), 1, "{} was not refused", tool.name);
-    assert!(refused[0].1.contains(why), "expected `{why}` in {refused:?}");
+    assert!(
+        refused[0].1.contains(why),
+        "expected `{why}` in {refused:?}"
+    );
     match executor.execute(tool, b"{}".to_vec(), vec![]).await {
         Err(ExecError::Spawn(e)) => assert!(e.contains(why), "{e}"),
         other => panic!("{} ran: {other:?}", tool.name),
@@ -123,7 +122,11 @@ async fn traversing_volume_names_never_leave_the_volumes_folder() {
         ("persistentVolumeClaim", "../../../../../../outside", false),
         ("persistentVolumeClaim", "..", false),
         ("persistentVolumeClaim", ".", false),
-        ("persistentVolumeClaim", "agent-workspace/../../../outside", false),
+        (
+            "persistentVolumeClaim",
+            "agent-workspace/../../../outside",
+            false,
+        ),
         ("configMap", "../../outside/secret-files", true),
         ("configMap", "../../../../../../etc", true),
         ("configMap", "/etc", true),
@@ -137,7 +140,11 @@ async fn traversing_volume_names_never_leave_the_volumes_folder() {
     assert_eq!(snapshot(dir.path()), before, "the host changed");
     assert_eq!(std::fs::metadata("/etc").unwrap().mtime(), etc);
     // The honest name still works, so the refusals are about the names.
-    let honest = tool("honest", "cat /w/notes.txt", &mount("configMap", "notes", true));
+    let honest = tool(
+        "honest",
+        "cat /w/notes.txt",
+        &mount("configMap", "notes", true),
+    );
     std::fs::create_dir_all(dir.path().join("volumes/configmap/notes")).unwrap();
     std::fs::write(dir.path().join("volumes/configmap/notes/notes.txt"), "hi\n").unwrap();
     let honest = prepared(&honest, &store, &SecretsDir::default());
@@ -195,7 +202,13 @@ async fn one_tool_cannot_read_another_tools_file_secret_by_any_path() {
     };
     let alpha = tool("alpha", "cat /run/secrets/token", &file_secret("alpha"));
     let alpha = prepared(&alpha, &store, &secrets);
-    assert!(executor.prepare(&[alpha.clone()]).await.unwrap().is_empty());
+    assert!(
+        executor
+            .prepare(std::slice::from_ref(&alpha))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(call(&executor, &alpha).await.0, "alpha-secret-4711");
     // The exact path of alpha's file, as the host sees it.
     let state = dir.path().join("state");
@@ -225,7 +238,10 @@ async fn one_tool_cannot_read_another_tools_file_secret_by_any_path() {
     assert!(out.starts_with("beta-secret-0815"), "{out}{err}");
     assert!(out.contains("Permission denied"), "{out}{err}");
     assert!(out.ends_with("done\n"), "{out}{err}");
-    assert!(!out.contains("alpha-secret"), "beta read alpha's secret: {out}");
+    assert!(
+        !out.contains("alpha-secret"),
+        "beta read alpha's secret: {out}"
+    );
     assert_eq!(call(&executor, &alpha).await.0, "alpha-secret-4711");
 }
 
@@ -250,7 +266,13 @@ async fn filling_a_writable_volume_stops_at_its_size_limit() {
         extra,
     );
     let fill = prepared(&fill, &store, &SecretsDir::default());
-    assert!(executor.prepare(&[fill.clone()]).await.unwrap().is_empty());
+    assert!(
+        executor
+            .prepare(std::slice::from_ref(&fill))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let (out, err) = call(&executor, &fill).await;
     eprintln!("filler:\n{out}{err}");
     assert!(out.contains("No space left on device"), "{out}{err}");
@@ -259,7 +281,11 @@ async fn filling_a_writable_volume_stops_at_its_size_limit() {
     let image = dir.path().join("state/volumes/pvc-scratch.ext4");
     let on_disk = std::fs::metadata(&image).unwrap().blocks() * 512;
     assert!(on_disk <= limit, "the image takes {on_disk} bytes");
-    assert_eq!(snapshot(&dir.path().join("volumes")), before, "the host folder changed");
+    assert_eq!(
+        snapshot(&dir.path().join("volumes")),
+        before,
+        "the host folder changed"
+    );
     let next = tool(
         "filler",
         "rm /w/fill*; echo again > /w/after && cat /w/after /w/seed.txt",
@@ -277,11 +303,9 @@ async fn a_degraded_tool_is_refused_unless_degradation_is_allowed() {
     let dir = common::world_traversable_tempdir();
     let (executor, _) = common::runner_sandbox(dir.path());
     let private = dir.path().join("private");
-    common::build_busybox_rootfs(
-        &private
-            .join("images")
-            .join(toolwarden::runner::images::entry_name("docker.io/library/busybox:1.36.1")),
-    );
+    common::build_busybox_rootfs(&private.join("images").join(
+        toolwarden::runner::images::entry_name("docker.io/library/busybox:1.36.1"),
+    ));
     std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
     let store = ImageStore {
         dir: private.join("images"),
@@ -292,14 +316,27 @@ async fn a_degraded_tool_is_refused_unless_degradation_is_allowed() {
     assert_eq!(executor.degradations(&plain), None);
     // The tool accepts it...
     let mut accepting = tool("accepting", "id -u", "");
-    assert!(!accepting.spec.sandbox.allow_degraded, "allowDegraded defaults to false");
+    assert!(
+        !accepting.spec.sandbox.allow_degraded,
+        "allowDegraded defaults to false"
+    );
     accepting.spec.sandbox.allow_degraded = true;
     let accepting = prepared(&accepting, &store, &SecretsDir::default());
     // ...or the operator does, for every tool.
-    let operator = SandboxExecutor::new(common::engine(), VolumesDir(None), dir.path().join("state2"))
-        .allow_degraded(true);
+    let operator = SandboxExecutor::new(
+        common::engine(),
+        VolumesDir(None),
+        dir.path().join("state2"),
+    )
+    .allow_degraded(true);
     for (executor, tool) in [(&executor, &accepting), (&operator, &plain)] {
-        assert!(executor.prepare(std::slice::from_ref(tool)).await.unwrap().is_empty());
+        assert!(
+            executor
+                .prepare(std::slice::from_ref(tool))
+                .await
+                .unwrap()
+                .is_empty()
+        );
         let degradations = executor.degradations(tool).unwrap();
         assert!(
             degradations.iter().any(|d| d.missing == "userNamespace"),
@@ -309,8 +346,18 @@ async fn a_degraded_tool_is_refused_unless_degradation_is_allowed() {
     }
     // A tool from a reachable folder is not degraded at all (on this host).
     let (_, reachable) = common::runner_sandbox(&dir.path().join("open"));
-    let fine = prepared(&tool("fine", "id -u", ""), &reachable, &SecretsDir::default());
-    assert!(executor.prepare(&[fine.clone()]).await.unwrap().is_empty());
+    let fine = prepared(
+        &tool("fine", "id -u", ""),
+        &reachable,
+        &SecretsDir::default(),
+    );
+    assert!(
+        executor
+            .prepare(std::slice::from_ref(&fine))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(executor.degradations(&fine), Some(vec![]));
 }
 
@@ -395,7 +442,10 @@ fn serve_refuses_a_degraded_tool_without_the_flag_and_shows_it_with_it() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     common::example_images_and_volumes(dir.path());
     std::fs::write(dir.path().join("shy.yaml"), DEGRADED_TOOLS).unwrap();
-    let state = tempfile::Builder::new().prefix("twtest-vol").tempdir_in("/run").unwrap();
+    let state = tempfile::Builder::new()
+        .prefix("twtest-vol")
+        .tempdir_in("/run")
+        .unwrap();
 
     let refused = serve(dir.path(), state.path(), &[]);
     let text = refused.stderr.join("\n");
@@ -410,12 +460,18 @@ fn serve_refuses_a_degraded_tool_without_the_flag_and_shows_it_with_it() {
     let allowed = serve(dir.path(), state.path(), &["--allow-degraded"]);
     let text = allowed.stderr.join("\n");
     assert!(text.contains("serving 1 tool(s)"), "{text}");
-    assert!(text.contains("DEGRADED:  shy runs with no userNamespace"), "{text}");
+    assert!(
+        text.contains("DEGRADED:  shy runs with no userNamespace"),
+        "{text}"
+    );
     let (_, body) = get(&format!("http://{}/v1/tools", allowed.addr));
     let list: serde_json::Value = serde_json::from_str(&body).unwrap();
     let isolation = &list["tools"][0]["isolation"];
     assert_eq!(isolation["degraded"], true, "{body}");
-    assert_eq!(isolation["degradations"][0]["missing"], "userNamespace", "{body}");
+    assert_eq!(
+        isolation["degradations"][0]["missing"], "userNamespace",
+        "{body}"
+    );
     let (_, metrics) = get(&format!("http://{}/metrics", allowed.addr));
     assert!(
         metrics.contains("toolwarden_sandbox_degraded{tool=\"shy\",missing=\"userNamespace\"} 1"),

@@ -21,8 +21,7 @@ pub const CONFIG_KEY_MAX: usize = 253;
 
 /// An absolute host path with no `.` or `..` component and no empty one
 /// (`//`), so a prefix check on the text is a check on the folder.
-pub const ABSOLUTE_CLEAN_PATH: &str =
-    r"^(/([^/.][^/]*|\.[^/.][^/]*|\.\.[^/]+))+/?$|^/$";
+pub const ABSOLUTE_CLEAN_PATH: &str = r"^(/([^/.][^/]*|\.[^/.][^/]*|\.\.[^/]+))+/?$|^/$";
 
 static SUBDOMAIN: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(DNS1123_SUBDOMAIN).expect("valid pattern"));
@@ -33,9 +32,13 @@ static CLEAN_PATH: LazyLock<Regex> =
 /// Why a name cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {
-    #[error("{0:?} is not a Kubernetes name (DNS-1123 subdomain: lowercase letters, digits, `-` and `.`, at most 253 characters)")]
+    #[error(
+        "{0:?} is not a Kubernetes name (DNS-1123 subdomain: lowercase letters, digits, `-` and `.`, at most 253 characters)"
+    )]
     NotSubdomain(String),
-    #[error("{0:?} is not a Kubernetes key (letters, digits, `-`, `_` and `.`, not `.`/`..`, at most 253 characters)")]
+    #[error(
+        "{0:?} is not a Kubernetes key (letters, digits, `-`, `_` and `.`, not `.`/`..`, at most 253 characters)"
+    )]
     NotKey(String),
     #[error("{0:?} is not an absolute path without `.`, `..` or empty components")]
     NotCleanPath(String),
@@ -76,7 +79,9 @@ mod tests {
 
     #[test]
     fn traversing_names_are_refused() {
-        for bad in ["..", ".", "../x", "a/b", "A", "-a", "a-", "", "a..b", "a/../b"] {
+        for bad in [
+            "..", ".", "../x", "a/b", "A", "-a", "a-", "", "a..b", "a/../b",
+        ] {
             assert!(dns1123_subdomain(bad).is_err(), "{bad}");
         }
         assert!(dns1123_subdomain(&"a".repeat(254)).is_err());
@@ -89,7 +94,16 @@ mod tests {
         for good in ["token", ".dockerconfigjson", "tls.crt", "A_b-c"] {
             assert!(config_key(good).is_ok(), "{good}");
         }
-        for bad in ["x", "/a/../b", "/a/./b", "/a//b", "/..", "/a/..", "relative/a", ""] {
+        for bad in [
+            "x",
+            "/a/../b",
+            "/a/./b",
+            "/a//b",
+            "/..",
+            "/a/..",
+            "relative/a",
+            "",
+        ] {
             assert!(absolute_clean_path(bad).is_err(), "{bad}");
         }
         for good in ["/", "/srv/data", "/srv/data/", "/a/.hidden", "/a/..x"] {

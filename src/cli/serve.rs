@@ -343,7 +343,12 @@ async fn prepare_sandboxes(runner: &Runner) {
     let served: Vec<_> = runner.registry.snapshot().values().cloned().collect();
     let degraded: Vec<(String, Vec<Degradation>)> = served
         .iter()
-        .map(|t| (t.name.clone(), runner.executor.degradations(t).unwrap_or_default()))
+        .map(|t| {
+            (
+                t.name.clone(),
+                runner.executor.degradations(t).unwrap_or_default(),
+            )
+        })
         .collect();
     runner.metrics.set_degraded(
         degraded

@@ -75,7 +75,7 @@ rules! {
     PIDS_CAPPED = "TW-SANDBOX-003", Sandboxing, false, "pids is within the policy cap";
     EGRESS_ALLOWED = "TW-SANDBOX-004", Sandboxing, false, "egress hosts match the policy's allowed patterns";
     RUNTIME_CLASS_ALLOWED = "TW-SANDBOX-005", Sandboxing, false, "the runtime class is allowed (and present when required)";
-    QUANTITIES_VALID = "TW-SANDBOX-006", Sandboxing, true, "memory, cpu and tmpSize are valid, positive quantities";
+    QUANTITIES_VALID = "TW-SANDBOX-006", Sandboxing, true, "memory, cpu, tmpSize and volume sizeLimits are valid, positive quantities";
     AUDIT_LEVEL_MINIMUM = "TW-AUDIT-001", AuditLogging, false, "audit.input records at least the policy's minimum level";
     AUDIT_NO_FULL_WITH_SECRETS = "TW-AUDIT-002", AuditLogging, false, "tools with secrets do not record full input";
     AUDIT_REDACT_USED = "TW-AUDIT-003", AuditLogging, true, "audit.redact is only set with input: redacted";

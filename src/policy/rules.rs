@@ -3,8 +3,8 @@
 use crate::api::{AgentToolSpec, ToolPolicy, parse_quantity};
 
 use super::Violation;
-use super::catalog::{self as rule, Rule};
 use super::baseline::path_is_under;
+use super::catalog::{self as rule, Rule};
 use super::facts::ToolFacts;
 use super::schema_shape::SchemaSite;
 

@@ -132,7 +132,8 @@ impl SandboxExecutor {
         probe.mounts.retain(|m| m.source.exists());
         let host = self.engine.host();
         let userns_unusable = host.userns_unusable_for(&probe);
-        let degradations = degradations(userns_unusable.as_deref(), host.cgroup_unusable.as_deref());
+        let degradations =
+            degradations(userns_unusable.as_deref(), host.cgroup_unusable.as_deref());
         if !degradations.is_empty() && !self.allow_degraded && !tool.spec.sandbox.allow_degraded {
             return Err(format!(
                 "refused: its isolation would be degraded ({}); set spec.sandbox.allowDegraded: true or start serve with --allow-degraded to accept that",

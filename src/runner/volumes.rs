@@ -39,9 +39,7 @@ pub struct VolumesDir(pub Option<PathBuf>);
 /// Why a volume cannot be mounted.
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
-    #[error(
-        "{kind} {name:?} needs a volumes folder (--volumes DIR, read as DIR/{kind}/{name})"
-    )]
+    #[error("{kind} {name:?} needs a volumes folder (--volumes DIR, read as DIR/{kind}/{name})")]
     NoVolumesDir { kind: &'static str, name: String },
     #[error(transparent)]
     Name(#[from] NameError),
@@ -52,7 +50,9 @@ pub enum VolumeError {
         path: String,
         source: pathrs::error::Error,
     },
-    #[error("hostPath {given} resolves to {real}: name the real folder (symbolic links are not followed)")]
+    #[error(
+        "hostPath {given} resolves to {real}: name the real folder (symbolic links are not followed)"
+    )]
     HostPathLink { given: String, real: PathBuf },
     #[error("{0} is not a folder")]
     NotAFolder(PathBuf),
@@ -228,7 +228,8 @@ impl Drop for BoundedVolume {
         if !Path::new(&format!("/proc/{}/ns/mnt", self.zygote_pid)).exists() {
             return;
         }
-        if let Err(e) = in_mount_namespace(self.zygote_pid, "umount", &[self.mountpoint.as_os_str()])
+        if let Err(e) =
+            in_mount_namespace(self.zygote_pid, "umount", &[self.mountpoint.as_os_str()])
         {
             tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "bounded volume not unmounted");
         }
@@ -365,9 +366,7 @@ fn in_mount_namespace(
     args: &[&std::ffi::OsStr],
 ) -> Result<(), VolumeError> {
     let ns_path = format!("/proc/{pid}/ns/mnt");
-    let ns: OwnedFd = std::fs::File::open(&ns_path)
-        .map_err(io(&ns_path))?
-        .into();
+    let ns: OwnedFd = std::fs::File::open(&ns_path).map_err(io(&ns_path))?.into();
     let raw = ns.as_raw_fd();
     let mut command = std::process::Command::new(program);
     command.args(args);
