@@ -178,6 +178,17 @@ async fn a_symlink_planted_in_the_volumes_folder_is_not_followed_out() {
         let attack = prepared(&attack, &store, &SecretsDir::default());
         assert_refused(&executor, &attack, "without following a symbolic link").await;
     }
+    // A hostPath through a link, or with `..`, is not the folder a policy allowed.
+    let via_link = volumes.join("pvc/evil").display().to_string();
+    let dotted = format!("{}/../outside", volumes.display());
+    for (path, why) in [
+        (via_link.as_str(), "name the real folder"),
+        (dotted.as_str(), "is not an absolute path without"),
+    ] {
+        let attack = tool("linker", WRITE_AND_READ, &mount("hostPath", path, false));
+        let attack = prepared(&attack, &store, &SecretsDir::default());
+        assert_refused(&executor, &attack, why).await;
+    }
     assert_eq!(snapshot(dir.path()), before, "the host changed");
     assert_eq!(std::fs::metadata("/etc").unwrap().mtime(), etc);
 }
@@ -185,23 +196,48 @@ async fn a_symlink_planted_in_the_volumes_folder_is_not_followed_out() {
 /// Two tools with file secrets run as the same sandbox user. The second
 /// mounts the whole state folder (as an allowed hostPath over `/run` would)
 /// and tries every path to the first's secret: listing, globbing, the exact
-/// name read off the host, find. It reads only its own.
+/// name read off the host, find. It reads only its own. With a user namespace
+/// and without one (where the container's root is the host's root).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_tool_cannot_read_another_tools_file_secret_by_any_path() {
     require_root!();
     let dir = common::world_traversable_tempdir();
-    let (executor, store) = common::runner_sandbox(dir.path());
     let secrets = dir.path().join("secrets");
     for (name, value) in [("alpha", "alpha-secret-4711"), ("beta", "beta-secret-0815")] {
         std::fs::create_dir_all(secrets.join(name)).unwrap();
         std::fs::write(secrets.join(name).join("token"), value).unwrap();
     }
     let secrets = SecretsDir(Some(secrets));
+    let (executor, store) = common::runner_sandbox(dir.path());
+    secret_attack(&executor, &store, &secrets, &dir.path().join("state"), true).await;
+    // Without a user namespace: the root file system in a folder only root can enter.
+    let private = dir.path().join("private");
+    common::build_busybox_rootfs(&private.join("images").join(
+        toolwarden::runner::images::entry_name("docker.io/library/busybox:1.36.1"),
+    ));
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let store = ImageStore {
+        dir: private.join("images"),
+        cache: dir.path().join("cache"),
+    };
+    let state = dir.path().join("state-without-userns");
+    let executor = SandboxExecutor::new(common::engine(), VolumesDir(None), state.clone())
+        .allow_degraded(true);
+    secret_attack(&executor, &store, &secrets, &state, false).await;
+}
+
+async fn secret_attack(
+    executor: &SandboxExecutor,
+    store: &ImageStore,
+    secrets: &SecretsDir,
+    state: &Path,
+    user_namespace: bool,
+) {
     let file_secret = |name: &str| {
         format!("  secrets:\n  - {{secretName: {name}, key: token, file: /run/secrets/token}}\n")
     };
     let alpha = tool("alpha", "cat /run/secrets/token", &file_secret("alpha"));
-    let alpha = prepared(&alpha, &store, &secrets);
+    let alpha = prepared(&alpha, store, secrets);
     assert!(
         executor
             .prepare(std::slice::from_ref(&alpha))
@@ -209,9 +245,10 @@ async fn one_tool_cannot_read_another_tools_file_secret_by_any_path() {
             .unwrap()
             .is_empty()
     );
-    assert_eq!(call(&executor, &alpha).await.0, "alpha-secret-4711");
+    let degraded = !executor.degradations(&alpha).unwrap().is_empty();
+    assert_eq!(degraded, !user_namespace);
+    assert_eq!(call(executor, &alpha).await.0, "alpha-secret-4711");
     // The exact path of alpha's file, as the host sees it.
-    let state = dir.path().join("state");
     let folder = std::fs::read_dir(state.join("secret-files"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -231,10 +268,11 @@ async fn one_tool_cannot_read_another_tools_file_secret_by_any_path() {
         file_secret("beta"),
         state.display()
     );
-    let beta = tool("beta", &script, &extra);
-    let beta = prepared(&beta, &store, &secrets);
-    let (out, err) = call(&executor, &beta).await;
-    eprintln!("beta's attempts:\n{out}{err}");
+    let mut beta = tool("beta", &script, &extra);
+    beta.spec.sandbox.allow_degraded = !user_namespace;
+    let beta = prepared(&beta, store, secrets);
+    let (out, err) = call(executor, &beta).await;
+    eprintln!("beta's attempts (user namespace: {user_namespace}):\n{out}{err}");
     assert!(out.starts_with("beta-secret-0815"), "{out}{err}");
     assert!(out.contains("Permission denied"), "{out}{err}");
     assert!(out.ends_with("done\n"), "{out}{err}");
@@ -242,7 +280,7 @@ async fn one_tool_cannot_read_another_tools_file_secret_by_any_path() {
         !out.contains("alpha-secret"),
         "beta read alpha's secret: {out}"
     );
-    assert_eq!(call(&executor, &alpha).await.0, "alpha-secret-4711");
+    assert_eq!(call(executor, &alpha).await.0, "alpha-secret-4711");
 }
 
 /// A call writes until its writable volume is full: the write fails with

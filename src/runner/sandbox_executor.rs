@@ -30,7 +30,7 @@ pub struct SandboxExecutor {
     /// Per-tool folders of file secrets (`STATE/secret-files`, root-owned, mode 0711).
     secrets_root: PathBuf,
     /// Writable volumes, bounded by their size limit (`STATE/volumes`).
-    bounded: BoundedVolumes,
+    bounded: Arc<BoundedVolumes>,
     /// `serve --allow-degraded`: every tool may run with weaker isolation.
     allow_degraded: bool,
     pools: Mutex<HashMap<PoolKey, Arc<OnceCell<Arc<ToolPool>>>>>,
@@ -61,7 +61,10 @@ impl SandboxExecutor {
     /// `state`: where file secrets (`secret-files/`) and the images of
     /// writable volumes (`volumes/`) are kept.
     pub fn new(engine: Sandboxes, volumes: VolumesDir, state: PathBuf) -> Self {
-        let bounded = BoundedVolumes::new(state.join("volumes"), engine.zygote_pid());
+        let bounded = Arc::new(BoundedVolumes::new(
+            state.join("volumes"),
+            engine.zygote_pid(),
+        ));
         SandboxExecutor {
             engine,
             volumes,
@@ -154,10 +157,13 @@ impl SandboxExecutor {
         let mut volumes = Vec::new();
         for (i, p) in planned.iter().enumerate() {
             if let Some((source, size)) = &p.bounded {
-                let volume = self
-                    .bounded
-                    .mount(source, *size, sandbox_user)
-                    .map_err(|e| format!("spec.permissions.filesystem[{i}]: {e}"))?;
+                // mkfs and mount are processes: keep them off the async workers.
+                let (bounded, source, size) = (self.bounded.clone(), source.clone(), *size);
+                let volume =
+                    tokio::task::spawn_blocking(move || bounded.mount(&source, size, sandbox_user))
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| format!("spec.permissions.filesystem[{i}]: {e}"))?;
                 volumes.push(volume);
             }
         }
