@@ -331,6 +331,16 @@ async fn filling_a_writable_volume_stops_at_its_size_limit() {
     );
     let next = prepared(&next, &store, &SecretsDir::default());
     assert_eq!(call(&executor, &next).await.0, "again\nseeded\n");
+    // The limit cannot be raised behind the image's back, nor made too small to hold a file system.
+    for (size, why) in [
+        ("16Mi", "sizeLimit is now 16777216"),
+        ("512Ki", "below the smallest"),
+    ] {
+        let bigger = tool("bigger", "true", &extra.replace("8Mi", size));
+        let bigger = prepared(&bigger, &store, &SecretsDir::default());
+        assert_refused(&executor, &bigger, why).await;
+    }
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), limit);
 }
 
 /// A tool whose root file system sits in a folder only root can enter gets no

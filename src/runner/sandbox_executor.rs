@@ -15,7 +15,9 @@ use tokio::sync::OnceCell;
 use crate::api::{AgentToolSpec, parse_quantity};
 use crate::sandbox::detect::USERNS_HOST_BASE;
 use crate::sandbox::spec::SANDBOX_UID;
-use crate::sandbox::{BindMount, Enforcement, Invocation, Limits, Pool, SandboxSpec, Sandboxes};
+use crate::sandbox::{
+    BindMount, Enforcement, Invocation, Limits, Mechanism, Pool, SandboxSpec, Sandboxes,
+};
 
 use super::executor::{
     Degradation, ExecError, ExecFuture, ExecOutcome, SecretDelivery, ToolExecutor,
@@ -135,18 +137,9 @@ impl SandboxExecutor {
         probe.mounts.retain(|m| m.source.exists());
         let host = self.engine.host();
         let userns_unusable = host.userns_unusable_for(&probe);
-        let degradations =
+        let mut degradations =
             degradations(userns_unusable.as_deref(), host.cgroup_unusable.as_deref());
-        if !degradations.is_empty() && !self.allow_degraded && !tool.spec.sandbox.allow_degraded {
-            return Err(format!(
-                "refused: its isolation would be degraded ({}); set spec.sandbox.allowDegraded: true or start serve with --allow-degraded to accept that",
-                degradations
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            ));
-        }
+        self.accept(tool, &degradations)?;
         // The container's root and the tool's user, as the host sees them.
         let container_root = if userns_unusable.is_none() {
             USERNS_HOST_BASE
@@ -183,12 +176,43 @@ impl SandboxExecutor {
             Some(files)
         };
         let pool = self.engine.pool(spec).await.map_err(|e| e.to_string())?;
+        // The engine decides again on the final spec: what it gave is what counts.
+        let given = pool.enforcement();
+        if !given.user_namespace && userns_unusable.is_none() {
+            degradations.extend(self::degradations(
+                Some("the sandbox engine did not give this pool one"),
+                None,
+            ));
+        }
+        if given.memory == Mechanism::Rlimit && host.cgroup_unusable.is_none() {
+            degradations.extend(self::degradations(
+                None,
+                Some("the sandbox engine did not give this pool cgroups"),
+            ));
+        }
+        self.accept(tool, &degradations)?;
         Ok(Arc::new(ToolPool {
             pool,
             _secret_files: secret_files,
             _volumes: volumes,
             degradations,
         }))
+    }
+
+    /// Refuses a tool whose isolation would be degraded unless it, or the
+    /// operator, accepted that.
+    fn accept(&self, tool: &PreparedTool, degradations: &[Degradation]) -> Result<(), String> {
+        if degradations.is_empty() || self.allow_degraded || tool.spec.sandbox.allow_degraded {
+            return Ok(());
+        }
+        Err(format!(
+            "refused: its isolation would be degraded ({}); set spec.sandbox.allowDegraded: true or start serve with --allow-degraded to accept that",
+            degradations
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        ))
     }
 
     /// `permissions.filesystem` as bind mounts; a writable volume's source is
