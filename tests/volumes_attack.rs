@@ -139,6 +139,9 @@ async fn traversing_volume_names_never_leave_the_volumes_folder() {
     }
     assert_eq!(snapshot(dir.path()), before, "the host changed");
     assert_eq!(std::fs::metadata("/etc").unwrap().mtime(), etc);
+    let missing = tool("missing", "true", &mount("configMap", "not-there", true));
+    let missing = prepared(&missing, &store, &SecretsDir::default());
+    assert_refused(&executor, &missing, "configmap/not-there does not exist").await;
     // The honest name still works, so the refusals are about the names.
     let honest = tool(
         "honest",

@@ -50,6 +50,10 @@ pub enum VolumeError {
         path: String,
         source: pathrs::error::Error,
     },
+    #[error("{0} does not exist")]
+    Missing(PathBuf),
+    #[error("{folder} is outside {root}")]
+    Outside { folder: PathBuf, root: PathBuf },
     #[error(
         "hostPath {given} resolves to {real}: name the real folder (symbolic links are not followed)"
     )]
@@ -83,6 +87,8 @@ impl VolumeError {
             VolumeError::NoVolumesDir { .. } => "NoVolumesDir",
             VolumeError::Name(e) => e.reason(),
             VolumeError::Escapes { .. } => "VolumeEscapes",
+            VolumeError::Missing(_) => "VolumeMissing",
+            VolumeError::Outside { .. } => "VolumeOutside",
             VolumeError::HostPathLink { .. } => "HostPathLink",
             VolumeError::NotAFolder(_) => "NotAFolder",
             VolumeError::EmptyDir => "EmptyDirUnsupported",
@@ -129,9 +135,15 @@ impl VolumesDir {
             });
         };
         let relative = format!("{kind}/{name}");
-        let escapes = |source| VolumeError::Escapes {
-            path: dir.join(&relative).display().to_string(),
-            source,
+        let escapes = |source: pathrs::error::Error| {
+            if source.kind() == pathrs::error::ErrorKind::OsError(Some(libc::ENOENT)) {
+                VolumeError::Missing(dir.join(&relative))
+            } else {
+                VolumeError::Escapes {
+                    path: dir.join(&relative).display().to_string(),
+                    source,
+                }
+            }
         };
         // The volumes folder itself is the administrator's choice; below it,
         // nothing is followed.
@@ -143,9 +155,9 @@ impl VolumesDir {
         let canonical_root = std::fs::canonicalize(dir).map_err(io(dir.display()))?;
         if !folder.starts_with(&canonical_root) {
             // openat2 guarantees this; a failure here is a kernel or pathrs bug.
-            return Err(VolumeError::HostPathLink {
-                given: dir.join(&relative).display().to_string(),
-                real: folder,
+            return Err(VolumeError::Outside {
+                folder,
+                root: canonical_root,
             });
         }
         let meta = std::fs::metadata(&folder).map_err(io(folder.display()))?;
