@@ -566,3 +566,53 @@ fn serve_refuses_a_manifest_with_a_traversing_volume_name() {
     assert_eq!(after, before, "the host changed");
     assert!(!dir.path().parent().unwrap().join("outside").exists());
 }
+
+/// The outside suite's hostPath attack over real `serve`, with no ToolPolicy
+/// at all: a tool mounting the host's root read-write is refused by the
+/// baseline (TW-PRIV-009) and never served; the host folder stays as it was.
+#[test]
+fn serve_refuses_a_host_path_no_policy_allows() {
+    require_root!();
+    let dir = common::world_traversable_tempdir();
+    common::example_images_and_volumes(dir.path());
+    let target = dir.path().join("host-data");
+    std::fs::create_dir(&target).unwrap();
+    std::fs::write(target.join("keep.txt"), "host data\n").unwrap();
+    let attack = serde_yaml::to_string(&tool(
+        "mounter",
+        WRITE_AND_READ,
+        &mount("hostPath", target.to_str().unwrap(), false),
+    ))
+    .unwrap();
+    std::fs::write(dir.path().join("mounter.yaml"), attack).unwrap();
+    let before = snapshot(&target);
+    let state = tempfile::Builder::new()
+        .prefix("twtest-vol")
+        .tempdir_in("/run")
+        .unwrap();
+    let served = serve(dir.path(), state.path(), &[]);
+    let text = served.stderr.join("\n");
+    assert!(text.contains("refused mounter"), "{text}");
+    assert!(
+        text.contains("TW-PRIV-009 spec.permissions.filesystem[0].hostPath"),
+        "{text}"
+    );
+    assert!(text.contains("serving 0 tool(s)"), "{text}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let status = rt.block_on(async {
+        reqwest::Client::new()
+            .post(format!("http://{}/v1/tools/mounter/invoke", served.addr))
+            .header("content-type", "application/json")
+            .body("{}")
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    });
+    assert_eq!(status, 404);
+    assert_eq!(snapshot(&target), before, "the host folder changed");
+}
