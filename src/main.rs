@@ -9,13 +9,6 @@ fn main() -> ExitCode {
         std::process::exit(toolwarden::sandbox::zygote_main());
     }
     let cli = toolwarden::cli::Cli::parse();
-    // Logs (the sandbox engine's startup and pool lines) go to stderr; RUST_LOG overrides.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    toolwarden::cli::init_logging(cli.log_format);
     toolwarden::cli::run(cli)
 }

@@ -295,6 +295,12 @@ fn the_official_mcp_python_sdk_lists_and_calls_tools() {
     require_root!();
     let python = match python_with_mcp_sdk() {
         Ok(python) => python,
+        Err(why) if std::env::var(common::REQUIRE_SANDBOX_ENV).is_ok_and(|v| v == "1") => {
+            panic!(
+                "the MCP SDK test must run under {}=1: {why}",
+                common::REQUIRE_SANDBOX_ENV
+            )
+        }
         Err(why) => {
             eprintln!("SKIPPED the_official_mcp_python_sdk_lists_and_calls_tools: {why}");
             return;

@@ -2,6 +2,7 @@
 
 mod audit;
 mod check;
+mod logging;
 mod report_formats;
 mod serve;
 
@@ -10,6 +11,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub use check::CheckArgs;
+pub use logging::{LogFormat, init_logging};
 pub use serve::{RunnerArgs, ServeArgs};
 
 /// toolwarden makes the tools AI agents call safe to run in production.
@@ -25,6 +27,10 @@ pub use serve::{RunnerArgs, ServeArgs};
     max_term_width = 100
 )]
 pub struct Cli {
+    /// How diagnostics are written to stderr: `text` (coloured only when stderr is a
+    /// terminal) or `json` (one object a line, for log collectors). `RUST_LOG` sets the level.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }

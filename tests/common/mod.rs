@@ -13,8 +13,21 @@ use toolwarden::sandbox::{
 
 pub const BUSYBOX: &str = "/bin/busybox";
 
+/// Set by `.ci/run`: a test that cannot create a real sandbox fails instead of skipping, so a
+/// green CI means real sandboxes ran. A developer's laptop without root may still skip.
+pub const REQUIRE_SANDBOX_ENV: &str = "TOOLWARDEN_REQUIRE_SANDBOX";
+
 /// Returns a reason to skip, printed by the caller, or None when real sandboxes can run.
+/// Panics with that reason instead when [`REQUIRE_SANDBOX_ENV`] is `1`.
 pub fn skip_reason() -> Option<String> {
+    let why = missing_sandbox_prerequisite()?;
+    if std::env::var(REQUIRE_SANDBOX_ENV).is_ok_and(|v| v == "1") {
+        panic!("{REQUIRE_SANDBOX_ENV}=1 but real sandboxes cannot run here: {why}");
+    }
+    Some(why)
+}
+
+fn missing_sandbox_prerequisite() -> Option<String> {
     if !nix::unistd::geteuid().is_root() {
         return Some("not root: real sandboxes need root".into());
     }
