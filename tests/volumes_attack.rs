@@ -251,12 +251,14 @@ async fn secret_attack(
     let degraded = !executor.degradations(&alpha).unwrap().is_empty();
     assert_eq!(degraded, !user_namespace);
     assert_eq!(call(executor, &alpha).await.0, "alpha-secret-4711");
-    // The exact path of alpha's file, as the host sees it.
-    let folder = std::fs::read_dir(state.join("secret-files"))
+    // The exact path of alpha's file, as the host sees it (its only secret folder yet).
+    let folders: Vec<String> = std::fs::read_dir(state.join("secret-files"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .find(|n| n.starts_with("alpha-"))
-        .unwrap();
+        .collect();
+    let [folder] = folders.as_slice() else {
+        panic!("one secret folder expected: {folders:?}");
+    };
     let meta = std::fs::metadata(state.join("secret-files").join(&folder)).unwrap();
     assert_eq!(meta.mode() & 0o777, 0o700, "alpha's folder is private");
     let file = std::fs::metadata(state.join("secret-files").join(&folder).join("0")).unwrap();
@@ -321,7 +323,12 @@ async fn filling_a_writable_volume_stops_at_its_size_limit() {
     assert!(files < 8, "{files} MiB written into an 8 MiB volume");
     let image = dir.path().join("state/volumes/pvc-scratch.ext4");
     let on_disk = std::fs::metadata(&image).unwrap().blocks() * 512;
-    assert!(on_disk <= limit, "the image takes {on_disk} bytes");
+    // Reserved up front (plus the host file system's few blocks of bookkeeping
+    // for the file), never more: the call did not take the host's free space.
+    assert!(
+        on_disk >= limit && on_disk <= limit + (64 << 10),
+        "the image takes {on_disk} bytes"
+    );
     assert_eq!(
         snapshot(&dir.path().join("volumes")),
         before,
@@ -615,4 +622,61 @@ fn serve_refuses_a_host_path_no_policy_allows() {
     });
     assert_eq!(status, 404);
     assert_eq!(snapshot(&target), before, "the host folder changed");
+}
+
+/// Secrets are read as `SECRETS/<name>/<key>` beneath the secrets folder: a
+/// link planted there that points out of it reads nothing (the tool is
+/// refused), while a mounted Secret's own `..data` links still work.
+#[test]
+fn a_link_planted_in_the_secrets_folder_does_not_read_host_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    // The layout the kubelet writes for a Secret volume.
+    let mounted = secrets.join("mounted");
+    std::fs::create_dir_all(mounted.join("..2026_12_01")).unwrap();
+    std::fs::write(mounted.join("..2026_12_01/token"), "kubelet-value").unwrap();
+    symlink("..2026_12_01", mounted.join("..data")).unwrap();
+    symlink("..data/token", mounted.join("token")).unwrap();
+    // Planted links out, absolute and relative, to a file the runner can read.
+    let host_file = dir.path().join("host-only.txt");
+    std::fs::write(&host_file, "host-only-content").unwrap();
+    std::fs::create_dir_all(secrets.join("planted")).unwrap();
+    symlink(&host_file, secrets.join("planted/absolute")).unwrap();
+    symlink("../../host-only.txt", secrets.join("planted/relative")).unwrap();
+    symlink(dir.path(), secrets.join("whole-dir")).unwrap();
+    let store = ImageStore {
+        dir: dir.path().join("images"),
+        cache: dir.path().join("cache"),
+    };
+    let secrets = SecretsDir(Some(secrets));
+    let load = |name: &str, key: &str| {
+        let t = tool(
+            "reader",
+            "true",
+            &format!("  secrets:\n  - {{secretName: {name}, key: {key}, env: VALUE}}\n"),
+        );
+        prepare(&t, 1, &secrets, Some(&store), &LimiterClock::manual())
+    };
+    for (name, key) in [
+        ("planted", "absolute"),
+        ("planted", "relative"),
+        ("whole-dir", "host-only.txt"),
+    ] {
+        let Err(reasons) = load(name, key) else {
+            panic!("{name}/{key} was read");
+        };
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains(&format!("secret {name}/{key} is not available"))),
+            "{reasons:?}"
+        );
+    }
+    // An (empty) root file system, so the honest tool loads completely.
+    std::fs::create_dir_all(dir.path().join("images").join(
+        toolwarden::runner::images::entry_name("docker.io/library/busybox:1.36.1"),
+    ))
+    .unwrap();
+    let honest = load("mounted", "token").unwrap();
+    assert_eq!(honest.secret_values, vec![b"kubelet-value".to_vec()]);
 }

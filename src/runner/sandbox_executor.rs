@@ -163,12 +163,10 @@ impl SandboxExecutor {
         let secret_files = if file_secrets.is_empty() {
             None
         } else {
-            let dir = self.secrets_root.join(format!(
-                "{}-{}-{}",
-                tool.name,
-                tool.generation,
-                uuid::Uuid::new_v4()
-            ));
+            // Not the tool's name: nothing checks metadata.name for `/` or `..`.
+            let dir =
+                self.secrets_root
+                    .join(format!("gen{}-{}", tool.generation, uuid::Uuid::new_v4()));
             let files = SecretFiles(dir);
             let mounts = write_secret_files(&files.0, &file_secrets, container_root, sandbox_user)
                 .map_err(|e| format!("secret files: {e}"))?;

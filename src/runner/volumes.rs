@@ -341,7 +341,7 @@ fn check_size(image: &Path, wanted: u64) -> Result<(), VolumeError> {
     }
 }
 
-/// A sparse image of `size` bytes with an ext4 file system holding a copy of
+/// An image of `size` bytes with an ext4 file system holding a copy of
 /// `folder`. Written under a temporary name: a failure leaves nothing behind.
 fn create_image(image: &Path, folder: &Path, size: u64) -> Result<(), VolumeError> {
     let partial = image.with_extension("ext4.partial");
@@ -352,7 +352,15 @@ fn create_image(image: &Path, folder: &Path, size: u64) -> Result<(), VolumeErro
         .mode(0o600)
         .open(&partial)
         .map_err(io(partial.display()))?;
-    file.set_len(size).map_err(io(partial.display()))?;
+    // Allocated now, not sparse: the volume's bytes are reserved on the host,
+    // so filling it never takes space from anything else (and a limit larger
+    // than the free space fails here, not in the middle of a call).
+    nix::fcntl::posix_fallocate(file.as_raw_fd(), 0, size as libc::off_t).map_err(|e| {
+        VolumeError::Io {
+            what: format!("reserving {size} bytes for {}", partial.display()),
+            source: e.into(),
+        }
+    })?;
     drop(file);
     let result = run(std::process::Command::new("mkfs.ext4").args([
         "-q".as_ref(),
@@ -360,6 +368,9 @@ fn create_image(image: &Path, folder: &Path, size: u64) -> Result<(), VolumeErro
         // No blocks reserved for root: the tool gets the whole limit.
         "-m".as_ref(),
         "0".as_ref(),
+        // Discarding would punch the reservation back out of the image.
+        "-E".as_ref(),
+        "nodiscard".as_ref(),
         "-d".as_ref(),
         folder.as_os_str(),
         partial.as_os_str(),
