@@ -259,9 +259,9 @@ async fn secret_attack(
     let [folder] = folders.as_slice() else {
         panic!("one secret folder expected: {folders:?}");
     };
-    let meta = std::fs::metadata(state.join("secret-files").join(&folder)).unwrap();
+    let meta = std::fs::metadata(state.join("secret-files").join(folder)).unwrap();
     assert_eq!(meta.mode() & 0o777, 0o700, "alpha's folder is private");
-    let file = std::fs::metadata(state.join("secret-files").join(&folder).join("0")).unwrap();
+    let file = std::fs::metadata(state.join("secret-files").join(folder).join("0")).unwrap();
     assert_eq!(file.mode() & 0o777, 0o400);
     let script = format!(
         "cat /run/secrets/token; echo; ls -la /s /s/secret-files /s/secret-files/{folder} 2>&1; \
