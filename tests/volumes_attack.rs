@@ -353,6 +353,69 @@ async fn filling_a_writable_volume_stops_at_its_size_limit() {
     assert_eq!(std::fs::metadata(&image).unwrap().len(), limit);
 }
 
+/// Two tools share one writable volume: one file system mounted once (never
+/// two file systems on one image), still there for the second tool when the
+/// first goes, unmounted with the last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_writable_volume_is_mounted_once_and_unmounted_with_its_last_tool() {
+    require_root!();
+    let dir = common::world_traversable_tempdir();
+    common::example_images_and_volumes(dir.path());
+    let store = ImageStore {
+        dir: dir.path().join("images"),
+        cache: dir.path().join("cache"),
+    };
+    let engine = common::engine();
+    let zygote = engine.zygote_pid();
+    let executor = SandboxExecutor::new(
+        engine,
+        VolumesDir(Some(dir.path().join("volumes"))),
+        dir.path().join("state"),
+    );
+    let mountpoint = dir.path().join("state/volumes/mnt/pvc-agent-workspace");
+    let mounts = || {
+        std::fs::read_to_string(format!("/proc/{zygote}/mountinfo"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.split(' ').nth(4) == Some(mountpoint.to_str().unwrap()))
+            .count()
+    };
+    let extra = "  permissions:\n    filesystem:\n    - {mountPath: /w, readOnly: false, persistentVolumeClaim: agent-workspace, sizeLimit: 8Mi}\n";
+    let writer = prepared(
+        &tool("writer", "echo shared > /w/note; cat /w/note", extra),
+        &store,
+        &SecretsDir::default(),
+    );
+    let reader = prepared(
+        &tool("reader", "cat /w/note /w/notes.txt", extra),
+        &store,
+        &SecretsDir::default(),
+    );
+    assert!(
+        executor
+            .prepare(&[writer.clone(), reader.clone()])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(mounts(), 1);
+    assert_eq!(call(&executor, &writer).await.0, "shared\n");
+    assert!(
+        executor
+            .prepare(std::slice::from_ref(&reader))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(mounts(), 1, "unmounted while the reader still uses it");
+    assert_eq!(
+        call(&executor, &reader).await.0,
+        "shared\nremember the milk\n"
+    );
+    assert!(executor.prepare(&[]).await.unwrap().is_empty());
+    assert_eq!(mounts(), 0, "still mounted with no tool left");
+}
+
 /// A tool whose root file system sits in a folder only root can enter gets no
 /// user namespace. It is refused unless it, or the operator, accepts that.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -45,7 +45,7 @@ type PoolKey = (String, u64);
 struct ToolPool {
     pool: Pool,
     _secret_files: Option<SecretFiles>,
-    _volumes: Vec<Arc<BoundedVolume>>,
+    _volumes: Vec<BoundedVolume>,
     /// What this tool runs without (accepted by `allowDegraded` or the flag).
     degradations: Vec<Degradation>,
 }

@@ -17,7 +17,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 
 use pathrs::Root;
 use pathrs::flags::ResolverFlags;
@@ -219,32 +219,28 @@ pub fn size_limit(mount: &FilesystemMount) -> Result<u64, VolumeError> {
 
 /// The writable volumes of all pools: one loop-mounted ext4 image per
 /// volume, shared by every pool that mounts it and unmounted with the last.
+/// One mount per image at a time (two would be two file systems writing the
+/// same blocks): counting users and unmounting happen under one lock.
 pub struct BoundedVolumes {
     /// `STATE/volumes`: the images and their mount points.
     store: PathBuf,
     /// The mount namespace the sandboxes are built in (the zygote's).
     zygote_pid: u32,
-    mounted: Mutex<HashMap<PathBuf, Weak<BoundedVolume>>>,
+    /// Users (pools) of each mounted image.
+    mounted: Mutex<HashMap<PathBuf, usize>>,
 }
 
-/// One mounted image; unmounted when the last pool using it is dropped.
+/// One pool's use of a mounted image; the last one dropped unmounts it.
 pub struct BoundedVolume {
     /// Where the sandboxes find it (in the zygote's mount namespace).
     pub mountpoint: PathBuf,
-    zygote_pid: u32,
+    image: PathBuf,
+    volumes: Arc<BoundedVolumes>,
 }
 
 impl Drop for BoundedVolume {
     fn drop(&mut self) {
-        // Once the engine has stopped, its mount namespace and this mount are gone.
-        if !Path::new(&format!("/proc/{}/ns/mnt", self.zygote_pid)).exists() {
-            return;
-        }
-        if let Err(e) =
-            in_mount_namespace(self.zygote_pid, "umount", &[self.mountpoint.as_os_str()])
-        {
-            tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "bounded volume not unmounted");
-        }
+        self.volumes.release(&self.image, &self.mountpoint);
     }
 }
 
@@ -260,45 +256,73 @@ impl BoundedVolumes {
     /// The mounted image holding `source`, of `size` bytes, whose root folder
     /// belongs to `owner` (the sandbox user as the host sees it).
     pub fn mount(
-        &self,
+        self: &Arc<Self>,
         source: &VolumeSource,
         size: u64,
         owner: u32,
-    ) -> Result<Arc<BoundedVolume>, VolumeError> {
+    ) -> Result<BoundedVolume, VolumeError> {
         let image = self.store.join(format!("{}.ext4", stem(source)));
-        let mut mounted = self.mounted.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(volume) = mounted.get(&image).and_then(Weak::upgrade) {
-            check_size(&image, size)?;
-            return Ok(volume);
-        }
         let mountpoint = self.mountpoint(source)?;
-        if image.exists() {
+        let mut mounted = self.mounted.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(users) = mounted.get_mut(&image) {
             check_size(&image, size)?;
+            *users += 1;
         } else {
-            create_image(&image, &source.folder, size)?;
+            if image.exists() {
+                check_size(&image, size)?;
+            } else {
+                create_image(&image, &source.folder, size)?;
+            }
+            in_mount_namespace(
+                self.zygote_pid,
+                "mount",
+                &[
+                    "-o".as_ref(),
+                    "loop,nosuid,nodev".as_ref(),
+                    image.as_os_str(),
+                    mountpoint.as_os_str(),
+                ],
+            )?;
+            // The file system's root, as the sandboxes see it: the sandbox user's.
+            let root = self.seen_by_sandboxes(&mountpoint);
+            let owned = std::os::unix::fs::chown(&root, Some(owner), Some(owner))
+                .and_then(|()| {
+                    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755))
+                })
+                .map_err(io(root.display()));
+            if let Err(e) = owned {
+                self.unmount(&mountpoint);
+                return Err(e);
+            }
+            mounted.insert(image.clone(), 1);
         }
-        in_mount_namespace(
-            self.zygote_pid,
-            "mount",
-            &[
-                "-o".as_ref(),
-                "loop,nosuid,nodev".as_ref(),
-                image.as_os_str(),
-                mountpoint.as_os_str(),
-            ],
-        )?;
-        let volume = Arc::new(BoundedVolume {
+        Ok(BoundedVolume {
             mountpoint,
-            zygote_pid: self.zygote_pid,
-        });
-        // The file system's root, as the sandboxes see it: owned by the sandbox user.
-        let root = self.seen_by_sandboxes(&volume.mountpoint);
-        std::os::unix::fs::chown(&root, Some(owner), Some(owner)).map_err(io(root.display()))?;
-        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755))
-            .map_err(io(root.display()))?;
-        mounted.retain(|_, v| v.strong_count() > 0);
-        mounted.insert(image, Arc::downgrade(&volume));
-        Ok(volume)
+            image,
+            volumes: Arc::clone(self),
+        })
+    }
+
+    fn release(&self, image: &Path, mountpoint: &Path) {
+        let mut mounted = self.mounted.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(users) = mounted.get_mut(image) else {
+            return;
+        };
+        *users -= 1;
+        if *users == 0 {
+            mounted.remove(image);
+            self.unmount(mountpoint);
+        }
+    }
+
+    fn unmount(&self, mountpoint: &Path) {
+        // Once the engine has stopped, its mount namespace and this mount are gone.
+        if !Path::new(&format!("/proc/{}/ns/mnt", self.zygote_pid)).exists() {
+            return;
+        }
+        if let Err(e) = in_mount_namespace(self.zygote_pid, "umount", &[mountpoint.as_os_str()]) {
+            tracing::warn!(mountpoint = %mountpoint.display(), error = %e, "bounded volume not unmounted");
+        }
     }
 
     /// Where the bounded image of `source` is mounted (an empty folder until it is).
