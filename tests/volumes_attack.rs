@@ -353,11 +353,12 @@ async fn filling_a_writable_volume_stops_at_its_size_limit() {
     assert_eq!(std::fs::metadata(&image).unwrap().len(), limit);
 }
 
-/// Two tools share one writable volume: one file system mounted once (never
-/// two file systems on one image), still there for the second tool when the
-/// first goes, unmounted with the last.
+/// A writer and a read-only reader share a volume. Before any tool writes it,
+/// the reader reads the folder; once the writer comes, the volume lives in
+/// its image and the reader is moved onto it (never two file systems on one
+/// image); it stays mounted while one of them uses it and goes with the last.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_shared_writable_volume_is_mounted_once_and_unmounted_with_its_last_tool() {
+async fn a_shared_volume_is_one_mounted_image_for_writers_and_readers() {
     require_root!();
     let dir = common::world_traversable_tempdir();
     common::example_images_and_volumes(dir.path());
@@ -380,40 +381,46 @@ async fn a_shared_writable_volume_is_mounted_once_and_unmounted_with_its_last_to
             .filter(|l| l.split(' ').nth(4) == Some(mountpoint.to_str().unwrap()))
             .count()
     };
-    let extra = "  permissions:\n    filesystem:\n    - {mountPath: /w, readOnly: false, persistentVolumeClaim: agent-workspace, sizeLimit: 8Mi}\n";
-    let writer = prepared(
-        &tool("writer", "echo shared > /w/note; cat /w/note", extra),
-        &store,
-        &SecretsDir::default(),
+    let claim = |read_only: bool| {
+        format!(
+            "  permissions:\n    filesystem:\n    - {{mountPath: /w, readOnly: {read_only}, persistentVolumeClaim: agent-workspace, sizeLimit: 8Mi}}\n"
+        )
+    };
+    let writer = tool(
+        "writer",
+        "echo shared > /w/note; cat /w/note",
+        &claim(false),
     );
+    let writer = prepared(&writer, &store, &SecretsDir::default());
+    let script =
+        "cat /w/note 2>/dev/null; cat /w/notes.txt; touch /w/x 2>/dev/null || echo read-only";
     let reader = prepared(
-        &tool("reader", "cat /w/note /w/notes.txt", extra),
+        &tool("reader", script, &claim(true)),
         &store,
         &SecretsDir::default(),
     );
-    assert!(
-        executor
-            .prepare(&[writer.clone(), reader.clone()])
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    assert_eq!(mounts(), 1);
-    assert_eq!(call(&executor, &writer).await.0, "shared\n");
-    assert!(
-        executor
-            .prepare(std::slice::from_ref(&reader))
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    assert_eq!(mounts(), 1, "unmounted while the reader still uses it");
+    let prepare = |tools: Vec<Arc<PreparedTool>>| {
+        let executor = &executor;
+        async move { assert!(executor.prepare(&tools).await.unwrap().is_empty()) }
+    };
+    prepare(vec![reader.clone()]).await;
+    assert_eq!(mounts(), 0);
     assert_eq!(
         call(&executor, &reader).await.0,
-        "shared\nremember the milk\n"
+        "remember the milk\nread-only\n"
     );
-    assert!(executor.prepare(&[]).await.unwrap().is_empty());
+    prepare(vec![writer.clone(), reader.clone()]).await;
+    assert_eq!(mounts(), 1);
+    assert_eq!(call(&executor, &writer).await.0, "shared\n");
+    let both = "shared\nremember the milk\nread-only\n";
+    assert_eq!(call(&executor, &reader).await.0, both);
+    prepare(vec![reader.clone()]).await;
+    assert_eq!(mounts(), 1, "unmounted while the reader still uses it");
+    assert_eq!(call(&executor, &reader).await.0, both);
+    prepare(vec![]).await;
     assert_eq!(mounts(), 0, "still mounted with no tool left");
+    // The seed folder never saw the write.
+    assert!(!dir.path().join("volumes/pvc/agent-workspace/note").exists());
 }
 
 /// A tool whose root file system sits in a folder only root can enter gets no

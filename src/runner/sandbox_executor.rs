@@ -24,7 +24,7 @@ use super::executor::{
 };
 use super::registry::PreparedTool;
 pub use super::volumes::VolumesDir;
-use super::volumes::{BoundedVolume, BoundedVolumes, size_limit};
+use super::volumes::{BoundedVolume, BoundedVolumes, VolumeSource, size_limit};
 
 pub struct SandboxExecutor {
     engine: Sandboxes,
@@ -197,6 +197,40 @@ impl SandboxExecutor {
         }))
     }
 
+    /// Creates the images of the volumes `tools` mount writable, before any
+    /// pool is built, so every mount of such a volume uses its image. Returns
+    /// the volumes whose image was created now. Errors are left to the pool
+    /// creation, which reports them per tool.
+    async fn create_images(&self, tools: &[Arc<PreparedTool>]) -> Vec<VolumeSource> {
+        let writable: Vec<(VolumeSource, u64)> = tools
+            .iter()
+            .flat_map(|t| &t.spec.permissions.filesystem)
+            .filter(|m| !m.read_only)
+            .filter_map(|m| Some((self.volumes.resolve(m).ok()?, size_limit(m).ok()?)))
+            .collect();
+        let bounded = self.bounded.clone();
+        tokio::task::spawn_blocking(move || {
+            writable
+                .into_iter()
+                .filter(|(source, size)| bounded.ensure_image(source, *size).unwrap_or(false))
+                .map(|(source, _)| source)
+                .collect()
+        })
+        .await
+        .unwrap_or_default()
+    }
+
+    /// True when `tool` mounts one of `volumes` read-only.
+    fn reads_folder_of(&self, tool: &PreparedTool, volumes: &[VolumeSource]) -> bool {
+        tool.spec
+            .permissions
+            .filesystem
+            .iter()
+            .filter(|m| m.read_only)
+            .filter_map(|m| self.volumes.resolve(m).ok())
+            .any(|source| volumes.contains(&source))
+    }
+
     /// Refuses a tool whose isolation would be degraded unless it, or the
     /// operator, accepted that.
     fn accept(&self, tool: &PreparedTool, degradations: &[Degradation]) -> Result<(), String> {
@@ -225,10 +259,16 @@ impl SandboxExecutor {
                     format!("spec.permissions.filesystem[{i}]: {e}")
                 };
                 let source = self.volumes.resolve(mount).map_err(at)?;
-                let (from, bounded) = if mount.read_only {
+                // Once a volume has an image, its data lives there: read-only
+                // mounts use it too.
+                let size = if mount.read_only {
+                    None
+                } else {
+                    Some(size_limit(mount).map_err(at)?)
+                };
+                let (from, bounded) = if size.is_none() && !self.bounded.image(&source).exists() {
                     (source.folder.clone(), None)
                 } else {
-                    let size = size_limit(mount).map_err(at)?;
                     let mountpoint = self.bounded.mountpoint(&source).map_err(at)?;
                     (mountpoint, Some((source, size)))
                 };
@@ -245,10 +285,11 @@ impl SandboxExecutor {
     }
 }
 
-/// One mount of a tool, and the bounded volume (source, bytes) behind it when writable.
+/// One mount of a tool, and the bounded volume behind it (with its size
+/// limit when the mount is writable).
 struct PlannedMount {
     bind: BindMount,
-    bounded: Option<(super::volumes::VolumeSource, u64)>,
+    bounded: Option<(VolumeSource, Option<u64>)>,
 }
 
 /// The protections a pool on this host runs without.
@@ -325,8 +366,12 @@ impl ToolExecutor for SandboxExecutor {
         tools: &'a [Arc<PreparedTool>],
     ) -> ExecFuture<'a, Vec<(String, String)>> {
         Box::pin(async move {
+            let fresh = self.create_images(tools).await;
             let live: Vec<PoolKey> = tools
                 .iter()
+                // A pool that mounts a volume read-only from its folder goes
+                // when the volume got its image: its data lives there now.
+                .filter(|t| !self.reads_folder_of(t, &fresh))
                 .map(|t| (t.name.clone(), t.generation))
                 .collect();
             // Pools of replaced or removed tools go; calls in flight hold their own Arc.

@@ -253,26 +253,48 @@ impl BoundedVolumes {
         }
     }
 
-    /// The mounted image holding `source`, of `size` bytes, whose root folder
-    /// belongs to `owner` (the sandbox user as the host sees it).
+    /// The image that holds `source` once any tool mounted it writable.
+    pub fn image(&self, source: &VolumeSource) -> PathBuf {
+        self.store.join(format!("{}.ext4", stem(source)))
+    }
+
+    /// Creates the image of `source` (`size` bytes) unless it exists, in which
+    /// case its size must be `size`. True when it was created now.
+    pub fn ensure_image(&self, source: &VolumeSource, size: u64) -> Result<bool, VolumeError> {
+        let _serialized = self.mounted.lock().unwrap_or_else(|p| p.into_inner());
+        self.ensure_image_locked(source, size)
+    }
+
+    fn ensure_image_locked(&self, source: &VolumeSource, size: u64) -> Result<bool, VolumeError> {
+        let image = self.image(source);
+        if image.exists() {
+            check_size(&image, size)?;
+            return Ok(false);
+        }
+        self.mountpoint(source)?;
+        create_image(&image, &source.folder, size)?;
+        Ok(true)
+    }
+
+    /// The mounted image holding `source`, whose root folder belongs to
+    /// `owner` (the sandbox user as the host sees it). `size`: the limit of a
+    /// writable mount (the image is created with it, or must have it); `None`
+    /// for a read-only mount of an existing image.
     pub fn mount(
         self: &Arc<Self>,
         source: &VolumeSource,
-        size: u64,
+        size: Option<u64>,
         owner: u32,
     ) -> Result<BoundedVolume, VolumeError> {
-        let image = self.store.join(format!("{}.ext4", stem(source)));
+        let image = self.image(source);
         let mountpoint = self.mountpoint(source)?;
         let mut mounted = self.mounted.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(size) = size {
+            self.ensure_image_locked(source, size)?;
+        }
         if let Some(users) = mounted.get_mut(&image) {
-            check_size(&image, size)?;
             *users += 1;
         } else {
-            if image.exists() {
-                check_size(&image, size)?;
-            } else {
-                create_image(&image, &source.folder, size)?;
-            }
             in_mount_namespace(
                 self.zygote_pid,
                 "mount",
