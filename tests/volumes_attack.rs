@@ -414,6 +414,21 @@ async fn a_shared_volume_is_one_mounted_image_for_writers_and_readers() {
     assert_eq!(call(&executor, &writer).await.0, "shared\n");
     let both = "shared\nremember the milk\nread-only\n";
     assert_eq!(call(&executor, &reader).await.0, both);
+    // A third tool mounts the whole state folder at /w (as a hostPath over /run
+    // would) and goes for the volume through its mount point and its image.
+    let state = dir.path().join("state");
+    let spy = tool(
+        "spy",
+        "cat /w/volumes/mnt/pvc-agent-workspace/note /w/volumes/pvc-agent-workspace.ext4 2>&1; ls /w/volumes /w/volumes/mnt 2>&1; echo done",
+        &mount("hostPath", state.to_str().unwrap(), true),
+    );
+    let spy = prepared(&spy, &store, &SecretsDir::default());
+    let (out, _) = call(&executor, &spy).await;
+    assert!(!out.contains("shared"), "the spy read the volume: {out}");
+    assert!(
+        out.contains("Permission denied") && out.ends_with("done\n"),
+        "{out}"
+    );
     prepare(vec![reader.clone()]).await;
     assert_eq!(mounts(), 1, "unmounted while the reader still uses it");
     assert_eq!(call(&executor, &reader).await.0, both);

@@ -25,6 +25,7 @@ use sha2::Digest;
 
 use crate::api::names::{self, NameError};
 use crate::api::{FilesystemMount, parse_quantity};
+use crate::sandbox::detect::USERNS_HOST_BASE;
 
 /// Size of a writable volume whose mount sets no `sizeLimit`.
 pub const DEFAULT_WRITABLE_SIZE: u64 = 256 << 20;
@@ -350,10 +351,17 @@ impl BoundedVolumes {
     /// Where the bounded image of `source` is mounted (an empty folder until it is).
     pub fn mountpoint(&self, source: &VolumeSource) -> Result<PathBuf, VolumeError> {
         let mountpoints = self.store.join("mnt");
-        for dir in [&self.store, &mountpoints] {
+        // The store: passable, listable by nobody (the images in it are 0600).
+        // The mount points: only the container's root passes (the mapped root
+        // owns them; root passes anyway), which only sets sandboxes up; no tool
+        // reaches another's volume through them, whatever folder it mounts.
+        for (dir, owner, mode) in [
+            (&self.store, 0, 0o711),
+            (&mountpoints, USERNS_HOST_BASE, 0o700),
+        ] {
             std::fs::create_dir_all(dir).map_err(io(dir.display()))?;
-            // Traversable for a user-namespaced sandbox's setup, listable by nobody.
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+            std::os::unix::fs::chown(dir, Some(owner), Some(owner)).map_err(io(dir.display()))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
                 .map_err(io(dir.display()))?;
         }
         let mountpoint = mountpoints.join(stem(source));
