@@ -503,6 +503,7 @@ async fn sandboxed(
         .await
         .map_err(|e| format!("prepare: {e}"))?;
     if !errors.is_empty() {
+        let errors: Vec<String> = errors.iter().map(|(t, e)| format!("{t}: {e}")).collect();
         return Err(format!("prepare: {}", errors.join("; ")));
     }
     let warm = tools[0].spec.sandbox.warm_pool as usize;

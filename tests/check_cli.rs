@@ -394,3 +394,122 @@ fn crd_subcommand_prints_every_crd() {
     assert_eq!(text.matches("kind: CustomResourceDefinition").count(), 3);
     assert_eq!(text, toolwarden::api::crds_yaml());
 }
+
+/// The hardening issue's attack: volume and secret names that climb out of
+/// their folder. `check` refuses them as input errors naming the field (the
+/// CRD's DNS-1123 pattern, as the API server would), also under a policy
+/// that forbids hostPath, which used to be the only guard anyone looked at.
+#[test]
+fn traversing_volume_and_secret_names_are_refused() {
+    let forbid = "---\napiVersion: toolwarden.dev/v1alpha1\nkind: ToolPolicy\nmetadata: {name: p}\nspec:\n  rules:\n    leastPrivilege: {forbidHostPath: true}\n";
+    let attacks = [
+        (
+            "  permissions:\n    filesystem:\n    - {mountPath: /w, readOnly: false, persistentVolumeClaim: '../../../outside'}\n",
+            "spec.permissions.filesystem[0].persistentVolumeClaim",
+        ),
+        (
+            "  permissions:\n    filesystem:\n    - {mountPath: /s, configMap: '../../../state/secret-files'}\n",
+            "spec.permissions.filesystem[0].configMap",
+        ),
+        (
+            "  permissions:\n    filesystem:\n    - {mountPath: /s, configMap: '..'}\n",
+            "spec.permissions.filesystem[0].configMap",
+        ),
+        (
+            "  permissions:\n    filesystem:\n    - {mountPath: /s, persistentVolumeClaim: 'a/b'}\n",
+            "spec.permissions.filesystem[0].persistentVolumeClaim",
+        ),
+        (
+            "  permissions:\n    filesystem:\n    - {mountPath: /s, hostPath: '/srv/data/../../etc'}\n",
+            "spec.permissions.filesystem[0].hostPath",
+        ),
+        (
+            "  secrets:\n  - {secretName: '../other-tool', key: token, env: T}\n",
+            "spec.secrets[0].secretName",
+        ),
+        (
+            "  secrets:\n  - {secretName: s, key: '..', file: /run/x}\n",
+            "spec.secrets[0].key",
+        ),
+    ];
+    for (tail, field) in attacks {
+        for policy in ["", forbid] {
+            expect_input_error(&format!("{TOOL_HEAD}{GOOD_SPEC}{tail}{policy}"), field);
+            let file = write_temp(&format!("{TOOL_HEAD}{GOOD_SPEC}{tail}{policy}"));
+            let out = check(&["-f", file.path().to_str().unwrap()]);
+            assert!(stderr(&out).contains("does not match"), "{}", stderr(&out));
+        }
+    }
+}
+
+/// hostPath is refused by the baseline, with no ToolPolicy at all; an
+/// administrator's policy may allow folders by prefix, read-only unless it
+/// says otherwise, and `forbidHostPath` still wins.
+#[test]
+fn host_paths_need_an_administrators_allowance() {
+    let mount = |path: &str, read_only: bool| {
+        format!(
+            "{TOOL_HEAD}{GOOD_SPEC}  permissions:\n    filesystem:\n    - {{mountPath: /h, readOnly: {read_only}, hostPath: '{path}'}}\n"
+        )
+    };
+    let allow = |entries: &str, extra: &str| {
+        format!(
+            "---\napiVersion: toolwarden.dev/v1alpha1\nkind: ToolPolicy\nmetadata: {{name: admin}}\nspec:\n  rules:\n    leastPrivilege:\n      allowedHostPaths: [{entries}]\n{extra}"
+        )
+    };
+    let verdict = |content: String| {
+        let file = write_temp(&content);
+        let out = check(&["-f", file.path().to_str().unwrap(), "-o", "json"]);
+        (out.status.code(), json_rules(&out), stdout(&out))
+    };
+    let refused = |content: String, message: &str| {
+        let (code, rules, text) = verdict(content);
+        assert_eq!(code, Some(1), "{text}");
+        assert_eq!(rules, BTreeSet::from(["TW-PRIV-009".to_string()]), "{text}");
+        assert!(text.contains(message), "expected `{message}` in {text}");
+    };
+    // No policy: any hostPath, read-only or not, is refused.
+    refused(
+        mount("/", false),
+        "no ToolPolicy selecting this tool lists it",
+    );
+    refused(
+        mount("/etc", true),
+        "no ToolPolicy selecting this tool lists it",
+    );
+    let data = "{pathPrefix: /srv/data}";
+    // Allowed read-only folder: a read-only mount below it passes...
+    assert_eq!(
+        verdict(mount("/srv/data/reports", true) + &allow(data, "")).0,
+        Some(0)
+    );
+    assert_eq!(
+        verdict(mount("/srv/data", true) + &allow(data, "")).0,
+        Some(0)
+    );
+    // ...a writable one does not, nor a sibling sharing the prefix's text.
+    refused(
+        mount("/srv/data", false) + &allow(data, ""),
+        "read-only mounts only",
+    );
+    refused(
+        mount("/srv/database", true) + &allow(data, ""),
+        "no ToolPolicy",
+    );
+    // Writes only where the administrator said so.
+    let writable = "{pathPrefix: /srv/data, readOnly: false}";
+    assert_eq!(
+        verdict(mount("/srv/data/out", false) + &allow(writable, "")).0,
+        Some(0)
+    );
+    // forbidHostPath in any selecting policy refuses even an allowed folder.
+    refused(
+        mount("/srv/data", true) + &allow(data, "      forbidHostPath: true\n"),
+        "hostPath mounts are forbidden",
+    );
+    // An allowance cannot smuggle `..` either.
+    expect_input_error(
+        &(mount("/srv/data", true) + &allow("{pathPrefix: '/srv/data/..'}", "")),
+        "rules.leastPrivilege.allowedHostPaths[0].pathPrefix",
+    );
+}

@@ -9,6 +9,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::common::{AuditLevel, Risk, input_schema_document, optional_quantity};
+use super::names::{ABSOLUTE_CLEAN_PATH, CONFIG_KEY, DNS1123_SUBDOMAIN};
 
 /// Declares a tool an AI agent may call: its input contract, what it may touch,
 /// how it is sandboxed, limited, approved and audited.
@@ -194,6 +195,11 @@ pub struct SandboxLimits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub runtime_class_name: Option<String>,
+    /// Accept running with weaker isolation than the strongest (no user
+    /// namespace, or rlimits instead of cgroups) where the host cannot do
+    /// better. Without it (or `serve --allow-degraded`) such a tool is refused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_degraded: bool,
 }
 
 fn default_timeout_ms() -> u32 {
@@ -220,6 +226,7 @@ impl Default for SandboxLimits {
             tmp_size: None,
             warm_pool: default_warm_pool(),
             runtime_class_name: None,
+            allow_degraded: false,
         }
     }
 }
@@ -255,18 +262,27 @@ pub struct FilesystemMount {
     /// Mounted read-only unless set to false.
     #[serde(default = "default_true")]
     pub read_only: bool,
-    /// A ConfigMap by name.
+    /// A ConfigMap by name (a DNS-1123 subdomain).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS1123_SUBDOMAIN))]
     pub config_map: Option<String>,
-    /// A PersistentVolumeClaim by name.
+    /// A PersistentVolumeClaim by name (a DNS-1123 subdomain).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS1123_SUBDOMAIN))]
     pub persistent_volume_claim: Option<String>,
     /// A scratch directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub empty_dir: Option<EmptyDir>,
-    /// A host directory (for `toolwarden serve`; policies usually forbid it in clusters).
+    /// A host directory: an absolute path without `.` or `..` components. Refused
+    /// unless a ToolPolicy lists it in `leastPrivilege.allowedHostPaths` (TW-PRIV-009).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096), regex(pattern = ABSOLUTE_CLEAN_PATH))]
     pub host_path: Option<String>,
+    /// Most a writable persistentVolumeClaim or hostPath mount may hold, e.g.
+    /// `512Mi` (default 256Mi); `serve` enforces it with a file system of that size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "optional_quantity")]
+    pub size_limit: Option<Quantity>,
 }
 
 fn default_true() -> bool {
@@ -337,11 +353,11 @@ pub struct KubernetesRule {
      "message": "a secret is delivered exactly one way: env, file or inject"}
 ]))]
 pub struct SecretUse {
-    /// Name of the Secret in the tool's namespace.
-    #[schemars(length(min = 1, max = 253))]
+    /// Name of the Secret in the tool's namespace (a DNS-1123 subdomain).
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS1123_SUBDOMAIN))]
     pub secret_name: String,
-    /// Key within the Secret.
-    #[schemars(length(min = 1, max = 253))]
+    /// Key within the Secret (letters, digits, `-`, `_`, `.`; not `.` or `..`).
+    #[schemars(length(min = 1, max = 253), regex(pattern = CONFIG_KEY))]
     pub key: String,
     /// Deliver as this environment variable.
     #[serde(default, skip_serializing_if = "Option::is_none")]

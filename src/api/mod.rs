@@ -5,6 +5,7 @@ mod agent_tool;
 mod common;
 mod crd;
 pub mod manifest;
+pub mod names;
 mod tool_approval;
 mod tool_policy;
 

@@ -7,6 +7,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::common::{AuditLevel, Risk, optional_quantity};
+use super::names::ABSOLUTE_CLEAN_PATH;
 
 /// Security rules every matching AgentTool must follow.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -120,15 +121,36 @@ pub struct LeastPrivilegeRules {
     /// Mount paths that may be writable (prefixes); absent means any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_writable_paths: Option<Vec<String>>,
-    /// Forbid `hostPath` mounts.
+    /// Forbid `hostPath` mounts, even those `allowedHostPaths` allows elsewhere.
     #[serde(default)]
     pub forbid_host_path: bool,
+    /// Host folders tools selected by this policy may mount with `hostPath`.
+    /// Without an entry covering it, a hostPath is refused (TW-PRIV-009, baseline).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub allowed_host_paths: Vec<AllowedHostPath>,
     /// Image registries (reference prefixes such as `ghcr.io/acme/`); absent means any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_registries: Option<Vec<String>>,
     /// Images must be pinned by `@sha256:` digest.
     #[serde(default)]
     pub require_image_digest: bool,
+}
+
+/// A host folder tools may mount.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AllowedHostPath {
+    /// The folder; paths below it (by whole components) are allowed too.
+    #[schemars(length(min = 1, max = 4096), regex(pattern = ABSOLUTE_CLEAN_PATH))]
+    pub path_prefix: String,
+    /// Mounts under it must be read-only (the default); `false` allows writable ones.
+    #[serde(default = "default_true")]
+    pub read_only: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Checklist item 4.

@@ -2,6 +2,7 @@
 //! controller creates): load tools, check them, serve REST and MCP.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use jsonwebtoken::Algorithm;
 use crate::runner::admission::{Admission, DEFAULT_CALLS_PER_TOOL, DEFAULT_QUEUE_TIMEOUT};
 use crate::runner::audit::{AuditKey, AuditLog};
 use crate::runner::auth::{AuthConfigError, Authenticator, JwtKey, TokenReviewer, load_token_file};
-use crate::runner::executor::{ToolExecutor, UnsandboxedProcessExecutor};
+use crate::runner::executor::{Degradation, ToolExecutor, UnsandboxedProcessExecutor};
 use crate::runner::images::ImageStore;
 use crate::runner::listener::{self, AllowedHosts, HttpConfig, HttpLimits};
 use crate::runner::metrics::Metrics;
@@ -138,6 +139,12 @@ pub struct CommonArgs {
     /// the HTTP API with trusted tools only; never with real agents.
     #[arg(long)]
     pub unsandboxed_dev: bool,
+    /// Serve tools whose sandbox this host can only give weaker isolation (no
+    /// user namespace, or rlimits instead of cgroups). Without it, such a tool is
+    /// refused unless it sets `spec.sandbox.allowDegraded: true`. Degraded tools
+    /// are named in the banner, `GET /v1/tools` and `toolwarden_sandbox_degraded`.
+    #[arg(long)]
+    pub allow_degraded: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -322,6 +329,7 @@ fn run(
                 Err(e) => return fail(&format!("cannot listen on {metrics_addr}: {e}")),
             }
         }
+        prepare_sandboxes(&runner).await;
         banner(
             command,
             dir,
@@ -335,9 +343,8 @@ fn run(
             eprintln!("  metrics:   http://{metrics_addr}/metrics   (no authentication)");
         }
         tokio::spawn(runner.audit.clone().maintain());
-        prepare_sandboxes(&registry, runner.executor.as_ref()).await;
         let secrets = common.secrets_dir.as_deref();
-        let _watcher = match watch(dir, secrets, registry, runner.executor.clone()) {
+        let _watcher = match watch(dir, secrets, runner.clone()) {
             Ok(w) => Some(w),
             Err(e) => {
                 eprintln!("warning: not watching {} for changes: {e}", dir.display());
@@ -451,38 +458,63 @@ fn sandbox_executor(dir: &Path, common: &CommonArgs) -> Result<SandboxExecutor, 
                 .into(),
         );
     }
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
-    let mut config = EngineConfig::new(exe);
-    config.state_root = common.state_dir.join("sandbox");
-    let engine = Sandboxes::start(&config).map_err(|e| {
+    let could_not_start = |e: String| {
         format!(
             "the sandbox engine could not start ({e}); it needs root (or pass --unsandboxed-dev \
              to try the API without isolation, trusted tools only)"
         )
-    })?;
+    };
+    // Root-owned and 0711: a user-namespaced sandbox's setup passes through it
+    // to the volumes and secret files below, and nobody can list it.
+    let state = &common.state_dir;
+    std::fs::create_dir_all(state)
+        .and_then(|()| std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o711)))
+        .map_err(|e| could_not_start(format!("--state-dir {}: {e}", state.display())))?;
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    let mut config = EngineConfig::new(exe);
+    config.state_root = common.state_dir.join("sandbox");
+    let engine = Sandboxes::start(&config).map_err(|e| could_not_start(e.to_string()))?;
     let volumes = common
         .volumes
         .clone()
         .or_else(|| folder_beside(dir, "volumes"));
-    Ok(SandboxExecutor::new(
-        engine,
-        VolumesDir(volumes),
-        common.state_dir.join("secret-files"),
-    ))
+    Ok(
+        SandboxExecutor::new(engine, VolumesDir(volumes), common.state_dir.clone())
+            .allow_degraded(common.allow_degraded),
+    )
 }
 
 /// Fills the warm pools of the tools now served (dropping those of replaced
-/// tools) and reports the tools that cannot run.
-async fn prepare_sandboxes(registry: &Registry, executor: &dyn ToolExecutor) {
-    let tools: Vec<_> = registry.snapshot().values().cloned().collect();
-    match executor.prepare(&tools).await {
-        Ok(errors) => {
-            for e in errors {
-                eprintln!("error: cannot run {e}");
+/// tools). A tool that cannot run (e.g. its isolation would be degraded
+/// without permission) is reported and no longer served; the metrics name
+/// what each served tool runs without.
+async fn prepare_sandboxes(runner: &Runner) {
+    let tools: Vec<_> = runner.registry.snapshot().values().cloned().collect();
+    match runner.executor.prepare(&tools).await {
+        Ok(unrunnable) => {
+            for (tool, reason) in &unrunnable {
+                eprintln!("error: cannot run {tool}, not served: {reason}");
             }
+            let names: Vec<String> = unrunnable.into_iter().map(|(tool, _)| tool).collect();
+            runner.registry.withdraw(&names);
         }
         Err(e) => eprintln!("error: preparing sandboxes: {e}"),
     }
+    let served: Vec<_> = runner.registry.snapshot().values().cloned().collect();
+    let degraded: Vec<(String, Vec<Degradation>)> = served
+        .iter()
+        .map(|t| {
+            (
+                t.name.clone(),
+                runner.executor.degradations(t).unwrap_or_default(),
+            )
+        })
+        .collect();
+    runner.metrics.set_degraded(
+        degraded
+            .iter()
+            .flat_map(|(tool, list)| list.iter().map(move |d| (tool.as_str(), d.missing))),
+    );
 }
 
 /// Loads `dir` into the registry and reports what is (not) served on stderr.
@@ -537,6 +569,13 @@ fn banner(
     eprintln!("  MCP:       http://{addr}/mcp   (streamable HTTP)");
     eprintln!("  probes:    http://{addr}/healthz  /readyz  /metrics (with a token)");
     eprintln!("  isolation: {}", runner.executor.isolation());
+    for tool in tools.values() {
+        let degradations = runner.executor.degradations(tool).unwrap_or_default();
+        if !degradations.is_empty() {
+            let list: Vec<String> = degradations.iter().map(ToString::to_string).collect();
+            eprintln!("  DEGRADED:  {} runs with {}", tool.name, list.join("; "));
+        }
+    }
     eprintln!("  images:    {images}");
     eprintln!("  auth:      {}", runner.auth.describe());
     eprintln!(
@@ -553,8 +592,7 @@ fn banner(
 fn watch(
     dir: &Path,
     secrets: Option<&Path>,
-    registry: Arc<Registry>,
-    executor: Arc<dyn ToolExecutor>,
+    runner: Arc<Runner>,
 ) -> notify::Result<notify::RecommendedWatcher> {
     use notify::Watcher;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -589,7 +627,7 @@ fn watch(
                 tokio::time::timeout(Duration::from_millis(200), rx.recv()).await
             {}
             // Loading compiles schemas and may unpack images: keep it off the I/O threads.
-            let (loading, dir) = (registry.clone(), dir.clone());
+            let (loading, dir) = (runner.registry.clone(), dir.clone());
             let Ok((report, dir)) =
                 tokio::task::spawn_blocking(move || (load(&loading, &dir), dir)).await
             else {
@@ -604,7 +642,7 @@ fn watch(
                 if !report.rotated.is_empty() {
                     eprintln!("  new secret values for {}", report.rotated.join(", "));
                 }
-                prepare_sandboxes(&registry, executor.as_ref()).await;
+                prepare_sandboxes(&runner).await;
             } else {
                 eprintln!(
                     "reload of {} failed; still serving the previous tools",

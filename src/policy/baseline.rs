@@ -1,8 +1,8 @@
 //! Rules that hold for every tool, with or without a ToolPolicy: the schema
 //! compiles, expressions parse, quantities are valid, cross-field consistency,
-//! and no literal secrets.
+//! no literal secrets, and no hostPath an administrator did not allow.
 
-use crate::api::{AgentToolSpec, AuditLevel, PolicyMode, parse_quantity};
+use crate::api::{AgentToolSpec, AllowedHostPath, AuditLevel, PolicyMode, parse_quantity};
 
 use super::Violation;
 use super::catalog::{self as rule, Rule};
@@ -10,7 +10,13 @@ use super::facts::ToolFacts;
 use super::literal_secrets::{SecretLook, is_secret_name, looks_like_secret};
 use super::schema_shape::MAX_SCHEMA_DEPTH;
 
-pub fn check(spec: &AgentToolSpec, facts: &ToolFacts, out: &mut Vec<Violation>) {
+/// `host_paths`: what the policies that select the tool allow for `hostPath`.
+pub fn check(
+    spec: &AgentToolSpec,
+    facts: &ToolFacts,
+    host_paths: &[&AllowedHostPath],
+    out: &mut Vec<Violation>,
+) {
     let mut flag = |rule: Rule, path: String, message: String| {
         out.push(Violation {
             rule: rule.id,
@@ -92,30 +98,78 @@ pub fn check(spec: &AgentToolSpec, facts: &ToolFacts, out: &mut Vec<Violation>) 
         );
     }
     let sandbox = &spec.sandbox;
-    let quantities = [
-        ("memory", &sandbox.memory),
-        ("cpu", &sandbox.cpu),
-        ("tmpSize", &sandbox.tmp_size),
+    let mut quantities = vec![
+        ("spec.sandbox.memory".to_string(), &sandbox.memory),
+        ("spec.sandbox.cpu".to_string(), &sandbox.cpu),
+        ("spec.sandbox.tmpSize".to_string(), &sandbox.tmp_size),
     ];
-    for (field, quantity) in quantities {
+    for (i, mount) in spec.permissions.filesystem.iter().enumerate() {
+        quantities.push((
+            format!("spec.permissions.filesystem[{i}].sizeLimit"),
+            &mount.size_limit,
+        ));
+    }
+    for (path, quantity) in quantities {
+        let field = path.rsplit('.').next().unwrap_or_default().to_string();
         if let Some(q) = quantity {
             match parse_quantity(q) {
                 Ok(v) if v > 0.0 => {}
                 Ok(_) => flag(
                     rule::QUANTITIES_VALID,
-                    format!("spec.sandbox.{field}"),
+                    path,
                     format!("{field} must be greater than zero"),
                 ),
-                Err(e) => flag(
-                    rule::QUANTITIES_VALID,
-                    format!("spec.sandbox.{field}"),
-                    e.to_string(),
-                ),
+                Err(e) => flag(rule::QUANTITIES_VALID, path, e.to_string()),
             }
         }
     }
+    check_host_paths(spec, host_paths, &mut flag);
     check_secret_delivery(spec, &mut flag);
     check_literals(spec, &mut flag);
+}
+
+/// Every hostPath must lie under a prefix a selecting policy allows, and be
+/// read-only unless that prefix allows writes.
+fn check_host_paths(
+    spec: &AgentToolSpec,
+    allowed: &[&AllowedHostPath],
+    flag: &mut impl FnMut(Rule, String, String),
+) {
+    for (i, mount) in spec.permissions.filesystem.iter().enumerate() {
+        let Some(path) = &mount.host_path else {
+            continue;
+        };
+        let covering: Vec<&&AllowedHostPath> = allowed
+            .iter()
+            .filter(|a| path_is_under(path, &a.path_prefix))
+            .collect();
+        let message = if covering.is_empty() {
+            format!(
+                "hostPath `{path}` is not allowed: no ToolPolicy selecting this tool lists it in leastPrivilege.allowedHostPaths"
+            )
+        } else if !mount.read_only && covering.iter().all(|a| a.read_only) {
+            format!(
+                "hostPath `{path}` is writable, but its allowedHostPaths entry allows read-only mounts only; set readOnly: true"
+            )
+        } else {
+            continue;
+        };
+        flag(
+            rule::NO_HOST_PATH,
+            format!("spec.permissions.filesystem[{i}].hostPath"),
+            message,
+        );
+    }
+}
+
+/// True when `path` is `prefix` or below it, by whole path components.
+pub(super) fn path_is_under(path: &str, prefix: &str) -> bool {
+    let prefix = prefix.trim_end_matches('/');
+    prefix.is_empty()
+        || path == prefix
+        || path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 fn check_secret_delivery(spec: &AgentToolSpec, flag: &mut impl FnMut(Rule, String, String)) {

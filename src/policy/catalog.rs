@@ -69,13 +69,13 @@ rules! {
     IMAGE_REGISTRY_ALLOWED = "TW-PRIV-006", LeastPrivilege, false, "the image comes from an allowed registry";
     IMAGE_PINNED = "TW-PRIV-007", LeastPrivilege, false, "the image is pinned by digest";
     AUTHORIZATION_COMPILES = "TW-PRIV-008", LeastPrivilege, true, "authorization expressions are valid CEL";
-    NO_HOST_PATH = "TW-PRIV-009", LeastPrivilege, false, "no hostPath mounts";
+    NO_HOST_PATH = "TW-PRIV-009", LeastPrivilege, true, "no hostPath mounts, except read-only under a policy's allowedHostPaths";
     TIMEOUT_CAPPED = "TW-SANDBOX-001", Sandboxing, false, "timeoutMs is within the policy cap";
     MEMORY_CAPPED = "TW-SANDBOX-002", Sandboxing, false, "sandbox.memory is set and within the policy cap";
     PIDS_CAPPED = "TW-SANDBOX-003", Sandboxing, false, "pids is within the policy cap";
     EGRESS_ALLOWED = "TW-SANDBOX-004", Sandboxing, false, "egress hosts match the policy's allowed patterns";
     RUNTIME_CLASS_ALLOWED = "TW-SANDBOX-005", Sandboxing, false, "the runtime class is allowed (and present when required)";
-    QUANTITIES_VALID = "TW-SANDBOX-006", Sandboxing, true, "memory, cpu and tmpSize are valid, positive quantities";
+    QUANTITIES_VALID = "TW-SANDBOX-006", Sandboxing, true, "memory, cpu, tmpSize and volume sizeLimits are valid, positive quantities";
     AUDIT_LEVEL_MINIMUM = "TW-AUDIT-001", AuditLogging, false, "audit.input records at least the policy's minimum level";
     AUDIT_NO_FULL_WITH_SECRETS = "TW-AUDIT-002", AuditLogging, false, "tools with secrets do not record full input";
     AUDIT_REDACT_USED = "TW-AUDIT-003", AuditLogging, true, "audit.redact is only set with input: redacted";

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::api::{AgentTool, PolicyMode, ToolPolicy};
+use crate::api::{AgentTool, AllowedHostPath, PolicyMode, ToolPolicy};
 pub use catalog::{ChecklistItem, Rule};
 pub use engine::Engine;
 pub use facts::ToolFacts;
@@ -87,13 +87,21 @@ pub fn evaluate_with_facts(
     namespace_labels: &BTreeMap<String, String>,
 ) -> Report {
     let mut violations = Vec::new();
-    baseline::check(&tool.spec, facts, &mut violations);
     let empty = BTreeMap::new();
     let tool_labels = tool.metadata.labels.as_ref().unwrap_or(&empty);
-    for policy in policies {
-        if policy_applies(policy, tool_labels, namespace_labels) {
-            rules::check(policy, &tool.spec, facts, &mut violations);
-        }
+    let applying: Vec<&ToolPolicy> = policies
+        .iter()
+        .filter(|policy| policy_applies(policy, tool_labels, namespace_labels))
+        .collect();
+    // The baseline refuses hostPath mounts except where an administrator's policy allows them.
+    let host_paths: Vec<&AllowedHostPath> = applying
+        .iter()
+        .filter_map(|p| p.spec.rules.least_privilege.as_ref())
+        .flat_map(|rules| &rules.allowed_host_paths)
+        .collect();
+    baseline::check(&tool.spec, facts, &host_paths, &mut violations);
+    for policy in applying {
+        rules::check(policy, &tool.spec, facts, &mut violations);
     }
     Report { violations }
 }

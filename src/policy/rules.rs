@@ -3,6 +3,7 @@
 use crate::api::{AgentToolSpec, ToolPolicy, parse_quantity};
 
 use super::Violation;
+use super::baseline::path_is_under;
 use super::catalog::{self as rule, Rule};
 use super::facts::ToolFacts;
 use super::schema_shape::SchemaSite;
@@ -238,16 +239,6 @@ fn least_privilege(ctx: &mut Ctx, spec: &AgentToolSpec) {
             format!("`{image}` is not pinned; use name@sha256:<64 hex digits>"),
         );
     }
-}
-
-/// True when `path` is `prefix` or below it, by whole path components.
-fn path_is_under(path: &str, prefix: &str) -> bool {
-    let prefix = prefix.trim_end_matches('/');
-    prefix.is_empty()
-        || path == prefix
-        || path
-            .strip_prefix(prefix)
-            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 fn is_pinned(image: &str) -> bool {

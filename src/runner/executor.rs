@@ -53,6 +53,21 @@ pub enum SecretDelivery {
     File { path: String, value: Vec<u8> },
 }
 
+/// A protection a tool runs without, and why: listed by the banner,
+/// `GET /v1/tools` and the `toolwarden_sandbox_degraded` metric.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Degradation {
+    /// `userNamespace`, `cgroups`, or `sandbox` (no isolation at all).
+    pub missing: &'static str,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Degradation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "no {}: {}", self.missing, self.reason)
+    }
+}
+
 /// Future returned by [`ToolExecutor::execute`]; boxed so executors can sit
 /// behind `Arc<dyn ToolExecutor>` and `serve` can pick one at run time.
 pub type ExecFuture<'a, T = ExecOutcome> =
@@ -72,13 +87,20 @@ pub trait ToolExecutor: Send + Sync {
     /// Called with the whole tool set after every (re)load, off the request
     /// path: get ready to run `tools` (e.g. fill warm pools) and release what
     /// belonged to tools no longer in it. Returns one reason per tool that
-    /// cannot be run.
+    /// cannot be run, as `(tool, reason)`.
     fn prepare<'a>(
         &'a self,
         tools: &'a [std::sync::Arc<PreparedTool>],
-    ) -> ExecFuture<'a, Vec<String>> {
+    ) -> ExecFuture<'a, Vec<(String, String)>> {
         let _ = tools;
         Box::pin(async { Ok(Vec::new()) })
+    }
+
+    /// What `tool` runs without once prepared (empty: full isolation);
+    /// `None` while it is not prepared.
+    fn degradations(&self, tool: &PreparedTool) -> Option<Vec<Degradation>> {
+        let _ = tool;
+        None
     }
 
     /// One line for the startup banner, e.g. `youki sandbox (namespaces, seccomp, cgroups)`.
@@ -103,6 +125,13 @@ impl ToolExecutor for UnsandboxedProcessExecutor {
         secrets: Vec<SecretDelivery>,
     ) -> ExecFuture<'a> {
         Box::pin(run_process(tool, stdin, secrets))
+    }
+
+    fn degradations(&self, _tool: &PreparedTool) -> Option<Vec<Degradation>> {
+        Some(vec![Degradation {
+            missing: "sandbox",
+            reason: "--unsandboxed-dev runs tools as plain processes".into(),
+        }])
     }
 
     fn isolation(&self) -> String {

@@ -30,9 +30,18 @@ pub struct EnforcementLabels {
     pub mechanism: String,
 }
 
+/// One protection a served tool runs without.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DegradedLabels {
+    pub tool: String,
+    /// `userNamespace`, `cgroups` or `sandbox`.
+    pub missing: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     enforcement: Family<EnforcementLabels, Gauge>,
+    degraded: Family<DegradedLabels, Gauge>,
     calls: Family<CallLabels, Counter>,
     run_seconds: Family<ToolLabel, Histogram>,
     in_flight: Gauge,
@@ -77,9 +86,16 @@ impl Default for Metrics {
             "1 for the mechanism that enforced each sandbox limit of a tool's last run",
             enforcement.clone(),
         );
+        let degraded = Family::<DegradedLabels, Gauge>::default();
+        registry.register(
+            "sandbox_degraded",
+            "1 for each protection a served tool runs without (allowed by allowDegraded or --allow-degraded)",
+            degraded.clone(),
+        );
         Metrics {
             registry,
             enforcement,
+            degraded,
             calls,
             run_seconds,
             in_flight,
@@ -107,6 +123,19 @@ impl Metrics {
                     tool: tool.into(),
                     limit: (*limit).into(),
                     mechanism: (*mechanism).into(),
+                })
+                .set(1);
+        }
+    }
+
+    /// Replaces the degraded-isolation series with `(tool, missing protection)` pairs.
+    pub fn set_degraded<'a>(&self, missing: impl IntoIterator<Item = (&'a str, &'a str)>) {
+        self.degraded.clear();
+        for (tool, what) in missing {
+            self.degraded
+                .get_or_create(&DegradedLabels {
+                    tool: tool.into(),
+                    missing: what.into(),
                 })
                 .set(1);
         }

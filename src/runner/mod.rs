@@ -24,3 +24,4 @@ pub mod rest;
 pub mod sandbox_executor;
 pub mod sanitize;
 pub mod validate;
+pub mod volumes;

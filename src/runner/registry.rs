@@ -94,16 +94,22 @@ struct ToolSecrets {
 pub struct SecretsDir(pub Option<PathBuf>);
 
 impl SecretsDir {
+    /// `DIR/<secret>/<key>`, for Kubernetes names only, opened beneath DIR:
+    /// symbolic links are followed (a mounted Secret's keys are links into
+    /// `..data/`) but resolved inside DIR, so none leads out of it.
     fn read(&self, secret: &str, key: &str) -> Option<Vec<u8>> {
+        use std::io::Read;
         let dir = self.0.as_ref()?;
-        // Names are validated by the CRD bounds, but never let one climb out.
-        if [secret, key]
-            .iter()
-            .any(|s| s.contains('/') || s.starts_with('.'))
-        {
-            return None;
-        }
-        std::fs::read(dir.join(secret).join(key)).ok()
+        crate::api::names::dns1123_subdomain(secret).ok()?;
+        crate::api::names::config_key(key).ok()?;
+        let root = pathrs::Root::open(dir).ok()?;
+        let mut file = root
+            .resolve(format!("{secret}/{key}"))
+            .and_then(|handle| handle.reopen(pathrs::flags::OpenFlags::O_RDONLY))
+            .ok()?;
+        let mut value = Vec::new();
+        file.read_to_end(&mut value).ok()?;
+        Some(value)
     }
 
     /// Reads every secret `spec` uses; errors name the missing ones.
@@ -269,6 +275,14 @@ impl Registry {
 
     pub fn snapshot(&self) -> Arc<BTreeMap<String, Arc<PreparedTool>>> {
         self.tools.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Stops serving `names` (tools that cannot run); the others stay as they are.
+    pub fn withdraw(&self, names: &[String]) {
+        let mut tools = self.tools.write().unwrap_or_else(|p| p.into_inner());
+        let mut next = (**tools).clone();
+        next.retain(|name, _| !names.contains(name));
+        *tools = Arc::new(next);
     }
 
     /// Loads `paths` and replaces the tool set. A tool whose spec did not change

@@ -91,9 +91,14 @@ async fn list_tools(
         .snapshot()
         .values()
         .map(|t| {
+            let degradations = runner.executor.degradations(t);
             json!({"name": t.name, "description": t.spec.description,
-                   "inputSchema": t.spec.input_schema, "risk": t.spec.risk.as_str(),
-                   "generation": t.generation})
+            "inputSchema": t.spec.input_schema, "risk": t.spec.risk.as_str(),
+            "generation": t.generation,
+            "isolation": {
+                "degraded": degradations.as_ref().map(|d| !d.is_empty()),
+                "degradations": degradations,
+            }})
         })
         .collect();
     axum::Json(json!({"tools": tools})).into_response()

@@ -4,41 +4,51 @@
 //! replaces or removes the tool, so calls in flight keep their pool.
 
 use std::collections::HashMap;
-use std::os::unix::fs::{PermissionsExt, chown};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt, chown, fchown};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::OnceCell;
 
-use crate::api::{AgentToolSpec, FilesystemMount, parse_quantity};
+use crate::api::{AgentToolSpec, parse_quantity};
 use crate::sandbox::detect::USERNS_HOST_BASE;
 use crate::sandbox::spec::SANDBOX_UID;
-use crate::sandbox::{BindMount, Enforcement, Invocation, Limits, Pool, SandboxSpec, Sandboxes};
+use crate::sandbox::{
+    BindMount, Enforcement, Invocation, Limits, Mechanism, Pool, SandboxSpec, Sandboxes,
+};
 
-use super::executor::{ExecError, ExecFuture, ExecOutcome, SecretDelivery, ToolExecutor};
+use super::executor::{
+    Degradation, ExecError, ExecFuture, ExecOutcome, SecretDelivery, ToolExecutor,
+};
 use super::registry::PreparedTool;
-
-/// Where the standalone runner finds the volumes a tool names:
-/// `DIR/pvc/<claim>` and `DIR/configmap/<name>`.
-#[derive(Clone, Debug, Default)]
-pub struct VolumesDir(pub Option<PathBuf>);
+pub use super::volumes::VolumesDir;
+use super::volumes::{BoundedVolume, BoundedVolumes, VolumeSource, size_limit};
 
 pub struct SandboxExecutor {
     engine: Sandboxes,
     volumes: VolumesDir,
-    /// Private per-pool folders for file secrets (root-owned, mode 0711).
-    scratch_root: PathBuf,
+    /// Per-tool folders of file secrets (`STATE/secret-files`, root-owned, mode 0711).
+    secrets_root: PathBuf,
+    /// Writable volumes, bounded by their size limit (`STATE/volumes`).
+    bounded: Arc<BoundedVolumes>,
+    /// `serve --allow-degraded`: every tool may run with weaker isolation.
+    allow_degraded: bool,
     pools: Mutex<HashMap<PoolKey, Arc<OnceCell<Arc<ToolPool>>>>>,
 }
 
 /// Name, generation and secrets revision: rotated secrets need fresh sandboxes.
 type PoolKey = (String, u64, u64);
 
-/// A pool and the secret files only its sandboxes see; the files go with it.
+/// A pool, the secret files only its sandboxes see and the bounded volumes
+/// it mounts; they go with it (fields drop in order: the pool first).
 struct ToolPool {
     pool: Pool,
     _secret_files: Option<SecretFiles>,
+    _volumes: Vec<BoundedVolume>,
+    /// What this tool runs without (accepted by `allowDegraded` or the flag).
+    degradations: Vec<Degradation>,
 }
 
 /// A private folder of file secrets, removed when dropped.
@@ -55,13 +65,28 @@ fn pool_key(tool: &PreparedTool) -> PoolKey {
 }
 
 impl SandboxExecutor {
-    pub fn new(engine: Sandboxes, volumes: VolumesDir, scratch_root: PathBuf) -> Self {
+    /// `state`: where file secrets (`secret-files/`) and the images of
+    /// writable volumes (`volumes/`) are kept.
+    pub fn new(engine: Sandboxes, volumes: VolumesDir, state: PathBuf) -> Self {
+        let bounded = Arc::new(BoundedVolumes::new(
+            state.join("volumes"),
+            engine.zygote_pid(),
+        ));
         SandboxExecutor {
             engine,
             volumes,
-            scratch_root,
+            secrets_root: state.join("secret-files"),
+            bounded,
+            allow_degraded: false,
             pools: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Serve tools whose isolation the host weakens (no user namespace,
+    /// rlimits instead of cgroups) without their own `allowDegraded`.
+    pub fn allow_degraded(mut self, allow: bool) -> Self {
+        self.allow_degraded = allow;
+        self
     }
 
     async fn pool(&self, tool: &PreparedTool) -> Result<Arc<ToolPool>, String> {
@@ -87,16 +112,8 @@ impl SandboxExecutor {
         })?;
         let rootfs =
             std::fs::canonicalize(rootfs).map_err(|e| format!("{}: {e}", rootfs.display()))?;
-        let mut spec = SandboxSpec {
-            rootfs,
-            mounts: volume_mounts(&tool.spec, &self.volumes)?,
-            limits: Limits {
-                max_output_bytes: tool.capture_bytes(),
-                ..limits(&tool.spec)?
-            },
-            warm_pool: tool.spec.sandbox.warm_pool as usize,
-        };
-        let files: Vec<(&str, &[u8])> = tool
+        let planned = self.plan_mounts(&tool.spec)?;
+        let file_secrets: Vec<(&str, &[u8])> = tool
             .secrets
             .iter()
             .filter_map(|s| match s {
@@ -104,31 +121,201 @@ impl SandboxExecutor {
                 SecretDelivery::Env { .. } => None,
             })
             .collect();
-        let secret_files = if files.is_empty() {
+        let mut spec = SandboxSpec {
+            rootfs,
+            mounts: planned.iter().map(|p| p.bind.clone()).collect(),
+            limits: Limits {
+                max_output_bytes: tool.capture_bytes(),
+                ..limits(&tool.spec)?
+            },
+            warm_pool: tool.spec.sandbox.warm_pool as usize,
+        };
+        if !file_secrets.is_empty() {
+            prepare_secrets_root(&self.secrets_root)
+                .map_err(|e| format!("{}: {e}", self.secrets_root.display()))?;
+        }
+        // Decided on every folder the sandboxes will reach (the per-tool secret
+        // folder will belong to the mapped root, which the check accepts).
+        let mut probe = spec.clone();
+        probe.mounts.push(BindMount {
+            source: self.secrets_root.clone(),
+            destination: "/".into(),
+            read_only: true,
+        });
+        probe.mounts.retain(|m| m.source.exists());
+        let host = self.engine.host();
+        let userns_unusable = host.userns_unusable_for(&probe);
+        let mut degradations =
+            degradations(userns_unusable.as_deref(), host.cgroup_unusable.as_deref());
+        self.accept(tool, &degradations)?;
+        // The container's root and the tool's user, as the host sees them.
+        let container_root = if userns_unusable.is_none() {
+            USERNS_HOST_BASE
+        } else {
+            0
+        };
+        let sandbox_user = container_root + SANDBOX_UID;
+        let mut volumes = Vec::new();
+        for (i, p) in planned.iter().enumerate() {
+            if let Some((source, size)) = &p.bounded {
+                // mkfs and mount are processes: keep them off the async workers.
+                let (bounded, source, size) = (self.bounded.clone(), source.clone(), *size);
+                let volume =
+                    tokio::task::spawn_blocking(move || bounded.mount(&source, size, sandbox_user))
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| format!("spec.permissions.filesystem[{i}]: {e}"))?;
+                volumes.push(volume);
+            }
+        }
+        let secret_files = if file_secrets.is_empty() {
             None
         } else {
-            let dir = SecretFiles(self.scratch_root.join(uuid::Uuid::new_v4().to_string()));
-            write_secret_files(&dir.0, &files, &mut spec.mounts)
-                .and_then(|files| {
-                    // The sandbox user must own them: the host's 65534, or its
-                    // user-namespace mapping when this pool gets a user namespace.
-                    let owner = match self.engine.host().userns_unusable_for(&spec) {
-                        None => USERNS_HOST_BASE + SANDBOX_UID,
-                        Some(_) => SANDBOX_UID,
-                    };
-                    files
-                        .iter()
-                        .try_for_each(|f| chown(f, Some(owner), Some(owner)))
-                })
+            // Not the tool's name: nothing checks metadata.name for `/` or `..`.
+            let dir =
+                self.secrets_root
+                    .join(format!("gen{}-{}", tool.generation, uuid::Uuid::new_v4()));
+            let files = SecretFiles(dir);
+            let mounts = write_secret_files(&files.0, &file_secrets, container_root, sandbox_user)
                 .map_err(|e| format!("secret files: {e}"))?;
-            Some(dir)
+            spec.mounts.extend(mounts);
+            Some(files)
         };
         let pool = self.engine.pool(spec).await.map_err(|e| e.to_string())?;
+        // The engine decides again on the final spec: what it gave is what counts.
+        let given = pool.enforcement();
+        if !given.user_namespace && userns_unusable.is_none() {
+            degradations.extend(self::degradations(
+                Some("the sandbox engine did not give this pool one"),
+                None,
+            ));
+        }
+        if given.memory == Mechanism::Rlimit && host.cgroup_unusable.is_none() {
+            degradations.extend(self::degradations(
+                None,
+                Some("the sandbox engine did not give this pool cgroups"),
+            ));
+        }
+        self.accept(tool, &degradations)?;
         Ok(Arc::new(ToolPool {
             pool,
             _secret_files: secret_files,
+            _volumes: volumes,
+            degradations,
         }))
     }
+
+    /// Creates the images of the volumes `tools` mount writable, before any
+    /// pool is built, so every mount of such a volume uses its image. Returns
+    /// the volumes whose image was created now. Errors are left to the pool
+    /// creation, which reports them per tool.
+    async fn create_images(&self, tools: &[Arc<PreparedTool>]) -> Vec<VolumeSource> {
+        let writable: Vec<(VolumeSource, u64)> = tools
+            .iter()
+            .flat_map(|t| &t.spec.permissions.filesystem)
+            .filter(|m| !m.read_only)
+            .filter_map(|m| Some((self.volumes.resolve(m).ok()?, size_limit(m).ok()?)))
+            .collect();
+        let bounded = self.bounded.clone();
+        tokio::task::spawn_blocking(move || {
+            writable
+                .into_iter()
+                .filter(|(source, size)| bounded.ensure_image(source, *size).unwrap_or(false))
+                .map(|(source, _)| source)
+                .collect()
+        })
+        .await
+        .unwrap_or_default()
+    }
+
+    /// True when `tool` mounts one of `volumes` read-only.
+    fn reads_folder_of(&self, tool: &PreparedTool, volumes: &[VolumeSource]) -> bool {
+        tool.spec
+            .permissions
+            .filesystem
+            .iter()
+            .filter(|m| m.read_only)
+            .filter_map(|m| self.volumes.resolve(m).ok())
+            .any(|source| volumes.contains(&source))
+    }
+
+    /// Refuses a tool whose isolation would be degraded unless it, or the
+    /// operator, accepted that.
+    fn accept(&self, tool: &PreparedTool, degradations: &[Degradation]) -> Result<(), String> {
+        if degradations.is_empty() || self.allow_degraded || tool.spec.sandbox.allow_degraded {
+            return Ok(());
+        }
+        Err(format!(
+            "refused: its isolation would be degraded ({}); set spec.sandbox.allowDegraded: true or start serve with --allow-degraded to accept that",
+            degradations
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        ))
+    }
+
+    /// `permissions.filesystem` as bind mounts; a writable volume's source is
+    /// the mount point of its bounded image.
+    fn plan_mounts(&self, spec: &AgentToolSpec) -> Result<Vec<PlannedMount>, String> {
+        spec.permissions
+            .filesystem
+            .iter()
+            .enumerate()
+            .map(|(i, mount)| {
+                let at = |e: super::volumes::VolumeError| {
+                    format!("spec.permissions.filesystem[{i}]: {e}")
+                };
+                let source = self.volumes.resolve(mount).map_err(at)?;
+                // Once a volume has an image, its data lives there: read-only
+                // mounts use it too.
+                let size = if mount.read_only {
+                    None
+                } else {
+                    Some(size_limit(mount).map_err(at)?)
+                };
+                let (from, bounded) = if size.is_none() && !self.bounded.image(&source).exists() {
+                    (source.folder.clone(), None)
+                } else {
+                    let mountpoint = self.bounded.mountpoint(&source).map_err(at)?;
+                    (mountpoint, Some((source, size)))
+                };
+                Ok(PlannedMount {
+                    bind: BindMount {
+                        source: from,
+                        destination: PathBuf::from(&mount.mount_path),
+                        read_only: mount.read_only,
+                    },
+                    bounded,
+                })
+            })
+            .collect()
+    }
+}
+
+/// One mount of a tool, and the bounded volume behind it (with its size
+/// limit when the mount is writable).
+struct PlannedMount {
+    bind: BindMount,
+    bounded: Option<(VolumeSource, Option<u64>)>,
+}
+
+/// The protections a pool on this host runs without.
+fn degradations(userns_unusable: Option<&str>, cgroup_unusable: Option<&str>) -> Vec<Degradation> {
+    let mut out = Vec::new();
+    if let Some(why) = userns_unusable {
+        out.push(Degradation {
+            missing: "userNamespace",
+            reason: why.to_string(),
+        });
+    }
+    if let Some(why) = cgroup_unusable {
+        out.push(Degradation {
+            missing: "cgroups",
+            reason: format!("memory, pids and cpu limited by rlimits only: {why}"),
+        });
+    }
+    out
 }
 
 impl ToolExecutor for SandboxExecutor {
@@ -182,9 +369,19 @@ impl ToolExecutor for SandboxExecutor {
         })
     }
 
-    fn prepare<'a>(&'a self, tools: &'a [Arc<PreparedTool>]) -> ExecFuture<'a, Vec<String>> {
+    fn prepare<'a>(
+        &'a self,
+        tools: &'a [Arc<PreparedTool>],
+    ) -> ExecFuture<'a, Vec<(String, String)>> {
         Box::pin(async move {
-            let live: Vec<PoolKey> = tools.iter().map(|t| pool_key(t)).collect();
+            let fresh = self.create_images(tools).await;
+            let live: Vec<PoolKey> = tools
+                .iter()
+                // A pool that mounts a volume read-only from its folder goes
+                // when the volume got its image: its data lives there now.
+                .filter(|t| !self.reads_folder_of(t, &fresh))
+                .map(|t| pool_key(t))
+                .collect();
             // Pools of replaced or removed tools go; calls in flight hold their own Arc.
             self.pools
                 .lock()
@@ -193,17 +390,35 @@ impl ToolExecutor for SandboxExecutor {
             let mut errors = Vec::new();
             for tool in tools {
                 match self.pool(tool).await {
-                    Ok(pool) => tracing::info!(
+                    Ok(pool) if pool.degradations.is_empty() => tracing::info!(
                         tool = %tool.name,
                         generation = tool.generation,
                         enforcement = %describe(&pool.pool.enforcement()),
                         "sandbox pool ready"
                     ),
-                    Err(e) => errors.push(format!("{}: {e}", tool.name)),
+                    Ok(pool) => tracing::warn!(
+                        tool = %tool.name,
+                        generation = tool.generation,
+                        enforcement = %describe(&pool.pool.enforcement()),
+                        degraded = %pool
+                            .degradations
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                        "sandbox pool ready with DEGRADED isolation (allowed)"
+                    ),
+                    Err(e) => errors.push((tool.name.clone(), e)),
                 }
             }
             Ok(errors)
         })
+    }
+
+    fn degradations(&self, tool: &PreparedTool) -> Option<Vec<Degradation>> {
+        let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        let cell = pools.get(&pool_key(tool))?;
+        cell.get().map(|pool| pool.degradations.clone())
     }
 
     fn isolation(&self) -> String {
@@ -248,76 +463,49 @@ fn limits(spec: &AgentToolSpec) -> Result<Limits, String> {
     })
 }
 
-/// `permissions.filesystem` as bind mounts from the host.
-fn volume_mounts(spec: &AgentToolSpec, volumes: &VolumesDir) -> Result<Vec<BindMount>, String> {
-    spec.permissions
-        .filesystem
-        .iter()
-        .enumerate()
-        .map(|(i, mount)| {
-            let at = |e: String| format!("spec.permissions.filesystem[{i}]: {e}");
-            let named = volume_source(mount, volumes).map_err(at)?;
-            // The engine takes absolute paths; symlinks are resolved here, on the host.
-            let source = std::fs::canonicalize(&named)
-                .map_err(|e| at(format!("{}: {e}", named.display())))?;
-            if !source.is_dir() {
-                return Err(at(format!("{} is not a folder", source.display())));
-            }
-            Ok(BindMount {
-                source,
-                destination: PathBuf::from(&mount.mount_path),
-                read_only: mount.read_only,
-            })
-        })
-        .collect()
+/// `STATE/secret-files`: root-owned and mode 0711, so a user-namespaced
+/// sandbox's setup can pass through it but nobody can list it.
+fn prepare_secrets_root(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    chown(dir, Some(0), Some(0))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
 }
 
-fn volume_source(mount: &FilesystemMount, volumes: &VolumesDir) -> Result<PathBuf, String> {
-    let named = |kind: &str, name: &str| match &volumes.0 {
-        Some(dir) => Ok(dir.join(kind).join(name)),
-        None => Err(format!(
-            "{kind} {name:?} needs a volumes folder (--volumes DIR, read as DIR/{kind}/{name})"
-        )),
-    };
-    if let Some(path) = &mount.host_path {
-        Ok(PathBuf::from(path))
-    } else if let Some(claim) = &mount.persistent_volume_claim {
-        named("pvc", claim)
-    } else if let Some(name) = &mount.config_map {
-        named("configmap", name)
-    } else {
-        // A shared folder would let one call leave data for the next, which a
-        // fresh sandbox per call must not allow; /tmp is the per-call scratch.
-        Err(
-            "emptyDir is not available to the standalone runner; use /tmp (spec.sandbox.tmpSize)"
-                .into(),
-        )
-    }
-}
-
-/// Writes each file secret into `dir` (mode 0400) and adds a read-only bind
-/// mount of it at its declared path. Returns the files written.
+/// Writes each file secret into the new folder `dir` and returns a read-only
+/// bind mount of each at its declared path.
+///
+/// `dir` is mode 0700 and belongs to the container's root (the mapped root
+/// with a user namespace, else root), which only sets the sandbox up: the tool
+/// itself (`sandbox_user`, the same uid in every sandbox) cannot enter it, so
+/// no sandbox reaches another tool's folder by any path; each sees its own
+/// files only through their bind mounts. Files are created mode 0400 at once
+/// (`create_new`, no window before a chmod) and owned by `sandbox_user`.
+/// Re-running it with a new folder is how a new value gets delivered.
 fn write_secret_files(
     dir: &Path,
     files: &[(&str, &[u8])],
-    mounts: &mut Vec<BindMount>,
-) -> std::io::Result<Vec<PathBuf>> {
-    std::fs::create_dir_all(dir)?;
-    // Traversable (a user-namespaced sandbox must reach the files), not listable.
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
-    let mut written = Vec::new();
+    container_root: u32,
+    sandbox_user: u32,
+) -> std::io::Result<Vec<BindMount>> {
+    std::fs::DirBuilder::new().mode(0o700).create(dir)?;
+    let mut mounts = Vec::new();
     for (i, (path, value)) in files.iter().enumerate() {
-        let file = dir.join(i.to_string());
-        std::fs::write(&file, value)?;
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o400))?;
+        let source = dir.join(i.to_string());
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o400)
+            .open(&source)?;
+        fchown(&file, Some(sandbox_user), Some(sandbox_user))?;
+        file.write_all(value)?;
         mounts.push(BindMount {
-            source: file.clone(),
+            source,
             destination: PathBuf::from(path),
             read_only: true,
         });
-        written.push(file);
     }
-    Ok(written)
+    chown(dir, Some(container_root), Some(container_root))?;
+    Ok(mounts)
 }
 
 /// Which mechanism enforces each limit, as (limit, mechanism) pairs.

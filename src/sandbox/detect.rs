@@ -200,14 +200,19 @@ fn probe_userns() -> Result<(), String> {
     }
 }
 
+/// Every folder on the way to `path` can be searched by the user-namespace
+/// root: by everyone (`o+x`), or by the mapped root as its owner (a private
+/// per-tool folder, see `write_secret_files`).
 fn world_traversable(path: &Path) -> Result<(), String> {
     let canon = std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
     for anc in canon.ancestors() {
         let meta = std::fs::metadata(anc).map_err(|e| format!("{}: {e}", anc.display()))?;
         let mode = meta.permissions().mode();
-        // The image cache's entries are `0710` with the mapped root's group.
+        // The image cache's entries are `0710` with the mapped root's group; per-tool
+        // secret folders belong to the mapped root.
         let group_traversable = meta.gid() == USERNS_HOST_BASE && mode & 0o010 != 0;
-        if meta.is_dir() && mode & 0o001 == 0 && !group_traversable {
+        let mapped_root_owns = meta.uid() == USERNS_HOST_BASE && mode & 0o100 != 0;
+        if meta.is_dir() && mode & 0o001 == 0 && !group_traversable && !mapped_root_owns {
             return Err(format!(
                 "{} is not world-traversable (o+x), the user-namespace root could not reach it",
                 anc.display()

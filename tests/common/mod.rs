@@ -166,7 +166,7 @@ pub fn runner_sandbox(dir: &Path) -> (SandboxExecutor, ImageStore) {
     let executor = SandboxExecutor::new(
         engine(),
         VolumesDir(Some(dir.join("volumes"))),
-        dir.join("secret-files"),
+        dir.join("state"),
     );
     let store = ImageStore::new(dir.join("images"), dir.join("image-cache"));
     (executor, store)
