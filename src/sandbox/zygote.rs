@@ -309,10 +309,16 @@ fn keeper(
     }
 }
 
-/// libcontainer always creates /dev/full (`rootfs::utils::default_devices`), but the sandbox's
-/// device list is explicit (null, zero, random, urandom, tty): unlink it from the container's
-/// /dev tmpfs after `build()` (pivot_root done, init parked before `start()`). No sandboxed code
-/// has run yet, so nothing under that /dev can be a planted symlink.
+/// What libcontainer adds to the container's /dev beyond the sandbox's explicit device list
+/// (null, zero, random, urandom, tty): /dev/full (`rootfs::utils::default_devices`) and, on
+/// kernels that have /proc/kcore, a `/dev/kcore -> /proc/kcore` symlink
+/// (`Symlink::setup_kcore_symlink`). /proc/kcore is masked anyway; no name for kernel memory is
+/// left either.
+const EXTRA_DEV_ENTRIES: [&str; 2] = ["full", "kcore"];
+
+/// Unlinks [`EXTRA_DEV_ENTRIES`] from the container's /dev tmpfs after `build()` (pivot_root
+/// done, init parked before `start()`). No sandboxed code has run yet, so nothing under that
+/// /dev can be a planted symlink.
 fn remove_extra_devices(pid: i32) -> Result<()> {
     use nix::fcntl::OFlag;
     let dev = nix::fcntl::open(
@@ -322,14 +328,17 @@ fn remove_extra_devices(pid: i32) -> Result<()> {
     )?;
     // SAFETY: open just returned this fd to us.
     let dev = unsafe { OwnedFd::from_raw_fd(dev) };
-    match nix::unistd::unlinkat(
-        Some(dev.as_raw_fd()),
-        "full",
-        nix::unistd::UnlinkatFlags::NoRemoveDir,
-    ) {
-        Ok(()) | Err(nix::Error::ENOENT) => Ok(()),
-        Err(e) => Err(Error::Container(format!("remove /dev/full: {e}"))),
+    for entry in EXTRA_DEV_ENTRIES {
+        match nix::unistd::unlinkat(
+            Some(dev.as_raw_fd()),
+            entry,
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        ) {
+            Ok(()) | Err(nix::Error::ENOENT) => {}
+            Err(e) => return Err(Error::Container(format!("remove /dev/{entry}: {e}"))),
+        }
     }
+    Ok(())
 }
 
 /// Nice value of background (refill) builds.
