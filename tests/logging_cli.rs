@@ -4,9 +4,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 /// Runs `serve` on the examples with `format` and returns its stderr up to the end of
 /// the startup banner (the sandbox engine logs its start before it).
@@ -24,24 +23,13 @@ fn startup_stderr(format: &str) -> Vec<String> {
         .prefix("twtest-logging")
         .tempdir_in("/run")
         .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_toolwarden"))
-        .args(["--log-format", format, "serve", "--listen", "127.0.0.1:0"])
-        .arg("--state-dir")
-        .arg(state.path())
-        .arg(dir.path())
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = Vec::new();
-    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
-        let line = line.unwrap();
-        let done = line.trim_start().starts_with("audit:");
-        lines.push(line);
-        if done {
-            break;
-        }
-    }
+    let (mut child, lines, _) = common::spawn_serve(
+        Command::new(env!("CARGO_BIN_EXE_toolwarden"))
+            .args(["--log-format", format, "serve", "--listen", "127.0.0.1:0"])
+            .arg("--state-dir")
+            .arg(state.path())
+            .arg(dir.path()),
+    );
     let _ = child.kill();
     let _ = child.wait();
     lines

@@ -4,9 +4,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -100,7 +99,7 @@ fn serve_with(dir: &Path, audit: &Path, flags: &[&str]) -> Served {
             Ok(())
         });
     }
-    let mut child = command
+    command
         .args(["serve", "--listen", "127.0.0.1:0", "--audit-log"])
         .arg(audit)
         .arg("--audit-key")
@@ -108,35 +107,8 @@ fn serve_with(dir: &Path, audit: &Path, flags: &[&str]) -> Served {
         .arg("--state-dir")
         .arg(state.path())
         .args(flags)
-        .arg(dir)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut banner = Vec::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        let done = line.trim_start().starts_with("audit:");
-        banner.push(line);
-        if done {
-            break;
-        }
-    }
-    // Keep draining stderr so reload messages never block the server.
-    std::thread::spawn(move || lines.for_each(drop));
-    let rest = banner
-        .iter()
-        .find(|l| l.trim_start().starts_with("REST:"))
-        .expect("a REST line");
-    let addr = rest
-        .split("http://")
-        .nth(1)
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
+        .arg(dir);
+    let (child, banner, addr) = common::spawn_serve(&mut command);
     Served {
         child,
         addr,

@@ -7,9 +7,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -156,35 +155,23 @@ fn serve(dir: &Path) -> Served {
         .tempdir_in("/run")
         .unwrap();
     let audit = dir.join("audit.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_toolwarden"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--audit-log"])
-        .arg(&audit)
-        .arg("--secrets-dir")
-        .arg(dir.join("secrets"))
-        .arg("--state-dir")
-        .arg(state.path())
-        .arg(dir)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut base = None;
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        assert!(!line.starts_with("refused"), "{line}");
-        if let Some(rest) = line.trim_start().strip_prefix("REST:") {
-            let addr = rest.split("http://").nth(1).unwrap().split('/').next();
-            base = Some(format!("http://{}", addr.unwrap()));
-        }
-        if line.trim_start().starts_with("audit:") {
-            break;
-        }
-    }
-    std::thread::spawn(move || lines.for_each(drop));
+    let (child, banner, addr) = common::spawn_serve(
+        Command::new(env!("CARGO_BIN_EXE_toolwarden"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--audit-log"])
+            .arg(&audit)
+            .arg("--secrets-dir")
+            .arg(dir.join("secrets"))
+            .arg("--state-dir")
+            .arg(state.path())
+            .arg(dir),
+    );
+    assert!(
+        !banner.iter().any(|l| l.starts_with("refused")),
+        "{banner:#?}"
+    );
     Served {
         child,
-        base: base.expect("a REST line in the banner"),
+        base: format!("http://{addr}"),
         audit,
         _state: state,
     }

@@ -8,10 +8,9 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 
 use toolwarden::api::AgentTool;
@@ -510,33 +509,13 @@ impl Drop for Served {
 
 /// Starts `serve DIR extra...` on a free port; its stderr up to the banner's end.
 fn serve(dir: &Path, state: &Path, extra: &[&str]) -> Served {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_toolwarden"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
-        .arg(state)
-        .args(extra)
-        .arg(dir)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut stderr = Vec::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        let done = line.trim_start().starts_with("audit:");
-        stderr.push(line);
-        if done {
-            break;
-        }
-    }
-    std::thread::spawn(move || lines.for_each(drop));
-    let addr = stderr
-        .iter()
-        .find_map(|l| l.trim_start().strip_prefix("REST:"))
-        .and_then(|l| l.split("http://").nth(1))
-        .and_then(|l| l.split('/').next())
-        .unwrap_or_else(|| panic!("no REST line in {stderr:#?}"))
-        .to_string();
+    let (child, stderr, addr) = common::spawn_serve(
+        Command::new(env!("CARGO_BIN_EXE_toolwarden"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(state)
+            .args(extra)
+            .arg(dir),
+    );
     Served {
         child,
         addr,

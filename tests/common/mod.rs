@@ -362,3 +362,36 @@ pub fn machine_busy_secs() -> f64 {
         })
         .map_or(0.0, |ticks| ticks * TICK)
 }
+
+/// Spawns a `toolwarden serve ...` command with stderr piped, reads stderr up to the banner's
+/// last line (`audit:`) and keeps draining the rest, so reload messages never block the
+/// server. Returns the child, the lines read and the REST address (`host:port`).
+pub fn spawn_serve(
+    command: &mut std::process::Command,
+) -> (std::process::Child, Vec<String>, String) {
+    use std::io::BufRead;
+    let mut child = command
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut banner = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let done = line.trim_start().starts_with("audit:");
+        banner.push(line);
+        if done {
+            break;
+        }
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    let addr = banner
+        .iter()
+        .find_map(|l| l.trim_start().strip_prefix("REST:"))
+        .and_then(|l| l.split("http://").nth(1))
+        .and_then(|l| l.split('/').next())
+        .unwrap_or_else(|| panic!("no REST line in {banner:#?}"))
+        .to_string();
+    (child, banner, addr)
+}
