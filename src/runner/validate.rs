@@ -1,7 +1,8 @@
 //! Input validation against the tool's `inputSchema`: JSON Schema 2020-12,
 //! formats asserted, compiled once per tool generation.
 
-use jsonschema::Validator;
+use jsonschema::error::ValidationErrorKind;
+use jsonschema::{ValidationError, Validator};
 use serde_json::Value;
 
 use super::problem::FieldError;
@@ -15,20 +16,51 @@ pub fn compile(schema: &Value) -> Result<Validator, String> {
 }
 
 /// Every error, not just the first, each with the JSON pointer of the field.
-/// Messages mask the offending value: it is the caller's own input and echoing
-/// it back would turn error pages into a reflection channel.
+/// Messages never echo the caller's input: not the offending value (error pages
+/// would become a reflection channel) and not property names either (a secret
+/// pasted as a key would reach the caller and the logs).
 pub fn validate(validator: &Validator, input: &Value) -> Result<(), Vec<FieldError>> {
     let errors: Vec<FieldError> = validator
         .iter_errors(input)
         .map(|e| FieldError {
             path: e.instance_path().to_string(),
-            message: e.masked().to_string(),
+            message: message(&e),
         })
         .collect();
     if errors.is_empty() {
         Ok(())
     } else {
         Err(errors)
+    }
+}
+
+/// The house wording of one error. jsonschema's masked messages hide the value but
+/// still name unexpected properties and say `is not a "email"`; those kinds get
+/// their own text, the others keep jsonschema's masked one (it names only schema
+/// values: limits, patterns, formats, required property names).
+fn message(error: &ValidationError<'_>) -> String {
+    let count = |n: usize, one: &str, many: &str| {
+        if n == 1 {
+            format!("has an {one}")
+        } else {
+            format!("has {n} {many}")
+        }
+    };
+    match error.kind() {
+        ValidationErrorKind::AdditionalProperties { unexpected }
+        | ValidationErrorKind::UnevaluatedProperties { unexpected } => count(
+            unexpected.len(),
+            "unexpected property",
+            "unexpected properties",
+        ),
+        ValidationErrorKind::UnevaluatedItems { unexpected } => {
+            count(unexpected.len(), "unexpected item", "unexpected items")
+        }
+        ValidationErrorKind::PropertyNames { .. } => {
+            "has a property name the schema does not allow".into()
+        }
+        ValidationErrorKind::Format { format } => format!("value is not a valid {format:?}"),
+        _ => error.masked().to_string(),
     }
 }
 
@@ -78,6 +110,35 @@ mod tests {
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].path, "/updates/name");
         assert!(!errors[0].message.contains("DROP"), "{}", errors[0].message);
+    }
+
+    #[test]
+    fn messages_never_echo_property_names_or_values() {
+        let v = compile(&json!({
+            "type": "object", "additionalProperties": false,
+            "properties": {"mail": {"type": "string", "format": "email"},
+                           "tags": {"type": "object", "propertyNames": {"maxLength": 3}}}
+        }))
+        .unwrap();
+        let secret = "sk-live-SECRETKEY0123456789";
+        let input = json!({secret: 1, "other-secret-key": 2, "mail": secret,
+                           "tags": {secret: true}});
+        let errors = validate(&v, &input).unwrap_err();
+        let text = serde_json::to_string(&errors).unwrap();
+        assert!(!text.contains("SECRET") && !text.contains("other"), "{text}");
+        let by_path = |p: &str| {
+            errors
+                .iter()
+                .find(|e| e.path == p)
+                .map(|e| e.message.as_str())
+                .unwrap_or_else(|| panic!("no error at {p:?} in {text}"))
+        };
+        assert_eq!(by_path(""), "has 2 unexpected properties");
+        assert_eq!(by_path("/mail"), "value is not a valid \"email\"");
+        assert_eq!(
+            by_path("/tags"),
+            "has a property name the schema does not allow"
+        );
     }
 
     #[test]
