@@ -1292,3 +1292,76 @@ async fn metrics_are_not_shown_to_anonymous_callers() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_follows_the_streamable_http_transport_at_its_edges() {
+    require_root!();
+    let s = start().await;
+    let post = |accept: &'static str, content_type: &'static str, body: String| {
+        s.http
+            .post(format!("{}/mcp", s.base))
+            .bearer_auth(ALICE_TOKEN)
+            .header("accept", accept)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+    let ping = json!({"jsonrpc": "2.0", "id": 7, "method": "ping"}).to_string();
+
+    // A client that accepts only a stream gets one: one `message` event.
+    let r = post("text/event-stream", "application/json", ping.clone())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let text = r.text().await.unwrap();
+    let data = text
+        .strip_prefix("event: message\ndata: ")
+        .and_then(|t| t.strip_suffix("\n\n"))
+        .unwrap_or_else(|| panic!("not one SSE message: {text:?}"));
+    let answer: Value = serde_json::from_str(data).unwrap();
+    assert_eq!(answer, json!({"jsonrpc": "2.0", "id": 7, "result": {}}));
+
+    // Neither JSON nor a stream is acceptable: 406.
+    let r = post("text/html", "application/json", ping.clone())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_ACCEPTABLE);
+    // `q=0` refuses JSON: the stream it is.
+    let r = post(
+        "application/json;q=0, text/event-stream",
+        "application/json",
+        ping.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+
+    // The body must be JSON, as on REST.
+    let r = post("application/json", "text/plain", ping.clone())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+
+    // A request's id is never null (nor an object): refused, not answered.
+    for id in [json!(null), json!({"a": 1}), json!(1.5)] {
+        let body = json!({"jsonrpc": "2.0", "id": id, "method": "ping"}).to_string();
+        let r = post("application/json", "application/json", body)
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{id}");
+        let answer: Value = r.json().await.unwrap();
+        assert_eq!(answer["error"]["code"], -32600, "{answer}");
+    }
+
+    // 20 MB announced: refused from the length alone, naming the MCP limit.
+    let request = format!(
+        "POST /mcp HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {ALICE_TOKEN}\r\n\
+         Content-Type: application/json\r\nAccept: application/json\r\n\
+         Content-Length: 20000000\r\nConnection: close\r\n\r\n{{",
+        s.addr
+    );
+    let answer = raw_exchange(s.addr, request.as_bytes()).await;
+    assert_eq!(status_of(&answer), 413, "{answer}");
+    assert!(answer.contains("17 MiB"), "{answer}");
+}

@@ -25,6 +25,28 @@ spec:
   rateLimit: {requestsPerMinute: 60}
 "#;
 
+/// Records every input in full in the audit log.
+const RECORDER_TOOL: &str = r#"
+apiVersion: toolwarden.dev/v1alpha1
+kind: AgentTool
+metadata: {name: recorder}
+spec:
+  description: Takes a long text and answers
+  risk: low
+  maxInputBytes: 131072
+  inputSchema:
+    type: object
+    additionalProperties: false
+    properties: {text: {type: string, maxLength: 100000}}
+  sanitize: [{field: /text, transforms: [stripControlChars]}]
+  runtime:
+    image: docker.io/library/busybox:1.36.1
+    command: [/bin/sh, -c, 'cat >/dev/null; echo "{}"']
+  sandbox: {timeoutMs: 20000, memory: 16Mi}
+  rateLimit: {requestsPerMinute: 60}
+  audit: {input: full}
+"#;
+
 fn toolwarden() -> Command {
     Command::new(env!("CARGO_BIN_EXE_toolwarden"))
 }
@@ -394,10 +416,11 @@ fn a_cut_tail_before_a_restart_and_a_dropped_head_are_reported() {
 fn oversized_records_are_bounded_and_a_broken_last_record_does_not_stop_serve() {
     require_root!();
     let dir = tools_dir();
+    std::fs::write(dir.path().join("recorder.yaml"), RECORDER_TOOL).unwrap();
     let audit_dir = tempfile::tempdir().unwrap();
     let audit = audit_dir.path().join("audit.log");
     let mut served = serve(dir.path(), &audit);
-    // A 60 KB invalid path, 3,000 unknown fields (the error names them all), emoji content.
+    // A 60 KB invalid path, 3,000 unknown fields, emoji content.
     let extra: String = (0..3000).map(|i| format!(", \"f{i}\": {i}")).collect();
     let body = format!(
         "{{\"operation\": \"nope\", \"path\": \"{}\", \"content\": \"{}\"{extra}}}",
@@ -406,6 +429,10 @@ fn oversized_records_are_bounded_and_a_broken_last_record_does_not_stop_serve() 
     );
     let answer = post(&served.addr, "/v1/tools/file-operation/invoke", &body, "t").unwrap();
     assert!(answer.starts_with("HTTP/1.1 400"), "{}", &answer[..200]);
+    // A valid 60 KB input of a tool that records inputs in full.
+    let big = format!("{{\"text\": \"{}\"}}", "z".repeat(60_000));
+    let answer = post(&served.addr, "/v1/tools/recorder/invoke", &big, "t").unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{}", &answer[..200]);
     // A huge header too, where the HTTP layer lets one through.
     post(
         &served.addr,
@@ -418,8 +445,15 @@ fn oversized_records_are_bounded_and_a_broken_last_record_does_not_stop_serve() 
         .into_iter()
         .find(|r| r["event"] == "denied" && r["tool"] == "file-operation")
         .unwrap();
-    assert_eq!(denied["truncated"], true, "{denied}");
-    assert!(denied.to_string().contains("…[truncated"), "{denied}");
+    // The 3,000 unknown fields are counted, not named.
+    assert!(!denied.to_string().contains("f2999"), "{denied}");
+    assert!(denied.to_string().len() < 4096, "{denied}");
+    let recorded = records(&audit)
+        .into_iter()
+        .find(|r| r["event"] == "validated" && r["tool"] == "recorder")
+        .unwrap();
+    assert_eq!(recorded["truncated"], true, "{recorded}");
+    assert!(recorded.to_string().contains("…[truncated"), "{recorded}");
     for line in text.lines() {
         assert!(line.len() <= 16 * 1024, "a record of {} bytes", line.len());
     }

@@ -14,9 +14,9 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::pipeline::Runner;
-use super::problem::ProblemKind;
+use super::problem::{Problem, ProblemKind};
 use super::registry::PreparedTool;
-use super::rest::{call_context, read_body};
+use super::rest::{call_context, is_json, read_body};
 use crate::api::Risk;
 
 /// Protocol revisions spoken, newest first; the newest is offered when the
@@ -24,7 +24,7 @@ use crate::api::Risk;
 pub const PROTOCOL_VERSIONS: [&str; 3] = ["2025-11-25", "2025-06-18", "2025-03-26"];
 
 /// Largest JSON-RPC message read (the largest tool input the CRD allows, plus room).
-const MAX_MESSAGE_BYTES: usize = 17 * 1024 * 1024;
+pub const MAX_MESSAGE_BYTES: usize = 17 * 1024 * 1024;
 
 const PARSE_ERROR: i64 = -32700;
 const INVALID_REQUEST: i64 = -32600;
@@ -61,6 +61,20 @@ pub async fn post(
         Ok(caller) => ctx.caller = Some(caller),
         Err(problem) => return problem.into_response(),
     }
+    let Some(format) = response_format(&headers) else {
+        return Problem::new(
+            ProblemKind::NotAcceptable,
+            "Accept must allow application/json or text/event-stream",
+        )
+        .into_response();
+    };
+    if !is_json(&headers) {
+        return Problem::new(
+            ProblemKind::UnsupportedMediaType,
+            "an MCP message must be JSON (Content-Type: application/json)",
+        )
+        .into_response();
+    }
     if let Some(version) = headers
         .get("mcp-protocol-version")
         .and_then(|v| v.to_str().ok())
@@ -75,7 +89,15 @@ pub async fn post(
     }
     let bytes = match read_body(body, MAX_MESSAGE_BYTES).await {
         Ok(bytes) => bytes,
-        Err(problem) => return problem.into_response(),
+        Err(mut problem) => {
+            if problem.kind == ProblemKind::TooLarge {
+                problem.detail = format!(
+                    "an MCP message may be at most {MAX_MESSAGE_BYTES} bytes (17 MiB); \
+                     each tool's maxInputBytes then applies to its arguments"
+                );
+            }
+            return problem.into_response();
+        }
     };
     let message: Value = match serde_json::from_slice(&bytes) {
         Ok(message) => message,
@@ -102,6 +124,15 @@ pub async fn post(
     let Some(id) = message.get("id").cloned() else {
         return StatusCode::ACCEPTED.into_response(); // a notification
     };
+    // MCP: "the ID MUST NOT be null" (a JSON-RPC id is a string or an integer).
+    if !(id.is_string() || id.is_i64() || id.is_u64()) {
+        let body = error(
+            Value::Null,
+            INVALID_REQUEST,
+            "a request's id must be a string or an integer",
+        );
+        return (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
+    }
     let params = message.get("params").cloned().unwrap_or(Value::Null);
     let answer = match method {
         "initialize" => result(id, initialize(&params)),
@@ -149,7 +180,66 @@ pub async fn post(
         }
         other => error(id, METHOD_NOT_FOUND, &format!("method not found: {other}")),
     };
-    axum::Json(answer).into_response()
+    match format {
+        ResponseFormat::Json => axum::Json(answer).into_response(),
+        ResponseFormat::EventStream => event_stream(&answer),
+    }
+}
+
+/// How the answer to a request is sent, from the request's `Accept`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ResponseFormat {
+    Json,
+    EventStream,
+}
+
+/// The streamable HTTP transport lets the server answer a request with one JSON
+/// body or an SSE stream; a client that accepts only one gets that one. `None`
+/// when `Accept` allows neither (406). No `Accept` at all is taken as `*/*`.
+fn response_format(headers: &HeaderMap) -> Option<ResponseFormat> {
+    let Some(accept) = headers.get(header::ACCEPT) else {
+        return Some(ResponseFormat::Json);
+    };
+    let accept = accept.to_str().unwrap_or_default().to_ascii_lowercase();
+    let accepted: Vec<&str> = accept
+        .split(',')
+        .filter_map(|range| {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next()?;
+            // `q=0` means "not acceptable".
+            let refused = parts.any(|p| {
+                p.strip_prefix("q=")
+                    .and_then(|q| q.parse::<f32>().ok())
+                    .is_some_and(|q| q == 0.0)
+            });
+            (!refused).then_some(media)
+        })
+        .collect();
+    let allows = |media: &str| {
+        let (kind, _) = media.split_once('/').unwrap_or((media, ""));
+        accepted
+            .iter()
+            .any(|a| *a == media || *a == "*/*" || *a == format!("{kind}/*"))
+    };
+    if allows("application/json") {
+        Some(ResponseFormat::Json)
+    } else if allows("text/event-stream") {
+        Some(ResponseFormat::EventStream)
+    } else {
+        None
+    }
+}
+
+/// One JSON-RPC response as an SSE stream of one `message` event, then the end.
+fn event_stream(answer: &Value) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        format!("event: message\ndata: {answer}\n\n"),
+    )
+        .into_response()
 }
 
 fn initialize(params: &Value) -> Value {

@@ -125,6 +125,10 @@ pub fn is_json(headers: &HeaderMap) -> bool {
 /// Reads a body up to `limit` bytes within [`BODY_READ_TIMEOUT`], as a
 /// problem when it is larger or slower.
 pub async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, Problem> {
+    // A declared Content-Length over the limit is refused before any byte is read.
+    if axum::body::HttpBody::size_hint(&body).lower() > limit as u64 {
+        return Err(too_large(limit as u64));
+    }
     let read = tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit));
     let Ok(read) = read.await else {
         return Err(Problem::new(

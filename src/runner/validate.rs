@@ -125,7 +125,10 @@ mod tests {
                            "tags": {secret: true}});
         let errors = validate(&v, &input).unwrap_err();
         let text = serde_json::to_string(&errors).unwrap();
-        assert!(!text.contains("SECRET") && !text.contains("other"), "{text}");
+        assert!(
+            !text.contains("SECRET") && !text.contains("other"),
+            "{text}"
+        );
         let by_path = |p: &str| {
             errors
                 .iter()
