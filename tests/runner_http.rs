@@ -584,6 +584,15 @@ async fn tool_failures_are_generic_and_secrets_never_leave() {
         .await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert!(!body.to_string().contains("/srv"), "{body}");
+    // A hint that is safe to show: the exit code, and the id to look up.
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("the tool exited with code 3;"),
+        "{body}"
+    );
+    assert!(body["invocationId"].is_string(), "{body}");
     let (status, _) = s
         .invoke("echo", Some(ALICE_TOKEN), json!({"mode": "slow"}))
         .await;

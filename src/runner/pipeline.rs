@@ -462,14 +462,13 @@ fn respond(
     if outcome.timed_out {
         return failed(ProblemKind::ToolTimeout, "the tool did not finish in time");
     }
-    match outcome.exit_code {
-        Some(0) if !outcome.oom_killed => {}
-        _ => {
-            return failed(
-                ProblemKind::ToolFailed,
-                "the tool failed; details are in the audit log",
-            );
-        }
+    if let Some(why) = failure_hint(&outcome) {
+        return failed(
+            ProblemKind::ToolFailed,
+            &format!(
+                "the tool {why}; its output and stderr are in the audit log under this invocationId"
+            ),
+        );
     }
     // The caller sees decoded JSON: redact what it decodes to, not only its bytes.
     let output = match serde_json::from_slice(&stdout) {
@@ -486,6 +485,17 @@ fn respond(
         duration_ms: outcome.duration.as_millis() as u64,
         output_truncated: stdout_truncated,
     })
+}
+
+/// How a run failed, in words safe to show a caller (never the tool's stderr, which
+/// may hold anything); `None` when it succeeded. Pure.
+fn failure_hint(outcome: &ExecOutcome) -> Option<String> {
+    match outcome.exit_code {
+        _ if outcome.oom_killed => Some("ran out of memory and was killed".into()),
+        Some(0) => None,
+        Some(code) => Some(format!("exited with code {code}")),
+        None => Some("was killed by a signal".into()),
+    }
 }
 
 /// The approval hook: `Some(approval id)` when a human must decide first.
