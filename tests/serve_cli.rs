@@ -892,3 +892,63 @@ fn token_less_16_mib_posts_do_not_grow_the_runner() {
     let grown = rss_kib(served.child.id()).saturating_sub(before);
     assert!(grown < 16 * 1024, "the runner grew by {grown} KiB");
 }
+
+/// Prometheus' own Python client parses `/metrics` as a scraper that does not ask for
+/// OpenMetrics reads it: counters are counters with their samples, nothing is untyped.
+#[test]
+fn metrics_are_read_right_by_the_prometheus_text_parser() {
+    require_root!();
+    let python = match python_with_mcp_sdk() {
+        Ok(python) => python,
+        Err(why) if std::env::var(common::REQUIRE_SANDBOX_ENV).is_ok_and(|v| v == "1") => {
+            panic!(
+                "needs the test venv under {}: {why}",
+                common::REQUIRE_SANDBOX_ENV
+            )
+        }
+        Err(why) => {
+            eprintln!("SKIPPED metrics_are_read_right_by_the_prometheus_text_parser: {why}");
+            return;
+        }
+    };
+    let dir = tools_dir();
+    let audit = dir.path().join("audit.log");
+    let served = serve(dir.path(), &audit);
+    let answer = post(&served.addr, "/v1/tools/slow/invoke", "{}", "t").unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let script = r#"
+import json, sys, urllib.request
+from prometheus_client.parser import text_string_to_metric_families
+with urllib.request.urlopen(sys.argv[1]) as r:
+    content_type, text = r.headers["Content-Type"], r.read().decode()
+families = {f.name: [f.type, len(f.samples)] for f in text_string_to_metric_families(text)}
+print(json.dumps({"contentType": content_type, "families": families}))
+"#;
+    let out = Command::new(python)
+        .args(["-c", script, &format!("http://{}/metrics", served.addr)])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        report["contentType"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let families = report["families"].as_object().unwrap();
+    assert_eq!(families["toolwarden_calls"][0], "counter", "{report}");
+    assert!(
+        families["toolwarden_calls"][1].as_u64().unwrap() >= 1,
+        "{report}"
+    );
+    assert_eq!(
+        families["toolwarden_tool_run_seconds"][0], "histogram",
+        "{report}"
+    );
+    for (name, family) in families {
+        assert_ne!(family[0], "unknown", "{name} is untyped: {report}");
+    }
+}

@@ -153,13 +153,71 @@ impl Metrics {
         InFlight(self.in_flight.clone())
     }
 
-    /// The text exposition format.
+    /// The OpenMetrics text format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+
+    /// The Prometheus text format 0.0.4, for scrapers and parsers that do not ask for
+    /// OpenMetrics.
+    pub fn encode_prometheus(&self) -> String {
+        openmetrics_to_prometheus(&self.encode())
+    }
+}
+
+/// `Content-Type` of [`Metrics::encode`].
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// `Content-Type` of [`Metrics::encode_prometheus`].
+pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Rewrites prometheus-client's OpenMetrics text as Prometheus text 0.0.4. Hand-written:
+/// prometheus-client encodes only OpenMetrics, and the formats differ in a few lines a
+/// classic parser trips on. A counter family is named without `_total` in OpenMetrics
+/// (`# TYPE toolwarden_calls counter` over `toolwarden_calls_total` samples), so a classic
+/// parser sees a family with no samples and an untyped `_total`; Prometheus text names it
+/// by its samples. `# UNIT` and `# EOF` do not exist there, `unknown` is `untyped`, and
+/// `info` families are gauges named `_info`. Samples pass through unchanged (no
+/// exemplars or `_created` samples are produced here).
+pub fn openmetrics_to_prometheus(text: &str) -> String {
+    let mut counters = std::collections::HashSet::new();
+    let mut infos = std::collections::HashSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            match rest.split_once(' ') {
+                Some((name, "counter")) => counters.insert(name),
+                Some((name, "info")) => infos.insert(name),
+                _ => false,
+            };
+        }
+    }
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# TYPE ", "# HELP "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            let (name, tail) = if counters.contains(name) {
+                (format!("{name}_total"), tail.to_string())
+            } else if infos.contains(name) {
+                let tail = if *prefix == "# TYPE " { "gauge" } else { tail };
+                (format!("{name}_info"), tail.to_string())
+            } else if *prefix == "# TYPE " && tail == "unknown" {
+                (name.to_string(), "untyped".to_string())
+            } else {
+                return None;
+            };
+            Some(format!("{prefix}{name} {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
 }
 
 pub struct InFlight(Gauge);
@@ -167,5 +225,59 @@ pub struct InFlight(Gauge);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod prometheus_text_tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_named_by_their_samples_and_openmetrics_only_lines_go() {
+        let metrics = Metrics::default();
+        metrics.call("echo", "ok");
+        metrics.run("echo", 0.01);
+        let open = metrics.encode();
+        assert!(open.contains("# TYPE toolwarden_calls counter\n"), "{open}");
+        assert!(open.ends_with("# EOF\n"), "{open}");
+        let text = metrics.encode_prometheus();
+        assert!(
+            text.contains("# TYPE toolwarden_calls_total counter\n"),
+            "{text}"
+        );
+        assert!(text.contains("# HELP toolwarden_calls_total "), "{text}");
+        assert!(
+            text.contains("toolwarden_calls_total{tool=\"echo\",outcome=\"ok\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
+        );
+        // Every sample belongs to the family a TYPE line named just before it.
+        let mut family = "";
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                family = rest.split(' ').next().unwrap();
+            } else if !line.starts_with('#') {
+                let sample = line.split(['{', ' ']).next().unwrap();
+                let base = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| sample.strip_suffix(s))
+                    .unwrap_or(sample);
+                assert!(sample == family || base == family, "{line} under {family}");
+            }
+        }
+    }
+
+    #[test]
+    fn info_and_unknown_families_get_their_classic_types() {
+        let open = "# HELP build Build.\n# TYPE build info\nbuild_info{v=\"1\"} 1\n\
+                    # TYPE odd unknown\nodd 2\n# UNIT x_seconds seconds\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_prometheus(open),
+            "# HELP build_info Build.\n# TYPE build_info gauge\nbuild_info{v=\"1\"} 1\n\
+             # TYPE odd untyped\nodd 2\n"
+        );
     }
 }

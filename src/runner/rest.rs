@@ -18,6 +18,7 @@ use serde_json::json;
 use super::limits::{bounded, too_large};
 use super::listener::{self, HttpConfig};
 use super::mcp;
+use super::metrics::{OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE};
 use super::pipeline::{CallContext, Runner};
 use super::problem::{Problem, ProblemKind};
 
@@ -213,10 +214,10 @@ async fn authenticated_metrics(State(runner): State<Arc<Runner>>, headers: Heade
     if let Err(e) = runner.auth.authenticate(authorization).await {
         return Problem::new(ProblemKind::Unauthenticated, e.to_string()).into_response();
     }
-    metrics(State(runner)).await
+    metrics(State(runner), headers).await
 }
 
-async fn metrics(State(runner): State<Arc<Runner>>) -> Response {
+async fn metrics(State(runner): State<Arc<Runner>>, headers: HeaderMap) -> Response {
     runner
         .metrics
         .tools_served
@@ -225,14 +226,25 @@ async fn metrics(State(runner): State<Arc<Runner>>) -> Response {
         .metrics
         .audit_healthy
         .set(i64::from(runner.audit.is_healthy()));
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        runner.metrics.encode(),
-    )
-        .into_response()
+    // OpenMetrics for those who ask for it (Prometheus does), the classic text format
+    // for everyone else: a classic parser misreads OpenMetrics counters.
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("application/openmetrics-text"));
+    if openmetrics {
+        (
+            [(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)],
+            runner.metrics.encode(),
+        )
+            .into_response()
+    } else {
+        (
+            [(header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)],
+            runner.metrics.encode_prometheus(),
+        )
+            .into_response()
+    }
 }
 
 /// Serves the runner on `listener` with the default HTTP limits and the
