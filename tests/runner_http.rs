@@ -39,14 +39,15 @@ spec:
     additionalProperties: false
     properties:
       bio: {type: string, maxLength: 500}
-      mode: {type: string, enum: [ok, fail, slow, secret, file]}
+      mode: {type: string, enum: [ok, fail, slow, secret, file, numbers]}
   sanitize:
     - field: /bio
       transforms: [stripHtml, trim]
   runtime:
     image: docker.io/library/busybox:1.36.1
-    command: [/bin/sh, -c, 'read -r line; case "$line" in *fail*) echo "internal path /srv/x $API_TOKEN" >&2; exit 3;; *slow*) exec sleep 5;; *secret*) echo "token=$API_TOKEN";; *file*) echo "file=$(cat /run/secrets/token)";; *) echo "$line";; esac']
-  sandbox: {timeoutMs: 300}
+    command: [/bin/sh, -c, 'read -r line; case "$line" in *fail*) echo "internal path /srv/x $API_TOKEN" >&2; exit 3;; *slow*) exec sleep 5;; *secret*) echo "token=$API_TOKEN";; *file*) echo "file=$(cat /run/secrets/token)";; *numbers*) echo "{\"big\": 12345678901234567890123, \"price\": 1.50, \"tiny\": 1e-400}";; *) echo "$line";; esac']
+  # Room for a loaded machine: a call of this tool takes milliseconds.
+  sandbox: {timeoutMs: 2000}
   secrets:
     - {secretName: echo-secrets, key: token, env: API_TOKEN}
     - {secretName: echo-secrets, key: token, file: /run/secrets/token}
@@ -1373,4 +1374,34 @@ async fn mcp_follows_the_streamable_http_transport_at_its_edges() {
     let answer = raw_exchange(s.addr, request.as_bytes()).await;
     assert_eq!(status_of(&answer), 413, "{answer}");
     assert!(answer.contains("17 MiB"), "{answer}");
+}
+
+/// A tool's JSON reaches the caller as printed: re-encoding through f64 would turn
+/// `12345678901234567890123` into `1.2345678901234568e+22` and `1.50` into `1.5`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_json_keeps_every_digit_over_rest_and_mcp() {
+    require_root!();
+    let s = start().await;
+    let printed = r#"{"big": 12345678901234567890123, "price": 1.50, "tiny": 1e-400}"#;
+    let rest = s
+        .http
+        .post(format!("{}/v1/tools/echo/invoke", s.base))
+        .bearer_auth(ALICE_TOKEN)
+        .json(&json!({"mode": "numbers"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rest.status(), StatusCode::OK);
+    let text = rest.text().await.unwrap();
+    assert!(text.contains(&format!(r#""output":{printed}"#)), "{text}");
+
+    let mcp: Value = s
+        .mcp(json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                    "params": {"name": "echo", "arguments": {"mode": "numbers"}}}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(mcp["result"]["content"][0]["text"], printed, "{mcp}");
+    assert_eq!(mcp["result"]["isError"], false, "{mcp}");
 }

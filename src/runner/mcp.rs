@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::pipeline::Runner;
+use super::pipeline::{Runner, Success};
 use super::problem::{Problem, ProblemKind};
 use super::registry::PreparedTool;
 use super::rest::{call_context, is_json, read_body};
@@ -158,10 +158,7 @@ pub async fn post(
             let input = serde_json::to_vec(&arguments).unwrap_or_default();
             let body = std::future::ready(Ok(input.into()));
             match runner.invoke(&ctx, name, body).await {
-                Ok(success) => result(
-                    id,
-                    call_result(&success.output, false, Some(&success.invocation_id)),
-                ),
+                Ok(success) => result(id, success_result(&success)),
                 Err(problem) => match problem.kind {
                     ProblemKind::Unauthenticated => return problem.into_response(),
                     // After authentication, so names cannot be probed anonymously.
@@ -282,12 +279,33 @@ pub fn describe(tool: &PreparedTool) -> Value {
     })
 }
 
+/// A successful `tools/call` result. The text is the tool's JSON as printed (numbers with
+/// every digit); `structuredContent` is its parsed copy, which clients decode anyway.
+fn success_result(success: &Success) -> Value {
+    let raw = success.output.get();
+    let parsed: Value = serde_json::from_str(raw).unwrap_or(Value::Null);
+    let text = match &parsed {
+        Value::String(s) => s.clone(),
+        _ => raw.to_string(),
+    };
+    call_result_with_text(text, &parsed, false, Some(&success.invocation_id))
+}
+
 /// A `tools/call` result: the output as text, and as structured content when it is an object.
 fn call_result(output: &Value, is_error: bool, invocation_id: Option<&str>) -> Value {
     let text = match output {
         Value::String(s) => s.clone(),
         other => other.to_string(),
     };
+    call_result_with_text(text, output, is_error, invocation_id)
+}
+
+fn call_result_with_text(
+    text: String,
+    output: &Value,
+    is_error: bool,
+    invocation_id: Option<&str>,
+) -> Value {
     let mut out = json!({"content": [{"type": "text", "text": text}], "isError": is_error});
     if output.is_object() {
         out["structuredContent"] = output.clone();

@@ -15,6 +15,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
@@ -64,11 +65,12 @@ pub struct CallContext {
 }
 
 /// A successful call.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct Success {
     pub invocation_id: String,
-    /// The tool's JSON, or its text when it is not JSON.
-    pub output: Value,
+    /// The tool's output as callers get it: its JSON exactly as printed (numbers
+    /// are never re-encoded), or its text as a JSON string when it is not JSON.
+    pub output: Box<RawValue>,
     pub exit_code: i32,
     pub duration_ms: u64,
     pub output_truncated: bool,
@@ -470,14 +472,7 @@ fn respond(
             ),
         );
     }
-    // The caller sees decoded JSON: redact what it decodes to, not only its bytes.
-    let output = match serde_json::from_slice(&stdout) {
-        Ok(mut json) => {
-            redactor.redact_json(&mut json);
-            json
-        }
-        Err(_) => Value::String(String::from_utf8_lossy(&stdout).into_owned()),
-    };
+    let output = tool_output(&stdout, redactor);
     Ok(Success {
         invocation_id,
         output,
@@ -485,6 +480,26 @@ fn respond(
         duration_ms: outcome.duration.as_millis() as u64,
         output_truncated: stdout_truncated,
     })
+}
+
+/// The tool's stdout as callers get it. JSON passes through as printed, so numbers keep
+/// every digit (`12345678901234567890123`, `1.50`; re-encoding goes through f64). The
+/// caller sees decoded JSON, so its decoded strings are redacted too; only when that
+/// replaced something is it re-encoded. Text that is not JSON becomes a JSON string. Pure.
+fn tool_output(stdout: &[u8], redactor: &Redactor) -> Box<RawValue> {
+    let text = String::from_utf8_lossy(stdout);
+    let value = match serde_json::from_str::<Value>(&text) {
+        Ok(mut json) => {
+            if !redactor.redact_json(&mut json)
+                && let Ok(raw) = RawValue::from_string(text.trim().to_string())
+            {
+                return raw;
+            }
+            json
+        }
+        Err(_) => Value::String(text.into_owned()),
+    };
+    serde_json::value::to_raw_value(&value).expect("a JSON value always serializes")
 }
 
 /// How a run failed, in words safe to show a caller (never the tool's stderr, which

@@ -117,27 +117,36 @@ impl Redactor {
 
     /// Redacts every string and every object key of a parsed output: the
     /// decoded text the caller will see, whatever escapes the raw bytes used.
-    pub fn redact_json(&self, value: &mut Value) {
+    /// Returns whether anything was replaced.
+    pub fn redact_json(&self, value: &mut Value) -> bool {
         if self.matcher.is_none() {
-            return;
+            return false;
         }
         match value {
-            Value::String(text) => {
-                if let Some(redacted) = self.redacted(text) {
+            Value::String(text) => match self.redacted(text) {
+                Some(redacted) => {
                     *text = redacted;
+                    true
                 }
-            }
-            Value::Array(items) => items.iter_mut().for_each(|v| self.redact_json(v)),
+                None => false,
+            },
+            Value::Array(items) => items
+                .iter_mut()
+                .fold(false, |changed, v| self.redact_json(v) | changed),
             Value::Object(map) => {
-                map.values_mut().for_each(|v| self.redact_json(v));
-                if map.keys().any(|k| self.redacted(k).is_some()) {
+                let values = map
+                    .values_mut()
+                    .fold(false, |changed, v| self.redact_json(v) | changed);
+                let keys = map.keys().any(|k| self.redacted(k).is_some());
+                if keys {
                     *map = std::mem::take(map)
                         .into_iter()
                         .map(|(k, v)| (self.redact_str(&k), v))
                         .collect();
                 }
+                values || keys
             }
-            _ => {}
+            _ => false,
         }
     }
 

@@ -182,20 +182,28 @@ async fn invoke(
         }
     };
     match runner.invoke(&ctx, &name, body).await {
-        Ok(success) => {
-            let mut out = json!({
-                "invocationId": success.invocation_id,
-                "output": success.output,
-                "exitCode": success.exit_code,
-                "durationMs": success.duration_ms,
-            });
-            if success.output_truncated {
-                out["outputTruncated"] = true.into();
-            }
-            axum::Json(out).into_response()
-        }
+        Ok(success) => axum::Json(Invoked {
+            invocation_id: &success.invocation_id,
+            output: &success.output,
+            exit_code: success.exit_code,
+            duration_ms: success.duration_ms,
+            output_truncated: success.output_truncated,
+        })
+        .into_response(),
         Err(problem) => problem.into_response(),
     }
+}
+
+/// The answer to a successful call; `output` is embedded as the tool printed it.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Invoked<'a> {
+    invocation_id: &'a str,
+    output: &'a serde_json::value::RawValue,
+    exit_code: i32,
+    duration_ms: u64,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    output_truncated: bool,
 }
 
 async fn ready(State(runner): State<Arc<Runner>>) -> Response {
