@@ -12,7 +12,6 @@ use std::time::Duration;
 use tokio::sync::OnceCell;
 
 use crate::api::{AgentToolSpec, FilesystemMount, parse_quantity};
-use crate::sandbox::detect::USERNS_HOST_BASE;
 use crate::sandbox::spec::SANDBOX_UID;
 use crate::sandbox::{BindMount, Enforcement, Invocation, Limits, Pool, SandboxSpec, Sandboxes};
 
@@ -104,8 +103,9 @@ impl SandboxExecutor {
                 .and_then(|files| {
                     // The sandbox user must own them: the host's 65534, or its
                     // user-namespace mapping when this pool gets a user namespace.
-                    let owner = match self.engine.host().userns_unusable_for(&spec) {
-                        None => USERNS_HOST_BASE + SANDBOX_UID,
+                    let host = self.engine.host();
+                    let owner = match host.userns_unusable_for(&spec) {
+                        None => host.sandbox_outer_uid().unwrap_or(SANDBOX_UID),
                         Some(_) => SANDBOX_UID,
                     };
                     files

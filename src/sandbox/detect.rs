@@ -1,6 +1,7 @@
 //! Host capability detection, done once at zygote startup, so that every limit is enforced by
 //! the strongest mechanism available and the choice is reported (never silently degraded).
 
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -10,9 +11,37 @@ use crate::sandbox::{Enforcement, Mechanism, SandboxSpec};
 
 /// Parent of all per-call cgroups (relative to each hierarchy root).
 pub const CGROUP_PARENT: &str = "toolwarden";
-/// Container uid/gid 0 maps to this host id when a user namespace is used.
+/// In the initial user namespace (the runner on a host), sandbox ids are taken at or above this
+/// id: below it live the host's own users.
 pub const USERNS_HOST_BASE: u32 = 1_000_000;
+/// Ids mapped into a sandbox's user namespace (its 0..65535) where the runner owns enough.
 pub const USERNS_SIZE: u32 = 65_536;
+/// On a host, runners take one of this many 65,536-id windows above [`USERNS_HOST_BASE`],
+/// chosen by zygote pid, so two runners rarely share a sandbox uid (and with it a process budget).
+const HOST_WINDOWS: u32 = 4096;
+
+/// The ids a sandbox's user namespace maps: its ids `0..size` are the runner's
+/// `uid_base..uid_base+size` (and `gid_base..` for groups), ids the runner owns in its own user
+/// namespace. In a pod with `hostUsers: false` that is a part of the pod's 65,536 ids, never
+/// its id 0 (the runner itself).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IdMap {
+    pub uid_base: u32,
+    pub gid_base: u32,
+    pub size: u32,
+}
+
+/// How the container init switches to the tool's root file system.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum RootSwitch {
+    /// pivot_root(2), then the old root is unmounted: nothing of the runner's tree remains.
+    #[default]
+    PivotRoot,
+    /// pivot_root(2) is refused (containerd's RuntimeDefault seccomp profile does): the rootfs
+    /// is moved over `/` (MS_MOVE) and chroot'ed into, in the container's fresh mount namespace
+    /// (see README, "The runner in a pod").
+    MoveMount,
+}
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub enum CgroupMode {
@@ -34,10 +63,17 @@ pub struct HostReport {
     /// in (in a pod, the pod's), which bound all sandboxes together.
     #[serde(default)]
     pub outer_bound: Option<String>,
+    /// The ids sandboxes map (None when no user namespace can be used).
+    #[serde(default)]
+    pub id_map: Option<IdMap>,
+    /// Measured by the probe: whether pivot_root works here.
+    #[serde(default)]
+    pub root_switch: RootSwitch,
 }
 
 impl HostReport {
-    pub fn detect(force_rlimits: bool) -> HostReport {
+    /// `scratch` is an existing directory the probe may mount over in its own mount namespace.
+    pub fn detect(force_rlimits: bool, scratch: &Path) -> HostReport {
         let cgroup = detect_cgroup();
         let cgroup_unusable = if force_rlimits {
             Some("disabled by configuration (force_rlimits)".to_string())
@@ -48,12 +84,28 @@ impl HostReport {
             }
         };
         let outer_bound = cgroup_unusable.as_ref().map(|_| own_cgroup_limits(cgroup));
+        let id_map = sandbox_id_map(std::process::id());
+        let userns = id_map.and_then(|map| probe_sandbox(Some(map), scratch).map(|s| (map, s)));
+        let (id_map, userns_unusable, root_switch) = match userns {
+            Ok((map, switch)) => (Some(map), None, switch),
+            // Without a user namespace, still measure how the root can be switched.
+            Err(why) => (None, Some(why), probe_sandbox(None, scratch).unwrap_or_default()),
+        };
         HostReport {
             cgroup,
             cgroup_unusable,
-            userns_unusable: probe_userns().err(),
+            userns_unusable,
             outer_bound,
+            id_map,
+            root_switch,
         }
+    }
+
+    /// The runner-side uid of the sandbox user ([`crate::sandbox::spec::SANDBOX_UID`]) in a pool
+    /// with a user namespace: who must own the files handed to it.
+    pub fn sandbox_outer_uid(&self) -> Option<u32> {
+        self.id_map
+            .map(|m| m.uid_base + crate::sandbox::spec::SANDBOX_UID)
     }
 
     pub fn cgroup_mechanism(&self) -> Mechanism {
@@ -113,45 +165,90 @@ fn detect_cgroup() -> Option<CgroupMode> {
     None
 }
 
-/// The memory, pids and cpu limits of our own cgroup, e.g.
-/// `memory.max=2147483648 pids.max=max cpu.max=200000 100000` ("?" where unreadable).
+/// The memory, pids and cpu limits that bound the engine as a whole, e.g.
+/// `memory.max=2147483648 pids.max=max cpu.max=200000 100000`: for each, the nearest limit set
+/// on the way from our own cgroup up to the root of the hierarchy we can see (in a pod, the
+/// container's or the pod's cgroup), `max` when none is set, `none` without that controller.
 fn own_cgroup_limits(mode: Option<CgroupMode>) -> String {
     let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    let root = Path::new("/sys/fs/cgroup");
-    // "<id>:<controllers>:<path>"; v2 has the single line "0::<path>".
-    let path_of = |ctrl: &str| {
-        own.lines().find_map(|l| {
-            let mut f = l.splitn(3, ':');
-            let (_, ctrls, path) = (f.next()?, f.next()?, f.next()?);
-            ctrls
-                .split(',')
-                .any(|c| c == ctrl)
-                .then(|| path.trim_start_matches('/').to_string())
-        })
-    };
-    let read = |ctrl: &str, hierarchy: &str, file: &str| match path_of(ctrl) {
-        // The (real) root cgroup has no limit files: it is not limited.
-        Some(p) if p.is_empty() && !root.join(hierarchy).join(file).exists() => "max".into(),
-        Some(p) => std::fs::read_to_string(root.join(hierarchy).join(p).join(file))
-            .map_or("?".to_string(), |v| v.trim().to_string()),
-        None => "?".into(),
+    let mounts = crate::sandbox::zygote::mountinfo().unwrap_or_default();
+    let limit = |controller: &str, file: &str| {
+        nearest_limit(&own, &mounts, controller, file).unwrap_or_else(|| "none".into())
     };
     match mode {
         Some(CgroupMode::V2) => format!(
             "memory.max={} pids.max={} cpu.max={}",
-            read("", "", "memory.max"),
-            read("", "", "pids.max"),
-            read("", "", "cpu.max")
+            limit("", "memory.max"),
+            limit("", "pids.max"),
+            limit("", "cpu.max")
         ),
         Some(CgroupMode::V1 { .. }) => format!(
-            "memory.limit_in_bytes={} pids.max={} cpu.cfs_quota_us={} cpu.cfs_period_us={}",
-            read("memory", "memory", "memory.limit_in_bytes"),
-            read("pids", "pids", "pids.max"),
-            read("cpu", "cpu", "cpu.cfs_quota_us"),
-            read("cpu", "cpu", "cpu.cfs_period_us")
+            "memory.limit_in_bytes={} pids.max={} cpu.cfs_quota_us={}",
+            limit("memory", "memory.limit_in_bytes"),
+            limit("pids", "pids.max"),
+            limit("cpu", "cpu.cfs_quota_us"),
         ),
-        None => "no cgroup hierarchy".to_string(),
+        None => "none (no cgroup hierarchy)".to_string(),
     }
+}
+
+/// See [`own_cgroup_limits`]; `controller` is "" for the cgroup v2 hierarchy. None when no
+/// hierarchy with that controller is mounted.
+fn nearest_limit(
+    own_cgroups: &str,
+    mounts: &[crate::sandbox::zygote::MountEntry],
+    controller: &str,
+    file: &str,
+) -> Option<String> {
+    let v2 = controller.is_empty();
+    let mount = mounts.iter().find(|m| {
+        if v2 {
+            m.fstype == "cgroup2"
+        } else {
+            m.fstype == "cgroup" && m.super_opts.split(',').any(|o| o == controller)
+        }
+    })?;
+    // "<id>:<controllers>:<path>"; v2 has the single line "0::<path>".
+    let own = own_cgroups.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_, ctrls, path) = (f.next()?, f.next()?, f.next()?);
+        let matches = if v2 {
+            ctrls.is_empty()
+        } else {
+            ctrls.split(',').any(|c| c == controller)
+        };
+        matches.then_some(path)
+    })?;
+    // The mount shows the hierarchy from `root` (a container's bind of its own cgroup, or a
+    // cgroup namespace's root): our path below it, or the mount point itself when our path is
+    // outside what it shows.
+    let below = Path::new(own)
+        .strip_prefix(&mount.root)
+        .map(Path::to_path_buf)
+        .ok()
+        .filter(|p| !p.components().any(|c| c == std::path::Component::ParentDir))
+        .unwrap_or_default();
+    let top = PathBuf::from(&mount.mount_point);
+    let mut dir = top.join(below);
+    loop {
+        if let Ok(v) = std::fs::read_to_string(dir.join(file)) {
+            let v = v.trim();
+            if !unlimited(v) {
+                return Some(v.to_string());
+            }
+        }
+        if dir == top || !dir.pop() {
+            return Some("max".into());
+        }
+    }
+}
+
+/// `max` (v2), -1 (v1 cpu quota) or the v1 memory "unlimited" page-rounded 2^63-1.
+fn unlimited(value: &str) -> bool {
+    value == "max"
+        || value.starts_with("max ")
+        || value == "-1"
+        || value.parse::<u64>().is_ok_and(|n| n >= 1 << 62)
 }
 
 /// Tries to create (and remove) a probe cgroup where the per-call cgroups will live.
@@ -172,27 +269,209 @@ fn probe_cgroup_writable(mode: CgroupMode) -> Result<(), String> {
     Ok(())
 }
 
-/// Forks a child that tries `unshare(CLONE_NEWUSER)` (the zygote is single-threaded here).
-fn probe_userns() -> Result<(), String> {
-    if let Ok(s) = std::fs::read_to_string("/proc/sys/user/max_user_namespaces")
-        && s.trim() == "0"
-    {
-        return Err("user.max_user_namespaces is 0".into());
+/// The ids the runner owns in its own user namespace, from `/proc/self/{uid,gid}_map`, and the
+/// 65,536-id (at least 65,535-id) window of them sandboxes map. On a host (the initial
+/// namespace maps all 2^32 ids) windows start at [`USERNS_HOST_BASE`], one per runner by zygote
+/// pid; in a pod with `hostUsers: false` (65,536 ids) the window is the pod's ids 1..65535:
+/// never its 0 (the runner itself), and the pod's range on the node is already distinct per
+/// pod, so two runner pods never share a sandbox uid or its process budget.
+fn sandbox_id_map(zygote_pid: u32) -> Result<IdMap, String> {
+    let read = |file: &str| {
+        std::fs::read_to_string(format!("/proc/self/{file}"))
+            .map_err(|e| format!("/proc/self/{file}: {e}"))
+    };
+    let (uids, gids) = (read("uid_map")?, read("gid_map")?);
+    let uid = id_window(&uids, zygote_pid).map_err(|e| format!("uid_map: {e}"))?;
+    let gid = id_window(&gids, zygote_pid).map_err(|e| format!("gid_map: {e}"))?;
+    Ok(IdMap {
+        uid_base: uid.0,
+        gid_base: gid.0,
+        size: uid.1.min(gid.1),
+    })
+}
+
+/// (first id, size) of the sandbox window in one id map (`inside outside count` lines). Pure.
+fn id_window(map: &str, zygote_pid: u32) -> Result<(u32, u32), String> {
+    let min_size = crate::sandbox::spec::SANDBOX_UID + 1;
+    let lines: Vec<(u64, u64)> = map
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<u64> = l.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+            (f.len() == 3).then(|| (f[0], f[0] + f[2]))
+        })
+        .collect();
+    let initial = lines.iter().any(|&(lo, hi)| lo == 0 && hi == 1 << 32);
+    let floor = if initial { u64::from(USERNS_HOST_BASE) } else { 1 };
+    let (lo, hi) = lines
+        .iter()
+        .map(|&(lo, hi)| (lo.max(floor), hi))
+        .filter(|(lo, hi)| hi > lo)
+        .max_by_key(|(lo, hi)| hi - lo)
+        .ok_or_else(|| format!("no ids mapped beside the runner's own: {}", map.trim()))?;
+    let size = (hi - lo).min(u64::from(USERNS_SIZE));
+    if size < u64::from(min_size) {
+        return Err(format!(
+            "the runner owns {} id(s) beside its own ({}); a sandbox needs {min_size} \
+             (its root up to uid {})",
+            hi - lo,
+            map.trim(),
+            crate::sandbox::spec::SANDBOX_UID
+        ));
     }
-    // SAFETY: single-threaded process; the child only calls async-signal-safe functions.
+    let windows = ((hi - lo) / size).min(u64::from(HOST_WINDOWS));
+    let base = lo + u64::from(zygote_pid) % windows * size;
+    Ok((base as u32, size as u32))
+}
+
+/// Steps of [`probe_sandbox`], reported by the probe child through a pipe.
+const PROBE_PIVOT_OK: &str = "pivot_root";
+const PROBE_MOVE_OK: &str = "move";
+
+/// Builds what a sandbox is built from, for real, in a forked child (the zygote is
+/// single-threaded here): with `map`, a user namespace with that id map written from here as
+/// libcontainer will (`setgroups` denied first when the runner is itself in a user namespace);
+/// then mount and pid namespaces, and in them a tmpfs, a fresh procfs (refused under a masked
+/// `/proc`: see `zygote::unmask_proc`), a device bound from `/dev`, and the root switch:
+/// pivot_root, or else a move-mount and chroot. Returns how the root can be switched, or the
+/// step that failed and why.
+fn probe_sandbox(map: Option<IdMap>, scratch: &Path) -> Result<RootSwitch, String> {
+    use nix::unistd::{ForkResult, fork, pipe2, read, write};
+    let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
+    let pipe = || pipe2(cloexec).map_err(|e| format!("pipe: {e}"));
+    let (go_r, go_w) = pipe()?;
+    let (ready_r, ready_w) = pipe()?;
+    let (report_r, report_w) = pipe()?;
+    // SAFETY: single-threaded process; the child only makes system calls and formats strings.
+    let child = match unsafe { fork() } {
+        Ok(ForkResult::Child) => {
+            drop((go_w, ready_r, report_r));
+            let msg = match probe_child(map, ready_w, &go_r, scratch) {
+                Ok(m) | Err(m) => m,
+            };
+            let _ = write(&report_w, msg.as_bytes());
+            unsafe { libc::_exit(0) }
+        }
+        Ok(ForkResult::Parent { child }) => child,
+        Err(e) => return Err(format!("fork for the sandbox probe: {e}")),
+    };
+    drop((go_r, ready_w, report_w));
+    // The maps are the new namespace's only once the child has unshared (or has given up: EOF).
+    let mut byte = [0u8; 1];
+    let unshared = matches!(read(ready_r.as_raw_fd(), &mut byte), Ok(1));
+    let mapped = match map {
+        Some(map) if unshared => write_probe_maps(child.as_raw(), map),
+        _ => Ok(()),
+    };
+    // The child goes on (or, on a failed map, reads EOF and stops) once `go_w` is closed.
+    if mapped.is_ok() {
+        let _ = write(&go_w, b"g");
+    }
+    drop(go_w);
+    let mut buf = [0u8; 512];
+    let mut report = Vec::new();
+    while let Ok(n) = read(report_r.as_raw_fd(), &mut buf) {
+        if n == 0 {
+            break;
+        }
+        report.extend_from_slice(&buf[..n]);
+    }
+    let _ = nix::sys::wait::waitpid(child, None);
+    mapped?;
+    match String::from_utf8_lossy(&report).trim() {
+        PROBE_PIVOT_OK => Ok(RootSwitch::PivotRoot),
+        PROBE_MOVE_OK => Ok(RootSwitch::MoveMount),
+        "" => Err("sandbox probe died without a report".into()),
+        why => Err(why.to_string()),
+    }
+}
+
+fn write_probe_maps(pid: i32, map: IdMap) -> Result<(), String> {
+    let write = |file: &str, text: &str| {
+        std::fs::write(format!("/proc/{pid}/{file}"), text)
+            .map_err(|e| format!("writing {file} {text:?} of a new user namespace: {e}"))
+    };
+    // As libcontainer does when the runner is itself in a user namespace (CVE-2014-8989).
+    if crate::sandbox::detect::in_user_namespace() {
+        write("setgroups", "deny")?;
+    }
+    write("uid_map", &format!("0 {} {}", map.uid_base, map.size))?;
+    write("gid_map", &format!("0 {} {}", map.gid_base, map.size))
+}
+
+/// True when the runner runs in a user namespace other than the initial one (a pod with
+/// `hostUsers: false`, rootless): libcontainer's "rootless" test.
+pub fn in_user_namespace() -> bool {
+    std::fs::read_to_string("/proc/self/uid_map").is_ok_and(|m| !m.contains("4294967295"))
+}
+
+/// The probe child's steps; Ok/Err carry the report line.
+fn probe_child(
+    map: Option<IdMap>,
+    ready: std::os::fd::OwnedFd,
+    go: &std::os::fd::OwnedFd,
+    scratch: &Path,
+) -> Result<String, String> {
+    use nix::mount::{MntFlags, MsFlags, mount, umount2};
+    use nix::sched::{CloneFlags, unshare};
+    let step = |what: &str, e: nix::Error| format!("sandbox probe: {what}: {e}");
+    if map.is_some() {
+        unshare(CloneFlags::CLONE_NEWUSER).map_err(|e| step("unshare(CLONE_NEWUSER)", e))?;
+    }
+    let _ = nix::unistd::write(&ready, b"u");
+    drop(ready);
+    let mut b = [0u8; 1];
+    if !matches!(nix::unistd::read(go.as_raw_fd(), &mut b), Ok(1)) {
+        return Err("sandbox probe: the id map was not written".into());
+    }
+    if map.is_some() {
+        let root = nix::unistd::Uid::from_raw(0);
+        let group = nix::unistd::Gid::from_raw(0);
+        nix::unistd::setresgid(group, group, group).map_err(|e| step("setresgid(0)", e))?;
+        nix::unistd::setresuid(root, root, root).map_err(|e| step("setresuid(0)", e))?;
+    }
+    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID)
+        .map_err(|e| step("unshare(CLONE_NEWNS|CLONE_NEWPID)", e))?;
+    // The procfs of a pid namespace can only be mounted from inside it: fork its init.
+    // SAFETY: still single-threaded.
     match unsafe { nix::unistd::fork() } {
-        Ok(nix::unistd::ForkResult::Child) => {
-            let ok = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER).is_ok();
-            unsafe { libc::_exit(if ok { 0 } else { 1 }) }
-        }
         Ok(nix::unistd::ForkResult::Parent { child }) => {
-            match nix::sys::wait::waitpid(child, None) {
-                Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) => Ok(()),
-                other => Err(format!("unshare(CLONE_NEWUSER) failed in probe: {other:?}")),
-            }
+            let _ = nix::sys::wait::waitpid(child, None);
+            // The grandchild wrote the report; nothing more to say.
+            unsafe { libc::_exit(0) }
         }
-        Err(e) => Err(format!("fork for userns probe failed: {e}")),
+        Ok(nix::unistd::ForkResult::Child) => {}
+        Err(e) => return Err(step("fork into the new pid namespace", e)),
     }
+    let none = None::<&str>;
+    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
+        .map_err(|e| step("make / rprivate", e))?;
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    mount(Some("tmpfs"), scratch, Some("tmpfs"), flags, Some("size=64k,mode=755"))
+        .map_err(|e| step("mount tmpfs", e))?;
+    let at = |p: &str| scratch.join(p);
+    for dir in ["proc", "old"] {
+        std::fs::create_dir(at(dir)).map_err(|e| format!("sandbox probe: mkdir {dir}: {e}"))?;
+    }
+    std::fs::write(at("null"), b"").map_err(|e| format!("sandbox probe: create null: {e}"))?;
+    mount(
+        Some("proc"),
+        &at("proc"),
+        Some("proc"),
+        flags | MsFlags::MS_NOEXEC,
+        none,
+    )
+    .map_err(|e| step("mount a fresh procfs (refused when /proc has masks the kernel locked)", e))?;
+    mount(Some("/dev/null"), &at("null"), none, MsFlags::MS_BIND, none)
+        .map_err(|e| step("bind /dev/null", e))?;
+    std::env::set_current_dir(scratch).map_err(|e| format!("sandbox probe: chdir: {e}"))?;
+    if nix::unistd::pivot_root(".", "old").is_ok() {
+        let _ = umount2("/old", MntFlags::MNT_DETACH);
+        return Ok(PROBE_PIVOT_OK.into());
+    }
+    mount(Some("."), "/", none, MsFlags::MS_MOVE, none)
+        .map_err(|e| step("pivot_root refused, and move-mount", e))?;
+    nix::unistd::chroot(".").map_err(|e| step("pivot_root refused, and chroot", e))?;
+    Ok(PROBE_MOVE_OK.into())
 }
 
 fn world_traversable(path: &Path) -> Result<(), String> {

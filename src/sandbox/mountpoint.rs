@@ -9,7 +9,7 @@ use std::path::{Component, Path};
 use super::SandboxSpec;
 
 /// Mount points of every container, besides the spec's bind mounts.
-const STANDARD: &[&str] = &["/proc", "/dev", "/sys", "/tmp"];
+const STANDARD: &[&str] = &["/proc", "/dev", "/tmp"];
 
 /// Creates each missing target of `spec` (a folder, or an empty file when the
 /// bind source is a file). A path that crosses a symlink is left to
