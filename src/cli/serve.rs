@@ -13,6 +13,7 @@ use jsonwebtoken::Algorithm;
 use crate::runner::audit::AuditLog;
 use crate::runner::auth::{Authenticator, JwtKey, TokenReviewer, parse_token_file};
 use crate::runner::executor::{ToolExecutor, UnsandboxedProcessExecutor};
+use crate::runner::image_volumes::ImageVolumes;
 use crate::runner::images::ImageStore;
 use crate::runner::metrics::Metrics;
 use crate::runner::pipeline::Runner;
@@ -80,6 +81,11 @@ pub struct CommonArgs {
     /// Default: `images/` beside the manifests, when it exists.
     #[arg(long, value_name = "DIR")]
     pub images: Option<PathBuf>,
+    /// Root file systems from Kubernetes image volumes: `DIR/NAME/` (NAME as for
+    /// `--images`) is a read-only image mount used directly as the tool's root file
+    /// system, nothing unpacked; it must contain empty `proc/`, `dev/` and `tmp/`.
+    #[arg(long, value_name = "DIR", conflicts_with = "images")]
+    pub image_volumes: Option<PathBuf>,
     /// Where unpacked root file systems are cached.
     #[arg(long, value_name = "DIR")]
     pub image_cache: Option<PathBuf>,
@@ -223,8 +229,15 @@ fn run(
         .images
         .clone()
         .or_else(|| folder_beside(dir, "images"));
-    let images_line = match images {
-        Some(images) => {
+    let images_line = match (&common.image_volumes, images) {
+        (Some(volumes), _) => {
+            let line = format!("image volumes under {} (used as they are)", volumes.display());
+            registry = registry.with_images(ImageVolumes {
+                dir: volumes.clone(),
+            });
+            line
+        }
+        (None, Some(images)) => {
             let line = format!("root file systems from {}", images.display());
             registry = registry.with_images(ImageStore {
                 dir: images,
@@ -232,7 +245,7 @@ fn run(
             });
             line
         }
-        None => {
+        (None, None) => {
             "not resolved (no --images folder; only the unsandboxed executor can run without one)"
                 .to_string()
         }

@@ -23,6 +23,17 @@ pub struct ImageStore {
     pub cache: PathBuf,
 }
 
+/// Turns a tool's `runtime.image` into the directory its sandboxes use as root file system.
+pub trait RootfsResolver: Send + Sync {
+    fn resolve(&self, reference: &str) -> Result<PathBuf, String>;
+}
+
+impl RootfsResolver for ImageStore {
+    fn resolve(&self, reference: &str) -> Result<PathBuf, String> {
+        ImageStore::resolve(self, reference)
+    }
+}
+
 /// The file name an image reference is looked up under. Pure.
 pub fn entry_name(reference: &str) -> String {
     reference.replace(['/', ':', '@'], "_")

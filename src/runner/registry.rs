@@ -13,7 +13,7 @@ use crate::policy;
 
 use super::authorize::{self, CompiledRule};
 use super::executor::SecretDelivery;
-use super::images::ImageStore;
+use super::images::RootfsResolver;
 use super::ratelimit::{LimiterClock, ToolLimiter};
 use super::validate;
 
@@ -60,7 +60,7 @@ pub fn prepare(
     tool: &AgentTool,
     generation: u64,
     secrets: &SecretsDir,
-    images: Option<&ImageStore>,
+    images: Option<&dyn RootfsResolver>,
     clock: &LimiterClock,
 ) -> Result<PreparedTool, Vec<String>> {
     let spec = &tool.spec;
@@ -166,7 +166,7 @@ pub struct Registry {
     tools: RwLock<Arc<BTreeMap<String, Arc<PreparedTool>>>>,
     clock: LimiterClock,
     secrets: SecretsDir,
-    images: Option<ImageStore>,
+    images: Option<Box<dyn RootfsResolver>>,
 }
 
 impl Registry {
@@ -181,8 +181,9 @@ impl Registry {
 
     /// Resolves every tool's image to a root file system; tools whose image
     /// cannot be found are refused.
-    pub fn with_images(mut self, images: ImageStore) -> Registry {
-        self.images = Some(images);
+    /// (An [`super::images::ImageStore`], or [`super::image_volumes::ImageVolumes`].)
+    pub fn with_images(mut self, images: impl RootfsResolver + 'static) -> Registry {
+        self.images = Some(Box::new(images));
         self
     }
 
@@ -263,7 +264,7 @@ impl Registry {
                 tool,
                 generation,
                 &self.secrets,
-                self.images.as_ref(),
+                self.images.as_deref(),
                 &self.clock,
             ) {
                 Ok(prepared) => {

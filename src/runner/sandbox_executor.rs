@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::sync::OnceCell;
 
 use crate::api::{AgentToolSpec, FilesystemMount, parse_quantity};
+use crate::sandbox::detect::RootSwitch;
 use crate::sandbox::spec::SANDBOX_UID;
 use crate::sandbox::{BindMount, Enforcement, Invocation, Limits, Pool, SandboxSpec, Sandboxes};
 
@@ -203,13 +204,28 @@ impl ToolExecutor for SandboxExecutor {
 
     fn isolation(&self) -> String {
         let host = self.engine.host();
+        let user_namespace = match (&host.userns_unusable, host.id_map) {
+            (None, Some(ids)) => format!(
+                "yes (sandbox ids 0-{} are the runner's {}-{})",
+                ids.size - 1,
+                ids.uid_base,
+                ids.uid_base + (ids.size - 1)
+            ),
+            (Some(why), _) => format!("no ({why})"),
+            (None, None) => "no".to_string(),
+        };
+        let root_switch = match host.root_switch {
+            RootSwitch::PivotRoot => "pivot_root",
+            RootSwitch::MoveMount => "move-mount + chroot (pivot_root refused)",
+        };
+        let outer_bound = host
+            .outer_bound
+            .as_ref()
+            .map(|b| format!("; outer bound: {b}"))
+            .unwrap_or_default();
         format!(
-            "youki sandbox per call (pid, mount, ipc, uts, net, cgroup namespaces; seccomp; {}; user namespace: {})",
+            "youki sandbox per call (pid, mount, ipc, uts, net, cgroup namespaces; seccomp; {}; user namespace: {user_namespace}; root switch: {root_switch}{outer_bound})",
             describe_mechanism(host.cgroup_mechanism()),
-            match &host.userns_unusable {
-                None => "yes".to_string(),
-                Some(why) => format!("no ({why})"),
-            }
         )
     }
 }

@@ -21,6 +21,7 @@ pub mod netlo;
 pub mod output;
 pub mod pool;
 pub mod proto;
+pub mod reaper;
 pub mod seal;
 pub mod seccomp;
 pub mod spec;
