@@ -300,7 +300,9 @@ fn id_window(map: &str, zygote_pid: u32) -> Result<(u32, u32), String> {
             (f.len() == 3).then(|| (f[0], f[0] + f[2]))
         })
         .collect();
-    let initial = lines.iter().any(|&(lo, hi)| lo == 0 && hi == 1 << 32);
+    let initial = lines
+        .iter()
+        .any(|&(lo, hi)| lo == 0 && hi == u64::from(u32::MAX));
     let floor = if initial { u64::from(USERNS_HOST_BASE) } else { 1 };
     let (lo, hi) = lines
         .iter()
@@ -486,4 +488,71 @@ fn world_traversable(path: &Path) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandbox_ids_stay_inside_what_the_runner_owns() {
+        // A host: windows of 65,536 above 1,000,000, one per zygote pid.
+        let host = "         0          0 4294967295\n";
+        assert_eq!(id_window(host, 0), Ok((USERNS_HOST_BASE, USERNS_SIZE)));
+        let (a, _) = id_window(host, 7).unwrap();
+        let (b, _) = id_window(host, 8).unwrap();
+        assert_eq!(b - a, USERNS_SIZE);
+        assert!(id_window(host, u32::MAX).unwrap().0 >= USERNS_HOST_BASE);
+        // A pod with hostUsers: false: its ids 1..65535, never 0 (the runner), never ids of
+        // the node, whatever the pid.
+        let pod = "         0    1375731712      65536\n";
+        for pid in [1, 2, 4097, 123_456] {
+            assert_eq!(id_window(pod, pid), Ok((1, 65_535)));
+        }
+        // A larger range is split in windows; ids start after the runner's own 0.
+        let wide = "0 300000 200000\n";
+        assert_eq!(id_window(wide, 0), Ok((1, USERNS_SIZE)));
+        assert_eq!(id_window(wide, 1), Ok((1 + USERNS_SIZE, USERNS_SIZE)));
+        // Too few ids to map the sandbox user (65534): a clear error, no map.
+        let small = "0 300000 1000\n";
+        let err = id_window(small, 1).unwrap_err();
+        assert!(err.contains("owns 999 id(s)") && err.contains("needs 65535"), "{err}");
+        assert!(id_window("0 1000 1\n", 1).is_err());
+        assert!(id_window("", 1).is_err());
+    }
+
+    #[test]
+    fn outer_bound_is_the_nearest_limit_up_to_the_visible_root() {
+        let root = tempfile::tempdir().unwrap();
+        let top = root.path().join("memory");
+        let pod = top.join("kubepods/pod1");
+        let own = pod.join("ctr");
+        std::fs::create_dir_all(&own).unwrap();
+        let unlimited = "9223372036854771712\n";
+        std::fs::write(own.join("memory.limit_in_bytes"), unlimited).unwrap();
+        std::fs::write(pod.join("memory.limit_in_bytes"), "268435456\n").unwrap();
+        std::fs::write(top.join("memory.limit_in_bytes"), unlimited).unwrap();
+        let mount = |root: &str| crate::sandbox::zygote::MountEntry {
+            root: root.into(),
+            mount_point: top.to_string_lossy().into_owned(),
+            fstype: "cgroup".into(),
+            super_opts: "rw,memory".into(),
+        };
+        let own_cgroups = "4:memory:/kubepods/pod1/ctr\n";
+        let limit = |mounts: &[_]| nearest_limit(own_cgroups, mounts, "memory", "memory.limit_in_bytes");
+        assert_eq!(limit(&[mount("/")]).as_deref(), Some("268435456"));
+        // The container sees only its own cgroup (a bind of it): no ancestor to read, so "max".
+        std::fs::write(top.join("memory.limit_in_bytes"), unlimited).unwrap();
+        let own_only = crate::sandbox::zygote::MountEntry {
+            mount_point: own.to_string_lossy().into_owned(),
+            ..mount("/kubepods/pod1/ctr")
+        };
+        assert_eq!(limit(&[own_only]).as_deref(), Some("max"));
+        // No hierarchy with the controller: None ("none" in the report).
+        assert_eq!(nearest_limit(own_cgroups, &[], "memory", "memory.limit_in_bytes"), None);
+        // A path outside the mount's root (a cgroup namespace's "/.."): read from its top.
+        let escaped = "4:memory:/../other\n";
+        let got = nearest_limit(escaped, &[mount("/")], "memory", "memory.limit_in_bytes");
+        assert_eq!(got.as_deref(), Some("max"));
+    }
 }
