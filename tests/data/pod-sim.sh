@@ -4,7 +4,8 @@
 # Runs as root of a fresh user namespace (65,536 ids mapped to an unused host range), already
 # in fresh mount, pid (we are its PID 1), network, uts and ipc namespaces: every mount inherited
 # from the host is locked, as in a pod. Inputs: $SIM (a folder holding the runner's files,
-# bound at /sim), $BIN (folder of the toolwarden binary, bound read-only at /toolwarden).
+# bound at /sim), $BIN (folder of the toolwarden binary, bound read-only at /toolwarden),
+# optionally $WRAP_DIR (bound read-only at /wrap) and $WRAP (a command put before "$@").
 set -eu
 # The pod's network namespace has lo up (the runtime's doing).
 busybox ip link set lo up
@@ -17,6 +18,9 @@ ln -s usr/bin bin; ln -s usr/lib lib; ln -s usr/lib64 lib64; ln -s usr/sbin sbin
 # The image's files (the runner binary, its libraries, setpriv), read-only.
 for d in usr etc; do mount --rbind "/$d" "$d"; mount -o remount,bind,ro "$d"; done
 mount --bind "$BIN" toolwarden; mount -o remount,bind,ro toolwarden
+if [ -n "${WRAP_DIR:-}" ]; then
+  mkdir wrap; mount --bind "$WRAP_DIR" wrap; mount -o remount,bind,ro wrap
+fi
 mount --rbind "$SIM/pod" sim
 # A fresh procfs for the pod's pid namespace, masked as runc does for a container.
 mount -t proc -o nosuid,nodev,noexec proc proc
@@ -60,4 +64,4 @@ rmdir /oldroot
 mount -o remount,bind,ro /
 # runAsUser 0 of the pod, allowPrivilegeEscalation: false, capabilities: drop ALL + $POD_CAPS.
 exec /usr/bin/setpriv --no-new-privs --inh-caps=-all --ambient-caps=-all \
-  --bounding-set="-all,$POD_CAPS" -- "$@"
+  --bounding-set="-all,$POD_CAPS" -- ${WRAP:-} "$@"
