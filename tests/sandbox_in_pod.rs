@@ -566,6 +566,9 @@ fn runner_in_a_user_namespaced_pod_serves_enforces_and_reaps() {
     }
     let zombies = zombies_after_settling(&pod);
     assert!(zombies.is_empty(), "zombies in the pod: {zombies:?}");
+    let (_, metrics) = pod.http("GET", "/metrics", None);
+    let metrics = metrics.as_str().unwrap_or_default().to_string();
+    assert!(metrics.contains("pid_namespace_zombies 0\n"), "{metrics}");
     let (status, v) = pod.call("echo still serving");
     assert_eq!((status, output(&v)), (200, "still serving\n".to_string()), "{v}");
 }

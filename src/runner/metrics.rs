@@ -37,6 +37,7 @@ pub struct Metrics {
     run_seconds: Family<ToolLabel, Histogram>,
     in_flight: Gauge,
     pub tools_served: Gauge,
+    zombies: Gauge,
 }
 
 impl Default for Metrics {
@@ -70,8 +71,15 @@ impl Default for Metrics {
             "1 for the mechanism that enforced each sandbox limit of a tool's last run",
             enforcement.clone(),
         );
+        let zombies = Gauge::default();
+        registry.register(
+            "pid_namespace_zombies",
+            "Exited processes of the runner's pid namespace nobody reaped yet (counted at each scrape)",
+            zombies.clone(),
+        );
         Metrics {
             registry,
+            zombies,
             enforcement,
             calls,
             run_seconds,
@@ -118,6 +126,8 @@ impl Metrics {
 
     /// The text exposition format.
     pub fn encode(&self) -> String {
+        self.zombies
+            .set(crate::sandbox::reaper::zombies().try_into().unwrap_or(i64::MAX));
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -19,6 +19,7 @@ pub mod executor;
 pub mod mountpoint;
 pub mod netlo;
 pub mod output;
+pub mod pod;
 pub mod pool;
 pub mod proto;
 pub mod reaper;

@@ -90,3 +90,20 @@ fn exit_code(status: nix::Result<WaitStatus>) -> i32 {
         _ => 1,
     }
 }
+
+/// Zombies in our pid namespace (in a pod: the pod's), from /proc: the symptom of a missing
+/// reaper, exported as a metric.
+pub fn zombies() -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.flatten()
+        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|stat| {
+            // "pid (comm) S ...": the state follows the last ')' (comm may hold one).
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .count()
+}
