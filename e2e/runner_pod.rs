@@ -51,7 +51,11 @@ async fn setup() -> Result<Setup, String> {
         .await
         .map_err(|e| format!("listing nodes: {e}"))?;
     let ready = list.items.into_iter().find(|n| {
-        let schedulable = !n.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
+        let schedulable = !n
+            .spec
+            .as_ref()
+            .and_then(|s| s.unschedulable)
+            .unwrap_or(false);
         let is_ready = n
             .status
             .as_ref()
@@ -72,10 +76,13 @@ async fn setup() -> Result<Setup, String> {
 
 /// The example execute-code tool on the tool image, with room for many calls.
 fn tool_manifest(tool_image: &str) -> String {
-    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/execute-code.yaml"))
-        .unwrap()
-        .replace("docker.io/library/busybox:1.36.1", tool_image)
-        .replace("requestsPerMinute: 30", "requestsPerMinute: 6000")
+    std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/execute-code.yaml"
+    ))
+    .unwrap()
+    .replace("docker.io/library/busybox:1.36.1", tool_image)
+    .replace("requestsPerMinute: 30", "requestsPerMinute: 6000")
 }
 
 /// One runner pod with the documented security settings, pinned to `node`.
@@ -153,12 +160,16 @@ impl Cluster {
         let status = response.status().as_u16();
         let bytes = response.into_body().collect_bytes().await.expect("body");
         let text = String::from_utf8_lossy(&bytes).into_owned();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     async fn call(&self, svc: &str, code: &str) -> (u16, Value) {
         let path = "/v1/tools/execute-code/invoke";
-        self.http(svc, "POST", path, Some(json!({ "code": code }))).await
+        self.http(svc, "POST", path, Some(json!({ "code": code })))
+            .await
     }
 
     async fn metrics(&self, svc: &str) -> String {
@@ -169,7 +180,9 @@ impl Cluster {
 
     async fn logs(&self, pod: &str) -> String {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.ns);
-        pods.logs(pod, &LogParams::default()).await.unwrap_or_default()
+        pods.logs(pod, &LogParams::default())
+            .await
+            .unwrap_or_default()
     }
 
     async fn wait_ready(&self, pod: &str) {
@@ -237,12 +250,20 @@ async fn runner_pods_with_only_namespaced_capabilities_serve_and_enforce_every_l
         )])),
         ..Default::default()
     };
-    config_maps.create(&post, &tools).await.expect("tools ConfigMap");
+    config_maps
+        .create(&post, &tools)
+        .await
+        .expect("tools ConfigMap");
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
     for name in ["runner-a", "runner-b"] {
-        pods.create(&post, &runner_pod(&setup, name)).await.expect("runner pod");
-        services.create(&post, &service(name)).await.expect("service");
+        pods.create(&post, &runner_pod(&setup, name))
+            .await
+            .expect("runner pod");
+        services
+            .create(&post, &service(name))
+            .await
+            .expect("service");
     }
     c.wait_ready("runner-a").await;
     c.wait_ready("runner-b").await;
@@ -284,16 +305,30 @@ async fn runner_pods_with_only_namespaced_capabilities_serve_and_enforce_every_l
     // Each limit enforced: memory, processes, time (fork bomb, busy loop), output.
     let (_, v) = c.call("runner-a", "tail /dev/zero; echo rc=$?").await;
     let out = output(&v);
-    assert!(out.contains("rc=1") || out.contains("rc=137"), "memory bomb: {v}");
-    let (status, v) = c.call("runner-a", &format!("sh -c '{FORK_40}' 2>&1; echo rc=$?")).await;
-    assert!(status == 200 && output(&v).contains("can't fork"), "pids: {v}");
+    assert!(
+        out.contains("rc=1") || out.contains("rc=137"),
+        "memory bomb: {v}"
+    );
+    let (status, v) = c
+        .call("runner-a", &format!("sh -c '{FORK_40}' 2>&1; echo rc=$?"))
+        .await;
+    assert!(
+        status == 200 && output(&v).contains("can't fork"),
+        "pids: {v}"
+    );
     let started = Instant::now();
     let (status, v) = c.call("runner-a", "f(){ f|f& }; f; sleep 100").await;
     assert_eq!(status, 504, "fork bomb: {v}");
     let (status, v) = c.call("runner-a", "while :; do :; done").await;
     assert_eq!(status, 504, "busy loop: {v}");
-    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
-    let (status, v) = c.call("runner-a", "head -c 100000 /dev/zero | tr '\\0' a").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    let (status, v) = c
+        .call("runner-a", "head -c 100000 /dev/zero | tr '\\0' a")
+        .await;
     assert_eq!((status, output(&v).len()), (200, 4096), "output cap: {v}");
     assert_eq!(v["outputTruncated"], true, "{v}");
 
@@ -311,7 +346,10 @@ async fn runner_pods_with_only_namespaced_capabilities_serve_and_enforce_every_l
         answers
     };
     let ((status, held), answers) = tokio::join!(hog, other);
-    assert!(status == 200 && output(&held).contains("can't fork"), "{held}");
+    assert!(
+        status == 200 && output(&held).contains("can't fork"),
+        "{held}"
+    );
     for (status, v) in answers {
         assert_eq!((status, output(&v)), (200, "ok\n".to_string()), "{v}");
     }
@@ -335,11 +373,18 @@ async fn runner_pods_with_only_namespaced_capabilities_serve_and_enforce_every_l
         if metrics.contains("pid_namespace_zombies 0\n") {
             break;
         }
-        assert!(Instant::now() < deadline, "zombies left in the runner pod:\n{metrics}");
+        assert!(
+            Instant::now() < deadline,
+            "zombies left in the runner pod:\n{metrics}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let (status, v) = c.call("runner-a", "echo still serving").await;
-    assert_eq!((status, output(&v)), (200, "still serving\n".to_string()), "{v}");
+    assert_eq!(
+        (status, output(&v)),
+        (200, "still serving\n".to_string()),
+        "{v}"
+    );
 
     let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
 }

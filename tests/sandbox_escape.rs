@@ -134,7 +134,11 @@ async fn identity_caps_and_filesystem_are_locked_down() {
         );
     }
     let o = run(&pool, sh("ls -A /sys; grep -c sysfs /proc/self/mounts")).await;
-    assert_eq!(text(&o.stdout), "0\n", "a sysfs is mounted or /sys is not empty: {o:?}");
+    assert_eq!(
+        text(&o.stdout),
+        "0\n",
+        "a sysfs is mounted or /sys is not empty: {o:?}"
+    );
     // /proc/sysrq-trigger: read-only where the kernel has it (this CI kernel has no SYSRQ).
     let want = if std::path::Path::new("/proc/sysrq-trigger").exists() {
         "Read-only file system"
@@ -189,7 +193,11 @@ async fn network_is_isolated_but_lo_is_up() {
     expect_probe(&pool, &["abstract_connect", &name], "ECONNREFUSED").await;
     expect_probe(&pool, &["lo_up"], "ok").await;
     // The sandbox's network namespace has no device but lo.
-    let o = run(&pool, sh("tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '")).await;
+    let o = run(
+        &pool,
+        sh("tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '"),
+    )
+    .await;
     assert_eq!(text(&o.stdout).trim(), "lo", "{o:?}");
 }
 

@@ -48,7 +48,10 @@ macro_rules! require_pod_sim {
         require_root!();
         if let Some(why) = missing_tool() {
             if std::env::var(common::REQUIRE_SANDBOX_ENV).is_ok_and(|v| v == "1") {
-                panic!("{}=1 but the pod simulation cannot run: {why}", common::REQUIRE_SANDBOX_ENV);
+                panic!(
+                    "{}=1 but the pod simulation cannot run: {why}",
+                    common::REQUIRE_SANDBOX_ENV
+                );
             }
             eprintln!("SKIPPED {}: {}", module_path!(), why);
             return;
@@ -132,30 +135,46 @@ impl Pod {
             let st = Command::new("gcc")
                 .args(["-static", "-O1", "-o"])
                 .arg(wrap_dir.join("deny-pivot-root"))
-                .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/deny-pivot-root.c"))
+                .arg(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/tests/data/deny-pivot-root.c"
+                ))
                 .status()
                 .unwrap();
             assert!(st.success(), "gcc -static failed (need libc6-dev)");
         }
         let cgroups = pod_cgroups(host_base);
-        let bin = Path::new(env!("CARGO_BIN_EXE_toolwarden")).parent().unwrap();
+        let bin = Path::new(env!("CARGO_BIN_EXE_toolwarden"))
+            .parent()
+            .unwrap();
         let mut cmd = Command::new("unshare");
-        cmd.args(["--mount", "--pid", "--net", "--uts", "--ipc", "--fork", "--kill-child"])
-            .args(["--propagation", "private", "sh"])
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/pod-sim.sh"))
-            .args(["/toolwarden/toolwarden", "serve", "/sim/tools"])
-            .args(["--listen", &format!("127.0.0.1:{PORT}")])
-            .args(["--state-dir", "/sim/state", "--image-cache", "/sim/cache"])
-            .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .env("SIM", dir.path())
-            .env("BIN", bin)
-            .env("POD_CAPS", pod_caps())
-            .env("WRAP_DIR", &wrap_dir)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(File::create(dir.path().join("stdout")).unwrap())
-            .stderr(File::create(dir.path().join("stderr")).unwrap());
+        cmd.args([
+            "--mount",
+            "--pid",
+            "--net",
+            "--uts",
+            "--ipc",
+            "--fork",
+            "--kill-child",
+        ])
+        .args(["--propagation", "private", "sh"])
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/pod-sim.sh"
+        ))
+        .args(["/toolwarden/toolwarden", "serve", "/sim/tools"])
+        .args(["--listen", &format!("127.0.0.1:{PORT}")])
+        .args(["--state-dir", "/sim/state", "--image-cache", "/sim/cache"])
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("SIM", dir.path())
+        .env("BIN", bin)
+        .env("POD_CAPS", pod_caps())
+        .env("WRAP_DIR", &wrap_dir)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(File::create(dir.path().join("stdout")).unwrap())
+        .stderr(File::create(dir.path().join("stderr")).unwrap());
         if deny_pivot_root {
             cmd.env("WRAP", "/wrap/deny-pivot-root");
         }
@@ -207,7 +226,12 @@ impl Pod {
 
     /// One HTTP/1.1 request to the runner, from a thread that joined the pod's network
     /// namespace (the runner listens on the pod's loopback).
-    fn try_http(&self, method: &str, path: &str, body: Option<&str>) -> std::io::Result<(u16, String)> {
+    fn try_http(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> std::io::Result<(u16, String)> {
         let ns = self.netns.try_clone()?;
         let request = format!(
             "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
@@ -227,7 +251,10 @@ impl Pod {
                 .nth(1)
                 .and_then(|c| c.parse().ok())
                 .unwrap_or(0);
-            let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+            let body = raw
+                .split_once("\r\n\r\n")
+                .map_or("", |(_, b)| b)
+                .to_string();
             Ok((status, body))
         })
         .join()
@@ -253,7 +280,11 @@ impl Pod {
             let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
                 continue;
             };
-            if std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok().as_ref() != Some(&self.pidns) {
+            if std::fs::read_link(format!("/proc/{pid}/ns/pid"))
+                .ok()
+                .as_ref()
+                != Some(&self.pidns)
+            {
                 continue;
             }
             let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -330,7 +361,10 @@ fn pod_cgroups(host_base: u32) -> Vec<PathBuf> {
     let dirs: Vec<PathBuf> = if root.join("cgroup.controllers").exists() {
         vec![root.join(&name)]
     } else {
-        vec![root.join("pids").join(&name), root.join("memory").join(&name)]
+        vec![
+            root.join("pids").join(&name),
+            root.join("memory").join(&name),
+        ]
     };
     for d in &dirs {
         std::fs::create_dir_all(d).unwrap();
@@ -390,7 +424,10 @@ fn spawn_in_user_namespace(mut cmd: Command, host_base: u32, cgroups: &[PathBuf]
     let mut pid = [0u8; 4];
     let mut ready = File::from(ready_r);
     if let Err(e) = ready.read_exact(&mut pid) {
-        panic!("the pod's process did not start ({e}): {:?}", spawner.join());
+        panic!(
+            "the pod's process did not start ({e}): {:?}",
+            spawner.join()
+        );
     }
     let pid = i32::from_ne_bytes(pid);
     let map = format!("0 {host_base} {POD_IDS}");
@@ -465,7 +502,10 @@ fn runner_in_a_user_namespaced_pod_serves_enforces_and_reaps() {
     let (status, v) = pod.call("id; cat /proc/self/uid_map; ls -A /sys | wc -l");
     assert_eq!(status, 200, "{v}\n{}", pod.stderr());
     let out = output(&v);
-    assert!(out.starts_with("uid=65534(nobody) gid=65534(nogroup)\n"), "{out}");
+    assert!(
+        out.starts_with("uid=65534(nobody) gid=65534(nogroup)\n"),
+        "{out}"
+    );
     let map: Vec<&str> = out.lines().nth(1).unwrap().split_whitespace().collect();
     assert_eq!(map, ["0", "1", "65535"], "{out}");
     assert_eq!(out.lines().nth(2), Some("0"), "/sys is not empty: {out}");
@@ -510,22 +550,36 @@ fn runner_in_a_user_namespaced_pod_serves_enforces_and_reaps() {
     let (status, v) = pod.call("tail /dev/zero 2>&1 | head -c 200; echo; echo done");
     assert_eq!(status, 200, "{v}");
     assert!(output(&v).ends_with("done\n"), "{v}");
-    let memory = pod.audit().into_iter().rev().find(|r| r["event"] == "finished");
+    let memory = pod
+        .audit()
+        .into_iter()
+        .rev()
+        .find(|r| r["event"] == "finished");
     let memory = memory.expect("a finished record");
     assert_eq!(memory["enforcement"]["memory"], "Rlimit", "{memory}");
     assert_eq!(memory["enforcement"]["user_namespace"], true, "{memory}");
     let (status, v) = pod.call("tail /dev/zero; echo rc=$?");
-    assert!(output(&v).contains("rc=1"), "memory bomb was not refused: {status} {v}");
+    assert!(
+        output(&v).contains("rc=1"),
+        "memory bomb was not refused: {status} {v}"
+    );
     // (A shell that cannot fork gives up: the loop runs in its own shell.)
     let (status, v) = pod.call(&format!("sh -c '{FORK_40}' 2>&1; echo rc=$?"));
     let out = output(&v);
-    assert!(status == 200 && out.contains("can't fork") && out.ends_with("rc=2\n"), "{v}");
+    assert!(
+        status == 200 && out.contains("can't fork") && out.ends_with("rc=2\n"),
+        "{v}"
+    );
     let started = Instant::now();
     let (status, v) = pod.call("f(){ f|f& }; f; sleep 100");
     assert_eq!(status, 504, "fork bomb: {v}");
     let (status, v) = pod.call("while :; do :; done");
     assert_eq!(status, 504, "busy loop: {v}");
-    assert!(started.elapsed() < Duration::from_secs(15), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
     let (status, v) = pod.call("head -c 100000 /dev/zero | tr '\\0' a");
     assert_eq!(status, 200, "{v}");
     assert_eq!(output(&v).len(), 4096, "output cap: {v}");
@@ -570,7 +624,11 @@ fn runner_in_a_user_namespaced_pod_serves_enforces_and_reaps() {
     let metrics = metrics.as_str().unwrap_or_default().to_string();
     assert!(metrics.contains("pid_namespace_zombies 0\n"), "{metrics}");
     let (status, v) = pod.call("echo still serving");
-    assert_eq!((status, output(&v)), (200, "still serving\n".to_string()), "{v}");
+    assert_eq!(
+        (status, output(&v)),
+        (200, "still serving\n".to_string()),
+        "{v}"
+    );
 }
 
 #[test]
@@ -591,10 +649,16 @@ fn without_pivot_root_the_sandbox_root_is_switched_by_move_mount() {
     // The same tree before and after climbing: the image's, nothing of the runner's.
     assert_eq!(roots[0], roots[1], "{out}");
     for entry in ["bin", "proc", "tmp", "dev"] {
-        assert!(roots[0].lines().any(|l| l == entry), "{entry} missing: {out}");
+        assert!(
+            roots[0].lines().any(|l| l == entry),
+            "{entry} missing: {out}"
+        );
     }
     for runner_entry in ["sim", "toolwarden", "wrap", "usr"] {
-        assert!(!roots[0].lines().any(|l| l == runner_entry), "{runner_entry}: {out}");
+        assert!(
+            !roots[0].lines().any(|l| l == runner_entry),
+            "{runner_entry}: {out}"
+        );
     }
     // The tool cannot switch roots itself.
     let (_, v) = pod.call("chroot /tmp /bin/true 2>&1; mount -t tmpfs none /tmp 2>&1; echo end");

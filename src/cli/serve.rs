@@ -231,7 +231,10 @@ fn run(
         .or_else(|| folder_beside(dir, "images"));
     let images_line = match (&common.image_volumes, images) {
         (Some(volumes), _) => {
-            let line = format!("image volumes under {} (used as they are)", volumes.display());
+            let line = format!(
+                "image volumes under {} (used as they are)",
+                volumes.display()
+            );
             registry = registry.with_images(ImageVolumes {
                 dir: volumes.clone(),
             });

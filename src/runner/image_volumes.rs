@@ -59,7 +59,10 @@ mod tests {
         let root = dir.path().join(entry_name(reference));
         std::fs::create_dir_all(root.join("dev")).unwrap();
         let err = volumes.resolve(reference).unwrap_err();
-        assert!(err.contains("lacks the mount point(s) /proc, /tmp"), "{err}");
+        assert!(
+            err.contains("lacks the mount point(s) /proc, /tmp"),
+            "{err}"
+        );
         std::fs::create_dir(root.join("proc")).unwrap();
         std::fs::create_dir(root.join("tmp")).unwrap();
         assert_eq!(volumes.resolve(reference).unwrap(), root);

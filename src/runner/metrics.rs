@@ -126,8 +126,11 @@ impl Metrics {
 
     /// The text exposition format.
     pub fn encode(&self) -> String {
-        self.zombies
-            .set(crate::sandbox::reaper::zombies().try_into().unwrap_or(i64::MAX));
+        self.zombies.set(
+            crate::sandbox::reaper::zombies()
+                .try_into()
+                .unwrap_or(i64::MAX),
+        );
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -89,7 +89,11 @@ impl HostReport {
         let (id_map, userns_unusable, root_switch) = match userns {
             Ok((map, switch)) => (Some(map), None, switch),
             // Without a user namespace, still measure how the root can be switched.
-            Err(why) => (None, Some(why), probe_sandbox(None, scratch).unwrap_or_default()),
+            Err(why) => (
+                None,
+                Some(why),
+                probe_sandbox(None, scratch).unwrap_or_default(),
+            ),
         };
         HostReport {
             cgroup,
@@ -296,14 +300,21 @@ fn id_window(map: &str, zygote_pid: u32) -> Result<(u32, u32), String> {
     let lines: Vec<(u64, u64)> = map
         .lines()
         .filter_map(|l| {
-            let f: Vec<u64> = l.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+            let f: Vec<u64> = l
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
             (f.len() == 3).then(|| (f[0], f[0] + f[2]))
         })
         .collect();
     let initial = lines
         .iter()
         .any(|&(lo, hi)| lo == 0 && hi == u64::from(u32::MAX));
-    let floor = if initial { u64::from(USERNS_HOST_BASE) } else { 1 };
+    let floor = if initial {
+        u64::from(USERNS_HOST_BASE)
+    } else {
+        1
+    };
     let (lo, hi) = lines
         .iter()
         .map(|&(lo, hi)| (lo.max(floor), hi))
@@ -448,8 +459,14 @@ fn probe_child(
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
         .map_err(|e| step("make / rprivate", e))?;
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    mount(Some("tmpfs"), scratch, Some("tmpfs"), flags, Some("size=64k,mode=755"))
-        .map_err(|e| step("mount tmpfs", e))?;
+    mount(
+        Some("tmpfs"),
+        scratch,
+        Some("tmpfs"),
+        flags,
+        Some("size=64k,mode=755"),
+    )
+    .map_err(|e| step("mount tmpfs", e))?;
     let at = |p: &str| scratch.join(p);
     for dir in ["proc", "old"] {
         std::fs::create_dir(at(dir)).map_err(|e| format!("sandbox probe: mkdir {dir}: {e}"))?;
@@ -462,7 +479,12 @@ fn probe_child(
         flags | MsFlags::MS_NOEXEC,
         none,
     )
-    .map_err(|e| step("mount a fresh procfs (refused when /proc has masks the kernel locked)", e))?;
+    .map_err(|e| {
+        step(
+            "mount a fresh procfs (refused when /proc has masks the kernel locked)",
+            e,
+        )
+    })?;
     mount(Some("/dev/null"), &at("null"), none, MsFlags::MS_BIND, none)
         .map_err(|e| step("bind /dev/null", e))?;
     std::env::set_current_dir(scratch).map_err(|e| format!("sandbox probe: chdir: {e}"))?;
@@ -516,7 +538,10 @@ mod tests {
         // Too few ids to map the sandbox user (65534): a clear error, no map.
         let small = "0 300000 1000\n";
         let err = id_window(small, 1).unwrap_err();
-        assert!(err.contains("owns 999 id(s)") && err.contains("needs 65535"), "{err}");
+        assert!(
+            err.contains("owns 999 id(s)") && err.contains("needs 65535"),
+            "{err}"
+        );
         assert!(id_window("0 1000 1\n", 1).is_err());
         assert!(id_window("", 1).is_err());
     }
@@ -539,7 +564,8 @@ mod tests {
             super_opts: "rw,memory".into(),
         };
         let own_cgroups = "4:memory:/kubepods/pod1/ctr\n";
-        let limit = |mounts: &[_]| nearest_limit(own_cgroups, mounts, "memory", "memory.limit_in_bytes");
+        let limit =
+            |mounts: &[_]| nearest_limit(own_cgroups, mounts, "memory", "memory.limit_in_bytes");
         assert_eq!(limit(&[mount("/")]).as_deref(), Some("268435456"));
         // The container sees only its own cgroup (a bind of it): no ancestor to read, so "max".
         std::fs::write(top.join("memory.limit_in_bytes"), unlimited).unwrap();
@@ -549,7 +575,10 @@ mod tests {
         };
         assert_eq!(limit(&[own_only]).as_deref(), Some("max"));
         // No hierarchy with the controller: None ("none" in the report).
-        assert_eq!(nearest_limit(own_cgroups, &[], "memory", "memory.limit_in_bytes"), None);
+        assert_eq!(
+            nearest_limit(own_cgroups, &[], "memory", "memory.limit_in_bytes"),
+            None
+        );
         // A path outside the mount's root (a cgroup namespace's "/.."): read from its top.
         let escaped = "4:memory:/../other\n";
         let got = nearest_limit(escaped, &[mount("/")], "memory", "memory.limit_in_bytes");

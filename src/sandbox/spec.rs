@@ -148,8 +148,10 @@ pub fn build(spec: &SandboxSpec, host: &HostReport, userns: bool) -> Result<Valu
             .id_map
             .ok_or_else(|| Error::Invalid("user namespace without an id map".into()))?;
         namespaces.push(json!({"type": "user"}));
-        linux["uidMappings"] = json!([{"containerID": 0, "hostID": ids.uid_base, "size": ids.size}]);
-        linux["gidMappings"] = json!([{"containerID": 0, "hostID": ids.gid_base, "size": ids.size}]);
+        linux["uidMappings"] =
+            json!([{"containerID": 0, "hostID": ids.uid_base, "size": ids.size}]);
+        linux["gidMappings"] =
+            json!([{"containerID": 0, "hostID": ids.gid_base, "size": ids.size}]);
     }
     linux["namespaces"] = Value::Array(namespaces);
 

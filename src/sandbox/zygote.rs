@@ -73,10 +73,7 @@ fn run(sock: BorrowedFd<'_>, seal_err: Option<std::io::Error>) -> Result<()> {
     sweep::sweep(&state_root);
     enter_own_mount_namespace()?;
     unmask_proc();
-    let host = HostReport::detect(
-        std::env::var_os(ENV_FORCE_RLIMITS).is_some(),
-        &state_root,
-    );
+    let host = HostReport::detect(std::env::var_os(ENV_FORCE_RLIMITS).is_some(), &state_root);
     // The per-call cgroups' hierarchy; None in rlimit mode.
     let per_call_cgroup = host.cgroup.filter(|_| host.cgroup_unusable.is_none());
     let root = if per_call_cgroup.is_some() {
