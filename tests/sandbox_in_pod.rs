@@ -114,11 +114,17 @@ impl Pod {
         .unwrap()
         .replace("requestsPerMinute: 30", "requestsPerMinute: 6000");
         std::fs::write(tools.join("execute-code.yaml"), manifest).unwrap();
-        common::build_busybox_rootfs(
-            &tools
-                .join("images")
-                .join(entry_name("docker.io/library/busybox:1.36.1")),
-        );
+        let rootfs = tools
+            .join("images")
+            .join(entry_name("docker.io/library/busybox:1.36.1"));
+        common::build_busybox_rootfs(&rootfs);
+        // Files only the pod's root (uid 0), or its group 0, may read.
+        for (name, mode) in [("runner-only", 0o600), ("runner-group-only", 0o640)] {
+            let file = rootfs.join("etc").join(name);
+            std::fs::write(&file, "secret of the runner\n").unwrap();
+            std::os::unix::fs::chown(&file, Some(host_base), Some(host_base)).unwrap();
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
         for d in [&pod, &tools, &tools.join("images")] {
             std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
@@ -405,7 +411,8 @@ fn spawn_in_user_namespace(mut cmd: Command, host_base: u32, cgroups: &[PathBuf]
             let mut go = 0u8;
             if libc::write(ready_fd, pid.as_ptr().cast(), 4) != 4
                 || libc::read(go_fd, (&mut go as *mut u8).cast(), 1) != 1
-                || libc::setgroups(0, std::ptr::null()) != 0
+                // Group 0 as a supplementary group, as the runtime gives uid 0.
+                || libc::setgroups(1, [0 as libc::gid_t].as_ptr()) != 0
                 || libc::setresgid(0, 0, 0) != 0
                 || libc::setresuid(0, 0, 0) != 0
             {
@@ -509,6 +516,42 @@ fn runner_in_a_user_namespaced_pod_serves_enforces_and_reaps() {
     let map: Vec<&str> = out.lines().nth(1).unwrap().split_whitespace().collect();
     assert_eq!(map, ["0", "1", "65535"], "{out}");
     assert_eq!(out.lines().nth(2), Some("0"), "/sys is not empty: {out}");
+    // Attacks on what the pod's root owns: its files, by owner or by group (the runtime gives
+    // the runner group 0; the zygote drops it, so sandboxes cannot inherit it).
+    let (_, v) = pod.call(
+        "cat /etc/runner-only 2>&1; cat /etc/runner-group-only 2>&1; grep Groups /proc/self/status",
+    );
+    let out = output(&v);
+    assert!(!out.contains("secret of the runner"), "{out}");
+    assert_eq!(out.matches("Permission denied").count(), 2, "{out}");
+    assert!(
+        out.trim_end().ends_with("Groups:"),
+        "supplementary groups: {out}"
+    );
+    // The zygote removed the runtime's /proc masks in its own mount namespace only: the
+    // runner's HTTP side keeps them, and every sandbox masks its fresh procfs again.
+    let masked_in = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+            .unwrap()
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some("/proc/keys"))
+    };
+    assert!(masked_in(runner), "the runner lost its /proc masks");
+    let zygote = pod
+        .find(&["/toolwarden/toolwarden", "sandbox-zygote"])
+        .expect("zygote process");
+    assert!(!masked_in(zygote), "the zygote kept the /proc masks");
+    let (_, v) = pod.call(
+        "wc -c < /proc/keys; wc -c < /proc/timer_list; \
+         { echo 1 > /proc/sys/kernel/ns_last_pid; } 2>&1; ls /dev | grep -v '^core$' | tr '\\n' ' '",
+    );
+    let out = output(&v);
+    assert!(out.starts_with("0\n0\n"), "masked paths readable: {out}");
+    assert!(out.contains("Read-only file system"), "{out}");
+    assert!(
+        out.ends_with("fd null ptmx pts random shm stderr stdin stdout tty urandom zero "),
+        "devices: {out}"
+    );
     let (_, metrics) = pod.http("GET", "/metrics", None);
     let metrics = metrics.as_str().unwrap_or_default().to_string();
     let user_ns_line = format!(
