@@ -73,6 +73,7 @@ fn pod_caps_mask() -> u64 {
     RUNNER_POD_CAPABILITIES
         .iter()
         .map(|c| match *c {
+            "CHOWN" => 0,
             "SETGID" => 6,
             "SETUID" => 7,
             "SYS_CHROOT" => 18,
@@ -98,6 +99,25 @@ struct Pod {
 
 const TOOL: &str = "execute-code";
 
+/// A tool that gets a secret as a file (owned by the sandbox user, mode 0400).
+const SECRET_TOOL: &str = r#"
+apiVersion: toolwarden.dev/v1alpha1
+kind: AgentTool
+metadata: {name: read-secret, namespace: agents}
+spec:
+  description: Reads its secret file
+  risk: low
+  inputSchema: {type: object, additionalProperties: false, properties: {}}
+  runtime:
+    image: docker.io/library/busybox:1.36.1
+    command: [/bin/sh, -c, 'cat >/dev/null; ls -ln /run/secrets/token | cut -c1-10; sha256sum /run/secrets/token | cut -d" " -f1']
+  sandbox: {timeoutMs: 5000}
+  secrets:
+    - {secretName: tool-secrets, key: token, file: /run/secrets/token}
+  rateLimit: {requestsPerMinute: 600}
+"#;
+const SECRET: &str = "s3cr3t-for-the-pod";
+
 impl Pod {
     /// Starts `toolwarden serve` in a new simulated pod whose ids are the host's
     /// `host_base..`; `deny_pivot_root` adds a seccomp filter refusing pivot_root, as
@@ -118,6 +138,8 @@ impl Pod {
             .join("images")
             .join(entry_name("docker.io/library/busybox:1.36.1"));
         common::build_busybox_rootfs(&rootfs);
+        // Owned by the pod's root, as a tree the runner unpacked into its emptyDir cache is.
+        chown_tree(&rootfs, host_base);
         // Files only the pod's root (uid 0), or its group 0, may read.
         for (name, mode) in [("runner-only", 0o600), ("runner-group-only", 0o640)] {
             let file = rootfs.join("etc").join(name);
@@ -125,6 +147,10 @@ impl Pod {
             std::os::unix::fs::chown(&file, Some(host_base), Some(host_base)).unwrap();
             std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
         }
+        std::fs::write(tools.join("read-secret.yaml"), SECRET_TOOL).unwrap();
+        let secrets = pod.join("secrets/tool-secrets");
+        std::fs::create_dir_all(&secrets).unwrap();
+        std::fs::write(secrets.join("token"), SECRET).unwrap();
         for d in [&pod, &tools, &tools.join("images")] {
             std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
@@ -171,6 +197,7 @@ impl Pod {
         .args(["/toolwarden/toolwarden", "serve", "/sim/tools"])
         .args(["--listen", &format!("127.0.0.1:{PORT}")])
         .args(["--state-dir", "/sim/state", "--image-cache", "/sim/cache"])
+        .args(["--secrets-dir", "/sim/secrets"])
         .env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .env("SIM", dir.path())
@@ -346,6 +373,15 @@ impl Drop for Pod {
     }
 }
 
+fn chown_tree(path: &Path, id: u32) {
+    std::os::unix::fs::lchown(path, Some(id), Some(id)).unwrap();
+    if path.is_dir() && !path.is_symlink() {
+        for e in std::fs::read_dir(path).unwrap().flatten() {
+            chown_tree(&e.path(), id);
+        }
+    }
+}
+
 /// The first child of `unshare` (bounded wait): the pod's PID 1.
 fn pod_pid1(unshare: u32) -> u32 {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -516,6 +552,13 @@ fn runner_in_a_user_namespaced_pod_serves_enforces_and_reaps() {
     let map: Vec<&str> = out.lines().nth(1).unwrap().split_whitespace().collect();
     assert_eq!(map, ["0", "1", "65535"], "{out}");
     assert_eq!(out.lines().nth(2), Some("0"), "/sys is not empty: {out}");
+    // A file secret reaches its sandbox, owned by the sandbox user (chown in the pod).
+    let (status, v) = pod.http("POST", "/v1/tools/read-secret/invoke", Some("{}"));
+    assert_eq!(status, 200, "{v}\n{}", pod.stderr());
+    // (The value itself would be redacted from the output: its digest is compared.)
+    use sha2::Digest;
+    let digest = hex::encode(sha2::Sha256::digest(SECRET));
+    assert_eq!(output(&v), format!("-r--------\n{digest}\n"), "{v}");
     // Attacks on what the pod's root owns: its files, by owner or by group (the runtime gives
     // the runner group 0; the zygote drops it, so sandboxes cannot inherit it).
     let (_, v) = pod.call(
