@@ -118,11 +118,26 @@ spec:
 "#;
 const SECRET: &str = "s3cr3t-for-the-pod";
 
+const NO_TMP_IMAGE: &str = "registry.example/no-tmp:1";
+const NO_TMP_TOOL: &str = r#"
+apiVersion: toolwarden.dev/v1alpha1
+kind: AgentTool
+metadata: {name: no-tmp, namespace: agents}
+spec:
+  description: Its image lacks /tmp
+  risk: low
+  inputSchema: {type: object, additionalProperties: false, properties: {}}
+  runtime:
+    image: registry.example/no-tmp:1
+    command: [/bin/true]
+"#;
+
 impl Pod {
     /// Starts `toolwarden serve` in a new simulated pod whose ids are the host's
     /// `host_base..`; `deny_pivot_root` adds a seccomp filter refusing pivot_root, as
-    /// containerd's RuntimeDefault profile does.
-    fn start(host_base: u32, deny_pivot_root: bool) -> Pod {
+    /// containerd's RuntimeDefault profile does; `image_volumes` serves the tools' root file
+    /// systems as read-only image volumes (`--image-volumes`) instead of an images folder.
+    fn start(host_base: u32, deny_pivot_root: bool, image_volumes: bool) -> Pod {
         let dir = common::world_traversable_tempdir();
         let pod = dir.path().join("pod");
         let tools = pod.join("tools");
@@ -134,12 +149,25 @@ impl Pod {
         .unwrap()
         .replace("requestsPerMinute: 30", "requestsPerMinute: 6000");
         std::fs::write(tools.join("execute-code.yaml"), manifest).unwrap();
-        let rootfs = tools
-            .join("images")
-            .join(entry_name("docker.io/library/busybox:1.36.1"));
+        let images = match image_volumes {
+            true => pod.join("image-volumes"),
+            false => tools.join("images"),
+        };
+        let rootfs = images.join(entry_name("docker.io/library/busybox:1.36.1"));
         common::build_busybox_rootfs(&rootfs);
-        // Owned by the pod's root, as a tree the runner unpacked into its emptyDir cache is.
-        chown_tree(&rootfs, host_base);
+        // The mount target of the secret file: a read-only image must contain it.
+        std::fs::create_dir_all(rootfs.join("run/secrets")).unwrap();
+        std::fs::write(rootfs.join("run/secrets/token"), b"").unwrap();
+        if image_volumes {
+            // An image without /tmp: its tool must be refused, naming what is missing.
+            let no_tmp = images.join(entry_name(NO_TMP_IMAGE));
+            common::build_busybox_rootfs(&no_tmp);
+            std::fs::remove_dir(no_tmp.join("tmp")).unwrap();
+            std::fs::write(tools.join("no-tmp.yaml"), NO_TMP_TOOL).unwrap();
+        } else {
+            // Owned by the pod's root, as a tree the runner unpacked into its emptyDir cache is.
+            chown_tree(&rootfs, host_base);
+        }
         // Files only the pod's root (uid 0), or its group 0, may read.
         for (name, mode) in [("runner-only", 0o600), ("runner-group-only", 0o640)] {
             let file = rootfs.join("etc").join(name);
@@ -151,7 +179,7 @@ impl Pod {
         let secrets = pod.join("secrets/tool-secrets");
         std::fs::create_dir_all(&secrets).unwrap();
         std::fs::write(secrets.join("token"), SECRET).unwrap();
-        for d in [&pod, &tools, &tools.join("images")] {
+        for d in [&pod, &tools, &images] {
             std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
         // The pod's writable folders (emptyDirs) belong to the pod's root.
@@ -210,6 +238,9 @@ impl Pod {
         .stderr(File::create(dir.path().join("stderr")).unwrap());
         if deny_pivot_root {
             cmd.env("WRAP", "/wrap/deny-pivot-root");
+        }
+        if image_volumes {
+            cmd.args(["--image-volumes", "/sim/image-volumes"]);
         }
         let child = spawn_in_user_namespace(cmd, host_base, &cgroups);
         // The pod's PID 1 (unshare's child) is in all of the pod's namespaces.
@@ -507,7 +538,7 @@ fn zombies_after_settling(pod: &Pod) -> Vec<i32> {
 #[test]
 fn runner_in_a_user_namespaced_pod_serves_enforces_and_reaps() {
     require_pod_sim!();
-    let pod = Pod::start(300_000, false);
+    let pod = Pod::start(300_000, false, false);
     let banner = pod.stderr();
 
     // The runner holds exactly the documented capabilities, none of the host's.
@@ -673,7 +704,7 @@ fn runner_in_a_user_namespaced_pod_serves_enforces_and_reaps() {
 
     // A second pod on the same node: its own ids, its own process budget. While a call of pod
     // A holds every process its limit allows, pod B's calls still run.
-    let other = Pod::start(400_000, false);
+    let other = Pod::start(400_000, false, false);
     std::thread::scope(|s| {
         let hog = s.spawn(|| {
             // At its limit, then held there for 0.8 s (builtins and exec need no fork).
@@ -718,11 +749,16 @@ fn runner_in_a_user_namespaced_pod_serves_enforces_and_reaps() {
 }
 
 #[test]
-fn without_pivot_root_the_sandbox_root_is_switched_by_move_mount() {
+fn without_pivot_root_and_from_image_volumes_sandboxes_still_run() {
     require_pod_sim!();
     // containerd's RuntimeDefault seccomp profile refuses pivot_root.
-    let pod = Pod::start(500_000, true);
+    let pod = Pod::start(500_000, true, true);
     let banner = pod.stderr();
+    // The image volume without /tmp: its tool is refused, naming what is missing.
+    assert!(
+        banner.contains("lacks the mount point(s) /tmp") && banner.contains("no-tmp"),
+        "{banner}"
+    );
     assert!(
         banner.contains("root switch: move-mount + chroot (pivot_root refused)"),
         "{banner}"
@@ -746,6 +782,18 @@ fn without_pivot_root_the_sandbox_root_is_switched_by_move_mount() {
             "{runner_entry}: {out}"
         );
     }
+    // From a read-only image volume, with a file secret bound onto the image's own target;
+    // nothing unpacked or cached.
+    let (status, v) = pod.http("POST", "/v1/tools/read-secret/invoke", Some("{}"));
+    assert_eq!(status, 200, "{v}\n{}", pod.stderr());
+    let (_, v) = pod.call("touch /bin/x 2>&1; echo end");
+    assert!(output(&v).contains("Read-only file system"), "{v}");
+    let cache = pod.dir.path().join("pod/cache");
+    assert_eq!(
+        std::fs::read_dir(&cache).unwrap().count(),
+        0,
+        "something was unpacked"
+    );
     // The tool cannot switch roots itself.
     let (_, v) = pod.call("chroot /tmp /bin/true 2>&1; mount -t tmpfs none /tmp 2>&1; echo end");
     let out = output(&v);

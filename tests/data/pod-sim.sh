@@ -22,6 +22,11 @@ if [ -n "${WRAP_DIR:-}" ]; then
   mkdir wrap; mount --bind "$WRAP_DIR" wrap; mount -o remount,bind,ro wrap
 fi
 mount --rbind "$SIM/pod" sim
+# Image volumes are read-only mounts of images.
+if [ -d sim/image-volumes ]; then
+  mount --bind sim/image-volumes sim/image-volumes
+  mount -o remount,bind,ro sim/image-volumes
+fi
 # A fresh procfs for the pod's pid namespace, masked as runc does for a container.
 mount -t proc -o nosuid,nodev,noexec proc proc
 for f in kcore keys latency_stats timer_list timer_stats sched_debug; do
