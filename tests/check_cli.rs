@@ -4,6 +4,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
+use serde::Deserialize;
 use serde_json::Value;
 
 fn root() -> &'static Path {
@@ -44,6 +45,22 @@ fn violation_files() -> Vec<PathBuf> {
         .collect();
     files.sort();
     files
+}
+
+/// The ToolPolicy of a violation example, minus its `toolSelector`, as YAML (an empty
+/// document for the examples of baseline rules, which carry no policy).
+fn policy_without_tool_selector(file: &Path) -> String {
+    let text = std::fs::read_to_string(file).unwrap();
+    let policy = serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).unwrap())
+        .find(|doc| doc["kind"] == "ToolPolicy");
+    match policy {
+        Some(mut policy) => {
+            policy["spec"].as_object_mut().unwrap().remove("toolSelector");
+            serde_yaml::to_string(&policy).unwrap()
+        }
+        None => String::new(),
+    }
 }
 
 fn write_temp(content: &str) -> tempfile::NamedTempFile {
@@ -112,11 +129,14 @@ fn every_policy_rule_passes_on_compliant_tools() {
         if rule == "TW-PRIV-007" {
             continue;
         }
+        // The example's policy selects only its own tool; without the selector its rules
+        // apply to the compliant examples.
+        let unselective = write_temp(&policy_without_tool_selector(&file));
         let out = check(&[
             "-f",
             "examples/",
             "--policy",
-            file.to_str().unwrap(),
+            unselective.path().to_str().unwrap(),
             "-o",
             "json",
         ]);
@@ -148,11 +168,46 @@ fn text_output_names_file_document_rule_path_and_policy() {
         "examples/baseline-policy.yaml",
     ]);
     let line = "examples/violations/TW-SANDBOX-001.yaml:1: TW-SANDBOX-001 spec.sandbox.timeoutMs: timeoutMs 60000 exceeds the policy cap of";
-    // Two policies demand the rule: one line each, saying which.
+    // Two policies demand the rule with the same cap: one line naming both.
     assert_eq!(
         stdout(&out),
-        format!("{line} 30000 (policy demands-tw-sandbox-001)\n{line} 30000 (policy baseline)\n")
+        format!("{line} 30000 (policies demands-tw-sandbox-001, baseline)\n")
     );
+}
+
+#[test]
+fn the_violation_examples_checked_together_show_one_line_each_with_its_own_rule() {
+    let out = check(&["-f", "examples/violations/"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let lines: Vec<String> = stdout(&out).lines().map(String::from).collect();
+    assert_eq!(lines.len(), violation_files().len(), "{lines:#?}");
+    for line in lines {
+        let (file, rest) = line.split_once(".yaml:1: ").unwrap();
+        let rule = file.rsplit('/').next().unwrap();
+        assert!(rest.starts_with(&format!("{rule} ")), "{line}");
+    }
+}
+
+#[test]
+fn policies_with_different_caps_keep_separate_lines() {
+    let stricter = std::fs::read_to_string(root().join("examples/violations/TW-SANDBOX-001.yaml"))
+        .unwrap()
+        .replace("demands-tw-sandbox-001", "stricter")
+        .replace("maxTimeoutMs: 30000", "maxTimeoutMs: 20000");
+    assert!(stricter.contains("maxTimeoutMs: 20000"), "{stricter}");
+    let file = write_temp(&stricter);
+    let out = check(&[
+        "-f",
+        "examples/violations/TW-SANDBOX-001.yaml",
+        "--policy",
+        file.path().to_str().unwrap(),
+    ]);
+    let text = stdout(&out);
+    assert!(
+        text.contains("cap of 30000 (policy demands-tw-sandbox-001)"),
+        "{text}"
+    );
+    assert!(text.contains("cap of 20000 (policy stricter)"), "{text}");
 }
 
 #[test]

@@ -59,6 +59,39 @@ fn schemas() -> Vec<(String, Value)> {
         .collect()
 }
 
+/// k8s.io/apiextensions-apiserver's supported formats (pkg/apiserver/validation/formats.go).
+const KUBERNETES_FORMATS: &[&str] = &[
+    "bsonobjectid",
+    "uri",
+    "email",
+    "hostname",
+    "ipv4",
+    "ipv6",
+    "cidr",
+    "mac",
+    "uuid",
+    "uuid3",
+    "uuid4",
+    "uuid5",
+    "isbn",
+    "isbn10",
+    "isbn13",
+    "creditcard",
+    "ssn",
+    "hexcolor",
+    "rgbcolor",
+    "byte",
+    "password",
+    "date",
+    "duration",
+    "datetime",
+    "date-time",
+    "int32",
+    "int64",
+    "float",
+    "double",
+];
+
 #[test]
 fn schemas_are_structural() {
     for (name, schema) in schemas() {
@@ -82,6 +115,14 @@ fn schemas_are_structural() {
                 || obj.contains_key("description");
             if is_schema_node && !free && !path.ends_with(".properties") {
                 assert!(obj.contains_key("type"), "{path}: missing type");
+            }
+            // The formats the API server knows; any other earns every `kubectl apply` a
+            // "unrecognized format" warning.
+            if let Some(format) = obj.get("format").and_then(Value::as_str) {
+                assert!(
+                    KUBERNETES_FORMATS.contains(&format),
+                    "{path}: format {format:?} is unknown to Kubernetes"
+                );
             }
             if obj.contains_key("properties") && obj.contains_key("additionalProperties") {
                 panic!("{path}: properties and additionalProperties are mutually exclusive");

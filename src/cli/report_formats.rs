@@ -14,22 +14,54 @@ pub struct Finding {
     pub violation: Violation,
 }
 
-/// `file:document: RULE path: message (source)`, with the mode in front of
-/// the source when the rule is not an enforced one: two policies demanding
-/// the same rule give two lines that say which is which.
+/// `file:document: RULE path: message (sources)`: one line per tool, rule, path, message
+/// and mode, naming every policy that demands it (`policy a, b` or `baseline`), with the
+/// mode in front when it is not `enforce`.
 pub fn render_text(findings: &[Finding]) -> String {
-    findings
-        .iter()
-        .map(|f| {
-            let v = &f.violation;
-            let note = if v.mode == PolicyMode::Enforce {
-                format!(" ({})", v.source())
+    // Keyed by the line without its sources, in order of first appearance.
+    let mut lines: Vec<(String, PolicyMode, Vec<&Violation>)> = Vec::new();
+    for f in findings {
+        let v = &f.violation;
+        let head = format!("{}: {} {}: {}", f.origin, v.rule, v.path, v.message);
+        match lines
+            .iter_mut()
+            .find(|(h, m, _)| *h == head && *m == v.mode)
+        {
+            Some((_, _, sources)) => sources.push(v),
+            None => lines.push((head, v.mode, vec![v])),
+        }
+    }
+    lines
+        .into_iter()
+        .map(|(head, mode, sources)| {
+            let sources = sources_text(&sources);
+            if mode == PolicyMode::Enforce {
+                format!("{head} ({sources})\n")
             } else {
-                format!(" ({}, {})", v.mode.as_str(), v.source())
-            };
-            format!("{}: {} {}: {}{note}\n", f.origin, v.rule, v.path, v.message)
+                format!("{head} ({}, {sources})\n", mode.as_str())
+            }
         })
         .collect()
+}
+
+/// `baseline`, `policy a`, `policies a, b`, or `baseline; policies a, b`.
+fn sources_text(violations: &[&Violation]) -> String {
+    let policies: Vec<&str> = violations
+        .iter()
+        .filter_map(|v| v.policy.as_deref())
+        .collect();
+    let baseline = policies.len() < violations.len();
+    let named = match policies.as_slice() {
+        [] => None,
+        [one] => Some(format!("policy {one}")),
+        many => Some(format!("policies {}", many.join(", "))),
+    };
+    match (baseline, named) {
+        (true, Some(named)) => format!("baseline; {named}"),
+        (true, None) => "baseline".into(),
+        (false, Some(named)) => named,
+        (false, None) => unreachable!("a violation comes from a policy or the baseline"),
+    }
 }
 
 pub fn render_json(findings: &[Finding]) -> String {

@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::sandbox::{Enforcement, Mechanism, SandboxSpec};
+use crate::sandbox::{Enforcement, Mechanism, SandboxSpec, cgroup_v2};
 
-/// Parent of all per-call cgroups (relative to each hierarchy root).
+/// Parent of all per-call cgroups: relative to each hierarchy root on cgroup v1, below the
+/// engine's own cgroup on cgroup v2 (see [`cgroup_v2`]).
 pub const CGROUP_PARENT: &str = "toolwarden";
 /// In the initial user namespace (the runner on a host), sandbox ids are taken at or above this
 /// id: below it live the host's own users.
@@ -80,6 +81,10 @@ impl HostReport {
         } else {
             match cgroup {
                 None => Some("no cgroup hierarchy found under /sys/fs/cgroup".into()),
+                Some(CgroupMode::V2) => match cgroup_v2::delegate() {
+                    Ok(_) => probe_cgroup_writable(CgroupMode::V2).err(),
+                    Err(e) => Some(e.to_string()),
+                },
                 Some(mode) => probe_cgroup_writable(mode).err(),
             }
         };
@@ -258,7 +263,7 @@ fn unlimited(value: &str) -> bool {
 /// Tries to create (and remove) a probe cgroup where the per-call cgroups will live.
 fn probe_cgroup_writable(mode: CgroupMode) -> Result<(), String> {
     let dirs: Vec<PathBuf> = match mode {
-        CgroupMode::V2 => vec![PathBuf::from("/sys/fs/cgroup").join(CGROUP_PARENT)],
+        CgroupMode::V2 => vec![PathBuf::from("/sys/fs/cgroup").join(cgroup_v2::per_call_parent())],
         CgroupMode::V1 { .. } => ["memory", "pids", "cpu"]
             .iter()
             .map(|c| PathBuf::from("/sys/fs/cgroup").join(c).join(CGROUP_PARENT))

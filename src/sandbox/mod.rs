@@ -14,6 +14,7 @@
 //!   reading the invocation from a control pipe. A warm call is therefore: write argv/env to
 //!   the pipe, read output, get the exit status. Each container is used exactly once.
 
+pub mod cgroup_v2;
 pub mod detect;
 pub mod executor;
 pub mod mountpoint;

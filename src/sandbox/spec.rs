@@ -97,6 +97,13 @@ pub fn build(spec: &SandboxSpec, host: &HostReport, userns: bool) -> Result<Valu
                 Some(CgroupMode::V1 { memsw: false }) => json!({"limit": mem}),
                 _ => json!({"limit": mem, "swap": mem}),
             };
+            if host.cgroup == Some(CgroupMode::V2) {
+                // cgroup v2 keeps swap apart from memory: the spec's memory+swap equal to the
+                // limit means `memory.swap.max = 0`, which libcgroups 0.7 skips writing (it
+                // treats 0 as unset), leaving swap unlimited on nodes with swap. Written here
+                // explicitly; libcgroups applies `unified` after the memory controller.
+                resources["unified"] = json!({"memory.swap.max": "0"});
+            }
         }
         resources["pids"] = json!({"limit": l.pids});
         if let Some(mc) = l.cpu_millicores {

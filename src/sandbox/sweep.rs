@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use libcontainer::container::Container;
 
 use crate::sandbox::ZYGOTE_SUBCOMMAND;
+use crate::sandbox::cgroup_v2;
 use crate::sandbox::detect::CGROUP_PARENT;
 
 pub fn container_id(zygote_pid: u32, seq: u64) -> String {
@@ -70,7 +71,7 @@ fn kill_container_init(pid: nix::unistd::Pid) -> bool {
 /// All cgroup directories that may hold container `id`.
 pub fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
     let root = Path::new("/sys/fs/cgroup");
-    let mut out = vec![root.join(CGROUP_PARENT).join(id)];
+    let mut out = vec![cgroup_v2::container_dir(id)];
     if let Ok(rd) = std::fs::read_dir(root) {
         for e in rd.flatten() {
             out.push(e.path().join(CGROUP_PARENT).join(id));
@@ -160,7 +161,7 @@ pub fn sweep(state_root: &Path) -> Vec<String> {
     scan(state_root);
     scan(&state_root.join("bundles"));
     let root = Path::new("/sys/fs/cgroup");
-    scan(&root.join(CGROUP_PARENT));
+    scan(&root.join(cgroup_v2::per_call_parent()));
     if let Ok(rd) = std::fs::read_dir(root) {
         for e in rd.flatten() {
             scan(&e.path().join(CGROUP_PARENT));

@@ -18,7 +18,9 @@ use serde_json::Value;
 use crate::sandbox::detect::{CGROUP_PARENT, CgroupMode, HostReport, IdMap, RootSwitch};
 use crate::sandbox::executor::LateExecutor;
 use crate::sandbox::proto::{self, ExitInfo, FromZygote, ToZygote};
-use crate::sandbox::{Enforcement, Error, Result, mountpoint, netlo, seal, seccomp, spec, sweep};
+use crate::sandbox::{
+    Enforcement, Error, Result, cgroup_v2, mountpoint, netlo, seal, seccomp, spec, sweep,
+};
 
 /// Fd number of the runner socket in the zygote.
 pub const ZYGOTE_SOCK_FD: RawFd = 3;
@@ -394,8 +396,15 @@ fn keeper_run(
     let bundle = state_root.join("bundles").join(id);
     std::fs::create_dir_all(&bundle)?;
     let mut spec = def.spec.clone();
-    if def.cgroup.is_some() {
-        spec["linux"]["cgroupsPath"] = Value::String(format!("/{CGROUP_PARENT}/{id}"));
+    match def.cgroup {
+        Some(CgroupMode::V2) => {
+            spec["linux"]["cgroupsPath"] =
+                Value::String(format!("/{}/{id}", cgroup_v2::per_call_parent()));
+        }
+        Some(CgroupMode::V1 { .. }) => {
+            spec["linux"]["cgroupsPath"] = Value::String(format!("/{CGROUP_PARENT}/{id}"));
+        }
+        None => {}
     }
     std::fs::write(
         bundle.join("config.json"),
@@ -514,7 +523,9 @@ fn read_kv(path: PathBuf, key: &str) -> Option<u64> {
     })
 }
 
-/// (oom_killed, peak memory) read from the container's memory cgroup before deletion.
+/// (oom_killed, peak memory) read from the container's memory cgroup before deletion. On
+/// cgroup v2 the peak includes swap where the kernel reports it (`memory.swap.peak`, 6.5+);
+/// the sandbox's swap allowance is 0 anyway (see `spec::build`).
 fn memory_stats(mode: CgroupMode, id: &str) -> (bool, Option<u64>) {
     let root = Path::new("/sys/fs/cgroup");
     let read_u64 = |p: PathBuf| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok();
@@ -525,9 +536,10 @@ fn memory_stats(mode: CgroupMode, id: &str) -> (bool, Option<u64>) {
             (oom, read_u64(dir.join("memory.max_usage_in_bytes")))
         }
         CgroupMode::V2 => {
-            let dir = root.join(CGROUP_PARENT).join(id);
+            let dir = cgroup_v2::container_dir(id);
             let oom = read_kv(dir.join("memory.events"), "oom_kill").unwrap_or(0) > 0;
-            (oom, read_u64(dir.join("memory.peak")))
+            let swap = read_u64(dir.join("memory.swap.peak")).unwrap_or(0);
+            (oom, read_u64(dir.join("memory.peak")).map(|m| m + swap))
         }
     }
 }
