@@ -71,11 +71,12 @@ fn run(sock: BorrowedFd<'_>, seal_err: Option<std::io::Error>) -> Result<()> {
     std::fs::create_dir_all(&state_root)?;
     let zpid = std::process::id();
     become_reaper()?;
-    // Sweep in the host's view, before this zygote's mount namespace hides anything.
-    sweep::sweep(&state_root);
     enter_own_mount_namespace()?;
     unmask_proc();
     let host = HostReport::detect(std::env::var_os(ENV_FORCE_RLIMITS).is_some(), &state_root);
+    // After detection (which places the per-call cgroups' parent on cgroup v2), before this
+    // zygote's mount namespace hides anything (the state tmpfs, the cgroup tree).
+    sweep::sweep(&state_root);
     // The per-call cgroups' hierarchy; None in rlimit mode.
     let per_call_cgroup = host.cgroup.filter(|_| host.cgroup_unusable.is_none());
     let root = if per_call_cgroup.is_some() {
