@@ -335,10 +335,11 @@ async fn runner_pods_with_only_namespaced_capabilities_serve_and_enforce_every_l
     // Two runner pods on one node do not share a process budget: while a call in pod A holds
     // every process its limit allows, pod B's calls run.
     let hog_code =
-        format!("sh -c '{FORK_40}' 2>/tmp/e; read -r why </tmp/e; echo \"$why\"; exec sleep 0.8");
+        format!("sh -c '{FORK_40}' 2>/tmp/e; read -r why </tmp/e; echo \"$why\"; exec sleep 0.5");
     let hog = c.call("runner-a", &hog_code);
     let other = async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Aimed into pod A's 0.5 s at its limit; B's calls must succeed whenever they land.
+        tokio::time::sleep(Duration::from_millis(100)).await;
         let mut answers = Vec::new();
         for _ in 0..3 {
             answers.push(c.call("runner-b", "echo ok").await);

@@ -56,7 +56,10 @@ fn policy_without_tool_selector(file: &Path) -> String {
         .find(|doc| doc["kind"] == "ToolPolicy");
     match policy {
         Some(mut policy) => {
-            policy["spec"].as_object_mut().unwrap().remove("toolSelector");
+            policy["spec"]
+                .as_object_mut()
+                .unwrap()
+                .remove("toolSelector");
             serde_yaml::to_string(&policy).unwrap()
         }
         None => String::new(),

@@ -377,6 +377,21 @@ fn find_anywhere(args: &[&str]) -> Option<i32> {
         .find(|p| cmdline_starts_with(*p, args))
 }
 
+/// How many processes whose command line starts with `args` run as host uid `uid`.
+fn count_processes(args: &[&str], uid: u32) -> usize {
+    let uid_line = format!("Uid:\t{uid}\t");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter(|p| cmdline_starts_with(*p, args))
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/status"))
+                .is_ok_and(|s| s.contains(&uid_line))
+        })
+        .count()
+}
+
 fn cmdline_starts_with(pid: i32, args: &[&str]) -> bool {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let parts: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
@@ -707,12 +722,22 @@ fn runner_in_a_user_namespaced_pod_serves_enforces_and_reaps() {
     let other = Pod::start(400_000, false, false);
     std::thread::scope(|s| {
         let hog = s.spawn(|| {
-            // At its limit, then held there for 0.8 s (builtins and exec need no fork).
+            // At its limit, then held there for 0.5 s (builtins and exec need no fork).
             pod.call(&format!(
-                "sh -c '{FORK_40}' 2>/tmp/e; read -r why </tmp/e; echo \"$why\"; exec sleep 0.8"
+                "sh -c '{FORK_40}' 2>/tmp/e; read -r why </tmp/e; echo \"$why\"; exec sleep 0.5"
             ))
         });
-        std::thread::sleep(Duration::from_millis(300));
+        // Pod B calls once pod A's sleepers (its sandbox uid, seen from the host) fill its
+        // budget: 16 processes, 3 of them shells.
+        let a_uid = pod.host_base + 65_535;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while count_processes(&["sleep", "3"], a_uid) < 12 {
+            assert!(
+                Instant::now() < deadline,
+                "pod A never reached its process limit"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
         for _ in 0..3 {
             let (status, v) = other.call("echo ok");
             assert_eq!((status, output(&v)), (200, "ok\n".to_string()), "{v}");
