@@ -8,11 +8,12 @@ fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some(toolwarden::sandbox::ZYGOTE_SUBCOMMAND) {
         std::process::exit(toolwarden::sandbox::zygote_main());
     }
-    // In a pod the runner is PID 1: a forked init reaps orphans (src/sandbox/reaper.rs).
+    let cli = toolwarden::cli::Cli::parse();
+    toolwarden::cli::init_logging(cli.log_format);
+    // In a pod the runner is PID 1: a forked init reaps orphans (src/sandbox/reaper.rs). Still
+    // single-threaded here: neither clap nor the log subscriber starts a thread.
     if let Some(code) = toolwarden::sandbox::reaper::init_if_pid1() {
         std::process::exit(code);
     }
-    let cli = toolwarden::cli::Cli::parse();
-    toolwarden::cli::init_logging(cli.log_format);
     toolwarden::cli::run(cli)
 }

@@ -25,8 +25,8 @@ const FORWARDED: &[Signal] = &[
 
 /// When this process is PID 1: forks, and returns `None` in the child (which goes on as the
 /// runner) while the parent reaps and forwards until the runner exits, then returns
-/// `Some(exit code)` (the runner's). Returns `None` at once when not PID 1. Call first in
-/// `main`, while the process is single-threaded.
+/// `Some(exit code)` (the runner's). Returns `None` at once when not PID 1. Call early in
+/// `main`, while the process is still single-threaded.
 pub fn init_if_pid1() -> Option<i32> {
     if std::process::id() != 1 {
         return None;
@@ -38,7 +38,7 @@ pub fn init_if_pid1() -> Option<i32> {
     }
     // Blocked before the fork, so no signal is lost between fork and the signalfd.
     if let Err(e) = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None) {
-        eprintln!("toolwarden: PID 1 without reaping (sigprocmask: {e})");
+        tracing::warn!(error = %e, "PID 1 without reaping: sigprocmask failed");
         return None;
     }
     // SAFETY: single-threaded here (first thing in main).
@@ -50,7 +50,7 @@ pub fn init_if_pid1() -> Option<i32> {
         Ok(ForkResult::Parent { child }) => Some(reap_until_exit(child, &mask)),
         Err(e) => {
             let _ = sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&mask), None);
-            eprintln!("toolwarden: PID 1 without reaping (fork: {e})");
+            tracing::warn!(error = %e, "PID 1 without reaping: fork failed");
             None
         }
     }
