@@ -60,9 +60,8 @@ macro_rules! require_pod_sim {
 }
 
 /// The capabilities setpriv keeps: `+sys_admin,+setuid,...`.
-fn pod_caps() -> String {
-    RUNNER_POD_CAPABILITIES
-        .iter()
+fn pod_caps(caps: &[&str]) -> String {
+    caps.iter()
         .map(|c| format!("+{}", c.to_lowercase()))
         .collect::<Vec<_>>()
         .join(",")
@@ -138,6 +137,27 @@ impl Pod {
     /// containerd's RuntimeDefault profile does; `image_volumes` serves the tools' root file
     /// systems as read-only image volumes (`--image-volumes`) instead of an images folder.
     fn start(host_base: u32, deny_pivot_root: bool, image_volumes: bool) -> Pod {
+        Pod::start_with_caps(
+            host_base,
+            deny_pivot_root,
+            image_volumes,
+            RUNNER_POD_CAPABILITIES,
+        )
+    }
+
+    fn start_with_caps(
+        host_base: u32,
+        deny_pivot_root: bool,
+        image_volumes: bool,
+        caps: &[&str],
+    ) -> Pod {
+        let pod = Pod::spawn(host_base, deny_pivot_root, image_volumes, caps);
+        pod.wait_ready();
+        pod
+    }
+
+    /// Starts the pod without waiting for the runner.
+    fn spawn(host_base: u32, deny_pivot_root: bool, image_volumes: bool, caps: &[&str]) -> Pod {
         let dir = common::world_traversable_tempdir();
         let pod = dir.path().join("pod");
         let tools = pod.join("tools");
@@ -230,7 +250,7 @@ impl Pod {
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .env("SIM", dir.path())
         .env("BIN", bin)
-        .env("POD_CAPS", pod_caps())
+        .env("POD_CAPS", pod_caps(caps))
         .env("WRAP_DIR", &wrap_dir)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
@@ -256,7 +276,6 @@ impl Pod {
             pidns,
             cgroups,
         };
-        pod.wait_ready();
         pod
     }
 
@@ -267,12 +286,20 @@ impl Pod {
                 return;
             }
             assert!(
-                Instant::now() < deadline,
+                self.alive() && Instant::now() < deadline,
                 "runner not ready; stderr:\n{}",
                 self.stderr()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Whether the pod's PID 1 still runs (not exited, not a zombie).
+    fn alive(&self) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.pid1))
+            .ok()
+            .and_then(|s| Some(s.rsplit_once(')')?.1.trim_start().chars().next()? != 'Z'))
+            .unwrap_or(false)
     }
 
     fn stderr(&self) -> String {
@@ -824,4 +851,60 @@ fn without_pivot_root_and_from_image_volumes_sandboxes_still_run() {
     let out = output(&v);
     assert!(out.contains("Operation not permitted"), "{out}");
     assert!(out.ends_with("end\n"), "{out}");
+}
+
+#[test]
+fn a_pod_without_the_id_map_capabilities_is_reported_as_such() {
+    require_pod_sim!();
+    // A runner pod that forgot SETUID cannot map a sandbox's ids: the probe finds out by
+    // writing the map, and the banner and the API say so instead of "yes".
+    let caps: Vec<&str> = RUNNER_POD_CAPABILITIES
+        .iter()
+        .copied()
+        .filter(|c| *c != "SETUID")
+        .collect();
+    let pod = Pod::start_with_caps(600_000, false, false, &caps);
+    let banner = pod.stderr();
+    let isolation = banner
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("isolation: "))
+        .unwrap_or_else(|| panic!("no isolation line in:\n{banner}"))
+        .to_string();
+    assert!(
+        isolation.contains("user namespace: no (writing uid_map \"0 1 65535\"")
+            && isolation.contains("EPERM")
+            && isolation.contains("(MapWriteFailed)"),
+        "{isolation}"
+    );
+    let (status, tools) = pod.http("GET", "/v1/tools", None);
+    assert_eq!(status, 200, "{tools}");
+    assert_eq!(tools["isolation"], Value::String(isolation));
+}
+
+#[test]
+fn a_pod_that_cannot_drop_group_0_refuses_to_run_sandboxes() {
+    require_pod_sim!();
+    // The runtime gives the pod's root the supplementary group 0. Without SETGID the zygote
+    // cannot drop it, and a sandbox would keep it (setgroups is denied there): it refuses.
+    let caps: Vec<&str> = RUNNER_POD_CAPABILITIES
+        .iter()
+        .copied()
+        .filter(|c| *c != "SETGID")
+        .collect();
+    let pod = Pod::spawn(700_000, false, false, &caps);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pod.alive() {
+        assert!(
+            Instant::now() < deadline,
+            "runner still up:\n{}",
+            pod.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stderr = pod.stderr();
+    assert!(
+        stderr.contains("cannot drop the supplementary groups")
+            && stderr.contains("the sandbox engine could not start"),
+        "{stderr}"
+    );
 }

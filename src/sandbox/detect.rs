@@ -96,7 +96,7 @@ impl HostReport {
             // Without a user namespace, still measure how the root can be switched.
             Err(why) => (
                 None,
-                Some(why),
+                Some(format!("{why} ({})", why.reason())),
                 probe_sandbox(None, scratch).unwrap_or_default(),
             ),
         };
@@ -278,20 +278,129 @@ fn probe_cgroup_writable(mode: CgroupMode) -> Result<(), String> {
     Ok(())
 }
 
+/// Why sandboxes get no user namespace here (reported as [`HostReport::userns_unusable`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UsernsError {
+    #[error("/proc/self/{file}: {reason}")]
+    IdMapUnreadable { file: &'static str, reason: String },
+    #[error("{file}: no ids mapped beside the runner's own ({map})")]
+    NoIds { file: &'static str, map: String },
+    #[error(
+        "{file}: the runner owns {owned} id(s) beside its own ({map}); a sandbox needs {needed} \
+         (its root up to uid {})",
+        crate::sandbox::spec::SANDBOX_UID
+    )]
+    TooFewIds {
+        file: &'static str,
+        owned: u64,
+        needed: u32,
+        map: String,
+    },
+    #[error("writing {file} {text:?} of a new user namespace: {errno}")]
+    MapWrite {
+        file: &'static str,
+        text: String,
+        errno: nix::Error,
+    },
+    #[error("sandbox probe: {}: {errno}", step.describe())]
+    Step { step: ProbeStep, errno: nix::Error },
+    #[error("sandbox probe: the child died without a report")]
+    NoReport,
+}
+
+impl UsernsError {
+    /// Stable name of the failure, for logs and metrics labels.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            UsernsError::IdMapUnreadable { .. } => "IdMapUnreadable",
+            UsernsError::NoIds { .. } => "NoIds",
+            UsernsError::TooFewIds { .. } => "TooFewIds",
+            UsernsError::MapWrite { .. } => "MapWriteFailed",
+            UsernsError::Step { .. } => "ProbeStepFailed",
+            UsernsError::NoReport => "ProbeDied",
+        }
+    }
+}
+
+/// The steps of [`probe_sandbox`], in order; the child reports the one that failed by number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeStep {
+    Pipe,
+    Fork,
+    UnshareUser,
+    MapNotWritten,
+    BecomeRoot,
+    UnshareMountPid,
+    ForkPidNamespaceInit,
+    MakePrivate,
+    MountTmpfs,
+    CreateMountPoints,
+    MountProcfs,
+    BindDevice,
+    Chdir,
+    MoveMount,
+    Chroot,
+}
+
+impl ProbeStep {
+    const ALL: [ProbeStep; 15] = [
+        ProbeStep::Pipe,
+        ProbeStep::Fork,
+        ProbeStep::UnshareUser,
+        ProbeStep::MapNotWritten,
+        ProbeStep::BecomeRoot,
+        ProbeStep::UnshareMountPid,
+        ProbeStep::ForkPidNamespaceInit,
+        ProbeStep::MakePrivate,
+        ProbeStep::MountTmpfs,
+        ProbeStep::CreateMountPoints,
+        ProbeStep::MountProcfs,
+        ProbeStep::BindDevice,
+        ProbeStep::Chdir,
+        ProbeStep::MoveMount,
+        ProbeStep::Chroot,
+    ];
+
+    fn describe(self) -> &'static str {
+        match self {
+            ProbeStep::Pipe => "pipe",
+            ProbeStep::Fork => "fork",
+            ProbeStep::UnshareUser => "unshare(CLONE_NEWUSER)",
+            ProbeStep::MapNotWritten => "waiting for the id map",
+            ProbeStep::BecomeRoot => "setresgid/setresuid(0) in the new user namespace",
+            ProbeStep::UnshareMountPid => "unshare(CLONE_NEWNS|CLONE_NEWPID)",
+            ProbeStep::ForkPidNamespaceInit => "fork into the new pid namespace",
+            ProbeStep::MakePrivate => "make / rprivate",
+            ProbeStep::MountTmpfs => "mount tmpfs",
+            ProbeStep::CreateMountPoints => "create mount points in the tmpfs",
+            ProbeStep::MountProcfs => {
+                "mount a fresh procfs (refused while /proc has masks the kernel locked)"
+            }
+            ProbeStep::BindDevice => "bind /dev/null",
+            ProbeStep::Chdir => "chdir",
+            ProbeStep::MoveMount => "pivot_root refused, and move-mount",
+            ProbeStep::Chroot => "pivot_root refused, and chroot",
+        }
+    }
+}
+
 /// The ids the runner owns in its own user namespace, from `/proc/self/{uid,gid}_map`, and the
 /// 65,536-id (at least 65,535-id) window of them sandboxes map. On a host (the initial
 /// namespace maps all 2^32 ids) windows start at [`USERNS_HOST_BASE`], one per runner by zygote
 /// pid; in a pod with `hostUsers: false` (65,536 ids) the window is the pod's ids 1..65535:
 /// never its 0 (the runner itself), and the pod's range on the node is already distinct per
 /// pod, so two runner pods never share a sandbox uid or its process budget.
-fn sandbox_id_map(zygote_pid: u32) -> Result<IdMap, String> {
-    let read = |file: &str| {
-        std::fs::read_to_string(format!("/proc/self/{file}"))
-            .map_err(|e| format!("/proc/self/{file}: {e}"))
+fn sandbox_id_map(zygote_pid: u32) -> Result<IdMap, UsernsError> {
+    let read = |file: &'static str| {
+        std::fs::read_to_string(format!("/proc/self/{file}")).map_err(|e| {
+            UsernsError::IdMapUnreadable {
+                file,
+                reason: e.to_string(),
+            }
+        })
     };
-    let (uids, gids) = (read("uid_map")?, read("gid_map")?);
-    let uid = id_window(&uids, zygote_pid).map_err(|e| format!("uid_map: {e}"))?;
-    let gid = id_window(&gids, zygote_pid).map_err(|e| format!("gid_map: {e}"))?;
+    let uid = id_window("uid_map", &read("uid_map")?, zygote_pid)?;
+    let gid = id_window("gid_map", &read("gid_map")?, zygote_pid)?;
     Ok(IdMap {
         uid_base: uid.0,
         gid_base: gid.0,
@@ -300,8 +409,8 @@ fn sandbox_id_map(zygote_pid: u32) -> Result<IdMap, String> {
 }
 
 /// (first id, size) of the sandbox window in one id map (`inside outside count` lines). Pure.
-fn id_window(map: &str, zygote_pid: u32) -> Result<(u32, u32), String> {
-    let min_size = crate::sandbox::spec::SANDBOX_UID + 1;
+fn id_window(file: &'static str, map: &str, zygote_pid: u32) -> Result<(u32, u32), UsernsError> {
+    let needed = crate::sandbox::spec::SANDBOX_UID + 1;
     let lines: Vec<(u64, u64)> = map
         .lines()
         .filter_map(|l| {
@@ -325,25 +434,55 @@ fn id_window(map: &str, zygote_pid: u32) -> Result<(u32, u32), String> {
         .map(|&(lo, hi)| (lo.max(floor), hi))
         .filter(|(lo, hi)| hi > lo)
         .max_by_key(|(lo, hi)| hi - lo)
-        .ok_or_else(|| format!("no ids mapped beside the runner's own: {}", map.trim()))?;
+        .ok_or_else(|| UsernsError::NoIds {
+            file,
+            map: map.trim().to_string(),
+        })?;
     let size = (hi - lo).min(u64::from(USERNS_SIZE));
-    if size < u64::from(min_size) {
-        return Err(format!(
-            "the runner owns {} id(s) beside its own ({}); a sandbox needs {min_size} \
-             (its root up to uid {})",
-            hi - lo,
-            map.trim(),
-            crate::sandbox::spec::SANDBOX_UID
-        ));
+    if size < u64::from(needed) {
+        return Err(UsernsError::TooFewIds {
+            file,
+            owned: hi - lo,
+            needed,
+            map: map.trim().to_string(),
+        });
     }
     let windows = ((hi - lo) / size).min(u64::from(HOST_WINDOWS));
     let base = lo + u64::from(zygote_pid) % windows * size;
     Ok((base as u32, size as u32))
 }
 
-/// Steps of [`probe_sandbox`], reported by the probe child through a pipe.
-const PROBE_PIVOT_OK: &str = "pivot_root";
-const PROBE_MOVE_OK: &str = "move";
+/// What the probe child reports: how the root could be switched, or the step that failed.
+type ProbeReport = Result<RootSwitch, (ProbeStep, nix::Error)>;
+
+/// Encodes a report in 6 bytes for the pipe: a tag (0 pivot_root, 1 move-mount, 2 failed),
+/// the failed step's number and its errno.
+fn encode_report(report: ProbeReport) -> [u8; 6] {
+    let (tag, step, errno) = match report {
+        Ok(RootSwitch::PivotRoot) => (0, 0, 0),
+        Ok(RootSwitch::MoveMount) => (1, 0, 0),
+        Err((step, e)) => {
+            let index = ProbeStep::ALL.iter().position(|s| *s == step).unwrap_or(0);
+            (2, index as u8, e as i32)
+        }
+    };
+    let e = errno.to_ne_bytes();
+    [tag, step, e[0], e[1], e[2], e[3]]
+}
+
+fn decode_report(bytes: &[u8]) -> Option<ProbeReport> {
+    let (&tag, rest) = bytes.split_first()?;
+    match tag {
+        0 => Some(Ok(RootSwitch::PivotRoot)),
+        1 => Some(Ok(RootSwitch::MoveMount)),
+        2 => {
+            let step = *ProbeStep::ALL.get(usize::from(*rest.first()?))?;
+            let errno = i32::from_ne_bytes(rest.get(1..5)?.try_into().ok()?);
+            Some(Err((step, nix::Error::from_raw(errno))))
+        }
+        _ => None,
+    }
+}
 
 /// Builds what a sandbox is built from, for real, in a forked child (the zygote is
 /// single-threaded here): with `map`, a user namespace with that id map written from here as
@@ -352,25 +491,23 @@ const PROBE_MOVE_OK: &str = "move";
 /// `/proc`: see `zygote::unmask_proc`), a device bound from `/dev`, and the root switch:
 /// pivot_root, or else a move-mount and chroot. Returns how the root can be switched, or the
 /// step that failed and why.
-fn probe_sandbox(map: Option<IdMap>, scratch: &Path) -> Result<RootSwitch, String> {
+fn probe_sandbox(map: Option<IdMap>, scratch: &Path) -> Result<RootSwitch, UsernsError> {
     use nix::unistd::{ForkResult, fork, pipe2, read, write};
-    let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
-    let pipe = || pipe2(cloexec).map_err(|e| format!("pipe: {e}"));
+    let failed = |step, errno| UsernsError::Step { step, errno };
+    let pipe = || pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| failed(ProbeStep::Pipe, e));
     let (go_r, go_w) = pipe()?;
     let (ready_r, ready_w) = pipe()?;
     let (report_r, report_w) = pipe()?;
-    // SAFETY: single-threaded process; the child only makes system calls and formats strings.
+    // SAFETY: single-threaded process; the child only makes system calls.
     let child = match unsafe { fork() } {
         Ok(ForkResult::Child) => {
             drop((go_w, ready_r, report_r));
-            let msg = match probe_child(map, ready_w, &go_r, scratch) {
-                Ok(m) | Err(m) => m,
-            };
-            let _ = write(&report_w, msg.as_bytes());
+            let report = probe_child(map, ready_w, &go_r, scratch);
+            let _ = write(&report_w, &encode_report(report));
             unsafe { libc::_exit(0) }
         }
         Ok(ForkResult::Parent { child }) => child,
-        Err(e) => return Err(format!("fork for the sandbox probe: {e}")),
+        Err(e) => return Err(failed(ProbeStep::Fork, e)),
     };
     drop((go_r, ready_w, report_w));
     // The maps are the new namespace's only once the child has unshared (or has given up: EOF).
@@ -385,35 +522,37 @@ fn probe_sandbox(map: Option<IdMap>, scratch: &Path) -> Result<RootSwitch, Strin
         let _ = write(&go_w, b"g");
     }
     drop(go_w);
-    let mut buf = [0u8; 512];
-    let mut report = Vec::new();
-    while let Ok(n) = read(report_r.as_raw_fd(), &mut buf) {
-        if n == 0 {
-            break;
+    let mut report = [0u8; 6];
+    let mut got = 0;
+    while got < report.len() {
+        match read(report_r.as_raw_fd(), &mut report[got..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
         }
-        report.extend_from_slice(&buf[..n]);
     }
     let _ = nix::sys::wait::waitpid(child, None);
     mapped?;
-    match String::from_utf8_lossy(&report).trim() {
-        PROBE_PIVOT_OK => Ok(RootSwitch::PivotRoot),
-        PROBE_MOVE_OK => Ok(RootSwitch::MoveMount),
-        "" => Err("sandbox probe died without a report".into()),
-        why => Err(why.to_string()),
+    match decode_report(&report[..got]) {
+        Some(Ok(switch)) => Ok(switch),
+        Some(Err((step, errno))) => Err(failed(step, errno)),
+        None => Err(UsernsError::NoReport),
     }
 }
 
-fn write_probe_maps(pid: i32, map: IdMap) -> Result<(), String> {
-    let write = |file: &str, text: &str| {
-        std::fs::write(format!("/proc/{pid}/{file}"), text)
-            .map_err(|e| format!("writing {file} {text:?} of a new user namespace: {e}"))
+fn write_probe_maps(pid: i32, map: IdMap) -> Result<(), UsernsError> {
+    let write = |file: &'static str, text: String| {
+        std::fs::write(format!("/proc/{pid}/{file}"), &text).map_err(|e| UsernsError::MapWrite {
+            file,
+            text,
+            errno: nix::Error::from_raw(e.raw_os_error().unwrap_or(0)),
+        })
     };
     // As libcontainer does when the runner is itself in a user namespace (CVE-2014-8989).
-    if crate::sandbox::detect::in_user_namespace() {
-        write("setgroups", "deny")?;
+    if in_user_namespace() {
+        write("setgroups", "deny".into())?;
     }
-    write("uid_map", &format!("0 {} {}", map.uid_base, map.size))?;
-    write("gid_map", &format!("0 {} {}", map.gid_base, map.size))
+    write("uid_map", format!("0 {} {}", map.uid_base, map.size))?;
+    write("gid_map", format!("0 {} {}", map.gid_base, map.size))
 }
 
 /// True when the runner runs in a user namespace other than the initial one (a pod with
@@ -422,33 +561,33 @@ pub fn in_user_namespace() -> bool {
     std::fs::read_to_string("/proc/self/uid_map").is_ok_and(|m| !m.contains("4294967295"))
 }
 
-/// The probe child's steps; Ok/Err carry the report line.
+/// The probe child's steps (see [`probe_sandbox`]).
 fn probe_child(
     map: Option<IdMap>,
     ready: std::os::fd::OwnedFd,
     go: &std::os::fd::OwnedFd,
     scratch: &Path,
-) -> Result<String, String> {
+) -> ProbeReport {
     use nix::mount::{MntFlags, MsFlags, mount, umount2};
     use nix::sched::{CloneFlags, unshare};
-    let step = |what: &str, e: nix::Error| format!("sandbox probe: {what}: {e}");
+    let io = |e: std::io::Error| nix::Error::from_raw(e.raw_os_error().unwrap_or(0));
     if map.is_some() {
-        unshare(CloneFlags::CLONE_NEWUSER).map_err(|e| step("unshare(CLONE_NEWUSER)", e))?;
+        unshare(CloneFlags::CLONE_NEWUSER).map_err(|e| (ProbeStep::UnshareUser, e))?;
     }
     let _ = nix::unistd::write(&ready, b"u");
     drop(ready);
     let mut b = [0u8; 1];
     if !matches!(nix::unistd::read(go.as_raw_fd(), &mut b), Ok(1)) {
-        return Err("sandbox probe: the id map was not written".into());
+        return Err((ProbeStep::MapNotWritten, nix::Error::EPIPE));
     }
     if map.is_some() {
         let root = nix::unistd::Uid::from_raw(0);
         let group = nix::unistd::Gid::from_raw(0);
-        nix::unistd::setresgid(group, group, group).map_err(|e| step("setresgid(0)", e))?;
-        nix::unistd::setresuid(root, root, root).map_err(|e| step("setresuid(0)", e))?;
+        nix::unistd::setresgid(group, group, group).map_err(|e| (ProbeStep::BecomeRoot, e))?;
+        nix::unistd::setresuid(root, root, root).map_err(|e| (ProbeStep::BecomeRoot, e))?;
     }
     unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID)
-        .map_err(|e| step("unshare(CLONE_NEWNS|CLONE_NEWPID)", e))?;
+        .map_err(|e| (ProbeStep::UnshareMountPid, e))?;
     // The procfs of a pid namespace can only be mounted from inside it: fork its init.
     // SAFETY: still single-threaded.
     match unsafe { nix::unistd::fork() } {
@@ -458,49 +597,35 @@ fn probe_child(
             unsafe { libc::_exit(0) }
         }
         Ok(nix::unistd::ForkResult::Child) => {}
-        Err(e) => return Err(step("fork into the new pid namespace", e)),
+        Err(e) => return Err((ProbeStep::ForkPidNamespaceInit, e)),
     }
     let none = None::<&str>;
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
-        .map_err(|e| step("make / rprivate", e))?;
+        .map_err(|e| (ProbeStep::MakePrivate, e))?;
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    mount(
-        Some("tmpfs"),
-        scratch,
-        Some("tmpfs"),
-        flags,
-        Some("size=64k,mode=755"),
-    )
-    .map_err(|e| step("mount tmpfs", e))?;
+    let tmpfs = Some("size=64k,mode=755");
+    mount(Some("tmpfs"), scratch, Some("tmpfs"), flags, tmpfs)
+        .map_err(|e| (ProbeStep::MountTmpfs, e))?;
     let at = |p: &str| scratch.join(p);
-    for dir in ["proc", "old"] {
-        std::fs::create_dir(at(dir)).map_err(|e| format!("sandbox probe: mkdir {dir}: {e}"))?;
-    }
-    std::fs::write(at("null"), b"").map_err(|e| format!("sandbox probe: create null: {e}"))?;
-    mount(
-        Some("proc"),
-        &at("proc"),
-        Some("proc"),
-        flags | MsFlags::MS_NOEXEC,
-        none,
-    )
-    .map_err(|e| {
-        step(
-            "mount a fresh procfs (refused when /proc has masks the kernel locked)",
-            e,
-        )
-    })?;
+    let create = || -> std::io::Result<()> {
+        std::fs::create_dir(at("proc"))?;
+        std::fs::create_dir(at("old"))?;
+        std::fs::write(at("null"), b"")
+    };
+    create().map_err(|e| (ProbeStep::CreateMountPoints, io(e)))?;
+    let proc_flags = flags | MsFlags::MS_NOEXEC;
+    mount(Some("proc"), &at("proc"), Some("proc"), proc_flags, none)
+        .map_err(|e| (ProbeStep::MountProcfs, e))?;
     mount(Some("/dev/null"), &at("null"), none, MsFlags::MS_BIND, none)
-        .map_err(|e| step("bind /dev/null", e))?;
-    std::env::set_current_dir(scratch).map_err(|e| format!("sandbox probe: chdir: {e}"))?;
+        .map_err(|e| (ProbeStep::BindDevice, e))?;
+    std::env::set_current_dir(scratch).map_err(|e| (ProbeStep::Chdir, io(e)))?;
     if nix::unistd::pivot_root(".", "old").is_ok() {
         let _ = umount2("/old", MntFlags::MNT_DETACH);
-        return Ok(PROBE_PIVOT_OK.into());
+        return Ok(RootSwitch::PivotRoot);
     }
-    mount(Some("."), "/", none, MsFlags::MS_MOVE, none)
-        .map_err(|e| step("pivot_root refused, and move-mount", e))?;
-    nix::unistd::chroot(".").map_err(|e| step("pivot_root refused, and chroot", e))?;
-    Ok(PROBE_MOVE_OK.into())
+    mount(Some("."), "/", none, MsFlags::MS_MOVE, none).map_err(|e| (ProbeStep::MoveMount, e))?;
+    nix::unistd::chroot(".").map_err(|e| (ProbeStep::Chroot, e))?;
+    Ok(RootSwitch::MoveMount)
 }
 
 fn world_traversable(path: &Path) -> Result<(), String> {
@@ -523,32 +648,53 @@ mod tests {
 
     #[test]
     fn sandbox_ids_stay_inside_what_the_runner_owns() {
+        let window = |map: &str, pid| id_window("uid_map", map, pid);
         // A host: windows of 65,536 above 1,000,000, one per zygote pid.
         let host = "         0          0 4294967295\n";
-        assert_eq!(id_window(host, 0), Ok((USERNS_HOST_BASE, USERNS_SIZE)));
-        let (a, _) = id_window(host, 7).unwrap();
-        let (b, _) = id_window(host, 8).unwrap();
+        assert_eq!(window(host, 0), Ok((USERNS_HOST_BASE, USERNS_SIZE)));
+        let (a, _) = window(host, 7).unwrap();
+        let (b, _) = window(host, 8).unwrap();
         assert_eq!(b - a, USERNS_SIZE);
-        assert!(id_window(host, u32::MAX).unwrap().0 >= USERNS_HOST_BASE);
+        assert!(window(host, u32::MAX).unwrap().0 >= USERNS_HOST_BASE);
         // A pod with hostUsers: false: its ids 1..65535, never 0 (the runner), never ids of
         // the node, whatever the pid.
         let pod = "         0    1375731712      65536\n";
         for pid in [1, 2, 4097, 123_456] {
-            assert_eq!(id_window(pod, pid), Ok((1, 65_535)));
+            assert_eq!(window(pod, pid), Ok((1, 65_535)));
         }
         // A larger range is split in windows; ids start after the runner's own 0.
         let wide = "0 300000 200000\n";
-        assert_eq!(id_window(wide, 0), Ok((1, USERNS_SIZE)));
-        assert_eq!(id_window(wide, 1), Ok((1 + USERNS_SIZE, USERNS_SIZE)));
+        assert_eq!(window(wide, 0), Ok((1, USERNS_SIZE)));
+        assert_eq!(window(wide, 1), Ok((1 + USERNS_SIZE, USERNS_SIZE)));
         // Too few ids to map the sandbox user (65534): a clear error, no map.
-        let small = "0 300000 1000\n";
-        let err = id_window(small, 1).unwrap_err();
+        let err = window("0 300000 1000\n", 1).unwrap_err();
+        assert_eq!(err.reason(), "TooFewIds");
+        let text = err.to_string();
         assert!(
-            err.contains("owns 999 id(s)") && err.contains("needs 65535"),
-            "{err}"
+            text.contains("owns 999 id(s)") && text.contains("needs 65535"),
+            "{text}"
         );
-        assert!(id_window("0 1000 1\n", 1).is_err());
-        assert!(id_window("", 1).is_err());
+        assert_eq!(window("0 1000 1\n", 1).unwrap_err().reason(), "NoIds");
+        assert_eq!(window("", 1).unwrap_err().reason(), "NoIds");
+    }
+
+    #[test]
+    fn probe_reports_survive_the_pipe() {
+        for report in [
+            Ok(RootSwitch::PivotRoot),
+            Ok(RootSwitch::MoveMount),
+            Err((ProbeStep::MountProcfs, nix::Error::EPERM)),
+            Err((ProbeStep::Chroot, nix::Error::EACCES)),
+        ] {
+            assert_eq!(decode_report(&encode_report(report)), Some(report));
+        }
+        assert_eq!(decode_report(&[]), None);
+        assert_eq!(decode_report(&[2, 200, 0, 0, 0, 0]), None);
+        let e = UsernsError::Step {
+            step: ProbeStep::MountProcfs,
+            errno: nix::Error::EPERM,
+        };
+        assert!(e.to_string().contains("mount a fresh procfs"), "{e}");
     }
 
     #[test]
