@@ -267,7 +267,7 @@ impl Pod {
         let pid1 = pod_pid1(child.id());
         let netns = File::open(format!("/proc/{pid1}/ns/net")).unwrap();
         let pidns = std::fs::read_link(format!("/proc/{pid1}/ns/pid")).unwrap();
-        let pod = Pod {
+        Pod {
             child,
             pid1,
             dir,
@@ -275,8 +275,7 @@ impl Pod {
             netns,
             pidns,
             cgroups,
-        };
-        pod
+        }
     }
 
     fn wait_ready(&self) {
