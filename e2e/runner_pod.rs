@@ -267,6 +267,25 @@ async fn runner_pods_with_only_namespaced_capabilities_serve_and_enforce_every_l
     }
     c.wait_ready("runner-a").await;
     c.wait_ready("runner-b").await;
+    // The pods run as documented: nothing (an admission plugin, a default) changed them.
+    for name in ["runner-a", "runner-b"] {
+        let spec = pods
+            .get(name)
+            .await
+            .expect("get pod")
+            .spec
+            .expect("pod spec");
+        assert_eq!(spec.host_users, Some(false), "{name}");
+        let mut context = spec.containers[0]
+            .security_context
+            .clone()
+            .expect("context");
+        // The API server defaults procMount to "Default" (the runtime's masked /proc).
+        if context.proc_mount.as_deref() == Some("Default") {
+            context.proc_mount = None;
+        }
+        assert_eq!(context, runner_security_context(), "{name}");
+    }
 
     // The banner, the API and the metrics tell what the engine measured in the pod.
     let logs = c.logs("runner-a").await;
