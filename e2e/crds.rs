@@ -5,6 +5,8 @@
 //! namespace `toolwarden-e2e-<pid>`; objects are only ever created with
 //! server-side dry run.
 
+mod runner_pod;
+
 use std::path::Path;
 use std::time::Duration;
 

@@ -2,7 +2,12 @@
 """Assembles and verifies the toolwarden OCI image archive (no Docker engine needed).
 
 build:  oci_image.py --binary PATH --ref REF --version V --revision SHA --created EPOCH --out OUT.tar
+tool:   oci_image.py --busybox PATH --ref REF --version V --revision SHA --created EPOCH --out OUT.tar
 verify: oci_image.py --verify OUT.tar
+
+The tool image (--busybox) is a static busybox with its applets and the empty proc/, dev/, tmp/
+a sandbox mounts over: a tool root file system that can be mounted as a Kubernetes image volume
+(the e2e tests' TOOLWARDEN_E2E_TOOL_IMAGE).
 
 The archive is an OCI image layout (oci-layout, index.json, blobs/sha256/...) in one tar,
 the form `ctr images import` and `skopeo copy oci-archive:` read. Every tar is written with
@@ -60,6 +65,23 @@ def rootfs_layer(binary, mtime):
     return buf.getvalue()
 
 
+def busybox_layer(busybox, applets, mtime):
+    """A tool root file system: /bin/busybox, its applets as symlinks, the sandbox's mount points."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for d, mode in (("bin", 0o755), ("dev", 0o755), ("etc", 0o755), ("proc", 0o555),
+                        ("sys", 0o555), ("tmp", 0o1777)):
+            add(tar, d, mode=mode, kind=tarfile.DIRTYPE, mtime=mtime)
+        add(tar, "bin/busybox", busybox, 0o755, mtime=mtime)
+        for applet in sorted(set(applets) - {"busybox"}):
+            info = tarfile.TarInfo("bin/" + applet)
+            info.type, info.linkname, info.mode, info.mtime = tarfile.SYMTYPE, "busybox", 0o777, mtime
+            tar.addfile(info)
+        add(tar, "etc/group", b"root:x:0:\nnogroup:x:65534:\n", mtime=mtime)
+        add(tar, "etc/passwd", b"root:x:0:0::/:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n", mtime=mtime)
+    return buf.getvalue()
+
+
 def gzip_bytes(data):
     out = io.BytesIO()
     with gzip.GzipFile(fileobj=out, mode="wb", mtime=0, filename="") as gz:
@@ -76,12 +98,16 @@ def canonical(obj):
 
 
 def build(args):
-    with open(args.binary, "rb") as f:
+    with open(args.binary or args.busybox, "rb") as f:
         binary = f.read()
     created_iso = datetime.datetime.fromtimestamp(
         int(args.created), datetime.timezone.utc
     ).strftime("%Y-%m-%dT%H:%M:%SZ")
-    layer_tar = rootfs_layer(binary, int(args.created))
+    if args.busybox:
+        applets = args.applets.split()
+        layer_tar = busybox_layer(binary, applets, int(args.created))
+    else:
+        layer_tar = rootfs_layer(binary, int(args.created))
     layer = gzip_bytes(layer_tar)
     labels = {
         "org.opencontainers.image.title": "toolwarden",
@@ -96,6 +122,12 @@ def build(args):
         "os": "linux",
         "created": created_iso,
         "config": {
+            "User": "65534:65534",
+            "Entrypoint": ["/bin/sh"],
+            "Env": ["PATH=/bin"],
+            "WorkingDir": "/",
+            "Labels": labels,
+        } if args.busybox else {
             "User": f"{USER}:{USER}",
             "Entrypoint": ["/" + BINARY_PATH],
             "Cmd": ["--help"],
@@ -164,13 +196,17 @@ def verify(path):
         sys.exit(f"{path}: layer diff_id does not match the config")
     with tarfile.open(fileobj=io.BytesIO(layer_tar)) as layer:
         members = {m.name: m for m in layer.getmembers()}
-    binary = members.get(BINARY_PATH)
+    tool = "bin/busybox" in members
+    main_path, user = ("bin/busybox", "65534:65534") if tool else (BINARY_PATH, f"{USER}:{USER}")
+    binary = members.get(main_path)
     if binary is None or not binary.mode & 0o111:
-        sys.exit(f"{path}: /{BINARY_PATH} missing or not executable")
+        sys.exit(f"{path}: /{main_path} missing or not executable")
+    if tool and not all(members.get(d, tarfile.TarInfo()).isdir() for d in ("proc", "dev", "tmp")):
+        sys.exit(f"{path}: a tool image needs the empty directories /proc, /dev and /tmp")
     if any(m.mode & 0o6000 for m in members.values()):
         sys.exit(f"{path}: set-id file in the image")
-    if config["config"]["User"] != f"{USER}:{USER}":
-        sys.exit(f"{path}: image user is {config['config']['User']}, expected {USER}")
+    if config["config"]["User"] != user:
+        sys.exit(f"{path}: image user is {config['config']['User']}, expected {user}")
     print(f"{path}: ok ({entry['annotations']['io.containerd.image.name']}, "
           f"{len(members)} entries, binary {binary.size} bytes)")
 
@@ -178,13 +214,17 @@ def verify(path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--verify", metavar="ARCHIVE")
-    for flag in ("--binary", "--ref", "--version", "--revision", "--created", "--out"):
+    for flag in ("--binary", "--busybox", "--ref", "--version", "--revision", "--created", "--out"):
         parser.add_argument(flag)
+    parser.add_argument("--applets", default="sh", help="busybox applets to link (with --busybox)")
     args = parser.parse_args()
     if args.verify:
         verify(args.verify)
         return
-    missing = [f for f in ("binary", "ref", "version", "revision", "created", "out") if getattr(args, f) is None]
+    required = ("ref", "version", "revision", "created", "out")
+    missing = [f for f in required if getattr(args, f) is None]
+    if (args.binary is None) == (args.busybox is None):
+        missing.append("binary or busybox (one of them)")
     if missing:
         parser.error("missing " + ", ".join("--" + m for m in missing))
     build(args)

@@ -10,5 +10,10 @@ fn main() -> ExitCode {
     }
     let cli = toolwarden::cli::Cli::parse();
     toolwarden::cli::init_logging(cli.log_format);
+    // In a pod the runner is PID 1: a forked init reaps orphans (src/sandbox/reaper.rs). Still
+    // single-threaded here: neither clap nor the log subscriber starts a thread.
+    if let Some(code) = toolwarden::sandbox::reaper::init_if_pid1() {
+        std::process::exit(code);
+    }
     toolwarden::cli::run(cli)
 }

@@ -15,6 +15,7 @@ use crate::runner::admission::{Admission, DEFAULT_CALLS_PER_TOOL, DEFAULT_QUEUE_
 use crate::runner::audit::{AuditKey, AuditLog};
 use crate::runner::auth::{AuthConfigError, Authenticator, JwtKey, TokenReviewer, load_token_file};
 use crate::runner::executor::{Degradation, ToolExecutor, UnsandboxedProcessExecutor};
+use crate::runner::image_volumes::ImageVolumes;
 use crate::runner::images::ImageStore;
 use crate::runner::listener::{self, AllowedHosts, HttpConfig, HttpLimits};
 use crate::runner::metrics::Metrics;
@@ -123,6 +124,11 @@ pub struct CommonArgs {
     /// Default: `images/` beside the manifests, when it exists.
     #[arg(long, value_name = "DIR")]
     pub images: Option<PathBuf>,
+    /// Root file systems from Kubernetes image volumes: `DIR/NAME/` (NAME as for
+    /// `--images`) is a read-only image mount used directly as the tool's root file
+    /// system, nothing unpacked; it must contain empty `proc/`, `dev/` and `tmp/`.
+    #[arg(long, value_name = "DIR", conflicts_with = "images")]
+    pub image_volumes: Option<PathBuf>,
     /// Where unpacked root file systems are cached. Made 0711; refused when it
     /// is a symlink or another user's, or another user can write to a folder above it.
     #[arg(long, value_name = "DIR")]
@@ -277,13 +283,23 @@ fn run(
         .images
         .clone()
         .or_else(|| folder_beside(dir, "images"));
-    let images_line = match images {
-        Some(images) => {
+    let images_line = match (&common.image_volumes, images) {
+        (Some(volumes), _) => {
+            let line = format!(
+                "image volumes under {} (used as they are)",
+                volumes.display()
+            );
+            registry = registry.with_images(ImageVolumes {
+                dir: volumes.clone(),
+            });
+            line
+        }
+        (None, Some(images)) => {
             let line = format!("root file systems from {}", images.display());
             registry = registry.with_images(ImageStore::new(images, image_cache(common)));
             line
         }
-        None => {
+        (None, None) => {
             "not resolved (no --images folder; only the unsandboxed executor can run without one)"
                 .to_string()
         }

@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::sandbox::detect::USERNS_HOST_BASE;
+use crate::sandbox::detect::sandbox_id_map;
 pub use layer::Refusal;
 use layer::{Layer, Unpacker};
 
@@ -171,6 +171,17 @@ impl<'a> Reference<'a> {
         let last = name.rsplit('/').next().unwrap_or(name);
         let tag = last.rsplit_once(':').map(|(_, tag)| tag);
         Reference { full, tag, digest }
+    }
+}
+
+/// Turns a tool's `runtime.image` into the directory its sandboxes use as root file system.
+pub trait RootfsResolver: Send + Sync {
+    fn resolve(&self, reference: &str) -> Result<PathBuf, String>;
+}
+
+impl RootfsResolver for ImageStore {
+    fn resolve(&self, reference: &str) -> Result<PathBuf, String> {
+        ImageStore::resolve(self, reference).map_err(|e| e.to_string())
     }
 }
 
@@ -388,12 +399,12 @@ fn marker_text(digest: &str) -> String {
 
 /// The group and mode of a cache entry. As root: group = the sandboxes'
 /// user-namespace root (a sandbox's setup runs as it and must reach the root
-/// file system), `0710`. Otherwise only this user: `0700`.
+/// file system; on a host 1000000, in a pod one of the pod's ids), `0710`.
+/// Otherwise, or without ids to map, only this user: `0700`.
 fn entry_access() -> (u32, u32) {
-    if nix::unistd::geteuid().is_root() {
-        (USERNS_HOST_BASE, 0o710)
-    } else {
-        (nix::unistd::getegid().as_raw(), 0o700)
+    match sandbox_id_map() {
+        Ok(ids) if nix::unistd::geteuid().is_root() => (ids.gid_base, 0o710),
+        _ => (nix::unistd::getegid().as_raw(), 0o700),
     }
 }
 

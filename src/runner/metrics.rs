@@ -47,6 +47,7 @@ pub struct Metrics {
     in_flight: Gauge,
     pub tools_served: Gauge,
     pub audit_healthy: Gauge,
+    zombies: Gauge,
 }
 
 impl Default for Metrics {
@@ -92,8 +93,15 @@ impl Default for Metrics {
             "1 for each protection a served tool runs without (allowed by allowDegraded or --allow-degraded)",
             degraded.clone(),
         );
+        let zombies = Gauge::default();
+        registry.register(
+            "pid_namespace_zombies",
+            "Exited processes of the runner's pid namespace nobody reaped yet (counted at each scrape)",
+            zombies.clone(),
+        );
         Metrics {
             registry,
+            zombies,
             enforcement,
             degraded,
             calls,
@@ -155,6 +163,11 @@ impl Metrics {
 
     /// The OpenMetrics text format.
     pub fn encode(&self) -> String {
+        self.zombies.set(
+            crate::sandbox::reaper::zombies()
+                .try_into()
+                .unwrap_or(i64::MAX),
+        );
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

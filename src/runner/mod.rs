@@ -10,6 +10,7 @@ pub mod audit;
 pub mod auth;
 pub mod authorize;
 pub mod executor;
+pub mod image_volumes;
 pub mod images;
 pub mod limits;
 pub mod listener;

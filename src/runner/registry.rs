@@ -14,7 +14,7 @@ use crate::policy;
 
 use super::authorize::{self, CompiledRule};
 use super::executor::SecretDelivery;
-use super::images::ImageStore;
+use super::images::RootfsResolver;
 use super::ratelimit::{LimiterClock, ToolLimiter};
 use super::redact::{Redactor, RedactorError};
 use super::validate;
@@ -162,7 +162,7 @@ pub fn prepare(
     tool: &AgentTool,
     generation: u64,
     secrets: &SecretsDir,
-    images: Option<&ImageStore>,
+    images: Option<&dyn RootfsResolver>,
     clock: &LimiterClock,
 ) -> Result<PreparedTool, Vec<String>> {
     let spec = &tool.spec;
@@ -249,7 +249,7 @@ pub struct Registry {
     tools: RwLock<Arc<BTreeMap<String, Arc<PreparedTool>>>>,
     clock: LimiterClock,
     secrets: SecretsDir,
-    images: Option<ImageStore>,
+    images: Option<Box<dyn RootfsResolver>>,
 }
 
 impl Registry {
@@ -264,8 +264,9 @@ impl Registry {
 
     /// Resolves every tool's image to a root file system; tools whose image
     /// cannot be found are refused.
-    pub fn with_images(mut self, images: ImageStore) -> Registry {
-        self.images = Some(images);
+    /// (An [`super::images::ImageStore`], or [`super::image_volumes::ImageVolumes`].)
+    pub fn with_images(mut self, images: impl RootfsResolver + 'static) -> Registry {
+        self.images = Some(Box::new(images));
         self
     }
 
@@ -362,7 +363,7 @@ impl Registry {
                 tool,
                 generation,
                 &self.secrets,
-                self.images.as_ref(),
+                self.images.as_deref(),
                 &self.clock,
             )
             .and_then(|mut prepared| match previous {

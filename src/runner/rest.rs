@@ -102,7 +102,8 @@ async fn list_tools(
             }})
         })
         .collect();
-    axum::Json(json!({"tools": tools})).into_response()
+    // How calls are isolated here (the engine's probe result, as in the startup banner).
+    axum::Json(json!({"tools": tools, "isolation": runner.executor.isolation()})).into_response()
 }
 
 /// True for `application/json` and `application/*+json`, parameters allowed.

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::sync::OnceCell;
 
 use crate::api::{AgentToolSpec, parse_quantity};
-use crate::sandbox::detect::USERNS_HOST_BASE;
+use crate::sandbox::detect::RootSwitch;
 use crate::sandbox::spec::SANDBOX_UID;
 use crate::sandbox::{
     BindMount, Enforcement, Invocation, Limits, Mechanism, Pool, SandboxSpec, Sandboxes,
@@ -149,10 +149,9 @@ impl SandboxExecutor {
             degradations(userns_unusable.as_deref(), host.cgroup_unusable.as_deref());
         self.accept(tool, &degradations)?;
         // The container's root and the tool's user, as the host sees them.
-        let container_root = if userns_unusable.is_none() {
-            USERNS_HOST_BASE
-        } else {
-            0
+        let container_root = match (&userns_unusable, host.id_map) {
+            (None, Some(ids)) => ids.uid_base,
+            _ => 0,
         };
         let sandbox_user = container_root + SANDBOX_UID;
         let mut volumes = Vec::new();
@@ -423,13 +422,28 @@ impl ToolExecutor for SandboxExecutor {
 
     fn isolation(&self) -> String {
         let host = self.engine.host();
+        let user_namespace = match (&host.userns_unusable, host.id_map) {
+            (None, Some(ids)) => format!(
+                "yes (sandbox ids 0-{} are the runner's {}-{})",
+                ids.size - 1,
+                ids.uid_base,
+                ids.uid_base + (ids.size - 1)
+            ),
+            (Some(why), _) => format!("no ({why})"),
+            (None, None) => "no".to_string(),
+        };
+        let root_switch = match host.root_switch {
+            RootSwitch::PivotRoot => "pivot_root",
+            RootSwitch::MoveMount => "move-mount + chroot (pivot_root refused)",
+        };
+        let outer_bound = host
+            .outer_bound
+            .as_ref()
+            .map(|b| format!("; outer bound: {b}"))
+            .unwrap_or_default();
         format!(
-            "youki sandbox per call (pid, mount, ipc, uts, net, cgroup namespaces; seccomp; {}; user namespace: {})",
+            "youki sandbox per call (pid, mount, ipc, uts, net, cgroup namespaces; seccomp; {}; user namespace: {user_namespace}; root switch: {root_switch}{outer_bound})",
             describe_mechanism(host.cgroup_mechanism()),
-            match &host.userns_unusable {
-                None => "yes".to_string(),
-                Some(why) => format!("no ({why})"),
-            }
         )
     }
 }

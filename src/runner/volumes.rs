@@ -25,7 +25,7 @@ use sha2::Digest;
 
 use crate::api::names::{self, NameError};
 use crate::api::{FilesystemMount, parse_quantity};
-use crate::sandbox::detect::USERNS_HOST_BASE;
+use crate::sandbox::detect::sandbox_id_map;
 
 /// Size of a writable volume whose mount sets no `sizeLimit`.
 pub const DEFAULT_WRITABLE_SIZE: u64 = 256 << 20;
@@ -357,7 +357,7 @@ impl BoundedVolumes {
         // reaches another's volume through them, whatever folder it mounts.
         for (dir, owner, mode) in [
             (&self.store, 0, 0o711),
-            (&mountpoints, USERNS_HOST_BASE, 0o700),
+            (&mountpoints, sandbox_id_map().map_or(0, |ids| ids.uid_base), 0o700),
         ] {
             std::fs::create_dir_all(dir).map_err(io(dir.display()))?;
             std::os::unix::fs::chown(dir, Some(owner), Some(owner)).map_err(io(dir.display()))?;

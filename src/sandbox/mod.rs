@@ -20,8 +20,10 @@ pub mod executor;
 pub mod mountpoint;
 pub mod netlo;
 pub mod output;
+pub mod pod;
 pub mod pool;
 pub mod proto;
+pub mod reaper;
 pub mod seal;
 pub mod seccomp;
 pub mod spec;
@@ -35,6 +37,21 @@ use serde::{Deserialize, Serialize};
 
 pub use pool::{EngineConfig, Pool, Sandboxes};
 pub use zygote::zygote_main;
+
+/// The capabilities a runner pod adds after dropping ALL (with `hostUsers: false` each is
+/// powerful only over the pod's own user namespace; README "The runner in a pod" says why each
+/// is needed): own mount namespace and mounts (SYS_ADMIN), the sandboxes' id maps (SETUID,
+/// SETGID), handing file secrets to the sandbox user (CHOWN), opening a starting sandbox's
+/// /proc/<pid>/ns and root (SYS_PTRACE), and chroot for the move-mount root switch, which
+/// RuntimeDefault seccomp allows only with SYS_CHROOT.
+pub const RUNNER_POD_CAPABILITIES: &[&str] = &[
+    "SYS_ADMIN",
+    "SETUID",
+    "SETGID",
+    "CHOWN",
+    "SYS_PTRACE",
+    "SYS_CHROOT",
+];
 
 /// Hidden subcommand under which the runner binary acts as the zygote.
 pub const ZYGOTE_SUBCOMMAND: &str = "sandbox-zygote";

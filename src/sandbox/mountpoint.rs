@@ -9,7 +9,7 @@ use std::path::{Component, Path};
 use super::SandboxSpec;
 
 /// Mount points of every container, besides the spec's bind mounts.
-const STANDARD: &[&str] = &["/proc", "/dev", "/sys", "/tmp"];
+const STANDARD: &[&str] = &["/proc", "/dev", "/tmp"];
 
 /// Creates each missing target of `spec` (a folder, or an empty file when the
 /// bind source is a file). A path that crosses a symlink is left to
@@ -49,19 +49,39 @@ fn ensure_one(rootfs: &Path, target: &Path, is_file: bool) -> io::Result<()> {
             Ok(meta) if meta.file_type().is_symlink() => return Ok(()),
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                if last && is_file {
+                let created = if last && is_file {
                     std::fs::OpenOptions::new()
                         .write(true)
                         .create_new(true)
-                        .open(&path)?;
+                        .open(&path)
+                        .map(drop)
                 } else {
-                    std::fs::create_dir(&path)?;
-                }
+                    std::fs::create_dir(&path)
+                };
+                created.map_err(|e| missing_target(rootfs, target, e))?;
             }
             Err(e) => return Err(e),
         }
     }
     Ok(())
+}
+
+/// The error for a mount target that could not be created, naming it (on a read-only root
+/// file system, such as an image volume, the image itself must contain it).
+fn missing_target(rootfs: &Path, target: &Path, e: io::Error) -> io::Error {
+    let hint = if e.raw_os_error() == Some(libc::EROFS) {
+        " (the root file system is read-only: the image must contain it)"
+    } else {
+        ""
+    };
+    io::Error::new(
+        e.kind(),
+        format!(
+            "{} lacks the mount point {} and it cannot be created: {e}{hint}",
+            rootfs.display(),
+            target.display()
+        ),
+    )
 }
 
 #[cfg(test)]

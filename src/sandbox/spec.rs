@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::sandbox::detect::{CgroupMode, HostReport, USERNS_HOST_BASE, USERNS_SIZE};
+use crate::sandbox::detect::{CgroupMode, HostReport};
 use crate::sandbox::{Error, Limits, Result, SandboxSpec};
 
 /// Placeholder argv: the real argv arrives late through the control pipe.
@@ -22,8 +22,6 @@ const MASKED: &[&str] = &[
     "/proc/timer_stats",
     "/proc/sched_debug",
     "/proc/scsi",
-    "/sys/firmware",
-    "/sys/devices/virtual/powercap",
 ];
 const READONLY: &[&str] = &[
     "/proc/bus",
@@ -65,8 +63,11 @@ pub fn build(spec: &SandboxSpec, host: &HostReport, userns: bool) -> Result<Valu
         json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts",
                "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]}),
         json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": tmp_opts(&["noexec"])}),
-        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
-               "options": ["nosuid", "noexec", "nodev", "ro"]}),
+        // No /sys: a tool has no use for the kernel's device tree, and a sysfs is kernel attack
+        // surface and information (hardware, the runner's network devices when bound from the
+        // runner). Leaving it out also works where a new sysfs cannot be mounted at all (a pod:
+        // the kernel refuses one below a read-only /sys with masked paths). /sys stays the
+        // image's empty, read-only directory.
         json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": tmp_opts(&[])}),
     ];
     for m in &spec.mounts {
@@ -150,10 +151,14 @@ pub fn build(spec: &SandboxSpec, host: &HostReport, userns: bool) -> Result<Valu
         }
     }
     if userns {
+        let ids = host
+            .id_map
+            .ok_or_else(|| Error::Invalid("user namespace without an id map".into()))?;
         namespaces.push(json!({"type": "user"}));
-        let map = json!([{"containerID": 0, "hostID": USERNS_HOST_BASE, "size": USERNS_SIZE}]);
-        linux["uidMappings"] = map.clone();
-        linux["gidMappings"] = map;
+        linux["uidMappings"] =
+            json!([{"containerID": 0, "hostID": ids.uid_base, "size": ids.size}]);
+        linux["gidMappings"] =
+            json!([{"containerID": 0, "hostID": ids.gid_base, "size": ids.size}]);
     }
     linux["namespaces"] = Value::Array(namespaces);
 

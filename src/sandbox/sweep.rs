@@ -2,6 +2,7 @@
 //! zygotes/keepers. Container ids are `tw-<zygote pid>-<seq>`; an id is stale when its zygote
 //! is no longer a running `sandbox-zygote` process (other live runners are left alone).
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use libcontainer::container::Container;
@@ -45,6 +46,28 @@ fn is_container_init(pid: nix::unistd::Pid) -> bool {
     alive && ns(&pid.to_string()).is_some_and(|n| Some(n) != ns("self"))
 }
 
+/// SIGKILLs `pid` if it is still a container init, through a pidfd opened *before* checking:
+/// if the pid was recycled after the check, the signal goes nowhere instead of to a stranger.
+fn kill_container_init(pid: nix::unistd::Pid) -> bool {
+    let Ok(pidfd) = crate::sandbox::zygote::pidfd_open(pid.as_raw()) else {
+        return false;
+    };
+    if !is_container_init(pid) {
+        return false;
+    }
+    // SAFETY: raw syscall on a pidfd we own, without siginfo.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0u32,
+        )
+    };
+    true
+}
+
 /// All cgroup directories that may hold container `id`.
 pub fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
     let root = Path::new("/sys/fs/cgroup");
@@ -69,9 +92,8 @@ pub fn remove_container(state_root: &Path, id: &str) {
             // processes and the forced delete fails: kill its init instead, which takes the
             // whole pid namespace with it, then delete again.
             if let Some(pid) = c.pid()
-                && is_container_init(pid)
+                && kill_container_init(pid)
             {
-                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
                 for _ in 0..200 {
                     if !is_container_init(pid) {
                         break;

@@ -15,7 +15,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork, pipe2};
 use serde_json::Value;
 
-use crate::sandbox::detect::{CGROUP_PARENT, CgroupMode, HostReport};
+use crate::sandbox::detect::{CGROUP_PARENT, CgroupMode, HostReport, IdMap, RootSwitch};
 use crate::sandbox::executor::LateExecutor;
 use crate::sandbox::proto::{self, ExitInfo, FromZygote, ToZygote};
 use crate::sandbox::{
@@ -34,6 +34,10 @@ struct PoolDef {
     cgroup: Option<CgroupMode>,
     /// RLIMIT_AS the executor sets just before execve (rlimit mode).
     address_space: Option<u64>,
+    /// Move-mount + chroot instead of pivot_root (see `detect::RootSwitch`).
+    no_pivot: bool,
+    /// The ids the sandbox's user namespace maps (None without one).
+    id_map: Option<IdMap>,
 }
 
 /// Entry point of the hidden `sandbox-zygote` subcommand. Returns the process exit code.
@@ -65,11 +69,14 @@ fn run(sock: BorrowedFd<'_>, seal_err: Option<std::io::Error>) -> Result<()> {
         std::env::var_os(ENV_STATE_ROOT).ok_or_else(|| Error::Zygote("no state root".into()))?,
     );
     std::fs::create_dir_all(&state_root)?;
-    let host = HostReport::detect(std::env::var_os(ENV_FORCE_RLIMITS).is_some());
     let zpid = std::process::id();
-    // Sweep in the host's view, before this zygote's mount namespace hides anything.
-    sweep::sweep(&state_root);
+    become_reaper()?;
     enter_own_mount_namespace()?;
+    unmask_proc();
+    let host = HostReport::detect(std::env::var_os(ENV_FORCE_RLIMITS).is_some(), &state_root);
+    // After detection (which places the per-call cgroups' parent on cgroup v2), before this
+    // zygote's mount namespace hides anything (the state tmpfs, the cgroup tree).
+    sweep::sweep(&state_root);
     // The per-call cgroups' hierarchy; None in rlimit mode.
     let per_call_cgroup = host.cgroup.filter(|_| host.cgroup_unusable.is_none());
     let root = if per_call_cgroup.is_some() {
@@ -149,6 +156,8 @@ fn run(sock: BorrowedFd<'_>, seal_err: Option<std::io::Error>) -> Result<()> {
                                 spec: v,
                                 cgroup: per_call_cgroup,
                                 address_space,
+                                no_pivot: host.root_switch == RootSwitch::MoveMount,
+                                id_map: host.id_map.filter(|_| userns_why.is_none()),
                             },
                         );
                         let enforcement: Enforcement = host.enforcement(userns_why.is_none());
@@ -249,7 +258,8 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 /// Reaps exited keepers; a keeper that did not exit cleanly may have left its container.
 fn reap_keepers(keepers: &mut HashMap<Pid, String>, state_root: &Path) {
     loop {
-        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+        // Any child: keepers, and orphans re-parented to this subreaper (`become_reaper`).
+        match waitpid(None, Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL)) {
             Ok(WaitStatus::StillAlive) | Err(_) => return,
             Ok(st) => {
                 let Some(pid) = st.pid() else { return };
@@ -319,7 +329,12 @@ const EXTRA_DEV_ENTRIES: [&str; 2] = ["full", "kcore"];
 /// Unlinks [`EXTRA_DEV_ENTRIES`] from the container's /dev tmpfs after `build()` (pivot_root
 /// done, init parked before `start()`). No sandboxed code has run yet, so nothing under that
 /// /dev can be a planted symlink.
-fn remove_extra_devices(pid: i32) -> Result<()> {
+///
+/// With a user namespace that /dev belongs to the sandbox's root, which the keeper is not: on
+/// a host the keeper's CAP_DAC_OVERRIDE covers it, in a pod (no such capability) the unlink is
+/// made with the sandbox root's file-system ids (CAP_SETUID/CAP_SETGID, which writing the id
+/// maps needs anyway).
+fn remove_extra_devices(pid: i32, id_map: Option<IdMap>) -> Result<()> {
     use nix::fcntl::OFlag;
     let dev = nix::fcntl::open(
         format!("/proc/{pid}/root/dev").as_str(),
@@ -328,12 +343,32 @@ fn remove_extra_devices(pid: i32) -> Result<()> {
     )?;
     // SAFETY: open just returned this fd to us.
     let dev = unsafe { OwnedFd::from_raw_fd(dev) };
-    for entry in EXTRA_DEV_ENTRIES {
-        match nix::unistd::unlinkat(
+    let unlink = |entry: &str| {
+        nix::unistd::unlinkat(
             Some(dev.as_raw_fd()),
             entry,
             nix::unistd::UnlinkatFlags::NoRemoveDir,
-        ) {
+        )
+    };
+    for entry in EXTRA_DEV_ENTRIES {
+        let unlinked = match (unlink(entry), id_map) {
+            (Err(nix::Error::EACCES), Some(ids)) => {
+                // SAFETY: plain syscalls in the single-threaded keeper; restored right after.
+                unsafe {
+                    libc::setfsgid(ids.gid_base);
+                    libc::setfsuid(ids.uid_base);
+                }
+                let retried = unlink(entry);
+                // SAFETY: as above.
+                unsafe {
+                    libc::setfsuid(0);
+                    libc::setfsgid(0);
+                }
+                retried
+            }
+            (first, _) => first,
+        };
+        match unlinked {
             Ok(()) | Err(nix::Error::ENOENT) => {}
             Err(e) => return Err(Error::Container(format!("remove /dev/{entry}: {e}"))),
         }
@@ -349,7 +384,7 @@ fn set_nice(pid: i32, nice: i32) {
     unsafe { libc::setpriority(libc::PRIO_PROCESS, pid as libc::id_t, nice) };
 }
 
-fn pidfd_open(pid: i32) -> Result<OwnedFd> {
+pub(crate) fn pidfd_open(pid: i32) -> Result<OwnedFd> {
     // SAFETY: raw syscall; on success the return value is a new fd we own.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if fd < 0 {
@@ -409,6 +444,7 @@ fn keeper_run(
         .with_stderr(err_w)
         .as_init(&bundle)
         .with_systemd(false)
+        .with_no_pivot(def.no_pivot)
         .with_detach(true)
         .build()
         .map_err(|e| Error::Container(format!("build: {e}")))?;
@@ -417,7 +453,7 @@ fn keeper_run(
         .pid()
         .ok_or_else(|| Error::Container("no init pid".into()))?;
     let pidfd = pidfd_open(pid.as_raw())?;
-    remove_extra_devices(pid.as_raw())?;
+    remove_extra_devices(pid.as_raw(), def.id_map)?;
     // Holding a reference to the container's mount namespace moves its teardown (unmounting
     // ~30 mounts plus an RCU grace period) out of the init's exit, i.e. off the path between the
     // tool's exit and its report; it happens when the keeper closes this after reporting.
@@ -575,6 +611,55 @@ fn enter_own_mount_namespace() -> Result<()> {
         .map_err(|e| err("make / rslave", e))
 }
 
+/// Makes the zygote the reaper of every process it starts, at any depth: a container init whose
+/// keeper died, or anything a keeper left, is re-parented here (not to the runner, or to PID 1
+/// of a pod, which may never reap) and reaped by `reap_keepers`. Also starts with no
+/// supplementary groups: in a user namespace the sandbox could not drop them itself
+/// (`setgroups` is denied there), and a group of the runner's would open files to it.
+fn become_reaper() -> Result<()> {
+    // SAFETY: plain prctl with an integer argument.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        return Err(Error::Zygote(format!(
+            "PR_SET_CHILD_SUBREAPER: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    if nix::unistd::setgroups(&[]).is_err() && !nix::unistd::getgroups()?.is_empty() {
+        return Err(Error::Zygote(
+            "cannot drop the supplementary groups (no CAP_SETGID)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A container runtime masks parts of a pod's /proc (/dev/null over /proc/kcore, /proc/keys,
+/// ...; tmpfs over /proc/acpi, /proc/scsi; read-only binds of /proc/sys, /proc/bus, ...). A
+/// sandbox's user namespace owns its mount namespace, so every mount it inherits is locked,
+/// and the kernel refuses a fresh procfs there while the only procfs around has locked mounts
+/// over non-empty files and directories (`mount_too_revealing`). So the zygote removes those
+/// masks in its own mount namespace, before any sandbox exists.
+///
+/// Why that is safe: only the zygote and its keepers (runner code, root of the pod's user
+/// namespace, which may unmount them anyway with the CAP_SYS_ADMIN it holds there) see the
+/// unmasked /proc; the runner's HTTP side keeps the runtime's masks; every sandbox mounts its
+/// own procfs and masks it again with the OCI spec's maskedPaths/readonlyPaths (the same paths,
+/// spec.rs) before the tool runs; and what the masks hide stays guarded by the kernel against
+/// the *host*'s root (/proc/kcore needs CAP_SYS_RAWIO in the initial user namespace, which a pod
+/// never has; /proc/sysrq-trigger is writable by the host's uid 0 only). A mask that cannot be removed
+/// (a host's locked mount) stays, and the probe then reports the user namespace unusable.
+fn unmask_proc() {
+    let Ok(mounts) = mountinfo() else { return };
+    let mut masks: Vec<String> = mounts
+        .into_iter()
+        .map(|m| m.mount_point)
+        .filter(|p| p.starts_with("/proc/"))
+        .collect();
+    masks.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in masks {
+        let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
 /// Upper bound of the container-state tmpfs: a container's state and bundle take ~10 KiB.
 const STATE_TMPFS_SIZE: &str = "size=64m";
 
@@ -601,7 +686,7 @@ fn mount_state_tmpfs(dir: &Path) -> Result<()> {
 /// rlimit mode. libcontainer always moves the container into a cgroup (`cgroupsPath`, or
 /// `:youki:<id>` without one) and fails on a read-only cgroup file system (cgroup v1 has no
 /// "rootless" tolerance at all). So in the zygote's own mount namespace (inherited by its
-/// keepers, hence by the containers, which get a fresh /sys anyway) no cgroup file system stays
+/// keepers, hence by the containers, which get no /sys at all) no cgroup file system stays
 /// mounted and /sys/fs/cgroup is an empty read-only tmpfs: libcgroups then detects a legacy
 /// layout without any hierarchy, and its add_task/apply/remove do nothing. The host's (the
 /// pod's) cgroups stay the outer bound of everything the zygote starts.
@@ -695,14 +780,16 @@ fn is_v1_controller(opt: &str) -> bool {
     )
 }
 
-struct MountEntry {
-    mount_point: String,
-    fstype: String,
-    super_opts: String,
+pub(crate) struct MountEntry {
+    /// The path of the file system shown at the mount point (a bind's source).
+    pub root: String,
+    pub mount_point: String,
+    pub fstype: String,
+    pub super_opts: String,
 }
 
 /// Our mount namespace's mounts, from /proc/self/mountinfo.
-fn mountinfo() -> Result<Vec<MountEntry>> {
+pub(crate) fn mountinfo() -> Result<Vec<MountEntry>> {
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
     Ok(info
         .lines()
@@ -711,6 +798,7 @@ fn mountinfo() -> Result<Vec<MountEntry>> {
             // Fields: id parent dev root mountpoint opts [optional...] - fstype source superopts
             let sep = f.iter().position(|x| *x == "-")?;
             Some(MountEntry {
+                root: f.get(3)?.to_string(),
                 mount_point: f.get(4)?.to_string(),
                 fstype: f.get(sep + 1)?.to_string(),
                 super_opts: f.get(sep + 3).unwrap_or(&"").to_string(),
