@@ -102,7 +102,8 @@ fn runner_pod(setup: &Setup, name: &str) -> Pod {
                 "imagePullPolicy": "IfNotPresent",
                 "args": ["serve", "/etc/toolwarden/tools",
                          "--listen", format!("0.0.0.0:{PORT}"), "--anonymous", "allow",
-                         "--image-volumes", IMAGES_DIR, "--state-dir", "/run/toolwarden"],
+                         "--image-volumes", IMAGES_DIR, "--state-dir", "/run/toolwarden",
+                         "--allow-degraded"],
                 "ports": [{"name": "http", "containerPort": PORT}],
                 "securityContext": runner_security_context(),
                 "resources": {

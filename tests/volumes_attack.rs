@@ -256,7 +256,10 @@ async fn secret_attack(
         panic!("one secret folder expected: {folders:?}");
     };
     let meta = std::fs::metadata(state.join("secret-files").join(folder)).unwrap();
-    assert_eq!(meta.mode() & 0o777, 0o700, "alpha's folder is private");
+    // Private: its owner (the container's root) and the runner's group (the engine must
+    // reach the files to mount them; no tool holds that group), nobody else.
+    assert_eq!(meta.mode() & 0o777, 0o710, "alpha's folder is private");
+    assert_eq!(meta.gid(), nix::unistd::getegid().as_raw());
     let file = std::fs::metadata(state.join("secret-files").join(folder).join("0")).unwrap();
     assert_eq!(file.mode() & 0o777, 0o400);
     let script = format!(

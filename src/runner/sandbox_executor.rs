@@ -501,7 +501,9 @@ fn write_secret_files(
     container_root: u32,
     sandbox_user: u32,
 ) -> std::io::Result<Vec<BindMount>> {
-    std::fs::DirBuilder::new().mode(0o700).create(dir)?;
+    // 0710, group = the runner's: the engine (in a pod without CAP_DAC_OVERRIDE) must
+    // still reach the files to mount them; tools never hold that group.
+    std::fs::DirBuilder::new().mode(0o710).create(dir)?;
     let mut mounts = Vec::new();
     for (i, (path, value)) in files.iter().enumerate() {
         let source = dir.join(i.to_string());
@@ -518,7 +520,11 @@ fn write_secret_files(
             read_only: true,
         });
     }
-    chown(dir, Some(container_root), Some(container_root))?;
+    chown(
+        dir,
+        Some(container_root),
+        Some(nix::unistd::getegid().as_raw()),
+    )?;
     Ok(mounts)
 }
 

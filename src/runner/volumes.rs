@@ -357,7 +357,11 @@ impl BoundedVolumes {
         // reaches another's volume through them, whatever folder it mounts.
         for (dir, owner, mode) in [
             (&self.store, 0, 0o711),
-            (&mountpoints, sandbox_id_map().map_or(0, |ids| ids.uid_base), 0o700),
+            (
+                &mountpoints,
+                sandbox_id_map().map_or(0, |ids| ids.uid_base),
+                0o700,
+            ),
         ] {
             std::fs::create_dir_all(dir).map_err(io(dir.display()))?;
             std::os::unix::fs::chown(dir, Some(owner), Some(owner)).map_err(io(dir.display()))?;
