@@ -147,7 +147,7 @@ impl Cluster {
     /// One request to the runner behind Service `svc`, through the API server's proxy.
     async fn http(&self, svc: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         let uri = format!(
-            "/api/v1/namespaces/{}/services/{svc}:{PORT}/proxy{path}",
+            "/api/v1/namespaces/{}/services/{svc}:http/proxy{path}",
             self.ns
         );
         let body = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();

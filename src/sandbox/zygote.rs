@@ -330,10 +330,9 @@ const EXTRA_DEV_ENTRIES: [&str; 2] = ["full", "kcore"];
 /// done, init parked before `start()`). No sandboxed code has run yet, so nothing under that
 /// /dev can be a planted symlink.
 ///
-/// With a user namespace that /dev belongs to the sandbox's root, which the keeper is not: on
-/// a host the keeper's CAP_DAC_OVERRIDE covers it, in a pod (no such capability) the unlink is
-/// made with the sandbox root's file-system ids (CAP_SETUID/CAP_SETGID, which writing the id
-/// maps needs anyway).
+/// With a user namespace that /dev belongs to the sandbox's root, which the keeper is not (and
+/// in a pod the keeper has no CAP_DAC_OVERRIDE): the unlinks are made with the sandbox root's
+/// file-system ids (CAP_SETUID/CAP_SETGID, which writing the id maps needs anyway).
 fn remove_extra_devices(pid: i32, id_map: Option<IdMap>) -> Result<()> {
     use nix::fcntl::OFlag;
     let dev = nix::fcntl::open(
@@ -343,37 +342,33 @@ fn remove_extra_devices(pid: i32, id_map: Option<IdMap>) -> Result<()> {
     )?;
     // SAFETY: open just returned this fd to us.
     let dev = unsafe { OwnedFd::from_raw_fd(dev) };
-    let unlink = |entry: &str| {
-        nix::unistd::unlinkat(
-            Some(dev.as_raw_fd()),
-            entry,
-            nix::unistd::UnlinkatFlags::NoRemoveDir,
-        )
-    };
-    for entry in EXTRA_DEV_ENTRIES {
-        let unlinked = match (unlink(entry), id_map) {
-            (Err(nix::Error::EACCES), Some(ids)) => {
-                // SAFETY: plain syscalls in the single-threaded keeper; restored right after.
-                unsafe {
-                    libc::setfsgid(ids.gid_base);
-                    libc::setfsuid(ids.uid_base);
-                }
-                let retried = unlink(entry);
-                // SAFETY: as above.
-                unsafe {
-                    libc::setfsuid(0);
-                    libc::setfsgid(0);
-                }
-                retried
+    let unlink_all = || -> Result<()> {
+        for entry in EXTRA_DEV_ENTRIES {
+            match nix::unistd::unlinkat(
+                Some(dev.as_raw_fd()),
+                entry,
+                nix::unistd::UnlinkatFlags::NoRemoveDir,
+            ) {
+                Ok(()) | Err(nix::Error::ENOENT) => {}
+                Err(e) => return Err(Error::Container(format!("remove /dev/{entry}: {e}"))),
             }
-            (first, _) => first,
-        };
-        match unlinked {
-            Ok(()) | Err(nix::Error::ENOENT) => {}
-            Err(e) => return Err(Error::Container(format!("remove /dev/{entry}: {e}"))),
         }
+        Ok(())
+    };
+    let Some(ids) = id_map else {
+        return unlink_all();
+    };
+    // SAFETY: plain syscalls in the single-threaded keeper; restored right after.
+    unsafe {
+        libc::setfsgid(ids.gid_base);
+        libc::setfsuid(ids.uid_base);
     }
-    Ok(())
+    let unlinked = unlink_all();
+    unsafe {
+        libc::setfsuid(0);
+        libc::setfsgid(0);
+    }
+    unlinked
 }
 
 /// Nice value of background (refill) builds.
