@@ -790,15 +790,28 @@ fn runner_in_a_user_namespaced_pod_serves_enforces_and_reaps() {
         assert!(matches!(status, 200 | 502 | 504), "{code}: {status}");
     }
     // An orphan of the pod's pid namespace goes to its PID 1 (the runner's init), which must
-    // reap it: a shell joins the namespace, starts a short sleep in the background and exits.
+    // reap it: a shell joins the namespace, starts a sleep in the background and exits; once
+    // the orphan is seen, it is killed, and its pid must disappear (a zombie has no command
+    // line, so it is followed by pid).
     let orphan_maker = Command::new("nsenter")
         .args(["--target", &pod.pid1.to_string(), "--pid", "--"])
-        .args(["sh", "-c", "sleep 1.31 & exit 0"])
+        .args(["sh", "-c", "sleep 29.31 & exit 0"])
         .status()
         .expect("nsenter");
     assert!(orphan_maker.success());
-    // (A zombie has no command line: the orphan is followed by its pid until it is gone.)
-    let orphan = find_anywhere(&["sleep", "1.31"]).expect("the orphan sleep");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let orphan = loop {
+        if let Some(pid) = find_anywhere(&["sleep", "29.31"]) {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "the orphan sleep never ran");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(orphan),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while Path::new(&format!("/proc/{orphan}")).exists() {
         assert!(
