@@ -628,21 +628,29 @@ fn python_with_mcp_sdk() -> Result<String, String> {
     }
 }
 
-#[test]
-fn the_official_mcp_python_sdk_lists_and_calls_tools() {
-    require_root!();
-    let python = match python_with_mcp_sdk() {
-        Ok(python) => python,
+/// The test venv's python (official MCP SDK, Prometheus client), or None after printing
+/// why `test` skips; under `TOOLWARDEN_REQUIRE_SANDBOX=1` (CI) a missing venv fails it.
+fn test_python(test: &str) -> Option<String> {
+    match python_with_mcp_sdk() {
+        Ok(python) => Some(python),
         Err(why) if std::env::var(common::REQUIRE_SANDBOX_ENV).is_ok_and(|v| v == "1") => {
             panic!(
-                "the MCP SDK test must run under {}=1: {why}",
+                "{test} must run under {}=1: {why}",
                 common::REQUIRE_SANDBOX_ENV
             )
         }
         Err(why) => {
-            eprintln!("SKIPPED the_official_mcp_python_sdk_lists_and_calls_tools: {why}");
-            return;
+            eprintln!("SKIPPED {test}: {why}");
+            None
         }
+    }
+}
+
+#[test]
+fn the_official_mcp_python_sdk_lists_and_calls_tools() {
+    require_root!();
+    let Some(python) = test_python("the_official_mcp_python_sdk_lists_and_calls_tools") else {
+        return;
     };
     let dir = tools_dir();
     let audit = dir.path().join("audit.log");
@@ -898,18 +906,8 @@ fn token_less_16_mib_posts_do_not_grow_the_runner() {
 #[test]
 fn metrics_are_read_right_by_the_prometheus_text_parser() {
     require_root!();
-    let python = match python_with_mcp_sdk() {
-        Ok(python) => python,
-        Err(why) if std::env::var(common::REQUIRE_SANDBOX_ENV).is_ok_and(|v| v == "1") => {
-            panic!(
-                "needs the test venv under {}: {why}",
-                common::REQUIRE_SANDBOX_ENV
-            )
-        }
-        Err(why) => {
-            eprintln!("SKIPPED metrics_are_read_right_by_the_prometheus_text_parser: {why}");
-            return;
-        }
+    let Some(python) = test_python("metrics_are_read_right_by_the_prometheus_text_parser") else {
+        return;
     };
     let dir = tools_dir();
     let audit = dir.path().join("audit.log");
