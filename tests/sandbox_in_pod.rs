@@ -607,7 +607,7 @@ fn runner_in_a_user_namespaced_pod_serves_enforces_and_reaps() {
     for want in [
         "user namespace: yes (sandbox ids 0-65534 are the runner's 1-65535)",
         "root switch: pivot_root",
-        "rlimits",
+        "; rlimit;",
         &format!("pids.max={POD_PIDS_MAX}"),
     ] {
         assert!(isolation.contains(want), "want {want:?} in {isolation:?}");
@@ -717,8 +717,8 @@ fn runner_in_a_user_namespaced_pod_serves_enforces_and_reaps() {
         .rev()
         .find(|r| r["event"] == "finished");
     let memory = memory.expect("a finished record");
-    assert_eq!(memory["enforcement"]["memory"], "Rlimit", "{memory}");
-    assert_eq!(memory["enforcement"]["user_namespace"], true, "{memory}");
+    assert_eq!(memory["enforcement"]["memory"], "rlimit", "{memory}");
+    assert_eq!(memory["enforcement"]["userNamespace"], true, "{memory}");
     let (status, v) = pod.call("tail /dev/zero; echo rc=$?");
     assert!(
         output(&v).contains("rc=1"),

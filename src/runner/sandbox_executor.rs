@@ -443,7 +443,7 @@ impl ToolExecutor for SandboxExecutor {
             .unwrap_or_default();
         format!(
             "youki sandbox per call (pid, mount, ipc, uts, net, cgroup namespaces; seccomp; {}; user namespace: {user_namespace}; root switch: {root_switch}{outer_bound})",
-            describe_mechanism(host.cgroup_mechanism()),
+            host.cgroup_mechanism().as_str(),
         )
     }
 }
@@ -532,12 +532,12 @@ fn write_secret_files(
 pub fn enforcement_pairs(e: &Enforcement) -> [(&'static str, &'static str); 8] {
     let yes_no = |b: bool| if b { "yes" } else { "no" };
     [
-        ("memory", describe_mechanism(e.memory)),
-        ("pids", describe_mechanism(e.pids)),
-        ("cpu", describe_mechanism(e.cpu)),
-        ("fileSize", describe_mechanism(e.file_size)),
-        ("tmpSize", describe_mechanism(e.tmp_size)),
-        ("devices", describe_mechanism(e.devices)),
+        ("memory", e.memory.as_str()),
+        ("pids", e.pids.as_str()),
+        ("cpu", e.cpu.as_str()),
+        ("fileSize", e.file_size.as_str()),
+        ("tmpSize", e.tmp_size.as_str()),
+        ("devices", e.devices.as_str()),
         ("userNamespace", yes_no(e.user_namespace)),
         ("seccomp", yes_no(e.seccomp)),
     ]
@@ -550,15 +550,4 @@ pub fn describe(e: &Enforcement) -> String {
         .map(|(limit, mechanism)| format!("{limit}={mechanism}"))
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-fn describe_mechanism(m: crate::sandbox::Mechanism) -> &'static str {
-    use crate::sandbox::Mechanism;
-    match m {
-        Mechanism::CgroupV1 => "cgroup v1",
-        Mechanism::CgroupV2 => "cgroup v2",
-        Mechanism::Rlimit => "rlimits",
-        Mechanism::Tmpfs => "tmpfs",
-        Mechanism::None => "none",
-    }
 }

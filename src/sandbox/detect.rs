@@ -69,6 +69,16 @@ pub struct HostReport {
     pub root_switch: RootSwitch,
 }
 
+impl CgroupMode {
+    /// `cgroupV1` or `cgroupV2`, as [`crate::sandbox::Mechanism`] names them.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CgroupMode::V1 { .. } => "cgroupV1",
+            CgroupMode::V2 => "cgroupV2",
+        }
+    }
+}
+
 impl HostReport {
     /// `scratch` is an existing directory the probe may mount over in its own mount namespace.
     pub fn detect(force_rlimits: bool, scratch: &Path) -> HostReport {

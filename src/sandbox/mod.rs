@@ -132,8 +132,10 @@ pub struct Captured {
     pub truncated: bool,
 }
 
-/// What enforces one limit.
+/// What enforces one limit. One vocabulary everywhere (audit records, metrics, logs):
+/// camelCase, as in the CRDs.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
 pub enum Mechanism {
     CgroupV1,
     CgroupV2,
@@ -142,8 +144,22 @@ pub enum Mechanism {
     None,
 }
 
+impl Mechanism {
+    /// The serialized name: `cgroupV1`, `cgroupV2`, `rlimit`, `tmpfs`, `none`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mechanism::CgroupV1 => "cgroupV1",
+            Mechanism::CgroupV2 => "cgroupV2",
+            Mechanism::Rlimit => "rlimit",
+            Mechanism::Tmpfs => "tmpfs",
+            Mechanism::None => "none",
+        }
+    }
+}
+
 /// Which mechanism is active per limit, reported at startup and in every [`Outcome`].
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
 pub struct Enforcement {
     pub memory: Mechanism,
     pub pids: Mechanism,
@@ -191,3 +207,56 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl std::fmt::Display for Enforcement {
+    /// `memory=cgroupV1 pids=cgroupV1 ... userNamespace=true seccomp=true`, for logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "memory={} pids={} cpu={} fileSize={} tmpSize={} devices={} userNamespace={} seccomp={}",
+            self.memory.as_str(),
+            self.pids.as_str(),
+            self.cpu.as_str(),
+            self.file_size.as_str(),
+            self.tmp_size.as_str(),
+            self.devices.as_str(),
+            self.user_namespace,
+            self.seccomp
+        )
+    }
+}
+
+#[cfg(test)]
+mod vocabulary_tests {
+    use super::*;
+
+    #[test]
+    fn records_metrics_and_logs_use_the_same_camel_case_names() {
+        for m in [
+            Mechanism::CgroupV1,
+            Mechanism::CgroupV2,
+            Mechanism::Rlimit,
+            Mechanism::Tmpfs,
+            Mechanism::None,
+        ] {
+            assert_eq!(serde_json::to_value(m).unwrap(), m.as_str());
+        }
+        let e = Enforcement {
+            memory: Mechanism::CgroupV1,
+            pids: Mechanism::CgroupV1,
+            cpu: Mechanism::CgroupV1,
+            file_size: Mechanism::Rlimit,
+            tmp_size: Mechanism::Tmpfs,
+            devices: Mechanism::None,
+            user_namespace: true,
+            seccomp: true,
+        };
+        let json = serde_json::to_value(e).unwrap();
+        assert_eq!(json["fileSize"], "rlimit");
+        assert_eq!(json["userNamespace"], true);
+        assert!(
+            e.to_string().contains("fileSize=rlimit tmpSize=tmpfs"),
+            "{e}"
+        );
+    }
+}

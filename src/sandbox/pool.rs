@@ -13,7 +13,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 
-use crate::sandbox::detect::HostReport;
+use crate::sandbox::detect::{CgroupMode, HostReport};
 use crate::sandbox::proto::{self, FromZygote, LateExec, ToZygote};
 use crate::sandbox::zygote::{ENV_FORCE_RLIMITS, ENV_STATE_ROOT, ZYGOTE_SOCK_FD};
 use crate::sandbox::{
@@ -183,7 +183,7 @@ impl Sandboxes {
         let why = self.host.userns_unusable_for(&spec);
         tracing::info!(
             pool = id,
-            ?enforcement,
+            %enforcement,
             user_namespace_unavailable_because = why.as_deref().unwrap_or("-"),
             "sandbox pool created"
         );
@@ -209,8 +209,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn log_host(h: &HostReport) {
     let cg = h.cgroup_mechanism();
     tracing::info!(
-        cgroup = ?h.cgroup,
-        limits_enforced_by = ?cg,
+        cgroup = h.cgroup.map_or("none", CgroupMode::as_str),
+        limits_enforced_by = cg.as_str(),
         cgroup_unusable_because = h.cgroup_unusable.as_deref().unwrap_or("-"),
         user_namespace = h.userns_unusable.is_none(),
         "sandbox engine started"
