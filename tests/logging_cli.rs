@@ -79,3 +79,82 @@ fn an_unknown_log_format_is_refused_with_the_choices() {
         "{stderr}"
     );
 }
+
+/// A reload keeps the pools of unchanged tools, and says only what changed: the pool of
+/// the one edited tool is logged, not every tool's again.
+#[test]
+fn a_reload_logs_only_the_pools_it_creates() {
+    require_root!();
+    use std::io::BufRead;
+    use std::sync::mpsc;
+    use std::time::Duration;
+    let dir = common::world_traversable_tempdir();
+    common::example_images_and_volumes(dir.path());
+    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples");
+    for entry in std::fs::read_dir(examples).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let state = tempfile::Builder::new()
+        .prefix("twtest-logging")
+        .tempdir_in("/run")
+        .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_toolwarden"))
+        .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
+        .arg("--state-dir")
+        .arg(state.path())
+        .arg(dir.path())
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let seen = std::cell::RefCell::new(Vec::new());
+    let next = || match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(line) => {
+            seen.borrow_mut().push(line.clone());
+            line
+        }
+        Err(e) => panic!(
+            "serve went quiet ({e}) after:\n{}",
+            seen.borrow().join("\n")
+        ),
+    };
+    while !next().trim_start().starts_with("audit:") {}
+    // The last tool by name changes: a reload that logged every pool again would log the
+    // others before it.
+    let manifest = dir.path().join("user-profile-update.yaml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let edited = text.replacen("description: ", "description: Edited. ", 1);
+    assert_ne!(text, edited);
+    std::fs::write(&manifest, edited).unwrap();
+    let mut pools = Vec::new();
+    loop {
+        let line = next();
+        let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        let message = event["fields"]["message"].as_str().unwrap_or_default();
+        if message.starts_with("sandbox pool ready") {
+            let tool = event["fields"]["tool"].as_str().unwrap().to_string();
+            let done = tool == "user-profile-update";
+            pools.push(tool);
+            if done {
+                break;
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(pools, ["user-profile-update"]);
+}

@@ -346,6 +346,16 @@ fn run(
             }
         }
         prepare_sandboxes(&runner).await;
+        // Watching starts before the banner says what is served: a change made as soon as
+        // the banner appears is never missed.
+        let secrets = common.secrets_dir.as_deref();
+        let _watcher = match watch(dir, secrets, runner.clone()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                eprintln!("warning: not watching {} for changes: {e}", dir.display());
+                None
+            }
+        };
         banner(
             command,
             dir,
@@ -359,14 +369,6 @@ fn run(
             eprintln!("  metrics:   http://{metrics_addr}/metrics   (no authentication)");
         }
         tokio::spawn(runner.audit.clone().maintain());
-        let secrets = common.secrets_dir.as_deref();
-        let _watcher = match watch(dir, secrets, runner.clone()) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                eprintln!("warning: not watching {} for changes: {e}", dir.display());
-                None
-            }
-        };
         let served = listener::serve(
             listener,
             rest::router(runner.clone()),

@@ -388,17 +388,25 @@ impl ToolExecutor for SandboxExecutor {
                 .retain(|key, _| live.contains(key));
             let mut errors = Vec::new();
             for tool in tools {
+                // A reload keeps the pools of unchanged tools: only new ones are logged.
+                let existed = self
+                    .pools
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&pool_key(tool))
+                    .is_some_and(|cell| cell.initialized());
                 match self.pool(tool).await {
+                    Ok(_) if existed => {}
                     Ok(pool) if pool.degradations.is_empty() => tracing::info!(
                         tool = %tool.name,
                         generation = tool.generation,
-                        enforcement = %describe(&pool.pool.enforcement()),
+                        enforcement = %pool.pool.enforcement(),
                         "sandbox pool ready"
                     ),
                     Ok(pool) => tracing::warn!(
                         tool = %tool.name,
                         generation = tool.generation,
-                        enforcement = %describe(&pool.pool.enforcement()),
+                        enforcement = %pool.pool.enforcement(),
                         degraded = %pool
                             .degradations
                             .iter()
@@ -541,13 +549,4 @@ pub fn enforcement_pairs(e: &Enforcement) -> [(&'static str, &'static str); 8] {
         ("userNamespace", yes_no(e.user_namespace)),
         ("seccomp", yes_no(e.seccomp)),
     ]
-}
-
-/// One line for logs: which mechanism enforces each limit.
-pub fn describe(e: &Enforcement) -> String {
-    enforcement_pairs(e)
-        .iter()
-        .map(|(limit, mechanism)| format!("{limit}={mechanism}"))
-        .collect::<Vec<_>>()
-        .join(" ")
 }
