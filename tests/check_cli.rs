@@ -513,3 +513,12 @@ fn host_paths_need_an_administrators_allowance() {
         "rules.leastPrivilege.allowedHostPaths[0].pathPrefix",
     );
 }
+
+#[test]
+fn names_the_api_server_would_refuse_are_refused() {
+    for name in ["../../etc", "UPPER", "a/b", "-dash", &"x".repeat(254)] {
+        let head = TOOL_HEAD.replacen("{name: t}", &format!("{{name: '{name}'}}"), 1);
+        assert_ne!(head, TOOL_HEAD, "the test's manifest has no `{{name: t}}`");
+        expect_input_error(&format!("{head}{GOOD_SPEC}"), "metadata.name: ");
+    }
+}

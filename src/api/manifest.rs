@@ -14,6 +14,7 @@ use kube::CustomResourceExt;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use super::names::dns1123_subdomain;
 use super::{API_VERSION, AgentTool, ToolPolicy};
 
 /// Largest manifest file read; GitOps repositories hold nothing near this.
@@ -176,6 +177,16 @@ impl Manifests {
                     "unknown field (expected apiVersion, kind, metadata, spec or status)".into(),
                 ));
             }
+        }
+        // The API server takes only DNS-1123 subdomains as names; offline, nothing else
+        // would stop a name like `../x` from reaching URLs, logs and file names.
+        if let Some(name) = map
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(serde_yaml::Value::as_str)
+            && let Err(e) = dns1123_subdomain(name)
+        {
+            return Err(invalid("metadata.name", e.to_string()));
         }
         match kind.as_str() {
             "AgentTool" => {
