@@ -4,25 +4,20 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
+
+fn state_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("twtest-logging")
+        .tempdir_in("/run")
+        .unwrap()
+}
 
 /// Runs `serve` on the examples with `format` and returns its stderr up to the end of
 /// the startup banner (the sandbox engine logs its start before it).
 fn startup_stderr(format: &str) -> Vec<String> {
-    let dir = common::world_traversable_tempdir();
-    common::example_images_and_volumes(dir.path());
-    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples");
-    for entry in std::fs::read_dir(examples).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_file() {
-            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
-        }
-    }
-    let state = tempfile::Builder::new()
-        .prefix("twtest-logging")
-        .tempdir_in("/run")
-        .unwrap();
+    let dir = common::examples_tools_dir();
+    let state = state_dir();
     let (mut child, lines, _) = common::spawn_serve(
         Command::new(env!("CARGO_BIN_EXE_toolwarden"))
             .args(["--log-format", format, "serve", "--listen", "127.0.0.1:0"])
@@ -88,19 +83,8 @@ fn a_reload_logs_only_the_pools_it_creates() {
     use std::io::BufRead;
     use std::sync::mpsc;
     use std::time::Duration;
-    let dir = common::world_traversable_tempdir();
-    common::example_images_and_volumes(dir.path());
-    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples");
-    for entry in std::fs::read_dir(examples).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_file() {
-            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
-        }
-    }
-    let state = tempfile::Builder::new()
-        .prefix("twtest-logging")
-        .tempdir_in("/run")
-        .unwrap();
+    let dir = common::examples_tools_dir();
+    let state = state_dir();
     let mut child = Command::new(env!("CARGO_BIN_EXE_toolwarden"))
         .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
         .arg("--state-dir")

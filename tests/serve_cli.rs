@@ -59,14 +59,7 @@ fn examples() -> PathBuf {
 /// one tool that fails the checklist, and beside them the `images/` and
 /// `volumes/` folders `serve` finds on its own.
 fn tools_dir() -> tempfile::TempDir {
-    let dir = common::world_traversable_tempdir();
-    common::example_images_and_volumes(dir.path());
-    for entry in std::fs::read_dir(examples()).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_file() {
-            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
-        }
-    }
+    let dir = common::examples_tools_dir();
     std::fs::copy(
         examples().join("violations/TW-INPUT-003.yaml"),
         dir.path().join("unbounded.yaml"),

@@ -159,6 +159,21 @@ pub fn example_images_and_volumes(dir: &Path) {
     );
 }
 
+/// A folder `serve` can run the examples from: their manifests (files only, not
+/// `violations/`) beside the `images/` and `volumes/` they need.
+pub fn examples_tools_dir() -> tempfile::TempDir {
+    let dir = world_traversable_tempdir();
+    example_images_and_volumes(dir.path());
+    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples");
+    for entry in std::fs::read_dir(examples).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    dir
+}
+
 /// The runner's real executor on a fresh engine, and an image store holding
 /// the busybox root file system under the examples' image reference.
 pub fn runner_sandbox(dir: &Path) -> (SandboxExecutor, ImageStore) {
