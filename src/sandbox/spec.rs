@@ -190,14 +190,20 @@ pub fn address_space_limit(limits: &Limits, host: &HostReport) -> Option<u64> {
 }
 
 /// CPU seconds per process in rlimit mode: what the CPU quota allows over the whole timeout
-/// (at least 1 s), or the timeout plus 1 s as a backstop when no quota is set.
+/// (at least 1 s, the rlimit's granularity). A budget that does not end before the timeout
+/// gets one more second, so the timeout (the clearer outcome, answered 504) always comes
+/// first for a process within its quota: with the budget equal to the timeout (one core, the
+/// default) the two raced and a busy loop sometimes died of SIGXCPU (exit 152) instead.
+/// Without a quota, the timeout plus 1 s is a backstop.
 pub fn cpu_seconds(l: &Limits) -> u64 {
-    match l.cpu_millicores {
-        Some(mc) => {
-            let ms = l.timeout.as_millis() as u64 * u64::from(mc) / 1000;
-            ms.div_ceil(1000).max(1)
-        }
-        None => l.timeout.as_secs() + 1,
+    let timeout_ms = l.timeout.as_millis() as u64;
+    let Some(mc) = l.cpu_millicores else {
+        return timeout_ms.div_ceil(1000) + 1;
+    };
+    let budget = (timeout_ms * u64::from(mc) / 1000).div_ceil(1000).max(1);
+    match budget * 1000 < timeout_ms {
+        true => budget,
+        false => budget + 1,
     }
 }
 
@@ -207,4 +213,37 @@ fn device_rules() -> Vec<Value> {
         |(_, maj, min)| json!({"allow": true, "type": "c", "major": maj, "minor": min, "access": "rwm"}),
     ));
     v
+}
+
+#[cfg(test)]
+mod cpu_budget_tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn budget(timeout_ms: u64, millicores: Option<u32>) -> u64 {
+        cpu_seconds(&Limits {
+            timeout: Duration::from_millis(timeout_ms),
+            cpu_millicores: millicores,
+            ..Limits::default()
+        })
+    }
+
+    #[test]
+    fn a_quota_below_the_timeout_is_the_budget() {
+        // 4 s at half a core: 2 CPU seconds, spent before the wall clock runs out.
+        assert_eq!(budget(4000, Some(500)), 2);
+        assert_eq!(budget(10_000, Some(100)), 1);
+    }
+
+    #[test]
+    fn a_budget_that_reaches_the_timeout_leaves_the_timeout_first() {
+        // One core for 1 s used to be exactly 1 CPU second: a race with the timeout.
+        assert_eq!(budget(1000, Some(1000)), 2);
+        // Rounded up to the rlimit's granularity, half a core for 1 s is 1 s too.
+        assert_eq!(budget(1000, Some(500)), 2);
+        assert_eq!(budget(1500, Some(1000)), 3);
+        assert_eq!(budget(1000, Some(2000)), 3);
+        assert_eq!(budget(1000, None), 2);
+        assert_eq!(budget(1500, None), 3);
+    }
 }
