@@ -17,8 +17,8 @@ use toolwarden::api::AgentTool;
 use toolwarden::runner::executor::{ExecError, ToolExecutor};
 use toolwarden::runner::images::ImageStore;
 use toolwarden::runner::ratelimit::LimiterClock;
-use toolwarden::runner::registry::{PreparedTool, SecretsDir, prepare};
 use toolwarden::runner::sandbox_executor::{SandboxExecutor, VolumesDir};
+use toolwarden::runner::tool::{PreparedTool, SecretsDir, prepare};
 
 /// A tool running `script` under /bin/sh, with `extra` appended to its spec.
 /// Parsed without the CRD schema: the runner must hold even when a manifest

@@ -14,16 +14,19 @@ use jsonwebtoken::Algorithm;
 use crate::runner::admission::{Admission, DEFAULT_CALLS_PER_TOOL, DEFAULT_QUEUE_TIMEOUT};
 use crate::runner::audit::{AuditKey, AuditLog};
 use crate::runner::auth::{AuthConfigError, Authenticator, JwtKey, TokenReviewer, load_token_file};
-use crate::runner::executor::{Degradation, ToolExecutor, UnsandboxedProcessExecutor};
+use crate::runner::executor::ToolExecutor;
 use crate::runner::image_volumes::ImageVolumes;
 use crate::runner::images::ImageStore;
 use crate::runner::listener::{self, AllowedHosts, HttpConfig, HttpLimits};
 use crate::runner::metrics::Metrics;
 use crate::runner::pipeline::Runner;
 use crate::runner::ratelimit::LimiterClock;
-use crate::runner::registry::{LoadReport, Registry, SecretsDir, is_manifest, manifest_files};
-use crate::runner::rest;
+use crate::runner::registry::Registry;
+use crate::runner::reload;
+use crate::runner::router;
 use crate::runner::sandbox_executor::{SandboxExecutor, VolumesDir};
+use crate::runner::tool::SecretsDir;
+use crate::runner::unsandboxed::UnsandboxedProcessExecutor;
 use crate::sandbox::{EngineConfig, Sandboxes};
 
 const EXIT_FAILED: u8 = 2;
@@ -200,6 +203,8 @@ fn image_cache(common: &CommonArgs) -> PathBuf {
     })
 }
 
+/// The command's last word when it cannot serve: a report to whoever started
+/// it, on stderr like clap's usage errors, not a runtime event.
 fn fail(message: &str) -> ExitCode {
     eprintln!("error: {message}");
     ExitCode::from(EXIT_FAILED)
@@ -234,8 +239,9 @@ fn standalone_auth(args: &ServeArgs) -> Result<Authenticator, AuthConfigError> {
         Anonymous::Auto => loopback && args.tokens.is_none() && !jwt_configured,
     };
     if auth.allow_anonymous {
-        eprintln!(
-            "warning: anonymous calls are allowed{}; configure --tokens or --jwt-* before exposing this runner",
+        tracing::warn!(
+            loopback,
+            "anonymous calls are allowed{}; configure --tokens or --jwt-* before exposing this runner",
             if loopback {
                 " (loopback only)"
             } else {
@@ -254,11 +260,9 @@ fn run(
     tokio: tokio::runtime::Runtime,
 ) -> ExitCode {
     let executor: Arc<dyn ToolExecutor> = if common.unsandboxed_dev {
-        eprintln!(
-            "WARNING: --unsandboxed-dev: tools run as plain processes of this user with NO ISOLATION."
-        );
-        eprintln!(
-            "WARNING: use it to try the API with trusted tools only, never with real agents."
+        tracing::warn!(
+            "--unsandboxed-dev: tools run as plain processes of this user with NO ISOLATION; \
+             use it to try the API with trusted tools only, never with real agents"
         );
         Arc::new(UnsandboxedProcessExecutor)
     } else {
@@ -305,7 +309,7 @@ fn run(
         }
     };
     let registry = Arc::new(registry);
-    let report = load(&registry, dir);
+    let report = reload::load(&registry, dir);
     if !report.errors.is_empty() {
         return fail(&format!("{} could not be loaded", dir.display()));
     }
@@ -334,7 +338,7 @@ fn run(
                         limits: http.limits.clone(),
                         allowed_hosts: AllowedHosts::for_listen(metrics_addr, &common.allowed_host),
                     };
-                    let router = rest::metrics_router(runner.clone());
+                    let router = router::metrics_router(runner.clone());
                     tokio::spawn(listener::serve(
                         metrics,
                         router,
@@ -345,14 +349,14 @@ fn run(
                 Err(e) => return fail(&format!("cannot listen on {metrics_addr}: {e}")),
             }
         }
-        prepare_sandboxes(&runner).await;
+        reload::prepare_executor(&runner).await;
         // Watching starts before the banner says what is served: a change made as soon as
         // the banner appears is never missed.
         let secrets = common.secrets_dir.as_deref();
-        let _watcher = match watch(dir, secrets, runner.clone()) {
+        let _watcher = match reload::watch(dir, secrets, runner.clone()) {
             Ok(w) => Some(w),
             Err(e) => {
-                eprintln!("warning: not watching {} for changes: {e}", dir.display());
+                tracing::warn!(dir = %dir.display(), error = %e, "not watching the manifests for changes");
                 None
             }
         };
@@ -371,7 +375,7 @@ fn run(
         tokio::spawn(runner.audit.clone().maintain());
         let served = listener::serve(
             listener,
-            rest::router(runner.clone()),
+            router::router(runner.clone()),
             http,
             shutdown_signal(),
         )
@@ -502,63 +506,9 @@ fn sandbox_executor(dir: &Path, common: &CommonArgs) -> Result<SandboxExecutor, 
     )
 }
 
-/// Fills the warm pools of the tools now served (dropping those of replaced
-/// tools). A tool that cannot run (e.g. its isolation would be degraded
-/// without permission) is reported and no longer served; the metrics name
-/// what each served tool runs without.
-async fn prepare_sandboxes(runner: &Runner) {
-    let tools: Vec<_> = runner.registry.snapshot().values().cloned().collect();
-    match runner.executor.prepare(&tools).await {
-        Ok(unrunnable) => {
-            for (tool, reason) in &unrunnable {
-                eprintln!("error: cannot run {tool}, not served: {reason}");
-            }
-            let names: Vec<String> = unrunnable.into_iter().map(|(tool, _)| tool).collect();
-            runner.registry.withdraw(&names);
-        }
-        Err(e) => eprintln!("error: preparing sandboxes: {e}"),
-    }
-    let served: Vec<_> = runner.registry.snapshot().values().cloned().collect();
-    let degraded: Vec<(String, Vec<Degradation>)> = served
-        .iter()
-        .map(|t| {
-            (
-                t.name.clone(),
-                runner.executor.degradations(t).unwrap_or_default(),
-            )
-        })
-        .collect();
-    runner.metrics.set_degraded(
-        degraded
-            .iter()
-            .flat_map(|(tool, list)| list.iter().map(move |d| (tool.as_str(), d.missing))),
-    );
-}
-
-/// Loads `dir` into the registry and reports what is (not) served on stderr.
-fn load(registry: &Registry, dir: &Path) -> LoadReport {
-    let report = match manifest_files(dir) {
-        Ok(files) => registry.load(&files),
-        Err(e) => LoadReport {
-            errors: vec![format!("{}: {e}", dir.display())],
-            ..LoadReport::default()
-        },
-    };
-    for e in &report.errors {
-        eprintln!("error: {e}");
-    }
-    for refusal in &report.refused {
-        eprintln!(
-            "refused {} ({}): fails the checklist:",
-            refusal.tool, refusal.origin
-        );
-        for reason in &refusal.reasons {
-            eprintln!("    {reason}");
-        }
-    }
-    report
-}
-
+/// The startup report: what is served where, on stderr for whoever started the
+/// command (tests and scripts read the addresses from it). Runtime events go
+/// through `tracing`.
 fn banner(
     command: &str,
     dir: &Path,
@@ -600,76 +550,6 @@ fn banner(
         "  audit:     {} (HMAC-chained, {audit_key}; check with `toolwarden audit verify --key`)",
         runner.audit.description()
     );
-}
-
-/// Reloads on any change to a manifest in `dir` or to anything under the
-/// secrets folder, after changes settle for 200 ms (editors write files in
-/// several steps). The secrets folder is watched whole, recursively: kubelet
-/// rotates a mounted Secret by swapping a `..data` symlink, which no event
-/// of the key files themselves reports.
-fn watch(
-    dir: &Path,
-    secrets: Option<&Path>,
-    runner: Arc<Runner>,
-) -> notify::Result<notify::RecommendedWatcher> {
-    use notify::Watcher;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    // Events name paths under the folder as watched: compare with the same form.
-    let secrets = secrets.map(|s| std::fs::canonicalize(s).unwrap_or_else(|_| s.to_path_buf()));
-    let secrets_watched = secrets.clone();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // Reading the files (our own reload included) raises access events:
-        // reacting to those would reload forever.
-        if let Ok(event) = event
-            && !matches!(event.kind, notify::EventKind::Access(_))
-            && event.paths.iter().any(|p| {
-                is_manifest(p) || secrets_watched.as_ref().is_some_and(|s| p.starts_with(s))
-            })
-        {
-            let _ = tx.send(());
-        }
-    })?;
-    watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
-    if let Some(secrets) = &secrets
-        && let Err(e) = watcher.watch(secrets, notify::RecursiveMode::Recursive)
-    {
-        eprintln!(
-            "warning: not watching {} for rotated secrets: {e}",
-            secrets.display()
-        );
-    }
-    let dir = dir.to_path_buf();
-    tokio::spawn(async move {
-        while rx.recv().await.is_some() {
-            while let Ok(Some(())) =
-                tokio::time::timeout(Duration::from_millis(200), rx.recv()).await
-            {}
-            // Loading compiles schemas and may unpack images: keep it off the I/O threads.
-            let (loading, dir) = (runner.registry.clone(), dir.clone());
-            let Ok((report, dir)) =
-                tokio::task::spawn_blocking(move || (load(&loading, &dir), dir)).await
-            else {
-                continue;
-            };
-            if report.errors.is_empty() {
-                eprintln!(
-                    "reloaded {}: serving {}",
-                    dir.display(),
-                    report.served.join(", ")
-                );
-                if !report.rotated.is_empty() {
-                    eprintln!("  new secret values for {}", report.rotated.join(", "));
-                }
-                prepare_sandboxes(&runner).await;
-            } else {
-                eprintln!(
-                    "reload of {} failed; still serving the previous tools",
-                    dir.display()
-                );
-            }
-        }
-    });
-    Ok(watcher)
 }
 
 async fn shutdown_signal() {

@@ -15,8 +15,8 @@ use serde_json::{Value, json};
 
 use super::pipeline::{Runner, Success};
 use super::problem::{Problem, ProblemKind};
-use super::registry::PreparedTool;
-use super::rest::{call_context, is_json, read_body};
+use super::request::{call_context, is_json, read_body};
+use super::tool::PreparedTool;
 use crate::api::Risk;
 
 /// Protocol revisions spoken, newest first; the newest is offered when the

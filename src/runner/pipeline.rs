@@ -26,14 +26,14 @@ use super::admission::{Admission, RunSlot};
 use super::audit::{AuditFailed, AuditLog};
 use super::auth::{AuthError, Authenticator, Caller};
 use super::authorize::{authorize, holds};
+use super::body_limits::{bounded, parse_input};
 use super::executor::{ExecOutcome, ToolExecutor};
-use super::limits::{bounded, parse_input};
 use super::metrics::Metrics;
 use super::problem::{Problem, ProblemKind};
 use super::redact::{Redactor, redact_fields};
-use super::registry::{PreparedTool, Registry};
-use super::sandbox_executor::enforcement_pairs;
+use super::registry::Registry;
 use super::sanitize::sanitize;
+use super::tool::PreparedTool;
 use super::validate::{validate, validate_sanitized};
 use crate::api::AuditLevel;
 
@@ -412,8 +412,7 @@ impl Runner {
         };
         self.metrics.run(&tool.name, outcome.duration.as_secs_f64());
         if let Some(enforcement) = &outcome.enforcement {
-            self.metrics
-                .enforcement(&tool.name, &enforcement_pairs(enforcement));
+            self.metrics.enforcement(&tool.name, enforcement);
         }
         // Redact first, then cut: the run captured more than the cap for this.
         let (stdout, cut) = tool

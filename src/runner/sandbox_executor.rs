@@ -15,14 +15,10 @@ use tokio::sync::OnceCell;
 use crate::api::{AgentToolSpec, parse_quantity};
 use crate::sandbox::detect::RootSwitch;
 use crate::sandbox::spec::SANDBOX_UID;
-use crate::sandbox::{
-    BindMount, Enforcement, Invocation, Limits, Mechanism, Pool, SandboxSpec, Sandboxes,
-};
+use crate::sandbox::{BindMount, Invocation, Limits, Mechanism, Pool, SandboxSpec, Sandboxes};
 
-use super::executor::{
-    Degradation, ExecError, ExecFuture, ExecOutcome, SecretDelivery, ToolExecutor,
-};
-use super::registry::PreparedTool;
+use super::executor::{Degradation, ExecError, ExecFuture, ExecOutcome, ToolExecutor};
+use super::tool::{PreparedTool, SecretDelivery};
 pub use super::volumes::VolumesDir;
 use super::volumes::{BoundedVolume, BoundedVolumes, VolumeSource, size_limit};
 
@@ -534,19 +530,4 @@ fn write_secret_files(
         Some(nix::unistd::getegid().as_raw()),
     )?;
     Ok(mounts)
-}
-
-/// Which mechanism enforces each limit, as (limit, mechanism) pairs.
-pub fn enforcement_pairs(e: &Enforcement) -> [(&'static str, &'static str); 8] {
-    let yes_no = |b: bool| if b { "yes" } else { "no" };
-    [
-        ("memory", e.memory.as_str()),
-        ("pids", e.pids.as_str()),
-        ("cpu", e.cpu.as_str()),
-        ("fileSize", e.file_size.as_str()),
-        ("tmpSize", e.tmp_size.as_str()),
-        ("devices", e.devices.as_str()),
-        ("userNamespace", yes_no(e.user_namespace)),
-        ("seccomp", yes_no(e.seccomp)),
-    ]
 }
