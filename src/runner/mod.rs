@@ -12,6 +12,8 @@ pub mod auth;
 pub mod authorize;
 pub mod body_limits;
 pub mod executor;
+#[cfg(test)]
+pub mod fake;
 pub mod image_volumes;
 pub mod images;
 pub mod listener;

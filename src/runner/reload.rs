@@ -155,3 +155,71 @@ pub fn watch(
     });
     Ok(watcher)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+    use std::time::Instant;
+
+    use super::*;
+    use crate::runner::fake::TestRunner;
+
+    fn tool(description: &str) -> String {
+        format!(
+            r#"
+apiVersion: toolwarden.dev/v1alpha1
+kind: AgentTool
+metadata: {{name: mounted}}
+spec:
+  description: {description}
+  risk: low
+  inputSchema: {{type: object, additionalProperties: false, properties: {{}}}}
+  runtime: {{image: "busybox:1.36.1", command: [/bin/true]}}
+  rateLimit: {{requestsPerMinute: 60}}
+"#
+        )
+    }
+
+    /// kubelet's atomic writer: the files live in a timestamped folder, `..data`
+    /// links to it, and each key is a link through `..data`. An update writes a
+    /// new folder, points `..data_tmp` at it and renames that over `..data`.
+    fn kubelet_update(dir: &Path, stamp: &str, description: &str) {
+        let data = dir.join(stamp);
+        std::fs::create_dir(&data).unwrap();
+        std::fs::write(data.join("tool.yaml"), tool(description)).unwrap();
+        symlink(stamp, dir.join("..data_tmp")).unwrap();
+        std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_kubelet_configmap_update_swapping_data_is_served() {
+        let dir = tempfile::tempdir().unwrap();
+        kubelet_update(dir.path(), "..2026_12_01_10_00_00.1", "First version");
+        symlink("..data/tool.yaml", dir.path().join("tool.yaml")).unwrap();
+        let served = TestRunner::serving(dir, None);
+        let description = || {
+            served
+                .runner
+                .registry
+                .get("mounted")
+                .unwrap()
+                .spec
+                .description
+                .clone()
+        };
+        assert_eq!(description(), "First version");
+        let _watcher = watch(served.path(), None, served.runner.clone()).unwrap();
+
+        // No event names a manifest: only `..2026...`, `..data_tmp` and `..data` change.
+        kubelet_update(served.path(), "..2026_12_01_10_05_00.2", "Second version");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while description() != "Second version" {
+            assert!(
+                Instant::now() < deadline,
+                "the update was not served: {}",
+                description()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
