@@ -98,7 +98,7 @@ async fn assert_refused(executor: &SandboxExecutor, tool: &Arc<PreparedTool>, wh
         "expected `{why}` in {refused:?}"
     );
     match executor.execute(tool, b"{}".to_vec(), vec![]).await {
-        Err(ExecError::Spawn(e)) => assert!(e.contains(why), "{e}"),
+        Err(e @ ExecError::NotRunnable(_)) => assert!(e.to_string().contains(why), "{e}"),
         other => panic!("{} ran: {other:?}", tool.name),
     }
 }

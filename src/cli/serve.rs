@@ -12,7 +12,7 @@ use clap::{Args, ValueEnum};
 use jsonwebtoken::Algorithm;
 
 use crate::runner::admission::{Admission, DEFAULT_CALLS_PER_TOOL, DEFAULT_QUEUE_TIMEOUT};
-use crate::runner::audit::{AuditKey, AuditLog};
+use crate::runner::audit::{AuditKey, AuditKeyError, AuditLog};
 use crate::runner::auth::{AuthConfigError, Authenticator, JwtKey, TokenReviewer, load_token_file};
 use crate::runner::executor::ToolExecutor;
 use crate::runner::image_volumes::ImageVolumes;
@@ -30,6 +30,38 @@ use crate::runner::unsandboxed::UnsandboxedProcessExecutor;
 use crate::sandbox::{EngineConfig, Sandboxes};
 
 const EXIT_FAILED: u8 = 2;
+
+/// What `serve` and `runner` tell users who ask for the sandbox without root.
+const SANDBOX_NEEDS_ROOT: &str = "it needs root (or pass --unsandboxed-dev to try the API \
+                                  without isolation, trusted tools only)";
+
+/// Why `serve` or `runner` cannot start.
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error(transparent)]
+    AuditKey(#[from] AuditKeyError),
+    #[error("{0} (or pass --audit-key)")]
+    DefaultAuditKey(AuditKeyError),
+    #[error("{}: {source} (or pass --audit-key)", dir.display())]
+    AuditKeyDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the sandbox engine needs root; run as root, or pass --unsandboxed-dev \
+         to try the API without isolation (trusted tools only)"
+    )]
+    NotRoot,
+    #[error("the sandbox engine could not start (--state-dir {}: {source}); {SANDBOX_NEEDS_ROOT}", dir.display())]
+    StateDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot find this binary: {0}")]
+    NoExecutable(std::io::Error),
+    #[error("the sandbox engine could not start ({0}); {SANDBOX_NEEDS_ROOT}")]
+    Engine(crate::sandbox::Error),
+}
 const DEFAULT_STATE_DIR: &str = "/run/toolwarden";
 
 #[derive(Args, Debug)]
@@ -268,12 +300,12 @@ fn run(
     } else {
         match sandbox_executor(dir, common) {
             Ok(executor) => Arc::new(executor),
-            Err(e) => return fail(&e),
+            Err(e) => return fail(&e.to_string()),
         }
     };
     let (audit_key, key_line) = match audit_key(common) {
         Ok(key) => key,
-        Err(e) => return fail(&e),
+        Err(e) => return fail(&e.to_string()),
     };
     let audit = match &common.audit_log {
         Some(path) => match AuditLog::open_file(path, audit_key) {
@@ -425,18 +457,19 @@ const AUDIT_CLOSE_GRACE: Duration = Duration::from_secs(30);
 
 /// `--audit-key`, or the key under the state dir (created when missing), and
 /// how the banner describes it. The key itself is never printed.
-fn audit_key(common: &CommonArgs) -> Result<(AuditKey, String), String> {
+fn audit_key(common: &CommonArgs) -> Result<(AuditKey, String), StartError> {
     if let Some(path) = &common.audit_key {
-        let key = AuditKey::from_file(path).map_err(|e| e.to_string())?;
+        let key = AuditKey::from_file(path)?;
         let line = format!("key id {} from {}", key.id(), path.display());
         return Ok((key, line));
     }
     let dir = default_audit_key_dir(common);
     let path = dir.join("audit.key");
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| format!("{}: {e} (or pass --audit-key)", dir.display()))?;
-    let (key, created) =
-        AuditKey::load_or_create(&path).map_err(|e| format!("{e} (or pass --audit-key)"))?;
+    std::fs::create_dir_all(&dir).map_err(|source| StartError::AuditKeyDir {
+        dir: dir.clone(),
+        source,
+    })?;
+    let (key, created) = AuditKey::load_or_create(&path).map_err(StartError::DefaultAuditKey)?;
     if created {
         tracing::warn!(
             key = %path.display(),
@@ -471,31 +504,24 @@ fn folder_beside(manifests: &Path, name: &str) -> Option<PathBuf> {
 }
 
 /// Starts the sandbox engine (its zygote is this binary, re-executed).
-fn sandbox_executor(dir: &Path, common: &CommonArgs) -> Result<SandboxExecutor, String> {
+fn sandbox_executor(dir: &Path, common: &CommonArgs) -> Result<SandboxExecutor, StartError> {
     if !nix::unistd::geteuid().is_root() {
         // Rootless sandboxes (user namespace without root) are not built yet.
-        return Err(
-            "the sandbox engine needs root; run as root, or pass --unsandboxed-dev \
-                    to try the API without isolation (trusted tools only)"
-                .into(),
-        );
+        return Err(StartError::NotRoot);
     }
-    let could_not_start = |e: String| {
-        format!(
-            "the sandbox engine could not start ({e}); it needs root (or pass --unsandboxed-dev \
-             to try the API without isolation, trusted tools only)"
-        )
-    };
     // Root-owned and 0711: a user-namespaced sandbox's setup passes through it
     // to the volumes and secret files below, and nobody can list it.
     let state = &common.state_dir;
     std::fs::create_dir_all(state)
         .and_then(|()| std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o711)))
-        .map_err(|e| could_not_start(format!("--state-dir {}: {e}", state.display())))?;
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+        .map_err(|source| StartError::StateDir {
+            dir: state.clone(),
+            source,
+        })?;
+    let exe = std::env::current_exe().map_err(StartError::NoExecutable)?;
     let mut config = EngineConfig::new(exe);
     config.state_root = common.state_dir.join("sandbox");
-    let engine = Sandboxes::start(&config).map_err(|e| could_not_start(e.to_string()))?;
+    let engine = Sandboxes::start(&config).map_err(StartError::Engine)?;
     let volumes = common
         .volumes
         .clone()

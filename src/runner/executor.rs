@@ -36,10 +36,28 @@ pub struct ExecOutcome {
 /// Why a tool could not be run at all (as opposed to running and failing).
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
+    /// The executor cannot run this tool (e.g. its sandbox cannot be built,
+    /// or its isolation would be degraded); the source says why.
     #[error("the tool could not be started: {0}")]
-    Spawn(String),
+    NotRunnable(Box<dyn std::error::Error + Send + Sync>),
+    #[error("the tool could not be started: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("the tool could not be started: {0}")]
+    Sandbox(#[from] crate::sandbox::Error),
     #[error("the tool's I/O failed: {0}")]
-    Io(String),
+    Io(#[source] std::io::Error),
+}
+
+impl ExecError {
+    /// Stable CamelCase name of the error class.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ExecError::NotRunnable(_) => "ToolNotRunnable",
+            ExecError::Spawn(_) => "ToolSpawnFailed",
+            ExecError::Sandbox(_) => "SandboxFailed",
+            ExecError::Io(_) => "ToolIoFailed",
+        }
+    }
 }
 
 /// A protection a tool runs without, and why: listed by the banner,

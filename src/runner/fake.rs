@@ -69,7 +69,11 @@ impl ToolExecutor for FakeExecutor {
         });
         let next = self.canned.lock().unwrap().pop_front();
         Box::pin(async move {
-            next.unwrap_or_else(|| Err(ExecError::Spawn("no canned outcome left".into())))
+            next.unwrap_or_else(|| {
+                Err(ExecError::Spawn(std::io::Error::other(
+                    "no canned outcome left",
+                )))
+            })
         })
     }
 

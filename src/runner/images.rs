@@ -130,6 +130,19 @@ pub enum ImageError {
     LimitExceeded { layer: PathBuf, limit: Limit },
     #[error("image cache {}: {why}", path.display())]
     UnsafeCache { path: PathBuf, why: String },
+    #[error("image {reference}: no image volume mounted at {}", root.display())]
+    NoImageVolume { reference: String, root: PathBuf },
+    #[error(
+        "image {reference} (image volume {}) lacks the mount point(s) {}: an image \
+         volume is read-only, so the image itself must contain these empty directories",
+        root.display(),
+        missing.join(", ")
+    )]
+    MountPointsMissing {
+        reference: String,
+        root: PathBuf,
+        missing: Vec<String>,
+    },
 }
 
 impl ImageError {
@@ -150,6 +163,8 @@ impl ImageError {
             ImageError::Unpack { .. } => "ImageUnpackFailed",
             ImageError::LimitExceeded { .. } => "ImageTooLarge",
             ImageError::UnsafeCache { .. } => "ImageCacheUnsafe",
+            ImageError::NoImageVolume { .. } => "ImageVolumeMissing",
+            ImageError::MountPointsMissing { .. } => "ImageVolumeIncomplete",
         }
     }
 }
@@ -176,12 +191,12 @@ impl<'a> Reference<'a> {
 
 /// Turns a tool's `runtime.image` into the directory its sandboxes use as root file system.
 pub trait RootfsResolver: Send + Sync {
-    fn resolve(&self, reference: &str) -> Result<PathBuf, String>;
+    fn resolve(&self, reference: &str) -> Result<PathBuf, ImageError>;
 }
 
 impl RootfsResolver for ImageStore {
-    fn resolve(&self, reference: &str) -> Result<PathBuf, String> {
-        ImageStore::resolve(self, reference).map_err(|e| e.to_string())
+    fn resolve(&self, reference: &str) -> Result<PathBuf, ImageError> {
+        ImageStore::resolve(self, reference)
     }
 }
 

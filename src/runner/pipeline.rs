@@ -21,6 +21,7 @@ use axum::body::Bytes;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
+use tracing::Instrument;
 
 use super::admission::{Admission, RunSlot};
 use super::audit::{AuditFailed, AuditLog};
@@ -122,7 +123,7 @@ impl Trail {
 /// Records an authentication refusal and hands back the caller's `401`.
 fn unauthenticated(trail: &Trail, e: &AuthError) -> Problem {
     let problem = Problem::new(ProblemKind::Unauthenticated, e.to_string());
-    trail.deny("authentication", &e.reason(), problem)
+    trail.deny("authentication", &e.detail(), problem)
 }
 
 fn audit_problem(e: AuditFailed) -> Problem {
@@ -168,7 +169,14 @@ impl Runner {
     ) -> Result<Success, Problem> {
         let _in_flight = self.metrics.in_flight();
         let tool = self.registry.get(tool_name);
-        let result = self.pipeline(ctx, tool_name, tool.as_ref(), body).await;
+        let invocation_id = uuid::Uuid::new_v4().to_string();
+        // Runtime events of the call (the executor's included) carry its id.
+        let span =
+            tracing::info_span!("call", invocation_id = %invocation_id, transport = ctx.transport);
+        let result = self
+            .pipeline(ctx, tool_name, tool.as_ref(), body, invocation_id)
+            .instrument(span)
+            .await;
         let outcome = match &result {
             Ok(_) => "ok",
             Err(p) => p.kind.slug(),
@@ -185,7 +193,7 @@ impl Runner {
         match self.auth.authenticate(ctx.authorization.as_deref()).await {
             Ok(caller) => Ok(caller),
             Err(e) => {
-                let trail = self.trail(ctx, None, None)?;
+                let trail = self.trail(ctx, uuid::Uuid::new_v4().to_string(), None, None)?;
                 trail.record("received", json!({}))?;
                 Err(unauthenticated(&trail, &e))
             }
@@ -197,6 +205,7 @@ impl Runner {
     fn trail(
         &self,
         ctx: &CallContext,
+        invocation_id: String,
         tool_name: Option<&str>,
         tool: Option<&PreparedTool>,
     ) -> Result<Trail, Problem> {
@@ -206,7 +215,7 @@ impl Runner {
             log: self.audit.clone(),
             base: Map::new(),
         };
-        trail.set("invocationId", uuid::Uuid::new_v4().to_string());
+        trail.set("invocationId", invocation_id);
         trail.set("transport", ctx.transport);
         trail.set(
             "tool",
@@ -226,12 +235,14 @@ impl Runner {
         tool_name: &str,
         tool: Option<&Arc<PreparedTool>>,
         body: impl Future<Output = Result<Bytes, Problem>> + Send,
+        invocation_id: String,
     ) -> Result<Success, Problem> {
-        let mut trail = self.trail(ctx, Some(tool_name), tool.map(Arc::as_ref))?;
-        let invocation_id = trail.base["invocationId"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let mut trail = self.trail(
+            ctx,
+            invocation_id.clone(),
+            Some(tool_name),
+            tool.map(Arc::as_ref),
+        )?;
         trail.record("received", json!({}))?;
 
         let caller = match &ctx.caller {
@@ -377,7 +388,9 @@ impl Runner {
                 runner
                     .run(&trail, &tool, input, invocation_id, closing)
                     .await
-            },
+            }
+            // A call whose caller left finishes in a task of its own: still in the call's span.
+            .in_current_span(),
             abandoned,
         )
         .await

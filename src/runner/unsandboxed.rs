@@ -41,6 +41,25 @@ impl ToolExecutor for UnsandboxedProcessExecutor {
     }
 }
 
+/// Why a tool cannot run without a sandbox.
+#[derive(Debug, thiserror::Error)]
+pub enum Unrunnable {
+    #[error("runtime.command is empty")]
+    EmptyCommand,
+    #[error("file secrets ({path}) need the sandbox")]
+    FileSecret { path: String },
+}
+
+impl Unrunnable {
+    /// Stable CamelCase name of the error class.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Unrunnable::EmptyCommand => "EmptyCommand",
+            Unrunnable::FileSecret { .. } => "FileSecretNeedsSandbox",
+        }
+    }
+}
+
 async fn run_process(
     tool: &PreparedTool,
     stdin: Vec<u8>,
@@ -49,7 +68,7 @@ async fn run_process(
     let runtime = &tool.spec.runtime;
     let argv: Vec<&String> = runtime.command.iter().chain(&runtime.args).collect();
     let Some((program, args)) = argv.split_first() else {
-        return Err(ExecError::Spawn("runtime.command is empty".into()));
+        return Err(ExecError::NotRunnable(Box::new(Unrunnable::EmptyCommand)));
     };
     let mut command = tokio::process::Command::new(program);
     command
@@ -67,9 +86,9 @@ async fn run_process(
                 command.env(name, value);
             }
             SecretDelivery::File { path, .. } => {
-                return Err(ExecError::Spawn(format!(
-                    "file secrets ({path}) need the sandbox"
-                )));
+                return Err(ExecError::NotRunnable(Box::new(Unrunnable::FileSecret {
+                    path,
+                })));
             }
         }
     }
@@ -79,9 +98,7 @@ async fn run_process(
     let cap = tool.capture_bytes();
     let timeout = Duration::from_millis(u64::from(tool.spec.sandbox.timeout_ms));
     let started = Instant::now();
-    let mut child = command
-        .spawn()
-        .map_err(|e| ExecError::Spawn(e.to_string()))?;
+    let mut child = command.spawn().map_err(ExecError::Spawn)?;
     let mut child_stdin = child.stdin.take().expect("stdin is piped");
     let stdout = child.stdout.take().expect("stdout is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
@@ -97,11 +114,7 @@ async fn run_process(
             read_capped(stderr, cap),
             child.wait()
         );
-        Ok::<_, ExecError>((
-            out?,
-            err?,
-            status.map_err(|e| ExecError::Io(e.to_string()))?,
-        ))
+        Ok::<_, ExecError>((out?, err?, status.map_err(ExecError::Io)?))
     };
     match tokio::time::timeout(timeout, work).await {
         Ok(result) => {
@@ -135,10 +148,7 @@ async fn read_capped(
     let mut truncated = false;
     let mut buf = [0u8; 8192];
     loop {
-        let n = stream
-            .read(&mut buf)
-            .await
-            .map_err(|e| ExecError::Io(e.to_string()))?;
+        let n = stream.read(&mut buf).await.map_err(ExecError::Io)?;
         if n == 0 {
             return Ok((kept, truncated));
         }

@@ -64,7 +64,9 @@ pub enum VolumeError {
     #[error("emptyDir is not available to the standalone runner; use /tmp (spec.sandbox.tmpSize)")]
     EmptyDir,
     #[error("sizeLimit: {0}")]
-    SizeLimit(String),
+    SizeLimit(#[from] crate::api::BadQuantity),
+    #[error("sizeLimit: {given} is below the smallest bounded volume, 1Mi")]
+    SizeLimitTooSmall { given: String },
     #[error(
         "{image} holds this volume with {found} bytes, but sizeLimit is now {wanted}: restore sizeLimit or move the image away (its data is the volume's)"
     )]
@@ -94,6 +96,7 @@ impl VolumeError {
             VolumeError::NotAFolder(_) => "NotAFolder",
             VolumeError::EmptyDir => "EmptyDirUnsupported",
             VolumeError::SizeLimit(_) => "InvalidSizeLimit",
+            VolumeError::SizeLimitTooSmall { .. } => "SizeLimitTooSmall",
             VolumeError::SizeChanged { .. } => "SizeLimitChanged",
             VolumeError::Io { .. } => "VolumeIo",
             VolumeError::Command { .. } => "VolumeCommandFailed",
@@ -208,12 +211,9 @@ pub fn size_limit(mount: &FilesystemMount) -> Result<u64, VolumeError> {
     let Some(q) = &mount.size_limit else {
         return Ok(DEFAULT_WRITABLE_SIZE);
     };
-    let bytes = parse_quantity(q).map_err(|e| VolumeError::SizeLimit(e.to_string()))?;
+    let bytes = parse_quantity(q)?;
     if bytes < MIN_WRITABLE_SIZE as f64 {
-        return Err(VolumeError::SizeLimit(format!(
-            "{} is below the smallest bounded volume, 1Mi",
-            q.0
-        )));
+        return Err(VolumeError::SizeLimitTooSmall { given: q.0.clone() });
     }
     Ok(bytes as u64)
 }
