@@ -13,9 +13,8 @@
 //! only ever holds the image.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -440,30 +439,34 @@ fn create_image(image: &Path, folder: &Path, size: u64) -> Result<(), VolumeErro
     result
 }
 
-/// Runs `program args` inside the mount namespace of process `pid`.
+/// Runs `program args` inside the mount namespace of process `pid`. A thread
+/// of its own leaves the runner's shared file system context
+/// (`unshare(CLONE_FS)`, without which a thread of a multi-threaded process
+/// cannot enter a mount namespace) and enters the namespace; the command's
+/// process inherits it. The thread ends with the command, so nothing else
+/// ever runs in that namespace. (Safe wrappers instead of a `pre_exec` hook,
+/// which is `unsafe`.)
 fn in_mount_namespace(
     pid: u32,
     program: &str,
     args: &[&std::ffi::OsStr],
 ) -> Result<(), VolumeError> {
+    use nix::sched::{CloneFlags, setns, unshare};
     let ns_path = format!("/proc/{pid}/ns/mnt");
-    let ns: OwnedFd = std::fs::File::open(&ns_path).map_err(io(&ns_path))?.into();
-    let raw = ns.as_raw_fd();
+    let ns = std::fs::File::open(&ns_path).map_err(io(&ns_path))?;
     let mut command = std::process::Command::new(program);
     command.args(args);
-    // SAFETY: setns is async-signal-safe; the forked child is single-threaded,
-    // which entering a mount namespace requires.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::setns(raw, libc::CLONE_NEWNS) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
+    std::thread::scope(|scope| {
+        let entered = scope.spawn(|| {
+            unshare(CloneFlags::CLONE_FS)
+                .and_then(|()| setns(&ns, CloneFlags::CLONE_NEWNS))
+                .map_err(|e| io(format!("entering {ns_path}"))(e.into()))?;
+            run(&mut command)
         });
-    }
-    let result = run(&mut command);
-    drop(ns);
-    result
+        entered
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }
 
 fn run(command: &mut std::process::Command) -> Result<(), VolumeError> {
