@@ -5,7 +5,9 @@
 use std::collections::VecDeque;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -34,6 +36,8 @@ pub struct Run {
 pub struct FakeExecutor {
     canned: Mutex<VecDeque<Result<ExecOutcome, ExecError>>>,
     runs: Mutex<Vec<Run>>,
+    /// How long each run takes.
+    delay: Mutex<Duration>,
 }
 
 impl FakeExecutor {
@@ -48,6 +52,10 @@ impl FakeExecutor {
 
     pub fn answers(&self, result: Result<ExecOutcome, ExecError>) {
         self.canned.lock().unwrap().push_back(result);
+    }
+
+    pub fn delay(&self, each_run: Duration) {
+        *self.delay.lock().unwrap() = each_run;
     }
 
     pub fn runs(&self) -> Vec<Run> {
@@ -68,7 +76,9 @@ impl ToolExecutor for FakeExecutor {
             secrets,
         });
         let next = self.canned.lock().unwrap().pop_front();
+        let delay = *self.delay.lock().unwrap();
         Box::pin(async move {
+            tokio::time::sleep(delay).await;
             next.unwrap_or_else(|| {
                 Err(ExecError::Spawn(std::io::Error::other(
                     "no canned outcome left",
@@ -82,13 +92,19 @@ impl ToolExecutor for FakeExecutor {
     }
 }
 
-/// An audit sink the test can read back.
+/// An audit sink the test can read back, and break.
 #[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
+struct Captured {
+    bytes: Arc<Mutex<Vec<u8>>>,
+    broken: Arc<AtomicBool>,
+}
 
 impl Write for Captured {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
+        if self.broken.load(Ordering::Relaxed) {
+            return Err(std::io::Error::other("the audit disk is gone"));
+        }
+        self.bytes.lock().unwrap().extend_from_slice(buf);
         Ok(buf.len())
     }
 
@@ -147,7 +163,8 @@ impl TestRunner {
             audit: AuditLog::to_writer(Box::new(audit.clone()), "memory", key),
             executor: executor.clone(),
             metrics: Metrics::default(),
-            admission: Admission::default(),
+            // One run of a tool at a time, a short queue: admission is testable.
+            admission: Admission::new(1, Duration::from_millis(50)),
         });
         TestRunner {
             runner,
@@ -172,14 +189,65 @@ impl TestRunner {
         }
     }
 
+    /// From now on, every write to the audit log fails.
+    pub fn break_audit(&self) {
+        self.audit.broken.store(true, Ordering::Relaxed);
+    }
+
     /// Every call record written so far (checkpoints left out).
     pub fn records(&self) -> Vec<Value> {
-        let bytes = self.audit.0.lock().unwrap().clone();
+        let bytes = self.audit.bytes.lock().unwrap().clone();
         String::from_utf8(bytes)
             .unwrap()
             .lines()
             .map(|l| serde_json::from_str::<Value>(l).unwrap())
             .filter(|r| r.get("invocationId").is_some())
             .collect()
+    }
+}
+
+/// The secret [`NOTES`] gets as `API_TOKEN`.
+pub const NOTES_SECRET: &str = "s3cr3t-token-value";
+
+/// A tool with every check: a schema, a sanitized field, an authorization
+/// rule, approval for writes, a rate limit, an env secret, a redacted field.
+pub const NOTES: &str = r#"
+apiVersion: toolwarden.dev/v1alpha1
+kind: AgentTool
+metadata: {name: notes}
+spec:
+  description: Reads and writes notes
+  risk: medium
+  maxInputBytes: 1024
+  inputSchema:
+    type: object
+    additionalProperties: false
+    required: [operation, name]
+    properties:
+      operation: {type: string, enum: [read, write]}
+      name: {type: string, pattern: "^[a-z]{1,16}$"}
+      text: {type: string, maxLength: 256}
+  sanitize:
+    - field: /text
+      transforms: [stripControlChars]
+  authorization:
+    - expression: 'input.name != "private"'
+      message: Access denied
+  approval:
+    required: true
+    when: 'input.operation == "write"'
+    approvers: {groups: [admins]}
+  runtime: {image: "busybox:1.36.1", command: [/bin/notes]}
+  sandbox: {timeoutMs: 1000, maxOutputBytes: 200}
+  rateLimit: {requestsPerMinute: 4}
+  secrets:
+    - {secretName: api, key: token, env: API_TOKEN}
+  audit: {input: redacted, redact: [/text]}
+"#;
+
+impl TestRunner {
+    /// Serves [`NOTES`] with its secret.
+    pub fn notes() -> TestRunner {
+        TestRunner::new(&[NOTES], &[("api/token", NOTES_SECRET)])
     }
 }

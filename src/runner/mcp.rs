@@ -468,3 +468,181 @@ fn call_result_with_text(
         }),
     }
 }
+
+/// MCP answers over the whole pipeline with the fake executor: no root, no sandbox.
+#[cfg(test)]
+mod tests {
+    use axum::Router;
+    use axum::http::Request;
+    use serde_json::json;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::runner::fake::{TOKEN, TestRunner};
+
+    async fn send(t: &TestRunner, token: Option<&str>, message: &Value) -> (StatusCode, Value) {
+        let router = Router::new()
+            .route("/mcp", axum::routing::post(post))
+            .with_state(t.runner.clone());
+        let mut request = Request::post("/mcp")
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, "application/json, text/event-stream");
+        if let Some(token) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let mut request = request.body(Body::from(message.to_string())).unwrap();
+        request
+            .extensions_mut()
+            .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))));
+        let response = router.oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    fn tools_call(name: Value, arguments: Value) -> Value {
+        json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+               "params": {"name": name, "arguments": arguments}})
+    }
+
+    #[tokio::test]
+    async fn refusals_are_tool_errors_and_protocol_faults_are_jsonrpc_errors() {
+        let t = TestRunner::notes();
+        // A refusal of the call is the tool's result, flagged, with the problem as content.
+        let forbidden = tools_call(
+            "notes".into(),
+            json!({"operation": "read", "name": "private"}),
+        );
+        let (status, answer) = send(&t, Some(TOKEN), &forbidden).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(answer["id"], 7);
+        let result = &answer["result"];
+        assert_eq!(result["isError"], true);
+        assert_eq!(result["structuredContent"]["status"], 403);
+        let invocation = t.records().pop().unwrap()["invocationId"].clone();
+        assert_eq!(result["_meta"]["toolwarden.dev/invocationId"], invocation);
+        let text: Value =
+            serde_json::from_str(result["content"][0]["text"].as_str().unwrap()).unwrap();
+        assert_eq!(text, result["structuredContent"]);
+
+        // An unknown tool and a missing name are invalid params.
+        let (_, answer) = send(&t, Some(TOKEN), &tools_call("nope".into(), json!({}))).await;
+        assert_eq!(answer["error"]["code"], INVALID_PARAMS);
+        assert_eq!(answer["error"]["message"], "Unknown tool: nope");
+        for params in [
+            json!({"arguments": {}}),
+            json!(["notes"]),
+            json!({"name": 3}),
+        ] {
+            let message =
+                json!({"jsonrpc": "2.0", "id": 8, "method": "tools/call", "params": params});
+            let (_, answer) = send(&t, Some(TOKEN), &message).await;
+            assert_eq!(answer["error"]["code"], INVALID_PARAMS, "{params}");
+        }
+        // An unknown method; a null id (a request's id must not be null).
+        let (_, answer) = send(
+            &t,
+            Some(TOKEN),
+            &json!({"jsonrpc": "2.0", "id": "x", "method": "nope"}),
+        )
+        .await;
+        assert_eq!(answer["error"]["code"], METHOD_NOT_FOUND);
+        assert_eq!(answer["id"], "x");
+        let (status, answer) = send(
+            &t,
+            Some(TOKEN),
+            &json!({"jsonrpc": "2.0", "id": null, "method": "ping"}),
+        )
+        .await;
+        assert_eq!(
+            (status, &answer["error"]["code"]),
+            (StatusCode::BAD_REQUEST, &json!(INVALID_REQUEST))
+        );
+        // A notification gets no answer.
+        let (status, _) = send(
+            &t,
+            Some(TOKEN),
+            &json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        assert!(t.executor.runs().is_empty());
+
+        // No token: the HTTP 401 problem, before any message is read.
+        let (status, problem) = send(&t, None, &tools_call("notes".into(), json!({}))).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(problem["status"], 401);
+
+        // The audit log is down: an internal error, and nothing runs.
+        t.break_audit();
+        let (_, answer) = send(
+            &t,
+            Some(TOKEN),
+            &tools_call("notes".into(), json!({"operation": "read", "name": "todo"})),
+        )
+        .await;
+        assert_eq!(answer["error"]["code"], INTERNAL_ERROR);
+        assert!(t.executor.runs().is_empty());
+    }
+
+    #[tokio::test]
+    async fn initialize_list_and_a_successful_call() {
+        let t = TestRunner::notes();
+        let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                          "params": {"protocolVersion": "2025-06-18"}});
+        let (_, answer) = send(&t, Some(TOKEN), &init).await;
+        assert_eq!(answer["result"]["protocolVersion"], "2025-06-18");
+        assert_eq!(
+            answer["result"]["capabilities"],
+            json!({"tools": {"listChanged": false}})
+        );
+        let unknown = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                             "params": {"protocolVersion": 20}});
+        let (_, answer) = send(&t, Some(TOKEN), &unknown).await;
+        assert_eq!(answer["result"]["protocolVersion"], PROTOCOL_VERSIONS[0]);
+        let (_, answer) = send(
+            &t,
+            Some(TOKEN),
+            &json!({"jsonrpc": "2.0", "id": 2, "method": "ping"}),
+        )
+        .await;
+        assert_eq!(answer["result"], json!({}));
+
+        let (_, answer) = send(
+            &t,
+            Some(TOKEN),
+            &json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list"}),
+        )
+        .await;
+        let tool = &answer["result"]["tools"][0];
+        assert_eq!(tool["name"], "notes");
+        assert_eq!(
+            tool["inputSchema"]["required"],
+            json!(["operation", "name"])
+        );
+        assert_eq!(
+            tool["annotations"],
+            json!({"readOnlyHint": false, "destructiveHint": false, "openWorldHint": false})
+        );
+
+        t.executor.prints(r#"{"note": 12345678901234567890123}"#);
+        let call = tools_call("notes".into(), json!({"operation": "read", "name": "todo"}));
+        let (_, answer) = send(&t, Some(TOKEN), &call).await;
+        let result = &answer["result"];
+        assert_eq!(result["isError"], false);
+        assert_eq!(
+            result["content"][0]["text"],
+            r#"{"note": 12345678901234567890123}"#
+        );
+        assert!(result["structuredContent"].is_object());
+        assert_eq!(
+            t.executor.runs()[0].stdin,
+            json!({"operation": "read", "name": "todo"})
+        );
+    }
+}
