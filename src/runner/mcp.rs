@@ -217,7 +217,7 @@ pub async fn post(
         let body = error(
             Value::Null,
             INVALID_REQUEST,
-            &format!("unsupported MCP-Protocol-Version {version}"),
+            format!("unsupported MCP-Protocol-Version {version}"),
         );
         return (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
     }
@@ -240,7 +240,7 @@ pub async fn post(
     let message: Value = match serde_json::from_slice(&bytes) {
         Ok(message) => message,
         Err(e) => {
-            let body = error(Value::Null, PARSE_ERROR, &format!("not JSON: {e}"));
+            let body = error(Value::Null, PARSE_ERROR, format!("not JSON: {e}"));
             return (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
         }
     };

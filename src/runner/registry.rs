@@ -161,7 +161,7 @@ impl Registry {
                 Some(prev) => prepared
                     .take_over_from(prev)
                     .map(|()| prepared)
-                    .map_err(|e| vec![format!("spec.secrets: {e}")]),
+                    .map_err(|e| vec![e.into()]),
                 None => Ok(prepared),
             });
             match prepared {
@@ -173,7 +173,9 @@ impl Registry {
                     next.insert(name.clone(), Arc::new(prepared));
                     report.served.push(name);
                 }
-                Err(reasons) => report.refused.push(refuse(reasons)),
+                Err(errors) => report
+                    .refused
+                    .push(refuse(errors.iter().map(ToString::to_string).collect())),
             }
         }
         *self.tools.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);

@@ -7,11 +7,49 @@ use std::sync::Arc;
 
 use crate::api::{AgentTool, AgentToolSpec, AuthorizationRule};
 
-use super::authorize::{self, CompiledRule};
-use super::images::RootfsResolver;
+use super::authorize::{self, CompiledRule, RuleError};
+use super::images::{ImageError, RootfsResolver};
 use super::ratelimit::{LimiterClock, ToolLimiter};
 use super::redact::{Redactor, RedactorError};
-use super::validate;
+use super::validate::{self, InvalidSchema};
+
+/// Why a tool cannot be served; [`prepare`] reports every one it finds.
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    #[error("spec.runtime.image: {0}")]
+    Image(#[from] ImageError),
+    #[error("spec.inputSchema: {0}")]
+    Schema(#[from] InvalidSchema),
+    #[error("spec.{0}")]
+    Authorization(RuleError),
+    #[error("spec.approval.when: {0}")]
+    ApprovalWhen(RuleError),
+    #[error(
+        "spec.secrets[{index}]: secret {secret}/{key} is not available{}",
+        if *no_secrets_dir { " (no --secrets-dir)" } else { "" }
+    )]
+    SecretUnavailable {
+        index: usize,
+        secret: String,
+        key: String,
+        no_secrets_dir: bool,
+    },
+    #[error("spec.secrets: {0}")]
+    Redactor(#[from] RedactorError),
+}
+
+impl ToolError {
+    /// Stable CamelCase name of the error class.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ToolError::Image(e) => e.reason(),
+            ToolError::Schema(e) => e.reason(),
+            ToolError::Authorization(e) | ToolError::ApprovalWhen(e) => e.reason(),
+            ToolError::SecretUnavailable { .. } => "SecretUnavailable",
+            ToolError::Redactor(e) => e.reason(),
+        }
+    }
+}
 
 /// A tool ready to be called.
 pub struct PreparedTool {
@@ -107,7 +145,7 @@ impl SecretsDir {
     }
 
     /// Reads every secret `spec` uses; errors name the missing ones.
-    pub(crate) fn read_all(&self, spec: &AgentToolSpec) -> Result<ToolSecrets, Vec<String>> {
+    pub(crate) fn read_all(&self, spec: &AgentToolSpec) -> Result<ToolSecrets, Vec<ToolError>> {
         let mut errors = Vec::new();
         let mut deliveries = Vec::new();
         let mut values = Vec::new();
@@ -131,16 +169,12 @@ impl SecretsDir {
                 // Injected secrets never reach the tool; the runner redacts them if it can read them.
                 (Some(v), None, None) => values.push(v),
                 (None, None, None) => {}
-                (None, _, _) => errors.push(format!(
-                    "spec.secrets[{i}]: secret {}/{} is not available{}",
-                    use_.secret_name,
-                    use_.key,
-                    if self.0.is_none() {
-                        " (no --secrets-dir)"
-                    } else {
-                        ""
-                    }
-                )),
+                (None, _, _) => errors.push(ToolError::SecretUnavailable {
+                    index: i,
+                    secret: use_.secret_name.clone(),
+                    key: use_.key.clone(),
+                    no_secrets_dir: self.0.is_none(),
+                }),
             }
         }
         if errors.is_empty() {
@@ -151,27 +185,27 @@ impl SecretsDir {
     }
 }
 
-/// Compiles one tool. Errors are readable reasons (one per problem).
+/// Compiles one tool; the errors are every problem found.
 pub fn prepare(
     tool: &AgentTool,
     generation: u64,
     secrets: &SecretsDir,
     images: Option<&dyn RootfsResolver>,
     clock: &LimiterClock,
-) -> Result<PreparedTool, Vec<String>> {
+) -> Result<PreparedTool, Vec<ToolError>> {
     let spec = &tool.spec;
     let mut errors = Vec::new();
     let rootfs = images.and_then(|store| {
         store
             .resolve(&spec.runtime.image)
-            .map_err(|e| errors.push(format!("spec.runtime.image: {e}")))
+            .map_err(|e| errors.push(e.into()))
             .ok()
     });
     let validator = validate::compile(&spec.input_schema)
-        .map_err(|e| errors.push(format!("spec.inputSchema: {e}")))
+        .map_err(|e| errors.push(e.into()))
         .ok();
     let rules = authorize::compile(&spec.authorization)
-        .map_err(|e| errors.push(format!("spec.{e}")))
+        .map_err(|e| errors.push(ToolError::Authorization(e)))
         .ok();
     let when: Vec<AuthorizationRule> = spec
         .approval
@@ -183,7 +217,7 @@ pub fn prepare(
         })
         .collect();
     let approval_when = authorize::compile(&when)
-        .map_err(|e| errors.push(format!("spec.approval.when: {e}")))
+        .map_err(|e| errors.push(ToolError::ApprovalWhen(e)))
         .ok()
         .and_then(|mut rules| rules.pop());
     let secrets = secrets
@@ -192,7 +226,7 @@ pub fn prepare(
         .ok();
     let redactor = secrets.as_ref().and_then(|s| {
         Redactor::new(s.values.clone())
-            .map_err(|e| errors.push(format!("spec.secrets: {e}")))
+            .map_err(|e| errors.push(e.into()))
             .ok()
     });
     match (validator, rules, secrets, redactor) {
