@@ -4,7 +4,7 @@
 //!
 //! Pure decisions live in their own files; `rest.rs` and `mcp.rs` are thin
 //! HTTP layers over [`pipeline::Runner::invoke`], routed by `router.rs`.
-//! No two files import each other (`scripts/import-graph.py` checks it).
+//! No two files import each other (`tests/runner_imports.rs` checks it).
 
 pub mod admission;
 pub mod audit;
