@@ -32,15 +32,15 @@ use std::time::{Duration, Instant};
 use toolwarden::runner::admission::Admission;
 use toolwarden::runner::audit::{AuditKey, AuditLog};
 use toolwarden::runner::auth::Authenticator;
-use toolwarden::runner::executor::{
-    ExecFuture, ExecOutcome, SecretDelivery, ToolExecutor, UnsandboxedProcessExecutor,
-};
+use toolwarden::runner::executor::{ExecFuture, ExecOutcome, ToolExecutor};
 use toolwarden::runner::images::{ImageStore, entry_name};
 use toolwarden::runner::metrics::Metrics;
 use toolwarden::runner::pipeline::{CallContext, Runner};
 use toolwarden::runner::ratelimit::LimiterClock;
-use toolwarden::runner::registry::{PreparedTool, Registry, SecretsDir};
+use toolwarden::runner::registry::Registry;
 use toolwarden::runner::sandbox_executor::{SandboxExecutor, VolumesDir};
+use toolwarden::runner::tool::{PreparedTool, SecretDelivery, SecretsDir};
+use toolwarden::runner::unsandboxed::UnsandboxedProcessExecutor;
 use toolwarden::sandbox::{EngineConfig, Sandboxes};
 
 const IMAGE: &str = "docker.io/library/busybox:1.36.1";
@@ -310,7 +310,7 @@ where
         listener.local_addr().unwrap()
     );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(toolwarden::runner::rest::serve(listener, runner, async {
+    let server = tokio::spawn(toolwarden::runner::router::serve(listener, runner, async {
         let _ = stopped.await;
     }));
     let client = reqwest::Client::new();

@@ -1,7 +1,11 @@
 //! toolwarden: makes the tools AI agents call safe to run in production.
 
+// Unsafe code lives in the sandbox module alone, where the system calls are.
+#![deny(unsafe_code)]
+
 pub mod api;
 pub mod cli;
 pub mod policy;
 pub mod runner;
+#[allow(unsafe_code)]
 pub mod sandbox;

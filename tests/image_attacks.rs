@@ -916,7 +916,8 @@ async fn an_unpacked_image_runs_in_a_user_namespaced_sandbox() {
 #[test]
 fn loading_a_tool_with_a_hostile_image_refuses_it_and_changes_nothing() {
     use toolwarden::runner::ratelimit::LimiterClock;
-    use toolwarden::runner::registry::{Registry, SecretsDir};
+    use toolwarden::runner::registry::Registry;
+    use toolwarden::runner::tool::SecretsDir;
     let fx = Fixture::new();
     let host = fx.host().display().to_string();
     fx.tarball(

@@ -19,8 +19,9 @@ use toolwarden::runner::listener::{self, HttpConfig, HttpLimits};
 use toolwarden::runner::metrics::Metrics;
 use toolwarden::runner::pipeline::Runner;
 use toolwarden::runner::ratelimit::LimiterClock;
-use toolwarden::runner::registry::{Registry, SecretsDir, manifest_files};
-use toolwarden::runner::rest;
+use toolwarden::runner::registry::{Registry, manifest_files};
+use toolwarden::runner::router;
+use toolwarden::runner::tool::SecretsDir;
 
 const ALICE: &str = "6f1c2c1e-8a8e-4a53-9d0e-2b8f2f0e8c11";
 const ALICE_TOKEN: &str = "alice-token";
@@ -166,7 +167,7 @@ async fn start_opts(options: Options) -> Server {
     let addr = listener.local_addr().unwrap();
     let base = format!("http://{addr}");
     match options.limits {
-        None => drop(tokio::spawn(rest::serve(
+        None => drop(tokio::spawn(router::serve(
             listener,
             runner,
             std::future::pending(),
@@ -176,7 +177,7 @@ async fn start_opts(options: Options) -> Server {
                 limits,
                 ..HttpConfig::for_listen(addr)
             };
-            let router = rest::router(runner);
+            let router = router::router(runner);
             drop(tokio::spawn(listener::serve(
                 listener,
                 router,

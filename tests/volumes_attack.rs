@@ -17,8 +17,8 @@ use toolwarden::api::AgentTool;
 use toolwarden::runner::executor::{ExecError, ToolExecutor};
 use toolwarden::runner::images::ImageStore;
 use toolwarden::runner::ratelimit::LimiterClock;
-use toolwarden::runner::registry::{PreparedTool, SecretsDir, prepare};
 use toolwarden::runner::sandbox_executor::{SandboxExecutor, VolumesDir};
+use toolwarden::runner::tool::{PreparedTool, SecretsDir, prepare};
 
 /// A tool running `script` under /bin/sh, with `extra` appended to its spec.
 /// Parsed without the CRD schema: the runner must hold even when a manifest
@@ -98,7 +98,7 @@ async fn assert_refused(executor: &SandboxExecutor, tool: &Arc<PreparedTool>, wh
         "expected `{why}` in {refused:?}"
     );
     match executor.execute(tool, b"{}".to_vec(), vec![]).await {
-        Err(ExecError::Spawn(e)) => assert!(e.contains(why), "{e}"),
+        Err(e @ ExecError::NotRunnable(_)) => assert!(e.to_string().contains(why), "{e}"),
         other => panic!("{} ran: {other:?}", tool.name),
     }
 }
@@ -717,14 +717,14 @@ fn a_link_planted_in_the_secrets_folder_does_not_read_host_files() {
         ("planted", "relative"),
         ("whole-dir", "host-only.txt"),
     ] {
-        let Err(reasons) = load(name, key) else {
+        let Err(errors) = load(name, key) else {
             panic!("{name}/{key} was read");
         };
         assert!(
-            reasons
-                .iter()
-                .any(|r| r.contains(&format!("secret {name}/{key} is not available"))),
-            "{reasons:?}"
+            errors.iter().any(|e| e.reason() == "SecretUnavailable"
+                && e.to_string()
+                    .contains(&format!("secret {name}/{key} is not available"))),
+            "{errors:?}"
         );
     }
     // An (empty) root file system, so the honest tool loads completely.

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use crate::runner::audit::{Anchor, AuditKey, anchor_path, verify};
+use crate::runner::audit::{Anchor, AnchorError, AuditKey, anchor_path, verify};
 
 const EXIT_BROKEN: u8 = 1;
 const EXIT_UNREADABLE: u8 = 2;
@@ -45,7 +45,7 @@ pub fn verify_file(path: &Path, key: Option<&Path>, anchor: AnchorArg) -> ExitCo
     };
     let anchor = match anchor_file.as_deref().map(read_anchor).transpose() {
         Ok(anchor) => anchor,
-        Err(e) => return unreadable(e),
+        Err(e) => return unreadable(e.to_string()),
     };
     let file = match std::fs::File::open(path) {
         Ok(file) => file,
@@ -82,7 +82,25 @@ pub fn verify_file(path: &Path, key: Option<&Path>, anchor: AnchorArg) -> ExitCo
     }
 }
 
-fn read_anchor(path: &Path) -> Result<Anchor, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    Anchor::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+/// Why the anchor file given to `verify` cannot be used.
+#[derive(Debug, thiserror::Error)]
+enum AnchorFileError {
+    #[error("{}: {source}", path.display())]
+    Unreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Invalid { path: PathBuf, source: AnchorError },
+}
+
+fn read_anchor(path: &Path) -> Result<Anchor, AnchorFileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| AnchorFileError::Unreadable {
+        path: path.into(),
+        source,
+    })?;
+    Anchor::parse(&text).map_err(|source| AnchorFileError::Invalid {
+        path: path.into(),
+        source,
+    })
 }

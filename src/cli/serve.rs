@@ -12,21 +12,56 @@ use clap::{Args, ValueEnum};
 use jsonwebtoken::Algorithm;
 
 use crate::runner::admission::{Admission, DEFAULT_CALLS_PER_TOOL, DEFAULT_QUEUE_TIMEOUT};
-use crate::runner::audit::{AuditKey, AuditLog};
+use crate::runner::audit::{AuditKey, AuditKeyError, AuditLog};
 use crate::runner::auth::{AuthConfigError, Authenticator, JwtKey, TokenReviewer, load_token_file};
-use crate::runner::executor::{Degradation, ToolExecutor, UnsandboxedProcessExecutor};
+use crate::runner::executor::ToolExecutor;
 use crate::runner::image_volumes::ImageVolumes;
 use crate::runner::images::ImageStore;
 use crate::runner::listener::{self, AllowedHosts, HttpConfig, HttpLimits};
 use crate::runner::metrics::Metrics;
 use crate::runner::pipeline::Runner;
 use crate::runner::ratelimit::LimiterClock;
-use crate::runner::registry::{LoadReport, Registry, SecretsDir, is_manifest, manifest_files};
-use crate::runner::rest;
+use crate::runner::registry::Registry;
+use crate::runner::reload;
+use crate::runner::router;
 use crate::runner::sandbox_executor::{SandboxExecutor, VolumesDir};
+use crate::runner::tool::SecretsDir;
+use crate::runner::unsandboxed::UnsandboxedProcessExecutor;
 use crate::sandbox::{EngineConfig, Sandboxes};
 
 const EXIT_FAILED: u8 = 2;
+
+/// What `serve` and `runner` tell users who ask for the sandbox without root.
+const SANDBOX_NEEDS_ROOT: &str = "it needs root (or pass --unsandboxed-dev to try the API \
+                                  without isolation, trusted tools only)";
+
+/// Why `serve` or `runner` cannot start.
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error(transparent)]
+    AuditKey(#[from] AuditKeyError),
+    #[error("{0} (or pass --audit-key)")]
+    DefaultAuditKey(AuditKeyError),
+    #[error("{}: {source} (or pass --audit-key)", dir.display())]
+    AuditKeyDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the sandbox engine needs root; run as root, or pass --unsandboxed-dev \
+         to try the API without isolation (trusted tools only)"
+    )]
+    NotRoot,
+    #[error("the sandbox engine could not start (--state-dir {}: {source}); {SANDBOX_NEEDS_ROOT}", dir.display())]
+    StateDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot find this binary: {0}")]
+    NoExecutable(std::io::Error),
+    #[error("the sandbox engine could not start ({0}); {SANDBOX_NEEDS_ROOT}")]
+    Engine(crate::sandbox::Error),
+}
 const DEFAULT_STATE_DIR: &str = "/run/toolwarden";
 
 #[derive(Args, Debug)]
@@ -200,6 +235,8 @@ fn image_cache(common: &CommonArgs) -> PathBuf {
     })
 }
 
+/// The command's last word when it cannot serve: a report to whoever started
+/// it, on stderr like clap's usage errors, not a runtime event.
 fn fail(message: &str) -> ExitCode {
     eprintln!("error: {message}");
     ExitCode::from(EXIT_FAILED)
@@ -234,8 +271,9 @@ fn standalone_auth(args: &ServeArgs) -> Result<Authenticator, AuthConfigError> {
         Anonymous::Auto => loopback && args.tokens.is_none() && !jwt_configured,
     };
     if auth.allow_anonymous {
-        eprintln!(
-            "warning: anonymous calls are allowed{}; configure --tokens or --jwt-* before exposing this runner",
+        tracing::warn!(
+            loopback,
+            "anonymous calls are allowed{}; configure --tokens or --jwt-* before exposing this runner",
             if loopback {
                 " (loopback only)"
             } else {
@@ -254,22 +292,20 @@ fn run(
     tokio: tokio::runtime::Runtime,
 ) -> ExitCode {
     let executor: Arc<dyn ToolExecutor> = if common.unsandboxed_dev {
-        eprintln!(
-            "WARNING: --unsandboxed-dev: tools run as plain processes of this user with NO ISOLATION."
-        );
-        eprintln!(
-            "WARNING: use it to try the API with trusted tools only, never with real agents."
+        tracing::warn!(
+            "--unsandboxed-dev: tools run as plain processes of this user with NO ISOLATION; \
+             use it to try the API with trusted tools only, never with real agents"
         );
         Arc::new(UnsandboxedProcessExecutor)
     } else {
         match sandbox_executor(dir, common) {
             Ok(executor) => Arc::new(executor),
-            Err(e) => return fail(&e),
+            Err(e) => return fail(&e.to_string()),
         }
     };
     let (audit_key, key_line) = match audit_key(common) {
         Ok(key) => key,
-        Err(e) => return fail(&e),
+        Err(e) => return fail(&e.to_string()),
     };
     let audit = match &common.audit_log {
         Some(path) => match AuditLog::open_file(path, audit_key) {
@@ -305,7 +341,7 @@ fn run(
         }
     };
     let registry = Arc::new(registry);
-    let report = load(&registry, dir);
+    let report = reload::load(&registry, dir);
     if !report.errors.is_empty() {
         return fail(&format!("{} could not be loaded", dir.display()));
     }
@@ -334,7 +370,7 @@ fn run(
                         limits: http.limits.clone(),
                         allowed_hosts: AllowedHosts::for_listen(metrics_addr, &common.allowed_host),
                     };
-                    let router = rest::metrics_router(runner.clone());
+                    let router = router::metrics_router(runner.clone());
                     tokio::spawn(listener::serve(
                         metrics,
                         router,
@@ -345,14 +381,14 @@ fn run(
                 Err(e) => return fail(&format!("cannot listen on {metrics_addr}: {e}")),
             }
         }
-        prepare_sandboxes(&runner).await;
+        reload::prepare_executor(&runner).await;
         // Watching starts before the banner says what is served: a change made as soon as
         // the banner appears is never missed.
         let secrets = common.secrets_dir.as_deref();
-        let _watcher = match watch(dir, secrets, runner.clone()) {
+        let _watcher = match reload::watch(dir, secrets, runner.clone()) {
             Ok(w) => Some(w),
             Err(e) => {
-                eprintln!("warning: not watching {} for changes: {e}", dir.display());
+                tracing::warn!(dir = %dir.display(), error = %e, "not watching the manifests for changes");
                 None
             }
         };
@@ -371,7 +407,7 @@ fn run(
         tokio::spawn(runner.audit.clone().maintain());
         let served = listener::serve(
             listener,
-            rest::router(runner.clone()),
+            router::router(runner.clone()),
             http,
             shutdown_signal(),
         )
@@ -421,18 +457,19 @@ const AUDIT_CLOSE_GRACE: Duration = Duration::from_secs(30);
 
 /// `--audit-key`, or the key under the state dir (created when missing), and
 /// how the banner describes it. The key itself is never printed.
-fn audit_key(common: &CommonArgs) -> Result<(AuditKey, String), String> {
+fn audit_key(common: &CommonArgs) -> Result<(AuditKey, String), StartError> {
     if let Some(path) = &common.audit_key {
-        let key = AuditKey::from_file(path).map_err(|e| e.to_string())?;
+        let key = AuditKey::from_file(path)?;
         let line = format!("key id {} from {}", key.id(), path.display());
         return Ok((key, line));
     }
     let dir = default_audit_key_dir(common);
     let path = dir.join("audit.key");
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| format!("{}: {e} (or pass --audit-key)", dir.display()))?;
-    let (key, created) =
-        AuditKey::load_or_create(&path).map_err(|e| format!("{e} (or pass --audit-key)"))?;
+    std::fs::create_dir_all(&dir).map_err(|source| StartError::AuditKeyDir {
+        dir: dir.clone(),
+        source,
+    })?;
+    let (key, created) = AuditKey::load_or_create(&path).map_err(StartError::DefaultAuditKey)?;
     if created {
         tracing::warn!(
             key = %path.display(),
@@ -467,31 +504,24 @@ fn folder_beside(manifests: &Path, name: &str) -> Option<PathBuf> {
 }
 
 /// Starts the sandbox engine (its zygote is this binary, re-executed).
-fn sandbox_executor(dir: &Path, common: &CommonArgs) -> Result<SandboxExecutor, String> {
+fn sandbox_executor(dir: &Path, common: &CommonArgs) -> Result<SandboxExecutor, StartError> {
     if !nix::unistd::geteuid().is_root() {
         // Rootless sandboxes (user namespace without root) are not built yet.
-        return Err(
-            "the sandbox engine needs root; run as root, or pass --unsandboxed-dev \
-                    to try the API without isolation (trusted tools only)"
-                .into(),
-        );
+        return Err(StartError::NotRoot);
     }
-    let could_not_start = |e: String| {
-        format!(
-            "the sandbox engine could not start ({e}); it needs root (or pass --unsandboxed-dev \
-             to try the API without isolation, trusted tools only)"
-        )
-    };
     // Root-owned and 0711: a user-namespaced sandbox's setup passes through it
     // to the volumes and secret files below, and nobody can list it.
     let state = &common.state_dir;
     std::fs::create_dir_all(state)
         .and_then(|()| std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o711)))
-        .map_err(|e| could_not_start(format!("--state-dir {}: {e}", state.display())))?;
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+        .map_err(|source| StartError::StateDir {
+            dir: state.clone(),
+            source,
+        })?;
+    let exe = std::env::current_exe().map_err(StartError::NoExecutable)?;
     let mut config = EngineConfig::new(exe);
     config.state_root = common.state_dir.join("sandbox");
-    let engine = Sandboxes::start(&config).map_err(|e| could_not_start(e.to_string()))?;
+    let engine = Sandboxes::start(&config).map_err(StartError::Engine)?;
     let volumes = common
         .volumes
         .clone()
@@ -502,63 +532,9 @@ fn sandbox_executor(dir: &Path, common: &CommonArgs) -> Result<SandboxExecutor, 
     )
 }
 
-/// Fills the warm pools of the tools now served (dropping those of replaced
-/// tools). A tool that cannot run (e.g. its isolation would be degraded
-/// without permission) is reported and no longer served; the metrics name
-/// what each served tool runs without.
-async fn prepare_sandboxes(runner: &Runner) {
-    let tools: Vec<_> = runner.registry.snapshot().values().cloned().collect();
-    match runner.executor.prepare(&tools).await {
-        Ok(unrunnable) => {
-            for (tool, reason) in &unrunnable {
-                eprintln!("error: cannot run {tool}, not served: {reason}");
-            }
-            let names: Vec<String> = unrunnable.into_iter().map(|(tool, _)| tool).collect();
-            runner.registry.withdraw(&names);
-        }
-        Err(e) => eprintln!("error: preparing sandboxes: {e}"),
-    }
-    let served: Vec<_> = runner.registry.snapshot().values().cloned().collect();
-    let degraded: Vec<(String, Vec<Degradation>)> = served
-        .iter()
-        .map(|t| {
-            (
-                t.name.clone(),
-                runner.executor.degradations(t).unwrap_or_default(),
-            )
-        })
-        .collect();
-    runner.metrics.set_degraded(
-        degraded
-            .iter()
-            .flat_map(|(tool, list)| list.iter().map(move |d| (tool.as_str(), d.missing))),
-    );
-}
-
-/// Loads `dir` into the registry and reports what is (not) served on stderr.
-fn load(registry: &Registry, dir: &Path) -> LoadReport {
-    let report = match manifest_files(dir) {
-        Ok(files) => registry.load(&files),
-        Err(e) => LoadReport {
-            errors: vec![format!("{}: {e}", dir.display())],
-            ..LoadReport::default()
-        },
-    };
-    for e in &report.errors {
-        eprintln!("error: {e}");
-    }
-    for refusal in &report.refused {
-        eprintln!(
-            "refused {} ({}): fails the checklist:",
-            refusal.tool, refusal.origin
-        );
-        for reason in &refusal.reasons {
-            eprintln!("    {reason}");
-        }
-    }
-    report
-}
-
+/// The startup report: what is served where, on stderr for whoever started the
+/// command (tests and scripts read the addresses from it). Runtime events go
+/// through `tracing`.
 fn banner(
     command: &str,
     dir: &Path,
@@ -600,76 +576,6 @@ fn banner(
         "  audit:     {} (HMAC-chained, {audit_key}; check with `toolwarden audit verify --key`)",
         runner.audit.description()
     );
-}
-
-/// Reloads on any change to a manifest in `dir` or to anything under the
-/// secrets folder, after changes settle for 200 ms (editors write files in
-/// several steps). The secrets folder is watched whole, recursively: kubelet
-/// rotates a mounted Secret by swapping a `..data` symlink, which no event
-/// of the key files themselves reports.
-fn watch(
-    dir: &Path,
-    secrets: Option<&Path>,
-    runner: Arc<Runner>,
-) -> notify::Result<notify::RecommendedWatcher> {
-    use notify::Watcher;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    // Events name paths under the folder as watched: compare with the same form.
-    let secrets = secrets.map(|s| std::fs::canonicalize(s).unwrap_or_else(|_| s.to_path_buf()));
-    let secrets_watched = secrets.clone();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // Reading the files (our own reload included) raises access events:
-        // reacting to those would reload forever.
-        if let Ok(event) = event
-            && !matches!(event.kind, notify::EventKind::Access(_))
-            && event.paths.iter().any(|p| {
-                is_manifest(p) || secrets_watched.as_ref().is_some_and(|s| p.starts_with(s))
-            })
-        {
-            let _ = tx.send(());
-        }
-    })?;
-    watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
-    if let Some(secrets) = &secrets
-        && let Err(e) = watcher.watch(secrets, notify::RecursiveMode::Recursive)
-    {
-        eprintln!(
-            "warning: not watching {} for rotated secrets: {e}",
-            secrets.display()
-        );
-    }
-    let dir = dir.to_path_buf();
-    tokio::spawn(async move {
-        while rx.recv().await.is_some() {
-            while let Ok(Some(())) =
-                tokio::time::timeout(Duration::from_millis(200), rx.recv()).await
-            {}
-            // Loading compiles schemas and may unpack images: keep it off the I/O threads.
-            let (loading, dir) = (runner.registry.clone(), dir.clone());
-            let Ok((report, dir)) =
-                tokio::task::spawn_blocking(move || (load(&loading, &dir), dir)).await
-            else {
-                continue;
-            };
-            if report.errors.is_empty() {
-                eprintln!(
-                    "reloaded {}: serving {}",
-                    dir.display(),
-                    report.served.join(", ")
-                );
-                if !report.rotated.is_empty() {
-                    eprintln!("  new secret values for {}", report.rotated.join(", "));
-                }
-                prepare_sandboxes(&runner).await;
-            } else {
-                eprintln!(
-                    "reload of {} failed; still serving the previous tools",
-                    dir.display()
-                );
-            }
-        }
-    });
-    Ok(watcher)
 }
 
 async fn shutdown_signal() {

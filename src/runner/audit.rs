@@ -349,21 +349,39 @@ struct Parsed {
     body: String,
 }
 
-fn parse(text: &str) -> Result<Parsed, String> {
-    let record: Value =
-        serde_json::from_str(text).map_err(|e| format!("not a JSON record: {e}"))?;
-    let field = |name: &str| record.get(name).and_then(Value::as_str).map(str::to_owned);
-    let hash = field("hash").ok_or("no `hash` field")?;
+/// Why a line of a log is not a record.
+#[derive(Debug, thiserror::Error)]
+enum MalformedRecord {
+    #[error("not UTF-8: {0}")]
+    NotUtf8(#[from] std::str::Utf8Error),
+    #[error("not a JSON record: {0}")]
+    NotJson(#[from] serde_json::Error),
+    #[error("no `{0}` field")]
+    MissingField(&'static str),
+    #[error("`hash` is not the last field")]
+    HashNotLast,
+}
+
+fn parse(text: &str) -> Result<Parsed, MalformedRecord> {
+    let record: Value = serde_json::from_str(text)?;
+    let field = |name: &'static str| {
+        record
+            .get(name)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or(MalformedRecord::MissingField(name))
+    };
+    let hash = field("hash")?;
     let suffix = format!(",\"hash\":\"{hash}\"}}");
     let body = text
         .strip_suffix(&suffix)
         .map(|b| format!("{b}}}"))
-        .ok_or("`hash` is not the last field")?;
+        .ok_or(MalformedRecord::HashNotLast)?;
     let seq = record
         .get("seq")
         .and_then(Value::as_u64)
-        .ok_or("no `seq` field")?;
-    let prev_hash = field("prevHash").ok_or("no `prevHash` field")?;
+        .ok_or(MalformedRecord::MissingField("seq"))?;
+    let prev_hash = field("prevHash")?;
     Ok(Parsed {
         record,
         seq,
@@ -437,10 +455,25 @@ pub struct Anchor {
     mac: String,
 }
 
+/// Why a text is not an anchor.
+#[derive(Debug, thiserror::Error)]
+pub enum AnchorError {
+    #[error("not an anchor: {0}")]
+    NotJson(#[from] serde_json::Error),
+    #[error("not an anchor: needs seq, hash and mac")]
+    MissingFields,
+}
+
+impl AnchorError {
+    /// Stable CamelCase name of the error class.
+    pub fn reason(&self) -> &'static str {
+        "AuditAnchorInvalid"
+    }
+}
+
 impl Anchor {
-    pub fn parse(text: &str) -> Result<Anchor, String> {
-        let value: Value =
-            serde_json::from_str(text.trim()).map_err(|e| format!("not an anchor: {e}"))?;
+    pub fn parse(text: &str) -> Result<Anchor, AnchorError> {
+        let value: Value = serde_json::from_str(text.trim())?;
         let text = |name: &str| value.get(name).and_then(Value::as_str).map(str::to_owned);
         match (
             value.get("seq").and_then(Value::as_u64),
@@ -448,7 +481,7 @@ impl Anchor {
             text("mac"),
         ) {
             (Some(seq), Some(hash), Some(mac)) => Ok(Anchor { seq, hash, mac }),
-            _ => Err("not an anchor: needs seq, hash and mac".into()),
+            _ => Err(AnchorError::MissingFields),
         }
     }
 
@@ -515,7 +548,7 @@ struct Verifier<'k> {
     /// The reason of the last checkpoint.
     last_checkpoint: Option<String>,
     /// Non-record bytes since the last record: (first line, why, bytes).
-    garbage: Option<(usize, String, Discarded)>,
+    garbage: Option<(usize, MalformedRecord, Discarded)>,
     /// Every checkpoint seen: seq -> hash.
     checkpoints: HashMap<u64, String>,
     report: Verified,
@@ -533,7 +566,7 @@ impl Verifier<'_> {
     fn line_bytes(&mut self, raw: &[u8]) -> Result<(), BrokenChain> {
         let text = raw.strip_suffix(b"\n").unwrap_or(raw);
         let parsed = std::str::from_utf8(text)
-            .map_err(|e| format!("not UTF-8: {e}"))
+            .map_err(MalformedRecord::from)
             .and_then(parse);
         let parsed = match parsed {
             Ok(parsed) => parsed,
@@ -575,7 +608,7 @@ impl Verifier<'_> {
             let acknowledged =
                 checkpoint.is_some() && p.record.get("discarded") == Some(&bytes.to_json());
             if !acknowledged {
-                return Err(self.broken(first, Damage::Incomplete, why));
+                return Err(self.broken(first, Damage::Incomplete, why.to_string()));
             }
             if self.last.is_none() {
                 return Err(self.broken(
@@ -1249,19 +1282,32 @@ impl Sink {
     }
 }
 
+/// Why a runner starting on a log has no anchor to trust.
+#[derive(Debug, thiserror::Error)]
+enum UnusableAnchor {
+    #[error("missing")]
+    Missing,
+    #[error("{0}")]
+    Unreadable(std::io::Error),
+    #[error("{0}")]
+    Invalid(#[from] AnchorError),
+    #[error("its MAC does not match the key")]
+    WrongKey,
+}
+
 /// The anchor file as the start checkpoint records it: `{seq, hash}`, or why
 /// there is none to trust.
 fn found_anchor(path: &Path, key: &AuditKey, tail: &Tail) -> Value {
     let anchor = match std::fs::read_to_string(path) {
-        Ok(text) => Anchor::parse(&text),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err("missing".to_string()),
-        Err(e) => Err(e.to_string()),
+        Ok(text) => Anchor::parse(&text).map_err(UnusableAnchor::from),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(UnusableAnchor::Missing),
+        Err(e) => Err(UnusableAnchor::Unreadable(e)),
     };
     let anchor = anchor.and_then(|a| {
         if a.sealed_by(key) {
             Ok(a)
         } else {
-            Err("its MAC does not match the key".into())
+            Err(UnusableAnchor::WrongKey)
         }
     });
     match anchor {
@@ -1278,7 +1324,7 @@ fn found_anchor(path: &Path, key: &AuditKey, tail: &Tail) -> Value {
         }
         Err(why) => {
             tracing::warn!(anchor = %path.display(), %why, "no usable audit anchor: a cut tail of the log cannot be detected");
-            json!({"unusable": why})
+            json!({"unusable": why.to_string()})
         }
     }
 }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -32,29 +32,112 @@ impl Caller {
     }
 }
 
-/// Why a call is unauthenticated. The message is safe to show the caller.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+/// Why a call is unauthenticated. The message is safe to show the caller;
+/// [`AuthError::detail`] is for the audit log only.
+#[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     #[error("a bearer token is required (Authorization: Bearer ...)")]
     Missing,
+    /// Each way the token was tried, and why it refused the token.
     #[error("the bearer token is not valid")]
-    Invalid { reason: String },
+    Invalid { rejections: Vec<Rejection> },
 }
 
 impl AuthError {
-    /// The full reason, for the audit log only.
-    pub fn reason(&self) -> String {
+    /// Stable CamelCase name of the error class.
+    pub fn reason(&self) -> &'static str {
         match self {
-            AuthError::Missing => "no bearer token".into(),
-            AuthError::Invalid { reason } => reason.clone(),
+            AuthError::Missing => "TokenMissing",
+            AuthError::Invalid { .. } => "TokenInvalid",
         }
     }
+
+    /// The full reason, for the audit log only.
+    pub fn detail(&self) -> String {
+        match self {
+            AuthError::Missing => "no bearer token".into(),
+            AuthError::Invalid { rejections } => rejections
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+        }
+    }
+}
+
+/// Why one way of authenticating refused a token.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum Rejection {
+    #[error("the Authorization header is not `Bearer <token>`")]
+    NotBearer,
+    #[error("unknown token")]
+    UnknownToken,
+    #[error("jwt: the sub claim is empty")]
+    JwtEmptySubject,
+    #[error("jwt: {0}")]
+    Jwt(jsonwebtoken::errors::Error),
+    #[error("tokenreview: {0}")]
+    TokenReview(ReviewError),
+}
+
+impl Rejection {
+    /// Stable CamelCase name of the error class.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Rejection::NotBearer => "NotBearer",
+            Rejection::UnknownToken => "UnknownToken",
+            Rejection::JwtEmptySubject => "JwtEmptySubject",
+            Rejection::Jwt(_) => "JwtInvalid",
+            Rejection::TokenReview(e) => e.reason(),
+        }
+    }
+}
+
+/// Why a TokenReview did not authenticate a token.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ReviewError {
+    /// Shared: answers are cached, and `kube::Error` cannot be cloned.
+    #[error("{0}")]
+    Request(Arc<kube::Error>),
+    #[error("no status in the TokenReview response")]
+    NoStatus,
+    /// With the API server's own words, when it gave some.
+    #[error("{}", .0.as_deref().unwrap_or("not authenticated"))]
+    NotAuthenticated(Option<String>),
+    #[error("the token is not bound to audience {0}")]
+    WrongAudience(String),
+    #[error("no user in the TokenReview status")]
+    NoUser,
+}
+
+impl ReviewError {
+    /// Stable CamelCase name of the error class.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ReviewError::Request(_) => "TokenReviewFailed",
+            ReviewError::NoStatus | ReviewError::NoUser => "TokenReviewIncomplete",
+            ReviewError::NotAuthenticated(_) => "TokenReviewRefused",
+            ReviewError::WrongAudience(_) => "TokenWrongAudience",
+        }
+    }
+}
+
+/// A line of a token file that is not `SHA256HEX SUBJECT [GROUPS]`.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenFileError {
+    #[error("line {line}: expected `SHA256HEX SUBJECT [GROUPS]`")]
+    MissingField { line: usize },
+    /// `start`: the first 8 characters only (the line may hold a real token).
+    #[error("line {line}: `{start}...` is not a SHA-256 hex digest (store hashes, not tokens)")]
+    NotADigest { line: usize, start: String },
 }
 
 /// A bearer-token file: one `SHA256HEX SUBJECT [GROUP,GROUP...]` per line,
 /// `#` comments. Only hashes are stored, so the file leaks no usable token.
 /// Make a line with `printf %s "$TOKEN" | sha256sum`.
-pub fn parse_token_file(text: &str) -> Result<HashMap<String, (String, Vec<String>)>, String> {
+pub fn parse_token_file(
+    text: &str,
+) -> Result<HashMap<String, (String, Vec<String>)>, TokenFileError> {
     let mut tokens = HashMap::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -63,16 +146,13 @@ pub fn parse_token_file(text: &str) -> Result<HashMap<String, (String, Vec<Strin
         }
         let mut parts = line.split_whitespace();
         let (Some(hash), Some(sub)) = (parts.next(), parts.next()) else {
-            return Err(format!(
-                "line {}: expected `SHA256HEX SUBJECT [GROUPS]`",
-                i + 1
-            ));
+            return Err(TokenFileError::MissingField { line: i + 1 });
         };
         if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(format!(
-                "line {}: `{hash:.8}...` is not a SHA-256 hex digest (store hashes, not tokens)",
-                i + 1
-            ));
+            return Err(TokenFileError::NotADigest {
+                line: i + 1,
+                start: hash.chars().take(8).collect(),
+            });
         }
         let groups = parts
             .next()
@@ -116,8 +196,11 @@ pub enum AuthConfigError {
     },
     #[error("unsupported JWT algorithm {0:?}")]
     UnsupportedAlgorithm(Algorithm),
-    #[error("{}: {message}", path.display())]
-    TokenFile { path: PathBuf, message: String },
+    #[error("{}: {source}", path.display())]
+    TokenFile {
+        path: PathBuf,
+        source: TokenFileError,
+    },
     #[error(
         "{}: holds no tokens; every call would be refused (add `SHA256HEX SUBJECT` lines)",
         path.display()
@@ -154,9 +237,9 @@ pub fn load_token_file(
         path: path.into(),
         source,
     })?;
-    let tokens = parse_token_file(&text).map_err(|message| AuthConfigError::TokenFile {
+    let tokens = parse_token_file(&text).map_err(|source| AuthConfigError::TokenFile {
         path: path.into(),
-        message,
+        source,
     })?;
     if tokens.is_empty() {
         return Err(AuthConfigError::NoTokens { path: path.into() });
@@ -242,7 +325,7 @@ const REVIEW_CACHE_ENTRIES: usize = 4096;
 /// instead of hammering the API server.
 const REVIEWS_IN_FLIGHT: usize = 16;
 
-type ReviewCache = lru::LruCache<[u8; 32], (Result<Caller, String>, Instant)>;
+type ReviewCache = lru::LruCache<[u8; 32], (Result<Caller, ReviewError>, Instant)>;
 
 /// In-cluster authentication through the API server's TokenReview, with
 /// answers cached by the token's SHA-256 (never the token itself).
@@ -266,7 +349,7 @@ impl TokenReviewer {
         }
     }
 
-    fn cached(&self, digest: &[u8; 32]) -> Option<Result<Caller, String>> {
+    fn cached(&self, digest: &[u8; 32]) -> Option<Result<Caller, ReviewError>> {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         match cache.get(digest) {
             Some((answer, expires)) if *expires > Instant::now() => Some(answer.clone()),
@@ -279,7 +362,7 @@ impl TokenReviewer {
     }
 
     /// The API server's verdict on `token`, from the cache when fresh.
-    async fn review(&self, token: &str) -> Result<Caller, String> {
+    async fn review(&self, token: &str) -> Result<Caller, ReviewError> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some(answer) = self.cached(&digest) {
             return answer;
@@ -350,7 +433,7 @@ impl Authenticator {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| AuthError::Invalid {
-                reason: "the Authorization header is not `Bearer <token>`".into(),
+                rejections: vec![Rejection::NotBearer],
             })?;
         let digest = hex::encode(Sha256::digest(token.as_bytes()));
         if let Some((sub, groups)) = self.tokens.get(&digest) {
@@ -360,12 +443,12 @@ impl Authenticator {
                 method: "token",
             });
         }
-        let mut reasons = Vec::new();
+        let mut rejections = Vec::new();
         if token.matches('.').count() == 2 {
             for key in &self.jwt_keys {
                 match jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation) {
                     Ok(data) if data.claims.sub.is_empty() => {
-                        reasons.push("jwt: the sub claim is empty".into());
+                        rejections.push(Rejection::JwtEmptySubject);
                     }
                     Ok(data) => {
                         return Ok(Caller {
@@ -374,26 +457,24 @@ impl Authenticator {
                             method: "jwt",
                         });
                     }
-                    Err(e) => reasons.push(format!("jwt: {e}")),
+                    Err(e) => rejections.push(Rejection::Jwt(e)),
                 }
             }
         }
         if let Some(reviewer) = &self.token_review {
             match reviewer.review(token).await {
                 Ok(caller) => return Ok(caller),
-                Err(e) => reasons.push(format!("tokenreview: {e}")),
+                Err(e) => rejections.push(Rejection::TokenReview(e)),
             }
         }
-        if reasons.is_empty() {
-            reasons.push("unknown token".into());
+        if rejections.is_empty() {
+            rejections.push(Rejection::UnknownToken);
         }
-        Err(AuthError::Invalid {
-            reason: reasons.join("; "),
-        })
+        Err(AuthError::Invalid { rejections })
     }
 }
 
-async fn review(reviewer: &TokenReviewer, token: &str) -> Result<Caller, String> {
+async fn review(reviewer: &TokenReviewer, token: &str) -> Result<Caller, ReviewError> {
     let api: kube::Api<TokenReview> = kube::Api::all(reviewer.client.clone());
     let request = TokenReview {
         spec: TokenReviewSpec {
@@ -405,24 +486,19 @@ async fn review(reviewer: &TokenReviewer, token: &str) -> Result<Caller, String>
     let response = api
         .create(&kube::api::PostParams::default(), &request)
         .await
-        .map_err(|e| e.to_string())?;
-    let status = response
-        .status
-        .ok_or("no status in the TokenReview response")?;
+        .map_err(|e| ReviewError::Request(Arc::new(e)))?;
+    let status = response.status.ok_or(ReviewError::NoStatus)?;
     if status.authenticated != Some(true) {
-        return Err(status.error.unwrap_or_else(|| "not authenticated".into()));
+        return Err(ReviewError::NotAuthenticated(status.error));
     }
     if !status
         .audiences
         .unwrap_or_default()
         .contains(&reviewer.audience)
     {
-        return Err(format!(
-            "the token is not bound to audience {}",
-            reviewer.audience
-        ));
+        return Err(ReviewError::WrongAudience(reviewer.audience.clone()));
     }
-    let user = status.user.ok_or("no user in the TokenReview status")?;
+    let user = status.user.ok_or(ReviewError::NoUser)?;
     Ok(Caller {
         sub: user.username.unwrap_or_default(),
         groups: user.groups.unwrap_or_default(),
@@ -463,17 +539,19 @@ mod tests {
             block_on(auth.authenticate(Some("Bearer nope"))),
             Err(AuthError::Invalid { .. })
         ));
-        assert_eq!(block_on(auth.authenticate(None)), Err(AuthError::Missing));
+        let missing = block_on(auth.authenticate(None)).unwrap_err();
+        assert_eq!(missing.reason(), "TokenMissing");
         assert!(block_on(auth.authenticate(Some("Basic czNjcmV0"))).is_err());
     }
 
     #[test]
     fn token_files_must_hold_hashes() {
+        let e = parse_token_file("s3cret-token-value alice").unwrap_err();
         assert!(
-            parse_token_file("s3cret alice")
-                .unwrap_err()
-                .contains("line 1")
+            matches!(&e, TokenFileError::NotADigest { line: 1, start } if start == "s3cret-t"),
+            "{e:?}"
         );
+        assert!(e.to_string().starts_with("line 1: `s3cret-t...`"), "{e}");
     }
 
     #[test]
@@ -540,10 +618,11 @@ mod tests {
         for missing in ["aud", "iss", "exp", "sub"] {
             let mut claims = full.clone();
             claims.as_object_mut().unwrap().remove(missing);
-            let Err(AuthError::Invalid { reason }) = check(&claims) else {
+            let Err(e @ AuthError::Invalid { .. }) = check(&claims) else {
                 panic!("a token without {missing} was accepted");
             };
-            assert!(reason.contains(missing), "{missing}: {reason}");
+            assert_eq!(e.reason(), "TokenInvalid");
+            assert!(e.detail().contains(missing), "{missing}: {}", e.detail());
         }
         for (claim, value) in [
             ("nbf", serde_json::json!(now + 600)),

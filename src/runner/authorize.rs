@@ -15,14 +15,45 @@ pub struct CompiledRule {
     pub message: String,
 }
 
+/// Why a rule does not compile, or has no boolean value for a call.
+#[derive(Debug, thiserror::Error)]
+pub enum RuleError {
+    #[error("authorization[{index}]: {source}")]
+    Parse {
+        index: usize,
+        source: cel::ParseErrors,
+    },
+    #[error("the input cannot be given to CEL: {0}")]
+    Input(#[from] cel::SerializationError),
+    #[error("`{expression}` returned {value}, not a boolean")]
+    NotBoolean { expression: String, value: String },
+    #[error("`{expression}` failed: {source}")]
+    Failed {
+        expression: String,
+        source: cel::ExecutionError,
+    },
+}
+
+impl RuleError {
+    /// Stable CamelCase name of the error class.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            RuleError::Parse { .. } => "RuleInvalid",
+            RuleError::Input(_) => "RuleInputUnrepresentable",
+            RuleError::NotBoolean { .. } => "RuleNotBoolean",
+            RuleError::Failed { .. } => "RuleFailed",
+        }
+    }
+}
+
 /// Compiles every rule; the error names the rule that does not parse.
-pub fn compile(rules: &[AuthorizationRule]) -> Result<Vec<CompiledRule>, String> {
+pub fn compile(rules: &[AuthorizationRule]) -> Result<Vec<CompiledRule>, RuleError> {
     rules
         .iter()
         .enumerate()
         .map(|(i, rule)| {
             let program = cel::Program::compile(&rule.expression)
-                .map_err(|e| format!("authorization[{i}]: {e}"))?;
+                .map_err(|source| RuleError::Parse { index: i, source })?;
             Ok(CompiledRule {
                 expression: rule.expression.clone(),
                 program,
@@ -47,7 +78,7 @@ pub fn authorize(rules: &[CompiledRule], caller: &Caller, input: &Value) -> Resu
         let reason = match holds(rule, caller, input) {
             Ok(true) => continue,
             Ok(false) => format!("`{}` is false", rule.expression),
-            Err(e) => e,
+            Err(e) => e.to_string(),
         };
         return Err(Denied {
             message: rule.message.clone(),
@@ -58,20 +89,22 @@ pub fn authorize(rules: &[CompiledRule], caller: &Caller, input: &Value) -> Resu
 }
 
 /// Evaluates one rule; an error says why it has no boolean value.
-pub fn holds(rule: &CompiledRule, caller: &Caller, input: &Value) -> Result<bool, String> {
+pub fn holds(rule: &CompiledRule, caller: &Caller, input: &Value) -> Result<bool, RuleError> {
     let mut context = cel::Context::default();
     let caller_value = serde_json::json!({"sub": caller.sub, "groups": caller.groups});
     context
         .add_variable("caller", &caller_value)
-        .and_then(|()| context.add_variable("input", input))
-        .map_err(|e| format!("the input cannot be given to CEL: {e}"))?;
+        .and_then(|()| context.add_variable("input", input))?;
     match rule.program.execute(&context) {
         Ok(cel::Value::Bool(b)) => Ok(b),
-        Ok(other) => Err(format!(
-            "`{}` returned {other:?}, not a boolean",
-            rule.expression
-        )),
-        Err(e) => Err(format!("`{}` failed: {e}", rule.expression)),
+        Ok(other) => Err(RuleError::NotBoolean {
+            expression: rule.expression.clone(),
+            value: format!("{other:?}"),
+        }),
+        Err(source) => Err(RuleError::Failed {
+            expression: rule.expression.clone(),
+            source,
+        }),
     }
 }
 
@@ -127,6 +160,9 @@ mod tests {
         assert!(missing.reason.contains("failed"), "{}", missing.reason);
         let not_bool = authorize(&rules(&["1 + 1"]), &c, &json!({})).unwrap_err();
         assert!(not_bool.reason.contains("not a boolean"));
+        let rule = &rules(&["1 + 1"])[0];
+        let e = holds(rule, &c, &json!({})).unwrap_err();
+        assert_eq!(e.reason(), "RuleNotBoolean", "{e}");
     }
 
     #[test]
@@ -135,6 +171,8 @@ mod tests {
             expression: "caller.sub ==".into(),
             message: None,
         }];
-        assert!(compile(&bad).err().unwrap().starts_with("authorization[0]"));
+        let e = compile(&bad).err().unwrap();
+        assert_eq!(e.reason(), "RuleInvalid");
+        assert!(e.to_string().starts_with("authorization[0]"), "{e}");
     }
 }

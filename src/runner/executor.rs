@@ -1,18 +1,16 @@
 //! The seam between the runner and whatever runs a tool: [`ToolExecutor`].
 //!
-//! The real implementation is [`super::sandbox_executor::SandboxExecutor`]: a
-//! fresh youki sandbox per call. [`UnsandboxedProcessExecutor`] runs the tool's
-//! command as a plain child process of the runner, with no isolation at all: it
-//! exists for the HTTP pipeline's tests and the loud `--unsandboxed-dev` flag.
+//! The real implementation is `sandbox_executor::SandboxExecutor`: a fresh
+//! youki sandbox per call. `unsandboxed::UnsandboxedProcessExecutor` runs the
+//! tool's command as a plain child process of the runner, with no isolation
+//! at all: it exists for the HTTP pipeline's tests and the loud
+//! `--unsandboxed-dev` flag.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-
-use super::registry::PreparedTool;
+use super::tool::{PreparedTool, SecretDelivery};
 
 /// What one run of a tool produced.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -38,19 +36,28 @@ pub struct ExecOutcome {
 /// Why a tool could not be run at all (as opposed to running and failing).
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
+    /// The executor cannot run this tool (e.g. its sandbox cannot be built,
+    /// or its isolation would be degraded); the source says why.
     #[error("the tool could not be started: {0}")]
-    Spawn(String),
+    NotRunnable(Box<dyn std::error::Error + Send + Sync>),
+    #[error("the tool could not be started: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("the tool could not be started: {0}")]
+    Sandbox(#[from] crate::sandbox::Error),
     #[error("the tool's I/O failed: {0}")]
-    Io(String),
+    Io(#[source] std::io::Error),
 }
 
-/// A secret value delivered to one run.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SecretDelivery {
-    /// Set as this environment variable.
-    Env { name: String, value: String },
-    /// Written as a read-only file at this absolute path inside the sandbox.
-    File { path: String, value: Vec<u8> },
+impl ExecError {
+    /// Stable CamelCase name of the error class.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ExecError::NotRunnable(_) => "ToolNotRunnable",
+            ExecError::Spawn(_) => "ToolSpawnFailed",
+            ExecError::Sandbox(_) => "SandboxFailed",
+            ExecError::Io(_) => "ToolIoFailed",
+        }
+    }
 }
 
 /// A protection a tool runs without, and why: listed by the banner,
@@ -105,143 +112,4 @@ pub trait ToolExecutor: Send + Sync {
 
     /// One line for the startup banner, e.g. `youki sandbox (namespaces, seccomp, cgroups)`.
     fn isolation(&self) -> String;
-}
-
-/// **Unsandboxed**: runs the tool's command as an ordinary child process of the
-/// runner, with the runner's privileges, file system and network. It enforces
-/// only the timeout and the output cap, ignores `runtime.image`, and refuses
-/// tools that declare file secrets (it has nowhere private to put them).
-///
-/// It exists for tests of the HTTP pipeline only. `serve` uses it only under
-/// the loud `--unsandboxed-dev` flag; it must never run untrusted tools.
-#[derive(Clone, Debug, Default)]
-pub struct UnsandboxedProcessExecutor;
-
-impl ToolExecutor for UnsandboxedProcessExecutor {
-    fn execute<'a>(
-        &'a self,
-        tool: &'a PreparedTool,
-        stdin: Vec<u8>,
-        secrets: Vec<SecretDelivery>,
-    ) -> ExecFuture<'a> {
-        Box::pin(run_process(tool, stdin, secrets))
-    }
-
-    fn degradations(&self, _tool: &PreparedTool) -> Option<Vec<Degradation>> {
-        Some(vec![Degradation {
-            missing: "sandbox",
-            reason: "--unsandboxed-dev runs tools as plain processes".into(),
-        }])
-    }
-
-    fn isolation(&self) -> String {
-        "NONE: unsandboxed child processes (--unsandboxed-dev)".into()
-    }
-}
-
-async fn run_process(
-    tool: &PreparedTool,
-    stdin: Vec<u8>,
-    secrets: Vec<SecretDelivery>,
-) -> Result<ExecOutcome, ExecError> {
-    let runtime = &tool.spec.runtime;
-    let argv: Vec<&String> = runtime.command.iter().chain(&runtime.args).collect();
-    let Some((program, args)) = argv.split_first() else {
-        return Err(ExecError::Spawn("runtime.command is empty".into()));
-    };
-    let mut command = tokio::process::Command::new(program);
-    command
-        .args(args)
-        .env_clear()
-        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-        .envs(runtime.env.iter().map(|e| (&e.name, &e.value)))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    for secret in secrets {
-        match secret {
-            SecretDelivery::Env { name, value } => {
-                command.env(name, value);
-            }
-            SecretDelivery::File { path, .. } => {
-                return Err(ExecError::Spawn(format!(
-                    "file secrets ({path}) need the sandbox"
-                )));
-            }
-        }
-    }
-    if let Some(dir) = &runtime.working_dir {
-        command.current_dir(dir);
-    }
-    let cap = tool.capture_bytes();
-    let timeout = Duration::from_millis(u64::from(tool.spec.sandbox.timeout_ms));
-    let started = Instant::now();
-    let mut child = command
-        .spawn()
-        .map_err(|e| ExecError::Spawn(e.to_string()))?;
-    let mut child_stdin = child.stdin.take().expect("stdin is piped");
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let stderr = child.stderr.take().expect("stderr is piped");
-    let work = async {
-        // A tool that exits without reading its input closes the pipe: not an error.
-        let feed = async move {
-            let _ = child_stdin.write_all(&stdin).await;
-            drop(child_stdin);
-        };
-        let ((), out, err, status) = tokio::join!(
-            feed,
-            read_capped(stdout, cap),
-            read_capped(stderr, cap),
-            child.wait()
-        );
-        Ok::<_, ExecError>((
-            out?,
-            err?,
-            status.map_err(|e| ExecError::Io(e.to_string()))?,
-        ))
-    };
-    match tokio::time::timeout(timeout, work).await {
-        Ok(result) => {
-            let ((stdout, stdout_truncated), (stderr, stderr_truncated), status) = result?;
-            Ok(ExecOutcome {
-                exit_code: status.code(),
-                stdout,
-                stdout_truncated,
-                stderr,
-                stderr_truncated,
-                duration: started.elapsed(),
-                ..ExecOutcome::default()
-            })
-        }
-        // Dropping `work` dropped the child, and kill_on_drop killed it.
-        Err(_) => Ok(ExecOutcome {
-            timed_out: true,
-            duration: started.elapsed(),
-            ..ExecOutcome::default()
-        }),
-    }
-}
-
-/// Reads a stream to its end, keeping at most `cap` bytes (the rest is drained
-/// so the writer never blocks on a full pipe).
-async fn read_capped(
-    mut stream: impl AsyncRead + Unpin,
-    cap: usize,
-) -> Result<(Vec<u8>, bool), ExecError> {
-    let mut kept = Vec::new();
-    let mut truncated = false;
-    let mut buf = [0u8; 8192];
-    loop {
-        let n = stream
-            .read(&mut buf)
-            .await
-            .map_err(|e| ExecError::Io(e.to_string()))?;
-        if n == 0 {
-            return Ok((kept, truncated));
-        }
-        let room = cap.saturating_sub(kept.len());
-        kept.extend_from_slice(&buf[..n.min(room)]);
-        truncated |= n > room;
-    }
 }

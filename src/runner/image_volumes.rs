@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use super::images::{RootfsResolver, entry_name};
+use super::images::{ImageError, RootfsResolver, entry_name};
 
 /// The directories a sandbox mounts over in every root file system (spec.rs): procfs, the /dev
 /// tmpfs and the /tmp tmpfs. (/sys is left out of sandboxes, so it is not needed.)
@@ -17,14 +17,14 @@ pub struct ImageVolumes {
 }
 
 impl RootfsResolver for ImageVolumes {
-    fn resolve(&self, reference: &str) -> Result<PathBuf, String> {
+    fn resolve(&self, reference: &str) -> Result<PathBuf, ImageError> {
         let name = entry_name(reference);
         let root = self.dir.join(&name);
         if !root.is_dir() {
-            return Err(format!(
-                "image {reference}: no image volume mounted at {}",
-                root.display()
-            ));
+            return Err(ImageError::NoImageVolume {
+                reference: reference.into(),
+                root,
+            });
         }
         let missing: Vec<String> = MOUNT_POINTS
             .iter()
@@ -32,12 +32,11 @@ impl RootfsResolver for ImageVolumes {
             .map(|p| format!("/{p}"))
             .collect();
         if !missing.is_empty() {
-            return Err(format!(
-                "image {reference} (image volume {}) lacks the mount point(s) {}: an image \
-                 volume is read-only, so the image itself must contain these empty directories",
-                root.display(),
-                missing.join(", ")
-            ));
+            return Err(ImageError::MountPointsMissing {
+                reference: reference.into(),
+                root,
+                missing,
+            });
         }
         Ok(root)
     }
@@ -55,12 +54,18 @@ mod tests {
         };
         let reference = "registry.example/tools/grep:1.0";
         let err = volumes.resolve(reference).unwrap_err();
-        assert!(err.contains("no image volume mounted at"), "{err}");
+        assert_eq!(err.reason(), "ImageVolumeMissing");
+        assert!(
+            err.to_string().contains("no image volume mounted at"),
+            "{err}"
+        );
         let root = dir.path().join(entry_name(reference));
         std::fs::create_dir_all(root.join("dev")).unwrap();
         let err = volumes.resolve(reference).unwrap_err();
+        assert_eq!(err.reason(), "ImageVolumeIncomplete");
         assert!(
-            err.contains("lacks the mount point(s) /proc, /tmp"),
+            err.to_string()
+                .contains("lacks the mount point(s) /proc, /tmp"),
             "{err}"
         );
         std::fs::create_dir(root.join("proc")).unwrap();
@@ -69,6 +74,12 @@ mod tests {
         // A file where a mount point belongs is no mount point.
         std::fs::remove_dir(root.join("tmp")).unwrap();
         std::fs::write(root.join("tmp"), b"").unwrap();
-        assert!(volumes.resolve(reference).unwrap_err().contains("/tmp"));
+        assert!(
+            volumes
+                .resolve(reference)
+                .unwrap_err()
+                .to_string()
+                .contains("/tmp")
+        );
     }
 }

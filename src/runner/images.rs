@@ -129,7 +129,20 @@ pub enum ImageError {
     #[error("{}: {limit}", layer.display())]
     LimitExceeded { layer: PathBuf, limit: Limit },
     #[error("image cache {}: {why}", path.display())]
-    UnsafeCache { path: PathBuf, why: String },
+    UnsafeCache { path: PathBuf, why: UnsafeCache },
+    #[error("image {reference}: no image volume mounted at {}", root.display())]
+    NoImageVolume { reference: String, root: PathBuf },
+    #[error(
+        "image {reference} (image volume {}) lacks the mount point(s) {}: an image \
+         volume is read-only, so the image itself must contain these empty directories",
+        root.display(),
+        missing.join(", ")
+    )]
+    MountPointsMissing {
+        reference: String,
+        root: PathBuf,
+        missing: Vec<String>,
+    },
 }
 
 impl ImageError {
@@ -150,8 +163,25 @@ impl ImageError {
             ImageError::Unpack { .. } => "ImageUnpackFailed",
             ImageError::LimitExceeded { .. } => "ImageTooLarge",
             ImageError::UnsafeCache { .. } => "ImageCacheUnsafe",
+            ImageError::NoImageVolume { .. } => "ImageVolumeMissing",
+            ImageError::MountPointsMissing { .. } => "ImageVolumeIncomplete",
         }
     }
+}
+
+/// Why the image cache folder is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum UnsafeCache {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("not a folder (a symlink?)")]
+    NotAFolder,
+    #[error("owned by uid {0}, not by this user")]
+    NotOurs(u32),
+    #[error("{} is owned by uid {uid}", folder.display())]
+    AncestorNotOurs { folder: PathBuf, uid: u32 },
+    #[error("{} is writable by other users (mode {mode:o})", folder.display())]
+    AncestorWritable { folder: PathBuf, mode: u32 },
 }
 
 /// The parts of an image reference the lookup needs.
@@ -176,12 +206,12 @@ impl<'a> Reference<'a> {
 
 /// Turns a tool's `runtime.image` into the directory its sandboxes use as root file system.
 pub trait RootfsResolver: Send + Sync {
-    fn resolve(&self, reference: &str) -> Result<PathBuf, String>;
+    fn resolve(&self, reference: &str) -> Result<PathBuf, ImageError>;
 }
 
 impl RootfsResolver for ImageStore {
-    fn resolve(&self, reference: &str) -> Result<PathBuf, String> {
-        ImageStore::resolve(self, reference).map_err(|e| e.to_string())
+    fn resolve(&self, reference: &str) -> Result<PathBuf, ImageError> {
+        ImageStore::resolve(self, reference)
     }
 }
 
@@ -321,7 +351,7 @@ impl ImageStore {
     /// change it or what leads to it; removes entries left by older versions
     /// and by unpacks that died.
     fn prepare_cache(&self) -> Result<(), ImageError> {
-        let unsafe_cache = |why: String| ImageError::UnsafeCache {
+        let unsafe_cache = |why: UnsafeCache| ImageError::UnsafeCache {
             path: self.cache.clone(),
             why,
         };
@@ -330,45 +360,38 @@ impl ImageStore {
             .recursive(true)
             .mode(0o711)
             .create(&self.cache)
-            .map_err(|e| unsafe_cache(e.to_string()))?;
+            .map_err(|e| unsafe_cache(e.into()))?;
         // The folder itself, not where a symlink planted at its path leads.
-        let meta =
-            std::fs::symlink_metadata(&self.cache).map_err(|e| unsafe_cache(e.to_string()))?;
+        let meta = std::fs::symlink_metadata(&self.cache).map_err(|e| unsafe_cache(e.into()))?;
         let me = nix::unistd::geteuid().as_raw();
         if !meta.is_dir() {
-            return Err(unsafe_cache("not a folder (a symlink?)".into()));
+            return Err(unsafe_cache(UnsafeCache::NotAFolder));
         }
         if meta.uid() != me {
-            return Err(unsafe_cache(format!(
-                "owned by uid {}, not by this user",
-                meta.uid()
-            )));
+            return Err(unsafe_cache(UnsafeCache::NotOurs(meta.uid())));
         }
-        let canonical =
-            std::fs::canonicalize(&self.cache).map_err(|e| unsafe_cache(e.to_string()))?;
+        let canonical = std::fs::canonicalize(&self.cache).map_err(|e| unsafe_cache(e.into()))?;
         for folder in canonical.ancestors().skip(1) {
-            let meta = std::fs::metadata(folder).map_err(|e| unsafe_cache(e.to_string()))?;
+            let meta = std::fs::metadata(folder).map_err(|e| unsafe_cache(e.into()))?;
             if ![0, me].contains(&meta.uid()) {
-                return Err(unsafe_cache(format!(
-                    "{} is owned by uid {}",
-                    folder.display(),
-                    meta.uid()
-                )));
+                return Err(unsafe_cache(UnsafeCache::AncestorNotOurs {
+                    folder: folder.to_path_buf(),
+                    uid: meta.uid(),
+                }));
             }
             let sticky = meta.mode() & 0o1000 != 0;
             if meta.mode() & 0o022 != 0 && !sticky {
-                return Err(unsafe_cache(format!(
-                    "{} is writable by other users (mode {:o})",
-                    folder.display(),
-                    meta.mode() & 0o7777
-                )));
+                return Err(unsafe_cache(UnsafeCache::AncestorWritable {
+                    folder: folder.to_path_buf(),
+                    mode: meta.mode() & 0o7777,
+                }));
             }
         }
         if meta.mode() & 0o7777 != 0o711 {
             std::fs::set_permissions(&canonical, std::fs::Permissions::from_mode(0o711))
-                .map_err(|e| unsafe_cache(e.to_string()))?;
+                .map_err(|e| unsafe_cache(e.into()))?;
         }
-        for item in std::fs::read_dir(&canonical).map_err(|e| unsafe_cache(e.to_string()))? {
+        for item in std::fs::read_dir(&canonical).map_err(|e| unsafe_cache(e.into()))? {
             let Ok(item) = item else { continue };
             let name = item.file_name().to_string_lossy().into_owned();
             let stale = match name.strip_prefix(".partial-") {

@@ -11,12 +11,13 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::pipeline::{Runner, Success};
 use super::problem::{Problem, ProblemKind};
-use super::registry::PreparedTool;
-use super::rest::{call_context, is_json, read_body};
+use super::request::{call_context, is_json, read_body};
+use super::tool::PreparedTool;
 use crate::api::Risk;
 
 /// Protocol revisions spoken, newest first; the newest is offered when the
@@ -32,12 +33,145 @@ const METHOD_NOT_FOUND: i64 = -32601;
 const INVALID_PARAMS: i64 = -32602;
 const INTERNAL_ERROR: i64 = -32603;
 
-fn error(id: Value, code: i64, message: &str) -> Value {
-    json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}})
+/// One JSON-RPC response: `result` or `error`.
+#[derive(Serialize)]
+struct RpcResponse {
+    jsonrpc: &'static str,
+    id: Value,
+    #[serde(flatten)]
+    outcome: Outcome,
 }
 
-fn result(id: Value, result: Value) -> Value {
-    json!({"jsonrpc": "2.0", "id": id, "result": result})
+#[derive(Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Outcome {
+    Result(Reply),
+    Error(RpcError),
+}
+
+#[derive(Serialize)]
+struct RpcError {
+    code: i64,
+    message: String,
+}
+
+/// The results of the methods served.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Reply {
+    Initialize(InitializeResult),
+    /// `ping`'s empty object.
+    Empty {},
+    Tools {
+        tools: Vec<ToolDescription>,
+    },
+    Call(CallToolResult),
+}
+
+fn error(id: Value, code: i64, message: impl Into<String>) -> RpcResponse {
+    RpcResponse {
+        jsonrpc: "2.0",
+        id,
+        outcome: Outcome::Error(RpcError {
+            code,
+            message: message.into(),
+        }),
+    }
+}
+
+fn result(id: Value, reply: Reply) -> RpcResponse {
+    RpcResponse {
+        jsonrpc: "2.0",
+        id,
+        outcome: Outcome::Result(reply),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct InitializeParams {
+    protocol_version: Option<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct InitializeResult {
+    protocol_version: &'static str,
+    capabilities: Capabilities,
+    server_info: ServerInfo,
+    instructions: &'static str,
+}
+
+#[derive(Serialize)]
+struct Capabilities {
+    tools: ToolsCapability,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ToolsCapability {
+    list_changed: bool,
+}
+
+#[derive(Serialize)]
+struct ServerInfo {
+    name: &'static str,
+    version: &'static str,
+}
+
+#[derive(Deserialize)]
+struct CallToolParams {
+    name: String,
+    /// As given: `null` reaches the pipeline (and fails its schema), only a
+    /// missing field means no arguments.
+    #[serde(default = "no_arguments")]
+    arguments: Value,
+}
+
+fn no_arguments() -> Value {
+    Value::Object(serde_json::Map::new())
+}
+
+/// A tool as `tools/list` shows it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ToolDescription {
+    pub name: String,
+    pub description: String,
+    pub input_schema: Value,
+    pub annotations: ToolAnnotations,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ToolAnnotations {
+    pub read_only_hint: bool,
+    pub destructive_hint: bool,
+    pub open_world_hint: bool,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CallToolResult {
+    content: [TextContent; 1],
+    is_error: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    structured_content: Option<Value>,
+    #[serde(rename = "_meta", skip_serializing_if = "Option::is_none")]
+    meta: Option<CallMeta>,
+}
+
+#[derive(Serialize)]
+struct TextContent {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: String,
+}
+
+#[derive(Serialize)]
+struct CallMeta {
+    #[serde(rename = "toolwarden.dev/invocationId")]
+    invocation_id: String,
 }
 
 pub async fn get() -> Response {
@@ -83,7 +217,7 @@ pub async fn post(
         let body = error(
             Value::Null,
             INVALID_REQUEST,
-            &format!("unsupported MCP-Protocol-Version {version}"),
+            format!("unsupported MCP-Protocol-Version {version}"),
         );
         return (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
     }
@@ -99,10 +233,14 @@ pub async fn post(
             return problem.into_response();
         }
     };
+    // The envelope is read as a `Value`, not a derived struct: JSON-RPC tells an
+    // absent `id` (a notification) from `"id": null` (an invalid request), and a
+    // batch array from an object, which `#[derive(Deserialize)]` folds together.
+    // Params and every answer are typed below.
     let message: Value = match serde_json::from_slice(&bytes) {
         Ok(message) => message,
         Err(e) => {
-            let body = error(Value::Null, PARSE_ERROR, &format!("not JSON: {e}"));
+            let body = error(Value::Null, PARSE_ERROR, format!("not JSON: {e}"));
             return (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
         }
     };
@@ -135,47 +273,52 @@ pub async fn post(
     }
     let params = message.get("params").cloned().unwrap_or(Value::Null);
     let answer = match method {
-        "initialize" => result(id, initialize(&params)),
-        "ping" => result(id, json!({})),
+        "initialize" => result(id, Reply::Initialize(initialize(params))),
+        "ping" => result(id, Reply::Empty {}),
         "tools/list" => {
-            let tools: Vec<Value> = runner
+            let tools = runner
                 .registry
                 .snapshot()
                 .values()
                 .map(|t| describe(t))
                 .collect();
-            result(id, json!({"tools": tools}))
+            result(id, Reply::Tools { tools })
         }
         "tools/call" => {
-            let Some(name) = params.get("name").and_then(Value::as_str) else {
+            // Params are an object: serde would also read a struct from an array.
+            let Some(CallToolParams { name, arguments }) = params
+                .is_object()
+                .then(|| serde_json::from_value(params).ok())
+                .flatten()
+            else {
                 return axum::Json(error(id, INVALID_PARAMS, "params.name is required"))
                     .into_response();
             };
-            let arguments = params
-                .get("arguments")
-                .cloned()
-                .unwrap_or_else(|| json!({}));
             let input = serde_json::to_vec(&arguments).unwrap_or_default();
             let body = std::future::ready(Ok(input.into()));
-            match runner.invoke(&ctx, name, body).await {
-                Ok(success) => result(id, success_result(&success)),
+            match runner.invoke(&ctx, &name, body).await {
+                Ok(success) => result(id, Reply::Call(success_result(&success))),
                 Err(problem) => match problem.kind {
                     ProblemKind::Unauthenticated => return problem.into_response(),
                     // After authentication, so names cannot be probed anonymously.
                     ProblemKind::NotFound => {
-                        error(id, INVALID_PARAMS, &format!("Unknown tool: {name}"))
+                        error(id, INVALID_PARAMS, format!("Unknown tool: {name}"))
                     }
                     ProblemKind::AuditUnavailable | ProblemKind::Internal => {
-                        error(id, INTERNAL_ERROR, &problem.detail)
+                        error(id, INTERNAL_ERROR, problem.detail)
                     }
                     _ => result(
                         id,
-                        call_result(&problem.body(), true, problem.invocation_id.as_deref()),
+                        Reply::Call(call_result(
+                            problem.body(),
+                            true,
+                            problem.invocation_id.as_deref(),
+                        )),
                     ),
                 },
             }
         }
-        other => error(id, METHOD_NOT_FOUND, &format!("method not found: {other}")),
+        other => error(id, METHOD_NOT_FOUND, format!("method not found: {other}")),
     };
     match format {
         ResponseFormat::Json => axum::Json(answer).into_response(),
@@ -228,36 +371,45 @@ fn response_format(headers: &HeaderMap) -> Option<ResponseFormat> {
 }
 
 /// One JSON-RPC response as an SSE stream of one `message` event, then the end.
-fn event_stream(answer: &Value) -> Response {
+fn event_stream(answer: &RpcResponse) -> Response {
+    let data = serde_json::to_string(answer).expect("a response always serializes");
     (
         [
             (header::CONTENT_TYPE, "text/event-stream"),
             (header::CACHE_CONTROL, "no-cache"),
         ],
-        format!("event: message\ndata: {answer}\n\n"),
+        format!("event: message\ndata: {data}\n\n"),
     )
         .into_response()
 }
 
-fn initialize(params: &Value) -> Value {
-    let asked = params
-        .get("protocolVersion")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
+/// Answers with the protocol version asked for when it is spoken, else the
+/// newest (a malformed request gets the newest too).
+fn initialize(params: Value) -> InitializeResult {
+    let asked = serde_json::from_value::<InitializeParams>(params)
+        .unwrap_or_default()
+        .protocol_version;
     let version = PROTOCOL_VERSIONS
-        .iter()
-        .find(|v| **v == asked)
-        .unwrap_or(&PROTOCOL_VERSIONS[0]);
-    json!({
-        "protocolVersion": version,
-        "capabilities": {"tools": {"listChanged": false}},
-        "serverInfo": {"name": "toolwarden", "version": env!("CARGO_PKG_VERSION")},
-        "instructions": "Every tool call is validated, authorized, rate limited and audited, then run in a fresh sandbox."
-    })
+        .into_iter()
+        .find(|v| Some(*v) == asked.as_deref())
+        .unwrap_or(PROTOCOL_VERSIONS[0]);
+    InitializeResult {
+        protocol_version: version,
+        capabilities: Capabilities {
+            tools: ToolsCapability {
+                list_changed: false,
+            },
+        },
+        server_info: ServerInfo {
+            name: "toolwarden",
+            version: env!("CARGO_PKG_VERSION"),
+        },
+        instructions: "Every tool call is validated, authorized, rate limited and audited, then run in a fresh sandbox.",
+    }
 }
 
 /// A tool as `tools/list` shows it, with hints derived from risk and permissions. Pure.
-pub fn describe(tool: &PreparedTool) -> Value {
+pub fn describe(tool: &PreparedTool) -> ToolDescription {
     let permissions = &tool.spec.permissions;
     let writes_files = permissions.filesystem.iter().any(|m| !m.read_only);
     let writes_cluster = permissions
@@ -267,33 +419,34 @@ pub fn describe(tool: &PreparedTool) -> Value {
         .any(|v| !matches!(v.as_str(), "get" | "list" | "watch"));
     let networked = !permissions.network.egress.is_empty();
     let read_only = !writes_files && !writes_cluster && !networked && tool.spec.risk == Risk::Low;
-    json!({
-        "name": tool.name,
-        "description": tool.spec.description,
-        "inputSchema": tool.spec.input_schema,
-        "annotations": {
-            "readOnlyHint": read_only,
-            "destructiveHint": !read_only && (tool.spec.risk == Risk::High || writes_files || writes_cluster),
-            "openWorldHint": networked,
-        }
-    })
+    ToolDescription {
+        name: tool.name.clone(),
+        description: tool.spec.description.clone(),
+        input_schema: tool.spec.input_schema.clone(),
+        annotations: ToolAnnotations {
+            read_only_hint: read_only,
+            destructive_hint: !read_only
+                && (tool.spec.risk == Risk::High || writes_files || writes_cluster),
+            open_world_hint: networked,
+        },
+    }
 }
 
 /// A successful `tools/call` result. The text is the tool's JSON as printed (numbers with
 /// every digit); `structuredContent` is its parsed copy, which clients decode anyway.
-fn success_result(success: &Success) -> Value {
+fn success_result(success: &Success) -> CallToolResult {
     let raw = success.output.get();
     let parsed: Value = serde_json::from_str(raw).unwrap_or(Value::Null);
     let text = match &parsed {
         Value::String(s) => s.clone(),
         _ => raw.to_string(),
     };
-    call_result_with_text(text, &parsed, false, Some(&success.invocation_id))
+    call_result_with_text(text, parsed, false, Some(&success.invocation_id))
 }
 
 /// A `tools/call` result: the output as text, and as structured content when it is an object.
-fn call_result(output: &Value, is_error: bool, invocation_id: Option<&str>) -> Value {
-    let text = match output {
+fn call_result(output: Value, is_error: bool, invocation_id: Option<&str>) -> CallToolResult {
+    let text = match &output {
         Value::String(s) => s.clone(),
         other => other.to_string(),
     };
@@ -302,16 +455,194 @@ fn call_result(output: &Value, is_error: bool, invocation_id: Option<&str>) -> V
 
 fn call_result_with_text(
     text: String,
-    output: &Value,
+    output: Value,
     is_error: bool,
     invocation_id: Option<&str>,
-) -> Value {
-    let mut out = json!({"content": [{"type": "text", "text": text}], "isError": is_error});
-    if output.is_object() {
-        out["structuredContent"] = output.clone();
+) -> CallToolResult {
+    CallToolResult {
+        content: [TextContent { kind: "text", text }],
+        is_error,
+        structured_content: output.is_object().then_some(output),
+        meta: invocation_id.map(|id| CallMeta {
+            invocation_id: id.to_string(),
+        }),
     }
-    if let Some(id) = invocation_id {
-        out["_meta"] = json!({"toolwarden.dev/invocationId": id});
+}
+
+/// MCP answers over the whole pipeline with the fake executor: no root, no sandbox.
+#[cfg(test)]
+mod tests {
+    use axum::Router;
+    use axum::http::Request;
+    use serde_json::json;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::runner::fake::{TOKEN, TestRunner};
+
+    async fn send(t: &TestRunner, token: Option<&str>, message: &Value) -> (StatusCode, Value) {
+        let router = Router::new()
+            .route("/mcp", axum::routing::post(post))
+            .with_state(t.runner.clone());
+        let mut request = Request::post("/mcp")
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, "application/json, text/event-stream");
+        if let Some(token) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let mut request = request.body(Body::from(message.to_string())).unwrap();
+        request
+            .extensions_mut()
+            .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))));
+        let response = router.oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
     }
-    out
+
+    fn tools_call(name: Value, arguments: Value) -> Value {
+        json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+               "params": {"name": name, "arguments": arguments}})
+    }
+
+    #[tokio::test]
+    async fn refusals_are_tool_errors_and_protocol_faults_are_jsonrpc_errors() {
+        let t = TestRunner::notes();
+        // A refusal of the call is the tool's result, flagged, with the problem as content.
+        let forbidden = tools_call(
+            "notes".into(),
+            json!({"operation": "read", "name": "private"}),
+        );
+        let (status, answer) = send(&t, Some(TOKEN), &forbidden).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(answer["id"], 7);
+        let result = &answer["result"];
+        assert_eq!(result["isError"], true);
+        assert_eq!(result["structuredContent"]["status"], 403);
+        let invocation = t.records().pop().unwrap()["invocationId"].clone();
+        assert_eq!(result["_meta"]["toolwarden.dev/invocationId"], invocation);
+        let text: Value =
+            serde_json::from_str(result["content"][0]["text"].as_str().unwrap()).unwrap();
+        assert_eq!(text, result["structuredContent"]);
+
+        // An unknown tool and a missing name are invalid params.
+        let (_, answer) = send(&t, Some(TOKEN), &tools_call("nope".into(), json!({}))).await;
+        assert_eq!(answer["error"]["code"], INVALID_PARAMS);
+        assert_eq!(answer["error"]["message"], "Unknown tool: nope");
+        for params in [
+            json!({"arguments": {}}),
+            json!(["notes"]),
+            json!({"name": 3}),
+        ] {
+            let message =
+                json!({"jsonrpc": "2.0", "id": 8, "method": "tools/call", "params": params});
+            let (_, answer) = send(&t, Some(TOKEN), &message).await;
+            assert_eq!(answer["error"]["code"], INVALID_PARAMS, "{params}");
+        }
+        // An unknown method; a null id (a request's id must not be null).
+        let (_, answer) = send(
+            &t,
+            Some(TOKEN),
+            &json!({"jsonrpc": "2.0", "id": "x", "method": "nope"}),
+        )
+        .await;
+        assert_eq!(answer["error"]["code"], METHOD_NOT_FOUND);
+        assert_eq!(answer["id"], "x");
+        let (status, answer) = send(
+            &t,
+            Some(TOKEN),
+            &json!({"jsonrpc": "2.0", "id": null, "method": "ping"}),
+        )
+        .await;
+        assert_eq!(
+            (status, &answer["error"]["code"]),
+            (StatusCode::BAD_REQUEST, &json!(INVALID_REQUEST))
+        );
+        // A notification gets no answer.
+        let (status, _) = send(
+            &t,
+            Some(TOKEN),
+            &json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        assert!(t.executor.runs().is_empty());
+
+        // No token: the HTTP 401 problem, before any message is read.
+        let (status, problem) = send(&t, None, &tools_call("notes".into(), json!({}))).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(problem["status"], 401);
+
+        // The audit log is down: an internal error, and nothing runs.
+        t.break_audit();
+        let (_, answer) = send(
+            &t,
+            Some(TOKEN),
+            &tools_call("notes".into(), json!({"operation": "read", "name": "todo"})),
+        )
+        .await;
+        assert_eq!(answer["error"]["code"], INTERNAL_ERROR);
+        assert!(t.executor.runs().is_empty());
+    }
+
+    #[tokio::test]
+    async fn initialize_list_and_a_successful_call() {
+        let t = TestRunner::notes();
+        let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                          "params": {"protocolVersion": "2025-06-18"}});
+        let (_, answer) = send(&t, Some(TOKEN), &init).await;
+        assert_eq!(answer["result"]["protocolVersion"], "2025-06-18");
+        assert_eq!(
+            answer["result"]["capabilities"],
+            json!({"tools": {"listChanged": false}})
+        );
+        let unknown = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                             "params": {"protocolVersion": 20}});
+        let (_, answer) = send(&t, Some(TOKEN), &unknown).await;
+        assert_eq!(answer["result"]["protocolVersion"], PROTOCOL_VERSIONS[0]);
+        let (_, answer) = send(
+            &t,
+            Some(TOKEN),
+            &json!({"jsonrpc": "2.0", "id": 2, "method": "ping"}),
+        )
+        .await;
+        assert_eq!(answer["result"], json!({}));
+
+        let (_, answer) = send(
+            &t,
+            Some(TOKEN),
+            &json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list"}),
+        )
+        .await;
+        let tool = &answer["result"]["tools"][0];
+        assert_eq!(tool["name"], "notes");
+        assert_eq!(
+            tool["inputSchema"]["required"],
+            json!(["operation", "name"])
+        );
+        assert_eq!(
+            tool["annotations"],
+            json!({"readOnlyHint": false, "destructiveHint": false, "openWorldHint": false})
+        );
+
+        t.executor.prints(r#"{"note": 12345678901234567890123}"#);
+        let call = tools_call("notes".into(), json!({"operation": "read", "name": "todo"}));
+        let (_, answer) = send(&t, Some(TOKEN), &call).await;
+        let result = &answer["result"];
+        assert_eq!(result["isError"], false);
+        assert_eq!(
+            result["content"][0]["text"],
+            r#"{"note": 12345678901234567890123}"#
+        );
+        assert!(result["structuredContent"].is_object());
+        assert_eq!(
+            t.executor.runs()[0].stdin,
+            json!({"operation": "read", "name": "todo"})
+        );
+    }
 }

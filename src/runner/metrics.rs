@@ -7,6 +7,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::sandbox::Enforcement;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CallLabels {
     /// Empty for calls to unknown tools, so callers cannot grow the label set.
@@ -124,13 +126,24 @@ impl Metrics {
     }
 
     /// Records what enforced the limits of `tool`'s last run.
-    pub fn enforcement(&self, tool: &str, limits: &[(&str, &str)]) {
+    pub fn enforcement(&self, tool: &str, enforced: &Enforcement) {
+        let yes_no = |b: bool| if b { "yes" } else { "no" };
+        let limits = [
+            ("memory", enforced.memory.as_str()),
+            ("pids", enforced.pids.as_str()),
+            ("cpu", enforced.cpu.as_str()),
+            ("fileSize", enforced.file_size.as_str()),
+            ("tmpSize", enforced.tmp_size.as_str()),
+            ("devices", enforced.devices.as_str()),
+            ("userNamespace", yes_no(enforced.user_namespace)),
+            ("seccomp", yes_no(enforced.seccomp)),
+        ];
         for (limit, mechanism) in limits {
             self.enforcement
                 .get_or_create(&EnforcementLabels {
                     tool: tool.into(),
-                    limit: (*limit).into(),
-                    mechanism: (*mechanism).into(),
+                    limit: limit.into(),
+                    mechanism: mechanism.into(),
                 })
                 .set(1);
         }

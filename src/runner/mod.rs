@@ -3,16 +3,19 @@
 //! authorize, approval) before a fresh sandbox run, and every step is audited.
 //!
 //! Pure decisions live in their own files; `rest.rs` and `mcp.rs` are thin
-//! HTTP layers over [`pipeline::Runner::invoke`].
+//! HTTP layers over [`pipeline::Runner::invoke`], routed by `router.rs`.
+//! No two files import each other (`tests/runner_imports.rs` checks it).
 
 pub mod admission;
 pub mod audit;
 pub mod auth;
 pub mod authorize;
+pub mod body_limits;
 pub mod executor;
+#[cfg(test)]
+pub mod fake;
 pub mod image_volumes;
 pub mod images;
-pub mod limits;
 pub mod listener;
 pub mod mcp;
 pub mod metrics;
@@ -21,8 +24,13 @@ pub mod problem;
 pub mod ratelimit;
 pub mod redact;
 pub mod registry;
+pub mod reload;
+pub mod request;
 pub mod rest;
+pub mod router;
 pub mod sandbox_executor;
 pub mod sanitize;
+pub mod tool;
+pub mod unsandboxed;
 pub mod validate;
 pub mod volumes;

@@ -21,19 +21,20 @@ use axum::body::Bytes;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
+use tracing::Instrument;
 
 use super::admission::{Admission, RunSlot};
 use super::audit::{AuditFailed, AuditLog};
 use super::auth::{AuthError, Authenticator, Caller};
 use super::authorize::{authorize, holds};
+use super::body_limits::{bounded, parse_input};
 use super::executor::{ExecOutcome, ToolExecutor};
-use super::limits::{bounded, parse_input};
 use super::metrics::Metrics;
 use super::problem::{Problem, ProblemKind};
 use super::redact::{Redactor, redact_fields};
-use super::registry::{PreparedTool, Registry};
-use super::sandbox_executor::enforcement_pairs;
+use super::registry::Registry;
 use super::sanitize::sanitize;
+use super::tool::PreparedTool;
 use super::validate::{validate, validate_sanitized};
 use crate::api::AuditLevel;
 
@@ -122,7 +123,7 @@ impl Trail {
 /// Records an authentication refusal and hands back the caller's `401`.
 fn unauthenticated(trail: &Trail, e: &AuthError) -> Problem {
     let problem = Problem::new(ProblemKind::Unauthenticated, e.to_string());
-    trail.deny("authentication", &e.reason(), problem)
+    trail.deny("authentication", &e.detail(), problem)
 }
 
 fn audit_problem(e: AuditFailed) -> Problem {
@@ -168,7 +169,14 @@ impl Runner {
     ) -> Result<Success, Problem> {
         let _in_flight = self.metrics.in_flight();
         let tool = self.registry.get(tool_name);
-        let result = self.pipeline(ctx, tool_name, tool.as_ref(), body).await;
+        let invocation_id = uuid::Uuid::new_v4().to_string();
+        // Runtime events of the call (the executor's included) carry its id.
+        let span =
+            tracing::info_span!("call", invocation_id = %invocation_id, transport = ctx.transport);
+        let result = self
+            .pipeline(ctx, tool_name, tool.as_ref(), body, invocation_id)
+            .instrument(span)
+            .await;
         let outcome = match &result {
             Ok(_) => "ok",
             Err(p) => p.kind.slug(),
@@ -185,7 +193,7 @@ impl Runner {
         match self.auth.authenticate(ctx.authorization.as_deref()).await {
             Ok(caller) => Ok(caller),
             Err(e) => {
-                let trail = self.trail(ctx, None, None)?;
+                let trail = self.trail(ctx, uuid::Uuid::new_v4().to_string(), None, None)?;
                 trail.record("received", json!({}))?;
                 Err(unauthenticated(&trail, &e))
             }
@@ -197,6 +205,7 @@ impl Runner {
     fn trail(
         &self,
         ctx: &CallContext,
+        invocation_id: String,
         tool_name: Option<&str>,
         tool: Option<&PreparedTool>,
     ) -> Result<Trail, Problem> {
@@ -206,7 +215,7 @@ impl Runner {
             log: self.audit.clone(),
             base: Map::new(),
         };
-        trail.set("invocationId", uuid::Uuid::new_v4().to_string());
+        trail.set("invocationId", invocation_id);
         trail.set("transport", ctx.transport);
         trail.set(
             "tool",
@@ -226,12 +235,14 @@ impl Runner {
         tool_name: &str,
         tool: Option<&Arc<PreparedTool>>,
         body: impl Future<Output = Result<Bytes, Problem>> + Send,
+        invocation_id: String,
     ) -> Result<Success, Problem> {
-        let mut trail = self.trail(ctx, Some(tool_name), tool.map(Arc::as_ref))?;
-        let invocation_id = trail.base["invocationId"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let mut trail = self.trail(
+            ctx,
+            invocation_id.clone(),
+            Some(tool_name),
+            tool.map(Arc::as_ref),
+        )?;
         trail.record("received", json!({}))?;
 
         let caller = match &ctx.caller {
@@ -377,7 +388,9 @@ impl Runner {
                 runner
                     .run(&trail, &tool, input, invocation_id, closing)
                     .await
-            },
+            }
+            // A call whose caller left finishes in a task of its own: still in the call's span.
+            .in_current_span(),
             abandoned,
         )
         .await
@@ -412,8 +425,7 @@ impl Runner {
         };
         self.metrics.run(&tool.name, outcome.duration.as_secs_f64());
         if let Some(enforcement) = &outcome.enforcement {
-            self.metrics
-                .enforcement(&tool.name, &enforcement_pairs(enforcement));
+            self.metrics.enforcement(&tool.name, enforcement);
         }
         // Redact first, then cut: the run captured more than the cap for this.
         let (stdout, cut) = tool
@@ -617,5 +629,404 @@ mod tests {
             7
         );
         assert!(!abandoned.load(Ordering::Acquire));
+    }
+}
+
+/// The whole pipeline with [`crate::runner::fake::FakeExecutor`]: no root, no sandbox.
+#[cfg(test)]
+mod scenarios {
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::runner::executor::ExecError;
+    use crate::runner::fake::{NOTES_SECRET, TOKEN, TestRunner};
+    use crate::runner::tool::SecretDelivery;
+
+    fn body(input: &Value) -> impl Future<Output = Result<Bytes, Problem>> + Send + use<> {
+        std::future::ready(Ok(Bytes::from(input.to_string())))
+    }
+
+    /// A body that counts how often it was read.
+    fn counted(
+        reads: &Arc<AtomicUsize>,
+        input: &Value,
+    ) -> impl Future<Output = Result<Bytes, Problem>> + Send + use<> {
+        let (reads, bytes) = (Arc::clone(reads), Bytes::from(input.to_string()));
+        async move {
+            reads.fetch_add(1, Ordering::SeqCst);
+            Ok(bytes)
+        }
+    }
+
+    fn alice() -> CallContext {
+        TestRunner::context(Some(&format!("Bearer {TOKEN}")))
+    }
+
+    fn read_note() -> Value {
+        json!({"operation": "read", "name": "todo"})
+    }
+
+    async fn call(
+        t: &TestRunner,
+        ctx: &CallContext,
+        tool: &str,
+        input: &Value,
+    ) -> Result<Success, Problem> {
+        t.runner.invoke(ctx, tool, body(input)).await
+    }
+
+    fn events(t: &TestRunner) -> Vec<String> {
+        t.records()
+            .iter()
+            .map(|r| r["event"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// Every record of a call carries its invocation id, which the answer names too.
+    fn assert_one_call(t: &TestRunner, invocation_id: &str) {
+        for record in t.records() {
+            assert_eq!(record["invocationId"], invocation_id, "{record}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_call_passes_every_check_and_each_step_is_audited() {
+        let t = TestRunner::notes();
+        t.executor.prints(r#"{"note": "buy milk"}"#);
+        let input = json!({"operation": "read", "name": "todo", "text": "a\u{0007}b"});
+        let success = call(&t, &alice(), "notes", &input).await.unwrap();
+        assert_eq!(success.output.get(), r#"{"note": "buy milk"}"#);
+        assert_eq!(
+            events(&t),
+            ["received", "validated", "sanitized", "started", "finished"]
+        );
+        assert_one_call(&t, &success.invocation_id);
+        let records = t.records();
+        assert_eq!(records[0]["tool"], "notes");
+        assert_eq!(records[0]["transport"], "rest");
+        assert_eq!(records[1]["caller"]["sub"], "alice");
+        // audit.input: redacted, with /text named.
+        assert_eq!(records[1]["input"]["text"], "[REDACTED]");
+        assert_eq!(records[2]["changedFields"], json!(["/text"]));
+        assert_eq!(records[4]["exitCode"], 0);
+        // The tool got the sanitized input and its secret, as an env variable.
+        let runs = t.executor.runs();
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].stdin["text"], "ab");
+        assert_eq!(
+            runs[0].secrets,
+            [SecretDelivery::Env {
+                name: "API_TOKEN".into(),
+                value: NOTES_SECRET.into()
+            }]
+        );
+    }
+
+    #[tokio::test]
+    async fn checks_run_in_order_authentication_first_and_the_body_last_of_the_cheap_ones() {
+        let t = TestRunner::notes();
+        let reads = Arc::new(AtomicUsize::new(0));
+        // Anonymous and unknown tool: the caller learns nothing about tools.
+        let anonymous = TestRunner::context(None);
+        let problem = t
+            .runner
+            .invoke(&anonymous, "no-such-tool", counted(&reads, &read_note()))
+            .await
+            .unwrap_err();
+        assert_eq!(problem.kind, ProblemKind::Unauthenticated);
+        // Authenticated, unknown tool: not found, body unread.
+        let problem = t
+            .runner
+            .invoke(&alice(), "no-such-tool", counted(&reads, &read_note()))
+            .await
+            .unwrap_err();
+        assert_eq!(problem.kind, ProblemKind::NotFound);
+        assert_eq!(reads.load(Ordering::SeqCst), 0, "a body was read");
+        // Invalid and forbidden at once: validation comes first.
+        let both = json!({"operation": "delete", "name": "private"});
+        let problem = call(&t, &alice(), "notes", &both).await.unwrap_err();
+        assert_eq!(problem.kind, ProblemKind::Validation);
+        // Forbidden and needing approval: authorization comes first.
+        let write_private = json!({"operation": "write", "name": "private"});
+        let problem = call(&t, &alice(), "notes", &write_private)
+            .await
+            .unwrap_err();
+        assert_eq!(problem.kind, ProblemKind::Forbidden);
+        assert_eq!(
+            events(&t),
+            [
+                "received",
+                "denied", // anonymous
+                "received",
+                "denied", // unknown tool
+                "received",
+                "denied", // invalid
+                "received",
+                "validated",
+                "sanitized",
+                "denied", // forbidden
+            ]
+        );
+        let stages: Vec<Value> = t
+            .records()
+            .iter()
+            .filter(|r| r["event"] == "denied")
+            .map(|r| r["stage"].clone())
+            .collect();
+        assert_eq!(
+            stages,
+            ["authentication", "lookup", "validation", "authorization"]
+        );
+        // Spend the rest of the limit (4 a minute): then no body is read.
+        for _ in 0..2 {
+            let problem = call(&t, &alice(), "notes", &both).await.unwrap_err();
+            assert_eq!(problem.kind, ProblemKind::Validation);
+        }
+        let problem = t
+            .runner
+            .invoke(&alice(), "notes", counted(&reads, &read_note()))
+            .await
+            .unwrap_err();
+        assert_eq!(problem.kind, ProblemKind::RateLimited);
+        assert!(problem.retry_after_secs.is_some_and(|s| s >= 1));
+        assert_eq!(
+            reads.load(Ordering::SeqCst),
+            0,
+            "a rate-limited body was read"
+        );
+        assert!(t.executor.runs().is_empty(), "a refused call ran");
+        assert_eq!(events(&t).last().unwrap(), "rateLimited");
+    }
+
+    #[tokio::test]
+    async fn every_refusal_is_its_problem_type_with_the_invocation_id() {
+        let t = TestRunner::notes();
+        let refused = [
+            (
+                json!({"operation": "read"}),
+                ProblemKind::Validation,
+                "validation",
+            ),
+            (
+                json!({"operation": "read", "name": "private"}),
+                ProblemKind::Forbidden,
+                "authorization",
+            ),
+        ];
+        for (input, kind, stage) in refused {
+            let problem = call(&t, &alice(), "notes", &input).await.unwrap_err();
+            assert_eq!(problem.kind, kind, "{input}");
+            let record = t.records().pop().unwrap();
+            assert_eq!(record["event"], "denied");
+            assert_eq!(record["stage"], stage);
+            assert_eq!(record["problem"], kind.slug());
+            assert_eq!(
+                problem.invocation_id.as_deref(),
+                record["invocationId"].as_str()
+            );
+        }
+        // A write waits for a human: answered, not run.
+        let write = json!({"operation": "write", "name": "todo", "text": "x"});
+        let problem = call(&t, &alice(), "notes", &write).await.unwrap_err();
+        assert_eq!(problem.kind, ProblemKind::PendingApproval);
+        let id = problem.invocation_id.clone().unwrap();
+        assert_eq!(problem.approval_id, Some(format!("approval-{id}")));
+        assert_eq!(t.records().pop().unwrap()["event"], "approvalPending");
+        assert!(t.executor.runs().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_body_the_transport_refuses_is_audited_as_a_shape_refusal() {
+        for kind in [
+            ProblemKind::TooLarge,
+            ProblemKind::UnsupportedMediaType,
+            ProblemKind::RequestTimeout,
+        ] {
+            let t = TestRunner::notes();
+            let refused = std::future::ready(Err(Problem::new(kind, "refused by the transport")));
+            let problem = t
+                .runner
+                .invoke(&alice(), "notes", refused)
+                .await
+                .unwrap_err();
+            assert_eq!(problem.kind, kind);
+            let record = t.records().pop().unwrap();
+            assert_eq!(
+                (record["stage"].as_str(), record["problem"].as_str()),
+                (Some("shape"), Some(kind.slug()))
+            );
+        }
+        // Over maxInputBytes (1024), or not JSON: refused by the pipeline's own shape check.
+        let t = TestRunner::notes();
+        let big = json!({"operation": "read", "name": "todo", "text": "x".repeat(2000)});
+        let problem = call(&t, &alice(), "notes", &big).await.unwrap_err();
+        assert_eq!(problem.kind, ProblemKind::TooLarge);
+        let garbage = std::future::ready(Ok(Bytes::from_static(b"{not json")));
+        let problem = t
+            .runner
+            .invoke(&alice(), "notes", garbage)
+            .await
+            .unwrap_err();
+        assert_eq!(problem.kind, ProblemKind::Validation);
+        assert!(t.executor.runs().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_tool_whose_run_slots_stay_full_is_overloaded() {
+        let t = TestRunner::notes();
+        let _held = t.runner.admission.admit("notes").await.unwrap();
+        let problem = call(&t, &alice(), "notes", &read_note()).await.unwrap_err();
+        assert_eq!(problem.kind, ProblemKind::Overloaded);
+        assert_eq!(
+            problem.retry_after_secs,
+            Some(1),
+            "timeoutMs 1000, rounded up"
+        );
+        let record = t.records().pop().unwrap();
+        assert_eq!(record["stage"], "admission");
+        assert!(t.executor.runs().is_empty());
+    }
+
+    #[tokio::test]
+    async fn runs_that_fail_are_tool_problems_with_generic_messages() {
+        let failures = [
+            (
+                ExecOutcome {
+                    timed_out: true,
+                    ..ExecOutcome::default()
+                },
+                ProblemKind::ToolTimeout,
+                "did not finish in time",
+            ),
+            (
+                ExecOutcome {
+                    exit_code: Some(3),
+                    stderr: b"boom".to_vec(),
+                    ..ExecOutcome::default()
+                },
+                ProblemKind::ToolFailed,
+                "exited with code 3",
+            ),
+            (
+                ExecOutcome {
+                    exit_code: None,
+                    ..ExecOutcome::default()
+                },
+                ProblemKind::ToolFailed,
+                "killed by a signal",
+            ),
+            (
+                ExecOutcome {
+                    oom_killed: true,
+                    exit_code: Some(137),
+                    ..ExecOutcome::default()
+                },
+                ProblemKind::ToolFailed,
+                "ran out of memory",
+            ),
+        ];
+        for (outcome, kind, says) in failures {
+            let t = TestRunner::notes();
+            t.executor.answers(Ok(outcome));
+            let problem = call(&t, &alice(), "notes", &read_note()).await.unwrap_err();
+            assert_eq!(problem.kind, kind);
+            assert!(problem.detail.contains(says), "{}", problem.detail);
+            assert!(
+                !problem.detail.contains("boom"),
+                "stderr reached the caller"
+            );
+            assert_eq!(events(&t).last().unwrap(), "finished");
+        }
+        // The executor could not run it at all: the reason is audited, redacted.
+        let t = TestRunner::notes();
+        let why = format!("cannot start with {NOTES_SECRET}");
+        t.executor
+            .answers(Err(ExecError::Spawn(std::io::Error::other(why))));
+        let problem = call(&t, &alice(), "notes", &read_note()).await.unwrap_err();
+        assert_eq!(problem.kind, ProblemKind::ToolFailed);
+        assert_eq!(problem.detail, "the tool could not be run");
+        let failed = t.records().pop().unwrap();
+        assert_eq!(failed["event"], "failed");
+        assert_eq!(
+            failed["error"],
+            "the tool could not be started: cannot start with [REDACTED]"
+        );
+    }
+
+    #[tokio::test]
+    async fn secrets_are_redacted_from_output_and_the_audit_log_then_the_output_is_capped() {
+        let t = TestRunner::notes();
+        let escaped: String = NOTES_SECRET
+            .chars()
+            .map(|c| format!("\\u{:04x}", c as u32))
+            .collect();
+        t.executor.answers(Ok(ExecOutcome {
+            exit_code: Some(0),
+            stdout: format!(r#"{{"raw": "{NOTES_SECRET}", "escaped": "{escaped}"}}"#).into_bytes(),
+            stderr: format!("debug: token={NOTES_SECRET}").into_bytes(),
+            ..ExecOutcome::default()
+        }));
+        let success = call(&t, &alice(), "notes", &read_note()).await.unwrap();
+        let output: Value = serde_json::from_str(success.output.get()).unwrap();
+        assert_eq!(
+            output,
+            json!({"raw": "[REDACTED]", "escaped": "[REDACTED]"})
+        );
+        let finished = t.records().pop().unwrap();
+        assert_eq!(finished["stderr"], "debug: token=[REDACTED]");
+        let log = serde_json::to_string(&t.records()).unwrap();
+        assert!(!log.contains(NOTES_SECRET), "{log}");
+
+        // maxOutputBytes is 200: a secret across the cut is replaced whole, never cut in half.
+        let t = TestRunner::notes();
+        let text = format!("{}{NOTES_SECRET}", "x".repeat(195));
+        t.executor.prints(&text);
+        let success = call(&t, &alice(), "notes", &read_note()).await.unwrap();
+        assert!(success.output_truncated);
+        let shown: String = serde_json::from_str(success.output.get()).unwrap();
+        assert_eq!(shown.len(), 200);
+        assert!(
+            !shown.contains("s3cr"),
+            "the secret's head was kept: {shown}"
+        );
+        assert_eq!(t.records().pop().unwrap()["outputTruncated"], true);
+    }
+
+    #[tokio::test]
+    async fn calls_are_refused_while_the_audit_log_cannot_be_written() {
+        let t = TestRunner::notes();
+        t.break_audit();
+        let problem = call(&t, &alice(), "notes", &read_note()).await.unwrap_err();
+        assert_eq!(problem.kind, ProblemKind::AuditUnavailable);
+        let problem = t
+            .runner
+            .authenticate(&TestRunner::context(None))
+            .await
+            .unwrap_err();
+        assert_eq!(problem.kind, ProblemKind::AuditUnavailable);
+        assert!(t.executor.runs().is_empty(), "a call ran unaudited");
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_hangs_up_mid_run_still_gets_its_run_recorded_as_abandoned() {
+        let t = TestRunner::notes();
+        t.executor.prints("{}");
+        t.executor.delay(Duration::from_millis(200));
+        let (ctx, input) = (alice(), read_note());
+        let call = call(&t, &ctx, "notes", &input);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), call)
+                .await
+                .is_err()
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while events(&t).last().map(String::as_str) != Some("abandoned") {
+            assert!(std::time::Instant::now() < deadline, "{:?}", events(&t));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(t.executor.runs().len(), 1);
     }
 }

@@ -251,7 +251,9 @@ impl Unescaped {
 }
 
 /// `text` with every valid JSON escape decoded; `None` when it has none.
-/// Invalid sequences are kept as they are.
+/// Invalid sequences are kept as they are. Hand-written: serde_json decodes
+/// escapes only inside whole, valid strings and cannot say which source bytes
+/// each decoded byte came from, which redaction needs to cover them.
 fn unescape(text: &[u8]) -> Option<Unescaped> {
     let first = text.iter().position(|&b| b == b'\\')?;
     let mut bytes = Vec::with_capacity(text.len());

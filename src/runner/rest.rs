@@ -1,84 +1,25 @@
-//! The HTTP surface: REST (`/v1/tools`, `/v1/tools/{name}/invoke`), probes,
-//! `/metrics`, and the MCP endpoint mounted from `mcp.rs`. Thin: every
-//! decision is made by the pipeline. Connections, header limits and the
-//! `Host`/`Origin` check are the accept loop's (`listener.rs`).
+//! The REST handlers (`/v1/tools`, `/v1/tools/{name}/invoke`), the probes and
+//! `/metrics`. Thin: every decision is made by the pipeline; the routes are
+//! `router.rs`'s.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use serde_json::json;
 
-use super::limits::{bounded, too_large};
-use super::listener::{self, HttpConfig};
-use super::mcp;
 use super::metrics::{OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE};
-use super::pipeline::{CallContext, Runner};
+use super::pipeline::Runner;
 use super::problem::{Problem, ProblemKind};
+use super::request::{call_context, is_json, read_body};
 
 /// Body cap for calls to unknown tools (they are refused anyway).
 const UNKNOWN_TOOL_BODY_BYTES: usize = 64 * 1024;
 
-/// A body must arrive within this once the call is admitted to read it.
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Longest `User-Agent` kept for the audit log; longer ones are cut and marked.
-const MAX_USER_AGENT_BYTES: usize = 256;
-
-pub fn router(runner: Arc<Runner>) -> Router {
-    Router::new()
-        .route("/v1/tools", get(list_tools))
-        .route("/v1/tools/{name}/invoke", post(invoke))
-        .route("/mcp", post(mcp::post).get(mcp::get).delete(mcp::delete))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(ready))
-        .route("/metrics", get(authenticated_metrics))
-        .fallback(|| async { Problem::new(ProblemKind::NotFound, "no such endpoint") })
-        .method_not_allowed_fallback(|| async {
-            Problem::new(
-                ProblemKind::MethodNotAllowed,
-                "method not allowed on this endpoint",
-            )
-        })
-        .with_state(runner)
-}
-
-/// Only `/metrics`, unauthenticated: for `--metrics-listen`, an address the
-/// operator chose to expose to the scraper.
-pub fn metrics_router(runner: Arc<Runner>) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .fallback(|| async { Problem::new(ProblemKind::NotFound, "no such endpoint") })
-        .with_state(runner)
-}
-
-/// What the transport knows about the caller. The user agent is bounded
-/// (it goes into every audit record of the call).
-pub fn call_context(transport: &'static str, peer: SocketAddr, headers: &HeaderMap) -> CallContext {
-    let text = |name| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(String::from)
-    };
-    CallContext {
-        transport,
-        client_ip: Some(peer.ip().to_string()),
-        user_agent: headers
-            .get(header::USER_AGENT)
-            .map(|v| bounded(&String::from_utf8_lossy(v.as_bytes()), MAX_USER_AGENT_BYTES)),
-        authorization: text(header::AUTHORIZATION),
-        caller: None,
-    }
-}
-
-async fn list_tools(
+pub async fn list_tools(
     State(runner): State<Arc<Runner>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
@@ -106,57 +47,7 @@ async fn list_tools(
     axum::Json(json!({"tools": tools, "isolation": runner.executor.isolation()})).into_response()
 }
 
-/// True for `application/json` and `application/*+json`, parameters allowed.
-pub fn is_json(headers: &HeaderMap) -> bool {
-    let Some(value) = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return false;
-    };
-    let essence = value
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
-    essence == "application/json"
-        || (essence.starts_with("application/") && essence.ends_with("+json"))
-}
-
-/// Reads a body up to `limit` bytes within [`BODY_READ_TIMEOUT`], as a
-/// problem when it is larger or slower.
-pub async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, Problem> {
-    // A declared Content-Length over the limit is refused before any byte is read.
-    if axum::body::HttpBody::size_hint(&body).lower() > limit as u64 {
-        return Err(too_large(limit as u64));
-    }
-    let read = tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit));
-    let Ok(read) = read.await else {
-        return Err(Problem::new(
-            ProblemKind::RequestTimeout,
-            format!(
-                "the body did not arrive within {} s",
-                BODY_READ_TIMEOUT.as_secs()
-            ),
-        ));
-    };
-    read.map_err(|e| {
-        let source = std::error::Error::source(&e)
-            .map(ToString::to_string)
-            .unwrap_or_default();
-        if source.contains("length limit") || e.to_string().contains("length limit") {
-            too_large(limit as u64)
-        } else {
-            Problem::validation(vec![super::problem::FieldError {
-                path: String::new(),
-                message: format!("the body could not be read: {e}"),
-            }])
-        }
-    })
-}
-
-async fn invoke(
+pub async fn invoke(
     State(runner): State<Arc<Runner>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(name): Path<String>,
@@ -207,7 +98,7 @@ struct Invoked<'a> {
     output_truncated: bool,
 }
 
-async fn ready(State(runner): State<Arc<Runner>>) -> Response {
+pub async fn ready(State(runner): State<Arc<Runner>>) -> Response {
     match runner.audit.ensure_writable() {
         Ok(()) => "ready\n".into_response(),
         Err(e) => Problem::new(ProblemKind::AuditUnavailable, e.to_string()).into_response(),
@@ -216,7 +107,10 @@ async fn ready(State(runner): State<Arc<Runner>>) -> Response {
 
 /// `/metrics` on the main listener: tool names and call counts are for
 /// authenticated callers only, like `/v1/tools`.
-async fn authenticated_metrics(State(runner): State<Arc<Runner>>, headers: HeaderMap) -> Response {
+pub async fn authenticated_metrics(
+    State(runner): State<Arc<Runner>>,
+    headers: HeaderMap,
+) -> Response {
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
@@ -226,7 +120,7 @@ async fn authenticated_metrics(State(runner): State<Arc<Runner>>, headers: Heade
     metrics(State(runner), headers).await
 }
 
-async fn metrics(State(runner): State<Arc<Runner>>, headers: HeaderMap) -> Response {
+pub async fn metrics(State(runner): State<Arc<Runner>>, headers: HeaderMap) -> Response {
     runner
         .metrics
         .tools_served
@@ -254,16 +148,4 @@ async fn metrics(State(runner): State<Arc<Runner>>, headers: HeaderMap) -> Respo
         )
             .into_response()
     }
-}
-
-/// Serves the runner on `listener` with the default HTTP limits and the
-/// listen address's names until `shutdown` completes; calls in flight are
-/// finished first.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    runner: Arc<Runner>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let config = HttpConfig::for_listen(listener.local_addr()?);
-    listener::serve(listener, router(runner), config, shutdown).await
 }

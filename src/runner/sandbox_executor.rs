@@ -15,16 +15,12 @@ use tokio::sync::OnceCell;
 use crate::api::{AgentToolSpec, parse_quantity};
 use crate::sandbox::detect::RootSwitch;
 use crate::sandbox::spec::SANDBOX_UID;
-use crate::sandbox::{
-    BindMount, Enforcement, Invocation, Limits, Mechanism, Pool, SandboxSpec, Sandboxes,
-};
+use crate::sandbox::{BindMount, Invocation, Limits, Mechanism, Pool, SandboxSpec, Sandboxes};
 
-use super::executor::{
-    Degradation, ExecError, ExecFuture, ExecOutcome, SecretDelivery, ToolExecutor,
-};
-use super::registry::PreparedTool;
+use super::executor::{Degradation, ExecError, ExecFuture, ExecOutcome, ToolExecutor};
+use super::tool::{PreparedTool, SecretDelivery};
 pub use super::volumes::VolumesDir;
-use super::volumes::{BoundedVolume, BoundedVolumes, VolumeSource, size_limit};
+use super::volumes::{BoundedVolume, BoundedVolumes, VolumeError, VolumeSource, size_limit};
 
 pub struct SandboxExecutor {
     engine: Sandboxes,
@@ -89,7 +85,7 @@ impl SandboxExecutor {
         self
     }
 
-    async fn pool(&self, tool: &PreparedTool) -> Result<Arc<ToolPool>, String> {
+    async fn pool(&self, tool: &PreparedTool) -> Result<Arc<ToolPool>, PoolError> {
         let cell = self
             .pools
             .lock()
@@ -103,15 +99,14 @@ impl SandboxExecutor {
             .cloned()
     }
 
-    async fn create_pool(&self, tool: &PreparedTool) -> Result<Arc<ToolPool>, String> {
-        let rootfs = tool.rootfs.as_ref().ok_or_else(|| {
-            format!(
-                "no root file system for image {:?} (pass --images)",
-                tool.spec.runtime.image
-            )
+    async fn create_pool(&self, tool: &PreparedTool) -> Result<Arc<ToolPool>, PoolError> {
+        let rootfs = tool.rootfs.as_ref().ok_or_else(|| PoolError::NoRootfs {
+            image: tool.spec.runtime.image.clone(),
         })?;
-        let rootfs =
-            std::fs::canonicalize(rootfs).map_err(|e| format!("{}: {e}", rootfs.display()))?;
+        let rootfs = std::fs::canonicalize(rootfs).map_err(|source| PoolError::Io {
+            path: rootfs.clone(),
+            source,
+        })?;
         let planned = self.plan_mounts(&tool.spec)?;
         let file_secrets: Vec<(&str, &[u8])> = tool
             .secrets
@@ -131,8 +126,10 @@ impl SandboxExecutor {
             warm_pool: tool.spec.sandbox.warm_pool as usize,
         };
         if !file_secrets.is_empty() {
-            prepare_secrets_root(&self.secrets_root)
-                .map_err(|e| format!("{}: {e}", self.secrets_root.display()))?;
+            prepare_secrets_root(&self.secrets_root).map_err(|source| PoolError::Io {
+                path: self.secrets_root.clone(),
+                source,
+            })?;
         }
         // Decided on every folder the sandboxes will reach (the per-tool secret
         // folder will belong to the mapped root, which the check accepts).
@@ -162,8 +159,8 @@ impl SandboxExecutor {
                 let volume =
                     tokio::task::spawn_blocking(move || bounded.mount(&source, size, sandbox_user))
                         .await
-                        .map_err(|e| e.to_string())?
-                        .map_err(|e| format!("spec.permissions.filesystem[{i}]: {e}"))?;
+                        .map_err(PoolError::Interrupted)?
+                        .map_err(|source| PoolError::Volume { index: i, source })?;
                 volumes.push(volume);
             }
         }
@@ -176,11 +173,11 @@ impl SandboxExecutor {
                     .join(format!("gen{}-{}", tool.generation, uuid::Uuid::new_v4()));
             let files = SecretFiles(dir);
             let mounts = write_secret_files(&files.0, &file_secrets, container_root, sandbox_user)
-                .map_err(|e| format!("secret files: {e}"))?;
+                .map_err(PoolError::SecretFiles)?;
             spec.mounts.extend(mounts);
             Some(files)
         };
-        let pool = self.engine.pool(spec).await.map_err(|e| e.to_string())?;
+        let pool = self.engine.pool(spec).await?;
         // The engine decides again on the final spec: what it gave is what counts.
         let given = pool.enforcement();
         if !given.user_namespace && userns_unusable.is_none() {
@@ -240,31 +237,22 @@ impl SandboxExecutor {
 
     /// Refuses a tool whose isolation would be degraded unless it, or the
     /// operator, accepted that.
-    fn accept(&self, tool: &PreparedTool, degradations: &[Degradation]) -> Result<(), String> {
+    fn accept(&self, tool: &PreparedTool, degradations: &[Degradation]) -> Result<(), PoolError> {
         if degradations.is_empty() || self.allow_degraded || tool.spec.sandbox.allow_degraded {
             return Ok(());
         }
-        Err(format!(
-            "refused: its isolation would be degraded ({}); set spec.sandbox.allowDegraded: true or start serve with --allow-degraded to accept that",
-            degradations
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; ")
-        ))
+        Err(PoolError::Degraded(degradations.to_vec()))
     }
 
     /// `permissions.filesystem` as bind mounts; a writable volume's source is
     /// the mount point of its bounded image.
-    fn plan_mounts(&self, spec: &AgentToolSpec) -> Result<Vec<PlannedMount>, String> {
+    fn plan_mounts(&self, spec: &AgentToolSpec) -> Result<Vec<PlannedMount>, PoolError> {
         spec.permissions
             .filesystem
             .iter()
             .enumerate()
             .map(|(i, mount)| {
-                let at = |e: super::volumes::VolumeError| {
-                    format!("spec.permissions.filesystem[{i}]: {e}")
-                };
+                let at = |source| PoolError::Volume { index: i, source };
                 let source = self.volumes.resolve(mount).map_err(at)?;
                 // Once a volume has an image, its data lives there: read-only
                 // mounts use it too.
@@ -289,6 +277,52 @@ impl SandboxExecutor {
                 })
             })
             .collect()
+    }
+}
+
+/// Why a tool's pool of sandboxes cannot be built: the tool cannot run here.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("no root file system for image {image:?} (pass --images)")]
+    NoRootfs { image: String },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("spec.sandbox.{field}: {source}")]
+    Quantity {
+        field: &'static str,
+        source: crate::api::BadQuantity,
+    },
+    #[error("spec.permissions.filesystem[{index}]: {source}")]
+    Volume { index: usize, source: VolumeError },
+    #[error("secret files: {0}")]
+    SecretFiles(#[source] std::io::Error),
+    #[error("{0}")]
+    Interrupted(#[from] tokio::task::JoinError),
+    #[error("{0}")]
+    Engine(#[from] crate::sandbox::Error),
+    #[error(
+        "refused: its isolation would be degraded ({}); set spec.sandbox.allowDegraded: true or start serve with --allow-degraded to accept that",
+        .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    )]
+    Degraded(Vec<Degradation>),
+}
+
+impl PoolError {
+    /// Stable CamelCase name of the error class.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PoolError::NoRootfs { .. } => "NoRootFileSystem",
+            PoolError::Io { .. } => "SandboxStateUnavailable",
+            PoolError::Quantity { .. } => "InvalidQuantity",
+            PoolError::Volume { source, .. } => source.reason(),
+            PoolError::SecretFiles(_) => "SecretFilesUnwritable",
+            PoolError::Interrupted(_) => "PoolCreationInterrupted",
+            PoolError::Engine(_) => "SandboxEngineFailed",
+            PoolError::Degraded(_) => "IsolationDegraded",
+        }
     }
 }
 
@@ -325,7 +359,10 @@ impl ToolExecutor for SandboxExecutor {
         secrets: Vec<SecretDelivery>,
     ) -> ExecFuture<'a> {
         Box::pin(async move {
-            let pool = self.pool(tool).await.map_err(ExecError::Spawn)?;
+            let pool = self
+                .pool(tool)
+                .await
+                .map_err(|e| ExecError::NotRunnable(Box::new(e)))?;
             let runtime = &tool.spec.runtime;
             let mut env: Vec<(String, String)> = runtime
                 .env
@@ -348,11 +385,7 @@ impl ToolExecutor for SandboxExecutor {
                 cwd: runtime.working_dir.clone(),
                 stdin,
             };
-            let outcome = pool
-                .pool
-                .run(invocation)
-                .await
-                .map_err(|e| ExecError::Spawn(e.to_string()))?;
+            let outcome = pool.pool.run(invocation).await?;
             Ok(ExecOutcome {
                 exit_code: outcome.exit_code,
                 stdout: outcome.stdout.bytes,
@@ -415,7 +448,7 @@ impl ToolExecutor for SandboxExecutor {
                             .join("; "),
                         "sandbox pool ready with DEGRADED isolation (allowed)"
                     ),
-                    Err(e) => errors.push((tool.name.clone(), e)),
+                    Err(e) => errors.push((tool.name.clone(), e.to_string())),
                 }
             }
             Ok(errors)
@@ -458,11 +491,11 @@ impl ToolExecutor for SandboxExecutor {
 
 /// `spec.sandbox` as engine limits. Quantities were bounded by the CRD schema;
 /// a value that still does not parse is a clear error, not a default.
-fn limits(spec: &AgentToolSpec) -> Result<Limits, String> {
+fn limits(spec: &AgentToolSpec) -> Result<Limits, PoolError> {
     let sandbox = &spec.sandbox;
-    let quantity = |field: &str, q: &Option<_>| -> Result<Option<f64>, String> {
+    let quantity = |field: &'static str, q: &Option<_>| -> Result<Option<f64>, PoolError> {
         q.as_ref()
-            .map(|q| parse_quantity(q).map_err(|e| format!("spec.sandbox.{field}: {e}")))
+            .map(|q| parse_quantity(q).map_err(|source| PoolError::Quantity { field, source }))
             .transpose()
     };
     let defaults = Limits::default();
@@ -534,19 +567,4 @@ fn write_secret_files(
         Some(nix::unistd::getegid().as_raw()),
     )?;
     Ok(mounts)
-}
-
-/// Which mechanism enforces each limit, as (limit, mechanism) pairs.
-pub fn enforcement_pairs(e: &Enforcement) -> [(&'static str, &'static str); 8] {
-    let yes_no = |b: bool| if b { "yes" } else { "no" };
-    [
-        ("memory", e.memory.as_str()),
-        ("pids", e.pids.as_str()),
-        ("cpu", e.cpu.as_str()),
-        ("fileSize", e.file_size.as_str()),
-        ("tmpSize", e.tmp_size.as_str()),
-        ("devices", e.devices.as_str()),
-        ("userNamespace", yes_no(e.user_namespace)),
-        ("seccomp", yes_no(e.seccomp)),
-    ]
 }

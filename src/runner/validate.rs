@@ -7,12 +7,24 @@ use serde_json::Value;
 
 use super::problem::FieldError;
 
+/// A tool's `inputSchema` that is not a valid JSON Schema.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct InvalidSchema(Box<ValidationError<'static>>);
+
+impl InvalidSchema {
+    /// Stable CamelCase name of the error class.
+    pub fn reason(&self) -> &'static str {
+        "InputSchemaInvalid"
+    }
+}
+
 /// Compiles a tool's schema the way `toolwarden check` does.
-pub fn compile(schema: &Value) -> Result<Validator, String> {
+pub fn compile(schema: &Value) -> Result<Validator, InvalidSchema> {
     jsonschema::draft202012::options()
         .should_validate_formats(true)
         .build(schema)
-        .map_err(|e| e.to_string())
+        .map_err(|e| InvalidSchema(Box::new(e)))
 }
 
 /// Every error, not just the first, each with the JSON pointer of the field.

@@ -13,9 +13,8 @@
 //! only ever holds the image.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -64,7 +63,9 @@ pub enum VolumeError {
     #[error("emptyDir is not available to the standalone runner; use /tmp (spec.sandbox.tmpSize)")]
     EmptyDir,
     #[error("sizeLimit: {0}")]
-    SizeLimit(String),
+    SizeLimit(#[from] crate::api::BadQuantity),
+    #[error("sizeLimit: {given} is below the smallest bounded volume, 1Mi")]
+    SizeLimitTooSmall { given: String },
     #[error(
         "{image} holds this volume with {found} bytes, but sizeLimit is now {wanted}: restore sizeLimit or move the image away (its data is the volume's)"
     )]
@@ -94,6 +95,7 @@ impl VolumeError {
             VolumeError::NotAFolder(_) => "NotAFolder",
             VolumeError::EmptyDir => "EmptyDirUnsupported",
             VolumeError::SizeLimit(_) => "InvalidSizeLimit",
+            VolumeError::SizeLimitTooSmall { .. } => "SizeLimitTooSmall",
             VolumeError::SizeChanged { .. } => "SizeLimitChanged",
             VolumeError::Io { .. } => "VolumeIo",
             VolumeError::Command { .. } => "VolumeCommandFailed",
@@ -208,12 +210,9 @@ pub fn size_limit(mount: &FilesystemMount) -> Result<u64, VolumeError> {
     let Some(q) = &mount.size_limit else {
         return Ok(DEFAULT_WRITABLE_SIZE);
     };
-    let bytes = parse_quantity(q).map_err(|e| VolumeError::SizeLimit(e.to_string()))?;
+    let bytes = parse_quantity(q)?;
     if bytes < MIN_WRITABLE_SIZE as f64 {
-        return Err(VolumeError::SizeLimit(format!(
-            "{} is below the smallest bounded volume, 1Mi",
-            q.0
-        )));
+        return Err(VolumeError::SizeLimitTooSmall { given: q.0.clone() });
     }
     Ok(bytes as u64)
 }
@@ -440,30 +439,34 @@ fn create_image(image: &Path, folder: &Path, size: u64) -> Result<(), VolumeErro
     result
 }
 
-/// Runs `program args` inside the mount namespace of process `pid`.
+/// Runs `program args` inside the mount namespace of process `pid`. A thread
+/// of its own leaves the runner's shared file system context
+/// (`unshare(CLONE_FS)`, without which a thread of a multi-threaded process
+/// cannot enter a mount namespace) and enters the namespace; the command's
+/// process inherits it. The thread ends with the command, so nothing else
+/// ever runs in that namespace. (Safe wrappers instead of a `pre_exec` hook,
+/// which is `unsafe`.)
 fn in_mount_namespace(
     pid: u32,
     program: &str,
     args: &[&std::ffi::OsStr],
 ) -> Result<(), VolumeError> {
+    use nix::sched::{CloneFlags, setns, unshare};
     let ns_path = format!("/proc/{pid}/ns/mnt");
-    let ns: OwnedFd = std::fs::File::open(&ns_path).map_err(io(&ns_path))?.into();
-    let raw = ns.as_raw_fd();
+    let ns = std::fs::File::open(&ns_path).map_err(io(&ns_path))?;
     let mut command = std::process::Command::new(program);
     command.args(args);
-    // SAFETY: setns is async-signal-safe; the forked child is single-threaded,
-    // which entering a mount namespace requires.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::setns(raw, libc::CLONE_NEWNS) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
+    std::thread::scope(|scope| {
+        let entered = scope.spawn(|| {
+            unshare(CloneFlags::CLONE_FS)
+                .and_then(|()| setns(&ns, CloneFlags::CLONE_NEWNS))
+                .map_err(|e| io(format!("entering {ns_path}"))(e.into()))?;
+            run(&mut command)
         });
-    }
-    let result = run(&mut command);
-    drop(ns);
-    result
+        entered
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }
 
 fn run(command: &mut std::process::Command) -> Result<(), VolumeError> {

@@ -1,0 +1,53 @@
+//! The HTTP surface: which handler answers which route (REST from `rest.rs`,
+//! MCP from `mcp.rs`), and serving it. Connections, header limits and the
+//! `Host`/`Origin` check are the accept loop's (`listener.rs`).
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::{get, post};
+
+use super::listener::{self, HttpConfig};
+use super::mcp;
+use super::pipeline::Runner;
+use super::problem::{Problem, ProblemKind};
+use super::rest;
+
+pub fn router(runner: Arc<Runner>) -> Router {
+    Router::new()
+        .route("/v1/tools", get(rest::list_tools))
+        .route("/v1/tools/{name}/invoke", post(rest::invoke))
+        .route("/mcp", post(mcp::post).get(mcp::get).delete(mcp::delete))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(rest::ready))
+        .route("/metrics", get(rest::authenticated_metrics))
+        .fallback(|| async { Problem::new(ProblemKind::NotFound, "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            Problem::new(
+                ProblemKind::MethodNotAllowed,
+                "method not allowed on this endpoint",
+            )
+        })
+        .with_state(runner)
+}
+
+/// Only `/metrics`, unauthenticated: for `--metrics-listen`, an address the
+/// operator chose to expose to the scraper.
+pub fn metrics_router(runner: Arc<Runner>) -> Router {
+    Router::new()
+        .route("/metrics", get(rest::metrics))
+        .fallback(|| async { Problem::new(ProblemKind::NotFound, "no such endpoint") })
+        .with_state(runner)
+}
+
+/// Serves the runner on `listener` with the default HTTP limits and the
+/// listen address's names until `shutdown` completes; calls in flight are
+/// finished first.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    runner: Arc<Runner>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let config = HttpConfig::for_listen(listener.local_addr()?);
+    listener::serve(listener, router(runner), config, shutdown).await
+}
