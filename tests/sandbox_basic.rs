@@ -35,7 +35,7 @@ async fn engine_drop_removes_state_root() {
     assert_eq!(common::text(&o.stdout), "hi\n");
     let root = common::state_root();
     // The zygote keeps container states on a private tmpfs mounted on this directory.
-    let private = toolwarden::sandbox::sweep::zygote_dir(&root, engine.zygote_pid());
+    let private = toolwarden::sandbox::names::zygote_dir(&root, engine.zygote_pid());
     assert!(private.is_dir(), "{} missing", private.display());
     // Parked containers are still there when the pool and engine go away.
     drop(pool);

@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use super::detect::CGROUP_PARENT;
+use crate::sandbox::names::CGROUP_PARENT;
 
 /// The leaf the server's own processes move into.
 pub const SERVER_LEAF: &str = "toolwarden-server";

@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::sandbox::{Enforcement, Mechanism, SandboxSpec, cgroup_v2};
+use crate::sandbox::cgroup_v2;
+use crate::sandbox::model::{Enforcement, Mechanism, SandboxSpec};
+use crate::sandbox::mountinfo::{MountEntry, mountinfo};
+use crate::sandbox::names::{CGROUP_PARENT, SANDBOX_UID};
 
-/// Parent of all per-call cgroups: relative to each hierarchy root on cgroup v1, below the
-/// engine's own cgroup on cgroup v2 (see [`cgroup_v2`]).
-pub const CGROUP_PARENT: &str = "toolwarden";
 /// In the initial user namespace (the runner on a host), sandbox ids are taken at or above this
 /// id: below it live the host's own users.
 pub const USERNS_HOST_BASE: u32 = 1_000_000;
@@ -117,11 +117,10 @@ impl HostReport {
         }
     }
 
-    /// The runner-side uid of the sandbox user ([`crate::sandbox::spec::SANDBOX_UID`]) in a pool
+    /// The runner-side uid of the sandbox user ([`SANDBOX_UID`]) in a pool
     /// with a user namespace: who must own the files handed to it.
     pub fn sandbox_outer_uid(&self) -> Option<u32> {
-        self.id_map
-            .map(|m| m.uid_base + crate::sandbox::spec::SANDBOX_UID)
+        self.id_map.map(|m| m.uid_base + SANDBOX_UID)
     }
 
     pub fn cgroup_mechanism(&self) -> Mechanism {
@@ -187,7 +186,7 @@ fn detect_cgroup() -> Option<CgroupMode> {
 /// container's or the pod's cgroup), `max` when none is set, `none` without that controller.
 fn own_cgroup_limits(mode: Option<CgroupMode>) -> String {
     let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    let mounts = crate::sandbox::zygote::mountinfo().unwrap_or_default();
+    let mounts = mountinfo().unwrap_or_default();
     let limit = |controller: &str, file: &str| {
         nearest_limit(&own, &mounts, controller, file).unwrap_or_else(|| "none".into())
     };
@@ -212,7 +211,7 @@ fn own_cgroup_limits(mode: Option<CgroupMode>) -> String {
 /// hierarchy with that controller is mounted.
 fn nearest_limit(
     own_cgroups: &str,
-    mounts: &[crate::sandbox::zygote::MountEntry],
+    mounts: &[MountEntry],
     controller: &str,
     file: &str,
 ) -> Option<String> {
@@ -295,7 +294,7 @@ pub enum UsernsError {
     #[error(
         "{file}: the runner owns {owned} id(s) beside its own ({map}); a sandbox needs {needed} \
          (its root up to uid {})",
-        crate::sandbox::spec::SANDBOX_UID
+        SANDBOX_UID
     )]
     TooFewIds {
         file: &'static str,
@@ -419,7 +418,7 @@ pub fn sandbox_id_map() -> Result<IdMap, UsernsError> {
 
 /// (first id, size) of the sandbox window in one id map (`inside outside count` lines). Pure.
 fn id_window(file: &'static str, map: &str) -> Result<(u32, u32), UsernsError> {
-    let needed = crate::sandbox::spec::SANDBOX_UID + 1;
+    let needed = SANDBOX_UID + 1;
     let lines: Vec<(u64, u64)> = map
         .lines()
         .filter_map(|l| {
@@ -495,7 +494,7 @@ fn decode_report(bytes: &[u8]) -> Option<ProbeReport> {
 /// single-threaded here): with `map`, a user namespace with that id map written from here as
 /// libcontainer will (`setgroups` denied first when the runner is itself in a user namespace);
 /// then mount and pid namespaces, and in them a tmpfs, a fresh procfs (refused under a masked
-/// `/proc`: see `zygote::unmask_proc`), a device bound from `/dev`, and the root switch:
+/// `/proc`: see `zygote_mounts::unmask_proc`), a device bound from `/dev`, and the root switch:
 /// pivot_root, or else a move-mount and chroot. Returns how the root can be switched, or the
 /// step that failed and why.
 fn probe_sandbox(map: Option<IdMap>, scratch: &Path) -> Result<RootSwitch, UsernsError> {
@@ -716,7 +715,7 @@ mod tests {
         std::fs::write(own.join("memory.limit_in_bytes"), unlimited).unwrap();
         std::fs::write(pod.join("memory.limit_in_bytes"), "268435456\n").unwrap();
         std::fs::write(top.join("memory.limit_in_bytes"), unlimited).unwrap();
-        let mount = |root: &str| crate::sandbox::zygote::MountEntry {
+        let mount = |root: &str| MountEntry {
             root: root.into(),
             mount_point: top.to_string_lossy().into_owned(),
             fstype: "cgroup".into(),
@@ -728,7 +727,7 @@ mod tests {
         assert_eq!(limit(&[mount("/")]).as_deref(), Some("268435456"));
         // The container sees only its own cgroup (a bind of it): no ancestor to read, so "max".
         std::fs::write(top.join("memory.limit_in_bytes"), unlimited).unwrap();
-        let own_only = crate::sandbox::zygote::MountEntry {
+        let own_only = MountEntry {
             mount_point: own.to_string_lossy().into_owned(),
             ..mount("/kubepods/pod1/ctr")
         };

@@ -3,7 +3,7 @@
 
 use std::fs::File;
 
-use crate::sandbox::{Error, Result};
+use crate::sandbox::error::{Error, Result};
 
 pub fn bring_up_lo(pid: i32) -> Result<()> {
     let ns = File::open(format!("/proc/{pid}/ns/net"))?;

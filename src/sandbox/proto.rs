@@ -8,9 +8,16 @@ use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, s
 use serde::{Deserialize, Serialize};
 
 use crate::sandbox::detect::HostReport;
-use crate::sandbox::{Enforcement, Error, Result, SandboxSpec};
+use crate::sandbox::error::{Error, Result};
+use crate::sandbox::model::{Enforcement, SandboxSpec};
 
 const MAX_MSG: usize = 256 * 1024;
+
+/// Fd number of the runner socket in the zygote.
+pub const ZYGOTE_SOCK_FD: RawFd = 3;
+/// Environment variables the runner sets for the zygote (its environment is otherwise empty).
+pub const ENV_STATE_ROOT: &str = "TOOLWARDEN_SANDBOX_STATE";
+pub const ENV_FORCE_RLIMITS: &str = "TOOLWARDEN_SANDBOX_FORCE_RLIMITS";
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ToZygote {
@@ -44,7 +51,7 @@ pub enum FromZygote {
         pool: u64,
         error: String,
     },
-    /// Container is parked in the executor. Fds: control, stdin, stdout, stderr, pidfd, and
+    /// Container is parked in its init (`container_init`). Fds: control, stdin, stdout, stderr, pidfd, and
     /// the read end of the exit-report pipe (which then carries `Exited` or `SpawnFailed`).
     Ready {
         req: u64,

@@ -1,5 +1,5 @@
 //! Default-deny seccomp allowlist derived from the Docker/containerd default profile, compiled
-//! once (per zygote) with the pure-Rust `seccompiler` and installed by the executor just before
+//! once (per zygote) with the pure-Rust `seccompiler` and installed by the container init just before
 //! `execve`.
 //!
 //! Compared with Docker's profile we additionally refuse: io_uring_*, name_to_handle_at,
@@ -14,7 +14,7 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 
-use crate::sandbox::{Error, Result};
+use crate::sandbox::error::{Error, Result};
 
 const ALLOWED: &[libc::c_long] = &[
     libc::SYS_accept,

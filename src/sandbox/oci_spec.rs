@@ -4,12 +4,13 @@
 use serde_json::{Value, json};
 
 use crate::sandbox::detect::{CgroupMode, HostReport};
-use crate::sandbox::{Error, Limits, Result, SandboxSpec};
+use crate::sandbox::error::{Error, Result};
+use crate::sandbox::model::{Limits, SandboxSpec};
+use crate::sandbox::names::SANDBOX_UID;
 
 /// Placeholder argv: the real argv arrives late through the control pipe.
 pub const PLACEHOLDER_ARG: &str = "/toolwarden-late-exec";
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-pub const SANDBOX_UID: u32 = 65534;
 
 /// runc's default masked paths.
 const MASKED: &[&str] = &[
@@ -32,7 +33,7 @@ const READONLY: &[&str] = &[
 ];
 
 /// (path, major, minor): the only devices in the sandbox. libcontainer always adds /dev/full
-/// too; the keeper unlinks it before start (`zygote::remove_extra_devices`) and the device
+/// too; the keeper unlinks it before start (`keeper::remove_extra_devices`) and the device
 /// cgroup (v1) does not allow it.
 const DEVICES: &[(&str, i64, i64)] = &[
     ("/dev/null", 1, 3),
@@ -113,8 +114,8 @@ pub fn build(spec: &SandboxSpec, host: &HostReport, userns: bool) -> Result<Valu
         // Fallback: per-process rlimits (weaker: NPROC counts per uid, shared by all sandboxes
         // without a user namespace; AS is virtual memory). RLIMIT_AS is not in the spec:
         // libcontainer would set it in its intermediate process, so the parked init, a copy of
-        // the zygote (~63 MiB of address space here), would run our executor under it and every
-        // allocation before execve could fail. The executor sets it just before execve instead
+        // the zygote (~63 MiB of address space here), would run our init code under it and every
+        // allocation before execve could fail. The container init sets it just before execve instead
         // (`address_space_limit`), so it bounds the tool's fresh address space only.
         rlimits.push(json!({"type": "RLIMIT_NPROC", "hard": l.pids, "soft": l.pids}));
         let cpu_secs = cpu_seconds(l);
@@ -144,7 +145,7 @@ pub fn build(spec: &SandboxSpec, host: &HostReport, userns: bool) -> Result<Valu
     });
     if !cgroups {
         // No cgroup at all: libcontainer is not asked to apply any resource (the zygote also
-        // hides the cgroup file system from it, see `zygote::hide_cgroupfs`); devices are then
+        // hides the cgroup file system from it, see `zygote_mounts::hide_cgroupfs`); devices are then
         // limited by the explicit device list only.
         if let Some(obj) = linux.as_object_mut() {
             obj.remove("resources");
@@ -183,7 +184,7 @@ pub fn build(spec: &SandboxSpec, host: &HostReport, userns: bool) -> Result<Valu
     }))
 }
 
-/// RLIMIT_AS for the tool, set by the executor just before execve (None = not limited this way).
+/// RLIMIT_AS for the tool, set by the container init just before execve (None = not limited this way).
 pub fn address_space_limit(limits: &Limits, host: &HostReport) -> Option<u64> {
     // Only without cgroups (the memory cgroup enforces the limit otherwise).
     host.cgroup_unusable.as_ref().and(limits.memory_bytes)

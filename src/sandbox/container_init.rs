@@ -15,11 +15,12 @@ use libcontainer::workload::{
     Executor, ExecutorError, ExecutorSetEnvsError, ExecutorValidationError,
 };
 
+use crate::sandbox::oci_spec::DEFAULT_PATH;
 use crate::sandbox::proto::LateExec;
-use crate::sandbox::spec::DEFAULT_PATH;
+use crate::sandbox::seccomp;
 
 #[derive(Clone)]
-pub struct LateExecutor {
+pub struct ParkedInit {
     /// Read end of the control pipe (open in the keeper when `build()` forks the init).
     pub control_fd: RawFd,
     /// A pidfd of the keeper (the init's parent), open until `exec` has set the parent-death signal.
@@ -42,7 +43,7 @@ fn fail(code: i32, msg: &str) -> ! {
     }
 }
 
-impl Executor for LateExecutor {
+impl Executor for ParkedInit {
     fn exec(&self, _spec: &Spec) -> Result<(), ExecutorError> {
         // Die with the keeper: if the keeper is killed (with its zygote and runner, say) nothing
         // else would end this sandbox at its deadline. Set here because a credential change
@@ -80,11 +81,11 @@ impl Executor for LateExecutor {
         // load, which is then off the request path; everything below until execve (read, close,
         // chdir, getcwd, stat, write, exit) is in the allowlist, and parking under the filter
         // only tightens the init.
-        let filters = match crate::sandbox::seccomp::filters() {
+        let filters = match seccomp::filters() {
             Ok(f) => f,
             Err(e) => fail(EXIT_CANNOT_EXEC, &e.to_string()),
         };
-        if let Err(e) = crate::sandbox::seccomp::apply(filters) {
+        if let Err(e) = seccomp::apply(filters) {
             fail(EXIT_CANNOT_EXEC, &format!("seccomp: {e}"));
         }
         // SAFETY: the fd was created for this container only and is not used elsewhere here.
