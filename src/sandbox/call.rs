@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 
-use crate::sandbox::error::{Error, Result};
+use crate::sandbox::error::{Error, InvocationError, ProtocolError, Result};
 use crate::sandbox::model::{Captured, Enforcement, Invocation, Limits, Outcome};
 use crate::sandbox::output;
 use crate::sandbox::proto::{self, FromZygote, LateExec};
@@ -38,7 +38,7 @@ pub async fn run(
         env: inv.env,
         cwd: inv.cwd,
     };
-    let payload = serde_json::to_vec(&late).map_err(|e| Error::Protocol(e.to_string()))?;
+    let payload = serde_json::to_vec(&late).map_err(ProtocolError::Encode)?;
     let kill_guard = KillOnDrop(Some(w.pidfd));
     let released_ns = proto::monotonic_ns();
     // Control pipe first (it releases the parked init). A payload up to PIPE_BUF always fits
@@ -49,7 +49,11 @@ pub async fn run(
     if payload.len() <= libc::PIPE_BUF {
         let n = nix::unistd::write(&w.control, &payload)?;
         if n != payload.len() {
-            return Err(Error::Protocol("short write to control pipe".into()));
+            return Err(ProtocolError::ShortWrite {
+                written: n,
+                len: payload.len(),
+            }
+            .into());
         }
         drop(w.control);
     } else {
@@ -90,10 +94,10 @@ pub async fn run(
         };
         let ev = match r {
             Some(Ok(_)) if !buf.is_empty() => serde_json::from_slice::<FromZygote>(&buf)
-                .map_err(|e| Error::Protocol(e.to_string())),
-            Some(Ok(_)) => Err(Error::Zygote("keeper died without an exit report".into())),
+                .map_err(|e| ProtocolError::Decode(e).into()),
+            Some(Ok(_)) => Err(Error::KeeperDied),
             Some(Err(e)) => Err(e.into()),
-            None => Err(Error::Zygote("no exit status for sandbox".into())),
+            None => Err(Error::ExitStatusLost),
         };
         (ev, timed_out)
     };
@@ -108,8 +112,8 @@ pub async fn run(
     };
     let exit = match exit? {
         FromZygote::Exited { exit, .. } => exit,
-        FromZygote::SpawnFailed { error, .. } => return Err(Error::Container(error)),
-        _ => return Err(Error::Protocol("unexpected exit report".into())),
+        FromZygote::SpawnFailed { error, .. } => return Err(Error::Reported(error)),
+        _ => return Err(ProtocolError::Unexpected("exit report").into()),
     };
     let duration = start.elapsed();
     let got_ns = proto::monotonic_ns();
@@ -165,25 +169,23 @@ impl Drop for KillOnDrop {
     }
 }
 
-pub fn validate(inv: &Invocation) -> Result<()> {
+pub fn validate(inv: &Invocation) -> Result<(), InvocationError> {
     if inv.argv.is_empty() {
-        return Err(Error::Invalid("argv is empty".into()));
+        return Err(InvocationError::EmptyArgv);
     }
     let bad = |s: &str| s.contains('\0');
     if inv.argv.iter().any(|a| bad(a)) {
-        return Err(Error::Invalid("NUL byte in argv".into()));
+        return Err(InvocationError::NulInArgv);
     }
     for (k, v) in &inv.env {
         if k.is_empty() || k.contains('=') || bad(k) || bad(v) {
-            return Err(Error::Invalid(format!(
-                "bad environment variable name {k:?}"
-            )));
+            return Err(InvocationError::BadEnvName(k.clone()));
         }
     }
     if let Some(cwd) = &inv.cwd
         && (!cwd.starts_with('/') || bad(cwd))
     {
-        return Err(Error::Invalid("cwd must be an absolute path".into()));
+        return Err(InvocationError::RelativeCwd);
     }
     Ok(())
 }

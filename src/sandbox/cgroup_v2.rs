@@ -45,6 +45,16 @@ pub enum PlacementError {
     },
 }
 
+impl PlacementError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PlacementError::OwnCgroup(_) => "OwnCgroupUnreadable",
+            PlacementError::NotDelegated { .. } => "ControllersNotDelegated",
+            PlacementError::Write { .. } => "CgroupWriteFailed",
+        }
+    }
+}
+
 /// The per-call cgroups' parent relative to the cgroup v2 root (`<own>/toolwarden`), once
 /// [`delegate`] has run in this process; `toolwarden` before that (and on cgroup v1).
 pub fn per_call_parent() -> &'static str {

@@ -89,10 +89,12 @@ impl HostReport {
             match cgroup {
                 None => Some("no cgroup hierarchy found under /sys/fs/cgroup".into()),
                 Some(CgroupMode::V2) => match cgroup_v2::delegate() {
-                    Ok(_) => probe_cgroup_writable(CgroupMode::V2).err(),
+                    Ok(_) => probe_cgroup_writable(CgroupMode::V2)
+                        .err()
+                        .map(|why| why.to_string()),
                     Err(e) => Some(e.to_string()),
                 },
-                Some(mode) => probe_cgroup_writable(mode).err(),
+                Some(mode) => probe_cgroup_writable(mode).err().map(|why| why.to_string()),
             }
         };
         let outer_bound = cgroup_unusable.as_ref().map(|_| own_cgroup_limits(cgroup));
@@ -142,7 +144,7 @@ impl HostReport {
         paths.extend(spec.mounts.iter().map(|m| m.source.clone()));
         for p in paths {
             if let Err(why) = world_traversable(&p, self.id_map) {
-                return Some(why);
+                return Some(why.to_string());
             }
         }
         None
@@ -266,8 +268,22 @@ fn unlimited(value: &str) -> bool {
         || value.parse::<u64>().is_ok_and(|n| n >= 1 << 62)
 }
 
+/// A probe cgroup could not be created where the per-call cgroups will live.
+#[derive(Debug, thiserror::Error)]
+#[error("cgroup tree not writable ({}): {source}", .path.display())]
+pub struct CgroupNotWritable {
+    path: PathBuf,
+    source: std::io::Error,
+}
+
+impl CgroupNotWritable {
+    pub fn reason(&self) -> &'static str {
+        "CgroupNotWritable"
+    }
+}
+
 /// Tries to create (and remove) a probe cgroup where the per-call cgroups will live.
-fn probe_cgroup_writable(mode: CgroupMode) -> Result<(), String> {
+fn probe_cgroup_writable(mode: CgroupMode) -> Result<(), CgroupNotWritable> {
     let dirs: Vec<PathBuf> = match mode {
         CgroupMode::V2 => vec![PathBuf::from("/sys/fs/cgroup").join(cgroup_v2::per_call_parent())],
         CgroupMode::V1 { .. } => ["memory", "pids", "cpu"]
@@ -277,8 +293,12 @@ fn probe_cgroup_writable(mode: CgroupMode) -> Result<(), String> {
     };
     for d in dirs {
         let probe = d.join(format!("probe-{}", std::process::id()));
-        std::fs::create_dir_all(&probe)
-            .map_err(|e| format!("cgroup tree not writable ({}): {e}", probe.display()))?;
+        if let Err(source) = std::fs::create_dir_all(&probe) {
+            return Err(CgroupNotWritable {
+                path: probe,
+                source,
+            });
+        }
         let _ = std::fs::remove_dir(&probe);
     }
     Ok(())
@@ -638,23 +658,50 @@ fn probe_child(
 /// root (`ids`, as the host sees it): by everyone (`o+x`), by the mapped root's
 /// group (an image cache entry, `0710`), or by the mapped root as its owner (a
 /// private per-tool folder, see `write_secret_files`).
-fn world_traversable(path: &Path, ids: Option<IdMap>) -> Result<(), String> {
-    let canon = std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
+fn world_traversable(path: &Path, ids: Option<IdMap>) -> Result<(), UnreachablePath> {
+    let inaccessible = |path: &Path| {
+        let path = path.to_path_buf();
+        |source| UnreachablePath::Inaccessible { path, source }
+    };
+    let canon = std::fs::canonicalize(path).map_err(inaccessible(path))?;
     for anc in canon.ancestors() {
-        let meta = std::fs::metadata(anc).map_err(|e| format!("{}: {e}", anc.display()))?;
+        let meta = std::fs::metadata(anc).map_err(inaccessible(anc))?;
         let mode = meta.permissions().mode();
         // The image cache's entries are `0710` with the mapped root's group; per-tool
         // secret folders belong to the mapped root.
         let group_traversable = ids.is_some_and(|i| meta.gid() == i.gid_base) && mode & 0o010 != 0;
         let mapped_root_owns = ids.is_some_and(|i| meta.uid() == i.uid_base) && mode & 0o100 != 0;
         if meta.is_dir() && mode & 0o001 == 0 && !group_traversable && !mapped_root_owns {
-            return Err(format!(
-                "{} is not world-traversable (o+x), the user-namespace root could not reach it",
-                anc.display()
-            ));
+            return Err(UnreachablePath::NotTraversable {
+                path: anc.to_path_buf(),
+            });
         }
     }
     Ok(())
+}
+
+/// A path the user-namespace root of a sandbox could not reach.
+#[derive(Debug, thiserror::Error)]
+pub enum UnreachablePath {
+    #[error("{}: {source}", .path.display())]
+    Inaccessible {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{} is not world-traversable (o+x), the user-namespace root could not reach it",
+        .path.display()
+    )]
+    NotTraversable { path: PathBuf },
+}
+
+impl UnreachablePath {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            UnreachablePath::Inaccessible { .. } => "PathInaccessible",
+            UnreachablePath::NotTraversable { .. } => "PathNotTraversable",
+        }
+    }
 }
 
 #[cfg(test)]

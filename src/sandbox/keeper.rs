@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::sandbox::container_init::ParkedInit;
 use crate::sandbox::detect::{CgroupMode, IdMap};
-use crate::sandbox::error::{Error, Result};
+use crate::sandbox::error::{ContainerError, ProtocolError, Result};
 use crate::sandbox::names::CGROUP_PARENT;
 use crate::sandbox::proto::{self, ExitInfo, FromZygote};
 use crate::sandbox::{cgroup_v2, netlo, sweep};
@@ -43,7 +43,7 @@ pub fn keeper(
     let (pid, init, report, mnt_ns) = match keeper_run(sock, state_root, id, def, req, background) {
         Ok(started) => started,
         Err(e) => {
-            let error = e.to_string();
+            let error = e.to_failure();
             let _ = proto::send(sock, &FromZygote::SpawnFailed { req, error }, &[]);
             sweep::remove_container(state_root, id);
             return 1;
@@ -56,7 +56,7 @@ pub fn keeper(
         Ok(exit) => FromZygote::Exited { req, exit },
         Err(e) => FromZygote::SpawnFailed {
             req,
-            error: e.to_string(),
+            error: e.to_failure(),
         },
     };
     // Small (< PIPE_BUF) into a fresh pipe: never blocks. EPIPE (call dropped) is fine.
@@ -104,7 +104,7 @@ fn keeper_run(
     }
     std::fs::write(
         bundle.join("config.json"),
-        serde_json::to_vec(&spec).map_err(|e| Error::Protocol(e.to_string()))?,
+        serde_json::to_vec(&spec).map_err(ProtocolError::Encode)?,
     )?;
 
     let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
@@ -121,7 +121,7 @@ fn keeper_run(
     };
     let mut container = ContainerBuilder::new(id.to_string(), SyscallType::Linux)
         .with_root_path(state_root)
-        .map_err(|e| Error::Container(format!("{e:#}")))?
+        .map_err(ContainerError::StateRoot)?
         .with_executor(executor)
         .with_stdin(in_r)
         .with_stdout(out_w)
@@ -131,11 +131,9 @@ fn keeper_run(
         .with_no_pivot(def.no_pivot)
         .with_detach(true)
         .build()
-        .map_err(|e| Error::Container(format!("build: {e}")))?;
+        .map_err(ContainerError::Build)?;
     drop((ctl_r, keeper));
-    let pid = container
-        .pid()
-        .ok_or_else(|| Error::Container("no init pid".into()))?;
+    let pid = container.pid().ok_or(ContainerError::NoInitPid)?;
     let pidfd = pidfd_open(pid)?;
     remove_extra_devices(pid.as_raw(), def.id_map)?;
     // Holding a reference to the container's mount namespace moves its teardown (unmounting
@@ -149,9 +147,7 @@ fn keeper_run(
         set_nice(0, 0);
     }
     netlo::bring_up_lo(pid.as_raw())?;
-    container
-        .start()
-        .map_err(|e| Error::Container(format!("start: {e}")))?;
+    container.start().map_err(ContainerError::Start)?;
     // Created after build() so the container never inherits it.
     let (report_r, report_w) = pipe2(cloexec)?;
     proto::send(
@@ -304,7 +300,7 @@ fn remove_extra_devices(pid: i32, id_map: Option<IdMap>) -> Result<()> {
                 nix::unistd::UnlinkatFlags::NoRemoveDir,
             ) {
                 Ok(()) | Err(nix::Error::ENOENT) => {}
-                Err(e) => return Err(Error::Container(format!("remove /dev/{entry}: {e}"))),
+                Err(errno) => return Err(ContainerError::RemoveDevice { entry, errno }.into()),
             }
         }
         Ok(())

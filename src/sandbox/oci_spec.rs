@@ -4,7 +4,7 @@
 use serde_json::{Value, json};
 
 use crate::sandbox::detect::{CgroupMode, HostReport};
-use crate::sandbox::error::{Error, Result};
+use crate::sandbox::error::SpecError;
 use crate::sandbox::model::{Limits, SandboxSpec};
 use crate::sandbox::names::SANDBOX_UID;
 
@@ -44,10 +44,10 @@ const DEVICES: &[(&str, i64, i64)] = &[
 ];
 
 /// Returns the spec as JSON; `cgroups_path` is filled in per container.
-pub fn build(spec: &SandboxSpec, host: &HostReport, userns: bool) -> Result<Value> {
+pub fn build(spec: &SandboxSpec, host: &HostReport, userns: bool) -> Result<Value, SpecError> {
     let l = &spec.limits;
     if !spec.rootfs.is_absolute() {
-        return Err(Error::Invalid("rootfs must be an absolute path".into()));
+        return Err(SpecError::RelativeRootfs);
     }
     let cgroups = host.cgroup_unusable.is_none();
     let tmp_opts = |extra: &[&str]| {
@@ -73,7 +73,7 @@ pub fn build(spec: &SandboxSpec, host: &HostReport, userns: bool) -> Result<Valu
     ];
     for m in &spec.mounts {
         if !m.destination.is_absolute() || !m.source.is_absolute() {
-            return Err(Error::Invalid("bind mount paths must be absolute".into()));
+            return Err(SpecError::RelativeBindMount);
         }
         let rw = if m.read_only { "ro" } else { "rw" };
         mounts.push(
@@ -152,9 +152,7 @@ pub fn build(spec: &SandboxSpec, host: &HostReport, userns: bool) -> Result<Valu
         }
     }
     if userns {
-        let ids = host
-            .id_map
-            .ok_or_else(|| Error::Invalid("user namespace without an id map".into()))?;
+        let ids = host.id_map.ok_or(SpecError::UserNamespaceWithoutIdMap)?;
         namespaces.push(json!({"type": "user"}));
         linux["uidMappings"] =
             json!([{"containerID": 0, "hostID": ids.uid_base, "size": ids.size}]);

@@ -173,7 +173,7 @@ impl Pool {
             .running
             .acquire()
             .await
-            .map_err(|_| Error::Zygote("engine closed".into()))?;
+            .map_err(|_| Error::EngineClosed)?;
         let start = Instant::now();
         let _refill = RefillOnDrop(s.clone());
         let warm = s.take().await?;

@@ -8,7 +8,7 @@ use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, s
 use serde::{Deserialize, Serialize};
 
 use crate::sandbox::detect::HostReport;
-use crate::sandbox::error::{Error, Result};
+use crate::sandbox::error::{Failure, ProtocolError, Result};
 use crate::sandbox::model::{Enforcement, SandboxSpec};
 
 const MAX_MSG: usize = 256 * 1024;
@@ -49,7 +49,7 @@ pub enum FromZygote {
     },
     PoolFailed {
         pool: u64,
-        error: String,
+        error: Failure,
     },
     /// Container is parked in its init (`container_init`). Fds: control, stdin, stdout, stderr, pidfd, and
     /// the read end of the exit-report pipe (which then carries `Exited` or `SpawnFailed`).
@@ -60,7 +60,7 @@ pub enum FromZygote {
     },
     SpawnFailed {
         req: u64,
-        error: String,
+        error: Failure,
     },
     Exited {
         req: u64,
@@ -102,9 +102,13 @@ pub struct LateExec {
 }
 
 pub fn send<T: Serialize>(sock: BorrowedFd<'_>, msg: &T, fds: &[RawFd]) -> Result<()> {
-    let buf = serde_json::to_vec(msg).map_err(|e| Error::Protocol(e.to_string()))?;
+    let buf = serde_json::to_vec(msg).map_err(ProtocolError::Encode)?;
     if buf.len() > MAX_MSG {
-        return Err(Error::Protocol("message too large".into()));
+        return Err(ProtocolError::TooLarge {
+            len: buf.len(),
+            max: MAX_MSG,
+        }
+        .into());
     }
     let iov = [IoSlice::new(&buf)];
     let cmsg = [ControlMessage::ScmRights(fds)];
@@ -145,14 +149,14 @@ fn recv_into<T: for<'de> Deserialize<'de>>(
         ) {
             Ok(msg) => {
                 let mut fds = Vec::new();
-                for c in msg.cmsgs().map_err(|e| Error::Protocol(e.to_string()))? {
+                for c in msg.cmsgs()? {
                     if let ControlMessageOwned::ScmRights(raw) = c {
                         // SAFETY: the kernel just installed these fds for us.
                         fds.extend(raw.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
                     }
                 }
                 if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
-                    return Err(Error::Protocol("control message truncated".into()));
+                    return Err(ProtocolError::ControlTruncated.into());
                 }
                 break (msg.bytes, fds);
             }
@@ -163,6 +167,6 @@ fn recv_into<T: for<'de> Deserialize<'de>>(
     if len == 0 {
         return Ok(None);
     }
-    let msg = serde_json::from_slice(&buf[..len]).map_err(|e| Error::Protocol(e.to_string()))?;
+    let msg = serde_json::from_slice(&buf[..len]).map_err(ProtocolError::Decode)?;
     Ok(Some((msg, fds)))
 }

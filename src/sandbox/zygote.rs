@@ -3,7 +3,7 @@
 //! one keeper per container ([`crate::sandbox::keeper`]) and reaps them.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use libcontainer::oci_spec::runtime::Spec;
@@ -13,7 +13,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork};
 
 use crate::sandbox::detect::{CgroupMode, HostReport, RootSwitch};
-use crate::sandbox::error::{Error, Result};
+use crate::sandbox::error::{ContainerError, Error, Result, SetupError, SpecError};
 use crate::sandbox::keeper::{self, BACKGROUND_NICE, PoolDef, set_nice};
 use crate::sandbox::model::Enforcement;
 use crate::sandbox::names;
@@ -25,31 +25,56 @@ use crate::sandbox::{mountpoint, oci_spec, seal, seccomp, sweep, zygote_mounts};
 /// Entry point of the hidden `sandbox-zygote` subcommand. Returns the process exit code.
 pub fn zygote_main() -> i32 {
     let seal_err = seal::ensure_sealed().err();
-    // SAFETY: fd 3 was placed there by the runner for us alone.
-    let sock = unsafe { OwnedFd::from_raw_fd(ZYGOTE_SOCK_FD) };
-    let _ = nix::fcntl::fcntl(
-        sock.as_raw_fd(),
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    );
-    match run(sock.as_fd(), seal_err) {
+    tracing::subscriber::with_default(log_subscriber(), || serve(seal_err))
+}
+
+fn serve(seal_err: Option<std::io::Error>) -> i32 {
+    // Started by hand, without the runner's socket: owning a closed fd would abort.
+    let cloexec = nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC);
+    let result = match nix::fcntl::fcntl(ZYGOTE_SOCK_FD, cloexec) {
+        Err(errno) => Err(SetupError::NoSocket {
+            fd: ZYGOTE_SOCK_FD,
+            errno,
+        }
+        .into()),
+        Ok(_) => {
+            // SAFETY: fd 3 is open (checked above) and was placed there by the runner for this
+            // process alone; nothing else owns it.
+            let sock = unsafe { OwnedFd::from_raw_fd(ZYGOTE_SOCK_FD) };
+            run(sock.as_fd(), seal_err)
+        }
+    };
+    match result {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("toolwarden sandbox-zygote: {e}");
+            tracing::error!(error = %e, reason = e.reason(), "sandbox zygote failed");
             1
         }
     }
 }
 
+/// The zygote's diagnostics go to the stderr it shares with the runner, as text, at the level
+/// of the runner's `RUST_LOG` (passed on by the runner; default `info`). Installed for the
+/// zygote's thread only, never process-wide: a keeper (and the container init cloned from it,
+/// whose stderr is the tool's) must not log, or libcontainer's own events would end up in the
+/// tool's output (see the keeper's fork).
+fn log_subscriber() -> impl tracing::Subscriber + Send + Sync {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .finish()
+}
+
 fn run(sock: BorrowedFd<'_>, seal_err: Option<std::io::Error>) -> Result<()> {
     if let Some(e) = seal_err {
         // Never run unsealed: the container init would expose the runner binary.
-        return Err(Error::Zygote(format!(
-            "cannot re-exec from sealed memfd: {e}"
-        )));
+        return Err(SetupError::Unsealed(e).into());
     }
-    let state_root = PathBuf::from(
-        std::env::var_os(ENV_STATE_ROOT).ok_or_else(|| Error::Zygote("no state root".into()))?,
-    );
+    let state_root =
+        PathBuf::from(std::env::var_os(ENV_STATE_ROOT).ok_or(SetupError::NoStateRoot)?);
     std::fs::create_dir_all(&state_root)?;
     let zpid = std::process::id();
     become_reaper()?;
@@ -76,7 +101,11 @@ fn run(sock: BorrowedFd<'_>, seal_err: Option<std::io::Error>) -> Result<()> {
         && let Err(e) = zygote_mounts::hide_unused_cgroup_v1()
     {
         // Only a cost: libcontainer then uses every hierarchy, as before.
-        eprintln!("toolwarden sandbox-zygote: keeping all cgroup v1 hierarchies: {e}");
+        tracing::warn!(
+            error = %e,
+            reason = e.reason(),
+            "sandbox zygote keeps all cgroup v1 hierarchies"
+        );
     }
     seccomp::filters()?;
     // libcontainer and libcgroups reach /proc through pathrs, which mounts a private procfs
@@ -122,12 +151,11 @@ fn run(sock: BorrowedFd<'_>, seal_err: Option<std::io::Error>) -> Result<()> {
             ToZygote::CreatePool { pool, spec: sspec } => {
                 let userns_why = host.userns_unusable_for(&sspec);
                 let reply = match mountpoint::ensure(&sspec)
-                    .map_err(|e| Error::Invalid(format!("mount targets: {e}")))
+                    .map_err(SpecError::MountTarget)
                     .and_then(|()| oci_spec::build(&sspec, &host, userns_why.is_none()))
                     .and_then(|v| {
                         // Validate once here rather than failing in every keeper.
-                        serde_json::from_value::<Spec>(v.clone())
-                            .map_err(|e| Error::Invalid(format!("OCI spec: {e}")))?;
+                        serde_json::from_value::<Spec>(v.clone()).map_err(SpecError::Oci)?;
                         Ok(v)
                     }) {
                     Ok(v) => {
@@ -147,7 +175,7 @@ fn run(sock: BorrowedFd<'_>, seal_err: Option<std::io::Error>) -> Result<()> {
                     }
                     Err(e) => FromZygote::PoolFailed {
                         pool,
-                        error: e.to_string(),
+                        error: Error::from(e).to_failure(),
                     },
                 };
                 proto::send(sock, &reply, &[])?;
@@ -161,7 +189,7 @@ fn run(sock: BorrowedFd<'_>, seal_err: Option<std::io::Error>) -> Result<()> {
                 background,
             } => {
                 let Some(def) = pools.get(&pool) else {
-                    let error = format!("unknown pool {pool}");
+                    let error = Error::from(ContainerError::UnknownPool(pool)).to_failure();
                     proto::send(sock, &FromZygote::SpawnFailed { req, error }, &[])?;
                     continue;
                 };
@@ -181,14 +209,18 @@ fn run(sock: BorrowedFd<'_>, seal_err: Option<std::io::Error>) -> Result<()> {
                     Ok(ForkResult::Child) => {
                         // The keeper must not inherit a blocked SIGCHLD (nor pass it on).
                         let _ = sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&mask), None);
-                        let code = keeper::keeper(sock, &root, &id, def, req, background);
+                        // No diagnostics from here on (see `log_subscriber`).
+                        let silent = tracing::subscriber::NoSubscriber::default();
+                        let code = tracing::subscriber::with_default(silent, || {
+                            keeper::keeper(sock, &root, &id, def, req, background)
+                        });
                         unsafe { libc::_exit(code) }
                     }
                     Ok(ForkResult::Parent { child }) => {
                         keepers.insert(child, id);
                     }
                     Err(e) => {
-                        let error = format!("fork keeper: {e}");
+                        let error = Error::from(ContainerError::ForkKeeper(e)).to_failure();
                         proto::send(sock, &FromZygote::SpawnFailed { req, error }, &[])?;
                     }
                 }
@@ -261,17 +293,9 @@ fn reap_keepers(keepers: &mut HashMap<Pid, String>, state_root: &Path) {
 /// supplementary groups: in a user namespace the sandbox could not drop them itself
 /// (`setgroups` is denied there), and a group of the runner's would open files to it.
 fn become_reaper() -> Result<()> {
-    // SAFETY: plain prctl with an integer argument.
-    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
-        return Err(Error::Zygote(format!(
-            "PR_SET_CHILD_SUBREAPER: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
+    nix::sys::prctl::set_child_subreaper(true).map_err(SetupError::Subreaper)?;
     if nix::unistd::setgroups(&[]).is_err() && !nix::unistd::getgroups()?.is_empty() {
-        return Err(Error::Zygote(
-            "cannot drop the supplementary groups (no CAP_SETGID)".into(),
-        ));
+        return Err(SetupError::SupplementaryGroups.into());
     }
     Ok(())
 }

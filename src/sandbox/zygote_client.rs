@@ -12,7 +12,7 @@ use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::sandbox::detect::HostReport;
-use crate::sandbox::error::{Error, Result};
+use crate::sandbox::error::{Error, Failure, ProtocolError, Result};
 use crate::sandbox::model::{Enforcement, SandboxSpec};
 use crate::sandbox::names::ZYGOTE_SUBCOMMAND;
 use crate::sandbox::proto::{
@@ -22,7 +22,7 @@ use crate::sandbox::proto::{
 /// What the reader thread passes to a task waiting for its container.
 enum Event {
     Ready { fds: Vec<OwnedFd> },
-    Failed(String),
+    Failed(Failure),
 }
 
 /// How the zygote is started (see `EngineConfig`).
@@ -66,6 +66,10 @@ impl ZygoteClient {
         if launch.force_rlimits {
             cmd.env(ENV_FORCE_RLIMITS, "1");
         }
+        // The zygote's diagnostics at the runner's level.
+        if let Some(filter) = std::env::var_os("RUST_LOG") {
+            cmd.env("RUST_LOG", filter);
+        }
         let their_fd = theirs.as_raw_fd();
         // SAFETY: dup2 is async-signal-safe; it also clears CLOEXEC on fd 3.
         unsafe {
@@ -80,11 +84,7 @@ impl ZygoteClient {
         drop(theirs);
         let host = match proto::recv::<FromZygote>(ours.as_fd())? {
             Some((FromZygote::Hello { host }, _)) => host,
-            _ => {
-                return Err(Error::Zygote(
-                    "zygote failed to start (see its stderr)".into(),
-                ));
-            }
+            _ => return Err(Error::ZygoteStartFailed),
         };
         let client = Arc::new(ZygoteClient {
             sock: ours,
@@ -124,8 +124,8 @@ impl ZygoteClient {
         self.send(&ToZygote::CreatePool { pool: id, spec })?;
         match rx.await {
             Ok(FromZygote::PoolCreated { enforcement, .. }) => Ok(enforcement),
-            Ok(FromZygote::PoolFailed { error, .. }) => Err(Error::Invalid(error)),
-            _ => Err(Error::Zygote("zygote exited".into())),
+            Ok(FromZygote::PoolFailed { error, .. }) => Err(Error::Reported(error)),
+            _ => Err(Error::ZygoteExited),
         }
     }
 
@@ -137,7 +137,7 @@ impl ZygoteClient {
             .builds
             .acquire()
             .await
-            .map_err(|_| Error::Zygote("engine closed".into()))?;
+            .map_err(|_| Error::EngineClosed)?;
         let req = self.next_id();
         let (tx, mut rx) = mpsc::unbounded_channel();
         lock(&self.routes).insert(req, tx);
@@ -166,9 +166,9 @@ impl ZygoteClient {
                     report: next(),
                 })
             }
-            Some(Event::Failed(e)) => Err(Error::Container(e)),
-            Some(_) => Err(Error::Protocol("unexpected keeper message".into())),
-            None => Err(Error::Zygote("zygote exited".into())),
+            Some(Event::Failed(e)) => Err(Error::Reported(e)),
+            Some(Event::Ready { fds }) => Err(ProtocolError::FdCount(fds.len()).into()),
+            None => Err(Error::ZygoteExited),
         }
     }
 }

@@ -4,16 +4,15 @@
 
 use std::path::Path;
 
-use crate::sandbox::error::{Error, Result};
+use crate::sandbox::error::{Result, SetupError};
 use crate::sandbox::mountinfo::{mountinfo, mounts_of_type};
 
 /// The zygote's own mount namespace, inherited by its keepers (and copied into each container,
 /// which pivots away from it): a slave of the host's, so later host mounts (bind sources,
 /// images) still arrive and nothing done here propagates back.
-pub fn enter_own_mount_namespace() -> Result<()> {
+pub fn enter_own_mount_namespace() -> Result<(), SetupError> {
     use nix::mount::{MsFlags, mount};
-    let err =
-        |what: &str, e: nix::Error| Error::Zygote(format!("own mount namespace: {what}: {e}"));
+    let err = |step: &'static str, errno: nix::Error| SetupError::OwnMountNamespace { step, errno };
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
         .map_err(|e| err("unshare(CLONE_NEWNS)", e))?;
     let none = None::<&str>;
@@ -58,7 +57,7 @@ const STATE_TMPFS_SIZE: &str = "size=64m";
 /// namespace keeps that in memory and vanishes with the zygote. Only used with per-call
 /// cgroups: those name every container, so the sweeper still finds a crashed zygote's
 /// containers without their state dirs (in rlimit mode the state dirs are the only record).
-pub fn mount_state_tmpfs(dir: &Path) -> Result<()> {
+pub fn mount_state_tmpfs(dir: &Path) -> Result<(), SetupError> {
     use nix::mount::{MsFlags, mount};
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     let options = format!("mode=0700,{STATE_TMPFS_SIZE}");
@@ -69,7 +68,10 @@ pub fn mount_state_tmpfs(dir: &Path) -> Result<()> {
         flags,
         Some(options.as_str()),
     )
-    .map_err(|e| Error::Zygote(format!("mount state tmpfs on {}: {e}", dir.display())))
+    .map_err(|errno| SetupError::StateTmpfs {
+        dir: dir.to_path_buf(),
+        errno,
+    })
 }
 
 /// rlimit mode. libcontainer always moves the container into a cgroup (`cgroupsPath`, or
@@ -82,7 +84,7 @@ pub fn mount_state_tmpfs(dir: &Path) -> Result<()> {
 pub fn hide_cgroupfs() -> Result<()> {
     use nix::mount::{MntFlags, MsFlags, mount, umount2};
     let cgroup_root = Path::new("/sys/fs/cgroup");
-    let hide_err = |what: &str, e: nix::Error| Error::Zygote(format!("hide cgroupfs: {what}: {e}"));
+    let hide_err = |step: &'static str, errno: nix::Error| SetupError::HideCgroupfs { step, errno };
     // Deepest first; a mount that cannot be detached (e.g. locked) is covered below, which is
     // enough for cgroup2 (libcgroups only looks for v1 hierarchies once the root is a tmpfs).
     let mut cgroup_mounts = mounts_of_type(&["cgroup", "cgroup2"])?;
@@ -92,9 +94,7 @@ pub fn hide_cgroupfs() -> Result<()> {
     }
     let _ = umount2(cgroup_root, MntFlags::MNT_DETACH);
     if !cgroup_root.is_dir() {
-        return Err(Error::Zygote(
-            "hide cgroupfs: /sys/fs/cgroup missing (libcontainer needs it)".into(),
-        ));
+        return Err(SetupError::NoCgroupRoot.into());
     }
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY;
     mount(
@@ -107,9 +107,7 @@ pub fn hide_cgroupfs() -> Result<()> {
     .map_err(|e| hide_err("mount tmpfs on /sys/fs/cgroup", e))?;
     let left = mounts_of_type(&["cgroup"])?;
     if !left.is_empty() {
-        return Err(Error::Zygote(format!(
-            "hide cgroupfs: cannot unmount cgroup v1 hierarchies {left:?}"
-        )));
+        return Err(SetupError::CgroupV1Left(left).into());
     }
     Ok(())
 }
@@ -126,7 +124,6 @@ const V1_CONTROLLERS_USED: &[&str] = &["memory", "pids", "cpu", "devices"];
 /// imposed none. The sweeper has already run in the host's view.
 pub fn hide_unused_cgroup_v1() -> Result<()> {
     use nix::mount::{MntFlags, umount2};
-    let err = |what: &str, e: nix::Error| Error::Zygote(format!("{what}: {e}"));
     let unused: Vec<String> = mountinfo()?
         .into_iter()
         .filter(|m| m.fstype == "cgroup")
@@ -142,8 +139,9 @@ pub fn hide_unused_cgroup_v1() -> Result<()> {
     if unused.is_empty() {
         return Ok(());
     }
-    for m in &unused {
-        umount2(m.as_str(), MntFlags::MNT_DETACH).map_err(|e| err(&format!("umount {m}"), e))?;
+    for mount in unused {
+        umount2(mount.as_str(), MntFlags::MNT_DETACH)
+            .map_err(|errno| SetupError::UnmountCgroupV1 { mount, errno })?;
     }
     Ok(())
 }
