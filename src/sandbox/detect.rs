@@ -524,12 +524,15 @@ fn probe_sandbox(map: Option<IdMap>, scratch: &Path) -> Result<RootSwitch, Usern
     let (go_r, go_w) = pipe()?;
     let (ready_r, ready_w) = pipe()?;
     let (report_r, report_w) = pipe()?;
-    // SAFETY: single-threaded process; the child only makes system calls.
+    // SAFETY: the zygote is single-threaded here, so the child's copy of memory holds no lock
+    // another thread took; the child only makes system calls and leaves with `_exit`.
     let child = match unsafe { fork() } {
         Ok(ForkResult::Child) => {
             drop((go_w, ready_r, report_r));
             let report = probe_child(map, ready_w, &go_r, scratch);
             let _ = write(&report_w, &encode_report(report));
+            // SAFETY: `_exit` takes a plain int and never returns; it runs no destructor or atexit
+            // handler, so the forked child flushes nothing it shares with its parent.
             unsafe { libc::_exit(0) }
         }
         Ok(ForkResult::Parent { child }) => child,
@@ -615,11 +618,13 @@ fn probe_child(
     unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID)
         .map_err(|e| (ProbeStep::UnshareMountPid, e))?;
     // The procfs of a pid namespace can only be mounted from inside it: fork its init.
-    // SAFETY: still single-threaded.
+    // SAFETY: the probe child is still single-threaded (see `probe_sandbox`).
     match unsafe { nix::unistd::fork() } {
         Ok(nix::unistd::ForkResult::Parent { child }) => {
             let _ = nix::sys::wait::waitpid(child, None);
             // The grandchild wrote the report; nothing more to say.
+            // SAFETY: `_exit` takes a plain int and never returns; it runs no destructor or atexit
+            // handler, so the forked child flushes nothing it shares with its parent.
             unsafe { libc::_exit(0) }
         }
         Ok(nix::unistd::ForkResult::Child) => {}

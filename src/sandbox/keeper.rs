@@ -205,11 +205,12 @@ fn kill_if_runner_leaves(init: BorrowedFd<'_>, sock: BorrowedFd<'_>) {
 fn keeper_wait(def: &PoolDef, id: &str, pid: Pid) -> Result<ExitInfo> {
     // The init is our child via CLONE_PARENT without an exit signal: needs __WALL. wait4 for
     // the rusage: its max RSS is the peak memory when there is no memory cgroup.
-    // SAFETY: zeroed rusage is a valid value; wait4 only writes into it.
+    // SAFETY: `rusage` is a plain C struct of integers; all zero bytes are a valid value.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     let mut raw = 0;
     loop {
-        // SAFETY: plain syscall with valid pointers.
+        // SAFETY: both pointers are to live locals of the right types, which wait4 only writes.
+        // Raw because nix and rustix wrap waitpid without the rusage (the peak RSS we need).
         if unsafe { libc::wait4(pid.as_raw(), &mut raw, libc::__WALL, &mut usage) } >= 0 {
             break;
         }
@@ -290,7 +291,7 @@ fn remove_extra_devices(pid: i32, id_map: Option<IdMap>) -> Result<()> {
         OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
         nix::sys::stat::Mode::empty(),
     )?;
-    // SAFETY: open just returned this fd to us.
+    // SAFETY: `open` just returned this fd; nothing else owns it.
     let dev = unsafe { OwnedFd::from_raw_fd(dev) };
     let unlink_all = || -> Result<()> {
         for entry in EXTRA_DEV_ENTRIES {
@@ -308,16 +309,12 @@ fn remove_extra_devices(pid: i32, id_map: Option<IdMap>) -> Result<()> {
     let Some(ids) = id_map else {
         return unlink_all();
     };
-    // SAFETY: plain syscalls in the single-threaded keeper; restored right after.
-    unsafe {
-        libc::setfsgid(ids.gid_base);
-        libc::setfsuid(ids.uid_base);
-    }
+    // Per-thread ids of the single-threaded keeper, restored right after.
+    nix::unistd::setfsgid(nix::unistd::Gid::from_raw(ids.gid_base));
+    nix::unistd::setfsuid(nix::unistd::Uid::from_raw(ids.uid_base));
     let unlinked = unlink_all();
-    unsafe {
-        libc::setfsuid(0);
-        libc::setfsgid(0);
-    }
+    nix::unistd::setfsuid(nix::unistd::Uid::from_raw(0));
+    nix::unistd::setfsgid(nix::unistd::Gid::from_raw(0));
     unlinked
 }
 

@@ -19,6 +19,19 @@
 //! loop), [`zygote_mounts`] (its mount namespace), [`keeper`] (one container's life),
 //! [`container_init`] (inside the container). Shared: [`model`], [`error`], [`names`],
 //! [`proto`]. No file imports another that imports it back.
+//!
+//! The only module of the crate allowed `unsafe` code (fork, raw fds, system calls without a
+//! safe wrapper in nix or rustix): every block says why it is sound.
+#![warn(clippy::undocumented_unsafe_blocks)]
+
+// The seccomp allowlist (syscall numbers, `TargetArch`) and the kernel `sigaction` layout the
+// container init uses are x86_64's.
+#[cfg(not(target_arch = "x86_64"))]
+compile_error!(
+    "toolwarden's sandbox supports x86_64 only: port the seccomp allowlist \
+     (src/sandbox/seccomp.rs) and the container init's signal reset \
+     (src/sandbox/container_init.rs) to this architecture first"
+);
 
 pub mod call;
 pub mod cgroup_v2;

@@ -93,8 +93,8 @@ pub fn build(spec: &SandboxSpec, host: &HostReport, userns: bool) -> Result<Valu
     if cgroups {
         if let Some(mem) = l.memory_bytes {
             resources["memory"] = match host.cgroup {
-                // Without swap accounting the limit is memory only (no swap on such hosts is
-                // typical; reported in NOTES).
+                // Without swap accounting the limit can only cover memory (hosts without it
+                // typically have no swap either).
                 Some(CgroupMode::V1 { memsw: false }) => json!({"limit": mem}),
                 _ => json!({"limit": mem, "swap": mem}),
             };

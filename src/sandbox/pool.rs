@@ -37,7 +37,7 @@ struct PoolShared {
 
 impl Drop for PoolShared {
     fn drop(&mut self) {
-        // Parked containers exit on EOF of their control pipe (dropped with Warm).
+        // Parked containers exit on EOF of their control pipe (dropped with `Parked`).
         lock(&self.warm).parked.clear();
         let _ = self.client.send(&ToZygote::DropPool { pool: self.id });
     }

@@ -84,12 +84,7 @@ pub struct ExitInfo {
 
 /// CLOCK_MONOTONIC in ns (same clock in every process of the host).
 pub fn monotonic_ns() -> u64 {
-    let mut t = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out pointer; CLOCK_MONOTONIC cannot fail.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
@@ -151,7 +146,8 @@ fn recv_into<T: for<'de> Deserialize<'de>>(
                 let mut fds = Vec::new();
                 for c in msg.cmsgs()? {
                     if let ControlMessageOwned::ScmRights(raw) = c {
-                        // SAFETY: the kernel just installed these fds for us.
+                        // SAFETY: the kernel just installed these fds in this process for this
+                        // message; nothing else owns them.
                         fds.extend(raw.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
                     }
                 }

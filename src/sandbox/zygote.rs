@@ -200,7 +200,9 @@ fn run(sock: BorrowedFd<'_>, seal_err: Option<std::io::Error>) -> Result<()> {
                 if background {
                     set_nice(0, BACKGROUND_NICE);
                 }
-                // SAFETY: the zygote is single-threaded.
+                // SAFETY: the zygote is single-threaded (the runner started it fresh and it
+                // starts no thread), so the keeper's copy of memory holds no lock another
+                // thread took; the keeper leaves only through `_exit`.
                 let forked = unsafe { fork() };
                 if background && !matches!(forked, Ok(ForkResult::Child)) {
                     set_nice(0, 0);
@@ -214,6 +216,9 @@ fn run(sock: BorrowedFd<'_>, seal_err: Option<std::io::Error>) -> Result<()> {
                         let code = tracing::subscriber::with_default(silent, || {
                             keeper::keeper(sock, &root, &id, def, req, background)
                         });
+                        // SAFETY: `_exit` takes a plain int and never returns; it runs no
+                        // destructor or atexit handler, so the keeper releases nothing it
+                        // shares with the zygote (the socket, the pools, the signalfd).
                         unsafe { libc::_exit(code) }
                     }
                     Ok(ForkResult::Parent { child }) => {

@@ -71,7 +71,9 @@ impl ZygoteClient {
             cmd.env("RUST_LOG", filter);
         }
         let their_fd = theirs.as_raw_fd();
-        // SAFETY: dup2 is async-signal-safe; it also clears CLOEXEC on fd 3.
+        // SAFETY: the closure runs in the forked child before exec and only calls dup2, which is
+        // async-signal-safe (no allocation, no lock); `their_fd` is open in the child because
+        // `theirs` lives until after spawn. dup2 also clears CLOEXEC on fd 3.
         unsafe {
             cmd.pre_exec(move || {
                 if libc::dup2(their_fd, ZYGOTE_SOCK_FD) < 0 {
