@@ -245,7 +245,7 @@ fn nearest_limit(
         .ok()
         .filter(|p| !p.components().any(|c| c == std::path::Component::ParentDir))
         .unwrap_or_default();
-    let top = PathBuf::from(&mount.mount_point);
+    let top = mount.mount_point.clone();
     let mut dir = top.join(below);
     loop {
         if let Ok(v) = std::fs::read_to_string(dir.join(file)) {
@@ -769,7 +769,7 @@ mod tests {
         std::fs::write(top.join("memory.limit_in_bytes"), unlimited).unwrap();
         let mount = |root: &str| MountEntry {
             root: root.into(),
-            mount_point: top.to_string_lossy().into_owned(),
+            mount_point: top.clone(),
             fstype: "cgroup".into(),
             super_opts: "rw,memory".into(),
         };
@@ -780,7 +780,7 @@ mod tests {
         // The container sees only its own cgroup (a bind of it): no ancestor to read, so "max".
         std::fs::write(top.join("memory.limit_in_bytes"), unlimited).unwrap();
         let own_only = MountEntry {
-            mount_point: own.to_string_lossy().into_owned(),
+            mount_point: own.clone(),
             ..mount("/kubepods/pod1/ctr")
         };
         assert_eq!(limit(&[own_only]).as_deref(), Some("max"));

@@ -152,9 +152,9 @@ pub enum SetupError {
     #[error("hide cgroupfs: /sys/fs/cgroup missing (libcontainer needs it)")]
     NoCgroupRoot,
     #[error("hide cgroupfs: cannot unmount cgroup v1 hierarchies {0:?}")]
-    CgroupV1Left(Vec<String>),
-    #[error("umount {mount}: {errno}")]
-    UnmountCgroupV1 { mount: String, errno: nix::Error },
+    CgroupV1Left(Vec<PathBuf>),
+    #[error("umount {}: {errno}", .mount.display())]
+    UnmountCgroupV1 { mount: PathBuf, errno: nix::Error },
 }
 
 impl SetupError {

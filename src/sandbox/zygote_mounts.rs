@@ -2,7 +2,7 @@
 //! which pivots away from it): what the zygote unmasks, hides and mounts there before any
 //! sandbox exists.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::sandbox::error::{Result, SetupError};
 use crate::sandbox::mountinfo::{mountinfo, mounts_of_type};
@@ -37,14 +37,15 @@ pub fn enter_own_mount_namespace() -> Result<(), SetupError> {
 /// (a host's locked mount) stays, and the probe then reports the user namespace unusable.
 pub fn unmask_proc() {
     let Ok(mounts) = mountinfo() else { return };
-    let mut masks: Vec<String> = mounts
+    let proc = Path::new("/proc");
+    let mut masks: Vec<PathBuf> = mounts
         .into_iter()
         .map(|m| m.mount_point)
-        .filter(|p| p.starts_with("/proc/"))
+        .filter(|p| p.starts_with(proc) && p != proc)
         .collect();
-    masks.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    deepest_first(&mut masks);
     for m in masks {
-        let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+        let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 
@@ -88,9 +89,9 @@ pub fn hide_cgroupfs() -> Result<()> {
     // Deepest first; a mount that cannot be detached (e.g. locked) is covered below, which is
     // enough for cgroup2 (libcgroups only looks for v1 hierarchies once the root is a tmpfs).
     let mut cgroup_mounts = mounts_of_type(&["cgroup", "cgroup2"])?;
-    cgroup_mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    deepest_first(&mut cgroup_mounts);
     for m in &cgroup_mounts {
-        let _ = umount2(m.as_str(), MntFlags::MNT_DETACH);
+        let _ = umount2(m, MntFlags::MNT_DETACH);
     }
     let _ = umount2(cgroup_root, MntFlags::MNT_DETACH);
     if !cgroup_root.is_dir() {
@@ -124,7 +125,7 @@ const V1_CONTROLLERS_USED: &[&str] = &["memory", "pids", "cpu", "devices"];
 /// imposed none. The sweeper has already run in the host's view.
 pub fn hide_unused_cgroup_v1() -> Result<()> {
     use nix::mount::{MntFlags, umount2};
-    let unused: Vec<String> = mountinfo()?
+    let unused: Vec<PathBuf> = mountinfo()?
         .into_iter()
         .filter(|m| m.fstype == "cgroup")
         .filter(|m| {
@@ -140,7 +141,7 @@ pub fn hide_unused_cgroup_v1() -> Result<()> {
         return Ok(());
     }
     for mount in unused {
-        umount2(mount.as_str(), MntFlags::MNT_DETACH)
+        umount2(&mount, MntFlags::MNT_DETACH)
             .map_err(|errno| SetupError::UnmountCgroupV1 { mount, errno })?;
     }
     Ok(())
@@ -165,4 +166,9 @@ fn is_v1_controller(opt: &str) -> bool {
             | "rdma"
             | "misc"
     )
+}
+
+/// Sorts mount points so that one below another is unmounted first (longest first).
+fn deepest_first(mounts: &mut [PathBuf]) {
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.as_os_str().len()));
 }
