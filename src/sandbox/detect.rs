@@ -50,7 +50,7 @@ pub enum CgroupMode {
     V2,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HostReport {
     pub cgroup: Option<CgroupMode>,
     /// Why per-call cgroups cannot be used (None = they can).

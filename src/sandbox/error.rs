@@ -225,6 +225,8 @@ pub enum ProtocolError {
     TooLarge { len: usize, max: usize },
     #[error("control message truncated")]
     ControlTruncated,
+    #[error("message larger than {max} bytes")]
+    Truncated { max: usize },
     #[error("unexpected message: {0}")]
     Unexpected(&'static str),
     #[error("a parked container came with {0} fds, not 6")]
