@@ -39,7 +39,7 @@ pub async fn run(
         cwd: inv.cwd,
     };
     let payload = serde_json::to_vec(&late).map_err(ProtocolError::Encode)?;
-    let kill_guard = KillOnDrop(Some(w.pidfd));
+    let kill_guard = KillOnDrop(w.pidfd);
     let released_ns = proto::monotonic_ns();
     // Control pipe first (it releases the parked init). A payload up to PIPE_BUF always fits
     // into the fresh, empty pipe, so write it inline (no task, no epoll registration) and
@@ -151,13 +151,11 @@ pub async fn run(
 }
 
 /// Kills the container if the call is dropped (e.g. the HTTP request is cancelled).
-struct KillOnDrop(Option<OwnedFd>);
+struct KillOnDrop(OwnedFd);
 
 impl KillOnDrop {
     fn kill(&self) {
-        if let Some(fd) = &self.0 {
-            let _ = rustix::process::pidfd_send_signal(fd, rustix::process::Signal::KILL);
-        }
+        let _ = rustix::process::pidfd_send_signal(&self.0, rustix::process::Signal::KILL);
     }
 }
 
@@ -169,6 +167,8 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Refuses an invocation the container init could not run as given (checked before a
+/// container is taken from the pool).
 pub fn validate(inv: &Invocation) -> Result<(), InvocationError> {
     if inv.argv.is_empty() {
         return Err(InvocationError::EmptyArgv);

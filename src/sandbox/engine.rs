@@ -10,6 +10,7 @@ use crate::sandbox::model::SandboxSpec;
 use crate::sandbox::pool::{DEFAULT_MAX_RUNNING, Pool};
 use crate::sandbox::zygote_client::{Launch, ZygoteClient};
 
+/// How the engine is started ([`Sandboxes::start`]).
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     /// The runner binary; started as `<exe> sandbox-zygote`.
@@ -25,6 +26,7 @@ pub struct EngineConfig {
     /// the warm pools this bounds the number of live keepers/containers.
     pub max_running: usize,
 }
+
 impl EngineConfig {
     pub fn new(zygote_exe: PathBuf) -> Self {
         EngineConfig {
@@ -38,6 +40,7 @@ impl EngineConfig {
         }
     }
 }
+
 /// Handle to the sandbox engine (cheap to clone, Send + Sync).
 #[derive(Clone)]
 pub struct Sandboxes {

@@ -140,6 +140,7 @@ pub struct Outcome {
     pub peak_memory_bytes: Option<u64>,
     pub enforcement: Enforcement,
 }
+
 impl std::fmt::Display for Enforcement {
     /// `memory=cgroupV1 pids=cgroupV1 ... userNamespace=true seccomp=true`, for logs.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -13,7 +13,7 @@ use crate::sandbox::model::{Enforcement, Invocation, Outcome, SandboxSpec};
 use crate::sandbox::proto::ToZygote;
 use crate::sandbox::zygote_client::{Parked, ZygoteClient, lock};
 
-/// Default of [`EngineConfig::max_running`]; the runner's per-tool slots are derived from it.
+/// Default of [`crate::sandbox::EngineConfig::max_running`]; the runner's per-tool slots are derived from it.
 pub const DEFAULT_MAX_RUNNING: usize = 64;
 
 #[derive(Default)]

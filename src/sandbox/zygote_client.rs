@@ -185,6 +185,9 @@ impl Drop for ZygoteClient {
     }
 }
 
+/// Locks one of the engine's mutexes, also after a panic elsewhere poisoned it: every critical
+/// section only moves whole entries (routes, parked containers, captured bytes), so what a
+/// panicking holder left behind is still consistent.
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
