@@ -43,7 +43,7 @@ fn stats(mut v: Vec<Duration>) -> (f64, f64) {
     (ms(v[v.len() / 2]), ms(v[(v.len() * 95) / 100]))
 }
 
-/// The OCI bundle for crun/runc: toolwarden's own pool spec (`spec::build`, same namespaces
+/// The OCI bundle for crun/runc: toolwarden's own pool spec (`oci_spec::build`, same namespaces
 /// incl. the user namespace + mapping when the pool uses one, same cgroup limits, device list,
 /// masked/readonly paths, rlimits, uid 65534, no capabilities, noNewPrivileges) with
 /// args=/bin/true. Differences: no seccomp filter (toolwarden installs its own in the init) and
@@ -56,7 +56,7 @@ fn oci_bundle(
 ) -> (PathBuf, String) {
     let b = dir.join("bundle");
     std::fs::create_dir_all(&b).unwrap();
-    let mut v = toolwarden::sandbox::spec::build(spec, host, userns).unwrap();
+    let mut v = toolwarden::sandbox::oci_spec::build(spec, host, userns).unwrap();
     v["process"]["args"] = serde_json::json!(["/bin/true"]);
     std::fs::write(b.join("config.json"), serde_json::to_vec(&v).unwrap()).unwrap();
     let ns: Vec<&str> = v["linux"]["namespaces"]

@@ -35,7 +35,7 @@ async fn engine_drop_removes_state_root() {
     assert_eq!(common::text(&o.stdout), "hi\n");
     let root = common::state_root();
     // The zygote keeps container states on a private tmpfs mounted on this directory.
-    let private = toolwarden::sandbox::sweep::zygote_dir(&root, engine.zygote_pid());
+    let private = toolwarden::sandbox::names::zygote_dir(&root, engine.zygote_pid());
     assert!(private.is_dir(), "{} missing", private.display());
     // Parked containers are still there when the pool and engine go away.
     drop(pool);
@@ -130,4 +130,27 @@ async fn tools_start_with_default_signals_like_from_a_shell() {
     );
     assert_eq!(common::text(&o.stderr), "", "{o:?}");
     assert_eq!(o.exit_code, Some(0));
+}
+
+/// A zygote that cannot start says why on stderr, through tracing, with the error's stable
+/// reason; the runner reports only that it did not start. Needs no root: started by hand, the
+/// zygote fails at its first check (no runner socket) before touching anything, without
+/// aborting on the missing fd.
+#[test]
+fn a_failed_zygote_logs_its_reason() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_toolwarden"))
+        .arg(toolwarden::sandbox::ZYGOTE_SUBCOMMAND)
+        .env_clear()
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("ERROR")
+            && stderr.contains("sandbox zygote failed")
+            && stderr.contains("no runner socket on fd 3")
+            && stderr.contains("ZygoteMisconfigured"),
+        "{stderr}"
+    );
 }

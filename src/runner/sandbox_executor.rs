@@ -14,7 +14,7 @@ use tokio::sync::OnceCell;
 
 use crate::api::{AgentToolSpec, parse_quantity};
 use crate::sandbox::detect::RootSwitch;
-use crate::sandbox::spec::SANDBOX_UID;
+use crate::sandbox::names::SANDBOX_UID;
 use crate::sandbox::{BindMount, Invocation, Limits, Mechanism, Pool, SandboxSpec, Sandboxes};
 
 use super::executor::{Degradation, ExecError, ExecFuture, ExecOutcome, ToolExecutor};

@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use super::detect::CGROUP_PARENT;
+use crate::sandbox::names::CGROUP_PARENT;
 
 /// The leaf the server's own processes move into.
 pub const SERVER_LEAF: &str = "toolwarden-server";
@@ -43,6 +43,16 @@ pub enum PlacementError {
         path: String,
         source: std::io::Error,
     },
+}
+
+impl PlacementError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PlacementError::OwnCgroup(_) => "OwnCgroupUnreadable",
+            PlacementError::NotDelegated { .. } => "ControllersNotDelegated",
+            PlacementError::Write { .. } => "CgroupWriteFailed",
+        }
+    }
 }
 
 /// The per-call cgroups' parent relative to the cgroup v2 root (`<own>/toolwarden`), once

@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::sandbox::{Enforcement, Mechanism, SandboxSpec, cgroup_v2};
+use crate::sandbox::cgroup_v2;
+use crate::sandbox::model::{Enforcement, Mechanism, SandboxSpec};
+use crate::sandbox::mountinfo::{MountEntry, mountinfo};
+use crate::sandbox::names::{CGROUP_PARENT, SANDBOX_UID};
 
-/// Parent of all per-call cgroups: relative to each hierarchy root on cgroup v1, below the
-/// engine's own cgroup on cgroup v2 (see [`cgroup_v2`]).
-pub const CGROUP_PARENT: &str = "toolwarden";
 /// In the initial user namespace (the runner on a host), sandbox ids are taken at or above this
 /// id: below it live the host's own users.
 pub const USERNS_HOST_BASE: u32 = 1_000_000;
@@ -50,7 +50,7 @@ pub enum CgroupMode {
     V2,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HostReport {
     pub cgroup: Option<CgroupMode>,
     /// Why per-call cgroups cannot be used (None = they can).
@@ -89,10 +89,12 @@ impl HostReport {
             match cgroup {
                 None => Some("no cgroup hierarchy found under /sys/fs/cgroup".into()),
                 Some(CgroupMode::V2) => match cgroup_v2::delegate() {
-                    Ok(_) => probe_cgroup_writable(CgroupMode::V2).err(),
+                    Ok(_) => probe_cgroup_writable(CgroupMode::V2)
+                        .err()
+                        .map(|why| why.to_string()),
                     Err(e) => Some(e.to_string()),
                 },
-                Some(mode) => probe_cgroup_writable(mode).err(),
+                Some(mode) => probe_cgroup_writable(mode).err().map(|why| why.to_string()),
             }
         };
         let outer_bound = cgroup_unusable.as_ref().map(|_| own_cgroup_limits(cgroup));
@@ -117,11 +119,10 @@ impl HostReport {
         }
     }
 
-    /// The runner-side uid of the sandbox user ([`crate::sandbox::spec::SANDBOX_UID`]) in a pool
+    /// The runner-side uid of the sandbox user ([`SANDBOX_UID`]) in a pool
     /// with a user namespace: who must own the files handed to it.
     pub fn sandbox_outer_uid(&self) -> Option<u32> {
-        self.id_map
-            .map(|m| m.uid_base + crate::sandbox::spec::SANDBOX_UID)
+        self.id_map.map(|m| m.uid_base + SANDBOX_UID)
     }
 
     pub fn cgroup_mechanism(&self) -> Mechanism {
@@ -143,7 +144,7 @@ impl HostReport {
         paths.extend(spec.mounts.iter().map(|m| m.source.clone()));
         for p in paths {
             if let Err(why) = world_traversable(&p, self.id_map) {
-                return Some(why);
+                return Some(why.to_string());
             }
         }
         None
@@ -187,7 +188,7 @@ fn detect_cgroup() -> Option<CgroupMode> {
 /// container's or the pod's cgroup), `max` when none is set, `none` without that controller.
 fn own_cgroup_limits(mode: Option<CgroupMode>) -> String {
     let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    let mounts = crate::sandbox::zygote::mountinfo().unwrap_or_default();
+    let mounts = mountinfo().unwrap_or_default();
     let limit = |controller: &str, file: &str| {
         nearest_limit(&own, &mounts, controller, file).unwrap_or_else(|| "none".into())
     };
@@ -212,7 +213,7 @@ fn own_cgroup_limits(mode: Option<CgroupMode>) -> String {
 /// hierarchy with that controller is mounted.
 fn nearest_limit(
     own_cgroups: &str,
-    mounts: &[crate::sandbox::zygote::MountEntry],
+    mounts: &[MountEntry],
     controller: &str,
     file: &str,
 ) -> Option<String> {
@@ -244,7 +245,7 @@ fn nearest_limit(
         .ok()
         .filter(|p| !p.components().any(|c| c == std::path::Component::ParentDir))
         .unwrap_or_default();
-    let top = PathBuf::from(&mount.mount_point);
+    let top = mount.mount_point.clone();
     let mut dir = top.join(below);
     loop {
         if let Ok(v) = std::fs::read_to_string(dir.join(file)) {
@@ -267,8 +268,22 @@ fn unlimited(value: &str) -> bool {
         || value.parse::<u64>().is_ok_and(|n| n >= 1 << 62)
 }
 
+/// A probe cgroup could not be created where the per-call cgroups will live.
+#[derive(Debug, thiserror::Error)]
+#[error("cgroup tree not writable ({}): {source}", .path.display())]
+pub struct CgroupNotWritable {
+    path: PathBuf,
+    source: std::io::Error,
+}
+
+impl CgroupNotWritable {
+    pub fn reason(&self) -> &'static str {
+        "CgroupNotWritable"
+    }
+}
+
 /// Tries to create (and remove) a probe cgroup where the per-call cgroups will live.
-fn probe_cgroup_writable(mode: CgroupMode) -> Result<(), String> {
+fn probe_cgroup_writable(mode: CgroupMode) -> Result<(), CgroupNotWritable> {
     let dirs: Vec<PathBuf> = match mode {
         CgroupMode::V2 => vec![PathBuf::from("/sys/fs/cgroup").join(cgroup_v2::per_call_parent())],
         CgroupMode::V1 { .. } => ["memory", "pids", "cpu"]
@@ -278,8 +293,12 @@ fn probe_cgroup_writable(mode: CgroupMode) -> Result<(), String> {
     };
     for d in dirs {
         let probe = d.join(format!("probe-{}", std::process::id()));
-        std::fs::create_dir_all(&probe)
-            .map_err(|e| format!("cgroup tree not writable ({}): {e}", probe.display()))?;
+        if let Err(source) = std::fs::create_dir_all(&probe) {
+            return Err(CgroupNotWritable {
+                path: probe,
+                source,
+            });
+        }
         let _ = std::fs::remove_dir(&probe);
     }
     Ok(())
@@ -295,7 +314,7 @@ pub enum UsernsError {
     #[error(
         "{file}: the runner owns {owned} id(s) beside its own ({map}); a sandbox needs {needed} \
          (its root up to uid {})",
-        crate::sandbox::spec::SANDBOX_UID
+        SANDBOX_UID
     )]
     TooFewIds {
         file: &'static str,
@@ -419,7 +438,7 @@ pub fn sandbox_id_map() -> Result<IdMap, UsernsError> {
 
 /// (first id, size) of the sandbox window in one id map (`inside outside count` lines). Pure.
 fn id_window(file: &'static str, map: &str) -> Result<(u32, u32), UsernsError> {
-    let needed = crate::sandbox::spec::SANDBOX_UID + 1;
+    let needed = SANDBOX_UID + 1;
     let lines: Vec<(u64, u64)> = map
         .lines()
         .filter_map(|l| {
@@ -495,7 +514,7 @@ fn decode_report(bytes: &[u8]) -> Option<ProbeReport> {
 /// single-threaded here): with `map`, a user namespace with that id map written from here as
 /// libcontainer will (`setgroups` denied first when the runner is itself in a user namespace);
 /// then mount and pid namespaces, and in them a tmpfs, a fresh procfs (refused under a masked
-/// `/proc`: see `zygote::unmask_proc`), a device bound from `/dev`, and the root switch:
+/// `/proc`: see `zygote_mounts::unmask_proc`), a device bound from `/dev`, and the root switch:
 /// pivot_root, or else a move-mount and chroot. Returns how the root can be switched, or the
 /// step that failed and why.
 fn probe_sandbox(map: Option<IdMap>, scratch: &Path) -> Result<RootSwitch, UsernsError> {
@@ -505,12 +524,15 @@ fn probe_sandbox(map: Option<IdMap>, scratch: &Path) -> Result<RootSwitch, Usern
     let (go_r, go_w) = pipe()?;
     let (ready_r, ready_w) = pipe()?;
     let (report_r, report_w) = pipe()?;
-    // SAFETY: single-threaded process; the child only makes system calls.
+    // SAFETY: the zygote is single-threaded here, so the child's copy of memory holds no lock
+    // another thread took; the child only makes system calls and leaves with `_exit`.
     let child = match unsafe { fork() } {
         Ok(ForkResult::Child) => {
             drop((go_w, ready_r, report_r));
             let report = probe_child(map, ready_w, &go_r, scratch);
             let _ = write(&report_w, &encode_report(report));
+            // SAFETY: `_exit` takes a plain int and never returns; it runs no destructor or atexit
+            // handler, so the forked child flushes nothing it shares with its parent.
             unsafe { libc::_exit(0) }
         }
         Ok(ForkResult::Parent { child }) => child,
@@ -596,11 +618,13 @@ fn probe_child(
     unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID)
         .map_err(|e| (ProbeStep::UnshareMountPid, e))?;
     // The procfs of a pid namespace can only be mounted from inside it: fork its init.
-    // SAFETY: still single-threaded.
+    // SAFETY: the probe child is still single-threaded (see `probe_sandbox`).
     match unsafe { nix::unistd::fork() } {
         Ok(nix::unistd::ForkResult::Parent { child }) => {
             let _ = nix::sys::wait::waitpid(child, None);
             // The grandchild wrote the report; nothing more to say.
+            // SAFETY: `_exit` takes a plain int and never returns; it runs no destructor or atexit
+            // handler, so the forked child flushes nothing it shares with its parent.
             unsafe { libc::_exit(0) }
         }
         Ok(nix::unistd::ForkResult::Child) => {}
@@ -639,23 +663,50 @@ fn probe_child(
 /// root (`ids`, as the host sees it): by everyone (`o+x`), by the mapped root's
 /// group (an image cache entry, `0710`), or by the mapped root as its owner (a
 /// private per-tool folder, see `write_secret_files`).
-fn world_traversable(path: &Path, ids: Option<IdMap>) -> Result<(), String> {
-    let canon = std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
+fn world_traversable(path: &Path, ids: Option<IdMap>) -> Result<(), UnreachablePath> {
+    let inaccessible = |path: &Path| {
+        let path = path.to_path_buf();
+        |source| UnreachablePath::Inaccessible { path, source }
+    };
+    let canon = std::fs::canonicalize(path).map_err(inaccessible(path))?;
     for anc in canon.ancestors() {
-        let meta = std::fs::metadata(anc).map_err(|e| format!("{}: {e}", anc.display()))?;
+        let meta = std::fs::metadata(anc).map_err(inaccessible(anc))?;
         let mode = meta.permissions().mode();
         // The image cache's entries are `0710` with the mapped root's group; per-tool
         // secret folders belong to the mapped root.
         let group_traversable = ids.is_some_and(|i| meta.gid() == i.gid_base) && mode & 0o010 != 0;
         let mapped_root_owns = ids.is_some_and(|i| meta.uid() == i.uid_base) && mode & 0o100 != 0;
         if meta.is_dir() && mode & 0o001 == 0 && !group_traversable && !mapped_root_owns {
-            return Err(format!(
-                "{} is not world-traversable (o+x), the user-namespace root could not reach it",
-                anc.display()
-            ));
+            return Err(UnreachablePath::NotTraversable {
+                path: anc.to_path_buf(),
+            });
         }
     }
     Ok(())
+}
+
+/// A path the user-namespace root of a sandbox could not reach.
+#[derive(Debug, thiserror::Error)]
+pub enum UnreachablePath {
+    #[error("{}: {source}", .path.display())]
+    Inaccessible {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{} is not world-traversable (o+x), the user-namespace root could not reach it",
+        .path.display()
+    )]
+    NotTraversable { path: PathBuf },
+}
+
+impl UnreachablePath {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            UnreachablePath::Inaccessible { .. } => "PathInaccessible",
+            UnreachablePath::NotTraversable { .. } => "PathNotTraversable",
+        }
+    }
 }
 
 #[cfg(test)]
@@ -716,9 +767,9 @@ mod tests {
         std::fs::write(own.join("memory.limit_in_bytes"), unlimited).unwrap();
         std::fs::write(pod.join("memory.limit_in_bytes"), "268435456\n").unwrap();
         std::fs::write(top.join("memory.limit_in_bytes"), unlimited).unwrap();
-        let mount = |root: &str| crate::sandbox::zygote::MountEntry {
+        let mount = |root: &str| MountEntry {
             root: root.into(),
-            mount_point: top.to_string_lossy().into_owned(),
+            mount_point: top.clone(),
             fstype: "cgroup".into(),
             super_opts: "rw,memory".into(),
         };
@@ -728,8 +779,8 @@ mod tests {
         assert_eq!(limit(&[mount("/")]).as_deref(), Some("268435456"));
         // The container sees only its own cgroup (a bind of it): no ancestor to read, so "max".
         std::fs::write(top.join("memory.limit_in_bytes"), unlimited).unwrap();
-        let own_only = crate::sandbox::zygote::MountEntry {
-            mount_point: own.to_string_lossy().into_owned(),
+        let own_only = MountEntry {
+            mount_point: own.clone(),
             ..mount("/kubepods/pod1/ctr")
         };
         assert_eq!(limit(&[own_only]).as_deref(), Some("max"));

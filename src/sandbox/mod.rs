@@ -1,6 +1,6 @@
 //! Sandbox engine: runs one tool invocation per fresh OCI container (libcontainer/youki).
 //!
-//! Architecture (see NOTES.md):
+//! Architecture (README, "Sandbox engine"):
 //! * The async runner ([`Sandboxes`]) never forks containers itself: cloning from a
 //!   multi-threaded tokio process is unsafe (youki #3011/#3027). It spawns a *zygote*:
 //!   the same binary re-executed with the hidden `sandbox-zygote` subcommand
@@ -10,15 +10,42 @@
 //!   `SCM_RIGHTS`, then waits for the container init, reports its status through a per-container
 //!   report pipe (read directly by the calling task) and deletes it.
 //!   Keepers are independent, so a slow `build()` never delays another call's result.
-//! * The container init parks inside our [`executor`] (after pivot_root, setuid, cap drop)
+//! * The container init parks inside [`container_init`] (after pivot_root, setuid, cap drop)
 //!   reading the invocation from a control pipe. A warm call is therefore: write argv/env to
 //!   the pipe, read output, get the exit status. Each container is used exactly once.
+//!
+//! Files, by lifecycle. Runner side: [`engine`] (the handle), [`zygote_client`] (the socket),
+//! [`pool`] (warm pools), [`call`] (one invocation), [`output`]. Zygote side: [`zygote`] (event
+//! loop), [`zygote_mounts`] (its mount namespace), [`keeper`] (one container's life),
+//! [`container_init`] (inside the container). Shared: [`model`], [`error`], [`names`],
+//! [`proto`]. No file imports another that imports it back.
+//!
+//! The only module of the crate allowed `unsafe` code (fork, raw fds, system calls without a
+//! safe wrapper in nix or rustix): every block says why it is sound.
+#![warn(clippy::undocumented_unsafe_blocks)]
 
+// The seccomp allowlist (syscall numbers, `TargetArch`) and the kernel `sigaction` layout the
+// container init uses are x86_64's.
+#[cfg(not(target_arch = "x86_64"))]
+compile_error!(
+    "toolwarden's sandbox supports x86_64 only: port the seccomp allowlist \
+     (src/sandbox/seccomp.rs) and the container init's signal reset \
+     (src/sandbox/container_init.rs) to this architecture first"
+);
+
+pub mod call;
 pub mod cgroup_v2;
+pub mod container_init;
 pub mod detect;
-pub mod executor;
+pub mod engine;
+pub mod error;
+pub mod keeper;
+pub mod model;
+pub mod mountinfo;
 pub mod mountpoint;
+pub mod names;
 pub mod netlo;
+pub mod oci_spec;
 pub mod output;
 pub mod pod;
 pub mod pool;
@@ -26,237 +53,127 @@ pub mod proto;
 pub mod reaper;
 pub mod seal;
 pub mod seccomp;
-pub mod spec;
 pub mod sweep;
 pub mod zygote;
+pub mod zygote_client;
+pub mod zygote_mounts;
 
-use std::path::PathBuf;
-use std::time::Duration;
-
-use serde::{Deserialize, Serialize};
-
-pub use pool::{EngineConfig, Pool, Sandboxes};
+pub use engine::{EngineConfig, Sandboxes};
+pub use error::{Error, Result};
+pub use model::{
+    BindMount, Captured, Enforcement, Invocation, Limits, Mechanism, Outcome, SandboxSpec,
+};
+pub use names::ZYGOTE_SUBCOMMAND;
+pub use pod::RUNNER_POD_CAPABILITIES;
+pub use pool::Pool;
 pub use zygote::zygote_main;
 
-/// The capabilities a runner pod adds after dropping ALL (with `hostUsers: false` each is
-/// powerful only over the pod's own user namespace; README "The runner in a pod" says why each
-/// is needed): own mount namespace and mounts (SYS_ADMIN), the sandboxes' id maps (SETUID,
-/// SETGID), handing file secrets to the sandbox user (CHOWN), opening a starting sandbox's
-/// /proc/<pid>/ns and root (SYS_PTRACE), and chroot for the move-mount root switch, which
-/// RuntimeDefault seccomp allows only with SYS_CHROOT.
-pub const RUNNER_POD_CAPABILITIES: &[&str] = &[
-    "SYS_ADMIN",
-    "SETUID",
-    "SETGID",
-    "CHOWN",
-    "SYS_PTRACE",
-    "SYS_CHROOT",
-];
-
-/// Hidden subcommand under which the runner binary acts as the zygote.
-pub const ZYGOTE_SUBCOMMAND: &str = "sandbox-zygote";
-
-/// A bind mount from the host into the sandbox.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct BindMount {
-    pub source: PathBuf,
-    /// Absolute path inside the sandbox. Resolved inside the rootfs (symlinks cannot escape).
-    pub destination: PathBuf,
-    pub read_only: bool,
-}
-
-/// Resource limits, fixed when a pool is created.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Limits {
-    /// Wall-clock limit from delivery of the invocation; the whole container is SIGKILLed.
-    pub timeout: Duration,
-    /// Memory (memory+swap) limit.
-    pub memory_bytes: Option<u64>,
-    /// CPU quota in millicores (1000 = one full core).
-    pub cpu_millicores: Option<u32>,
-    /// Maximum number of tasks (processes + threads).
-    pub pids: u32,
-    /// Cap for each of stdout and stderr; extra output is drained and dropped.
-    pub max_output_bytes: usize,
-    /// Size of the tmpfs mounted at /tmp (and /dev/shm).
-    pub tmp_size_bytes: u64,
-    /// RLIMIT_FSIZE: largest file a sandboxed process may write.
-    pub file_size_bytes: u64,
-    /// RLIMIT_NOFILE.
-    pub open_files: u64,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            timeout: Duration::from_secs(10),
-            memory_bytes: Some(256 << 20),
-            cpu_millicores: Some(1000),
-            pids: 64,
-            max_output_bytes: 1 << 20,
-            tmp_size_bytes: 64 << 20,
-            file_size_bytes: 64 << 20,
-            open_files: 1024,
-        }
-    }
-}
-
-/// Everything fixed per pool (per tool generation).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct SandboxSpec {
-    /// Root filesystem directory, mounted read-only.
-    pub rootfs: PathBuf,
-    pub mounts: Vec<BindMount>,
-    pub limits: Limits,
-    /// Number of pre-created containers kept ready (0 = every call is cold).
-    pub warm_pool: usize,
-}
-
-/// One call.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Invocation {
-    /// argv[0] is resolved against PATH from `env` (or a default PATH) if it has no '/'.
-    pub argv: Vec<String>,
-    /// The complete environment of the tool; nothing of the runner's leaks in.
-    pub env: Vec<(String, String)>,
-    /// Working directory inside the sandbox (default "/").
-    pub cwd: Option<String>,
-    pub stdin: Vec<u8>,
-}
-
-/// A captured output stream.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Captured {
-    pub bytes: Vec<u8>,
-    /// More bytes were written than `max_output_bytes`.
-    pub truncated: bool,
-}
-
-/// What enforces one limit. One vocabulary everywhere (audit records, metrics, logs):
-/// camelCase, as in the CRDs.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub enum Mechanism {
-    CgroupV1,
-    CgroupV2,
-    Rlimit,
-    Tmpfs,
-    None,
-}
-
-impl Mechanism {
-    /// The serialized name: `cgroupV1`, `cgroupV2`, `rlimit`, `tmpfs`, `none`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mechanism::CgroupV1 => "cgroupV1",
-            Mechanism::CgroupV2 => "cgroupV2",
-            Mechanism::Rlimit => "rlimit",
-            Mechanism::Tmpfs => "tmpfs",
-            Mechanism::None => "none",
-        }
-    }
-}
-
-/// Which mechanism is active per limit, reported at startup and in every [`Outcome`].
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct Enforcement {
-    pub memory: Mechanism,
-    pub pids: Mechanism,
-    pub cpu: Mechanism,
-    pub file_size: Mechanism,
-    pub tmp_size: Mechanism,
-    /// Devices restricted by the device cgroup (v1) or only by the device list (v2 without eBPF).
-    pub devices: Mechanism,
-    pub user_namespace: bool,
-    pub seccomp: bool,
-}
-
-/// Result of one call.
-#[derive(Clone, Debug)]
-pub struct Outcome {
-    pub exit_code: Option<i32>,
-    pub signal: Option<i32>,
-    pub stdout: Captured,
-    pub stderr: Captured,
-    pub timed_out: bool,
-    /// Killed by the memory cgroup's OOM killer. Always false when memory is enforced by
-    /// RLIMIT_AS (see `enforcement.memory`): allocations are refused instead.
-    pub oom_killed: bool,
-    pub duration: Duration,
-    /// Peak memory of the sandbox (memory cgroup); with rlimits, the largest peak RSS of a
-    /// single process (the tool or a descendant it reaped).
-    pub peak_memory_bytes: Option<u64>,
-    pub enforcement: Enforcement,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("io: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("system call: {0}")]
-    Nix(#[from] nix::Error),
-    #[error("invalid invocation: {0}")]
-    Invalid(String),
-    #[error("zygote: {0}")]
-    Zygote(String),
-    #[error("container: {0}")]
-    Container(String),
-    #[error("protocol: {0}")]
-    Protocol(String),
-}
-
-pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-impl std::fmt::Display for Enforcement {
-    /// `memory=cgroupV1 pids=cgroupV1 ... userNamespace=true seccomp=true`, for logs.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "memory={} pids={} cpu={} fileSize={} tmpSize={} devices={} userNamespace={} seccomp={}",
-            self.memory.as_str(),
-            self.pids.as_str(),
-            self.cpu.as_str(),
-            self.file_size.as_str(),
-            self.tmp_size.as_str(),
-            self.devices.as_str(),
-            self.user_namespace,
-            self.seccomp
-        )
-    }
-}
-
 #[cfg(test)]
-mod vocabulary_tests {
-    use super::*;
+mod structure_tests {
+    use std::collections::{BTreeMap, BTreeSet};
 
-    #[test]
-    fn records_metrics_and_logs_use_the_same_camel_case_names() {
-        for m in [
-            Mechanism::CgroupV1,
-            Mechanism::CgroupV2,
-            Mechanism::Rlimit,
-            Mechanism::Tmpfs,
-            Mechanism::None,
-        ] {
-            assert_eq!(serde_json::to_value(m).unwrap(), m.as_str());
+    /// The first path segment of every `crate::sandbox::...` path outside comments, i.e. the
+    /// sibling files this file uses (`{a, b::c}` groups are split at their top level).
+    fn sibling_imports(source: &str) -> BTreeSet<String> {
+        let code: String = source
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("//"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let mut found = BTreeSet::new();
+        for (at, _) in code.match_indices("crate::sandbox::") {
+            let rest = &code[at + "crate::sandbox::".len()..];
+            if let Some(group) = rest.strip_prefix('{') {
+                let mut depth = 0;
+                let mut item = String::new();
+                for ch in group.chars() {
+                    match ch {
+                        '{' => depth += 1,
+                        '}' if depth == 0 => break,
+                        '}' => depth -= 1,
+                        ',' if depth == 0 => {
+                            found.insert(std::mem::take(&mut item));
+                            continue;
+                        }
+                        _ => {}
+                    }
+                    item.push(ch);
+                }
+                found.insert(item);
+            } else {
+                found.insert(rest.to_string());
+            }
         }
-        let e = Enforcement {
-            memory: Mechanism::CgroupV1,
-            pids: Mechanism::CgroupV1,
-            cpu: Mechanism::CgroupV1,
-            file_size: Mechanism::Rlimit,
-            tmp_size: Mechanism::Tmpfs,
-            devices: Mechanism::None,
-            user_namespace: true,
-            seccomp: true,
-        };
-        let json = serde_json::to_value(e).unwrap();
-        assert_eq!(json["fileSize"], "rlimit");
-        assert_eq!(json["userNamespace"], true);
-        assert!(
-            e.to_string().contains("fileSize=rlimit tmpSize=tmpfs"),
-            "{e}"
-        );
+        found
+            .iter()
+            .map(|p| {
+                let p = p.trim();
+                let end = p
+                    .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+                    .unwrap_or(p.len());
+                p[..end].to_string()
+            })
+            .filter(|m| !m.is_empty() && m != "self")
+            .collect()
+    }
+
+    /// Every file of `src/sandbox/` uses its siblings by their module path (never through a
+    /// re-export of mod.rs or `super::`), and the uses form no cycle: no two files import each
+    /// other, directly or around a loop.
+    #[test]
+    fn no_two_files_import_each_other() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/sandbox");
+        let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+            if name == "mod" {
+                continue;
+            }
+            let source = std::fs::read_to_string(&path).unwrap();
+            assert!(
+                !source
+                    .lines()
+                    .any(|l| l.contains("super::") && l.trim() != "use super::*;"),
+                "{name}.rs reaches a sibling through super::; name it by crate::sandbox::<file>"
+            );
+            graph.insert(name, sibling_imports(&source));
+        }
+        for (file, uses) in &graph {
+            for used in uses {
+                assert!(
+                    graph.contains_key(used),
+                    "{file}.rs uses crate::sandbox::{used}, which is not a file of src/sandbox/ \
+                     (import items from the file that defines them)"
+                );
+            }
+        }
+        // Depth-first search for a cycle; reports the loop.
+        fn visit(
+            file: &str,
+            graph: &BTreeMap<String, BTreeSet<String>>,
+            path: &mut Vec<String>,
+            done: &mut BTreeSet<String>,
+        ) {
+            if done.contains(file) {
+                return;
+            }
+            if let Some(at) = path.iter().position(|p| p == file) {
+                panic!("import cycle: {} -> {file}", path[at..].join(" -> "));
+            }
+            path.push(file.to_string());
+            for used in &graph[file] {
+                if used != file {
+                    visit(used, graph, path, done);
+                }
+            }
+            path.pop();
+            done.insert(file.to_string());
+        }
+        let mut done = BTreeSet::new();
+        for file in graph.keys() {
+            visit(file, &graph, &mut Vec::new(), &mut done);
+        }
+        assert!(graph["zygote"].contains("keeper") && graph["engine"].contains("pool"));
     }
 }

@@ -6,7 +6,7 @@
 use std::io;
 use std::path::{Component, Path};
 
-use super::SandboxSpec;
+use crate::sandbox::model::SandboxSpec;
 
 /// Mount points of every container, besides the spec's bind mounts.
 const STANDARD: &[&str] = &["/proc", "/dev", "/tmp"];

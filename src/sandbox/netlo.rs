@@ -2,36 +2,43 @@
 //! Done from a short-lived thread of the keeper: setns(CLONE_NEWNET) only affects that thread.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 
-use crate::sandbox::{Error, Result};
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
 
-pub fn bring_up_lo(pid: i32) -> Result<()> {
-    let ns = File::open(format!("/proc/{pid}/ns/net"))?;
-    std::thread::spawn(move || -> Result<()> {
+use crate::sandbox::error::ContainerError;
+
+pub fn bring_up_lo(pid: i32) -> Result<(), ContainerError> {
+    let ns = File::open(format!("/proc/{pid}/ns/net")).map_err(ContainerError::Loopback)?;
+    std::thread::spawn(move || -> std::io::Result<()> {
         nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
-        // SAFETY: plain ioctls on a socket we own, with a zeroed, correctly sized ifreq.
-        unsafe {
-            let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-            if sock < 0 {
-                return Err(std::io::Error::last_os_error().into());
-            }
-            let mut req: libc::ifreq = std::mem::zeroed();
-            for (d, s) in req.ifr_name.iter_mut().zip(b"lo\0") {
-                *d = *s as libc::c_char;
-            }
-            let mut rc = libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req);
-            if rc == 0 {
-                req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-                rc = libc::ioctl(sock, libc::SIOCSIFFLAGS, &req);
-            }
-            let err = std::io::Error::last_os_error();
-            libc::close(sock);
-            if rc != 0 {
-                return Err(err.into());
-            }
+        let sock = socket(
+            AddressFamily::Inet,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        // SAFETY: `ifreq` is a plain C struct (arrays and a union of integers) for which all
+        // zero bytes are a valid value.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (d, s) in req.ifr_name.iter_mut().zip(b"lo\0") {
+            *d = *s as libc::c_char;
+        }
+        // SAFETY: SIOCGIFFLAGS reads the NUL-terminated name and writes `ifru_flags` within the
+        // `ifreq` we own; the socket is open for the whole call. (Neither nix nor rustix wraps
+        // the interface-flag ioctls.)
+        if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: reading the union member SIOCGIFFLAGS just filled in.
+        unsafe { req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
+        // SAFETY: SIOCSIFFLAGS only reads the `ifreq` we own.
+        if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } != 0 {
+            return Err(std::io::Error::last_os_error());
         }
         Ok(())
     })
     .join()
-    .map_err(|_| Error::Container("lo setup thread panicked".into()))?
+    .map_err(|_| ContainerError::LoopbackPanicked)?
+    .map_err(ContainerError::Loopback)
 }

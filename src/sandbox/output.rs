@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 
-use crate::sandbox::Captured;
+use crate::sandbox::model::Captured;
 
 /// Reads `fd` to EOF, keeping at most `cap` bytes and draining the rest (so the tool never
 /// blocks on a full pipe). Progress is visible in `sink` even if the task is aborted.

@@ -3,7 +3,20 @@
 
 use k8s_openapi::api::core::v1::SecurityContext;
 
-use super::RUNNER_POD_CAPABILITIES;
+/// The capabilities a runner pod adds after dropping ALL (with `hostUsers: false` each is
+/// powerful only over the pod's own user namespace; README "The runner in a pod" says why each
+/// is needed): own mount namespace and mounts (SYS_ADMIN), the sandboxes' id maps (SETUID,
+/// SETGID), handing file secrets to the sandbox user (CHOWN), opening a starting sandbox's
+/// /proc/<pid>/ns and root (SYS_PTRACE), and chroot for the move-mount root switch, which
+/// RuntimeDefault seccomp allows only with SYS_CHROOT.
+pub const RUNNER_POD_CAPABILITIES: &[&str] = &[
+    "SYS_ADMIN",
+    "SETUID",
+    "SETGID",
+    "CHOWN",
+    "SYS_PTRACE",
+    "SYS_CHROOT",
+];
 
 /// The runner container's `securityContext`; the pod also sets `hostUsers: false`.
 ///

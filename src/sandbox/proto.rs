@@ -8,11 +8,18 @@ use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, s
 use serde::{Deserialize, Serialize};
 
 use crate::sandbox::detect::HostReport;
-use crate::sandbox::{Enforcement, Error, Result, SandboxSpec};
+use crate::sandbox::error::{Failure, ProtocolError, Result};
+use crate::sandbox::model::{Enforcement, SandboxSpec};
 
 const MAX_MSG: usize = 256 * 1024;
 
-#[derive(Debug, Serialize, Deserialize)]
+/// Fd number of the runner socket in the zygote.
+pub const ZYGOTE_SOCK_FD: RawFd = 3;
+/// Environment variables the runner sets for the zygote (its environment is otherwise empty).
+pub const ENV_STATE_ROOT: &str = "TOOLWARDEN_SANDBOX_STATE";
+pub const ENV_FORCE_RLIMITS: &str = "TOOLWARDEN_SANDBOX_FORCE_RLIMITS";
+
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
 pub enum ToZygote {
     CreatePool {
         pool: u64,
@@ -31,7 +38,7 @@ pub enum ToZygote {
     },
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
 pub enum FromZygote {
     Hello {
         host: HostReport,
@@ -42,9 +49,9 @@ pub enum FromZygote {
     },
     PoolFailed {
         pool: u64,
-        error: String,
+        error: Failure,
     },
-    /// Container is parked in the executor. Fds: control, stdin, stdout, stderr, pidfd, and
+    /// Container is parked in its init (`container_init`). Fds: control, stdin, stdout, stderr, pidfd, and
     /// the read end of the exit-report pipe (which then carries `Exited` or `SpawnFailed`).
     Ready {
         req: u64,
@@ -53,7 +60,7 @@ pub enum FromZygote {
     },
     SpawnFailed {
         req: u64,
-        error: String,
+        error: Failure,
     },
     Exited {
         req: u64,
@@ -61,7 +68,7 @@ pub enum FromZygote {
     },
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExitInfo {
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
@@ -77,17 +84,12 @@ pub struct ExitInfo {
 
 /// CLOCK_MONOTONIC in ns (same clock in every process of the host).
 pub fn monotonic_ns() -> u64 {
-    let mut t = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out pointer; CLOCK_MONOTONIC cannot fail.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
 /// Wire form of an invocation written into a parked container's control pipe.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
 pub struct LateExec {
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
@@ -95,9 +97,13 @@ pub struct LateExec {
 }
 
 pub fn send<T: Serialize>(sock: BorrowedFd<'_>, msg: &T, fds: &[RawFd]) -> Result<()> {
-    let buf = serde_json::to_vec(msg).map_err(|e| Error::Protocol(e.to_string()))?;
+    let buf = serde_json::to_vec(msg).map_err(ProtocolError::Encode)?;
     if buf.len() > MAX_MSG {
-        return Err(Error::Protocol("message too large".into()));
+        return Err(ProtocolError::TooLarge {
+            len: buf.len(),
+            max: MAX_MSG,
+        }
+        .into());
     }
     let iov = [IoSlice::new(&buf)];
     let cmsg = [ControlMessage::ScmRights(fds)];
@@ -138,14 +144,19 @@ fn recv_into<T: for<'de> Deserialize<'de>>(
         ) {
             Ok(msg) => {
                 let mut fds = Vec::new();
-                for c in msg.cmsgs().map_err(|e| Error::Protocol(e.to_string()))? {
+                for c in msg.cmsgs()? {
                     if let ControlMessageOwned::ScmRights(raw) = c {
-                        // SAFETY: the kernel just installed these fds for us.
+                        // SAFETY: the kernel just installed these fds in this process for this
+                        // message; nothing else owns them.
                         fds.extend(raw.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
                     }
                 }
                 if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
-                    return Err(Error::Protocol("control message truncated".into()));
+                    return Err(ProtocolError::ControlTruncated.into());
+                }
+                // A datagram larger than our buffer arrives cut off: refuse it whole.
+                if msg.flags.contains(MsgFlags::MSG_TRUNC) {
+                    return Err(ProtocolError::Truncated { max: buf.len() }.into());
                 }
                 break (msg.bytes, fds);
             }
@@ -156,6 +167,254 @@ fn recv_into<T: for<'de> Deserialize<'de>>(
     if len == 0 {
         return Ok(None);
     }
-    let msg = serde_json::from_slice(&buf[..len]).map_err(|e| Error::Protocol(e.to_string()))?;
+    let msg = serde_json::from_slice(&buf[..len]).map_err(ProtocolError::Decode)?;
     Ok(Some((msg, fds)))
+}
+
+/// Every message crosses a real socketpair (or, for `LateExec` and exit reports, the bytes a
+/// pipe carries) and comes back identical; malformed, truncated or oversized input is an error,
+/// never a panic. No root needed.
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::sandbox::detect::{CgroupMode, IdMap, RootSwitch};
+    use crate::sandbox::error::Error;
+    use crate::sandbox::model::{BindMount, Limits, Mechanism};
+
+    fn pair() -> (OwnedFd, OwnedFd) {
+        socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap()
+    }
+
+    fn spec() -> SandboxSpec {
+        SandboxSpec {
+            rootfs: PathBuf::from("/rootfs with space"),
+            mounts: vec![BindMount {
+                source: PathBuf::from("/src"),
+                destination: PathBuf::from("/dst"),
+                read_only: true,
+            }],
+            limits: Limits {
+                timeout: Duration::from_millis(1500),
+                memory_bytes: None,
+                ..Limits::default()
+            },
+            warm_pool: 3,
+        }
+    }
+
+    fn host() -> HostReport {
+        HostReport {
+            cgroup: Some(CgroupMode::V1 { memsw: false }),
+            cgroup_unusable: Some("read-only".into()),
+            userns_unusable: None,
+            outer_bound: Some("memory.limit_in_bytes=max".into()),
+            id_map: Some(IdMap {
+                uid_base: 1,
+                gid_base: 1,
+                size: 65_535,
+            }),
+            root_switch: RootSwitch::MoveMount,
+        }
+    }
+
+    fn enforcement() -> Enforcement {
+        Enforcement {
+            memory: Mechanism::Rlimit,
+            pids: Mechanism::CgroupV2,
+            cpu: Mechanism::CgroupV1,
+            file_size: Mechanism::Rlimit,
+            tmp_size: Mechanism::Tmpfs,
+            devices: Mechanism::None,
+            user_namespace: false,
+            seccomp: true,
+        }
+    }
+
+    fn exit() -> ExitInfo {
+        ExitInfo {
+            exit_code: None,
+            signal: Some(9),
+            oom_killed: true,
+            peak_memory_bytes: Some(u64::MAX),
+            reaped_ns: 1,
+            sent_ns: 2,
+        }
+    }
+
+    fn roundtrip<T>(msg: &T, fds: &[RawFd]) -> (T, usize)
+    where
+        T: Serialize + for<'de> Deserialize<'de>,
+    {
+        let (a, b) = pair();
+        send(a.as_fd(), msg, fds).unwrap();
+        let (back, got) = recv::<T>(b.as_fd()).unwrap().expect("a message");
+        (back, got.len())
+    }
+
+    #[test]
+    fn every_message_to_the_zygote_comes_back_identical() {
+        for msg in [
+            ToZygote::CreatePool {
+                pool: 1,
+                spec: spec(),
+            },
+            ToZygote::DropPool { pool: u64::MAX },
+            ToZygote::Spawn {
+                pool: 2,
+                req: 3,
+                background: true,
+            },
+        ] {
+            assert_eq!(roundtrip(&msg, &[]).0, msg);
+        }
+    }
+
+    #[test]
+    fn every_message_from_the_zygote_comes_back_identical() {
+        let failure =
+            Error::from(crate::sandbox::error::ContainerError::UnknownPool(4)).to_failure();
+        for msg in [
+            FromZygote::Hello { host: host() },
+            FromZygote::PoolCreated {
+                pool: 1,
+                enforcement: enforcement(),
+            },
+            FromZygote::PoolFailed {
+                pool: 1,
+                error: failure.clone(),
+            },
+            FromZygote::Ready {
+                req: 5,
+                id: "tw-1-5".into(),
+                pid: 42,
+            },
+            FromZygote::SpawnFailed {
+                req: 6,
+                error: failure.clone(),
+            },
+            FromZygote::Exited {
+                req: 7,
+                exit: exit(),
+            },
+        ] {
+            assert_eq!(roundtrip(&msg, &[]).0, msg);
+            // The exit report travels as plain bytes through a pipe.
+            let bytes = serde_json::to_vec(&msg).unwrap();
+            assert_eq!(serde_json::from_slice::<FromZygote>(&bytes).unwrap(), msg);
+        }
+        assert_eq!(failure.reason, "UnknownPool");
+    }
+
+    #[test]
+    fn the_invocation_written_to_a_parked_init_comes_back_identical() {
+        let late = LateExec {
+            argv: vec!["sh".into(), "-c".into(), "echo \"é\" \u{0}".into()],
+            env: vec![
+                ("PATH".into(), "/bin".into()),
+                ("EMPTY".into(), String::new()),
+            ],
+            cwd: Some("/tmp".into()),
+        };
+        let bytes = serde_json::to_vec(&late).unwrap();
+        assert_eq!(serde_json::from_slice::<LateExec>(&bytes).unwrap(), late);
+    }
+
+    #[test]
+    fn fds_travel_with_their_message() {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let msg = FromZygote::Ready {
+            req: 1,
+            id: "tw-1-1".into(),
+            pid: 1,
+        };
+        let (back, fds) = roundtrip(&msg, &[r.as_raw_fd(), w.as_raw_fd()]);
+        assert_eq!((back, fds), (msg, 2));
+    }
+
+    /// Sends raw bytes as one datagram, bypassing `send`.
+    fn raw(sock: BorrowedFd<'_>, bytes: &[u8]) {
+        let iov = [IoSlice::new(bytes)];
+        sendmsg::<()>(sock.as_raw_fd(), &iov, &[], MsgFlags::empty(), None).unwrap();
+    }
+
+    #[test]
+    fn malformed_messages_are_errors() {
+        let (a, b) = pair();
+        for bytes in [
+            &b"not json"[..],
+            b"{\"Spawn\":{\"pool\":1}}",
+            b"{\"Unknown\":{}}",
+            b"{\"DropPool\":{\"pool\":-1}}",
+            b"{\"CreatePool\":{\"pool\":1,\"spec\":{\"rootfs\":\"/\"",
+            b"\xff\xfe",
+        ] {
+            raw(a.as_fd(), bytes);
+            let err = recv::<ToZygote>(b.as_fd()).unwrap_err();
+            assert!(
+                matches!(err, Error::Protocol(ProtocolError::Decode(_))),
+                "{err}"
+            );
+            assert_eq!(err.reason(), "ZygoteProtocolError");
+        }
+        // A message of the other direction is not one of ours.
+        send(a.as_fd(), &FromZygote::Hello { host: host() }, &[]).unwrap();
+        assert!(recv::<ToZygote>(b.as_fd()).is_err());
+        // The peer closing is not an error: it is the end.
+        drop(a);
+        assert!(recv::<ToZygote>(b.as_fd()).unwrap().is_none());
+    }
+
+    #[test]
+    fn oversized_messages_are_refused_both_ways() {
+        let (a, b) = pair();
+        let mut big = spec();
+        big.mounts = (0..MAX_MSG / 40)
+            .map(|i| BindMount {
+                source: PathBuf::from(format!("/source/{i:020}")),
+                destination: PathBuf::from("/d"),
+                read_only: false,
+            })
+            .collect();
+        let err = send(a.as_fd(), &ToZygote::CreatePool { pool: 1, spec: big }, &[]).unwrap_err();
+        assert!(
+            matches!(err, Error::Protocol(ProtocolError::TooLarge { .. })),
+            "{err}"
+        );
+        // A datagram larger than the receiver's buffer is refused whole, not decoded cut off.
+        let msg = serde_json::to_vec(&ToZygote::DropPool { pool: 1 }).unwrap();
+        raw(a.as_fd(), &msg);
+        let mut small = vec![0u8; msg.len() - 1];
+        let err = recv_into::<ToZygote>(b.as_fd(), &mut small).unwrap_err();
+        assert!(
+            matches!(err, Error::Protocol(ProtocolError::Truncated { .. })),
+            "{err}"
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        /// Arbitrary bytes from the peer are a message or an error, never a panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 1..2048)) {
+            let (a, b) = pair();
+            raw(a.as_fd(), &bytes);
+            raw(a.as_fd(), &bytes);
+            let _ = recv::<ToZygote>(b.as_fd());
+            let _ = recv::<FromZygote>(b.as_fd());
+            let _ = serde_json::from_slice::<LateExec>(&bytes);
+        }
+    }
 }

@@ -41,7 +41,8 @@ pub fn init_if_pid1() -> Option<i32> {
         tracing::warn!(error = %e, "PID 1 without reaping: sigprocmask failed");
         return None;
     }
-    // SAFETY: single-threaded here (first thing in main).
+    // SAFETY: single-threaded here (first thing in main, before any thread exists), so the
+    // child's copy of memory holds no lock another thread took.
     match unsafe { fork() } {
         Ok(ForkResult::Child) => {
             let _ = sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&mask), None);

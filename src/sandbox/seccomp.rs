@@ -1,5 +1,5 @@
 //! Default-deny seccomp allowlist derived from the Docker/containerd default profile, compiled
-//! once (per zygote) with the pure-Rust `seccompiler` and installed by the executor just before
+//! once (per zygote) with the pure-Rust `seccompiler` and installed by the container init just before
 //! `execve`.
 //!
 //! Compared with Docker's profile we additionally refuse: io_uring_*, name_to_handle_at,
@@ -14,8 +14,12 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 
-use crate::sandbox::{Error, Result};
+use seccompiler::BackendError;
 
+use crate::sandbox::error::Error;
+
+/// x86_64 syscall numbers (several of these calls do not exist on other architectures).
+#[cfg(target_arch = "x86_64")]
 const ALLOWED: &[libc::c_long] = &[
     libc::SYS_accept,
     libc::SYS_accept4,
@@ -296,24 +300,33 @@ const CLONE_NS_FLAGS: u64 = (libc::CLONE_NEWNS
     | libc::CLONE_NEWNET) as u64;
 
 /// The filters to install, in order. Compiled on first use, then shared.
-pub fn filters() -> Result<&'static [BpfProgram]> {
-    static FILTERS: OnceLock<Result<Vec<BpfProgram>, String>> = OnceLock::new();
+pub fn filters() -> Result<&'static [BpfProgram], Error> {
+    static FILTERS: OnceLock<Result<Vec<BpfProgram>, BackendError>> = OnceLock::new();
     FILTERS
-        .get_or_init(|| compile().map_err(|e| e.to_string()))
+        .get_or_init(compile)
         .as_deref()
-        .map_err(|e| Error::Container(format!("seccomp compile: {e}")))
+        .map_err(Error::Seccomp)
 }
 
-fn cond(arg: u8, len: SeccompCmpArgLen, op: SeccompCmpOp, val: u64) -> Result<SeccompCondition> {
-    SeccompCondition::new(arg, len, op, val).map_err(|e| Error::Container(e.to_string()))
+fn cond(
+    arg: u8,
+    len: SeccompCmpArgLen,
+    op: SeccompCmpOp,
+    val: u64,
+) -> Result<SeccompCondition, BackendError> {
+    SeccompCondition::new(arg, len, op, val)
 }
 
-fn rule(conds: Vec<SeccompCondition>) -> Result<SeccompRule> {
-    SeccompRule::new(conds).map_err(|e| Error::Container(e.to_string()))
+fn rule(conds: Vec<SeccompCondition>) -> Result<SeccompRule, BackendError> {
+    SeccompRule::new(conds)
 }
 
-fn compile() -> Result<Vec<BpfProgram>> {
-    let arch = TargetArch::x86_64;
+/// The architecture the syscall numbers in this file are for.
+#[cfg(target_arch = "x86_64")]
+const ARCH: TargetArch = TargetArch::x86_64;
+
+fn compile() -> Result<Vec<BpfProgram>, BackendError> {
+    let arch = ARCH;
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         ALLOWED.iter().map(|&nr| (nr, vec![])).collect();
     // Allowed here, turned into ENOSYS by the second filter (higher precedence than ALLOW).
@@ -342,7 +355,7 @@ fn compile() -> Result<Vec<BpfProgram>> {
                     d as u64,
                 )?])
             })
-            .collect::<Result<_>>()?,
+            .collect::<Result<_, _>>()?,
     );
     // prctl(2) except PR_SET_PDEATHSIG: the init's parent-death signal ends the sandbox with its
     // keeper, and the tool (the init after execve) must not clear it.
@@ -361,27 +374,24 @@ fn compile() -> Result<Vec<BpfProgram>> {
         [0u64, 0x0008, 0x20000, 0x20008, 0xffff_ffff]
             .iter()
             .map(|&p| rule(vec![cond(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, p)?]))
-            .collect::<Result<_>>()?,
+            .collect::<Result<_, _>>()?,
     );
     let allow = SeccompFilter::new(
         rules,
         SeccompAction::Errno(libc::EPERM as u32),
         SeccompAction::Allow,
         arch,
-    )
-    .map_err(|e| Error::Container(e.to_string()))?;
+    )?;
     let clone3 = SeccompFilter::new(
         [(libc::SYS_clone3, vec![])].into_iter().collect(),
         SeccompAction::Allow,
         SeccompAction::Errno(libc::ENOSYS as u32),
         arch,
-    )
-    .map_err(|e| Error::Container(e.to_string()))?;
-    let progs = [allow, clone3]
+    )?;
+    [allow, clone3]
         .into_iter()
-        .map(|f| BpfProgram::try_from(f).map_err(|e| Error::Container(e.to_string())))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(progs)
+        .map(BpfProgram::try_from)
+        .collect()
 }
 
 /// Installs the filters on the calling thread (no_new_privs must already be set).

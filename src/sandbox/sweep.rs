@@ -2,29 +2,12 @@
 //! zygotes/keepers. Container ids are `tw-<zygote pid>-<seq>`; an id is stale when its zygote
 //! is no longer a running `sandbox-zygote` process (other live runners are left alone).
 
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use libcontainer::container::Container;
 
-use crate::sandbox::ZYGOTE_SUBCOMMAND;
 use crate::sandbox::cgroup_v2;
-use crate::sandbox::detect::CGROUP_PARENT;
-
-pub fn container_id(zygote_pid: u32, seq: u64) -> String {
-    format!("tw-{zygote_pid}-{seq}")
-}
-
-/// The directory (under the state root) that holds zygote `zygote_pid`'s container states and
-/// bundles when it keeps them on its private tmpfs. Named like its containers so that the
-/// sweeper removes it once that zygote is gone.
-pub fn zygote_dir(state_root: &Path, zygote_pid: u32) -> PathBuf {
-    state_root.join(format!("tw-{zygote_pid}"))
-}
-
-fn owner_pid(id: &str) -> Option<u32> {
-    id.strip_prefix("tw-")?.split('-').next()?.parse().ok()
-}
+use crate::sandbox::names::{CGROUP_PARENT, ZYGOTE_SUBCOMMAND, owner_pid};
 
 fn zygote_alive(pid: u32) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
@@ -49,22 +32,15 @@ fn is_container_init(pid: nix::unistd::Pid) -> bool {
 /// SIGKILLs `pid` if it is still a container init, through a pidfd opened *before* checking:
 /// if the pid was recycled after the check, the signal goes nowhere instead of to a stranger.
 fn kill_container_init(pid: nix::unistd::Pid) -> bool {
-    let Ok(pidfd) = crate::sandbox::zygote::pidfd_open(pid.as_raw()) else {
+    let Some(Ok(pidfd)) = rustix::process::Pid::from_raw(pid.as_raw())
+        .map(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()))
+    else {
         return false;
     };
     if !is_container_init(pid) {
         return false;
     }
-    // SAFETY: raw syscall on a pidfd we own, without siginfo.
-    unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            libc::SIGKILL,
-            std::ptr::null::<libc::siginfo_t>(),
-            0u32,
-        )
-    };
+    let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
     true
 }
 

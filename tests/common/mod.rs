@@ -8,7 +8,7 @@ use std::time::Duration;
 use toolwarden::runner::images::{ImageStore, entry_name};
 use toolwarden::runner::sandbox_executor::{SandboxExecutor, VolumesDir};
 use toolwarden::sandbox::{
-    EngineConfig, Invocation, Limits, Outcome, Pool, SandboxSpec, Sandboxes, sweep,
+    EngineConfig, Invocation, Limits, Outcome, Pool, SandboxSpec, Sandboxes, names,
 };
 
 pub const BUSYBOX: &str = "/bin/busybox";
@@ -339,7 +339,7 @@ pub fn cgroups_of(zpid: u32) -> Vec<PathBuf> {
 /// private tmpfs it keeps them on (seen through its /proc root).
 pub fn engine_leftovers(state_root: &Path, zpid: u32) -> Vec<String> {
     let prefix = format!("tw-{zpid}-");
-    let private = sweep::zygote_dir(state_root, zpid);
+    let private = names::zygote_dir(state_root, zpid);
     let private = Path::new(&format!("/proc/{zpid}/root")).join(private.strip_prefix("/").unwrap());
     let mut out = Vec::new();
     for root in [state_root.to_path_buf(), private] {

@@ -15,11 +15,12 @@ use libcontainer::workload::{
     Executor, ExecutorError, ExecutorSetEnvsError, ExecutorValidationError,
 };
 
+use crate::sandbox::oci_spec::DEFAULT_PATH;
 use crate::sandbox::proto::LateExec;
-use crate::sandbox::spec::DEFAULT_PATH;
+use crate::sandbox::seccomp;
 
 #[derive(Clone)]
-pub struct LateExecutor {
+pub struct ParkedInit {
     /// Read end of the control pipe (open in the keeper when `build()` forks the init).
     pub control_fd: RawFd,
     /// A pidfd of the keeper (the init's parent), open until `exec` has set the parent-death signal.
@@ -36,63 +37,69 @@ pub const EXIT_CANNOT_EXEC: i32 = 126;
 fn fail(code: i32, msg: &str) -> ! {
     // fd 2 is the caller's stderr pipe: the reason becomes part of the Outcome.
     let line = format!("toolwarden-sandbox: {msg}\n");
-    unsafe {
-        libc::write(2, line.as_ptr().cast(), line.len());
-        libc::_exit(code)
-    }
+    let _ = nix::unistd::write(std::io::stderr(), line.as_bytes());
+    exit_now(code)
 }
 
-impl Executor for LateExecutor {
+/// Ends the init at once. Nothing may run on the way out: no destructor (they would act on
+/// state cloned from the keeper) and no atexit handler (libc's, which would flush stdio
+/// buffers copied from the keeper).
+fn exit_now(code: i32) -> ! {
+    // SAFETY: `_exit` takes a plain int, touches no memory of ours and never returns; it is
+    // unsafe only as a foreign function (neither nix nor rustix wraps it for a process).
+    unsafe { libc::_exit(code) }
+}
+
+impl Executor for ParkedInit {
     fn exec(&self, _spec: &Spec) -> Result<(), ExecutorError> {
         // Die with the keeper: if the keeper is killed (with its zygote and runner, say) nothing
         // else would end this sandbox at its deadline. Set here because a credential change
         // (libcontainer's setuid/setgid, done by now) clears it; execve keeps it (nosuid mounts:
         // no set-id exec can clear it), and seccomp stops the tool from clearing it. As PID 1 of
         // its pid namespace the init takes the tool's whole tree along.
-        // SAFETY: plain syscalls.
-        unsafe {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                fail(EXIT_CANNOT_EXEC, "prctl(PR_SET_PDEATHSIG) failed");
-            }
-            // The keeper may have died before that: then nothing would ever send the signal.
-            let mut keeper = libc::pollfd {
-                fd: self.keeper_pidfd,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            if libc::poll(&mut keeper, 1, 0) != 0 {
-                libc::_exit(EXIT_CANNOT_EXEC)
-            }
+        if nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).is_err() {
+            fail(EXIT_CANNOT_EXEC, "prctl(PR_SET_PDEATHSIG) failed");
+        }
+        // The keeper may have died before that: then nothing would ever send the signal.
+        let mut keeper = libc::pollfd {
+            fd: self.keeper_pidfd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one initialised `pollfd` we own, length 1, no wait; the kernel only reads the
+        // fd number (a closed one would come back as POLLNVAL, not as undefined behaviour).
+        // Raw because the fd is a number inherited through clone(), not a Rust-owned fd.
+        if unsafe { libc::poll(&mut keeper, 1, 0) } != 0 {
+            exit_now(EXIT_CANNOT_EXEC)
         }
         // The init was cloned while the keeper held the parent-side pipe ends (stdin write end,
         // control write end, ...): close every inherited fd except stdio and the control pipe
         // now, or neither stdin nor the control pipe would ever reach EOF.
         let fd = self.control_fd as u32;
-        unsafe {
-            if fd > 3 {
-                libc::syscall(libc::SYS_close_range, 3u32, fd - 1, 0u32);
-            }
-            libc::syscall(libc::SYS_close_range, fd + 1, u32::MAX, 0u32);
+        if fd > 3 {
+            close_range(3, fd - 1);
         }
+        close_range(fd + 1, u32::MAX);
         // Also before parking, off the request path: dispositions survive until execve.
         reset_signals();
         // Install seccomp before parking: the filter (~1,400 BPF instructions) costs ~0.3 ms to
         // load, which is then off the request path; everything below until execve (read, close,
         // chdir, getcwd, stat, write, exit) is in the allowlist, and parking under the filter
         // only tightens the init.
-        let filters = match crate::sandbox::seccomp::filters() {
+        let filters = match seccomp::filters() {
             Ok(f) => f,
             Err(e) => fail(EXIT_CANNOT_EXEC, &e.to_string()),
         };
-        if let Err(e) = crate::sandbox::seccomp::apply(filters) {
+        if let Err(e) = seccomp::apply(filters) {
             fail(EXIT_CANNOT_EXEC, &format!("seccomp: {e}"));
         }
-        // SAFETY: the fd was created for this container only and is not used elsewhere here.
+        // SAFETY: the control pipe's read end was inherited from the keeper for this init
+        // alone and kept open by the close_range above; nothing else here owns it.
         let mut control = unsafe { std::fs::File::from_raw_fd(self.control_fd) };
         let mut buf = Vec::new();
         if control.read_to_end(&mut buf).is_err() || buf.is_empty() {
             // Pool shut down (runner closed the control pipe) before any invocation.
-            unsafe { libc::_exit(0) }
+            exit_now(0)
         }
         drop(control);
         let inv: LateExec = match serde_json::from_slice(&buf) {
@@ -101,7 +108,7 @@ impl Executor for LateExecutor {
         };
         // Close (not merely CLOEXEC) every fd above stdio before touching user-controlled
         // paths, so `cwd=/proc/self/fd/N` cannot reach a runtime fd (CVE-2024-21626).
-        if unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) } != 0 {
+        if !close_range(3, u32::MAX) {
             fail(EXIT_CANNOT_EXEC, "close_range failed");
         }
         let cwd = inv.cwd.as_deref().unwrap_or("/");
@@ -136,12 +143,9 @@ impl Executor for LateExecutor {
             .map(|(k, v)| to_c(format!("{k}={v}")))
             .collect();
         if let Some(bytes) = self.address_space {
-            let lim = libc::rlimit {
-                rlim_cur: bytes,
-                rlim_max: bytes,
-            };
-            // SAFETY: plain syscall (allowed by the filter); lowering needs no privilege.
-            if unsafe { libc::setrlimit(libc::RLIMIT_AS, &lim) } != 0 {
+            // Lowering a limit needs no privilege; setrlimit/prlimit64 are in the allowlist.
+            let address_space = nix::sys::resource::Resource::RLIMIT_AS;
+            if nix::sys::resource::setrlimit(address_space, bytes, bytes).is_err() {
                 fail(EXIT_CANNOT_EXEC, "setrlimit(RLIMIT_AS) failed");
             }
         }
@@ -165,6 +169,8 @@ impl Executor for LateExecutor {
     ) -> Result<(), ExecutorSetEnvsError> {
         // Scrub everything inherited from the runner; execve gets an explicit envp.
         for (k, _) in std::env::vars_os() {
+            // SAFETY: the container init is a clone of the single-threaded keeper and starts no
+            // thread: nothing reads the environment while it changes.
             unsafe { std::env::remove_var(k) };
         }
         Ok(())
@@ -189,6 +195,16 @@ fn resolve(arg0: &str, path_var: &str) -> Option<String> {
         .map(|p| p.to_string_lossy().into_owned())
 }
 
+/// Closes the fds `first..=last` (what is open in that range). Returns false on failure.
+///
+/// Only for the container init, which never returns (it execs or exits): fds Rust objects
+/// cloned from the keeper still "own" there are never used or dropped again.
+fn close_range(first: u32, last: u32) -> bool {
+    // SAFETY: close_range(2) takes plain integers and touches no memory; closing is sound for
+    // the reason above. Raw because neither nix 0.29 nor rustix 1.1 wraps close_range.
+    unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) == 0 }
+}
+
 /// Gives the tool default signal dispositions and an empty signal mask, as a
 /// shell would: the Rust runtime ignores SIGPIPE (and glibc's internal real-time
 /// signals may be ignored too), and execve keeps ignored signals ignored, so
@@ -196,6 +212,7 @@ fn resolve(arg0: &str, path_var: &str) -> Option<String> {
 fn reset_signals() {
     /// The kernel's `struct sigaction` on x86_64 (glibc's wrapper refuses the
     /// real-time signals it reserves, so the raw system call is used).
+    #[cfg(target_arch = "x86_64")]
     #[repr(C)]
     struct KernelSigaction {
         handler: usize,
@@ -213,7 +230,10 @@ fn reset_signals() {
         if sig == libc::SIGKILL || sig == libc::SIGSTOP {
             continue;
         }
-        // SAFETY: single-threaded init just before execve; SIG_DFL runs no handler code.
+        // SAFETY: `default` is a valid x86_64 kernel sigaction (SIG_DFL, no flags, empty mask)
+        // that outlives the call, the old action is not asked for (null), and 8 is the size of
+        // the kernel's sigset. Installing SIG_DFL runs no handler code; the init is
+        // single-threaded, so no other thread relies on a disposition.
         unsafe {
             libc::syscall(
                 libc::SYS_rt_sigaction,
@@ -225,7 +245,8 @@ fn reset_signals() {
         };
     }
     let empty = 0u64;
-    // SAFETY: as above; the kernel's sigset is 8 bytes.
+    // SAFETY: `empty` is a valid 8-byte kernel sigset that outlives the call; the old mask is
+    // not asked for (null). Unblocking signals in the single-threaded init only lets them in.
     unsafe {
         libc::syscall(
             libc::SYS_rt_sigprocmask,

@@ -4,12 +4,13 @@
 use serde_json::{Value, json};
 
 use crate::sandbox::detect::{CgroupMode, HostReport};
-use crate::sandbox::{Error, Limits, Result, SandboxSpec};
+use crate::sandbox::error::SpecError;
+use crate::sandbox::model::{Limits, SandboxSpec};
+use crate::sandbox::names::SANDBOX_UID;
 
 /// Placeholder argv: the real argv arrives late through the control pipe.
 pub const PLACEHOLDER_ARG: &str = "/toolwarden-late-exec";
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-pub const SANDBOX_UID: u32 = 65534;
 
 /// runc's default masked paths.
 const MASKED: &[&str] = &[
@@ -32,7 +33,7 @@ const READONLY: &[&str] = &[
 ];
 
 /// (path, major, minor): the only devices in the sandbox. libcontainer always adds /dev/full
-/// too; the keeper unlinks it before start (`zygote::remove_extra_devices`) and the device
+/// too; the keeper unlinks it before start (`keeper::remove_extra_devices`) and the device
 /// cgroup (v1) does not allow it.
 const DEVICES: &[(&str, i64, i64)] = &[
     ("/dev/null", 1, 3),
@@ -43,10 +44,10 @@ const DEVICES: &[(&str, i64, i64)] = &[
 ];
 
 /// Returns the spec as JSON; `cgroups_path` is filled in per container.
-pub fn build(spec: &SandboxSpec, host: &HostReport, userns: bool) -> Result<Value> {
+pub fn build(spec: &SandboxSpec, host: &HostReport, userns: bool) -> Result<Value, SpecError> {
     let l = &spec.limits;
     if !spec.rootfs.is_absolute() {
-        return Err(Error::Invalid("rootfs must be an absolute path".into()));
+        return Err(SpecError::RelativeRootfs);
     }
     let cgroups = host.cgroup_unusable.is_none();
     let tmp_opts = |extra: &[&str]| {
@@ -72,7 +73,7 @@ pub fn build(spec: &SandboxSpec, host: &HostReport, userns: bool) -> Result<Valu
     ];
     for m in &spec.mounts {
         if !m.destination.is_absolute() || !m.source.is_absolute() {
-            return Err(Error::Invalid("bind mount paths must be absolute".into()));
+            return Err(SpecError::RelativeBindMount);
         }
         let rw = if m.read_only { "ro" } else { "rw" };
         mounts.push(
@@ -92,8 +93,8 @@ pub fn build(spec: &SandboxSpec, host: &HostReport, userns: bool) -> Result<Valu
     if cgroups {
         if let Some(mem) = l.memory_bytes {
             resources["memory"] = match host.cgroup {
-                // Without swap accounting the limit is memory only (no swap on such hosts is
-                // typical; reported in NOTES).
+                // Without swap accounting the limit can only cover memory (hosts without it
+                // typically have no swap either).
                 Some(CgroupMode::V1 { memsw: false }) => json!({"limit": mem}),
                 _ => json!({"limit": mem, "swap": mem}),
             };
@@ -113,8 +114,8 @@ pub fn build(spec: &SandboxSpec, host: &HostReport, userns: bool) -> Result<Valu
         // Fallback: per-process rlimits (weaker: NPROC counts per uid, shared by all sandboxes
         // without a user namespace; AS is virtual memory). RLIMIT_AS is not in the spec:
         // libcontainer would set it in its intermediate process, so the parked init, a copy of
-        // the zygote (~63 MiB of address space here), would run our executor under it and every
-        // allocation before execve could fail. The executor sets it just before execve instead
+        // the zygote (~63 MiB of address space here), would run our init code under it and every
+        // allocation before execve could fail. The container init sets it just before execve instead
         // (`address_space_limit`), so it bounds the tool's fresh address space only.
         rlimits.push(json!({"type": "RLIMIT_NPROC", "hard": l.pids, "soft": l.pids}));
         let cpu_secs = cpu_seconds(l);
@@ -144,16 +145,14 @@ pub fn build(spec: &SandboxSpec, host: &HostReport, userns: bool) -> Result<Valu
     });
     if !cgroups {
         // No cgroup at all: libcontainer is not asked to apply any resource (the zygote also
-        // hides the cgroup file system from it, see `zygote::hide_cgroupfs`); devices are then
+        // hides the cgroup file system from it, see `zygote_mounts::hide_cgroupfs`); devices are then
         // limited by the explicit device list only.
         if let Some(obj) = linux.as_object_mut() {
             obj.remove("resources");
         }
     }
     if userns {
-        let ids = host
-            .id_map
-            .ok_or_else(|| Error::Invalid("user namespace without an id map".into()))?;
+        let ids = host.id_map.ok_or(SpecError::UserNamespaceWithoutIdMap)?;
         namespaces.push(json!({"type": "user"}));
         linux["uidMappings"] =
             json!([{"containerID": 0, "hostID": ids.uid_base, "size": ids.size}]);
@@ -183,7 +182,7 @@ pub fn build(spec: &SandboxSpec, host: &HostReport, userns: bool) -> Result<Valu
     }))
 }
 
-/// RLIMIT_AS for the tool, set by the executor just before execve (None = not limited this way).
+/// RLIMIT_AS for the tool, set by the container init just before execve (None = not limited this way).
 pub fn address_space_limit(limits: &Limits, host: &HostReport) -> Option<u64> {
     // Only without cgroups (the memory cgroup enforces the limit otherwise).
     host.cgroup_unusable.as_ref().and(limits.memory_bytes)
@@ -245,5 +244,159 @@ mod cpu_budget_tests {
         assert_eq!(budget(1000, Some(2000)), 3);
         assert_eq!(budget(1000, None), 2);
         assert_eq!(budget(1500, None), 3);
+    }
+}
+
+/// The OCI spec is the sandbox's security contract: these tests build it from fixed inputs for
+/// each enforcement mode and compare it, byte for byte, with the checked-in files under
+/// `tests/golden/oci_spec/`, so any change to it shows up in review. `BLESS=1 cargo test --lib
+/// sandbox::oci_spec` rewrites them after an intended change.
+#[cfg(test)]
+mod golden_tests {
+    use std::path::{Path, PathBuf};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::sandbox::detect::{IdMap, RootSwitch};
+    use crate::sandbox::model::BindMount;
+
+    fn sandbox_spec() -> SandboxSpec {
+        SandboxSpec {
+            rootfs: PathBuf::from("/var/cache/toolwarden/rootfs/example"),
+            mounts: vec![
+                BindMount {
+                    source: PathBuf::from("/var/lib/toolwarden/secrets/example"),
+                    destination: PathBuf::from("/run/secrets"),
+                    read_only: true,
+                },
+                BindMount {
+                    source: PathBuf::from("/var/lib/toolwarden/volumes/workspace"),
+                    destination: PathBuf::from("/workspace"),
+                    read_only: false,
+                },
+            ],
+            limits: Limits {
+                timeout: Duration::from_secs(10),
+                memory_bytes: Some(256 << 20),
+                cpu_millicores: Some(500),
+                pids: 64,
+                max_output_bytes: 1 << 20,
+                tmp_size_bytes: 64 << 20,
+                file_size_bytes: 16 << 20,
+                open_files: 1024,
+            },
+            warm_pool: 2,
+        }
+    }
+
+    /// A host as detection would report it, without probing anything.
+    fn host(cgroup: Option<CgroupMode>, cgroup_unusable: Option<&str>) -> HostReport {
+        HostReport {
+            cgroup,
+            cgroup_unusable: cgroup_unusable.map(str::to_string),
+            userns_unusable: None,
+            outer_bound: cgroup_unusable.map(|_| "memory.max=max pids.max=max".to_string()),
+            id_map: Some(IdMap {
+                uid_base: 1_000_000,
+                gid_base: 1_000_000,
+                size: 65_536,
+            }),
+            root_switch: RootSwitch::PivotRoot,
+        }
+    }
+
+    fn check(name: &str, host: &HostReport, userns: bool) {
+        let spec = build(&sandbox_spec(), host, userns).unwrap();
+        // What libcontainer is given must be a valid OCI spec, too.
+        serde_json::from_value::<libcontainer::oci_spec::runtime::Spec>(spec.clone()).unwrap();
+        let built = serde_json::to_string_pretty(&spec).unwrap() + "\n";
+        let file = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden/oci_spec")
+            .join(format!("{name}.json"));
+        if std::env::var_os("BLESS").is_some_and(|v| v == "1") {
+            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+            std::fs::write(&file, &built).unwrap();
+            return;
+        }
+        let golden = std::fs::read_to_string(&file).unwrap_or_else(|e| {
+            panic!("{}: {e} (BLESS=1 writes it)", file.display());
+        });
+        if built != golden {
+            let first = built
+                .lines()
+                .zip(golden.lines())
+                .position(|(b, g)| b != g)
+                .unwrap_or(built.lines().count().min(golden.lines().count()));
+            panic!(
+                "the OCI spec for {name} changed from {} at line {}:\n  built:  {:?}\n  golden: {:?}\n\
+                 if intended, rewrite it with BLESS=1 and let review see the diff",
+                file.display(),
+                first + 1,
+                built.lines().nth(first),
+                golden.lines().nth(first),
+            );
+        }
+    }
+
+    #[test]
+    fn cgroup_v1_with_user_namespace() {
+        check(
+            "cgroup_v1",
+            &host(Some(CgroupMode::V1 { memsw: true }), None),
+            true,
+        );
+    }
+
+    #[test]
+    fn cgroup_v1_without_swap_accounting() {
+        check(
+            "cgroup_v1_no_memsw",
+            &host(Some(CgroupMode::V1 { memsw: false }), None),
+            true,
+        );
+    }
+
+    #[test]
+    fn cgroup_v2_with_user_namespace() {
+        check("cgroup_v2", &host(Some(CgroupMode::V2), None), true);
+    }
+
+    #[test]
+    fn rlimits_without_cgroups_or_user_namespace() {
+        let host = host(
+            Some(CgroupMode::V2),
+            Some(
+                "cgroup tree not writable (/sys/fs/cgroup/toolwarden/probe-1): Read-only file system (os error 30)",
+            ),
+        );
+        check("rlimit", &host, false);
+        // RLIMIT_AS is not in the spec: the container init sets it just before execve.
+        assert_eq!(
+            address_space_limit(&sandbox_spec().limits, &host),
+            Some(256 << 20)
+        );
+    }
+
+    #[test]
+    fn bad_specs_are_refused_with_their_reason() {
+        let host = host(Some(CgroupMode::V2), None);
+        let mut relative = sandbox_spec();
+        relative.rootfs = PathBuf::from("rootfs");
+        let err = build(&relative, &host, true).unwrap_err();
+        assert_eq!(err.reason(), "RootfsNotAbsolute");
+        let mut bind = sandbox_spec();
+        bind.mounts[0].destination = PathBuf::from("run/secrets");
+        assert_eq!(
+            build(&bind, &host, true).unwrap_err().reason(),
+            "BindMountNotAbsolute"
+        );
+        let no_ids = HostReport {
+            id_map: None,
+            ..host
+        };
+        assert_eq!(
+            build(&sandbox_spec(), &no_ids, true).unwrap_err().reason(),
+            "UserNamespaceWithoutIdMap"
+        );
     }
 }
