@@ -1,0 +1,571 @@
+//! Reconcile scenarios against a mocked API server (tower-test, as kube-rs/controller-rs
+//! `src/fixtures.rs`): a small in-memory API server answers server-side applies, status
+//! patches, metadata gets, deletes and Events, records every request, and can fail the
+//! requests a test names.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, store::Writer};
+use kube::runtime::watcher;
+use kube::Client;
+use serde_json::{Value, json};
+use tower_test::mock;
+
+use super::apply::OwnedStores;
+use super::build::Settings;
+use super::dereference::Stores;
+use super::metrics::Metrics;
+use super::reconcile::{Context, ReconcileError, backoff, error_policy, reconcile};
+use crate::api::{AgentTool, AgentToolStatus, ToolPolicy};
+
+/// One request the controller made.
+#[derive(Clone, Debug)]
+struct Call {
+    method: Method,
+    /// Path and query.
+    uri: String,
+    body: Value,
+}
+
+impl Call {
+    fn path(&self) -> &str {
+        self.uri.split('?').next().unwrap_or_default()
+    }
+}
+
+#[derive(Default)]
+struct ApiState {
+    /// Objects by path (`/apis/apps/v1/namespaces/agents/deployments/x`).
+    objects: HashMap<String, Value>,
+    calls: Vec<Call>,
+    /// `(method, path suffix, status)`: the next matching request fails with it.
+    failures: Vec<(Method, String, u16)>,
+}
+
+/// The in-memory API server behind a mocked client.
+#[derive(Clone, Default)]
+struct FakeApi(Arc<Mutex<ApiState>>);
+
+impl FakeApi {
+    fn state(&self) -> std::sync::MutexGuard<'_, ApiState> {
+        self.0.lock().unwrap()
+    }
+
+    fn take_calls(&self) -> Vec<Call> {
+        std::mem::take(&mut self.state().calls)
+    }
+
+    fn fail_next(&self, method: Method, path_suffix: &str, status: u16) {
+        self.state()
+            .failures
+            .push((method, path_suffix.to_string(), status));
+    }
+
+    fn put(&self, path: &str, object: Value) {
+        self.state().objects.insert(path.to_string(), object);
+    }
+
+    fn get(&self, path: &str) -> Option<Value> {
+        self.state().objects.get(path).cloned()
+    }
+
+    fn client(&self) -> Client {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let api = self.clone();
+        tokio::spawn(async move {
+            while let Some((request, send)) = handle.next_request().await {
+                let method = request.method().clone();
+                let uri = request.uri().to_string();
+                let bytes = request.into_body().collect_bytes().await.unwrap();
+                let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                let (status, answer) = api.answer(Call { method, uri, body });
+                send.send_response(
+                    Response::builder()
+                        .status(status)
+                        .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                        .unwrap(),
+                );
+            }
+        });
+        Client::new(service, "default")
+    }
+
+    fn answer(&self, call: Call) -> (u16, Value) {
+        let mut state = self.state();
+        state.calls.push(call.clone());
+        let path = call.path().to_string();
+        let failure = state
+            .failures
+            .iter()
+            .position(|(m, suffix, _)| *m == call.method && path.ends_with(suffix.as_str()));
+        if let Some(index) = failure {
+            let (_, _, code) = state.failures.remove(index);
+            return (code, status_body(code, "injected failure"));
+        }
+        let not_found = (404, status_body(404, "not found"));
+        match call.method {
+            Method::PATCH if path.ends_with("/status") => {
+                let object_path = path.trim_end_matches("/status");
+                let Some(object) = state.objects.get_mut(object_path) else {
+                    return not_found;
+                };
+                object["status"] = call.body["status"].clone();
+                (200, object.clone())
+            }
+            Method::PATCH => {
+                let mut object = call.body.clone();
+                // The API server keeps what nobody applied, e.g. a Deployment's status.
+                if let Some(old) = state.objects.get(&path) {
+                    if let Some(status) = old.get("status") {
+                        object["status"] = status.clone();
+                    }
+                }
+                state.objects.insert(path, object.clone());
+                (200, object)
+            }
+            Method::GET => match state.objects.get(&path) {
+                Some(object) => (200, object.clone()),
+                None => not_found,
+            },
+            Method::DELETE => match state.objects.remove(&path) {
+                Some(_) => (200, status_body(200, "deleted")),
+                None => not_found,
+            },
+            // Events: what was posted.
+            Method::POST => (201, call.body),
+            _ => (405, status_body(405, "unexpected")),
+        }
+    }
+}
+
+fn status_body(code: u16, message: &str) -> Value {
+    let reason = StatusCode::from_u16(code)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("")
+        .replace(' ', "");
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+           "status": if code < 300 { "Success" } else { "Failure" },
+           "message": message, "reason": reason, "code": code})
+}
+
+const TOOL_PATH: &str = "/apis/toolwarden.dev/v1alpha1/namespaces/agents/agenttools/execute-code";
+const DEPLOYMENT_PATH: &str = "/apis/apps/v1/namespaces/agents/deployments/execute-code";
+
+/// A controller context on the fake API, with stores the test can change.
+struct Harness {
+    api: FakeApi,
+    ctx: Arc<Context>,
+    namespaces: Writer<Namespace>,
+    policies: Writer<ToolPolicy>,
+    owned: OwnedWriters,
+}
+
+/// What the controller's watches of optional children would have seen.
+struct OwnedWriters {
+    service_accounts: Writer<ServiceAccount>,
+    roles: Writer<Role>,
+    role_bindings: Writer<RoleBinding>,
+    pdbs: Writer<PodDisruptionBudget>,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let api = FakeApi::default();
+        let client = api.client();
+        let (namespace_store, mut namespaces) = reflector::store();
+        let (policy_store, policies) = reflector::store();
+        namespaces.apply_watcher_event(&watcher::Event::Apply(namespace(&[("team", "a")])));
+        let (service_accounts, sa_writer) = reflector::store();
+        let (roles, role_writer) = reflector::store();
+        let (role_bindings, binding_writer) = reflector::store();
+        let (pdbs, pdb_writer) = reflector::store();
+        let owned = OwnedStores {
+            service_accounts,
+            roles,
+            role_bindings,
+            pdbs,
+        };
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "toolwarden-controller".into(),
+                instance: None,
+            },
+        );
+        let ctx = Arc::new(Context::new(
+            client,
+            Settings {
+                runner_image: "ghcr.io/toolwarden/toolwarden:test".into(),
+            },
+            Stores {
+                namespaces: namespace_store,
+                policies: policy_store,
+            },
+            owned,
+            Arc::new(Metrics::default()),
+            recorder,
+        ));
+        Harness {
+            api,
+            ctx,
+            namespaces,
+            policies,
+            owned: OwnedWriters {
+                service_accounts: sa_writer,
+                roles: role_writer,
+                role_bindings: binding_writer,
+                pdbs: pdb_writer,
+            },
+        }
+    }
+
+    /// Feeds every object the fake holds of kind K at `paths` to the matching watch.
+    fn watched<K: serde::de::DeserializeOwned>(&self, path: &str) -> watcher::Event<K> {
+        let object = self.api.get(path).unwrap_or_else(|| panic!("{path} was applied"));
+        watcher::Event::Apply(serde_json::from_value(object).unwrap())
+    }
+
+    /// The tool as the API server holds it (status included).
+    fn tool(&self) -> AgentTool {
+        serde_json::from_value(self.api.get(TOOL_PATH).expect("the tool exists")).unwrap()
+    }
+
+    fn create(&self, tool: &AgentTool) {
+        self.api.put(TOOL_PATH, serde_json::to_value(tool).unwrap());
+    }
+
+    async fn reconcile(&self) -> Result<Action, ReconcileError> {
+        reconcile(Arc::new(self.tool()), Arc::clone(&self.ctx)).await
+    }
+
+    fn status(&self) -> AgentToolStatus {
+        self.tool().status.unwrap_or_default()
+    }
+
+    fn deployment(&self) -> Value {
+        self.api.get(DEPLOYMENT_PATH).expect("a Deployment")
+    }
+
+    fn set_policy(&mut self, policy: ToolPolicy) {
+        self.policies
+            .apply_watcher_event(&watcher::Event::Apply(policy));
+    }
+}
+
+fn namespace(labels: &[(&str, &str)]) -> Namespace {
+    let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
+    serde_json::from_value(json!({"metadata": {"name": "agents", "labels": labels}})).unwrap()
+}
+
+fn example_tool() -> AgentTool {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/execute-code.yaml");
+    let mut tool: AgentTool =
+        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    tool.metadata.uid = Some("uid-1".into());
+    tool.metadata.generation = Some(1);
+    tool
+}
+
+/// Enforces a timeout below execute-code's 1000 ms, for tools in namespaces labelled `team`.
+fn strict_policy(mode: &str) -> ToolPolicy {
+    serde_yaml::from_str(&format!(
+        "apiVersion: toolwarden.dev/v1alpha1\nkind: ToolPolicy\nmetadata: {{name: strict}}\n\
+         spec:\n  mode: {mode}\n  namespaceSelector: {{matchLabels: {{team: a}}}}\n  \
+         rules: {{sandboxing: {{maxTimeoutMs: 500}}}}\n"
+    ))
+    .unwrap()
+}
+
+fn condition<'a>(status: &'a AgentToolStatus, type_: &str) -> (&'a str, &'a str, &'a str) {
+    let c = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .unwrap_or_else(|| panic!("no {type_} condition in {status:?}"));
+    (c.status.as_str(), c.reason.as_str(), c.message.as_str())
+}
+
+fn applied_kinds(calls: &[Call]) -> Vec<String> {
+    calls
+        .iter()
+        .filter(|c| c.method == Method::PATCH && !c.path().ends_with("/status"))
+        .map(|c| c.body["kind"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+fn events(calls: &[Call]) -> Vec<(String, String)> {
+    calls
+        .iter()
+        .filter(|c| c.method == Method::POST && c.path().ends_with("/events"))
+        .map(|c| {
+            (
+                c.body["type"].as_str().unwrap_or_default().to_string(),
+                c.body["reason"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn replicas(deployment: &Value) -> i64 {
+    deployment["spec"]["replicas"].as_i64().unwrap()
+}
+
+#[tokio::test]
+async fn a_new_tool_gets_every_child_by_server_side_apply_and_a_status() {
+    let h = Harness::new();
+    h.create(&example_tool());
+    let action = h.reconcile().await.expect("reconciled");
+    assert_eq!(action, Action::requeue(Duration::from_secs(600)));
+    let calls = h.api.take_calls();
+    assert_eq!(
+        applied_kinds(&calls),
+        ["ServiceAccount", "ConfigMap", "Deployment", "Service", "NetworkPolicy"]
+    );
+    for apply in calls.iter().filter(|c| c.method == Method::PATCH) {
+        assert!(
+            apply.uri.contains("fieldManager=toolwarden-controller") && apply.uri.contains("force=true"),
+            "{}",
+            apply.uri
+        );
+    }
+    // Nothing optional existed, so nothing was deleted.
+    assert!(calls.iter().all(|c| c.method != Method::DELETE), "{calls:?}");
+    let status = h.status();
+    assert_eq!(status.observed_generation, Some(1));
+    assert_eq!(condition(&status, "Ready").1, "RunnersNotReady");
+    assert_eq!(condition(&status, "PolicyCompliant").0, "True");
+    assert_eq!(condition(&status, "Degraded").0, "False");
+    assert_eq!(
+        status.endpoints["rest"],
+        "http://execute-code.agents.svc:8080/v1/tools/execute-code/invoke"
+    );
+    assert_eq!(status.isolation["rootfs"], "imageVolume");
+    assert!(events(&calls).contains(&("Normal".into(), "Created".into())), "{calls:?}");
+
+    // The runner pods become ready: the next reconcile reports it, once.
+    let mut deployment = h.deployment();
+    deployment["status"] = json!({"readyReplicas": 1, "replicas": 1});
+    h.api.put(DEPLOYMENT_PATH, deployment);
+    h.reconcile().await.unwrap();
+    assert_eq!(condition(&h.status(), "Ready"), ("True", "RunnersReady", "1 of 1 runner pods ready"));
+    h.api.take_calls();
+    h.reconcile().await.unwrap();
+    let calls = h.api.take_calls();
+    assert!(
+        !calls.iter().any(|c| c.path().ends_with("/status") || c.method == Method::POST),
+        "an unchanged status is not rewritten and raises no Event: {calls:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_updated_spec_rolls_the_pods_and_reports_the_new_generation() {
+    let h = Harness::new();
+    h.create(&example_tool());
+    h.reconcile().await.unwrap();
+    let hash = |d: &Value| d["spec"]["template"]["metadata"]["annotations"]["toolwarden.dev/config-hash"].clone();
+    let before = hash(&h.deployment());
+    let mut tool = h.tool();
+    tool.spec.sandbox.timeout_ms = 2000;
+    tool.metadata.generation = Some(2);
+    h.create(&tool);
+    h.api.take_calls();
+    h.reconcile().await.unwrap();
+    assert_ne!(hash(&h.deployment()), before, "a changed tool rolls the pods");
+    assert_eq!(h.status().observed_generation, Some(2));
+    assert!(events(&h.api.take_calls()).contains(&("Normal".into(), "Updated".into())));
+}
+
+#[tokio::test]
+async fn a_hand_edited_deployment_is_put_back() {
+    let h = Harness::new();
+    h.create(&example_tool());
+    h.reconcile().await.unwrap();
+    let desired = h.deployment();
+    // Someone widens the pod: a host capability, privilege, more replicas.
+    let mut edited = desired.clone();
+    let context = &mut edited["spec"]["template"]["spec"]["containers"][0]["securityContext"];
+    context["privileged"] = json!(true);
+    context["capabilities"]["add"] = json!(["SYS_ADMIN", "NET_ADMIN", "SYS_MODULE"]);
+    edited["spec"]["replicas"] = json!(5);
+    h.api.put(DEPLOYMENT_PATH, edited);
+    h.reconcile().await.unwrap();
+    assert_eq!(h.deployment()["spec"], desired["spec"]);
+}
+
+#[tokio::test]
+async fn an_enforcing_policy_scales_the_tool_to_zero_naming_the_rule_and_warn_brings_it_back() {
+    let mut h = Harness::new();
+    h.create(&example_tool());
+    h.reconcile().await.unwrap();
+    assert_eq!(replicas(&h.deployment()), 1);
+    h.api.take_calls();
+
+    h.set_policy(strict_policy("enforce"));
+    h.reconcile().await.unwrap();
+    assert_eq!(replicas(&h.deployment()), 0, "an enforced violation leaves no runner pod");
+    let status = h.status();
+    let (compliant, reason, message) = condition(&status, "PolicyCompliant");
+    assert_eq!((compliant, reason), ("False", "PolicyDenied"));
+    assert!(message.contains("TW-SANDBOX-") && message.contains("policy strict"), "{message}");
+    assert_eq!(condition(&status, "Ready").1, "PolicyDenied");
+    assert!(events(&h.api.take_calls()).contains(&("Warning".into(), "PolicyDenied".into())));
+
+    h.set_policy(strict_policy("warn"));
+    h.reconcile().await.unwrap();
+    assert_eq!(replicas(&h.deployment()), 1, "warn reconciles and reports");
+    let status = h.status();
+    assert_eq!(condition(&status, "PolicyCompliant").1, "PolicyWarnings");
+    assert_eq!(condition(&status, "Ready").1, "RunnersNotReady");
+}
+
+#[tokio::test]
+async fn a_namespace_relabel_changes_which_policies_apply() {
+    let mut h = Harness::new();
+    h.set_policy(strict_policy("enforce"));
+    h.create(&example_tool());
+    h.reconcile().await.unwrap();
+    assert_eq!(replicas(&h.deployment()), 0);
+    // The namespace leaves team a: the policy no longer selects the tool.
+    h.namespaces
+        .apply_watcher_event(&watcher::Event::Apply(namespace(&[("team", "b")])));
+    h.reconcile().await.unwrap();
+    assert_eq!(replicas(&h.deployment()), 1);
+    assert_eq!(condition(&h.status(), "PolicyCompliant").0, "True");
+}
+
+#[tokio::test]
+async fn a_transient_api_error_is_retried_with_growing_backoff() {
+    let h = Harness::new();
+    h.create(&example_tool());
+    h.api.fail_next(Method::PATCH, "/deployments/execute-code", 500);
+    let error = h.reconcile().await.expect_err("the apply failed");
+    assert_eq!(error.reason(), "ApplyFailed");
+    let tool = Arc::new(h.tool());
+    let first = error_policy(Arc::clone(&tool), &error, Arc::clone(&h.ctx));
+    let second = error_policy(Arc::clone(&tool), &error, Arc::clone(&h.ctx));
+    assert_eq!(first, Action::requeue(Duration::from_secs(1)));
+    assert_eq!(second, Action::requeue(Duration::from_secs(2)));
+    assert_eq!(backoff(30), Duration::from_secs(300));
+    assert!(
+        h.ctx.metrics.encode().contains("toolwarden_controller_reconcile_errors_total{reason=\"ApplyFailed\"} 1"),
+        "{}",
+        h.ctx.metrics.encode()
+    );
+    // The retry succeeds and resets the backoff.
+    h.reconcile().await.expect("the retry applies");
+    assert_eq!(replicas(&h.deployment()), 1);
+    assert_eq!(
+        error_policy(tool, &error, Arc::clone(&h.ctx)),
+        Action::requeue(Duration::from_secs(1))
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_spec_is_reported_once_and_waits_for_a_change() {
+    let h = Harness::new();
+    let mut tool = example_tool();
+    tool.spec.permissions.filesystem = vec![
+        serde_json::from_value(json!({"mountPath": "/host", "hostPath": "/etc"})).unwrap(),
+    ];
+    h.create(&tool);
+    let action = h.reconcile().await.expect("a refusal is not an error");
+    assert_eq!(action, Action::await_change(), "no hot loop");
+    let calls = h.api.take_calls();
+    assert!(applied_kinds(&calls).is_empty(), "nothing deployed: {calls:?}");
+    let status = h.status();
+    let (ready, reason, message) = condition(&status, "Ready");
+    assert_eq!((ready, reason), ("False", "HostPathUnsupported"));
+    assert!(message.contains("filesystem[0].hostPath"), "{message}");
+    assert_eq!(condition(&status, "Degraded").0, "True");
+    assert!(events(&calls).contains(&("Warning".into(), "HostPathUnsupported".into())));
+    // Reconciled again (a resync), it makes no request at all.
+    h.reconcile().await.unwrap();
+    assert!(h.api.take_calls().is_empty());
+}
+
+#[tokio::test]
+async fn a_missing_secret_is_reported_and_looked_up_again_later() {
+    let h = Harness::new();
+    let mut tool = example_tool();
+    tool.spec.secrets = vec![
+        serde_json::from_value(json!({"secretName": "keys", "key": "k", "file": "/run/k"})).unwrap(),
+    ];
+    h.create(&tool);
+    let action = h.reconcile().await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+    assert_eq!(condition(&h.status(), "Ready").1, "MissingReference");
+    h.api.put(
+        "/api/v1/namespaces/agents/secrets/keys",
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "keys", "namespace": "agents"}}),
+    );
+    h.reconcile().await.unwrap();
+    assert_eq!(condition(&h.status(), "Degraded").0, "False");
+    assert_eq!(replicas(&h.deployment()), 1);
+}
+
+#[tokio::test]
+async fn optional_children_a_tool_no_longer_needs_are_deleted() {
+    let h = Harness::new();
+    let mut tool = example_tool();
+    tool.spec.serving.replicas = 2;
+    tool.spec.permissions.kubernetes = vec![serde_json::from_value(
+        json!({"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}),
+    )
+    .unwrap()];
+    h.create(&tool);
+    h.reconcile().await.unwrap();
+    let calls = h.api.take_calls();
+    let kinds = applied_kinds(&calls);
+    for kind in ["Role", "RoleBinding", "PodDisruptionBudget"] {
+        assert!(kinds.iter().any(|k| k == kind), "{kind} in {kinds:?}");
+    }
+    // The watches see them, then the tool drops its permissions and extra replicas.
+    let ns = "/apis/rbac.authorization.k8s.io/v1/namespaces/agents";
+    let sa: watcher::Event<ServiceAccount> =
+        h.watched("/api/v1/namespaces/agents/serviceaccounts/execute-code-tool");
+    let role: watcher::Event<Role> = h.watched(&format!("{ns}/roles/execute-code-tool"));
+    let token_role: watcher::Event<Role> = h.watched(&format!("{ns}/roles/execute-code-token"));
+    let binding: watcher::Event<RoleBinding> =
+        h.watched(&format!("{ns}/rolebindings/execute-code-tool"));
+    let pdb: watcher::Event<PodDisruptionBudget> =
+        h.watched("/apis/policy/v1/namespaces/agents/poddisruptionbudgets/execute-code");
+    let mut h = h;
+    h.owned.service_accounts.apply_watcher_event(&sa);
+    h.owned.roles.apply_watcher_event(&role);
+    h.owned.roles.apply_watcher_event(&token_role);
+    h.owned.role_bindings.apply_watcher_event(&binding);
+    h.owned.pdbs.apply_watcher_event(&pdb);
+    let mut tool = h.tool();
+    tool.spec.serving.replicas = 1;
+    tool.spec.permissions.kubernetes.clear();
+    h.create(&tool);
+    h.reconcile().await.unwrap();
+    let deleted: Vec<String> = h
+        .api
+        .take_calls()
+        .iter()
+        .filter(|c| c.method == Method::DELETE)
+        .map(|c| c.path().rsplit_once("/namespaces/agents/").unwrap().1.to_string())
+        .collect();
+    assert_eq!(
+        deleted,
+        [
+            "serviceaccounts/execute-code-tool",
+            "rolebindings/execute-code-tool",
+            "roles/execute-code-tool",
+            "roles/execute-code-token",
+            "poddisruptionbudgets/execute-code",
+        ],
+        "the token binding the watch did not see is left alone; the rest are collected"
+    );
+}
