@@ -25,7 +25,12 @@ pub struct ControllerArgs {
     #[arg(long)]
     pub no_leader_election: bool,
     /// Namespace of the leader Lease (in a pod: its own namespace).
-    #[arg(long, env = "POD_NAMESPACE", value_name = "NS", default_value = "default")]
+    #[arg(
+        long,
+        env = "POD_NAMESPACE",
+        value_name = "NS",
+        default_value = "default"
+    )]
     pub lease_namespace: String,
     /// Name of the leader Lease; replicas sharing it elect one leader.
     #[arg(long, value_name = "NAME", default_value = "toolwarden-controller")]

@@ -16,6 +16,6 @@ pub mod metrics;
 pub mod reconcile;
 pub mod run;
 pub mod status;
-pub mod validate;
 #[cfg(test)]
 mod tests;
+pub mod validate;

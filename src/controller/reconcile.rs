@@ -154,7 +154,10 @@ async fn phases(tool: &AgentTool, ctx: &Context) -> Result<Reconciled, Reconcile
                 admitted: None,
             };
             report(tool, ctx, status::of_refused(tool, &refusal, now)).await?;
-            return Ok(Reconciled::Refused(e.reason(), Some(MISSING_REFERENCE_RETRY)));
+            return Ok(Reconciled::Refused(
+                e.reason(),
+                Some(MISSING_REFERENCE_RETRY),
+            ));
         }
         Err(e) => return Err(e.into()),
     };
@@ -183,8 +186,14 @@ async fn phases(tool: &AgentTool, ctx: &Context) -> Result<Reconciled, Reconcile
         }
     };
     let namespace = tool.namespace().unwrap_or_default();
-    let applied =
-        apply::apply(&ctx.client, &namespace, &tool.name_any(), &children, &ctx.owned).await?;
+    let applied = apply::apply(
+        &ctx.client,
+        &namespace,
+        &tool.name_any(),
+        &children,
+        &ctx.owned,
+    )
+    .await?;
     report(
         tool,
         ctx,
@@ -196,11 +205,7 @@ async fn phases(tool: &AgentTool, ctx: &Context) -> Result<Reconciled, Reconcile
 
 /// Writes the status when it changed, with an Event for each condition that changed
 /// reason and for a new generation rolled out.
-async fn report(
-    tool: &AgentTool,
-    ctx: &Context,
-    new: AgentToolStatus,
-) -> Result<(), StatusError> {
+async fn report(tool: &AgentTool, ctx: &Context, new: AgentToolStatus) -> Result<(), StatusError> {
     let old = tool.status.clone().unwrap_or_default();
     if old == new {
         return Ok(());
@@ -224,7 +229,10 @@ pub fn events(old: &AgentToolStatus, new: &AgentToolStatus) -> Vec<Event> {
     };
     let (before, after) = (reasons(old), reasons(new));
     let mut events = Vec::new();
-    let applied = new.conditions.iter().any(|c| c.type_ == DEGRADED && c.status == "False");
+    let applied = new
+        .conditions
+        .iter()
+        .any(|c| c.type_ == DEGRADED && c.status == "False");
     if applied && new.observed_generation != old.observed_generation {
         let reason = if old.observed_generation.is_none() {
             "Created"
@@ -243,7 +251,7 @@ pub fn events(old: &AgentToolStatus, new: &AgentToolStatus) -> Vec<Event> {
         });
     }
     for condition in &new.conditions {
-        if before.get(&condition.type_) == after.get(&condition.type_).filter(|_| true) {
+        if before.get(&condition.type_) == after.get(&condition.type_) {
             continue;
         }
         let healthy = if condition.type_ == DEGRADED {
@@ -268,5 +276,9 @@ pub fn events(old: &AgentToolStatus, new: &AgentToolStatus) -> Vec<Event> {
 }
 
 fn key(tool: &AgentTool) -> String {
-    format!("{}/{}", tool.namespace().unwrap_or_default(), tool.name_any())
+    format!(
+        "{}/{}",
+        tool.namespace().unwrap_or_default(),
+        tool.name_any()
+    )
 }

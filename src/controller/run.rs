@@ -142,7 +142,13 @@ pub async fn run(
         leadership = Some((is_leader, task));
     }
 
-    let controllers = run_controllers(client, &options, Arc::clone(&metrics), Arc::clone(&ready), stop_rx.clone());
+    let controllers = run_controllers(
+        client,
+        &options,
+        Arc::clone(&metrics),
+        Arc::clone(&ready),
+        stop_rx.clone(),
+    );
     let result = match &mut leadership {
         Some((is_leader, _)) => {
             tokio::select! {
@@ -200,8 +206,19 @@ async fn run_controllers(
             policies: policy_changes.subscribe(),
             relabelled: relabelled.subscribe(),
         };
-        let parts = (options.settings.clone(), stores.clone(), Arc::clone(&metrics), recorder);
-        run_scope(client.clone(), scope, parts, triggers, stopped(stop.clone()))
+        let parts = (
+            options.settings.clone(),
+            stores.clone(),
+            Arc::clone(&metrics),
+            recorder,
+        );
+        run_scope(
+            client.clone(),
+            scope,
+            parts,
+            triggers,
+            stopped(stop.clone()),
+        )
     });
     futures::future::join_all(all).await;
 }
@@ -234,9 +251,11 @@ async fn run_scope(
 ) {
     // Only the controller's own children are watched and cached.
     let children = watcher::Config::default().labels(&format!("{MANAGED_BY}={MANAGED_BY_VALUE}"));
-    let (service_accounts, sa_events) = owned_reflector::<ServiceAccount>(&client, &scope, &children);
+    let (service_accounts, sa_events) =
+        owned_reflector::<ServiceAccount>(&client, &scope, &children);
     let (roles, role_events) = owned_reflector::<Role>(&client, &scope, &children);
-    let (role_bindings, binding_events) = owned_reflector::<RoleBinding>(&client, &scope, &children);
+    let (role_bindings, binding_events) =
+        owned_reflector::<RoleBinding>(&client, &scope, &children);
     let (pdbs, pdb_events) = owned_reflector::<PodDisruptionBudget>(&client, &scope, &children);
     let owned = OwnedStores {
         service_accounts,
@@ -244,24 +263,30 @@ async fn run_scope(
         role_bindings,
         pdbs,
     };
-    let ctx = Arc::new(Context::new(client.clone(), settings, stores, owned, metrics, recorder));
-    let controller = Controller::new(scoped::<AgentTool>(&client, &scope), watcher::Config::default());
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        settings,
+        stores,
+        owned,
+        metrics,
+        recorder,
+    ));
+    let controller = Controller::new(
+        scoped::<AgentTool>(&client, &scope),
+        watcher::Config::default(),
+    );
     let tools = controller.store();
     let policy_changes = futures::stream::unfold(triggers.policies, |mut rx| async move {
-        loop {
-            match rx.recv().await {
-                Ok(()) | Err(broadcast::error::RecvError::Lagged(_)) => return Some(((), rx)),
-                Err(broadcast::error::RecvError::Closed) => return None,
-            }
+        match rx.recv().await {
+            Ok(()) | Err(broadcast::error::RecvError::Lagged(_)) => Some(((), rx)),
+            Err(broadcast::error::RecvError::Closed) => None,
         }
     });
     let relabelled = futures::stream::unfold(triggers.relabelled, |mut rx| async move {
-        loop {
-            match rx.recv().await {
-                Ok(namespace) => return Some((namespace, rx)),
-                Err(broadcast::error::RecvError::Lagged(_)) => return Some((None, rx)),
-                Err(broadcast::error::RecvError::Closed) => return None,
-            }
+        match rx.recv().await {
+            Ok(namespace) => Some((namespace, rx)),
+            Err(broadcast::error::RecvError::Lagged(_)) => Some((None, rx)),
+            Err(broadcast::error::RecvError::Closed) => None,
         }
     })
     .flat_map(move |namespace| {
@@ -328,8 +353,11 @@ fn watch_policies(
     let (store, writer) = reflector::store();
     let (changed, _) = broadcast::channel(64);
     let sender = changed.clone();
-    let events = reflector(writer, watcher(Api::<ToolPolicy>::all(client), watcher::Config::default()))
-        .default_backoff();
+    let events = reflector(
+        writer,
+        watcher(Api::<ToolPolicy>::all(client), watcher::Config::default()),
+    )
+    .default_backoff();
     tokio::spawn(async move {
         let drive = events.try_for_each(|event| {
             if matches!(event, watcher::Event::Apply(_) | watcher::Event::Delete(_)) {
@@ -355,8 +383,11 @@ fn watch_namespaces(
     let (store, writer) = reflector::store();
     let (relabelled, _) = broadcast::channel(256);
     let sender = relabelled.clone();
-    let events = reflector(writer, watcher(Api::<Namespace>::all(client), watcher::Config::default()))
-        .default_backoff();
+    let events = reflector(
+        writer,
+        watcher(Api::<Namespace>::all(client), watcher::Config::default()),
+    )
+    .default_backoff();
     tokio::spawn(async move {
         let mut known: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
         let drive = events.try_for_each(|event| {
@@ -422,7 +453,10 @@ async fn serve_health(
                 let text = metrics.encode();
                 async move {
                     (
-                        [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                        [(
+                            "content-type",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
                         text,
                     )
                 }

@@ -77,7 +77,14 @@ pub fn of_applied(
     let conditions = vec![
         condition(tool, READY, ready.0, ready.1, &ready.2, &now),
         compliance(tool, admitted, &now),
-        condition(tool, DEGRADED, "False", "AsExpected", "every child applied", &now),
+        condition(
+            tool,
+            DEGRADED,
+            "False",
+            "AsExpected",
+            "every child applied",
+            &now,
+        ),
     ];
     AgentToolStatus {
         observed_generation: tool.metadata.generation,
@@ -107,7 +114,14 @@ pub fn of_refused(tool: &AgentTool, refusal: &Refusal<'_>, now: Time) -> AgentTo
         conditions: vec![
             condition(tool, READY, "False", refusal.reason, &refusal.message, &now),
             compliant,
-            condition(tool, DEGRADED, "True", refusal.reason, &refusal.message, &now),
+            condition(
+                tool,
+                DEGRADED,
+                "True",
+                refusal.reason,
+                &refusal.message,
+                &now,
+            ),
         ],
         endpoints: BTreeMap::new(),
         isolation: BTreeMap::new(),
@@ -211,7 +225,8 @@ pub async fn write(
     tool: &AgentTool,
     status: &AgentToolStatus,
 ) -> Result<(), StatusError> {
-    let api: Api<AgentTool> = Api::namespaced(client.clone(), &tool.namespace().unwrap_or_default());
+    let api: Api<AgentTool> =
+        Api::namespaced(client.clone(), &tool.namespace().unwrap_or_default());
     let patch = json!({
         "apiVersion": crate::api::API_VERSION,
         "kind": "AgentTool",

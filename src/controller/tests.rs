@@ -11,12 +11,12 @@ use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::Client;
 use kube::client::Body;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher;
-use kube::Client;
 use serde_json::{Value, json};
 use tower_test::mock;
 
@@ -124,10 +124,8 @@ impl FakeApi {
             Method::PATCH => {
                 let mut object = call.body.clone();
                 // The API server keeps what nobody applied, e.g. a Deployment's status.
-                if let Some(old) = state.objects.get(&path) {
-                    if let Some(status) = old.get("status") {
-                        object["status"] = status.clone();
-                    }
+                if let Some(status) = state.objects.get(&path).and_then(|old| old.get("status")) {
+                    object["status"] = status.clone();
                 }
                 state.objects.insert(path, object.clone());
                 (200, object)
@@ -231,7 +229,10 @@ impl Harness {
 
     /// Feeds every object the fake holds of kind K at `paths` to the matching watch.
     fn watched<K: serde::de::DeserializeOwned>(&self, path: &str) -> watcher::Event<K> {
-        let object = self.api.get(path).unwrap_or_else(|| panic!("{path} was applied"));
+        let object = self
+            .api
+            .get(path)
+            .unwrap_or_else(|| panic!("{path} was applied"));
         watcher::Event::Apply(serde_json::from_value(object).unwrap())
     }
 
@@ -329,17 +330,27 @@ async fn a_new_tool_gets_every_child_by_server_side_apply_and_a_status() {
     let calls = h.api.take_calls();
     assert_eq!(
         applied_kinds(&calls),
-        ["ServiceAccount", "ConfigMap", "Deployment", "Service", "NetworkPolicy"]
+        [
+            "ServiceAccount",
+            "ConfigMap",
+            "Deployment",
+            "Service",
+            "NetworkPolicy"
+        ]
     );
     for apply in calls.iter().filter(|c| c.method == Method::PATCH) {
         assert!(
-            apply.uri.contains("fieldManager=toolwarden-controller") && apply.uri.contains("force=true"),
+            apply.uri.contains("fieldManager=toolwarden-controller")
+                && apply.uri.contains("force=true"),
             "{}",
             apply.uri
         );
     }
     // Nothing optional existed, so nothing was deleted.
-    assert!(calls.iter().all(|c| c.method != Method::DELETE), "{calls:?}");
+    assert!(
+        calls.iter().all(|c| c.method != Method::DELETE),
+        "{calls:?}"
+    );
     let status = h.status();
     assert_eq!(status.observed_generation, Some(1));
     assert_eq!(condition(&status, "Ready").1, "RunnersNotReady");
@@ -350,19 +361,27 @@ async fn a_new_tool_gets_every_child_by_server_side_apply_and_a_status() {
         "http://execute-code.agents.svc:8080/v1/tools/execute-code/invoke"
     );
     assert_eq!(status.isolation["rootfs"], "imageVolume");
-    assert!(events(&calls).contains(&("Normal".into(), "Created".into())), "{calls:?}");
+    assert!(
+        events(&calls).contains(&("Normal".into(), "Created".into())),
+        "{calls:?}"
+    );
 
     // The runner pods become ready: the next reconcile reports it, once.
     let mut deployment = h.deployment();
     deployment["status"] = json!({"readyReplicas": 1, "replicas": 1});
     h.api.put(DEPLOYMENT_PATH, deployment);
     h.reconcile().await.unwrap();
-    assert_eq!(condition(&h.status(), "Ready"), ("True", "RunnersReady", "1 of 1 runner pods ready"));
+    assert_eq!(
+        condition(&h.status(), "Ready"),
+        ("True", "RunnersReady", "1 of 1 runner pods ready")
+    );
     h.api.take_calls();
     h.reconcile().await.unwrap();
     let calls = h.api.take_calls();
     assert!(
-        !calls.iter().any(|c| c.path().ends_with("/status") || c.method == Method::POST),
+        !calls
+            .iter()
+            .any(|c| c.path().ends_with("/status") || c.method == Method::POST),
         "an unchanged status is not rewritten and raises no Event: {calls:?}"
     );
 }
@@ -372,7 +391,9 @@ async fn an_updated_spec_rolls_the_pods_and_reports_the_new_generation() {
     let h = Harness::new();
     h.create(&example_tool());
     h.reconcile().await.unwrap();
-    let hash = |d: &Value| d["spec"]["template"]["metadata"]["annotations"]["toolwarden.dev/config-hash"].clone();
+    let hash = |d: &Value| {
+        d["spec"]["template"]["metadata"]["annotations"]["toolwarden.dev/config-hash"].clone()
+    };
     let before = hash(&h.deployment());
     let mut tool = h.tool();
     tool.spec.sandbox.timeout_ms = 2000;
@@ -380,7 +401,11 @@ async fn an_updated_spec_rolls_the_pods_and_reports_the_new_generation() {
     h.create(&tool);
     h.api.take_calls();
     h.reconcile().await.unwrap();
-    assert_ne!(hash(&h.deployment()), before, "a changed tool rolls the pods");
+    assert_ne!(
+        hash(&h.deployment()),
+        before,
+        "a changed tool rolls the pods"
+    );
     assert_eq!(h.status().observed_generation, Some(2));
     assert!(events(&h.api.take_calls()).contains(&("Normal".into(), "Updated".into())));
 }
@@ -412,11 +437,18 @@ async fn an_enforcing_policy_scales_the_tool_to_zero_naming_the_rule_and_warn_br
 
     h.set_policy(strict_policy("enforce"));
     h.reconcile().await.unwrap();
-    assert_eq!(replicas(&h.deployment()), 0, "an enforced violation leaves no runner pod");
+    assert_eq!(
+        replicas(&h.deployment()),
+        0,
+        "an enforced violation leaves no runner pod"
+    );
     let status = h.status();
     let (compliant, reason, message) = condition(&status, "PolicyCompliant");
     assert_eq!((compliant, reason), ("False", "PolicyDenied"));
-    assert!(message.contains("TW-SANDBOX-") && message.contains("policy strict"), "{message}");
+    assert!(
+        message.contains("TW-SANDBOX-") && message.contains("policy strict"),
+        "{message}"
+    );
     assert_eq!(condition(&status, "Ready").1, "PolicyDenied");
     assert!(events(&h.api.take_calls()).contains(&("Warning".into(), "PolicyDenied".into())));
 
@@ -447,7 +479,8 @@ async fn a_namespace_relabel_changes_which_policies_apply() {
 async fn a_transient_api_error_is_retried_with_growing_backoff() {
     let h = Harness::new();
     h.create(&example_tool());
-    h.api.fail_next(Method::PATCH, "/deployments/execute-code", 500);
+    h.api
+        .fail_next(Method::PATCH, "/deployments/execute-code", 500);
     let error = h.reconcile().await.expect_err("the apply failed");
     assert_eq!(error.reason(), "ApplyFailed");
     let tool = Arc::new(h.tool());
@@ -457,7 +490,10 @@ async fn a_transient_api_error_is_retried_with_growing_backoff() {
     assert_eq!(second, Action::requeue(Duration::from_secs(2)));
     assert_eq!(backoff(30), Duration::from_secs(300));
     assert!(
-        h.ctx.metrics.encode().contains("toolwarden_controller_reconcile_errors_total{reason=\"ApplyFailed\"} 1"),
+        h.ctx
+            .metrics
+            .encode()
+            .contains("toolwarden_controller_reconcile_errors_total{reason=\"ApplyFailed\"} 1"),
         "{}",
         h.ctx.metrics.encode()
     );
@@ -474,14 +510,16 @@ async fn a_transient_api_error_is_retried_with_growing_backoff() {
 async fn an_invalid_spec_is_reported_once_and_waits_for_a_change() {
     let h = Harness::new();
     let mut tool = example_tool();
-    tool.spec.permissions.filesystem = vec![
-        serde_json::from_value(json!({"mountPath": "/host", "hostPath": "/etc"})).unwrap(),
-    ];
+    tool.spec.permissions.filesystem =
+        vec![serde_json::from_value(json!({"mountPath": "/host", "hostPath": "/etc"})).unwrap()];
     h.create(&tool);
     let action = h.reconcile().await.expect("a refusal is not an error");
     assert_eq!(action, Action::await_change(), "no hot loop");
     let calls = h.api.take_calls();
-    assert!(applied_kinds(&calls).is_empty(), "nothing deployed: {calls:?}");
+    assert!(
+        applied_kinds(&calls).is_empty(),
+        "nothing deployed: {calls:?}"
+    );
     let status = h.status();
     let (ready, reason, message) = condition(&status, "Ready");
     assert_eq!((ready, reason), ("False", "HostPathUnsupported"));
@@ -498,7 +536,8 @@ async fn a_missing_secret_is_reported_and_looked_up_again_later() {
     let h = Harness::new();
     let mut tool = example_tool();
     tool.spec.secrets = vec![
-        serde_json::from_value(json!({"secretName": "keys", "key": "k", "file": "/run/k"})).unwrap(),
+        serde_json::from_value(json!({"secretName": "keys", "key": "k", "file": "/run/k"}))
+            .unwrap(),
     ];
     h.create(&tool);
     let action = h.reconcile().await.unwrap();
@@ -518,10 +557,12 @@ async fn optional_children_a_tool_no_longer_needs_are_deleted() {
     let h = Harness::new();
     let mut tool = example_tool();
     tool.spec.serving.replicas = 2;
-    tool.spec.permissions.kubernetes = vec![serde_json::from_value(
-        json!({"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}),
-    )
-    .unwrap()];
+    tool.spec.permissions.kubernetes = vec![
+        serde_json::from_value(
+            json!({"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}),
+        )
+        .unwrap(),
+    ];
     h.create(&tool);
     h.reconcile().await.unwrap();
     let calls = h.api.take_calls();
@@ -555,7 +596,13 @@ async fn optional_children_a_tool_no_longer_needs_are_deleted() {
         .take_calls()
         .iter()
         .filter(|c| c.method == Method::DELETE)
-        .map(|c| c.path().rsplit_once("/namespaces/agents/").unwrap().1.to_string())
+        .map(|c| {
+            c.path()
+                .rsplit_once("/namespaces/agents/")
+                .unwrap()
+                .1
+                .to_string()
+        })
         .collect();
     assert_eq!(
         deleted,

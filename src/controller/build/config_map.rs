@@ -29,16 +29,18 @@ pub fn build(admitted: &Admitted, names: &ChildNames) -> Result<ConfigMap, Build
         spec: tool.spec.clone(),
         status: None,
     };
-    let verdict = serde_json::to_string_pretty(&admitted.verdict).map_err(|source| {
-        BuildError::Encode {
+    let verdict =
+        serde_json::to_string_pretty(&admitted.verdict).map_err(|source| BuildError::Encode {
             kind: "ConfigMap",
             source,
-        }
-    })?;
+        })?;
     Ok(ConfigMap {
         metadata: child_meta(tool, &names.runner)?,
         data: Some(BTreeMap::from([
-            (format!("{}.yaml", tool.name_any()), serde_yaml::to_string(&served)?),
+            (
+                format!("{}.yaml", tool.name_any()),
+                serde_yaml::to_string(&served)?,
+            ),
             (VERDICT_KEY.to_string(), verdict + "\n"),
         ])),
         ..ConfigMap::default()

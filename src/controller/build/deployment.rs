@@ -161,7 +161,9 @@ fn volumes(tool: &AgentTool, names: &ChildNames) -> (Vec<Value>, Vec<Value>) {
         let name = format!("secret-{index}");
         volumes.push(json!({"name": name, "secret": {
             "secretName": secret, "defaultMode": SECRET_FILE_MODE, "items": items}}));
-        mounts.push(json!({"name": name, "mountPath": format!("{SECRETS_DIR}/{secret}"), "readOnly": true}));
+        mounts.push(
+            json!({"name": name, "mountPath": format!("{SECRETS_DIR}/{secret}"), "readOnly": true}),
+        );
     }
     // PVCs and ConfigMaps the sandbox mounts: `VOLUMES_DIR/pvc/<claim>`, `.../configmap/<name>`;
     // a claim is writable in the pod when any of the tool's mounts of it is.

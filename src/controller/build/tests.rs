@@ -82,7 +82,10 @@ fn rendered(children: &Children) -> Vec<(String, String)> {
             T::kind(&()),
             object.meta().name.as_deref().unwrap_or_default()
         );
-        (name, serde_yaml::to_string(object).expect("children serialize"))
+        (
+            name,
+            serde_yaml::to_string(object).expect("children serialize"),
+        )
     }
     let mut files = vec![
         yaml(&children.runner_service_account),
@@ -167,15 +170,27 @@ fn pod_violations(pod: &PodSpec, tool: &AgentTool) -> Vec<String> {
         found.push("automountServiceAccountToken is not false".into());
     }
     // The runner's identity, never the tool's (whose tokens are minted per call).
-    if pod.service_account_name.as_deref() != Some(ChildNames::of(&tool.name_any()).runner.as_str()) {
-        found.push(format!("serviceAccountName {:?} is not the runner's", pod.service_account_name));
+    if pod.service_account_name.as_deref() != Some(ChildNames::of(&tool.name_any()).runner.as_str())
+    {
+        found.push(format!(
+            "serviceAccountName {:?} is not the runner's",
+            pod.service_account_name
+        ));
     }
-    let declared: BTreeSet<&str> = tool.spec.secrets.iter().map(|s| s.secret_name.as_str()).collect();
+    let declared: BTreeSet<&str> = tool
+        .spec
+        .secrets
+        .iter()
+        .map(|s| s.secret_name.as_str())
+        .collect();
     for volume in pod.volumes.iter().flatten() {
         found.extend(volume_violations(volume, &declared));
     }
     let documented: BTreeSet<&str> = RUNNER_POD_CAPABILITIES.iter().copied().collect();
-    let containers = pod.containers.iter().chain(pod.init_containers.iter().flatten());
+    let containers = pod
+        .containers
+        .iter()
+        .chain(pod.init_containers.iter().flatten());
     for container in containers {
         let name = &container.name;
         let context = container.security_context.clone().unwrap_or_default();
@@ -191,18 +206,29 @@ fn pod_violations(pod: &PodSpec, tool: &AgentTool) -> Vec<String> {
         }
         for added in capabilities.add.iter().flatten() {
             if !documented.contains(added.as_str()) {
-                found.push(format!("{name}: capability {added} outside the documented set"));
+                found.push(format!(
+                    "{name}: capability {added} outside the documented set"
+                ));
             }
         }
         if context != runner_security_context() {
             found.push(format!("{name}: securityContext differs from the runner's"));
         }
         for env in container.env.iter().flatten() {
-            if env.value_from.as_ref().is_some_and(|v| v.secret_key_ref.is_some()) {
+            if env
+                .value_from
+                .as_ref()
+                .is_some_and(|v| v.secret_key_ref.is_some())
+            {
                 found.push(format!("{name}: secret in env var {}", env.name));
             }
         }
-        if container.env_from.iter().flatten().any(|s| s.secret_ref.is_some()) {
+        if container
+            .env_from
+            .iter()
+            .flatten()
+            .any(|s| s.secret_ref.is_some())
+        {
             found.push(format!("{name}: secret as envFrom"));
         }
     }
@@ -221,10 +247,17 @@ fn volume_violations(volume: &Volume, declared_secrets: &BTreeSet<&str>) -> Vec<
         }
         // Any other Secret, e.g. a legacy service-account token Secret, is not the tool's.
         if !declared_secrets.contains(secret.secret_name.as_deref().unwrap_or_default()) {
-            found.push(format!("volume {name}: Secret {:?} the tool did not declare", secret.secret_name));
+            found.push(format!(
+                "volume {name}: Secret {:?} the tool did not declare",
+                secret.secret_name
+            ));
         }
     }
-    for source in volume.projected.iter().flat_map(|p| p.sources.iter().flatten()) {
+    for source in volume
+        .projected
+        .iter()
+        .flat_map(|p| p.sources.iter().flatten())
+    {
         if let Some(token) = &source.service_account_token {
             // Only the runner's own API credentials (default audience), expiring within an hour.
             if name != "api-credentials" || token.audience.is_some() {
@@ -246,19 +279,25 @@ fn volume_violations(volume: &Volume, declared_secrets: &BTreeSet<&str>) -> Vec<
 fn identity_violations(children: &Children, tool: &AgentTool) -> Vec<String> {
     let mut found = Vec::new();
     let declared = &tool.spec.permissions.kubernetes;
-    if children.runner_service_account.automount_service_account_token != Some(false) {
+    if children
+        .runner_service_account
+        .automount_service_account_token
+        != Some(false)
+    {
         found.push("runner ServiceAccount automounts its token".to_string());
     }
     match &children.tool_identity {
         None if !declared.is_empty() => found.push("declared permissions but no identity".into()),
-        Some(_) if declared.is_empty() => found.push("an identity without declared permissions".into()),
+        Some(_) if declared.is_empty() => {
+            found.push("an identity without declared permissions".into())
+        }
         None => {}
         Some(identity) => {
             if identity.service_account.automount_service_account_token != Some(false) {
                 found.push("tool ServiceAccount automounts its token".into());
             }
             let rules = identity.role.rules.clone().unwrap_or_default();
-            let granted: Vec<(Vec<String>, Vec<String>, Vec<String>, Vec<String>)> = rules
+            let granted: Vec<RuleParts> = rules
                 .into_iter()
                 .map(|r| {
                     (
@@ -271,7 +310,14 @@ fn identity_violations(children: &Children, tool: &AgentTool) -> Vec<String> {
                 .collect();
             let wanted: Vec<_> = declared
                 .iter()
-                .map(|r| (r.api_groups.clone(), r.resources.clone(), r.verbs.clone(), r.resource_names.clone()))
+                .map(|r| {
+                    (
+                        r.api_groups.clone(),
+                        r.resources.clone(),
+                        r.verbs.clone(),
+                        r.resource_names.clone(),
+                    )
+                })
                 .collect();
             if granted != wanted {
                 found.push(format!("tool Role grants {granted:?}, declared {wanted:?}"));
@@ -279,16 +325,22 @@ fn identity_violations(children: &Children, tool: &AgentTool) -> Vec<String> {
             let token_rules = identity.token_role.rules.clone().unwrap_or_default();
             let mint_only = token_rules.len() == 1
                 && token_rules[0].verbs == ["create"]
-                && token_rules[0].resources.as_deref() == Some(&["serviceaccounts/token".to_string()][..])
+                && token_rules[0].resources.as_deref()
+                    == Some(&["serviceaccounts/token".to_string()][..])
                 && token_rules[0].resource_names.as_deref()
                     == Some(&[identity.service_account.name_any()][..]);
             if !mint_only {
-                found.push(format!("token Role grants more than minting: {token_rules:?}"));
+                found.push(format!(
+                    "token Role grants more than minting: {token_rules:?}"
+                ));
             }
         }
     }
     found
 }
+
+/// apiGroups, resources, verbs, resourceNames of one rule.
+type RuleParts = (Vec<String>, Vec<String>, Vec<String>, Vec<String>);
 
 fn pod_spec(deployment: &Deployment) -> &PodSpec {
     deployment
@@ -316,33 +368,59 @@ fn a_builder_that_weakens_the_runner_pod_is_caught() {
     type Attack = (&'static str, fn(&mut PodSpec));
     let attacks: [Attack; 12] = [
         ("hostPath", |p| {
-            p.volumes.get_or_insert_default().push(serde_json::from_value(serde_json::json!(
-                {"name": "host", "hostPath": {"path": "/"}})).unwrap())
+            p.volumes.get_or_insert_default().push(
+                serde_json::from_value(serde_json::json!(
+                {"name": "host", "hostPath": {"path": "/"}}))
+                .unwrap(),
+            )
         }),
         ("hostNetwork", |p| p.host_network = Some(true)),
         ("hostPID", |p| p.host_pid = Some(true)),
         ("hostUsers", |p| p.host_users = None),
         ("privileged", |p| {
-            p.containers[0].security_context.as_mut().unwrap().privileged = Some(true)
+            p.containers[0]
+                .security_context
+                .as_mut()
+                .unwrap()
+                .privileged = Some(true)
         }),
         ("host capability", |p| {
-            let caps = p.containers[0].security_context.as_mut().unwrap().capabilities.as_mut().unwrap();
+            let caps = p.containers[0]
+                .security_context
+                .as_mut()
+                .unwrap()
+                .capabilities
+                .as_mut()
+                .unwrap();
             caps.add.get_or_insert_default().push("NET_ADMIN".into())
         }),
         ("no drop ALL", |p| {
-            let caps = p.containers[0].security_context.as_mut().unwrap().capabilities.as_mut().unwrap();
+            let caps = p.containers[0]
+                .security_context
+                .as_mut()
+                .unwrap()
+                .capabilities
+                .as_mut()
+                .unwrap();
             caps.drop = None
         }),
         ("secret in env", |p| {
             p.containers[0].env.get_or_insert_default().push(serde_json::from_value(serde_json::json!(
                 {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "report-keys", "key": "token"}}})).unwrap())
         }),
-        ("automounted token", |p| p.automount_service_account_token = None),
-        ("the tool's identity on the pod", |p| p.service_account_name = Some("everything-tool".into())),
+        ("automounted token", |p| {
+            p.automount_service_account_token = None
+        }),
+        ("the tool's identity on the pod", |p| {
+            p.service_account_name = Some("everything-tool".into())
+        }),
         ("an extra token for another audience", |p| {
-            p.volumes.get_or_insert_default().push(serde_json::from_value(serde_json::json!(
+            p.volumes.get_or_insert_default().push(
+                serde_json::from_value(serde_json::json!(
                 {"name": "tool-token", "projected": {"sources": [{"serviceAccountToken":
-                    {"path": "token", "audience": "vault", "expirationSeconds": 600}}]}})).unwrap())
+                    {"path": "token", "audience": "vault", "expirationSeconds": 600}}]}}))
+                .unwrap(),
+            )
         }),
         ("a legacy token Secret", |p| {
             p.volumes.get_or_insert_default().push(serde_json::from_value(serde_json::json!(
@@ -364,7 +442,9 @@ fn a_builder_that_weakens_the_runner_pod_is_caught() {
     }
     let mut granting_more = children.clone();
     if let Some(identity) = &mut granting_more.tool_identity {
-        identity.role.rules.get_or_insert_default()[0].verbs.push("delete".into());
+        identity.role.rules.get_or_insert_default()[0]
+            .verbs
+            .push("delete".into());
     }
     assert!(!identity_violations(&granting_more, &admitted.tool).is_empty());
     let mut no_identity = children;
@@ -385,17 +465,43 @@ fn the_runner_pod_gets_its_cpu_probes_image_volume_and_runtime_class() {
     let children = children(&admitted, &settings()).unwrap();
     let pod = pod_spec(&children.deployment);
     let runner = &pod.containers[0];
-    let cpu = &runner.resources.as_ref().unwrap().requests.as_ref().unwrap()["cpu"];
+    let cpu = &runner
+        .resources
+        .as_ref()
+        .unwrap()
+        .requests
+        .as_ref()
+        .unwrap()["cpu"];
     assert!(crate::api::parse_quantity(cpu).unwrap() >= 0.5, "{cpu:?}");
     let probe_path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
-        p.as_ref().and_then(|p| p.http_get.as_ref()).and_then(|h| h.path.clone())
+        p.as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .and_then(|h| h.path.clone())
     };
-    assert_eq!(probe_path(&runner.readiness_probe).as_deref(), Some("/readyz"));
-    assert_eq!(probe_path(&runner.liveness_probe).as_deref(), Some("/healthz"));
+    assert_eq!(
+        probe_path(&runner.readiness_probe).as_deref(),
+        Some("/readyz")
+    );
+    assert_eq!(
+        probe_path(&runner.liveness_probe).as_deref(),
+        Some("/healthz")
+    );
     assert_eq!(pod.runtime_class_name.as_deref(), Some("gvisor"));
-    let image = pod.volumes.iter().flatten().find_map(|v| v.image.as_ref()).unwrap();
-    assert_eq!(image.reference.as_deref(), Some(admitted.tool.spec.runtime.image.as_str()));
-    assert!(pod.topology_spread_constraints.as_ref().is_some_and(|t| !t.is_empty()));
+    let image = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find_map(|v| v.image.as_ref())
+        .unwrap();
+    assert_eq!(
+        image.reference.as_deref(),
+        Some(admitted.tool.spec.runtime.image.as_str())
+    );
+    assert!(
+        pod.topology_spread_constraints
+            .as_ref()
+            .is_some_and(|t| !t.is_empty())
+    );
     // Audit records go to stdout (the default): never a file in the pod.
     assert!(!runner.args.iter().flatten().any(|a| a == "--audit-log"));
     // Only the declared keys of each Secret, as 0400 files.
@@ -404,11 +510,20 @@ fn the_runner_pod_gets_its_cpu_probes_image_volume_and_runtime_class() {
         .iter()
         .flatten()
         .filter_map(|v| v.secret.as_ref())
-        .flat_map(|s| s.items.iter().flatten().map(|i| format!("{}/{}", s.secret_name.as_deref().unwrap(), i.key)))
+        .flat_map(|s| {
+            s.items
+                .iter()
+                .flatten()
+                .map(|i| format!("{}/{}", s.secret_name.as_deref().unwrap(), i.key))
+        })
         .collect();
     assert_eq!(
         secret_keys,
-        BTreeSet::from(["api-keys/example".into(), "report-keys/signing.pem".into(), "report-keys/token".into()])
+        BTreeSet::from([
+            "api-keys/example".into(),
+            "report-keys/signing.pem".into(),
+            "report-keys/token".into()
+        ])
     );
 }
 
@@ -422,18 +537,31 @@ fn replicas_follow_the_spec_and_a_denied_tool_gets_none() {
     let built = children(&admitted, &settings()).unwrap();
     assert_eq!(built.deployment.spec.as_ref().unwrap().replicas, Some(0));
     assert!(built.pdb.is_none());
-    let single = admitted_fixtures().into_iter().find(|a| a.tool.name_any() == "execute-code").unwrap();
+    let single = admitted_fixtures()
+        .into_iter()
+        .find(|a| a.tool.name_any() == "execute-code")
+        .unwrap();
     let built = children(&single, &settings()).unwrap();
     assert_eq!(built.deployment.spec.as_ref().unwrap().replicas, Some(1));
-    assert!(built.pdb.is_none(), "one pod: a budget would only block drains");
+    assert!(
+        built.pdb.is_none(),
+        "one pod: a budget would only block drains"
+    );
 }
 
 #[test]
 fn a_changed_spec_rolls_the_pods_and_an_unchanged_one_does_not() {
     let hash = |admitted: &Admitted| {
         let built = children(admitted, &settings()).unwrap();
-        built.deployment.spec.unwrap().template.metadata.unwrap().annotations.unwrap()
-            [crate::controller::labels::CONFIG_HASH]
+        built
+            .deployment
+            .spec
+            .unwrap()
+            .template
+            .metadata
+            .unwrap()
+            .annotations
+            .unwrap()[crate::controller::labels::CONFIG_HASH]
             .clone()
     };
     let mut admitted = everything();
@@ -445,15 +573,26 @@ fn a_changed_spec_rolls_the_pods_and_an_unchanged_one_does_not() {
 
 #[test]
 fn ingress_defaults_to_the_tools_namespace_and_egress_to_dns_and_declared_ports() {
-    let single = admitted_fixtures().into_iter().find(|a| a.tool.name_any() == "execute-code").unwrap();
-    let policy = children(&single, &settings()).unwrap().network_policy.spec.unwrap();
+    let single = admitted_fixtures()
+        .into_iter()
+        .find(|a| a.tool.name_any() == "execute-code")
+        .unwrap();
+    let policy = children(&single, &settings())
+        .unwrap()
+        .network_policy
+        .spec
+        .unwrap();
     let ingress = &policy.ingress.unwrap()[0];
     let from = ingress.from.as_ref().unwrap();
     assert_eq!(from.len(), 1);
     assert!(from[0].namespace_selector.is_none(), "same namespace only");
     let egress = policy.egress.unwrap();
     assert_eq!(egress.len(), 1, "no network declared: DNS only: {egress:?}");
-    let everything = children(&everything(), &settings()).unwrap().network_policy.spec.unwrap();
+    let everything = children(&everything(), &settings())
+        .unwrap()
+        .network_policy
+        .spec
+        .unwrap();
     let ports: BTreeSet<String> = everything.egress.unwrap()[1]
         .ports
         .iter()
