@@ -188,8 +188,14 @@ async fn run_controllers(
         policies,
     };
     // Namespaces are only checked once both stores hold the cluster's state.
-    let _ = stores.namespaces.wait_until_ready().await;
-    let _ = stores.policies.wait_until_ready().await;
+    let synced = async {
+        let _ = stores.namespaces.wait_until_ready().await;
+        let _ = stores.policies.wait_until_ready().await;
+    };
+    tokio::select! {
+        () = synced => {}
+        () = stopped(stop.clone()) => return,
+    }
     ready.store(true, Ordering::Release);
     let scopes: Vec<Option<String>> = if options.namespaces.is_empty() {
         vec![None]
