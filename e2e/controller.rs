@@ -65,9 +65,11 @@ impl RunningController {
         let runner_image = std::env::var("TOOLWARDEN_E2E_RUNNER_IMAGE")
             .unwrap_or_else(|_| "docker.io/toolwarden/toolwarden:0.1.0".into());
         let options = Options {
-            settings: Settings { runner_image },
+            settings: Settings {
+                runner_image,
+                api_server: Vec::new(),
+            },
             namespaces: vec![namespace.to_string()],
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             lease: None,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -75,7 +77,10 @@ impl RunningController {
             let shutdown = async {
                 let _ = stopped.await;
             };
-            if let Err(e) = run(client, options, shutdown).await {
+            let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+                .await
+                .expect("a loopback port");
+            if let Err(e) = run(client, options, listener, shutdown).await {
                 panic!("the controller stopped: {e}");
             }
         });

@@ -57,17 +57,22 @@ pub fn run(args: ControllerArgs) -> ExitCode {
         let options = Options {
             settings: Settings {
                 runner_image: args.runner_image.clone(),
+                // Discovered from the cluster.
+                api_server: Vec::new(),
             },
             namespaces: args.namespaces.clone(),
-            listen: args.listen,
             lease: (!args.no_leader_election).then(|| LeaseOptions {
                 namespace: args.lease_namespace.clone(),
                 name: args.lease_name.clone(),
                 identity,
             }),
         };
-        tracing::info!(namespaces = ?options.namespaces, listen = %options.listen, "controller starting");
-        match run::run(client, options, shutdown_signal()).await {
+        let listener = match tokio::net::TcpListener::bind(args.listen).await {
+            Ok(listener) => listener,
+            Err(e) => return fail(&format!("listening on {}: {e}", args.listen)),
+        };
+        tracing::info!(namespaces = ?options.namespaces, listen = %args.listen, "controller starting");
+        match run::run(client, options, listener, shutdown_signal()).await {
             Ok(()) => {
                 tracing::info!("controller stopped");
                 ExitCode::SUCCESS

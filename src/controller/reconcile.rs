@@ -15,7 +15,7 @@ use super::apply::{self, ApplyError, OwnedStores};
 use super::build::{self, BuildError, Settings};
 use super::dereference::{self, DereferenceError, Stores};
 use super::metrics::Metrics;
-use super::status::{self, DEGRADED, Refusal, StatusError};
+use super::status::{self, DEGRADED, READY, Refusal, StatusError};
 use super::validate::{self, ValidateError};
 use crate::api::{AgentTool, AgentToolStatus};
 use crate::policy::Engine;
@@ -254,16 +254,17 @@ pub fn events(old: &AgentToolStatus, new: &AgentToolStatus) -> Vec<Event> {
         if before.get(&condition.type_) == after.get(&condition.type_) {
             continue;
         }
-        let healthy = if condition.type_ == DEGRADED {
-            condition.status == "False"
-        } else {
-            condition.status == "True"
+        // Not ready yet while pods start is normal; a denial or a refusal is not.
+        let trouble = match condition.type_.as_str() {
+            DEGRADED => condition.status == "True",
+            READY => condition.status == "False" && condition.reason != "RunnersNotReady",
+            _ => condition.status == "False",
         };
         events.push(Event {
-            type_: if healthy {
-                EventType::Normal
-            } else {
+            type_: if trouble {
                 EventType::Warning
+            } else {
+                EventType::Normal
             },
             reason: condition.reason.clone(),
             // Events cap their note at 1 kB.

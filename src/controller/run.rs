@@ -3,19 +3,19 @@
 //! policy change re-evaluates every tool, a namespace relabel the tools in it), leader
 //! election on a coordination Lease, `/metrics` `/healthz` `/readyz`, graceful shutdown.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use kube::api::Api;
+use kube::api::{Api, ListParams};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
@@ -23,7 +23,7 @@ use kube::{Client, Resource, ResourceExt};
 use tokio::sync::{broadcast, watch};
 
 use super::apply::{FIELD_MANAGER, OwnedStores};
-use super::build::Settings;
+use super::build::{ApiServerEndpoint, Settings};
 use super::dereference::Stores;
 use super::labels::{MANAGED_BY, MANAGED_BY_VALUE};
 use super::metrics::Metrics;
@@ -36,8 +36,6 @@ pub struct Options {
     pub settings: Settings,
     /// Watch only these namespaces; empty: the whole cluster.
     pub namespaces: Vec<String>,
-    /// `/metrics`, `/healthz`, `/readyz`.
-    pub listen: SocketAddr,
     /// `None`: no leader election (one replica only).
     pub lease: Option<LeaseOptions>,
 }
@@ -55,14 +53,18 @@ const LEASE_SECONDS: u64 = 15;
 /// The holder renews this long before expiry; also the clock skew tolerated between nodes.
 const LEASE_GRACE_SECONDS: u64 = 5;
 
+/// How long reconciles in flight may take to finish after a shutdown signal (the kubelet
+/// waits 30 s by default before SIGKILL).
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("serving metrics and health on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(
+        "finding the API server's addresses (EndpointSlices of Service default/kubernetes): {0}"
+    )]
+    ApiServerDiscovery(#[source] kube::Error),
+    #[error("the Service default/kubernetes has no ready endpoint")]
+    NoApiServerEndpoint,
     #[error("leader election on Lease {name}: {source}")]
     Lease {
         name: String,
@@ -76,17 +78,21 @@ pub enum RunError {
 impl RunError {
     pub fn reason(&self) -> &'static str {
         match self {
-            RunError::Listen { .. } => "ListenFailed",
+            RunError::ApiServerDiscovery(_) => "ApiServerDiscoveryFailed",
+            RunError::NoApiServerEndpoint => "NoApiServerEndpoint",
             RunError::Lease { .. } => "LeaseFailed",
             RunError::LeadershipLost => "LeadershipLost",
         }
     }
 }
 
-/// Runs until `shutdown` resolves (then finishes reconciles in flight) or leadership is lost.
+/// Runs until `shutdown` resolves (then finishes reconciles in flight) or leadership is
+/// lost, serving `/metrics`, `/healthz` and `/readyz` on `listener`. Empty
+/// `options.settings.api_server` is filled from the cluster.
 pub async fn run(
     client: Client,
-    options: Options,
+    mut options: Options,
+    listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::default());
@@ -96,12 +102,6 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    let listener = tokio::net::TcpListener::bind(options.listen)
-        .await
-        .map_err(|source| RunError::Listen {
-            addr: options.listen,
-            source,
-        })?;
     tokio::spawn(serve_health(
         listener,
         Arc::clone(&metrics),
@@ -109,6 +109,9 @@ pub async fn run(
         stopped(stop_rx.clone()),
     ));
 
+    if options.settings.api_server.is_empty() {
+        options.settings.api_server = api_server_endpoints(&client).await?;
+    }
     let mut leadership = None;
     if let Some(lease) = &options.lease {
         let lease_error = |source| RunError::Lease {
@@ -170,6 +173,38 @@ pub async fn run(
     result
 }
 
+/// The API server's addresses: the ready endpoints of Service `default/kubernetes`.
+pub async fn api_server_endpoints(client: &Client) -> Result<Vec<ApiServerEndpoint>, RunError> {
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
+    let list = slices
+        .list(&ListParams::default().labels("kubernetes.io/service-name=kubernetes"))
+        .await
+        .map_err(RunError::ApiServerDiscovery)?;
+    let mut endpoints = BTreeSet::new();
+    for slice in &list.items {
+        let ports: Vec<u16> = slice
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| p.port.and_then(|p| u16::try_from(p).ok()))
+            .collect();
+        let ready = slice
+            .endpoints
+            .iter()
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false));
+        for address in ready.flat_map(|e| &e.addresses) {
+            let Ok(ip) = address.parse::<std::net::IpAddr>() else {
+                continue;
+            };
+            endpoints.extend(ports.iter().map(|&port| ApiServerEndpoint { ip, port }));
+        }
+    }
+    if endpoints.is_empty() {
+        return Err(RunError::NoApiServerEndpoint);
+    }
+    Ok(endpoints.into_iter().collect())
+}
+
 async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
 }
@@ -218,13 +253,7 @@ async fn run_controllers(
             Arc::clone(&metrics),
             recorder,
         );
-        run_scope(
-            client.clone(),
-            scope,
-            parts,
-            triggers,
-            stopped(stop.clone()),
-        )
+        run_scope(client.clone(), scope, parts, triggers, stop.clone())
     });
     futures::future::join_all(all).await;
 }
@@ -253,7 +282,7 @@ async fn run_scope(
     scope: Option<String>,
     (settings, stores, metrics, recorder): (Settings, Stores, Arc<Metrics>, Recorder),
     triggers: Triggers,
-    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+    stop: watch::Receiver<bool>,
 ) {
     // Only the controller's own children are watched and cached.
     let children = watcher::Config::default().labels(&format!("{MANAGED_BY}={MANAGED_BY_VALUE}"));
@@ -304,7 +333,7 @@ async fn run_scope(
             .collect();
         futures::stream::iter(affected)
     });
-    controller
+    let reconciling = controller
         .owns(scoped::<Deployment>(&client, &scope), children.clone())
         .owns(scoped::<ConfigMap>(&client, &scope), children.clone())
         .owns(scoped::<Service>(&client, &scope), children.clone())
@@ -315,14 +344,26 @@ async fn run_scope(
         .owns_stream(pdb_events)
         .reconcile_all_on(policy_changes)
         .reconcile_on(relabelled)
-        .graceful_shutdown_on(shutdown)
+        .graceful_shutdown_on(stopped(stop.clone()))
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(e) = result {
                 tracing::debug!(error = %e, "controller event");
             }
-        })
-        .await;
+        });
+    // kube-runtime holds a graceful shutdown until the AgentTool cache has listed once;
+    // a cluster that never answers that list must not keep the process from exiting.
+    let bounded = async {
+        stopped(stop).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+        tracing::warn!(
+            "reconciles still running {SHUTDOWN_GRACE:?} after shutdown; stopping anyway"
+        );
+    };
+    tokio::select! {
+        () = reconciling => {}
+        () = bounded => {}
+    }
 }
 
 /// A cache of one optional child kind, and the stream that both fills it and triggers
@@ -365,16 +406,19 @@ fn watch_policies(
     )
     .default_backoff();
     tokio::spawn(async move {
-        let drive = events.try_for_each(|event| {
-            if matches!(event, watcher::Event::Apply(_) | watcher::Event::Delete(_)) {
-                let _ = sender.send(());
+        // Watch errors are retried with backoff inside the stream; the stream never ends.
+        let drive = events.for_each(|event| {
+            match event {
+                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                    let _ = sender.send(());
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "watching ToolPolicies"),
             }
-            futures::future::ready(Ok(()))
+            futures::future::ready(())
         });
         tokio::select! {
-            result = drive => if let Err(e) = result {
-                tracing::error!(error = %e, "the ToolPolicy watch ended");
-            },
+            () = drive => {}
             () = shutdown => {}
         }
     });
@@ -396,7 +440,14 @@ fn watch_namespaces(
     .default_backoff();
     tokio::spawn(async move {
         let mut known: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-        let drive = events.try_for_each(|event| {
+        let drive = events.for_each(|event| {
+            let event = match event {
+                Ok(event) => event,
+                Err(e) => {
+                    tracing::warn!(error = %e, "watching Namespaces");
+                    return futures::future::ready(());
+                }
+            };
             match event {
                 watcher::Event::InitApply(ns) => {
                     known.insert(ns.name_any(), ns.labels().clone());
@@ -416,12 +467,10 @@ fn watch_namespaces(
                 }
                 watcher::Event::Init => {}
             }
-            futures::future::ready(Ok(()))
+            futures::future::ready(())
         });
         tokio::select! {
-            result = drive => if let Err(e) = result {
-                tracing::error!(error = %e, "the Namespace watch ended");
-            },
+            () = drive => {}
             () = shutdown => {}
         }
     });

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use tower_test::mock;
 
 use super::apply::OwnedStores;
-use super::build::Settings;
+use super::build::{ApiServerEndpoint, Settings};
 use super::dereference::Stores;
 use super::metrics::Metrics;
 use super::reconcile::{Context, ReconcileError, backoff, error_policy, reconcile};
@@ -130,6 +130,10 @@ impl FakeApi {
                 state.objects.insert(path, object.clone());
                 (200, object)
             }
+            // Watches are not served: watchers back off and the caches keep their list.
+            Method::GET if call.uri.contains("watch=true") => {
+                (500, status_body(500, "no watches here"))
+            }
             Method::GET => match state.objects.get(&path) {
                 Some(object) => (200, object.clone()),
                 None => not_found,
@@ -204,6 +208,10 @@ impl Harness {
             client,
             Settings {
                 runner_image: "ghcr.io/toolwarden/toolwarden:test".into(),
+                api_server: vec![ApiServerEndpoint {
+                    ip: [10, 0, 0, 1].into(),
+                    port: 6443,
+                }],
             },
             Stores {
                 namespaces: namespace_store,
@@ -615,4 +623,90 @@ async fn optional_children_a_tool_no_longer_needs_are_deleted() {
         ],
         "the token binding the watch did not see is left alone; the rest are collected"
     );
+}
+
+#[tokio::test]
+async fn health_metrics_and_readiness_are_served_and_shutdown_is_graceful() {
+    let api = FakeApi::default();
+    let client = api.client();
+    let empty_list = |kind: &str, api_version: &str| json!({"apiVersion": api_version, "kind": kind, "metadata": {"resourceVersion": "1"}, "items": []});
+    api.put(
+        "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices",
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSliceList", "metadata": {},
+               "items": [{"metadata": {"name": "kubernetes"}, "addressType": "IPv4",
+                          "endpoints": [{"addresses": ["192.0.2.10"], "conditions": {"ready": true}}],
+                          "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}]}]}),
+    );
+    let options = super::run::Options {
+        settings: Settings {
+            runner_image: "ghcr.io/toolwarden/toolwarden:test".into(),
+            api_server: Vec::new(),
+        },
+        namespaces: vec!["agents".into()],
+        lease: None,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let controller = tokio::spawn(super::run::run(client, options, listener, async {
+        let _ = stopped.await;
+    }));
+    let http = reqwest::Client::new();
+    let get = |path: &str| {
+        let request = http.get(format!("{base}{path}"));
+        async move {
+            let response = request.send().await.ok()?;
+            Some((response.status().as_u16(), response.text().await.ok()?))
+        }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let health = loop {
+        if let Some(answer) = get("/healthz").await {
+            break answer;
+        }
+        assert!(std::time::Instant::now() < deadline, "no /healthz");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(health.0, 200);
+    // The caches have not listed anything: not ready.
+    assert_eq!(get("/readyz").await.unwrap().0, 503);
+    let (status, metrics) = get("/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("toolwarden_controller_reconcile_duration_seconds"),
+        "{metrics}"
+    );
+    // Once namespaces and ToolPolicies are listed, the controller is ready.
+    api.put("/api/v1/namespaces", empty_list("NamespaceList", "v1"));
+    api.put(
+        "/apis/toolwarden.dev/v1alpha1/toolpolicies",
+        empty_list("ToolPolicyList", "toolwarden.dev/v1alpha1"),
+    );
+    api.put(
+        "/apis/toolwarden.dev/v1alpha1/namespaces/agents/agenttools",
+        empty_list("AgentToolList", "toolwarden.dev/v1alpha1"),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while get("/readyz").await.map(|r| r.0) != Some(200) {
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.send(()).unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(30), controller)
+        .await
+        .expect("stops on the shutdown signal");
+    stopped.unwrap().expect("a clean stop");
+}
+
+#[tokio::test]
+async fn a_cluster_without_api_server_endpoints_is_refused_at_start() {
+    let api = FakeApi::default();
+    api.put(
+        "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices",
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSliceList", "metadata": {}, "items": []}),
+    );
+    let error = super::run::api_server_endpoints(&api.client())
+        .await
+        .unwrap_err();
+    assert_eq!(error.reason(), "NoApiServerEndpoint");
 }

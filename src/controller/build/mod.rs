@@ -32,6 +32,16 @@ pub use deployment::RUNNER_PORT;
 pub struct Settings {
     /// The toolwarden image the runner pods run (`--runner-image`).
     pub runner_image: String,
+    /// Where the API server listens (the `kubernetes` Service's endpoints): the runner's
+    /// TokenReviews go there, so its NetworkPolicy lets exactly these through.
+    pub api_server: Vec<ApiServerEndpoint>,
+}
+
+/// One address and port of the API server.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ApiServerEndpoint {
+    pub ip: std::net::IpAddr,
+    pub port: u16,
 }
 
 /// Everything one tool needs in its namespace. Optional children are `None` when the
@@ -124,7 +134,7 @@ pub fn children(admitted: &Admitted, settings: &Settings) -> Result<Children, Bu
         config_map,
         deployment: deployment::build(admitted, &names, settings, &config_hash)?,
         service: service::build(tool, &names)?,
-        network_policy: network_policy::build(tool, &names)?,
+        network_policy: network_policy::build(tool, &names, &settings.api_server)?,
         pdb: pdb::build(admitted, &names)?,
     })
 }

@@ -1,5 +1,6 @@
 //! The runner pods' NetworkPolicy: ingress on the runner port only from the callers the
-//! tool names (default: its own namespace); egress only DNS and the declared ports.
+//! tool names (default: its own namespace); egress only DNS, the API server's addresses
+//! (the runner's TokenReviews) and the declared ports.
 //! NetworkPolicy cannot name hosts: the egress proxy narrows the ports to the declared
 //! hosts.
 
@@ -9,14 +10,18 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde_json::{Value, json};
 
 use super::deployment::RUNNER_PORT;
-use super::{BuildError, ChildNames, child_meta, from_json};
+use super::{ApiServerEndpoint, BuildError, ChildNames, child_meta, from_json};
 use crate::api::AgentTool;
 use crate::controller::labels::child_labels;
 
 /// What an egress rule without ports allows (as in the API's documentation).
 const DEFAULT_EGRESS_PORT: u16 = 443;
 
-pub fn build(tool: &AgentTool, names: &ChildNames) -> Result<NetworkPolicy, BuildError> {
+pub fn build(
+    tool: &AgentTool,
+    names: &ChildNames,
+    api_server: &[ApiServerEndpoint],
+) -> Result<NetworkPolicy, BuildError> {
     let callers: Vec<Value> = if tool.spec.serving.callers.is_empty() {
         vec![json!({"podSelector": {}})]
     } else {
@@ -53,6 +58,14 @@ pub fn build(tool: &AgentTool, names: &ChildNames) -> Result<NetworkPolicy, Buil
         {"protocol": "UDP", "port": 53},
         {"protocol": "TCP", "port": 53},
     ]})];
+    // Endpoint IPs, not the Service's cluster IP: policies apply after the Service's DNAT.
+    for endpoint in api_server {
+        let prefix = if endpoint.ip.is_ipv4() { 32 } else { 128 };
+        egress.push(json!({
+            "to": [{"ipBlock": {"cidr": format!("{}/{prefix}", endpoint.ip)}}],
+            "ports": [{"protocol": "TCP", "port": endpoint.port}],
+        }));
+    }
     if !ports.is_empty() {
         let ports: Vec<Value> = ports
             .iter()

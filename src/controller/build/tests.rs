@@ -25,6 +25,10 @@ const RUNNER_IMAGE: &str = "ghcr.io/toolwarden/toolwarden:0.1.0";
 fn settings() -> Settings {
     Settings {
         runner_image: RUNNER_IMAGE.into(),
+        api_server: vec![ApiServerEndpoint {
+            ip: [10, 0, 0, 1].into(),
+            port: 6443,
+        }],
     }
 }
 
@@ -572,7 +576,7 @@ fn a_changed_spec_rolls_the_pods_and_an_unchanged_one_does_not() {
 }
 
 #[test]
-fn ingress_defaults_to_the_tools_namespace_and_egress_to_dns_and_declared_ports() {
+fn ingress_defaults_to_the_tools_namespace_and_egress_to_dns_api_server_and_declared_ports() {
     let single = admitted_fixtures()
         .into_iter()
         .find(|a| a.tool.name_any() == "execute-code")
@@ -587,13 +591,26 @@ fn ingress_defaults_to_the_tools_namespace_and_egress_to_dns_and_declared_ports(
     assert_eq!(from.len(), 1);
     assert!(from[0].namespace_selector.is_none(), "same namespace only");
     let egress = policy.egress.unwrap();
-    assert_eq!(egress.len(), 1, "no network declared: DNS only: {egress:?}");
+    assert_eq!(
+        egress.len(),
+        2,
+        "no network declared: DNS and the API server only: {egress:?}"
+    );
+    assert_eq!(
+        egress[1].to.as_ref().unwrap()[0]
+            .ip_block
+            .as_ref()
+            .unwrap()
+            .cidr,
+        "10.0.0.1/32",
+        "the API server's endpoint, for the runner's TokenReviews"
+    );
     let everything = children(&everything(), &settings())
         .unwrap()
         .network_policy
         .spec
         .unwrap();
-    let ports: BTreeSet<String> = everything.egress.unwrap()[1]
+    let ports: BTreeSet<String> = everything.egress.unwrap()[2]
         .ports
         .iter()
         .flatten()
