@@ -121,14 +121,12 @@ impl FakeApi {
                 object["status"] = call.body["status"].clone();
                 (200, object.clone())
             }
+            // Server-side apply and strategic merge, approximated as a JSON merge: what the
+            // patch sets wins, what it leaves out (a Deployment's status) stays.
             Method::PATCH => {
-                let mut object = call.body.clone();
-                // The API server keeps what nobody applied, e.g. a Deployment's status.
-                if let Some(status) = state.objects.get(&path).and_then(|old| old.get("status")) {
-                    object["status"] = status.clone();
-                }
-                state.objects.insert(path, object.clone());
-                (200, object)
+                let object = state.objects.entry(path).or_insert_with(|| json!({}));
+                merge(object, &call.body);
+                (200, object.clone())
             }
             // Watches are not served: watchers back off and the caches keep their list.
             Method::GET if call.uri.contains("watch=true") => {
@@ -142,10 +140,29 @@ impl FakeApi {
                 Some(_) => (200, status_body(200, "deleted")),
                 None => not_found,
             },
-            // Events: what was posted.
-            Method::POST => (201, call.body),
+            // Creates (Events, the Lease): stored under their name.
+            Method::POST => {
+                let name = call.body["metadata"]["name"].as_str().unwrap_or("event");
+                let mut object = call.body.clone();
+                object["metadata"]["resourceVersion"] = json!("1");
+                state
+                    .objects
+                    .insert(format!("{path}/{name}"), object.clone());
+                (201, object)
+            }
             _ => (405, status_body(405, "unexpected")),
         }
+    }
+}
+
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(target), Value::Object(patch)) => {
+            for (key, value) in patch {
+                merge(target.entry(key.clone()).or_insert(Value::Null), value);
+            }
+        }
+        (target, patch) => *target = patch.clone(),
     }
 }
 
@@ -709,4 +726,96 @@ async fn a_cluster_without_api_server_endpoints_is_refused_at_start() {
         .await
         .unwrap_err();
     assert_eq!(error.reason(), "NoApiServerEndpoint");
+}
+
+#[tokio::test]
+async fn the_controller_reads_and_writes_nothing_before_it_holds_the_lease_and_releases_it() {
+    let api = FakeApi::default();
+    api.put(
+        "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices",
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSliceList", "metadata": {},
+               "items": [{"metadata": {"name": "kubernetes"}, "addressType": "IPv4",
+                          "endpoints": [{"addresses": ["192.0.2.10"]}],
+                          "ports": [{"port": 6443}]}]}),
+    );
+    api.put(
+        "/apis/toolwarden.dev/v1alpha1/namespaces/agents/agenttools",
+        json!({"apiVersion": "toolwarden.dev/v1alpha1", "kind": "AgentToolList",
+               "metadata": {"resourceVersion": "1"}, "items": []}),
+    );
+    // Another replica holds the Lease for two more seconds.
+    let lease_path =
+        "/apis/coordination.k8s.io/v1/namespaces/toolwarden/leases/toolwarden-controller";
+    let now = jiff::Timestamp::now().to_string();
+    api.put(
+        lease_path,
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+               "metadata": {"name": "toolwarden-controller", "namespace": "toolwarden", "resourceVersion": "1"},
+               "spec": {"holderIdentity": "replica-b", "leaseDurationSeconds": 2,
+                        "acquireTime": now, "renewTime": now, "leaseTransitions": 0}}),
+    );
+    let options = super::run::Options {
+        settings: Settings {
+            runner_image: "ghcr.io/toolwarden/toolwarden:test".into(),
+            api_server: Vec::new(),
+        },
+        namespaces: vec!["agents".into()],
+        lease: Some(super::run::LeaseOptions {
+            namespace: "toolwarden".into(),
+            name: "toolwarden-controller".into(),
+            identity: "replica-a".into(),
+        }),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_url = format!("http://{}/metrics", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let controller = tokio::spawn(super::run::run(api.client(), options, listener, async {
+        let _ = stopped.await;
+    }));
+    let holder = |api: &FakeApi| {
+        api.get(lease_path)
+            .and_then(|lease| lease["spec"]["holderIdentity"].as_str().map(String::from))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = match reqwest::get(&metrics_url).await {
+            Ok(response) => response.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if metrics.contains("\ntoolwarden_controller_leader 1\n") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never led: lease {:?}",
+            api.get(lease_path)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(holder(&api).as_deref(), Some("replica-a"));
+    // Nothing of the cluster was touched before the Lease was taken over.
+    let calls = api.state().calls.clone();
+    let took_over = calls
+        .iter()
+        .position(|c| c.method == Method::PATCH && c.body.to_string().contains("replica-a"))
+        .expect("a Lease update naming replica-a");
+    let first_watch = calls
+        .iter()
+        .position(|c| c.path().ends_with("/toolpolicies") || c.path().ends_with("/namespaces"))
+        .expect("leading, it watches ToolPolicies and Namespaces");
+    assert!(
+        took_over < first_watch,
+        "read the cluster before leading: {calls:#?}"
+    );
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), controller)
+        .await
+        .expect("stops")
+        .unwrap()
+        .expect("a clean stop");
+    assert_ne!(
+        holder(&api).as_deref(),
+        Some("replica-a"),
+        "the Lease is released on shutdown"
+    );
 }

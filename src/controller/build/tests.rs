@@ -622,3 +622,26 @@ fn ingress_defaults_to_the_tools_namespace_and_egress_to_dns_api_server_and_decl
         assert!(peer.pod_selector.is_some());
     }
 }
+
+/// The runner reads the ConfigMap as a folder of manifests: it must find exactly the
+/// admitted tool there, and nothing else as a manifest.
+#[test]
+fn the_runner_reads_exactly_the_admitted_tool_from_the_config_map() {
+    for admitted in admitted_fixtures() {
+        let built = children(&admitted, &settings()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        for (key, value) in built.config_map.data.iter().flatten() {
+            std::fs::write(dir.path().join(key), value).unwrap();
+        }
+        let served =
+            Manifests::load(&[dir.path().to_path_buf()], false).expect("the runner loads it");
+        assert_eq!(served.tools.len(), 1);
+        assert!(served.policies.is_empty());
+        let tool = &served.tools[0].object;
+        assert_eq!(tool.spec, admitted.tool.spec);
+        assert_eq!(tool.metadata.name, admitted.tool.metadata.name);
+        assert!(!crate::runner::registry::is_manifest(Path::new(
+            config_map::VERDICT_KEY
+        )));
+    }
+}
