@@ -22,9 +22,10 @@ use crate::policy::Engine;
 
 /// Resync of a healthy tool, beyond the watches: a safety net for a missed event.
 const RESYNC: Duration = Duration::from_secs(10 * 60);
-/// A missing Secret/ConfigMap/PVC is not watched (that would need cluster-wide read of
-/// every Secret): look again after this long.
-const MISSING_REFERENCE_RETRY: Duration = Duration::from_secs(60);
+/// A missing Secret/ConfigMap/PVC, or an object of someone else's holding a child's name,
+/// is not watched (that would need cluster-wide reads of every Secret): look again after
+/// this long.
+const UNWATCHED_RETRY: Duration = Duration::from_secs(60);
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
 
@@ -154,10 +155,7 @@ async fn phases(tool: &AgentTool, ctx: &Context) -> Result<Reconciled, Reconcile
                 admitted: None,
             };
             report(tool, ctx, status::of_refused(tool, &refusal, now)).await?;
-            return Ok(Reconciled::Refused(
-                e.reason(),
-                Some(MISSING_REFERENCE_RETRY),
-            ));
+            return Ok(Reconciled::Refused(e.reason(), Some(UNWATCHED_RETRY)));
         }
         Err(e) => return Err(e.into()),
     };
@@ -186,14 +184,29 @@ async fn phases(tool: &AgentTool, ctx: &Context) -> Result<Reconciled, Reconcile
         }
     };
     let namespace = tool.namespace().unwrap_or_default();
-    let applied = apply::apply(
+    let uid = tool.uid().unwrap_or_default();
+    let applied = match apply::apply(
         &ctx.client,
         &namespace,
         &tool.name_any(),
+        &uid,
         &children,
         &ctx.owned,
     )
-    .await?;
+    .await
+    {
+        Ok(applied) => applied,
+        Err(e @ ApplyError::NameTaken { .. }) => {
+            let refusal = Refusal {
+                reason: e.reason(),
+                message: e.to_string(),
+                admitted: Some(&admitted),
+            };
+            report(tool, ctx, status::of_refused(tool, &refusal, now)).await?;
+            return Ok(Reconciled::Refused(e.reason(), Some(UNWATCHED_RETRY)));
+        }
+        Err(e) => return Err(e.into()),
+    };
     report(
         tool,
         ctx,

@@ -9,13 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use kube::api::{Api, ListParams};
+use kube::api::{Api, ListParams, PartialObjectMeta};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
@@ -284,18 +280,24 @@ async fn run_scope(
     triggers: Triggers,
     stop: watch::Receiver<bool>,
 ) {
-    // Only the controller's own children are watched and cached.
+    // Only the controller's own children are watched, and only their metadata is cached.
     let children = watcher::Config::default().labels(&format!("{MANAGED_BY}={MANAGED_BY_VALUE}"));
-    let (service_accounts, sa_events) =
-        owned_reflector::<ServiceAccount>(&client, &scope, &children);
-    let (roles, role_events) = owned_reflector::<Role>(&client, &scope, &children);
-    let (role_bindings, binding_events) =
-        owned_reflector::<RoleBinding>(&client, &scope, &children);
-    let (pdbs, pdb_events) = owned_reflector::<PodDisruptionBudget>(&client, &scope, &children);
+    let (service_accounts, sa_events) = owned_reflector(&client, &scope, &children);
+    let (roles, role_events) = owned_reflector(&client, &scope, &children);
+    let (role_bindings, binding_events) = owned_reflector(&client, &scope, &children);
+    let (config_maps, config_map_events) = owned_reflector(&client, &scope, &children);
+    let (deployments, deployment_events) = owned_reflector(&client, &scope, &children);
+    let (services, service_events) = owned_reflector(&client, &scope, &children);
+    let (network_policies, network_policy_events) = owned_reflector(&client, &scope, &children);
+    let (pdbs, pdb_events) = owned_reflector(&client, &scope, &children);
     let owned = OwnedStores {
         service_accounts,
         roles,
         role_bindings,
+        config_maps,
+        deployments,
+        services,
+        network_policies,
         pdbs,
     };
     let ctx = Arc::new(Context::new(
@@ -334,14 +336,14 @@ async fn run_scope(
         futures::stream::iter(affected)
     });
     let reconciling = controller
-        .owns(scoped::<Deployment>(&client, &scope), children.clone())
-        .owns(scoped::<ConfigMap>(&client, &scope), children.clone())
-        .owns(scoped::<Service>(&client, &scope), children.clone())
-        .owns(scoped::<NetworkPolicy>(&client, &scope), children.clone())
         .owns_stream(sa_events)
         .owns_stream(role_events)
         .owns_stream(binding_events)
         .owns_stream(pdb_events)
+        .owns_stream(config_map_events)
+        .owns_stream(deployment_events)
+        .owns_stream(service_events)
+        .owns_stream(network_policy_events)
         .reconcile_all_on(policy_changes)
         .reconcile_on(relabelled)
         .graceful_shutdown_on(stopped(stop.clone()))
@@ -366,15 +368,15 @@ async fn run_scope(
     }
 }
 
-/// A cache of one optional child kind, and the stream that both fills it and triggers
+/// A metadata cache of one child kind, and the stream that both fills it and triggers
 /// the owning tool's reconcile.
 fn owned_reflector<K>(
     client: &Client,
     scope: &Option<String>,
     config: &watcher::Config,
 ) -> (
-    Store<K>,
-    impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+    Store<PartialObjectMeta<K>>,
+    impl futures::Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static,
 )
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
@@ -386,9 +388,15 @@ where
         + 'static,
 {
     let (store, writer) = reflector::store();
-    let events = reflector(writer, watcher(scoped::<K>(client, scope), config.clone()))
-        .default_backoff()
-        .touched_objects();
+    let events = reflector(
+        writer,
+        watcher(
+            scoped::<PartialObjectMeta<K>>(client, scope),
+            config.clone(),
+        ),
+    )
+    .default_backoff()
+    .touched_objects();
     (store, events)
 }
 

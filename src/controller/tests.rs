@@ -12,6 +12,7 @@ use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::Client;
+use kube::api::PartialObjectMeta;
 use kube::client::Body;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
@@ -191,10 +192,10 @@ struct Harness {
 
 /// What the controller's watches of optional children would have seen.
 struct OwnedWriters {
-    service_accounts: Writer<ServiceAccount>,
-    roles: Writer<Role>,
-    role_bindings: Writer<RoleBinding>,
-    pdbs: Writer<PodDisruptionBudget>,
+    service_accounts: Writer<PartialObjectMeta<ServiceAccount>>,
+    roles: Writer<PartialObjectMeta<Role>>,
+    role_bindings: Writer<PartialObjectMeta<RoleBinding>>,
+    pdbs: Writer<PartialObjectMeta<PodDisruptionBudget>>,
 }
 
 impl Harness {
@@ -208,10 +209,15 @@ impl Harness {
         let (roles, role_writer) = reflector::store();
         let (role_bindings, binding_writer) = reflector::store();
         let (pdbs, pdb_writer) = reflector::store();
+        // Caches the tests leave empty: every child then costs a metadata read.
         let owned = OwnedStores {
             service_accounts,
             roles,
             role_bindings,
+            config_maps: reflector::store().0,
+            deployments: reflector::store().0,
+            services: reflector::store().0,
+            network_policies: reflector::store().0,
             pdbs,
         };
         let recorder = Recorder::new(
@@ -253,7 +259,10 @@ impl Harness {
     }
 
     /// Feeds every object the fake holds of kind K at `paths` to the matching watch.
-    fn watched<K: serde::de::DeserializeOwned>(&self, path: &str) -> watcher::Event<K> {
+    fn watched<K: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> watcher::Event<PartialObjectMeta<K>> {
         let object = self
             .api
             .get(path)
@@ -597,13 +606,15 @@ async fn optional_children_a_tool_no_longer_needs_are_deleted() {
     }
     // The watches see them, then the tool drops its permissions and extra replicas.
     let ns = "/apis/rbac.authorization.k8s.io/v1/namespaces/agents";
-    let sa: watcher::Event<ServiceAccount> =
+    let sa: watcher::Event<PartialObjectMeta<ServiceAccount>> =
         h.watched("/api/v1/namespaces/agents/serviceaccounts/execute-code-tool");
-    let role: watcher::Event<Role> = h.watched(&format!("{ns}/roles/execute-code-tool"));
-    let token_role: watcher::Event<Role> = h.watched(&format!("{ns}/roles/execute-code-token"));
-    let binding: watcher::Event<RoleBinding> =
+    let role: watcher::Event<PartialObjectMeta<Role>> =
+        h.watched(&format!("{ns}/roles/execute-code-tool"));
+    let token_role: watcher::Event<PartialObjectMeta<Role>> =
+        h.watched(&format!("{ns}/roles/execute-code-token"));
+    let binding: watcher::Event<PartialObjectMeta<RoleBinding>> =
         h.watched(&format!("{ns}/rolebindings/execute-code-tool"));
-    let pdb: watcher::Event<PodDisruptionBudget> =
+    let pdb: watcher::Event<PartialObjectMeta<PodDisruptionBudget>> =
         h.watched("/apis/policy/v1/namespaces/agents/poddisruptionbudgets/execute-code");
     let mut h = h;
     h.owned.service_accounts.apply_watcher_event(&sa);
@@ -818,4 +829,38 @@ async fn the_controller_reads_and_writes_nothing_before_it_holds_the_lease_and_r
         Some("replica-a"),
         "the Lease is released on shutdown"
     );
+}
+
+#[tokio::test]
+async fn an_object_of_someone_elses_under_a_childs_name_is_never_taken_over() {
+    let h = Harness::new();
+    // The namespace already has a ServiceAccount named like the tool, not the tool's.
+    let theirs = json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                        "metadata": {"name": "execute-code", "namespace": "agents", "uid": "theirs"}});
+    let path = "/api/v1/namespaces/agents/serviceaccounts/execute-code";
+    h.api.put(path, theirs.clone());
+    h.create(&example_tool());
+    let action = h.reconcile().await.expect("a refusal, not an error");
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+    let calls = h.api.take_calls();
+    assert!(
+        applied_kinds(&calls).is_empty(),
+        "nothing written: {calls:?}"
+    );
+    assert_eq!(
+        h.api.get(path),
+        Some(theirs),
+        "their ServiceAccount is untouched"
+    );
+    let status = h.status();
+    let (degraded, reason, message) = condition(&status, "Degraded");
+    assert_eq!((degraded, reason), ("True", "NameConflict"));
+    assert!(message.contains("ServiceAccount execute-code"), "{message}");
+    // The same name, controlled by the tool (as the controller left it), is applied.
+    let mut ours = h.api.get(path).unwrap();
+    ours["metadata"]["ownerReferences"] = json!([{"apiVersion": "toolwarden.dev/v1alpha1",
+        "kind": "AgentTool", "name": "execute-code", "uid": "uid-1", "controller": true}]);
+    h.api.put(path, ours);
+    h.reconcile().await.unwrap();
+    assert_eq!(condition(&h.status(), "Degraded").0, "False");
 }
