@@ -8,7 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams, PartialObjectMeta};
@@ -48,6 +48,10 @@ pub struct LeaseOptions {
 const LEASE_SECONDS: u64 = 15;
 /// The holder renews this long before expiry; also the clock skew tolerated between nodes.
 const LEASE_GRACE_SECONDS: u64 = 5;
+
+/// Reconciles running at once per watched scope: enough to bring 1,000 tools up within a
+/// minute (each is about a dozen API requests), few enough not to flood the API server.
+const RECONCILE_CONCURRENCY: u16 = 16;
 
 /// How long reconciles in flight may take to finish after a shutdown signal (the kubelet
 /// waits 30 s by default before SIGKILL).
@@ -313,6 +317,7 @@ async fn run_scope(
         watcher::Config::default(),
     );
     let tools = controller.store();
+    let tools_listed = tools.clone();
     let policy_changes = futures::stream::unfold(triggers.policies, |mut rx| async move {
         match rx.recv().await {
             Ok(()) | Err(broadcast::error::RecvError::Lagged(_)) => Some(((), rx)),
@@ -346,6 +351,9 @@ async fn run_scope(
         .owns_stream(network_policy_events)
         .reconcile_all_on(policy_changes)
         .reconcile_on(relabelled)
+        .with_config(
+            kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY),
+        )
         .graceful_shutdown_on(stopped(stop.clone()))
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -353,14 +361,18 @@ async fn run_scope(
                 tracing::debug!(error = %e, "controller event");
             }
         });
-    // kube-runtime holds a graceful shutdown until the AgentTool cache has listed once;
-    // a cluster that never answers that list must not keep the process from exiting.
+    // kube-runtime holds a graceful shutdown until the AgentTool cache has listed once. No
+    // reconcile runs before that, so there is nothing to wait for; after it, reconciles in
+    // flight get a bounded time to finish.
     let bounded = async {
         stopped(stop).await;
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
-        tracing::warn!(
-            "reconciles still running {SHUTDOWN_GRACE:?} after shutdown; stopping anyway"
-        );
+        let listed = tools_listed.wait_until_ready().now_or_never().is_some();
+        if listed {
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+            tracing::warn!(
+                "reconciles still running {SHUTDOWN_GRACE:?} after shutdown; stopping anyway"
+            );
+        }
     };
     tokio::select! {
         () = reconciling => {}

@@ -311,12 +311,13 @@ fn example_tool() -> AgentTool {
     tool
 }
 
-/// Enforces a timeout below execute-code's 1000 ms, for tools in namespaces labelled `team`.
+/// Demands a timeout and a process limit below execute-code's (1000 ms, 16), for tools in
+/// namespaces labelled `team: a`.
 fn strict_policy(mode: &str) -> ToolPolicy {
     serde_yaml::from_str(&format!(
         "apiVersion: toolwarden.dev/v1alpha1\nkind: ToolPolicy\nmetadata: {{name: strict}}\n\
          spec:\n  mode: {mode}\n  namespaceSelector: {{matchLabels: {{team: a}}}}\n  \
-         rules: {{sandboxing: {{maxTimeoutMs: 500}}}}\n"
+         rules: {{sandboxing: {{maxTimeoutMs: 500, maxPids: 8}}}}\n"
     ))
     .unwrap()
 }
@@ -479,8 +480,14 @@ async fn an_enforcing_policy_scales_the_tool_to_zero_naming_the_rule_and_warn_br
     let status = h.status();
     let (compliant, reason, message) = condition(&status, "PolicyCompliant");
     assert_eq!((compliant, reason), ("False", "PolicyDenied"));
-    assert!(
-        message.contains("TW-SANDBOX-") && message.contains("policy strict"),
+    // Every broken rule is named, with its path and the policy that demands it.
+    for path in ["spec.sandbox.timeoutMs", "spec.sandbox.pids"] {
+        assert!(message.contains(path), "{path} in {message}");
+    }
+    assert_eq!(message.matches("TW-SANDBOX-").count(), 2, "{message}");
+    assert_eq!(
+        message.matches("(policy strict, enforce)").count(),
+        2,
         "{message}"
     );
     assert_eq!(condition(&status, "Ready").1, "PolicyDenied");
