@@ -459,33 +459,15 @@ fn watch_namespaces(
     )
     .default_backoff();
     tokio::spawn(async move {
-        let mut known: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        let mut labels = NamespaceLabels::default();
         let drive = events.for_each(|event| {
-            let event = match event {
-                Ok(event) => event,
-                Err(e) => {
-                    tracing::warn!(error = %e, "watching Namespaces");
-                    return futures::future::ready(());
-                }
-            };
             match event {
-                watcher::Event::InitApply(ns) => {
-                    known.insert(ns.name_any(), ns.labels().clone());
-                }
-                watcher::Event::Apply(ns) => {
-                    let labels = ns.labels().clone();
-                    if known.insert(ns.name_any(), labels.clone()).as_ref() != Some(&labels) {
-                        let _ = sender.send(Some(ns.name_any()));
+                Ok(event) => {
+                    if let Some(affected) = labels.observe(&event) {
+                        let _ = sender.send(affected);
                     }
                 }
-                watcher::Event::Delete(ns) => {
-                    known.remove(&ns.name_any());
-                }
-                // A relist may hide relabels that happened while disconnected.
-                watcher::Event::InitDone => {
-                    let _ = sender.send(None);
-                }
-                watcher::Event::Init => {}
+                Err(e) => tracing::warn!(error = %e, "watching Namespaces"),
             }
             futures::future::ready(())
         });
@@ -495,6 +477,35 @@ fn watch_namespaces(
         }
     });
     (store, relabelled)
+}
+
+/// The labels of every namespace, to tell a relabel from any other namespace update.
+#[derive(Default)]
+struct NamespaceLabels(BTreeMap<String, BTreeMap<String, String>>);
+
+impl NamespaceLabels {
+    /// Which tools a namespace event must re-check: `Some(Some(ns))` those in `ns`,
+    /// `Some(None)` all of them, `None` none.
+    fn observe(&mut self, event: &watcher::Event<Namespace>) -> Option<Option<String>> {
+        match event {
+            watcher::Event::InitApply(ns) => {
+                self.0.insert(ns.name_any(), ns.labels().clone());
+                None
+            }
+            watcher::Event::Apply(ns) => {
+                let labels = ns.labels().clone();
+                let before = self.0.insert(ns.name_any(), labels.clone());
+                (before.as_ref() != Some(&labels)).then(|| Some(ns.name_any()))
+            }
+            watcher::Event::Delete(ns) => {
+                self.0.remove(&ns.name_any());
+                None
+            }
+            // A relist may hide relabels that happened while the watch was down.
+            watcher::Event::InitDone => Some(None),
+            watcher::Event::Init => None,
+        }
+    }
 }
 
 /// `/metrics` (Prometheus text), `/healthz` (the process answers), `/readyz` (stores
@@ -542,5 +553,45 @@ async fn serve_health(
         .await
     {
         tracing::error!(error = %e, "the metrics and health server stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ns(labels: &[(&str, &str)], annotation: &str) -> Namespace {
+        let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
+        serde_json::from_value(serde_json::json!({"metadata": {
+            "name": "agents", "labels": labels, "annotations": {"note": annotation}}}))
+        .unwrap()
+    }
+
+    #[test]
+    fn only_a_label_change_rechecks_the_namespaces_tools() {
+        let mut known = NamespaceLabels::default();
+        let team_a = ns(&[("team", "a")], "one");
+        assert_eq!(
+            known.observe(&watcher::Event::InitApply(team_a.clone())),
+            None
+        );
+        assert_eq!(known.observe(&watcher::Event::InitDone), Some(None));
+        assert_eq!(known.observe(&watcher::Event::Apply(team_a)), None);
+        let annotated = ns(&[("team", "a")], "two");
+        assert_eq!(known.observe(&watcher::Event::Apply(annotated)), None);
+        let relabelled = ns(&[("team", "b")], "two");
+        assert_eq!(
+            known.observe(&watcher::Event::Apply(relabelled.clone())),
+            Some(Some("agents".into()))
+        );
+        assert_eq!(
+            known.observe(&watcher::Event::Delete(relabelled.clone())),
+            None
+        );
+        // Created again: its tools (waiting for it) are checked.
+        assert_eq!(
+            known.observe(&watcher::Event::Apply(relabelled)),
+            Some(Some("agents".into()))
+        );
     }
 }
