@@ -148,11 +148,20 @@ pub fn engine() -> Sandboxes {
 
 /// What the example tools need beside their manifests in `dir`: `images/`
 /// with the busybox root file system under their image reference, and
-/// `volumes/` with the claim the file tool mounts (holding `notes.txt`).
+/// `volumes/` with the claims the examples mount: the file tool's (holding
+/// `notes.txt`) and the profile store as `examples/volumes/` seeds it.
 pub fn example_images_and_volumes(dir: &Path) {
     let workspace = dir.join("volumes/pvc/agent-workspace");
     std::fs::create_dir_all(&workspace).unwrap();
     std::fs::write(workspace.join("notes.txt"), "remember the milk\n").unwrap();
+    let profiles = dir.join("volumes/pvc/user-profiles");
+    std::fs::create_dir_all(&profiles).unwrap();
+    let seeded =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/volumes/pvc/user-profiles");
+    for entry in std::fs::read_dir(seeded).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, profiles.join(path.file_name().unwrap())).unwrap();
+    }
     build_busybox_rootfs(
         &dir.join("images")
             .join(entry_name("docker.io/library/busybox:1.36.1")),
