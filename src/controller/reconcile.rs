@@ -154,8 +154,7 @@ async fn phases(tool: &AgentTool, ctx: &Context) -> Result<Reconciled, Reconcile
                 message: e.to_string(),
                 admitted: None,
             };
-            report(tool, ctx, status::of_refused(tool, &refusal, now)).await?;
-            return Ok(Reconciled::Refused(e.reason(), Some(UNWATCHED_RETRY)));
+            return refuse(tool, ctx, &refusal, now, Some(UNWATCHED_RETRY)).await;
         }
         Err(e) => return Err(e.into()),
     };
@@ -167,8 +166,7 @@ async fn phases(tool: &AgentTool, ctx: &Context) -> Result<Reconciled, Reconcile
                 message: e.to_string(),
                 admitted: None,
             };
-            report(tool, ctx, status::of_refused(tool, &refusal, now)).await?;
-            return Ok(Reconciled::Refused(e.reason(), None));
+            return refuse(tool, ctx, &refusal, now, None).await;
         }
     };
     let children = match build::children(&admitted, &ctx.settings) {
@@ -179,8 +177,7 @@ async fn phases(tool: &AgentTool, ctx: &Context) -> Result<Reconciled, Reconcile
                 message: e.to_string(),
                 admitted: Some(&admitted),
             };
-            report(tool, ctx, status::of_refused(tool, &refusal, now)).await?;
-            return Ok(Reconciled::Refused(e.reason(), None));
+            return refuse(tool, ctx, &refusal, now, None).await;
         }
     };
     let namespace = tool.namespace().unwrap_or_default();
@@ -202,8 +199,7 @@ async fn phases(tool: &AgentTool, ctx: &Context) -> Result<Reconciled, Reconcile
                 message: e.to_string(),
                 admitted: Some(&admitted),
             };
-            report(tool, ctx, status::of_refused(tool, &refusal, now)).await?;
-            return Ok(Reconciled::Refused(e.reason(), Some(UNWATCHED_RETRY)));
+            return refuse(tool, ctx, &refusal, now, Some(UNWATCHED_RETRY)).await;
         }
         Err(e) => return Err(e.into()),
     };
@@ -214,6 +210,19 @@ async fn phases(tool: &AgentTool, ctx: &Context) -> Result<Reconciled, Reconcile
     )
     .await?;
     Ok(Reconciled::Applied)
+}
+
+/// Reports why the tool cannot be deployed; it then waits for a change, or looks again
+/// after `retry`.
+async fn refuse(
+    tool: &AgentTool,
+    ctx: &Context,
+    refusal: &Refusal<'_>,
+    now: Time,
+    retry: Option<Duration>,
+) -> Result<Reconciled, ReconcileError> {
+    report(tool, ctx, status::of_refused(tool, refusal, now)).await?;
+    Ok(Reconciled::Refused(refusal.reason, retry))
 }
 
 /// Writes the status when it changed, with an Event for each condition that changed
