@@ -457,10 +457,13 @@ fn a_builder_that_weakens_the_runner_pod_is_caught() {
 }
 
 fn everything() -> Admitted {
-    admitted_fixtures()
-        .into_iter()
-        .find(|a| a.tool.name_any() == "everything")
-        .unwrap()
+    static EVERYTHING: std::sync::LazyLock<Admitted> = std::sync::LazyLock::new(|| {
+        admitted_fixtures()
+            .into_iter()
+            .find(|a| a.tool.name_any() == "everything")
+            .unwrap()
+    });
+    EVERYTHING.clone()
 }
 
 #[test]
@@ -643,5 +646,56 @@ fn the_runner_reads_exactly_the_admitted_tool_from_the_config_map() {
         assert!(!crate::runner::registry::is_manifest(Path::new(
             config_map::VERDICT_KEY
         )));
+    }
+}
+
+mod variants {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Keeps the entries of `items` whose bit in `mask` is set.
+    fn subset<T: Clone>(items: &[T], mask: u32) -> Vec<T> {
+        items
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| mask & (1 << i) != 0)
+            .map(|(_, item)| item.clone())
+            .collect()
+    }
+
+    proptest! {
+        /// Any mix of the features that shape the pod (secrets, mounts, Kubernetes
+        /// rules, replicas, callers, RuntimeClass, a denial) keeps every invariant.
+        #[test]
+        fn every_variant_of_a_tool_keeps_every_invariant(
+            secrets in 0u32..8,
+            mounts in 0u32..16,
+            rules in 0u32..4,
+            callers in 0u32..4,
+            replicas in 1u32..5,
+            runtime_class in proptest::option::of("[a-z]{1,8}"),
+            denied in any::<bool>(),
+        ) {
+            let base = everything();
+            let mut admitted = base.clone();
+            let spec = &mut admitted.tool.spec;
+            spec.secrets = subset(&base.tool.spec.secrets, secrets);
+            spec.permissions.filesystem = subset(&base.tool.spec.permissions.filesystem, mounts);
+            spec.permissions.kubernetes = subset(&base.tool.spec.permissions.kubernetes, rules);
+            spec.serving.callers = subset(&base.tool.spec.serving.callers, callers);
+            spec.serving.replicas = replicas;
+            spec.sandbox.runtime_class_name = runtime_class.clone();
+            admitted.verdict.denied = denied;
+            let built = children(&admitted, &settings()).unwrap();
+            let mut found = pod_violations(pod_spec(&built.deployment), &admitted.tool);
+            found.extend(identity_violations(&built, &admitted.tool));
+            prop_assert!(found.is_empty(), "{:?}", found);
+            let pod = pod_spec(&built.deployment);
+            prop_assert_eq!(&pod.runtime_class_name, &runtime_class);
+            let want = if denied { 0 } else { replicas as i32 };
+            prop_assert_eq!(built.deployment.spec.as_ref().unwrap().replicas, Some(want));
+            prop_assert_eq!(built.pdb.is_some(), want > 1);
+        }
     }
 }
