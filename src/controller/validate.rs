@@ -55,7 +55,16 @@ pub enum ValidateError {
          cluster-scoped; grant namespaced rules"
     )]
     ClusterWideRbacUnsupported { index: usize },
+    #[error(
+        "namespace label {POD_SECURITY_ENFORCE}={level} refuses runner pods (they add \
+         namespaced capabilities such as SYS_ADMIN in their own user namespace); label the \
+         namespace {POD_SECURITY_ENFORCE}=privileged or run the tool elsewhere"
+    )]
+    PodSecurityForbids { level: String },
 }
+
+/// Pod Security Admission's enforced level, a namespace label.
+const POD_SECURITY_ENFORCE: &str = "pod-security.kubernetes.io/enforce";
 
 impl ValidateError {
     /// Stable CamelCase reason for conditions, Events and metric labels.
@@ -64,6 +73,7 @@ impl ValidateError {
             ValidateError::InvalidName(_) => "InvalidName",
             ValidateError::HostPathUnsupported { .. } => "HostPathUnsupported",
             ValidateError::ClusterWideRbacUnsupported { .. } => "ClusterWideRbacUnsupported",
+            ValidateError::PodSecurityForbids { .. } => "PodSecurityForbids",
         }
     }
 }
@@ -91,6 +101,15 @@ pub fn validate(
     if let Some(index) = permissions.kubernetes.iter().position(|r| r.cluster_wide) {
         return Err(ValidateError::ClusterWideRbacUnsupported { index });
     }
+    // Both Pod Security levels below `privileged` refuse added capabilities beyond a
+    // default set that has no SYS_ADMIN: the Deployment would exist, its pods never.
+    if let Some(level) = inputs.namespace_labels.get(POD_SECURITY_ENFORCE)
+        && matches!(level.as_str(), "baseline" | "restricted")
+    {
+        return Err(ValidateError::PodSecurityForbids {
+            level: level.clone(),
+        });
+    }
     let report = engine.evaluate(tool, &inputs.policies, &inputs.namespace_labels);
     Ok(Admitted {
         tool: tool.clone(),
@@ -114,7 +133,28 @@ fn is_dns1035_label(name: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
+
+    #[test]
+    fn a_namespace_whose_pod_security_refuses_runner_pods_is_named() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/execute-code.yaml");
+        let tool: AgentTool =
+            serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let engine = Engine::default();
+        let with_level = |level: &str| Inputs {
+            namespace_labels: BTreeMap::from([(POD_SECURITY_ENFORCE.into(), level.into())]),
+            policies: Vec::new(),
+        };
+        for level in ["baseline", "restricted"] {
+            let error = validate(&tool, &with_level(level), &engine).unwrap_err();
+            assert_eq!(error.reason(), "PodSecurityForbids");
+            assert!(error.to_string().contains(level), "{error}");
+        }
+        assert!(validate(&tool, &with_level("privileged"), &engine).is_ok());
+        assert!(validate(&tool, &Inputs::default(), &engine).is_ok());
+    }
 
     #[test]
     fn service_names_must_be_dns1035_labels() {
