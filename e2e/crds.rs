@@ -5,6 +5,7 @@
 //! namespace `toolwarden-e2e-<pid>`; objects are only ever created with
 //! server-side dry run.
 
+mod controller;
 mod runner_pod;
 
 use std::path::Path;

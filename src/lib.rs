@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod controller;
 pub mod policy;
 pub mod runner;
 #[allow(unsafe_code)]

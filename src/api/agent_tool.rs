@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -22,6 +22,8 @@ use super::names::{ABSOLUTE_CLEAN_PATH, CONFIG_KEY, DNS1123_SUBDOMAIN};
     shortname = "at",
     status = "AgentToolStatus",
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Compliant","type":"string","jsonPath":".status.conditions[?(@.type==\"PolicyCompliant\")].status"}"#,
+    printcolumn = r#"{"name":"Endpoint","type":"string","jsonPath":".status.endpoints.rest"}"#,
     printcolumn = r#"{"name":"Risk","type":"string","jsonPath":".spec.risk"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -72,6 +74,54 @@ pub struct AgentToolSpec {
     pub audit: AuditSpec,
     /// How much harm the tool can do.
     pub risk: Risk,
+    /// How `toolwarden controller` serves the tool in a cluster (ignored by `serve`).
+    #[serde(default, skip_serializing_if = "Serving::is_default")]
+    pub serving: Serving,
+}
+
+/// The runner workload the controller creates for the tool.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Serving {
+    /// Runner pods; more than one also gets a PodDisruptionBudget.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 1, max = 64))]
+    pub replicas: u32,
+    /// Who may call the tool (NetworkPolicy ingress peers); empty means pods in
+    /// the tool's own namespace only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub callers: Vec<Caller>,
+}
+
+fn default_replicas() -> u32 {
+    1
+}
+
+impl Default for Serving {
+    fn default() -> Self {
+        Serving {
+            replicas: default_replicas(),
+            callers: Vec::new(),
+        }
+    }
+}
+
+impl Serving {
+    fn is_default(&self) -> bool {
+        *self == Serving::default()
+    }
+}
+
+/// Pods allowed to call the tool: both selectors must match (a missing
+/// `namespaceSelector` means the tool's namespace, a missing `podSelector` every pod).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Caller {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_selector: Option<LabelSelector>,
 }
 
 fn default_max_input_bytes() -> u64 {
@@ -470,7 +520,10 @@ pub struct AgentToolStatus {
     /// `Ready`, `PolicyCompliant` and `Degraded`, each with a reason and message.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
-    /// Where agents call the tool.
+    /// Where agents call the tool: `rest` and `mcp` URLs.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub endpoints: BTreeMap<String, String>,
+    /// The isolation the runner pods are given, layer by layer (e.g. `rootfs: imageVolume`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub isolation: BTreeMap<String, String>,
 }

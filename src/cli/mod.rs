@@ -2,6 +2,7 @@
 
 mod audit;
 mod check;
+mod controller;
 mod logging;
 mod report_formats;
 mod serve;
@@ -11,6 +12,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub use check::CheckArgs;
+pub use controller::ControllerArgs;
 pub use logging::{LogFormat, init_logging};
 pub use serve::{RunnerArgs, ServeArgs};
 
@@ -62,6 +64,13 @@ pub enum Command {
     Serve(ServeArgs),
     /// The runner inside the pods the controller creates (TokenReview authentication).
     Runner(RunnerArgs),
+    /// Reconcile every AgentTool into least-privilege runner workloads (the operator).
+    ///
+    /// Needs the CRDs installed. Runs phases per tool: read its namespace and the
+    /// ToolPolicies, check it (as `check`, with the namespace's real labels), build and
+    /// server-side apply its children, report status. Several replicas elect a leader
+    /// on a Lease.
+    Controller(ControllerArgs),
     /// Work with audit logs.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -103,6 +112,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Crd { write: Some(dir) } => write_crds(&dir),
         Command::Serve(args) => serve::serve(args),
         Command::Runner(args) => serve::runner(args),
+        Command::Controller(args) => controller::run(args),
         Command::Audit(AuditCommand::Verify {
             file,
             key,

@@ -1,0 +1,425 @@
+//! `toolwarden controller` against a real cluster, run in-process: the examples get every
+//! child and their conditions, a hand-edited Deployment is put back, an enforcing
+//! ToolPolicy scales a violating tool to zero with the rule named (and `warn` brings it
+//! back), deleting a tool collects its children.
+//!
+//! Runner pods only become Ready on a cluster with a Ready node and the runner image
+//! (`TOOLWARDEN_E2E_RUNNER_IMAGE`, as in `runner_pod.rs`); without them the test checks
+//! everything but `Ready=True`. `TOOLWARDEN_E2E_SCALE=1` adds the scale run: 1,000
+//! AgentTools reconciled to all their children within 60 s, figures printed.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Namespace, PersistentVolumeClaim, Secret, Service, ServiceAccount,
+};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+use toolwarden::api::{AgentTool, ToolPolicy};
+use toolwarden::controller::build::Settings;
+use toolwarden::controller::labels::children_selector;
+use toolwarden::controller::run::{Options, run};
+
+use super::{cluster, examples, install_crds};
+
+const SCALE_ENV: &str = "TOOLWARDEN_E2E_SCALE";
+const SCALE_TOOLS: usize = 1000;
+const SCALE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Polls `check` until it returns `Some`, or fails with `what` after `within`.
+async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{what} not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn condition(tool: &AgentTool, type_: &str) -> Option<(String, String, String)> {
+    let status = tool.status.as_ref()?;
+    let c = status.conditions.iter().find(|c| c.type_ == type_)?;
+    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// The controller on a background task, stopped when dropped.
+struct RunningController {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningController {
+    fn start(client: Client, namespace: &str) -> RunningController {
+        let runner_image = std::env::var("TOOLWARDEN_E2E_RUNNER_IMAGE")
+            .unwrap_or_else(|_| "docker.io/toolwarden/toolwarden:0.1.0".into());
+        let options = Options {
+            settings: Settings {
+                runner_image,
+                api_server: Vec::new(),
+            },
+            namespaces: vec![namespace.to_string()],
+            lease: None,
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let shutdown = async {
+                let _ = stopped.await;
+            };
+            let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+                .await
+                .expect("a loopback port");
+            if let Err(e) = run(client, options, listener, shutdown).await {
+                panic!("the controller stopped: {e}");
+            }
+        });
+        RunningController {
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(30), &mut self.task).await;
+    }
+}
+
+/// Creates what the tool references, so it is not refused for a missing Secret or PVC.
+async fn create_references(client: &Client, ns: &str, tool: &AgentTool) {
+    let post = PostParams::default();
+    let meta = |name: &str| json!({"name": name, "namespace": ns});
+    for secret in &tool.spec.secrets {
+        let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+        let object: Secret = serde_json::from_value(json!({"metadata": meta(&secret.secret_name),
+            "stringData": {secret.key.clone(): "e2e-value"}}))
+        .unwrap();
+        if api.create(&post, &object).await.is_err() {
+            // Another tool's key of the same Secret: add this one.
+            let patch = json!({"stringData": {secret.key.clone(): "e2e-value"}});
+            api.patch(
+                &secret.secret_name,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .expect("secret");
+        }
+    }
+    for mount in &tool.spec.permissions.filesystem {
+        if let Some(claim) = &mount.persistent_volume_claim {
+            let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+            let object = serde_json::from_value(json!({"metadata": meta(claim), "spec": {
+                "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}))
+            .unwrap();
+            let _ = api.create(&post, &object).await;
+        }
+        if let Some(name) = &mount.config_map {
+            let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+            let object = serde_json::from_value(json!({"metadata": meta(name)})).unwrap();
+            let _ = api.create(&post, &object).await;
+        }
+    }
+}
+
+async fn children_exist(client: &Client, ns: &str, tool: &str) -> bool {
+    let selector = ListParams::default().labels(&children_selector(tool));
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let services: Api<Service> = Api::namespaced(client.clone(), ns);
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
+    let counts = [
+        deployments
+            .list_metadata(&selector)
+            .await
+            .map(|l| l.items.len()),
+        services
+            .list_metadata(&selector)
+            .await
+            .map(|l| l.items.len()),
+        accounts
+            .list_metadata(&selector)
+            .await
+            .map(|l| l.items.len()),
+        config_maps
+            .list_metadata(&selector)
+            .await
+            .map(|l| l.items.len()),
+        policies
+            .list_metadata(&selector)
+            .await
+            .map(|l| l.items.len()),
+    ];
+    counts.iter().all(|c| matches!(c, Ok(n) if *n >= 1))
+}
+
+fn strict_policy(name: &str, ns: &str, mode: &str) -> ToolPolicy {
+    serde_json::from_value(json!({
+        "apiVersion": "toolwarden.dev/v1alpha1", "kind": "ToolPolicy",
+        "metadata": {"name": name},
+        "spec": {"mode": mode,
+                 "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+                 "rules": {"sandboxing": {"maxTimeoutMs": 500}}},
+    }))
+    .unwrap()
+}
+
+fn rss_kib() -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().to_string()))
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+#[tokio::test]
+async fn the_controller_deploys_reports_restores_denies_and_collects() {
+    let client = match cluster().await {
+        Ok(client) => client,
+        Err(why) => {
+            eprintln!(
+                "SKIPPED {}: {why}; set KUBECONFIG to a Kubernetes 1.33+ cluster to run it",
+                module_path!()
+            );
+            return;
+        }
+    };
+    install_crds(&client).await;
+    let ns = format!("toolwarden-e2e-ctl-{}", std::process::id());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap();
+    namespaces
+        .create(&PostParams::default(), &namespace)
+        .await
+        .expect("creating the test namespace");
+    let controller = RunningController::start(client.clone(), &ns);
+    let tools: Api<AgentTool> = Api::namespaced(client.clone(), &ns);
+    let apply = PatchParams::apply("toolwarden-e2e").force();
+
+    // Every example gets its children and a compliant, reconciled status.
+    let manifests = examples();
+    for loaded in &manifests.tools {
+        let mut tool = loaded.object.clone();
+        tool.metadata.namespace = Some(ns.clone());
+        create_references(&client, &ns, &tool).await;
+        tools
+            .patch(&tool.name_any(), &apply, &Patch::Apply(&tool))
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", loaded.origin));
+    }
+    for loaded in &manifests.tools {
+        let name = loaded.object.name_any();
+        let tool = eventually(
+            &format!("{name}: status"),
+            Duration::from_secs(60),
+            || async {
+                let tool = tools.get(&name).await.ok()?;
+                let generation = tool.status.as_ref()?.observed_generation;
+                (generation == tool.metadata.generation).then_some(tool)
+            },
+        )
+        .await;
+        assert_eq!(
+            condition(&tool, "PolicyCompliant").map(|c| c.0).as_deref(),
+            Some("True"),
+            "{name}"
+        );
+        assert_eq!(
+            condition(&tool, "Degraded").map(|c| c.0).as_deref(),
+            Some("False"),
+            "{name}"
+        );
+        assert!(
+            tool.status.as_ref().unwrap().endpoints.contains_key("mcp"),
+            "{name}"
+        );
+        eventually(
+            &format!("{name}: children"),
+            Duration::from_secs(30),
+            || async { children_exist(&client, &ns, &name).await.then_some(()) },
+        )
+        .await;
+    }
+    eprintln!("every example has its children and conditions");
+
+    // A hand edit of the runner Deployment is put back.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let privileged = |d: &Deployment| {
+        d.spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .and_then(|p| {
+                p.containers[0]
+                    .security_context
+                    .as_ref()
+                    .and_then(|c| c.privileged)
+            })
+    };
+    let edit = json!({"spec": {"template": {"spec": {"containers": [
+        {"name": "runner", "securityContext": {"privileged": true}}]}}}});
+    deployments
+        .patch(
+            "execute-code",
+            &PatchParams::default(),
+            &Patch::Strategic(&edit),
+        )
+        .await
+        .expect("the hand edit");
+    eventually(
+        "the edited Deployment restored",
+        Duration::from_secs(30),
+        || async {
+            let d = deployments.get("execute-code").await.ok()?;
+            (privileged(&d) == Some(false)).then_some(())
+        },
+    )
+    .await;
+    eprintln!("a hand-edited Deployment was restored");
+
+    // An enforcing policy scales the violating tool to zero, naming the rule; warn undoes it.
+    let policies: Api<ToolPolicy> = Api::all(client.clone());
+    let policy_name = format!("{ns}-strict");
+    let replicas = |d: Deployment| d.spec.and_then(|s| s.replicas);
+    for (mode, want_replicas, want_reason) in [
+        ("enforce", 0, "PolicyDenied"),
+        ("warn", 1, "PolicyWarnings"),
+    ] {
+        policies
+            .patch(
+                &policy_name,
+                &apply,
+                &Patch::Apply(&strict_policy(&policy_name, &ns, mode)),
+            )
+            .await
+            .expect("the ToolPolicy");
+        eventually(
+            &format!("{mode}: replicas {want_replicas}"),
+            Duration::from_secs(30),
+            || async {
+                let tool = tools.get("execute-code").await.ok()?;
+                let (_, reason, message) = condition(&tool, "PolicyCompliant")?;
+                let scaled =
+                    replicas(deployments.get("execute-code").await.ok()?) == Some(want_replicas);
+                (reason == want_reason && message.contains("TW-SANDBOX-") && scaled).then_some(())
+            },
+        )
+        .await;
+        eprintln!("{mode}: execute-code at {want_replicas} replicas, {want_reason}");
+    }
+    let _ = policies
+        .delete(&policy_name, &DeleteParams::default())
+        .await;
+
+    // With a Ready node and the runner image, the runner pods become Ready.
+    if std::env::var_os("TOOLWARDEN_E2E_RUNNER_IMAGE").is_some() {
+        eventually("execute-code Ready", Duration::from_secs(180), || async {
+            let tool = tools.get("execute-code").await.ok()?;
+            (condition(&tool, "Ready")?.0 == "True").then_some(())
+        })
+        .await;
+    } else {
+        eprintln!("not waiting for Ready=True: TOOLWARDEN_E2E_RUNNER_IMAGE is not set");
+    }
+
+    // Deleting a tool collects its children (ownerReferences, the garbage collector).
+    tools
+        .delete("execute-code", &DeleteParams::foreground())
+        .await
+        .expect("deleting the tool");
+    eventually(
+        "execute-code's children collected",
+        Duration::from_secs(60),
+        || async {
+            let selector = ListParams::default().labels(&children_selector("execute-code"));
+            let left = deployments.list_metadata(&selector).await.ok()?.items.len();
+            (left == 0).then_some(())
+        },
+    )
+    .await;
+    eprintln!("deleting a tool collected its children");
+
+    if std::env::var_os(SCALE_ENV).is_some() {
+        scale_run(&client, &ns).await;
+    } else {
+        eprintln!("scale run SKIPPED: set {SCALE_ENV}=1");
+    }
+    controller.stop().await;
+    let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
+}
+
+/// 1,000 tools reconciled to all their children and a status within 60 s.
+async fn scale_run(client: &Client, ns: &str) {
+    let tools: Api<AgentTool> = Api::namespaced(client.clone(), ns);
+    let template = examples()
+        .tools
+        .into_iter()
+        .find(|t| t.object.name_any() == "execute-code")
+        .unwrap()
+        .object;
+    let started = Instant::now();
+    let apply = PatchParams::apply("toolwarden-e2e").force();
+    for i in 0..SCALE_TOOLS {
+        let mut tool = template.clone();
+        tool.metadata = kube::api::ObjectMeta {
+            name: Some(format!("scale-{i}")),
+            namespace: Some(ns.to_string()),
+            labels: Some(BTreeMap::from([(
+                "toolwarden.dev/e2e".into(),
+                "scale".into(),
+            )])),
+            ..Default::default()
+        };
+        tools
+            .patch(&tool.name_any(), &apply, &Patch::Apply(&tool))
+            .await
+            .expect("scale tool");
+    }
+    let created = started.elapsed();
+    let done = eventually("1,000 tools reconciled", SCALE_DEADLINE, || async {
+        let list = tools
+            .list(&ListParams::default().labels("toolwarden.dev/e2e=scale"))
+            .await
+            .ok()?;
+        let reconciled = list
+            .items
+            .iter()
+            .filter(|t| {
+                t.status
+                    .as_ref()
+                    .and_then(|s| s.observed_generation)
+                    .is_some()
+            })
+            .count();
+        (reconciled == SCALE_TOOLS).then_some(started.elapsed())
+    })
+    .await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let count = deployments
+        .list_metadata(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .len();
+    assert!(count >= SCALE_TOOLS, "{count} Deployments");
+    eprintln!(
+        "scale: {SCALE_TOOLS} tools applied in {created:?}, all reconciled with children in {done:?} \
+         (limit {SCALE_DEADLINE:?}); test process RSS (controller included) {}",
+        rss_kib()
+    );
+}
