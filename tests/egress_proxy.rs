@@ -13,7 +13,8 @@ use support::{Names, Proxy, TestPki, Upstream, connect, get, request, send};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use toolwarden::api::{EgressCidr, EgressRule, SecretUse};
 use toolwarden::egress::{
-    Credentials, EgressEvent, EgressLimits, EgressOutcome, EgressPolicy, UpstreamTls,
+    Credentials, EgressEvent, EgressLimits, EgressOutcome, EgressPolicy, MAX_CONNECTIONS,
+    UpstreamTls,
 };
 
 const SECRET: &str = "sk-live-REAL-0123456789";
@@ -797,4 +798,46 @@ async fn oversized_and_slow_exchanges_are_cut() {
         vec!["/big", "/slow"],
         "the oversized request was not sent"
     );
+}
+
+/// A tool opening tunnels or connections without end: past the limit the
+/// proxy takes no more, and a slot frees up when a tunnel ends.
+#[tokio::test]
+async fn a_tool_cannot_hold_unbounded_tunnels_or_connections() {
+    let names = Arc::new(Names::default());
+    names.set("secure.test", &[&["127.0.0.1"]]);
+    let policy = EgressPolicy::new(&rules("- {host: secure.test}"), &loopback()).unwrap();
+    let proxy = Proxy::start(policy, no_tls(), names).await;
+    let mut tunnels = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        let (status, _, tunnel) = connect(proxy.addr, "secure.test:443").await;
+        assert_eq!(status, 200);
+        tunnels.push(tunnel.unwrap());
+    }
+    let (status, reason, _) = connect(proxy.addr, "secure.test:443").await;
+    assert_eq!((status, reason.as_str()), (503, "TooManyConnections"));
+    // Closing one tunnel frees its slot once its task sees the end.
+    drop(tunnels.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while connect(proxy.addr, "secure.test:443").await.0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "no slot freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Idle connections: the one past the limit is closed unanswered.
+    let mut idle = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        idle.push(tokio::net::TcpStream::connect(proxy.addr).await.unwrap());
+    }
+    let mut extra = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    extra
+        .write_all(b"CONNECT secure.test:443 HTTP/1.1\r\nHost: secure.test:443\r\n\r\n")
+        .await
+        .ok();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), extra.read_to_end(&mut answer))
+        .await
+        .expect("closed at once")
+        .ok();
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
 }

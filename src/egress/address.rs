@@ -60,11 +60,11 @@ fn embedded_ipv4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     let o = ip.octets();
     let seg = ip.segments();
     let tail = Ipv4Addr::new(o[12], o[13], o[14], o[15]);
+    let compatible = seg[..6] == [0; 6] && ip != Ipv6Addr::UNSPECIFIED && ip != Ipv6Addr::LOCALHOST;
+    let nat64 = seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
     if let Some(v4) = ip.to_ipv4_mapped() {
         Some(v4)
-    } else if seg[..6] == [0; 6] && ip != Ipv6Addr::UNSPECIFIED && ip != Ipv6Addr::LOCALHOST {
-        Some(tail)
-    } else if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+    } else if compatible || nat64 {
         Some(tail)
     } else if seg[0] == 0x2002 {
         Some(Ipv4Addr::new(o[2], o[3], o[4], o[5]))

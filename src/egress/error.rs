@@ -75,6 +75,8 @@ pub enum EgressError {
     BadRequest { detail: String },
     #[error("the proxy stopped")]
     Stopped,
+    #[error("more than {limit} tunnels open")]
+    TooManyConnections { limit: usize },
 }
 
 impl EgressError {
@@ -109,6 +111,7 @@ impl EgressError {
             EgressError::Upstream { .. } => "Upstream",
             EgressError::BadRequest { .. } => "BadRequest",
             EgressError::Stopped => "Stopped",
+            EgressError::TooManyConnections { .. } => "TooManyConnections",
         }
     }
 
@@ -155,7 +158,9 @@ impl EgressError {
             | EgressError::UpstreamTls { .. }
             | EgressError::Upstream { .. }
             | EgressError::ResponseTooLarge { .. } => StatusCode::BAD_GATEWAY,
-            EgressError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+            EgressError::Stopped | EgressError::TooManyConnections { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             EgressError::InvalidRule { .. }
             | EgressError::InvalidCredential { .. }
             | EgressError::Random { .. }

@@ -26,5 +26,5 @@ pub use audit::{EgressAudit, EgressEvent, EgressOutcome};
 pub use credentials::{Credentials, PLACEHOLDER_PREFIX};
 pub use error::EgressError;
 pub use policy::{EgressLimits, EgressPolicy};
-pub use proxy::{EgressProxy, Listener, REASON_HEADER, UpstreamTls};
+pub use proxy::{EgressProxy, Listener, MAX_CONNECTIONS, REASON_HEADER, UpstreamTls};
 pub use resolve::{ResolveFuture, Resolver, SystemResolver};

@@ -19,7 +19,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 use super::address;
@@ -31,8 +31,9 @@ use super::sni::read_client_hello;
 
 /// Largest request head (request line and headers) the proxy reads.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
-/// Connections one proxy serves at once; more are closed on accept.
-const MAX_CONNECTIONS: usize = 64;
+/// Connections one proxy serves at once, and tunnels it keeps open; a
+/// connection beyond it is closed on accept, a tunnel refused with 503.
+pub const MAX_CONNECTIONS: usize = 64;
 /// Names the header that says why the proxy refused a request.
 pub const REASON_HEADER: &str = "x-toolwarden-egress-reason";
 
@@ -106,6 +107,10 @@ pub struct EgressProxy {
     audit: Arc<dyn EgressAudit>,
     /// Closed when [`EgressProxy::serve`] is dropped, which ends open tunnels.
     served: Option<watch::Receiver<()>>,
+    /// One permit per open connection.
+    connections: Arc<Semaphore>,
+    /// One permit per open tunnel (its connection has ended in the upgrade).
+    tunnels: Arc<Semaphore>,
 }
 
 type ProxyBody = Full<Bytes>;
@@ -118,6 +123,8 @@ impl EgressProxy {
             resolver: Arc::new(SystemResolver),
             audit,
             served: None,
+            connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            tunnels: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
         }
     }
 
@@ -141,14 +148,18 @@ impl EgressProxy {
                 Err(e) => return e,
             };
             while connections.try_join_next().is_some() {}
-            if connections.len() >= MAX_CONNECTIONS {
+            let Ok(permit) = proxy.connections.clone().try_acquire_owned() else {
                 tracing::warn!(
                     limit = MAX_CONNECTIONS,
                     "egress proxy: connection refused, too many open"
                 );
                 continue;
-            }
-            connections.spawn(proxy.clone().serve_connection(io));
+            };
+            let proxy = proxy.clone();
+            connections.spawn(async move {
+                proxy.serve_connection(io).await;
+                drop(permit);
+            });
         }
     }
 }
@@ -296,8 +307,8 @@ impl EgressProxy {
             other => other,
         })?;
         event.bytes_received = body.len() as u64;
+        // Content-Length stays: the body read matched it (or it answers a HEAD).
         strip_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(header::CONTENT_LENGTH);
         Ok(Some(Response::from_parts(parts, Full::new(body))))
     }
 
@@ -365,6 +376,11 @@ impl EgressProxy {
                 .refuse_in(value.as_bytes(), &place)?;
         }
         let addresses = self.checked_addresses(&host, event).await?;
+        let permit = self.tunnels.clone().try_acquire_owned().map_err(|_| {
+            EgressError::TooManyConnections {
+                limit: MAX_CONNECTIONS,
+            }
+        })?;
         let upgrade = hyper::upgrade::on(request);
         let mut event = event.clone();
         event.status = StatusCode::OK.as_u16();
@@ -382,6 +398,7 @@ impl EgressProxy {
                 event.fail(&error);
             }
             inner.record(event, started);
+            drop(permit);
         });
         Ok(None)
     }
