@@ -841,3 +841,73 @@ async fn a_tool_cannot_hold_unbounded_tunnels_or_connections() {
         .ok();
     assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
 }
+
+/// The proxy serves any listener it is handed; the sandbox wiring may pass
+/// a Unix socket as well as a TCP one.
+#[tokio::test]
+async fn the_proxy_serves_a_unix_listener() {
+    let upstream = Upstream::start("127.0.0.1:0", None).await.unwrap();
+    let names = Arc::new(Names::default());
+    names.set("plain.test", &[&["127.0.0.1"]]);
+    let policy = EgressPolicy::new(
+        &rules(&format!(
+            "- {{host: plain.test, ports: [{}], plainHttp: true}}",
+            upstream.port()
+        )),
+        &loopback(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("egress.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let audit = Arc::new(support::Recorder::default());
+    let proxy =
+        toolwarden::egress::EgressProxy::new(policy, no_tls(), audit.clone()).with_resolver(names);
+    let serving = tokio::spawn(proxy.serve(listener));
+    let mut stream = tokio::net::UnixStream::connect(&path).await.unwrap();
+    let request = format!(
+        "GET http://plain.test:{}/u HTTP/1.1\r\nConnection: close\r\n\r\n",
+        upstream.port()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(upstream.requests()[0].target, "/u");
+    audit.wait_for(|e| e.path == "/u" && e.status == 200).await;
+    serving.abort();
+}
+
+/// When the call ends the runner drops `serve`: an established tunnel must
+/// close with it, not outlive the call.
+#[tokio::test]
+async fn dropping_serve_closes_open_tunnels() {
+    let pki = TestPki::new(&["secure.test"]);
+    let upstream = Upstream::start("127.0.0.1:0", Some(pki.server.clone()))
+        .await
+        .unwrap();
+    let names = Arc::new(Names::default());
+    names.set("secure.test", &[&["127.0.0.1"]]);
+    let policy = EgressPolicy::new(
+        &rules(&format!(
+            "- {{host: secure.test, ports: [{}]}}",
+            upstream.port()
+        )),
+        &loopback(),
+    )
+    .unwrap();
+    let proxy = Proxy::start(policy, no_tls(), names).await;
+    let (_, _, tunnel) = connect(proxy.addr, &format!("secure.test:{}", upstream.port())).await;
+    let name = rustls::pki_types::ServerName::try_from("secure.test").unwrap();
+    let mut tls = pki.client().connect(name, tunnel.unwrap()).await.unwrap();
+    tls.write_all(b"GET /1 HTTP/1.1\r\nHost: secure.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 12];
+    tls.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    drop(proxy);
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the tunnel outlived the proxy");
+}
