@@ -63,8 +63,8 @@ pub enum EgressError {
     RequestTooLarge { limit: usize },
     #[error("the response body is larger than {limit} bytes")]
     ResponseTooLarge { limit: usize },
-    #[error("no answer within {seconds} s")]
-    Timeout { seconds: u64 },
+    #[error("no answer within {} ms", .limit.as_millis())]
+    Timeout { limit: std::time::Duration },
     #[error("cannot connect to {address}: {detail}")]
     ConnectFailed { address: String, detail: String },
     #[error("TLS to {host} failed: {detail}")]

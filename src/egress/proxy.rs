@@ -200,15 +200,16 @@ impl EgressProxy {
         let started = Instant::now();
         let mut event = EgressEvent::new(request.method().as_str());
         let timeout = self.policy.limits().timeout;
-        let result = if request.method() == Method::CONNECT {
-            self.clone().open_tunnel(request, &mut event, started).await
-        } else {
-            tokio::time::timeout(timeout, self.forward(request, &mut event))
-                .await
-                .unwrap_or(Err(EgressError::Timeout {
-                    seconds: timeout.as_secs(),
-                }))
+        let exchange = async {
+            if request.method() == Method::CONNECT {
+                self.clone().open_tunnel(request, &mut event, started).await
+            } else {
+                self.forward(request, &mut event).await
+            }
         };
+        let result = tokio::time::timeout(timeout, exchange)
+            .await
+            .unwrap_or(Err(EgressError::Timeout { limit: timeout }));
         match result {
             Ok(Some(response)) => {
                 event.status = response.status().as_u16();
@@ -292,7 +293,7 @@ impl EgressProxy {
             )
             .await
             .map_err(|_| EgressError::Timeout {
-                seconds: self.policy.limits().connect_timeout.as_secs(),
+                limit: self.policy.limits().connect_timeout,
             })?
             .map_err(|e| EgressError::UpstreamTls {
                 host: host.clone(),
@@ -390,7 +391,7 @@ impl EgressProxy {
             let run = inner.run_tunnel(upgrade, &host, port, addresses, &mut event);
             let result = tokio::select! {
                 result = tokio::time::timeout(timeout, run) => result.unwrap_or(Err(EgressError::Timeout {
-                    seconds: timeout.as_secs(),
+                    limit: timeout,
                 })),
                 () = serving_ends(inner.served.clone()) => Err(EgressError::Stopped),
             };
@@ -420,7 +421,7 @@ impl EgressProxy {
             tokio::time::timeout(limits.connect_timeout, read_client_hello(&mut client))
                 .await
                 .map_err(|_| EgressError::Timeout {
-                    seconds: limits.connect_timeout.as_secs(),
+                    limit: limits.connect_timeout,
                 })??;
         let sni = sni.ok_or_else(|| EgressError::NoSni {
             host: host.to_string(),
