@@ -374,6 +374,59 @@ pub struct EgressRule {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub ports: Vec<u16>,
+    /// Path prefixes (whole segments, e.g. `/v1/search`) plain-HTTP requests
+    /// may use; any path when empty. A rule with paths or methods admits no
+    /// `CONNECT` tunnel, where the proxy could not see them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub paths: Vec<EgressPath>,
+    /// HTTP methods plain-HTTP requests may use; any when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub methods: Vec<HttpMethod>,
+    /// The upstream speaks plain HTTP. Without it, a tool's `http://host/...`
+    /// request is sent over TLS (verified against the system roots), so the
+    /// proxy can add credentials and no key crosses the network in clear.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub plain_http: bool,
+}
+
+/// An absolute request path prefix: no `.`/`..`/empty segments, no `%`, `?` or `#`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(transparent)]
+pub struct EgressPath(
+    #[schemars(
+        length(min = 1, max = 1024),
+        regex(pattern = r"^(/([^/.%?#\\]|\.[^/.%?#\\]|\.\.[^/%?#\\])[^/%?#\\]*)*/?$")
+    )]
+    pub String,
+);
+
+/// An HTTP method an egress rule admits.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum HttpMethod {
+    Get,
+    Head,
+    Post,
+    Put,
+    Patch,
+    Delete,
+    Options,
+}
+
+impl HttpMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HttpMethod::Get => "GET",
+            HttpMethod::Head => "HEAD",
+            HttpMethod::Post => "POST",
+            HttpMethod::Put => "PUT",
+            HttpMethod::Patch => "PATCH",
+            HttpMethod::Delete => "DELETE",
+            HttpMethod::Options => "OPTIONS",
+        }
+    }
 }
 
 /// One namespaced RBAC rule for the tool's identity.
@@ -439,6 +492,9 @@ pub struct SecretInjection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
     pub prefix: Option<String>,
+    /// Only requests under this path prefix (whole segments) get the value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<EgressPath>,
 }
 
 /// Whom a rate limit counts.

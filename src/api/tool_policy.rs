@@ -170,6 +170,12 @@ pub struct SandboxingRules {
     /// Egress host patterns (exact or `*.suffix`); absent means any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_egress_hosts: Option<Vec<String>>,
+    /// Address ranges (CIDR, e.g. `10.20.0.0/16`) the egress proxy may connect
+    /// to although they are loopback, private, link-local or otherwise not
+    /// public; every such address is refused otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub allowed_egress_cidrs: Vec<EgressCidr>,
     /// RuntimeClasses allowed; absent means any (including none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_runtime_classes: Option<Vec<String>>,
@@ -177,6 +183,17 @@ pub struct SandboxingRules {
     #[serde(default)]
     pub require_runtime_class: bool,
 }
+
+/// An IPv4 or IPv6 network in CIDR notation.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(transparent)]
+pub struct EgressCidr(
+    #[schemars(
+        length(min = 4, max = 43),
+        regex(pattern = r"^[0-9a-fA-F:.]+/[0-9]{1,3}$")
+    )]
+    pub String,
+);
 
 /// Checklist item 5.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
