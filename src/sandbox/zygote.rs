@@ -31,26 +31,30 @@ pub fn zygote_main() -> i32 {
 fn serve(seal_err: Option<std::io::Error>) -> i32 {
     // Started by hand, without the runner's socket: owning a closed fd would abort.
     let cloexec = nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC);
-    let result = match nix::fcntl::fcntl(ZYGOTE_SOCK_FD, cloexec) {
+    let sock = nix::fcntl::fcntl(ZYGOTE_SOCK_FD, cloexec).map(|_| {
+        // SAFETY: fd 3 is open (checked by the fcntl) and was placed there by the runner for
+        // this process alone; nothing else owns it.
+        unsafe { OwnedFd::from_raw_fd(ZYGOTE_SOCK_FD) }
+    });
+    let result = match &sock {
+        Ok(sock) => run(sock.as_fd(), seal_err),
         Err(errno) => Err(SetupError::NoSocket {
             fd: ZYGOTE_SOCK_FD,
-            errno,
+            errno: *errno,
         }
         .into()),
-        Ok(_) => {
-            // SAFETY: fd 3 is open (checked above) and was placed there by the runner for this
-            // process alone; nothing else owns it.
-            let sock = unsafe { OwnedFd::from_raw_fd(ZYGOTE_SOCK_FD) };
-            run(sock.as_fd(), seal_err)
-        }
     };
-    match result {
+    let code = match result {
         Ok(()) => 0,
         Err(e) => {
             tracing::error!(error = %e, reason = e.reason(), "sandbox zygote failed");
             1
         }
-    }
+    };
+    // Only now: the runner learns of a failure when this socket closes, and may exit at once;
+    // the reason must be on stderr before that.
+    drop(sock);
+    code
 }
 
 /// The zygote's diagnostics go to the stderr it shares with the runner, as text, at the level
