@@ -148,6 +148,7 @@ fn runner(
         executor,
         metrics: Metrics::default(),
         admission: Admission::default(),
+        approvals: Default::default(),
     })
 }
 

@@ -162,6 +162,7 @@ async fn start_opts(options: Options) -> Server {
         executor: Arc::new(executor),
         metrics: Metrics::default(),
         admission: options.admission.unwrap_or_default(),
+        approvals: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -224,12 +225,11 @@ impl Server {
         }
         let response = request.send().await.unwrap();
         let status = response.status();
-        if status != StatusCode::OK {
-            let ct = response.headers()["content-type"]
-                .to_str()
-                .unwrap()
-                .to_string();
-            assert_eq!(ct, "application/problem+json", "status {status}");
+        // Refusals are problem documents; a call accepted for approval is not one.
+        let ct = response.headers()["content-type"].to_str().unwrap();
+        match status {
+            StatusCode::OK | StatusCode::ACCEPTED => assert_eq!(ct, "application/json"),
+            _ => assert_eq!(ct, "application/problem+json", "status {status}"),
         }
         (status, response.json().await.unwrap())
     }
@@ -353,6 +353,41 @@ async fn guide_security_tests_over_http() {
             .unwrap()
             .starts_with("approval-")
     );
+    // 202 is a plain JSON description of the pending call, not a problem document, with
+    // a `Location` its caller (and only its caller) can follow.
+    let answer = s
+        .http
+        .post(format!("{}/v1/tools/file-operation/invoke", s.base))
+        .bearer_auth(ALICE_TOKEN)
+        .json(&json!({"operation": "delete", "path": "/workspace/a.txt"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), StatusCode::ACCEPTED);
+    assert_eq!(answer.headers()["content-type"], "application/json");
+    let location = answer.headers()["location"].to_str().unwrap().to_string();
+    let pending: Value = answer.json().await.unwrap();
+    assert_eq!(pending["status"], "pending", "{pending}");
+    assert_eq!(pending["tool"], "file-operation", "{pending}");
+    assert_eq!(pending["location"], location.as_str());
+    assert!(pending.get("type").is_none(), "not a problem: {pending}");
+    assert_eq!(
+        location,
+        format!("/v1/approvals/{}", pending["approvalId"].as_str().unwrap())
+    );
+    let status_of = |token: Option<&'static str>| {
+        let mut request = s.http.get(format!("{}{location}", s.base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move { request.send().await.unwrap() }
+    };
+    let followed = status_of(Some(ALICE_TOKEN)).await;
+    assert_eq!(followed.status(), StatusCode::OK);
+    let followed: Value = followed.json().await.unwrap();
+    assert_eq!(followed["approvalId"], pending["approvalId"]);
+    assert_eq!(followed["status"], "pending");
+    assert_eq!(status_of(None).await.status(), StatusCode::UNAUTHORIZED);
     let (status, body) = s
         .invoke(
             "file-operation",
@@ -412,7 +447,7 @@ async fn guide_security_tests_over_http() {
             .iter()
             .all(|r| r["caller"]["sub"].is_string() && r["invocationId"].is_string())
     );
-    assert_eq!(events(&records, "approvalPending").len(), 1);
+    assert_eq!(events(&records, "approvalPending").len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

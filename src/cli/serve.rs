@@ -355,6 +355,7 @@ fn run(
             common.max_calls_per_tool,
             Duration::from_secs(common.queue_timeout),
         ),
+        approvals: Default::default(),
     });
     let http = http_config(common);
     tokio.block_on(async move {

@@ -165,6 +165,7 @@ impl TestRunner {
             metrics: Metrics::default(),
             // One run of a tool at a time, a short queue: admission is testable.
             admission: Admission::new(1, Duration::from_millis(50)),
+            approvals: Default::default(),
         });
         TestRunner {
             runner,

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::pipeline::{Runner, Success};
+use super::pipeline::{Called, Runner, Success};
 use super::problem::{Problem, ProblemKind};
 use super::request::{call_context, is_json, read_body};
 use super::tool::PreparedTool;
@@ -297,7 +297,16 @@ pub async fn post(
             let input = serde_json::to_vec(&arguments).unwrap_or_default();
             let body = std::future::ready(Ok(input.into()));
             match runner.invoke(&ctx, &name, body).await {
-                Ok(success) => result(id, Reply::Call(success_result(&success))),
+                Ok(Called::Ran(success)) => result(id, Reply::Call(success_result(&success))),
+                // Not run: a tool error, so the agent does not take it for the tool's answer.
+                Ok(Called::AwaitingApproval(pending)) => {
+                    let view = serde_json::to_value(pending.view(jiff::Timestamp::now()))
+                        .unwrap_or_default();
+                    result(
+                        id,
+                        Reply::Call(call_result(view, true, Some(&pending.invocation_id))),
+                    )
+                }
                 Err(problem) => match problem.kind {
                     ProblemKind::Unauthenticated => return problem.into_response(),
                     // After authentication, so names cannot be probed anonymously.

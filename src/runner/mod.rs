@@ -7,6 +7,7 @@
 //! No two files import each other (`tests/runner_imports.rs` checks it).
 
 pub mod admission;
+pub mod approvals;
 pub mod audit;
 pub mod auth;
 pub mod authorize;

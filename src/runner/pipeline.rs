@@ -24,6 +24,7 @@ use sha2::{Digest, Sha256};
 use tracing::Instrument;
 
 use super::admission::{Admission, RunSlot};
+use super::approvals::{Approvals, PendingApproval};
 use super::audit::{AuditFailed, AuditLog};
 use super::auth::{AuthError, Authenticator, Caller};
 use super::authorize::{authorize, holds};
@@ -54,6 +55,8 @@ pub struct Runner {
     pub metrics: Metrics,
     /// Per-tool run slots with a queue deadline.
     pub admission: Admission,
+    /// Calls answered `202`, for their callers to look up.
+    pub approvals: Approvals,
 }
 
 /// Who is asking, as the transport saw it.
@@ -66,6 +69,15 @@ pub struct CallContext {
     /// Set when the transport authenticated the caller already (MCP does,
     /// before it reads the body that names the tool).
     pub caller: Option<Caller>,
+}
+
+/// What a call that was not refused comes to.
+#[derive(Clone, Debug)]
+pub enum Called {
+    /// The tool ran and succeeded.
+    Ran(Success),
+    /// A human must approve first: the call did not run.
+    AwaitingApproval(PendingApproval),
 }
 
 /// A successful call.
@@ -166,7 +178,7 @@ impl Runner {
         ctx: &CallContext,
         tool_name: &str,
         body: impl Future<Output = Result<Bytes, Problem>> + Send,
-    ) -> Result<Success, Problem> {
+    ) -> Result<Called, Problem> {
         let _in_flight = self.metrics.in_flight();
         let tool = self.registry.get(tool_name);
         let invocation_id = uuid::Uuid::new_v4().to_string();
@@ -178,7 +190,8 @@ impl Runner {
             .instrument(span)
             .await;
         let outcome = match &result {
-            Ok(_) => "ok",
+            Ok(Called::Ran(_)) => "ok",
+            Ok(Called::AwaitingApproval(_)) => "pending-approval",
             Err(p) => p.kind.slug(),
         };
         self.metrics
@@ -236,7 +249,7 @@ impl Runner {
         tool: Option<&Arc<PreparedTool>>,
         body: impl Future<Output = Result<Bytes, Problem>> + Send,
         invocation_id: String,
-    ) -> Result<Success, Problem> {
+    ) -> Result<Called, Problem> {
         let mut trail = self.trail(
             ctx,
             invocation_id.clone(),
@@ -329,13 +342,17 @@ impl Runner {
 
         if let Some(approval_id) = approval_gate(tool, &caller, &input, &invocation_id) {
             trail.record("approvalPending", json!({"approvalId": approval_id}))?;
-            let mut problem = Problem::new(
-                ProblemKind::PendingApproval,
-                "this call needs a human approval before it runs",
+            let timeout = tool.spec.approval.as_ref().map_or(0, |a| a.timeout_seconds);
+            let pending = PendingApproval::new(
+                approval_id,
+                invocation_id,
+                &tool.name,
+                &caller.sub,
+                timeout,
+                jiff::Timestamp::now(),
             );
-            problem.approval_id = Some(approval_id);
-            problem.invocation_id = Some(invocation_id);
-            return Err(problem);
+            self.approvals.hold(pending.clone());
+            return Ok(Called::AwaitingApproval(pending));
         }
 
         let slot = match self.admission.admit(&tool.name).await {
@@ -353,6 +370,7 @@ impl Runner {
         };
         self.run_detached(trail, Arc::clone(tool), input, invocation_id, slot)
             .await
+            .map(Called::Ran)
     }
 
     /// Runs the call so that the run and its closing record happen whether or
@@ -675,7 +693,10 @@ mod scenarios {
         tool: &str,
         input: &Value,
     ) -> Result<Success, Problem> {
-        t.runner.invoke(ctx, tool, body(input)).await
+        match t.runner.invoke(ctx, tool, body(input)).await? {
+            Called::Ran(success) => Ok(success),
+            Called::AwaitingApproval(pending) => panic!("awaits approval: {pending:?}"),
+        }
     }
 
     fn events(t: &TestRunner) -> Vec<String> {
@@ -828,13 +849,27 @@ mod scenarios {
                 record["invocationId"].as_str()
             );
         }
-        // A write waits for a human: answered, not run.
+        // A write waits for a human: answered, not run, and held for its caller alone.
         let write = json!({"operation": "write", "name": "todo", "text": "x"});
-        let problem = call(&t, &alice(), "notes", &write).await.unwrap_err();
-        assert_eq!(problem.kind, ProblemKind::PendingApproval);
-        let id = problem.invocation_id.clone().unwrap();
-        assert_eq!(problem.approval_id, Some(format!("approval-{id}")));
-        assert_eq!(t.records().pop().unwrap()["event"], "approvalPending");
+        let Ok(Called::AwaitingApproval(pending)) =
+            t.runner.invoke(&alice(), "notes", body(&write)).await
+        else {
+            panic!("a write must wait for approval");
+        };
+        assert_eq!(
+            pending.approval_id,
+            format!("approval-{}", pending.invocation_id)
+        );
+        assert_eq!(pending.tool, "notes");
+        let record = t.records().pop().unwrap();
+        assert_eq!(record["event"], "approvalPending");
+        assert_eq!(record["approvalId"], pending.approval_id.as_str());
+        let caller = record["caller"]["sub"].as_str().unwrap();
+        assert_eq!(
+            t.runner.approvals.lookup(&pending.approval_id, caller),
+            Some(pending.clone())
+        );
+        assert_eq!(t.runner.approvals.lookup(&pending.approval_id, "bob"), None);
         assert!(t.executor.runs().is_empty());
     }
 

@@ -23,7 +23,6 @@ pub enum ProblemKind {
     NotAcceptable,
     NotFound,
     MethodNotAllowed,
-    PendingApproval,
     ToolFailed,
     ToolTimeout,
     AuditUnavailable,
@@ -46,7 +45,6 @@ impl ProblemKind {
             ProblemKind::NotAcceptable => StatusCode::NOT_ACCEPTABLE,
             ProblemKind::NotFound => StatusCode::NOT_FOUND,
             ProblemKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ProblemKind::PendingApproval => StatusCode::ACCEPTED,
             ProblemKind::ToolFailed => StatusCode::BAD_GATEWAY,
             ProblemKind::ToolTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProblemKind::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -68,7 +66,6 @@ impl ProblemKind {
             ProblemKind::NotAcceptable => "not-acceptable",
             ProblemKind::NotFound => "not-found",
             ProblemKind::MethodNotAllowed => "method-not-allowed",
-            ProblemKind::PendingApproval => "pending-approval",
             ProblemKind::ToolFailed => "tool-failed",
             ProblemKind::ToolTimeout => "tool-timeout",
             ProblemKind::AuditUnavailable => "audit-unavailable",
@@ -89,7 +86,6 @@ impl ProblemKind {
             ProblemKind::NotAcceptable => "Not acceptable",
             ProblemKind::NotFound => "Not found",
             ProblemKind::MethodNotAllowed => "Method not allowed",
-            ProblemKind::PendingApproval => "The call waits for approval",
             ProblemKind::ToolFailed => "The tool failed",
             ProblemKind::ToolTimeout => "The tool timed out",
             ProblemKind::AuditUnavailable => "The audit log is unavailable",
@@ -114,8 +110,6 @@ pub struct Problem {
     pub retry_after_secs: Option<u64>,
     /// Set once the call has an ID, so callers can quote it.
     pub invocation_id: Option<String>,
-    /// For `pending-approval`.
-    pub approval_id: Option<String>,
 }
 
 impl Problem {
@@ -126,7 +120,6 @@ impl Problem {
             errors: Vec::new(),
             retry_after_secs: None,
             invocation_id: None,
-            approval_id: None,
         }
     }
 
@@ -154,9 +147,6 @@ impl Problem {
         }
         if let Some(id) = &self.invocation_id {
             body["invocationId"] = id.clone().into();
-        }
-        if let Some(id) = &self.approval_id {
-            body["approvalId"] = id.clone().into();
         }
         if let Some(secs) = self.retry_after_secs {
             body["retryAfterSeconds"] = secs.into();

@@ -1,4 +1,5 @@
-//! The REST handlers (`/v1/tools`, `/v1/tools/{name}/invoke`), the probes and
+//! The REST handlers (`/v1/tools`, `/v1/tools/{name}/invoke`,
+//! `/v1/approvals/{id}`), the probes and
 //! `/metrics`. Thin: every decision is made by the pipeline; the routes are
 //! `router.rs`'s.
 
@@ -7,12 +8,12 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, State};
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::metrics::{OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE};
-use super::pipeline::Runner;
+use super::pipeline::{Called, Runner};
 use super::problem::{Problem, ProblemKind};
 use super::request::{call_context, is_json, read_body};
 
@@ -74,7 +75,7 @@ pub async fn invoke(
         }
     };
     match runner.invoke(&ctx, &name, body).await {
-        Ok(success) => axum::Json(Invoked {
+        Ok(Called::Ran(success)) => axum::Json(Invoked {
             invocation_id: &success.invocation_id,
             output: &success.output,
             exit_code: success.exit_code,
@@ -82,7 +83,33 @@ pub async fn invoke(
             output_truncated: success.output_truncated,
         })
         .into_response(),
+        // Accepted, not run: a plain JSON body (not a problem) and where to follow it.
+        Ok(Called::AwaitingApproval(pending)) => (
+            StatusCode::ACCEPTED,
+            [(header::LOCATION, pending.location())],
+            axum::Json(pending.view(jiff::Timestamp::now())),
+        )
+            .into_response(),
         Err(problem) => problem.into_response(),
+    }
+}
+
+/// `GET /v1/approvals/{id}`: where a call answered `202` stands. Only the
+/// caller who asked sees it; to anyone else it does not exist.
+pub async fn approval(
+    State(runner): State<Arc<Runner>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let ctx = call_context("rest", peer, &headers);
+    let caller = match runner.auth.authenticate(ctx.authorization.as_deref()).await {
+        Ok(caller) => caller,
+        Err(e) => return Problem::new(ProblemKind::Unauthenticated, e.to_string()).into_response(),
+    };
+    match runner.approvals.lookup(&id, &caller.sub) {
+        Some(pending) => axum::Json(pending.view(jiff::Timestamp::now())).into_response(),
+        None => Problem::new(ProblemKind::NotFound, "no such approval").into_response(),
     }
 }
 

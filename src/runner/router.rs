@@ -17,6 +17,7 @@ pub fn router(runner: Arc<Runner>) -> Router {
     Router::new()
         .route("/v1/tools", get(rest::list_tools))
         .route("/v1/tools/{name}/invoke", post(rest::invoke))
+        .route("/v1/approvals/{id}", get(rest::approval))
         .route("/mcp", post(mcp::post).get(mcp::get).delete(mcp::delete))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(rest::ready))
