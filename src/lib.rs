@@ -5,3 +5,4 @@ pub mod cli;
 pub mod policy;
 pub mod runner;
 pub mod sandbox;
+pub mod webhook;

@@ -1,0 +1,16 @@
+//! `toolwarden webhook`: the admission webhook that holds the checklist at the
+//! API server. [`review::Admission::review`] is a pure function from an
+//! AdmissionReview body and a [`cluster::ClusterView`] snapshot to the answer;
+//! [`server`] puts it behind HTTPS with a concurrency bound and a deadline;
+//! [`certs`] keeps its serving certificate.
+
+mod approvals;
+pub mod cluster;
+mod policies;
+pub mod review;
+mod tools;
+pub mod workloads;
+
+pub use cluster::ClusterView;
+pub use policies::problems as policy_problems;
+pub use review::{Admission, BadReview, Config, MAX_REVIEW_BYTES};
