@@ -5,6 +5,7 @@ mod check;
 mod logging;
 mod report_formats;
 mod serve;
+mod webhook;
 
 use std::process::ExitCode;
 
@@ -13,6 +14,7 @@ use clap::{Parser, Subcommand};
 pub use check::CheckArgs;
 pub use logging::{LogFormat, init_logging};
 pub use serve::{RunnerArgs, ServeArgs};
+pub use webhook::WebhookArgs;
 
 /// toolwarden makes the tools AI agents call safe to run in production.
 ///
@@ -62,6 +64,12 @@ pub enum Command {
     Serve(ServeArgs),
     /// The runner inside the pods the controller creates (TokenReview authentication).
     Runner(RunnerArgs),
+    /// The admission webhook: holds the checklist at the API server (HTTPS).
+    ///
+    /// Reviews AgentTools (the checklist, as `check`), ToolPolicies (malformed rules),
+    /// runner workloads (only the controller changes them; nothing beyond the runner
+    /// securityContext) and ToolApproval decisions (an approver, not the caller, once).
+    Webhook(WebhookArgs),
     /// Work with audit logs.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -103,6 +111,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Crd { write: Some(dir) } => write_crds(&dir),
         Command::Serve(args) => serve::serve(args),
         Command::Runner(args) => serve::runner(args),
+        Command::Webhook(args) => webhook::run(args),
         Command::Audit(AuditCommand::Verify {
             file,
             key,

@@ -5,9 +5,11 @@
 //! [`certs`] keeps its serving certificate.
 
 mod approvals;
+pub mod certs;
 pub mod cluster;
 mod policies;
 pub mod review;
+pub mod server;
 mod tools;
 pub mod workloads;
 
