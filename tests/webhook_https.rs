@@ -212,6 +212,8 @@ async fn a_renewed_certificate_is_served_without_a_restart() {
             .0,
         200
     );
+    // (A fresh client: one that connected before may resume its TLS session.)
+    let old_only = client(&first.ca.cert_pem);
     assert!(
         request(running.addr, &old_only, "GET", "/healthz", b"")
             .await
