@@ -3,6 +3,7 @@
 mod audit;
 mod check;
 mod logging;
+mod manifests;
 mod report_formats;
 mod serve;
 mod webhook;
@@ -13,6 +14,7 @@ use clap::{Parser, Subcommand};
 
 pub use check::CheckArgs;
 pub use logging::{LogFormat, init_logging};
+pub use manifests::ManifestsArgs;
 pub use serve::{RunnerArgs, ServeArgs};
 pub use webhook::WebhookArgs;
 
@@ -56,6 +58,11 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         write: Option<std::path::PathBuf>,
     },
+    /// Print the whole install (CRDs, namespace, RBAC, controller, webhook) as YAML.
+    ///
+    /// `toolwarden manifests | kubectl apply --server-side -f -`; the same objects as the
+    /// Helm chart charts/toolwarden with its default values.
+    Manifests(ManifestsArgs),
     /// Serve the AgentTools in DIR over REST and MCP, with no cluster.
     ///
     /// Every tool is checked against the checklist first (same engine and messages as
@@ -109,6 +116,7 @@ pub fn run(cli: Cli) -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Crd { write: Some(dir) } => write_crds(&dir),
+        Command::Manifests(args) => manifests::run(&args),
         Command::Serve(args) => serve::serve(args),
         Command::Runner(args) => serve::runner(args),
         Command::Webhook(args) => webhook::run(args),

@@ -7,6 +7,7 @@
 mod approvals;
 pub mod certs;
 pub mod cluster;
+pub mod install;
 mod policies;
 pub mod review;
 pub mod server;
