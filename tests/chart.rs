@@ -171,6 +171,7 @@ fn default_values_render_exactly_what_manifests_prints() {
     let mut values = default_values();
     values["certManager"]["enabled"] = true.into();
     values["defaultPolicy"]["enabled"] = true.into();
+    values["admissionPolicies"]["enabled"] = true.into();
     values["webhook"]["replicas"] = 3.into();
     values["controller"]["serviceAccount"] = "tw-ctrl".into();
     values["image"]["tag"] = "dev".into();
@@ -178,6 +179,7 @@ fn default_values_render_exactly_what_manifests_prints() {
         namespace: "platform".into(),
         cert_manager: true,
         default_policy: true,
+        admission_policies: true,
         webhook_replicas: 3,
         controller_service_account: "tw-ctrl".into(),
         image: "docker.io/toolwarden/toolwarden:dev".into(),
@@ -248,6 +250,8 @@ fn round_trips(object: &Value) {
         "Role" => check::<rbac::Role>(object),
         "RoleBinding" => check::<rbac::RoleBinding>(object),
         "ValidatingWebhookConfiguration" => check::<adm::ValidatingWebhookConfiguration>(object),
+        "ValidatingAdmissionPolicy" => check::<adm::ValidatingAdmissionPolicy>(object),
+        "ValidatingAdmissionPolicyBinding" => check::<adm::ValidatingAdmissionPolicyBinding>(object),
         "CustomResourceDefinition" => {
             check::<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>(object)
         }

@@ -28,6 +28,10 @@ pub struct ManifestsArgs {
     /// Add a cluster-wide ToolPolicy `default`: the full checklist in warn mode.
     #[arg(long)]
     pub default_policy: bool,
+    /// Also emit ValidatingAdmissionPolicies (CEL, evaluated by the API server itself) for
+    /// every checklist rule CEL can express, so those hold while the webhook is down.
+    #[arg(long)]
+    pub admission_policies: bool,
 }
 
 pub fn run(args: &ManifestsArgs) -> ExitCode {
@@ -38,6 +42,7 @@ pub fn run(args: &ManifestsArgs) -> ExitCode {
         webhook_replicas: args.webhook_replicas,
         cert_manager: args.cert_manager,
         default_policy: args.default_policy,
+        admission_policies: args.admission_policies,
         ..Install::default()
     };
     let yaml = to_yaml(&install.objects());

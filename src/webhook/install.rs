@@ -26,6 +26,8 @@ pub struct Install {
     pub cert_manager: bool,
     /// A cluster-wide ToolPolicy named `default` with the full checklist in `warn` mode.
     pub default_policy: bool,
+    /// ValidatingAdmissionPolicies for the rules CEL can express (see [`super::admission_policies`]).
+    pub admission_policies: bool,
 }
 
 impl Default for Install {
@@ -41,6 +43,7 @@ impl Default for Install {
             webhook_replicas: 2,
             cert_manager: false,
             default_policy: false,
+            admission_policies: false,
         }
     }
 }
@@ -78,6 +81,9 @@ impl Install {
         objects.extend(self.webhook_objects());
         if self.default_policy {
             objects.push(default_policy());
+        }
+        if self.admission_policies {
+            objects.extend(super::admission_policies::objects(&self.namespace));
         }
         objects
     }

@@ -4,6 +4,7 @@
 //! [`server`] puts it behind HTTPS with a concurrency bound and a deadline;
 //! [`certs`] keeps its serving certificate.
 
+pub mod admission_policies;
 mod approvals;
 pub mod certs;
 pub mod cluster;
