@@ -41,7 +41,9 @@ fn summary(mut samples: Vec<Duration>) -> String {
 }
 
 fn policies() -> Vec<ToolPolicy> {
-    let baseline = load("examples/baseline-policy.yaml").policies[0].object.clone();
+    let baseline = load("examples/baseline-policy.yaml").policies[0]
+        .object
+        .clone();
     (0..POLICIES)
         .map(|i| {
             let mut p = baseline.clone();
@@ -178,7 +180,10 @@ fn main() {
     let tool = example_tool("user-profile-update");
     let body = tool_request(&tool, Some(&tool), ALICE).body();
     let response = admission.review(&body).unwrap();
-    assert!(response.response.as_ref().unwrap().allowed, "the benchmark tool must be compliant");
+    assert!(
+        response.response.as_ref().unwrap().allowed,
+        "the benchmark tool must be compliant"
+    );
 
     let baseline = time_each(5000, || {
         let value: serde_json::Value = serde_json::from_slice(&body).unwrap();

@@ -6,6 +6,7 @@
 //! server-side dry run.
 
 mod runner_pod;
+mod webhook;
 
 use std::path::Path;
 use std::time::Duration;
