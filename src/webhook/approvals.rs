@@ -15,15 +15,15 @@ pub fn admit(request: &AdmissionRequest<DynamicObject>, view: &ClusterView) -> A
     }
     let new: ToolApproval = match typed_object(request, false) {
         Ok(approval) => approval,
-        Err(denied) => return denied,
+        Err(denied) => return *denied,
     };
     let old: ToolApproval = match typed_object(request, true) {
         Ok(approval) => approval,
-        Err(denied) => return denied,
+        Err(denied) => return *denied,
     };
     let old_status = old.status.clone().unwrap_or_default();
     let new_status = new.status.clone().unwrap_or_default();
-    if old_status.decision.is_some() {
+    if let Some(decision) = old_status.decision {
         if old_status == new_status {
             return AdmissionResponse::from(request);
         }
@@ -33,7 +33,7 @@ pub fn admit(request: &AdmissionRequest<DynamicObject>, view: &ClusterView) -> A
             format!(
                 "ToolApproval {} was already decided ({:?} by {}); a decision is immutable",
                 request.name,
-                old_status.decision.expect("checked above"),
+                decision,
                 old_status.decided_by.as_deref().unwrap_or("unknown")
             ),
         );

@@ -37,7 +37,7 @@ pub fn admit(request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
     }
     let policy: ToolPolicy = match typed_object(request, false) {
         Ok(policy) => policy,
-        Err(denied) => return denied,
+        Err(denied) => return *denied,
     };
     let problems = problems(&policy.spec);
     if problems.is_empty() {

@@ -149,14 +149,14 @@ pub(crate) fn deny(
 pub(crate) fn typed_object<T: DeserializeOwned>(
     request: &AdmissionRequest<DynamicObject>,
     old: bool,
-) -> Result<T, AdmissionResponse> {
+) -> Result<T, Box<AdmissionResponse>> {
     let (object, which) = if old {
         (request.old_object.as_ref(), "oldObject")
     } else {
         (request.object.as_ref(), "object")
     };
     let Some(object) = object else {
-        return Err(deny(
+        return Err(Box::new(deny(
             request,
             "MissingObject",
             format!(
@@ -164,14 +164,14 @@ pub(crate) fn typed_object<T: DeserializeOwned>(
                 operation_name(request),
                 request.kind.kind
             ),
-        ));
+        )));
     };
     typed(object).map_err(|(path, message)| {
-        deny(
+        Box::new(deny(
             request,
             "InvalidObject",
             format!("{which} {path}: {message}"),
-        )
+        ))
     })
 }
 

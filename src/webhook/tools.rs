@@ -26,7 +26,7 @@ pub fn admit(
     }
     let tool: AgentTool = match typed_object(request, false) {
         Ok(tool) => tool,
-        Err(denied) => return denied,
+        Err(denied) => return *denied,
     };
     let namespace = request
         .namespace
