@@ -64,7 +64,7 @@ impl Running {
     }
 }
 
-fn client(trusted_ca_pem: &str) -> tokio_rustls::TlsConnector {
+fn client_for(trusted_ca_pem: &str) -> tokio_rustls::TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(trusted_ca_pem.as_bytes()) {
         roots.add(cert.unwrap()).unwrap();
@@ -119,7 +119,7 @@ fn strict_policy() -> ToolPolicy {
 async fn reviews_over_https_with_a_generated_certificate() {
     let material = material(time_now());
     let running = start(&material, vec![strict_policy()], Limits::default()).await;
-    let tls = client(&material.ca_bundle(time_now()));
+    let tls = client_for(&material.ca_bundle(time_now()));
     let tool = example_tool("user-profile-update");
     let (status, body) = request(
         running.addr,
@@ -169,7 +169,7 @@ async fn reviews_over_https_with_a_generated_certificate() {
     .unwrap();
     assert_eq!(status, 200);
     // A client that does not trust the webhook's CA gets nowhere.
-    let stranger = client(&self::material(time_now()).ca.cert_pem);
+    let stranger = client_for(&self::material(time_now()).ca.cert_pem);
     assert!(
         request(running.addr, &stranger, "GET", "/healthz", b"")
             .await
@@ -185,7 +185,7 @@ async fn a_renewed_certificate_is_served_without_a_restart() {
     let now = time_now();
     let first = material(now);
     let running = start(&first, vec![], Limits::default()).await;
-    let old_only = client(&first.ca.cert_pem);
+    let old_only = client_for(&first.ca.cert_pem);
     assert_eq!(
         request(running.addr, &old_only, "GET", "/healthz", b"")
             .await
@@ -204,7 +204,7 @@ async fn a_renewed_certificate_is_served_without_a_restart() {
         .certs
         .set(&rotated.serving.cert_pem, &rotated.serving.key_pem)
         .unwrap();
-    let new_only = client(&rotated.ca.cert_pem);
+    let new_only = client_for(&rotated.ca.cert_pem);
     assert_eq!(
         request(running.addr, &new_only, "GET", "/healthz", b"")
             .await
@@ -213,7 +213,7 @@ async fn a_renewed_certificate_is_served_without_a_restart() {
         200
     );
     // (A fresh client: one that connected before may resume its TLS session.)
-    let old_only = client(&first.ca.cert_pem);
+    let old_only = client_for(&first.ca.cert_pem);
     assert!(
         request(running.addr, &old_only, "GET", "/healthz", b"")
             .await
@@ -221,7 +221,7 @@ async fn a_renewed_certificate_is_served_without_a_restart() {
         "the old certificate is gone"
     );
     // The bundle patched into the configuration trusts both while the old CA lives.
-    let both = client(&rotated.ca_bundle(now));
+    let both = client_for(&rotated.ca_bundle(now));
     assert_eq!(
         request(running.addr, &both, "GET", "/healthz", b"")
             .await
@@ -248,7 +248,7 @@ async fn a_silent_client_is_disconnected() {
     let read = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf)).await;
     assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
     assert!(started.elapsed() < Duration::from_secs(3));
-    let tls = client(&material.ca.cert_pem);
+    let tls = client_for(&material.ca.cert_pem);
     assert_eq!(
         request(running.addr, &tls, "GET", "/healthz", b"")
             .await
@@ -264,4 +264,57 @@ fn time_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64
+}
+
+/// Before its stores have listed everything the webhook judges nothing: a policy
+/// it has not seen yet could be the one that denies. Not ready, and every review
+/// gets 503 (the API server then fails the request closed).
+#[tokio::test]
+async fn nothing_is_admitted_before_the_stores_are_synced() {
+    // An API server that never answers: the stores never fill.
+    let config = kube::Config::new("https://127.0.0.1:9".parse().unwrap());
+    let client = kube::Client::try_from(config).unwrap();
+    let (view, reflectors) = toolwarden::webhook::ClusterView::watch(&client);
+    let reflectors = tokio::spawn(reflectors);
+    let material = material(time_now());
+    let certs = Arc::new(CertStore::default());
+    certs
+        .set(&material.serving.cert_pem, &material.serving.key_pem)
+        .unwrap();
+    let admission = toolwarden::webhook::Admission::new(
+        toolwarden::webhook::Config::new(RELEASE_NAMESPACE, "toolwarden-controller"),
+        view,
+    );
+    let limits = Limits::default();
+    let router = server::router(Arc::new(admission), Arc::clone(&certs), &limits);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server::serve(
+        listener,
+        certs::tls_config(certs),
+        router,
+        limits,
+        async {
+            stopped.await.ok();
+        },
+    ));
+    let tls = client_for(&material.ca.cert_pem);
+    let (status, body) = request(addr, &tls, "GET", "/readyz", b"").await.unwrap();
+    assert_eq!((status, body.as_str()), (503, "stores not synced yet"));
+    let tool = example_tool("user-profile-update");
+    let (status, body) = request(
+        addr,
+        &tls,
+        "POST",
+        "/validate",
+        &tool_request(&tool, None, ALICE).body(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("has not synced"), "{body}");
+    stop.send(()).unwrap();
+    task.await.unwrap();
+    reflectors.abort();
 }
