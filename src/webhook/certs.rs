@@ -405,7 +405,8 @@ impl SelfManaged {
         }
     }
 
-    async fn round(&self, client: &Client, store: &CertStore) -> Result<(), CertError> {
+    /// One check: the Secret (renewed when due), the store, the CA bundle.
+    pub async fn round(&self, client: &Client, store: &CertStore) -> Result<(), CertError> {
         let material = self.ensure_secret(client).await?;
         store.set(&material.serving.cert_pem, &material.serving.key_pem)?;
         self.patch_ca_bundle(client, &material.ca_bundle(unix_now()))
