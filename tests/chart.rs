@@ -413,3 +413,61 @@ fn every_object_parses_and_names_labels_and_selectors_line_up() {
         }
     }
 }
+
+/// The command prints exactly the library's objects, flags included.
+#[test]
+fn the_manifests_command_prints_the_install() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_toolwarden"))
+            .arg("manifests")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(
+        run(&[]),
+        toolwarden::webhook::install::to_yaml(&Install::default().objects())
+    );
+    let all = Install {
+        namespace: "platform".into(),
+        cert_manager: true,
+        default_policy: true,
+        admission_policies: true,
+        ..Install::default()
+    };
+    let printed = run(&[
+        "--namespace",
+        "platform",
+        "--cert-manager",
+        "--default-policy",
+        "--admission-policies",
+    ]);
+    assert_eq!(
+        printed,
+        toolwarden::webhook::install::to_yaml(&all.objects())
+    );
+    // Every document parses; CRDs first, then the namespace they do not need.
+    let kinds: Vec<String> = serde_yaml::Deserializer::from_str(&printed)
+        .map(|d| {
+            serde_yaml::Value::deserialize(d).unwrap()["kind"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        &kinds[..4],
+        [
+            "CustomResourceDefinition",
+            "CustomResourceDefinition",
+            "CustomResourceDefinition",
+            "Namespace"
+        ]
+    );
+}
