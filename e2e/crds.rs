@@ -7,6 +7,7 @@
 
 mod controller;
 mod runner_pod;
+mod webhook;
 
 use std::path::Path;
 use std::time::Duration;

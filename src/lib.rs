@@ -11,3 +11,4 @@ pub mod policy;
 pub mod runner;
 #[allow(unsafe_code)]
 pub mod sandbox;
+pub mod webhook;

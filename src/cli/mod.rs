@@ -4,8 +4,10 @@ mod audit;
 mod check;
 mod controller;
 mod logging;
+mod manifests;
 mod report_formats;
 mod serve;
+mod webhook;
 
 use std::process::ExitCode;
 
@@ -14,7 +16,9 @@ use clap::{Parser, Subcommand};
 pub use check::CheckArgs;
 pub use controller::ControllerArgs;
 pub use logging::{LogFormat, init_logging};
+pub use manifests::ManifestsArgs;
 pub use serve::{RunnerArgs, ServeArgs};
+pub use webhook::WebhookArgs;
 
 /// toolwarden makes the tools AI agents call safe to run in production.
 ///
@@ -56,6 +60,11 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         write: Option<std::path::PathBuf>,
     },
+    /// Print the whole install (CRDs, namespace, RBAC, controller, webhook) as YAML.
+    ///
+    /// `toolwarden manifests | kubectl apply --server-side -f -`; the same objects as the
+    /// Helm chart charts/toolwarden with its default values.
+    Manifests(ManifestsArgs),
     /// Serve the AgentTools in DIR over REST and MCP, with no cluster.
     ///
     /// Every tool is checked against the checklist first (same engine and messages as
@@ -71,6 +80,12 @@ pub enum Command {
     /// server-side apply its children, report status. Several replicas elect a leader
     /// on a Lease.
     Controller(ControllerArgs),
+    /// The admission webhook: holds the checklist at the API server (HTTPS).
+    ///
+    /// Reviews AgentTools (the checklist, as `check`), ToolPolicies (malformed rules),
+    /// runner workloads (only the controller changes them; nothing beyond the runner
+    /// securityContext) and ToolApproval decisions (an approver, not the caller, once).
+    Webhook(WebhookArgs),
     /// Work with audit logs.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -110,9 +125,11 @@ pub fn run(cli: Cli) -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Crd { write: Some(dir) } => write_crds(&dir),
+        Command::Manifests(args) => manifests::run(&args),
         Command::Serve(args) => serve::serve(args),
         Command::Runner(args) => serve::runner(args),
         Command::Controller(args) => controller::run(args),
+        Command::Webhook(args) => webhook::run(args),
         Command::Audit(AuditCommand::Verify {
             file,
             key,

@@ -20,6 +20,7 @@ pub use catalog::{ChecklistItem, Rule};
 pub use engine::Engine;
 pub use facts::ToolFacts;
 pub use matching::policy_applies;
+pub use rules::WRITE_VERBS;
 
 /// One broken rule.
 #[derive(Clone, Debug, PartialEq, Serialize)]

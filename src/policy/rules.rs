@@ -9,7 +9,7 @@ use super::facts::ToolFacts;
 use super::schema_shape::SchemaSite;
 
 /// Kubernetes verbs that change state or widen access.
-const WRITE_VERBS: &[&str] = &[
+pub const WRITE_VERBS: &[&str] = &[
     "create",
     "update",
     "patch",
