@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod guards;
 pub mod policy;
 pub mod runner;
 pub mod sandbox;
