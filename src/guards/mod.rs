@@ -23,21 +23,21 @@ use serde_json::Value;
 pub use crate::api::{GuardAction, GuardDecl, GuardKind, HttpGuard};
 use rules::RuleMask;
 
-/// Why a guard declaration cannot be used.
+/// Why a guard declaration cannot be used; `index` is its position in its list.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum GuardError {
-    #[error("guard {index}: field `{field}` is not a JSON pointer (it must be empty or start with `/`)")]
+    #[error("field `{field}` is not a JSON pointer (it must be empty or start with `/`)")]
     InvalidField { index: usize, field: String },
-    #[error("guard {index}: `{category}` is not a {kind} rule (known: {known})")]
+    #[error("`{category}` is not a {kind} rule or category (known: {known})")]
     UnknownCategory {
         index: usize,
         kind: &'static str,
         category: String,
         known: String,
     },
-    #[error("guard {index}: http options go with kind: http, and kind: http needs them")]
+    #[error("http options go with kind: http, and kind: http needs them")]
     HttpOptionsMismatch { index: usize },
-    #[error("guard {index}: a {kind} guard cannot {action}")]
+    #[error("a {kind} guard cannot {action}")]
     ActionUnsupported {
         index: usize,
         kind: &'static str,
