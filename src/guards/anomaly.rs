@@ -151,10 +151,7 @@ impl Baseline {
         }
         let hour = hour_of(now);
         // Calls within an hour either side, as a share of all calls.
-        let near: u64 = [23, 0, 1]
-            .iter()
-            .map(|d| self.hours[(hour + d) % 24])
-            .sum();
+        let near: u64 = [23, 0, 1].iter().map(|d| self.hours[(hour + d) % 24]).sum();
         let hour_of_day = 1.0 - near as f64 / n;
         let source_address = match call.source {
             Some(ip) => f64::from(u8::from(!self.sources.contains_key(&ip.to_string()))),
@@ -166,12 +163,20 @@ impl Baseline {
         let z = (size_feature(call.input_bytes) - self.size_mean).abs() / std;
         let input_size = (z / 4.0).min(1.0);
         let current = (self.calls_last_minute(now) + 1) as f64;
-        let call_rate = ((current - self.rate.max(1.0)) / (4.0 * self.rate.max(1.0))).clamp(0.0, 1.0);
+        let call_rate =
+            ((current - self.rate.max(1.0)) / (4.0 * self.rate.max(1.0))).clamp(0.0, 1.0);
         let recent_errors = self.recent_outcomes.iter().filter(|ok| !**ok).count() as f64
             / self.recent_outcomes.len().max(1) as f64;
         let usual_errors = self.errors as f64 / self.outcomes.max(1) as f64;
         let error_rate = ((recent_errors - usual_errors) * 2.0).clamp(0.0, 1.0);
-        [hour_of_day, source_address, tool, input_size, call_rate, error_rate]
+        [
+            hour_of_day,
+            source_address,
+            tool,
+            input_size,
+            call_rate,
+            error_rate,
+        ]
     }
 
     fn learn(&mut self, now: i64, call: &Call) {
@@ -246,10 +251,12 @@ impl AnomalyDetector {
     /// The detector saved at `path`; empty when the file does not exist yet.
     pub fn open(path: &Path, clock: Arc<dyn Clock>) -> Result<AnomalyDetector, AnomalyError> {
         let baselines = match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| AnomalyError::Corrupt {
-                path: path.into(),
-                source,
-            })?,
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|source| AnomalyError::Corrupt {
+                    path: path.into(),
+                    source,
+                })?
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
             Err(source) => {
                 return Err(AnomalyError::Read {
@@ -276,8 +283,8 @@ impl AnomalyDetector {
             source,
         };
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-        let mut file = tempfile::NamedTempFile::new_in(dir.unwrap_or(Path::new(".")))
-            .map_err(write)?;
+        let mut file =
+            tempfile::NamedTempFile::new_in(dir.unwrap_or(Path::new("."))).map_err(write)?;
         serde_json::to_writer(&mut file, &self.baselines).map_err(|e| write(e.into()))?;
         file.flush().map_err(write)?;
         file.as_file().sync_all().map_err(write)?;

@@ -176,7 +176,10 @@ mod tests {
             headers(&[("forwarded", "for=10.1.2.3")]),
             headers(&[("x-forwarded-for", "garbage"), ("x-forwarded-for", "::1")]),
         ] {
-            assert_eq!(client_address(ip("203.0.113.7"), &spoof, &trusted), ip("203.0.113.7"));
+            assert_eq!(
+                client_address(ip("203.0.113.7"), &spoof, &trusted),
+                ip("203.0.113.7")
+            );
         }
     }
 
@@ -185,15 +188,24 @@ mod tests {
         let trusted = proxies(&["10.0.0.0/8"], ForwardedHeader::XForwardedFor);
         // The client wrote 192.168.1.1 itself; the proxy appended its real address.
         let h = headers(&[("x-forwarded-for", "192.168.1.1, 198.51.100.9")]);
-        assert_eq!(client_address(ip("10.0.0.5"), &h, &trusted), ip("198.51.100.9"));
+        assert_eq!(
+            client_address(ip("10.0.0.5"), &h, &trusted),
+            ip("198.51.100.9")
+        );
         // Two trusted hops: skipped from the right.
         let h = headers(&[
             ("x-forwarded-for", "6.6.6.6, 198.51.100.9"),
             ("x-forwarded-for", "10.0.0.7"),
         ]);
-        assert_eq!(client_address(ip("10.0.0.5"), &h, &trusted), ip("198.51.100.9"));
+        assert_eq!(
+            client_address(ip("10.0.0.5"), &h, &trusted),
+            ip("198.51.100.9")
+        );
         // A proxy without a header: the proxy itself.
-        assert_eq!(client_address(ip("10.0.0.5"), &HeaderMap::new(), &trusted), ip("10.0.0.5"));
+        assert_eq!(
+            client_address(ip("10.0.0.5"), &HeaderMap::new(), &trusted),
+            ip("10.0.0.5")
+        );
         // Garbage right of the proxy: the last trusted address, not the spoof on the left.
         let h = headers(&[("x-forwarded-for", "1.1.1.1, nonsense")]);
         assert_eq!(client_address(ip("10.0.0.5"), &h, &trusted), ip("10.0.0.5"));
@@ -203,12 +215,18 @@ mod tests {
     fn only_the_configured_header_is_read() {
         // Proxies that write X-Forwarded-For pass a client's own Forwarded header through.
         let xff = proxies(&["10.0.0.0/8"], ForwardedHeader::XForwardedFor);
-        let h = headers(&[("forwarded", "for=10.9.9.9"), ("x-forwarded-for", "198.51.100.9")]);
+        let h = headers(&[
+            ("forwarded", "for=10.9.9.9"),
+            ("x-forwarded-for", "198.51.100.9"),
+        ]);
         assert_eq!(client_address(ip("10.0.0.5"), &h, &xff), ip("198.51.100.9"));
         let fwd = proxies(&["10.0.0.0/8", "2001:db8::/32"], ForwardedHeader::Forwarded);
         let h = headers(&[
             ("x-forwarded-for", "10.9.9.9"),
-            ("forwarded", r#"for=192.0.2.60;proto=http, for="[2001:db8::1]:4711""#),
+            (
+                "forwarded",
+                r#"for=192.0.2.60;proto=http, for="[2001:db8::1]:4711""#,
+            ),
         ]);
         assert_eq!(client_address(ip("10.0.0.5"), &h, &fwd), ip("192.0.2.60"));
     }
@@ -225,7 +243,10 @@ mod tests {
         assert!(!list.allows(ip("2001:db9::1")));
         assert!(IpAllowList::default().allows(ip("8.8.8.8")));
         let err = IpAllowList::parse(&["10.0.0.0/33"]).unwrap_err();
-        assert_eq!((err.entry.as_str(), err.reason()), ("10.0.0.0/33", "InvalidCidr"));
+        assert_eq!(
+            (err.entry.as_str(), err.reason()),
+            ("10.0.0.0/33", "InvalidCidr")
+        );
         assert!(IpAllowList::parse(&["example.com"]).is_err());
     }
 }

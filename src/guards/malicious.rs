@@ -32,12 +32,11 @@ impl Malicious {
     pub fn load() -> Result<Malicious, GuardError> {
         let (file, text) = rules::MALICIOUS;
         let File { rules } = rules::load(file, text)?;
-        let set = RegexSet::new(rules.iter().map(|r| &r.pattern)).map_err(|e| {
-            GuardError::RuleSet {
+        let set =
+            RegexSet::new(rules.iter().map(|r| &r.pattern)).map_err(|e| GuardError::RuleSet {
                 file,
                 reason: e.to_string(),
-            }
-        })?;
+            })?;
         Ok(Malicious { rules, set })
     }
 
@@ -65,7 +64,12 @@ impl Malicious {
         } else {
             Cow::Owned(text.nfkc().collect())
         };
-        for index in self.set.matches(&normalized).iter().filter(|&i| mask.has(i)) {
+        for index in self
+            .set
+            .matches(&normalized)
+            .iter()
+            .filter(|&i| mask.has(i))
+        {
             out.push(Hit {
                 rule: &self.rules[index].id,
                 span: None,
@@ -92,13 +96,18 @@ mod tests {
             assert!(hits.contains(&rule.to_string()), "{rule}: {hits:?}");
         }
         assert!(rules_hit("' OR '1'='1").contains(&"sqlTautology".to_string()));
-        assert!(rules_hit("1 UNION ALL SELECT password FROM users").contains(&"sqlUnionSelect".to_string()));
+        assert!(
+            rules_hit("1 UNION ALL SELECT password FROM users")
+                .contains(&"sqlUnionSelect".to_string())
+        );
         assert!(rules_hit("name$(rm -rf /)").contains(&"shellCommandSubstitution".to_string()));
         assert!(rules_hit("../../../etc/passwd").contains(&"pathTraversal".to_string()));
         assert!(rules_hit("..%2f..%2fetc").contains(&"pathTraversalEncoded".to_string()));
         assert!(rules_hit("<ScRipt>alert(1)</script>").contains(&"scriptTag".to_string()));
         // Fullwidth semicolon and apostrophe normalise to ASCII.
-        assert!(rules_hit("x\u{FF07}\u{FF1B} DROP TABLE t").contains(&"sqlStackedQuery".to_string()));
+        assert!(
+            rules_hit("x\u{FF07}\u{FF1B} DROP TABLE t").contains(&"sqlStackedQuery".to_string())
+        );
     }
 
     #[test]

@@ -361,7 +361,10 @@ fn pointer(segments: &[String]) -> String {
 fn redact(document: &Value, findings: &[Finding]) -> Value {
     let mut by_pointer: BTreeMap<&str, Vec<&Finding>> = BTreeMap::new();
     for finding in findings.iter().filter(|f| f.action == GuardAction::Redact) {
-        by_pointer.entry(&finding.pointer).or_default().push(finding);
+        by_pointer
+            .entry(&finding.pointer)
+            .or_default()
+            .push(finding);
     }
     let mut out = document.clone();
     for (pointer, mut found) in by_pointer {

@@ -105,8 +105,7 @@ fn phone(candidate: &str) -> bool {
 /// digit repeated (all zeros passes Luhn).
 fn payment_card(candidate: &str) -> bool {
     let d = digits(candidate);
-    if !(13..=19).contains(&d.len()) || !(2..=6).contains(&d[0]) || d.iter().all(|&x| x == d[0])
-    {
+    if !(13..=19).contains(&d.len()) || !(2..=6).contains(&d[0]) || d.iter().all(|&x| x == d[0]) {
         return false;
     }
     let sum: u32 = d

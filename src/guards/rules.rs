@@ -29,8 +29,7 @@ pub(super) const PROMPT_INJECTION: (&str, &str) = (
     "prompt_injection.yaml",
     include_str!("rules/prompt_injection.yaml"),
 );
-pub(super) const MALICIOUS: (&str, &str) =
-    ("malicious.yaml", include_str!("rules/malicious.yaml"));
+pub(super) const MALICIOUS: (&str, &str) = ("malicious.yaml", include_str!("rules/malicious.yaml"));
 
 /// A set of rule names a declaration enabled, by index into its rule set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -95,7 +95,10 @@ impl Secrets {
                 .collect();
             for span in self.random_tokens(text) {
                 // A token inside a known format is that format, reported once.
-                if !known.iter().any(|k| k.start <= span.start && span.end <= k.end) {
+                if !known
+                    .iter()
+                    .any(|k| k.start <= span.start && span.end <= k.end)
+                {
                     out.push(Hit {
                         rule: HIGH_ENTROPY,
                         span: Some(span),

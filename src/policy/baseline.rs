@@ -137,7 +137,11 @@ pub fn check(
 
 /// High-risk tools declare input guards; every guard compiles, and input
 /// guards name fields the input schema has.
-fn check_guards(spec: &AgentToolSpec, facts: &ToolFacts, flag: &mut impl FnMut(Rule, String, String)) {
+fn check_guards(
+    spec: &AgentToolSpec,
+    facts: &ToolFacts,
+    flag: &mut impl FnMut(Rule, String, String),
+) {
     if spec.risk == Risk::High && spec.guards.input.is_empty() {
         flag(
             rule::GUARDS_FOR_HIGH_RISK,
@@ -145,7 +149,10 @@ fn check_guards(spec: &AgentToolSpec, facts: &ToolFacts, flag: &mut impl FnMut(R
             "high-risk tools must declare input guards (e.g. promptInjection and malicious on free-text fields)".into(),
         );
     }
-    let lists = [("input", &spec.guards.input), ("output", &spec.guards.output)];
+    let lists = [
+        ("input", &spec.guards.input),
+        ("output", &spec.guards.output),
+    ];
     for (list, decls) in lists {
         for (i, decl) in decls.iter().enumerate() {
             let path = format!("spec.guards.{list}[{i}]");
@@ -171,7 +178,10 @@ fn check_guards(spec: &AgentToolSpec, facts: &ToolFacts, flag: &mut impl FnMut(R
 
 /// True when `field` is a string field of the schema or contains one; `*`
 /// (either side) matches any one segment.
-fn names_schema_strings<'a>(field: &str, string_fields: impl IntoIterator<Item = &'a String>) -> bool {
+fn names_schema_strings<'a>(
+    field: &str,
+    string_fields: impl IntoIterator<Item = &'a String>,
+) -> bool {
     let wanted: Vec<&str> = field.split('/').skip(1).collect();
     string_fields.into_iter().any(|string_field| {
         let have: Vec<&str> = string_field.split('/').skip(1).collect();

@@ -17,7 +17,9 @@ pub fn looks_like_secret(value: &str) -> Option<SecretLook> {
     // The built-in rule set is checked by the guards' tests; should it ever
     // fail to load, every value is reported rather than none.
     let Ok(detector) = crate::guards::secrets_detector() else {
-        return Some(SecretLook::KnownFormat("value (the credential rule set did not load)"));
+        return Some(SecretLook::KnownFormat(
+            "value (the credential rule set did not load)",
+        ));
     };
     if let Some(name) = detector.known_format(value) {
         return Some(SecretLook::KnownFormat(name));

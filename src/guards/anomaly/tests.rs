@@ -15,8 +15,10 @@ impl ManualClock {
     fn set(&self, day: i64, hour: i64, minute: i64) {
         // 2026-01-01T00:00:00Z plus the offset.
         let base = 1_767_225_600;
-        self.0
-            .store(base + day * 86_400 + hour * 3_600 + minute * 60, Ordering::SeqCst);
+        self.0.store(
+            base + day * 86_400 + hour * 3_600 + minute * 60,
+            Ordering::SeqCst,
+        );
     }
 }
 
@@ -50,7 +52,11 @@ fn the_guides_detector_test() {
     clock.set(0, 9, 5);
     detector.learn("alice", &call("How are you?", None));
     clock.set(1, 3, 0);
-    let a = detector.score("alice", &call("DROP TABLE users", Some("203.0.113.66")), &spec(0));
+    let a = detector.score(
+        "alice",
+        &call("DROP TABLE users", Some("203.0.113.66")),
+        &spec(0),
+    );
     assert!(a.score > 0.5, "{a:?}");
     let names: Vec<&str> = a.factors.iter().map(|f| f.name).collect();
     assert_eq!(&names[..2], &["hourOfDay", "sourceAddress"], "{a:?}");
@@ -66,7 +72,10 @@ fn trained(clock: &Arc<ManualClock>) -> AnomalyDetector {
     for day in 0..30 {
         for minute in [0, 7, 19, 33] {
             clock.set(day, 10, minute);
-            detector.learn("bob", &call("{\"query\":\"weekly report\"}", Some("198.51.100.10")));
+            detector.learn(
+                "bob",
+                &call("{\"query\":\"weekly report\"}", Some("198.51.100.10")),
+            );
             detector.record_outcome("bob", true);
         }
     }
@@ -78,10 +87,18 @@ fn threshold_refuses_flags_and_allows() {
     let clock = ManualClock::at(0, 0, 0);
     let mut detector = trained(&clock);
     clock.set(31, 10, 5);
-    let normal = detector.assess("bob", &call("{\"query\":\"weekly sales\"}", Some("198.51.100.10")), &spec(20));
+    let normal = detector.assess(
+        "bob",
+        &call("{\"query\":\"weekly sales\"}", Some("198.51.100.10")),
+        &spec(20),
+    );
     assert_eq!(normal.decision, Decision::Allow, "{normal:?}");
     // One unusual thing (a new address) is flagged at most.
-    let new_address = detector.score("bob", &call("{\"query\":\"weekly sales\"}", Some("203.0.113.9")), &spec(20));
+    let new_address = detector.score(
+        "bob",
+        &call("{\"query\":\"weekly sales\"}", Some("203.0.113.9")),
+        &spec(20),
+    );
     assert!(new_address.decision != Decision::Refuse, "{new_address:?}");
     // Night, new address, new tool, a hundred times the input: refused.
     clock.set(31, 3, 0);
@@ -94,10 +111,20 @@ fn threshold_refuses_flags_and_allows() {
     assert_eq!(refused.decision, Decision::Refuse, "{refused:?}");
     assert!(refused.score > 0.8);
     // A refused call is not learned: the same call is refused again.
-    assert_eq!(detector.assess("bob", &odd, &spec(20)).decision, Decision::Refuse);
+    assert_eq!(
+        detector.assess("bob", &odd, &spec(20)).decision,
+        Decision::Refuse
+    );
     // With a higher threshold the same call is flagged, not refused.
-    let lenient = AnomalySpec { threshold: 0.99, flag_above: Some(0.5), cold_start_calls: 20 };
-    assert_eq!(detector.score("bob", &odd, &lenient).decision, Decision::Flag);
+    let lenient = AnomalySpec {
+        threshold: 0.99,
+        flag_above: Some(0.5),
+        cold_start_calls: 20,
+    };
+    assert_eq!(
+        detector.score("bob", &odd, &lenient).decision,
+        Decision::Flag
+    );
 }
 
 #[test]
@@ -105,9 +132,16 @@ fn cold_start_never_refuses() {
     let clock = ManualClock::at(0, 10, 0);
     let mut detector = trained(&clock);
     clock.set(31, 3, 0);
-    let odd = Call { tool: "other", input_bytes: 60_000, source: Some("203.0.113.9".parse().unwrap()) };
+    let odd = Call {
+        tool: "other",
+        input_bytes: 60_000,
+        source: Some("203.0.113.9".parse().unwrap()),
+    };
     let a = detector.assess("bob", &odd, &spec(1000));
-    assert!(a.cold_start && a.score > 0.8 && a.decision == Decision::Flag, "{a:?}");
+    assert!(
+        a.cold_start && a.score > 0.8 && a.decision == Decision::Flag,
+        "{a:?}"
+    );
     // A caller never seen before has nothing to differ from.
     let stranger = detector.score("carol", &odd, &spec(0));
     assert_eq!((stranger.score, stranger.decision), (0.0, Decision::Allow));
@@ -123,13 +157,22 @@ fn bursts_and_errors_raise_the_score() {
         detector.learn("bob", &usual);
     }
     let burst = detector.score("bob", &usual, &spec(0));
-    assert!(burst.factors.iter().any(|f| f.name == "callRate" && f.value == 1.0), "{burst:?}");
+    assert!(
+        burst
+            .factors
+            .iter()
+            .any(|f| f.name == "callRate" && f.value == 1.0),
+        "{burst:?}"
+    );
     for _ in 0..20 {
         detector.record_outcome("bob", false);
     }
     clock.set(32, 10, 0);
     let failing = detector.score("bob", &usual, &spec(0));
-    assert!(failing.factors.iter().any(|f| f.name == "errorRate"), "{failing:?}");
+    assert!(
+        failing.factors.iter().any(|f| f.name == "errorRate"),
+        "{failing:?}"
+    );
 }
 
 #[test]
