@@ -167,7 +167,7 @@ fn expand(phrase: &Phrase) -> Vec<String> {
 /// Base64 (standard or URL-safe) or hex that decodes to UTF-8 text.
 fn decode(run: &str) -> Option<String> {
     use base64::engine::general_purpose::{STANDARD, URL_SAFE};
-    let is_hex = run.len() % 2 == 0 && run.bytes().all(|b| b.is_ascii_hexdigit());
+    let is_hex = run.len().is_multiple_of(2) && run.bytes().all(|b| b.is_ascii_hexdigit());
     let bytes = if is_hex {
         hex::decode(run).ok()
     } else {
@@ -178,7 +178,7 @@ fn decode(run: &str) -> Option<String> {
             STANDARD
         };
         let mut owned = padded.to_string();
-        while owned.len() % 4 != 0 {
+        while !owned.len().is_multiple_of(4) {
             owned.push('=');
         }
         engine.decode(owned).ok()

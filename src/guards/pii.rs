@@ -122,7 +122,7 @@ fn payment_card(candidate: &str) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// IBAN lengths of common countries; others need 15 to 34 characters.
