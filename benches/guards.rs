@@ -85,11 +85,22 @@ fn main() {
         let checked = median(budget, || {
             black_box(guards.apply(black_box(&value)));
         });
+        let per_kind: Vec<String> = decls
+            .iter()
+            .map(|decl| {
+                let single = GuardSet::compile(std::slice::from_ref(decl)).unwrap();
+                let alone = median(budget / 4, || {
+                    black_box(single.apply(black_box(&value)));
+                });
+                format!("{} {:.1}", decl.kind.as_str(), alone.as_secs_f64() * 1e6)
+            })
+            .collect();
         println!(
-            "{name:>8} input, {} bytes: baseline serde_json parse {:>7.1} µs, all input guards {:>7.1} µs (target ≤ 50 µs)",
+            "{name:>8} input, {} bytes: baseline serde_json parse {:>7.1} µs, all input guards {:>7.1} µs (target ≤ 50 µs; alone, µs: {})",
             text.len(),
             parse.as_secs_f64() * 1e6,
             checked.as_secs_f64() * 1e6,
+            per_kind.join(", "),
         );
     }
 }

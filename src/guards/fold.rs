@@ -33,10 +33,22 @@ static ASCII: LazyLock<[Cow<'static, str>; 128]> = LazyLock::new(|| {
 });
 
 fn skeleton_lower(c: char) -> String {
-    let lower: String = c.to_lowercase().collect();
-    unicode_security::skeleton(&lower)
-        .flat_map(char::to_lowercase)
-        .collect()
+    let mut out = String::new();
+    for_skeleton_lower(c, |f| out.push(f));
+    out
+}
+
+/// Calls `each` with the lower-cased skeleton of `c`, without allocating.
+fn for_skeleton_lower(c: char, mut each: impl FnMut(char)) {
+    let mut buffer = [0u8; 16];
+    let mut len = 0;
+    for lower in c.to_lowercase() {
+        len += lower.encode_utf8(&mut buffer[len..]).len();
+    }
+    let lower = std::str::from_utf8(&buffer[..len]).unwrap_or_default();
+    for folded in unicode_security::skeleton(lower).flat_map(char::to_lowercase) {
+        each(folded);
+    }
 }
 
 /// Characters that render as nothing: default-ignorable code points (UTS #39
@@ -85,15 +97,13 @@ pub fn fold(text: &str) -> String {
         } else if c.is_whitespace() {
             push(" ", &mut out);
         } else {
-            let folded = skeleton_lower(c);
             // The skeleton is decomposed: dropping the marks reads `ïgnöre` as `ignore`.
-            for f in folded.chars().filter(|f| !is_combining_mark(*f)) {
-                match f {
-                    f if f.is_ascii() => push(&ascii[f as usize], &mut out),
-                    f if f.is_alphanumeric() => out.push(f),
-                    _ => push(" ", &mut out),
-                }
-            }
+            for_skeleton_lower(c, |f| match f {
+                f if is_combining_mark(f) => {}
+                f if f.is_ascii() => push(&ascii[f as usize], &mut out),
+                f if f.is_alphanumeric() => out.push(f),
+                _ => push(" ", &mut out),
+            });
         }
     }
     if out.ends_with(' ') {
