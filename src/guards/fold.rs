@@ -8,8 +8,8 @@
 use std::borrow::Cow;
 use std::sync::LazyLock;
 
-use unicode_normalization::UnicodeNormalization;
 use unicode_normalization::char::is_combining_mark;
+use unicode_normalization::{IsNormalized, UnicodeNormalization, is_nfkc_quick};
 use unicode_security::GeneralSecurityProfile;
 use unicode_security::general_security_profile::IdentifierType;
 
@@ -68,14 +68,20 @@ fn untag(c: char) -> char {
     }
 }
 
+/// `text` in NFKC, borrowed when the quick check (a table lookup per
+/// character) proves it already is: ASCII and most accented prose.
+pub fn nfkc(text: &str) -> Cow<'_, str> {
+    if text.is_ascii() || is_nfkc_quick(text.chars()) == IsNormalized::Yes {
+        Cow::Borrowed(text)
+    } else {
+        Cow::Owned(text.nfkc().collect())
+    }
+}
+
 /// Folds `text`; the result is lower case with single spaces and no leading
 /// or trailing space.
 pub fn fold(text: &str) -> String {
-    let normalized: Cow<str> = if text.is_ascii() {
-        Cow::Borrowed(text)
-    } else {
-        Cow::Owned(text.nfkc().map(untag).collect())
-    };
+    let normalized = nfkc(text);
     let ascii = &*ASCII;
     let mut out = String::with_capacity(normalized.len());
     let push = |piece: &str, out: &mut String| {
@@ -89,7 +95,7 @@ pub fn fold(text: &str) -> String {
             }
         }
     };
-    for c in normalized.chars() {
+    for c in normalized.chars().map(untag) {
         if c.is_ascii() {
             push(&ascii[c as usize], &mut out);
         } else if invisible(c) {

@@ -2,12 +2,10 @@
 //! markup and path traversal, matched after NFKC so fullwidth look-alikes of
 //! `;` or `'` count as what a downstream normaliser would turn them into.
 
-use std::borrow::Cow;
-
 use regex::RegexSet;
 use serde::Deserialize;
-use unicode_normalization::UnicodeNormalization;
 
+use super::fold::nfkc;
 use super::rules::{self, RuleMask};
 use super::{GuardError, Hit};
 
@@ -59,11 +57,7 @@ impl Malicious {
     /// One hit per rule, covering the whole string (the match is in the
     /// normalised text).
     pub fn scan<'a>(&'a self, text: &str, mask: RuleMask, out: &mut Vec<Hit<'a>>) {
-        let normalized: Cow<str> = if text.is_ascii() {
-            Cow::Borrowed(text)
-        } else {
-            Cow::Owned(text.nfkc().collect())
-        };
+        let normalized = nfkc(text);
         for index in self
             .set
             .matches(&normalized)
