@@ -3,9 +3,10 @@
 //! single calls. Target: ≤ 50 µs. Printed beside a baseline from the same run:
 //! parsing the same input with serde_json, work every call does anyway.
 //!
-//! Run: `cargo bench --bench guards`. Two inputs: ASCII prose (the fast path)
-//! and prose with accents, a fullwidth word and a zero-width space (NFKC and
-//! the confusable skeleton run).
+//! Run: `cargo bench --bench guards`. Three inputs: ASCII prose (the fast
+//! path), accented prose (already NFKC: the skeleton runs per accented
+//! letter), and prose with a fullwidth word and a zero-width space (full NFKC
+//! as well).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -69,6 +70,10 @@ fn main() {
         (
             "ascii",
             "My tomatoes finally ripened after a cold spring, and I watered them every morning and it paid off. ",
+        ),
+        (
+            "accented",
+            "Mes tomates ont enfin mûri après un printemps froid, grâce au soleil et à l'arrosage. ",
         ),
         (
             "unicode",

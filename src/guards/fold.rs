@@ -32,6 +32,25 @@ static ASCII: LazyLock<[Cow<'static, str>; 128]> = LazyLock::new(|| {
     })
 });
 
+/// Folded forms of U+0080..U+024F (Latin-1 and Latin Extended A and B:
+/// accented prose), computed once; the skeleton costs about 100 ns a call.
+const LATIN_END: u32 = 0x250;
+static LATIN: LazyLock<Vec<String>> = LazyLock::new(|| {
+    (0x80..LATIN_END)
+        .map(|u| {
+            let mut out = String::new();
+            if let Some(c) = char::from_u32(u) {
+                for_skeleton_lower(c, |f| {
+                    if !is_combining_mark(f) {
+                        out.push(f)
+                    }
+                });
+            }
+            out
+        })
+        .collect()
+});
+
 fn skeleton_lower(c: char) -> String {
     let mut out = String::new();
     for_skeleton_lower(c, |f| out.push(f));
@@ -103,13 +122,17 @@ pub fn fold(text: &str) -> String {
         } else if c.is_whitespace() {
             push(" ", &mut out);
         } else {
-            // The skeleton is decomposed: dropping the marks reads `ïgnöre` as `ignore`.
-            for_skeleton_lower(c, |f| match f {
+            let emit = |f: char| match f {
                 f if is_combining_mark(f) => {}
                 f if f.is_ascii() => push(&ascii[f as usize], &mut out),
                 f if f.is_alphanumeric() => out.push(f),
                 _ => push(" ", &mut out),
-            });
+            };
+            // The skeleton is decomposed: dropping the marks reads `ïgnöre` as `ignore`.
+            match LATIN.get((c as u32).wrapping_sub(0x80) as usize) {
+                Some(folded) => folded.chars().for_each(emit),
+                None => for_skeleton_lower(c, emit),
+            }
         }
     }
     if out.ends_with(' ') {
