@@ -7,6 +7,7 @@ pub mod api;
 pub mod cli;
 pub mod controller;
 pub mod egress;
+pub mod guards;
 pub mod policy;
 pub mod runner;
 #[allow(unsafe_code)]

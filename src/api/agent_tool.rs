@@ -8,6 +8,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::agent_tool_guards::{Alerts, AnomalySpec, Callers, Guards};
 use super::common::{AuditLevel, Risk, input_schema_document, optional_quantity};
 use super::names::{ABSOLUTE_CLEAN_PATH, CONFIG_KEY, DNS1123_SUBDOMAIN};
 
@@ -72,6 +73,18 @@ pub struct AgentToolSpec {
     /// How calls are recorded.
     #[serde(default)]
     pub audit: AuditSpec,
+    /// Content guards on input and output.
+    #[serde(default, skip_serializing_if = "Guards::is_empty")]
+    pub guards: Guards,
+    /// Per-caller anomaly scoring; off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anomaly: Option<AnomalySpec>,
+    /// Who may call the tool, by network address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callers: Option<Callers>,
+    /// Alerts on long or memory-hungry calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alerts: Option<Alerts>,
     /// How much harm the tool can do.
     pub risk: Risk,
     /// How `toolwarden controller` serves the tool in a cluster (ignored by `serve`).

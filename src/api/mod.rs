@@ -2,6 +2,7 @@
 //! shared pieces and the CRD generator.
 
 mod agent_tool;
+mod agent_tool_guards;
 mod common;
 mod crd;
 pub mod manifest;
@@ -10,6 +11,7 @@ mod tool_approval;
 mod tool_policy;
 
 pub use agent_tool::*;
+pub use agent_tool_guards::*;
 pub use common::*;
 pub use crd::{all_crds, crd_files, crds_yaml};
 pub use tool_approval::*;

@@ -135,6 +135,10 @@ pub struct LeastPrivilegeRules {
     /// Images must be pinned by `@sha256:` digest.
     #[serde(default)]
     pub require_image_digest: bool,
+    /// Tools of these risk levels must restrict callers with a
+    /// `callers.ipAllowList` that is not open to every address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub require_ip_allow_list_for_risk: Vec<Risk>,
 }
 
 /// A host folder tools may mount.
@@ -228,6 +232,9 @@ pub struct RateLimitingRules {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1000000))]
     pub max_requests_per_minute: Option<u32>,
+    /// Tools of these risk levels must declare `anomaly` scoring.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub require_anomaly_scoring_for_risk: Vec<Risk>,
 }
 
 /// Checklist item 8. Literal secrets are always rejected (baseline); these add to it.

@@ -2,7 +2,9 @@
 //! compiles, expressions parse, quantities are valid, cross-field consistency,
 //! no literal secrets, and no hostPath an administrator did not allow.
 
-use crate::api::{AgentToolSpec, AllowedHostPath, AuditLevel, PolicyMode, parse_quantity};
+use crate::api::{AgentToolSpec, AllowedHostPath, AuditLevel, PolicyMode, Risk, parse_quantity};
+use crate::guards::GuardSet;
+use crate::guards::client_addr::IpAllowList;
 
 use super::Violation;
 use super::catalog::{self as rule, Rule};
@@ -103,6 +105,9 @@ pub fn check(
         ("spec.sandbox.cpu".to_string(), &sandbox.cpu),
         ("spec.sandbox.tmpSize".to_string(), &sandbox.tmp_size),
     ];
+    if let Some(alerts) = &spec.alerts {
+        quantities.push(("spec.alerts.memory".to_string(), &alerts.memory));
+    }
     for (i, mount) in spec.permissions.filesystem.iter().enumerate() {
         quantities.push((
             format!("spec.permissions.filesystem[{i}].sizeLimit"),
@@ -123,9 +128,84 @@ pub fn check(
             }
         }
     }
+    check_guards(spec, facts, &mut flag);
+    check_callers(spec, &mut flag);
     check_host_paths(spec, host_paths, &mut flag);
     check_secret_delivery(spec, &mut flag);
     check_literals(spec, &mut flag);
+}
+
+/// High-risk tools declare input guards; every guard compiles, and input
+/// guards name fields the input schema has.
+fn check_guards(
+    spec: &AgentToolSpec,
+    facts: &ToolFacts,
+    flag: &mut impl FnMut(Rule, String, String),
+) {
+    if spec.risk == Risk::High && spec.guards.input.is_empty() {
+        flag(
+            rule::GUARDS_FOR_HIGH_RISK,
+            "spec.guards.input".into(),
+            "high-risk tools must declare input guards (e.g. promptInjection and malicious on free-text fields)".into(),
+        );
+    }
+    let lists = [
+        ("input", &spec.guards.input),
+        ("output", &spec.guards.output),
+    ];
+    for (list, decls) in lists {
+        for (i, decl) in decls.iter().enumerate() {
+            let path = format!("spec.guards.{list}[{i}]");
+            if let Err(e) = GuardSet::compile(std::slice::from_ref(decl)) {
+                flag(rule::GUARDS_VALID, path, e.to_string());
+                continue;
+            }
+            if list != "input" {
+                continue;
+            }
+            for (j, field) in decl.fields.iter().enumerate() {
+                if !names_schema_strings(field, &facts.shape.string_fields) {
+                    flag(
+                        rule::GUARDS_VALID,
+                        format!("{path}.fields[{j}]"),
+                        format!("`{field}` holds no string field of the input schema"),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// True when `field` is a string field of the schema or contains one; `*`
+/// (either side) matches any one segment.
+fn names_schema_strings<'a>(
+    field: &str,
+    string_fields: impl IntoIterator<Item = &'a String>,
+) -> bool {
+    let wanted: Vec<&str> = field.split('/').skip(1).collect();
+    string_fields.into_iter().any(|string_field| {
+        let have: Vec<&str> = string_field.split('/').skip(1).collect();
+        wanted.len() <= have.len()
+            && wanted
+                .iter()
+                .zip(&have)
+                .all(|(w, h)| w == h || *w == "*" || *h == "*")
+    })
+}
+
+fn check_callers(spec: &AgentToolSpec, flag: &mut impl FnMut(Rule, String, String)) {
+    let Some(callers) = &spec.callers else {
+        return;
+    };
+    for (i, entry) in callers.ip_allow_list.iter().enumerate() {
+        if let Err(e) = IpAllowList::parse(std::slice::from_ref(entry)) {
+            flag(
+                rule::IP_ALLOW_LIST_VALID,
+                format!("spec.callers.ipAllowList[{i}]"),
+                e.to_string(),
+            );
+        }
+    }
 }
 
 /// Every hostPath must lie under a prefix a selecting policy allows, and be

@@ -61,6 +61,8 @@ rules! {
     SCHEMA_TOO_DEEP = "TW-INPUT-006", InputValidation, true, "the input schema nests at most 32 levels";
     FREE_TEXT_SANITIZED = "TW-SANITIZE-001", Sanitization, false, "free-text strings have a sanitize rule";
     SANITIZE_TARGET_EXISTS = "TW-SANITIZE-002", Sanitization, true, "each sanitize rule names a string field of the input schema";
+    GUARDS_FOR_HIGH_RISK = "TW-SANITIZE-003", Sanitization, true, "tools of risk: high declare input guards";
+    GUARDS_VALID = "TW-SANITIZE-004", Sanitization, true, "guards name known rules, fit their kind, and input guards name fields of the input schema";
     KUBE_VERB_ALLOWED = "TW-PRIV-001", LeastPrivilege, false, "Kubernetes verbs are within the policy's allowed verbs";
     KUBE_RESOURCE_ALLOWED = "TW-PRIV-002", LeastPrivilege, false, "Kubernetes resources are within the policy's allowed resources";
     NO_SECRET_ACCESS = "TW-PRIV-003", LeastPrivilege, false, "no Kubernetes rule reaches Secrets";
@@ -70,6 +72,8 @@ rules! {
     IMAGE_PINNED = "TW-PRIV-007", LeastPrivilege, false, "the image is pinned by digest";
     AUTHORIZATION_COMPILES = "TW-PRIV-008", LeastPrivilege, true, "authorization expressions are valid CEL";
     NO_HOST_PATH = "TW-PRIV-009", LeastPrivilege, true, "no hostPath mounts, except read-only under a policy's allowedHostPaths";
+    IP_ALLOW_LIST_FOR_RISK = "TW-PRIV-010", LeastPrivilege, false, "tools of the policy's risk levels restrict callers with callers.ipAllowList";
+    IP_ALLOW_LIST_VALID = "TW-PRIV-011", LeastPrivilege, true, "callers.ipAllowList entries are IP addresses or CIDRs";
     TIMEOUT_CAPPED = "TW-SANDBOX-001", Sandboxing, false, "timeoutMs is within the policy cap";
     MEMORY_CAPPED = "TW-SANDBOX-002", Sandboxing, false, "sandbox.memory is set and within the policy cap";
     PIDS_CAPPED = "TW-SANDBOX-003", Sandboxing, false, "pids is within the policy cap";
@@ -84,6 +88,7 @@ rules! {
     APPROVAL_CONSISTENT = "TW-OVERSIGHT-003", HumanOversight, true, "approval.when is valid CEL, needs required: true, and approvers are named";
     RATE_LIMIT_PRESENT = "TW-RATE-001", RateLimiting, false, "a rate limit is declared";
     RATE_LIMIT_CAPPED = "TW-RATE-002", RateLimiting, false, "requestsPerMinute is within the policy cap";
+    ANOMALY_SCORING_FOR_RISK = "TW-RATE-003", RateLimiting, false, "tools of the policy's risk levels declare anomaly scoring";
     NO_LITERAL_SECRET = "TW-SECRET-001", SecretManagement, true, "no known credential format in runtime env, args or command";
     NO_HIGH_ENTROPY_LITERAL = "TW-SECRET-002", SecretManagement, true, "no high-entropy literal in runtime env, args or command";
     SECRET_NAMED_ENV_LITERAL = "TW-SECRET-003", SecretManagement, true, "a secret-named env var (…_TOKEN, …_PASSWORD) gets its value from spec.secrets";

@@ -1,10 +1,6 @@
 //! Finds credentials written as literal values: known key formats, and
 //! high-entropy tokens that look like keys nobody should paste into a manifest.
 
-use std::sync::LazyLock;
-
-use regex::RegexSet;
-
 /// What a literal looks like.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SecretLook {
@@ -14,51 +10,24 @@ pub enum SecretLook {
     HighEntropy,
 }
 
-const KNOWN_FORMATS: &[(&str, &str)] = &[
-    ("AWS access key ID", r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"),
-    ("GitHub token", r"\bgh[pousr]_[A-Za-z0-9]{36,}\b"),
-    (
-        "GitHub fine-grained token",
-        r"\bgithub_pat_[A-Za-z0-9_]{50,}\b",
-    ),
-    ("GitLab token", r"\bglpat-[A-Za-z0-9_-]{20,}\b"),
-    ("Slack token", r"\bxox[abposr]-[A-Za-z0-9-]{10,}"),
-    ("Stripe key", r"\b[rs]k_(live|test)_[A-Za-z0-9]{16,}\b"),
-    ("Google API key", r"\bAIza[0-9A-Za-z_-]{35}\b"),
-    ("OpenAI-style API key", r"\bsk-(proj-)?[A-Za-z0-9_-]{20,}\b"),
-    ("Anthropic API key", r"\bsk-ant-[A-Za-z0-9_-]{20,}"),
-    ("private key", r"-----BEGIN ([A-Z]+ )?PRIVATE KEY-----"),
-    (
-        "JSON Web Token",
-        r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",
-    ),
-    (
-        "credentials in a URL",
-        r"[a-z][a-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@",
-    ),
-];
-
-static KNOWN: LazyLock<RegexSet> = LazyLock::new(|| {
-    RegexSet::new(KNOWN_FORMATS.iter().map(|(_, re)| *re)).expect("credential patterns compile")
-});
-
-/// Shortest token considered for the entropy test: shorter random strings are
-/// too common (ids, hashes in args) and too weak to be keys.
-const MIN_ENTROPY_TOKEN: usize = 24;
-/// Bits per character above which a token looks random; English text and
-/// paths sit well below 4, base64 keys of this length above 4.3.
-const ENTROPY_THRESHOLD: f64 = 4.3;
-
 /// Classifies `value`, or `None` when it does not look like a credential.
+/// The formats and the entropy test are the `secrets` guard's rule set
+/// (`src/guards/rules/secrets.yaml`).
 pub fn looks_like_secret(value: &str) -> Option<SecretLook> {
-    if let Some(index) = KNOWN.matches(value).iter().next() {
-        return Some(SecretLook::KnownFormat(KNOWN_FORMATS[index].0));
+    // The built-in rule set is checked by the guards' tests; should it ever
+    // fail to load, every value is reported rather than none.
+    let Ok(detector) = crate::guards::secrets_detector() else {
+        return Some(SecretLook::KnownFormat(
+            "value (the credential rule set did not load)",
+        ));
+    };
+    if let Some(name) = detector.known_format(value) {
+        return Some(SecretLook::KnownFormat(name));
     }
-    let random_token = value
-        .split(|c: char| !(c.is_ascii_alphanumeric() || "+/=_-".contains(c)))
-        .filter(|token| token.len() >= MIN_ENTROPY_TOKEN)
-        .any(|token| shannon_entropy(token) >= ENTROPY_THRESHOLD && mixes_classes(token));
-    random_token.then_some(SecretLook::HighEntropy)
+    detector
+        .random_tokens(value)
+        .next()
+        .map(|_| SecretLook::HighEntropy)
 }
 
 /// Env var names that say the value is a credential, matched on whole
@@ -83,33 +52,6 @@ pub fn is_secret_name(name: &str) -> bool {
     ];
     words.iter().any(|w| single.contains(w))
         || words.windows(2).any(|p| pairs.contains(&(p[0], p[1])))
-}
-
-fn shannon_entropy(token: &str) -> f64 {
-    let mut counts = [0u32; 256];
-    for b in token.bytes() {
-        counts[b as usize] += 1;
-    }
-    let len = token.len() as f64;
-    counts
-        .iter()
-        .filter(|&&c| c > 0)
-        .map(|&c| {
-            let p = c as f64 / len;
-            -p * p.log2()
-        })
-        .sum()
-}
-
-/// Keys mix letters and digits; long all-letter words and hex digests of
-/// images or commits are common in args and rarely secrets on their own.
-fn mixes_classes(token: &str) -> bool {
-    let has = |f: fn(&u8) -> bool| token.as_bytes().iter().any(f);
-    let all_hex = token.bytes().all(|b| b.is_ascii_hexdigit());
-    has(u8::is_ascii_digit)
-        && has(u8::is_ascii_uppercase)
-        && has(u8::is_ascii_lowercase)
-        && !all_hex
 }
 
 #[cfg(test)]

@@ -232,6 +232,31 @@ fn least_privilege(ctx: &mut Ctx, spec: &AgentToolSpec) {
             ),
         );
     }
+    if rules.require_ip_allow_list_for_risk.contains(&spec.risk) {
+        let list = spec
+            .callers
+            .as_ref()
+            .map_or(&[][..], |c| c.ip_allow_list.as_slice());
+        let open = list
+            .iter()
+            .find(|cidr| matches!(cidr.trim(), "0.0.0.0/0" | "::/0"));
+        if list.is_empty() {
+            ctx.flag(
+                rule::IP_ALLOW_LIST_FOR_RISK,
+                "spec.callers.ipAllowList",
+                format!(
+                    "{}-risk tools must list the networks that may call them in callers.ipAllowList",
+                    spec.risk.as_str()
+                ),
+            );
+        } else if let Some(open) = open {
+            ctx.flag(
+                rule::IP_ALLOW_LIST_FOR_RISK,
+                "spec.callers.ipAllowList",
+                format!("`{open}` allows every address; list the callers' networks"),
+            );
+        }
+    }
     if rules.require_image_digest && !is_pinned(image) {
         ctx.flag(
             rule::IMAGE_PINNED,
@@ -413,6 +438,16 @@ fn rate_limiting(ctx: &mut Ctx, spec: &AgentToolSpec) {
     let Some(rules) = &policy.spec.rules.rate_limiting else {
         return;
     };
+    if rules.require_anomaly_scoring_for_risk.contains(&spec.risk) && spec.anomaly.is_none() {
+        ctx.flag(
+            rule::ANOMALY_SCORING_FOR_RISK,
+            "spec.anomaly",
+            format!(
+                "{}-risk tools must declare anomaly scoring (spec.anomaly)",
+                spec.risk.as_str()
+            ),
+        );
+    }
     match (&spec.rate_limit, rules.max_requests_per_minute) {
         (None, _) if rules.required => ctx.flag(
             rule::RATE_LIMIT_PRESENT,
