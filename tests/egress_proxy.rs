@@ -52,6 +52,27 @@ async fn plain_setup() -> (Upstream, Proxy, Arc<Names>) {
     (upstream, proxy, names)
 }
 
+/// An HTTPS upstream reached as `secure.test` (its certificate also names `hosts`), the
+/// policy allowing tunnels to it and loopback; the proxy forwards without its own TLS.
+async fn tls_setup(hosts: &[&str]) -> (TestPki, Upstream, Proxy) {
+    let pki = TestPki::new(hosts);
+    let upstream = Upstream::start("127.0.0.1:0", Some(pki.server.clone()))
+        .await
+        .unwrap();
+    let names = Arc::new(Names::default());
+    names.set("secure.test", &[&["127.0.0.1"]]);
+    let policy = EgressPolicy::new(
+        &rules(&format!(
+            "- {{host: secure.test, ports: [{}]}}",
+            upstream.port()
+        )),
+        &loopback(),
+    )
+    .unwrap();
+    let proxy = Proxy::start(policy, no_tls(), names).await;
+    (pki, upstream, proxy)
+}
+
 fn denied(event: &EgressEvent, reason: &str) -> bool {
     event.reason == Some(reason)
 }
@@ -380,21 +401,7 @@ async fn an_upstream_the_proxy_cannot_verify_is_refused() {
 
 #[tokio::test]
 async fn a_tunnel_reaches_the_declared_https_host() {
-    let pki = TestPki::new(&["secure.test"]);
-    let upstream = Upstream::start("127.0.0.1:0", Some(pki.server.clone()))
-        .await
-        .unwrap();
-    let names = Arc::new(Names::default());
-    names.set("secure.test", &[&["127.0.0.1"]]);
-    let policy = EgressPolicy::new(
-        &rules(&format!(
-            "- {{host: secure.test, ports: [{}]}}",
-            upstream.port()
-        )),
-        &loopback(),
-    )
-    .unwrap();
-    let proxy = Proxy::start(policy, no_tls(), names).await;
+    let (pki, upstream, proxy) = tls_setup(&["secure.test"]).await;
     let (status, _, tunnel) =
         connect(proxy.addr, &format!("secure.test:{}", upstream.port())).await;
     assert_eq!(status, 200);
@@ -422,21 +429,7 @@ async fn a_tunnel_reaches_the_declared_https_host() {
 /// byte reaches the upstream.
 #[tokio::test]
 async fn a_tunnel_with_another_sni_or_no_tls_is_refused() {
-    let pki = TestPki::new(&["secure.test", "other.test"]);
-    let upstream = Upstream::start("127.0.0.1:0", Some(pki.server.clone()))
-        .await
-        .unwrap();
-    let names = Arc::new(Names::default());
-    names.set("secure.test", &[&["127.0.0.1"]]);
-    let policy = EgressPolicy::new(
-        &rules(&format!(
-            "- {{host: secure.test, ports: [{}]}}",
-            upstream.port()
-        )),
-        &loopback(),
-    )
-    .unwrap();
-    let proxy = Proxy::start(policy, no_tls(), names).await;
+    let (pki, upstream, proxy) = tls_setup(&["secure.test", "other.test"]).await;
     let authority = format!("secure.test:{}", upstream.port());
     for (sni, reason) in [("other.test", "SniMismatch"), ("127.0.0.1", "NoSni")] {
         let (status, _, tunnel) = connect(proxy.addr, &authority).await;
@@ -882,21 +875,7 @@ async fn the_proxy_serves_a_unix_listener() {
 /// close with it, not outlive the call.
 #[tokio::test]
 async fn dropping_serve_closes_open_tunnels() {
-    let pki = TestPki::new(&["secure.test"]);
-    let upstream = Upstream::start("127.0.0.1:0", Some(pki.server.clone()))
-        .await
-        .unwrap();
-    let names = Arc::new(Names::default());
-    names.set("secure.test", &[&["127.0.0.1"]]);
-    let policy = EgressPolicy::new(
-        &rules(&format!(
-            "- {{host: secure.test, ports: [{}]}}",
-            upstream.port()
-        )),
-        &loopback(),
-    )
-    .unwrap();
-    let proxy = Proxy::start(policy, no_tls(), names).await;
+    let (pki, upstream, proxy) = tls_setup(&["secure.test"]).await;
     let (_, _, tunnel) = connect(proxy.addr, &format!("secure.test:{}", upstream.port())).await;
     let name = rustls::pki_types::ServerName::try_from("secure.test").unwrap();
     let mut tls = pki.client().connect(name, tunnel.unwrap()).await.unwrap();
