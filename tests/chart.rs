@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use clap::Parser;
 use serde_json::{Value, json};
 use toolwarden::webhook::install::{Install, TIMEOUT_SECONDS};
 
@@ -335,9 +336,27 @@ fn every_object_parses_and_names_labels_and_selectors_line_up() {
                 .any(|w| w == ["--controller-service-account", controller_sa]),
             "{args:?}"
         );
+        // Both Deployments' arguments are what the binary accepts: a missing required flag
+        // (the runner image) fails here, not in the pod.
+        for name in ["toolwarden-controller", "toolwarden-webhook"] {
+            let container =
+                &find(&objects, "Deployment", name)["spec"]["template"]["spec"]["containers"][0];
+            let argv = std::iter::once("toolwarden").chain(
+                container["args"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|a| a.as_str().unwrap()),
+            );
+            if let Err(e) = toolwarden::cli::Cli::try_parse_from(argv) {
+                panic!("{name}: {e}");
+            }
+        }
+        // Runner pods run the operator's own image.
+        let container = &controller["spec"]["template"]["spec"]["containers"][0];
         assert_eq!(
-            controller["spec"]["template"]["spec"]["containers"][0]["args"],
-            json!(["controller"])
+            container["args"],
+            json!(["controller", "--runner-image", container["image"]])
         );
         // Bindings bind existing roles to existing ServiceAccounts.
         for binding in objects

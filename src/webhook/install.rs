@@ -131,7 +131,7 @@ impl Install {
             ),
             json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
                 "metadata": meta("toolwarden-controller-leader", Some(ns), component),
-                "rules": [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]}]}),
+                "rules": [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update", "patch"]}]}),
             binding(
                 "RoleBinding",
                 "toolwarden-controller-leader",
@@ -148,7 +148,8 @@ impl Install {
                 "selector": {"matchLabels": labels(component)},
                 "template": {
                     "metadata": {"labels": labels(component)},
-                    "spec": pod_spec(sa, container(&self.image, json!(["controller"]), json!({
+                    // Runner pods run this same image; the Lease is this pod's (POD_NAMESPACE, POD_NAME).
+                    "spec": pod_spec(sa, container(&self.image, json!(["controller", "--runner-image", self.image]), json!({
                         "requests": {"cpu": "100m", "memory": "64Mi"},
                         "limits": {"cpu": "1", "memory": "256Mi"}}))),
                 }}}),
@@ -332,7 +333,10 @@ fn container(image: &str, args: Value, resources: Value) -> Value {
         "name": "toolwarden",
         "image": image,
         "args": args,
-        "env": [{"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
+        "env": [
+            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        ],
         "resources": resources,
         "securityContext": {
             "runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
