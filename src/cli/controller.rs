@@ -82,23 +82,9 @@ pub fn run(args: ControllerArgs) -> ExitCode {
     })
 }
 
-/// SIGTERM (what the kubelet sends) or Ctrl-C.
+/// The shared shutdown signal, then a word on what happens next.
 async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
-    }
+    super::shutdown::shutdown_signal().await;
     tracing::info!("shutting down: finishing reconciles in flight");
 }
 

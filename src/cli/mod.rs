@@ -7,6 +7,7 @@ mod logging;
 mod manifests;
 mod report_formats;
 mod serve;
+mod shutdown;
 mod webhook;
 
 use std::process::ExitCode;

@@ -410,7 +410,7 @@ fn run(
             listener,
             router::router(runner.clone()),
             http,
-            shutdown_signal(),
+            super::shutdown::shutdown_signal(),
         )
         .await;
         // Calls whose callers left are still running: wait for their closing records.
@@ -577,22 +577,4 @@ fn banner(
         "  audit:     {} (HMAC-chained, {audit_key}; check with `toolwarden audit verify --key`)",
         runner.audit.description()
     );
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => return ctrl_c.await.unwrap_or(()),
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    ctrl_c.await.unwrap_or(());
 }

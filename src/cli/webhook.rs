@@ -133,7 +133,7 @@ async fn serve(args: WebhookArgs) -> Result<(), String> {
         certs::tls_config(certs),
         router,
         limits,
-        server::shutdown_signal(),
+        super::shutdown::shutdown_signal(),
     )
     .await;
     Ok(())

@@ -190,15 +190,3 @@ pub async fn serve(
         tracing::warn!("connections still open after 10 s; closing them");
     }
 }
-
-/// Resolves on SIGTERM (the kubelet stopping the pod) or Ctrl-C.
-pub async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(_) => return tokio::signal::ctrl_c().await.unwrap_or(()),
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
