@@ -539,6 +539,22 @@ mod tests {
             serde_json::from_str(result["content"][0]["text"].as_str().unwrap()).unwrap();
         assert_eq!(text, result["structuredContent"]);
 
+        // A call awaiting approval did not run: a flagged result holding the pending approval.
+        let write = tools_call(
+            "notes".into(),
+            json!({"operation": "write", "name": "todo", "text": "x"}),
+        );
+        let (_, answer) = send(&t, Some(TOKEN), &write).await;
+        let result = &answer["result"];
+        assert_eq!(result["isError"], true, "{answer}");
+        assert_eq!(result["structuredContent"]["status"], "pending", "{answer}");
+        let approval = result["structuredContent"]["approvalId"].as_str().unwrap();
+        assert_eq!(
+            result["structuredContent"]["location"],
+            format!("/v1/approvals/{approval}")
+        );
+        assert!(t.executor.runs().is_empty());
+
         // An unknown tool and a missing name are invalid params.
         let (_, answer) = send(&t, Some(TOKEN), &tools_call("nope".into(), json!({}))).await;
         assert_eq!(answer["error"]["code"], INVALID_PARAMS);
