@@ -639,50 +639,79 @@ fn test_python(test: &str) -> Option<String> {
     }
 }
 
+/// The official Python SDK against one `serve`, opening in `era` (`stateless`:
+/// `discover()`; `handshake`: `initialize()`); what it saw.
+fn python_sdk_session(python: &str, addr: &str, era: &str) -> Value {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/mcp_python_sdk.py");
+    let out = Command::new(python)
+        .arg(script)
+        .arg(format!("http://{addr}/mcp"))
+        .arg(era)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{era}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 #[test]
-fn the_official_mcp_python_sdk_lists_and_calls_tools() {
+fn the_official_mcp_python_sdk_lists_and_calls_tools_in_both_eras() {
     require_root!();
-    let Some(python) = test_python("the_official_mcp_python_sdk_lists_and_calls_tools") else {
+    let Some(python) = test_python("the_official_mcp_python_sdk_lists_and_calls_tools_in_both_eras")
+    else {
         return;
     };
     let dir = tools_dir();
     let audit = dir.path().join("audit.log");
     let served = serve(dir.path(), &audit);
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/mcp_python_sdk.py");
-    let out = Command::new(python)
-        .arg(script)
-        .arg(format!("http://{}/mcp", served.addr))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(seen["protocol"], "2025-11-25");
-    assert_eq!(
-        seen["tools"],
-        serde_json::json!([
-            "api-call",
-            "execute-code",
-            "file-operation",
-            "moderate-content",
-            "slow",
-            "user-profile-update"
-        ])
-    );
-    assert_eq!(seen["readOnly"]["moderate-content"], true);
-    assert_eq!(seen["readOnly"]["file-operation"], false);
-    assert_eq!(seen["okIsError"], false);
-    assert_eq!(seen["okResult"], serde_json::json!({"approved": true}));
-    assert_eq!(seen["badIsError"], true);
-    let problem: Value = serde_json::from_str(seen["badText"].as_str().unwrap()).unwrap();
-    assert_eq!(
-        problem["type"],
-        "https://toolwarden.dev/problems/validation"
-    );
-    assert_eq!(problem["errors"][1]["path"], "/content");
+    for (era, protocol) in [("stateless", "2026-07-28"), ("handshake", "2025-11-25")] {
+        let seen = python_sdk_session(&python, &served.addr, era);
+        assert_eq!(seen["protocol"], protocol, "{seen}");
+        // In name order, the same every time (the stateless era's caching relies on it).
+        assert_eq!(
+            seen["tools"],
+            serde_json::json!([
+                "api-call",
+                "execute-code",
+                "file-operation",
+                "moderate-content",
+                "slow",
+                "user-profile-update"
+            ]),
+            "{era}"
+        );
+        assert_eq!(seen["readOnly"]["moderate-content"], true, "{era}");
+        assert_eq!(seen["readOnly"]["file-operation"], false, "{era}");
+        assert_eq!(seen["okIsError"], false, "{era}");
+        assert_eq!(seen["okResult"], serde_json::json!({"approved": true}), "{era}");
+        // Input that fails the schema is the tool's error, with the problem's details.
+        assert_eq!(seen["badIsError"], true, "{era}");
+        let problem: Value = serde_json::from_str(seen["badText"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            problem["type"],
+            "https://toolwarden.dev/problems/validation"
+        );
+        assert_eq!(problem["errors"][1]["path"], "/content");
+        // The slow tool sleeps 3 s: streamed, with progress while it ran, result last.
+        assert_eq!(seen["slowResult"], serde_json::json!({"slept": true}), "{era}");
+        let progress = seen["progress"].as_array().unwrap();
+        assert!(!progress.is_empty(), "{era}: no progress in {seen}");
+        assert!(
+            progress[0]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("running in its sandbox"),
+            "{era}: {seen}"
+        );
+        if era == "stateless" {
+            assert_eq!(seen["supportedVersions"][0], "2026-07-28");
+            assert_eq!(seen["listTtlMs"], 60_000);
+            assert_eq!(seen["listCacheScope"], "private");
+        }
+    }
 }
 
 /// `serve` with `flags` must refuse to start, saying `expected`.
