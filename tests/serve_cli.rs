@@ -660,7 +660,8 @@ fn python_sdk_session(python: &str, addr: &str, era: &str) -> Value {
 #[test]
 fn the_official_mcp_python_sdk_lists_and_calls_tools_in_both_eras() {
     require_root!();
-    let Some(python) = test_python("the_official_mcp_python_sdk_lists_and_calls_tools_in_both_eras")
+    let Some(python) =
+        test_python("the_official_mcp_python_sdk_lists_and_calls_tools_in_both_eras")
     else {
         return;
     };
@@ -686,7 +687,11 @@ fn the_official_mcp_python_sdk_lists_and_calls_tools_in_both_eras() {
         assert_eq!(seen["readOnly"]["moderate-content"], true, "{era}");
         assert_eq!(seen["readOnly"]["file-operation"], false, "{era}");
         assert_eq!(seen["okIsError"], false, "{era}");
-        assert_eq!(seen["okResult"], serde_json::json!({"approved": true}), "{era}");
+        assert_eq!(
+            seen["okResult"],
+            serde_json::json!({"approved": true}),
+            "{era}"
+        );
         // Input that fails the schema is the tool's error, with the problem's details.
         assert_eq!(seen["badIsError"], true, "{era}");
         let problem: Value = serde_json::from_str(seen["badText"].as_str().unwrap()).unwrap();
@@ -696,7 +701,11 @@ fn the_official_mcp_python_sdk_lists_and_calls_tools_in_both_eras() {
         );
         assert_eq!(problem["errors"][1]["path"], "/content");
         // The slow tool sleeps 3 s: streamed, with progress while it ran, result last.
-        assert_eq!(seen["slowResult"], serde_json::json!({"slept": true}), "{era}");
+        assert_eq!(
+            seen["slowResult"],
+            serde_json::json!({"slept": true}),
+            "{era}"
+        );
         let progress = seen["progress"].as_array().unwrap();
         assert!(!progress.is_empty(), "{era}: no progress in {seen}");
         assert!(
@@ -727,12 +736,18 @@ fn typescript_sdk(test: &str) -> Option<PathBuf> {
     let why = if !node.is_ok_and(|out| out.status.success()) {
         "no `node` (apt-get install nodejs npm)".to_string()
     } else if !dir.join("node_modules/@modelcontextprotocol/sdk").is_dir() {
-        format!("no @modelcontextprotocol/sdk under {} (.ci/run installs it)", dir.display())
+        format!(
+            "no @modelcontextprotocol/sdk under {} (.ci/run installs it)",
+            dir.display()
+        )
     } else {
         return Some(dir);
     };
     if std::env::var(common::REQUIRE_SANDBOX_ENV).is_ok_and(|v| v == "1") {
-        panic!("{test} must run under {}=1: {why}", common::REQUIRE_SANDBOX_ENV);
+        panic!(
+            "{test} must run under {}=1: {why}",
+            common::REQUIRE_SANDBOX_ENV
+        );
     }
     eprintln!("SKIPPED {test}: {why}");
     None
@@ -755,7 +770,11 @@ fn the_official_mcp_typescript_sdk_outlasts_its_request_timeout_on_progress() {
         .arg(format!("http://{}/mcp", served.addr))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
     // The TypeScript SDK speaks the handshake era.
     assert_eq!(seen["protocol"], "2025-11-25", "{seen}");
@@ -767,7 +786,11 @@ fn the_official_mcp_typescript_sdk_outlasts_its_request_timeout_on_progress() {
     let problem: Value = serde_json::from_str(seen["badText"].as_str().unwrap()).unwrap();
     assert_eq!(problem["status"], 400, "{problem}");
     // A 3 s call with a 2.5 s request timeout: finished, thanks to progress...
-    assert_eq!(seen["slowResult"], serde_json::json!({"slept": true}), "{seen}");
+    assert_eq!(
+        seen["slowResult"],
+        serde_json::json!({"slept": true}),
+        "{seen}"
+    );
     assert!(!seen["progress"].as_array().unwrap().is_empty(), "{seen}");
     // ...and the same call without progress timed out (the SDK's RequestTimeout).
     assert_eq!(seen["silentError"]["code"], -32001, "{seen}");

@@ -153,7 +153,9 @@ fn header<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, Ref
         return Ok(None);
     };
     if values.next().is_some() {
-        return Err(Refusal::HeaderMismatch(format!("{name} header is sent twice")));
+        return Err(Refusal::HeaderMismatch(format!(
+            "{name} header is sent twice"
+        )));
     }
     first
         .to_str()
@@ -204,18 +206,33 @@ mod tests {
     #[test]
     fn a_consistent_request_passes_and_each_disagreement_is_a_header_mismatch() {
         let params = call("notes", json!("2026-07-28"));
-        assert_eq!(check(&headers(&GOOD), "tools/call", &params), Ok("2026-07-28"));
+        assert_eq!(
+            check(&headers(&GOOD), "tools/call", &params),
+            Ok("2026-07-28")
+        );
         // The name in the base64 form clients use for names that are not plain ASCII.
         let encoded = [GOOD[0], GOOD[1], ("mcp-name", "=?base64?bm90ZXM=?=")];
-        assert_eq!(check(&headers(&encoded), "tools/call", &params), Ok("2026-07-28"));
+        assert_eq!(
+            check(&headers(&encoded), "tools/call", &params),
+            Ok("2026-07-28")
+        );
 
         // The attack: a gateway routes on the headers, the server runs the body.
         for (forged, why) in [
             ([GOOD[0], GOOD[1], ("mcp-name", "harmless")], "name"),
             ([GOOD[0], ("mcp-method", "tools/list"), GOOD[2]], "method"),
-            ([("mcp-protocol-version", "2025-11-25"), GOOD[1], GOOD[2]], "version"),
-            ([GOOD[0], GOOD[1], ("mcp-name", "=?base64?aGFybWxlc3M=?=")], "encoded name"),
-            ([GOOD[0], GOOD[1], ("mcp-name", "=?base64?!!?=")], "bad base64"),
+            (
+                [("mcp-protocol-version", "2025-11-25"), GOOD[1], GOOD[2]],
+                "version",
+            ),
+            (
+                [GOOD[0], GOOD[1], ("mcp-name", "=?base64?aGFybWxlc3M=?=")],
+                "encoded name",
+            ),
+            (
+                [GOOD[0], GOOD[1], ("mcp-name", "=?base64?!!?=")],
+                "bad base64",
+            ),
         ] {
             let refusal = check(&headers(&forged), "tools/call", &params).unwrap_err();
             assert_eq!(refusal.code(), HEADER_MISMATCH, "{why}: {refusal}");
@@ -237,18 +254,30 @@ mod tests {
     fn envelope_and_version_refusals() {
         let good = headers(&GOOD);
         let no_meta = json!({"name": "notes"});
-        assert_eq!(check(&good, "tools/call", &no_meta), Err(Refusal::MissingEnvelope));
+        assert_eq!(
+            check(&good, "tools/call", &no_meta),
+            Err(Refusal::MissingEnvelope)
+        );
         let half = json!({"name": "notes", "_meta": {PROTOCOL_VERSION_KEY: "2026-07-28"}});
-        assert_eq!(check(&good, "tools/call", &half), Err(Refusal::MissingEnvelope));
+        assert_eq!(
+            check(&good, "tools/call", &half),
+            Err(Refusal::MissingEnvelope)
+        );
         // A version this server does not speak, consistent in header and body.
         let future = [("mcp-protocol-version", "2099-01-01"), GOOD[1], GOOD[2]];
-        let refusal = check(&headers(&future), "tools/call", &call("notes", json!("2099-01-01")))
-            .unwrap_err();
+        let refusal = check(
+            &headers(&future),
+            "tools/call",
+            &call("notes", json!("2099-01-01")),
+        )
+        .unwrap_err();
         assert_eq!(refusal.code(), UNSUPPORTED_PROTOCOL_VERSION);
         assert_eq!(
             refusal.data(),
-            Some(json!({"supported": ["2026-07-28", "2025-11-25", "2025-06-18", "2025-03-26"],
-                        "requested": "2099-01-01"}))
+            Some(
+                json!({"supported": ["2026-07-28", "2025-11-25", "2025-06-18", "2025-03-26"],
+                        "requested": "2099-01-01"})
+            )
         );
         // The same without an envelope: still told what is served.
         let refusal = check(&headers(&future), "tools/call", &no_meta).unwrap_err();
