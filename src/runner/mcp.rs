@@ -392,15 +392,7 @@ pub async fn post(
         .and_then(|v| v.to_str().ok());
     let era = if stateless::is_stateless(method, &params, header_version) {
         if let Err(refusal) = stateless::check(&headers, method, &params) {
-            tracing::debug!(reason = refusal.reason(), "{refusal}");
-            let code = refusal.code();
-            let error = RpcError {
-                code,
-                message: refusal.to_string(),
-                data: refusal.data(),
-            };
-            let answer = Era::Stateless.respond(id, Err(error));
-            return (error_status(code), axum::Json(answer)).into_response();
+            return refuse(id, &refusal);
         }
         Era::Stateless
     } else {
@@ -436,6 +428,15 @@ pub async fn post(
                 let answer = era.respond(id, Err(error));
                 return (era.status(&answer), axum::Json(answer)).into_response();
             };
+            // A stateless client mirrors the arguments the schema marks with
+            // `x-mcp-header` into headers an intermediary may act on: they must agree.
+            if era == Era::Stateless
+                && let Some(tool) = runner.registry.get(&name)
+                && let Err(refusal) =
+                    stateless::check_param_headers(&headers, &tool.spec.input_schema, &arguments)
+            {
+                return refuse(id, &refusal);
+            }
             let call = call_tool(Arc::clone(&runner), ctx, name, arguments);
             if let Some(token) = progress::progress_token(&params)
                 && accepts(&headers, "text/event-stream")
@@ -454,6 +455,19 @@ pub async fn post(
         ResponseFormat::Json => (era.status(&answer), axum::Json(answer)).into_response(),
         ResponseFormat::EventStream => event_stream(&answer),
     }
+}
+
+/// A stateless request refused before it is served, with the specification's code and status.
+fn refuse(id: Value, refusal: &stateless::Refusal) -> Response {
+    tracing::debug!(reason = refusal.reason(), "{refusal}");
+    let code = refusal.code();
+    let error = RpcError {
+        code,
+        message: refusal.to_string(),
+        data: refusal.data(),
+    };
+    let answer = Era::Stateless.respond(id, Err(error));
+    (error_status(code), axum::Json(answer)).into_response()
 }
 
 /// Runs a `tools/call` through the pipeline. A call the pipeline refused is the
@@ -660,6 +674,8 @@ fn call_result_with_text(
 mod tests {
     use axum::Router;
     use axum::http::Request;
+    use std::time::Duration;
+
     use serde_json::json;
     use tower::ServiceExt;
 
@@ -667,20 +683,11 @@ mod tests {
     use crate::runner::fake::{TOKEN, TestRunner};
 
     async fn send(t: &TestRunner, token: Option<&str>, message: &Value) -> (StatusCode, Value) {
-        let router = Router::new()
-            .route("/mcp", axum::routing::post(post))
-            .with_state(t.runner.clone());
-        let mut request = Request::post("/mcp")
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(header::ACCEPT, "application/json, text/event-stream");
+        let mut headers = vec![];
         if let Some(token) = token {
-            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+            headers.push(("authorization", format!("Bearer {token}")));
         }
-        let mut request = request.body(Body::from(message.to_string())).unwrap();
-        request
-            .extensions_mut()
-            .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))));
-        let response = router.oneshot(request).await.unwrap();
+        let response = exchange(t, headers, message).await;
         let status = response.status();
         let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
             .await
@@ -689,6 +696,151 @@ mod tests {
             status,
             serde_json::from_slice(&bytes).unwrap_or(Value::Null),
         )
+    }
+
+    /// One POST to `/mcp` with `headers` (beside the content type and `Accept`).
+    async fn exchange(
+        t: &TestRunner,
+        headers: Vec<(&'static str, String)>,
+        message: &Value,
+    ) -> Response {
+        let router = Router::new()
+            .route("/mcp", axum::routing::post(post))
+            .with_state(t.runner.clone());
+        let mut request = Request::post("/mcp")
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, "application/json, text/event-stream");
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        let mut request = request.body(Body::from(message.to_string())).unwrap();
+        request
+            .extensions_mut()
+            .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))));
+        router.oneshot(request).await.unwrap()
+    }
+
+    /// A stateless (2026-07-28) request with consistent headers: its answer.
+    async fn stateless(t: &TestRunner, method: &str, mut params: Value) -> (StatusCode, Value) {
+        params["_meta"]["io.modelcontextprotocol/protocolVersion"] = json!("2026-07-28");
+        params["_meta"]["io.modelcontextprotocol/clientCapabilities"] = json!({});
+        let mut headers = vec![
+            ("authorization", format!("Bearer {TOKEN}")),
+            ("mcp-protocol-version", "2026-07-28".to_string()),
+            ("mcp-method", method.to_string()),
+        ];
+        if let Some(name) = params["name"].as_str() {
+            headers.push(("mcp-name", name.to_string()));
+        }
+        let message = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+        let response = exchange(t, headers, &message).await;
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_stateless_era_answers_in_its_own_shapes() {
+        let t = TestRunner::notes();
+        let (status, discover) = stateless(&t, "server/discover", json!({})).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            discover["result"],
+            json!({
+                "supportedVersions": ["2026-07-28", "2025-11-25", "2025-06-18", "2025-03-26"],
+                "capabilities": {"tools": {"listChanged": false}},
+                "instructions": INSTRUCTIONS,
+                "ttlMs": DISCOVER_TTL_MS,
+                "cacheScope": "public",
+                "_meta": {"io.modelcontextprotocol/serverInfo":
+                          {"name": "toolwarden", "version": env!("CARGO_PKG_VERSION")}},
+                "resultType": "complete",
+            })
+        );
+        let (_, list) = stateless(&t, "tools/list", json!({})).await;
+        assert_eq!(list["result"]["resultType"], "complete");
+        assert_eq!(list["result"]["ttlMs"], TOOLS_TTL_MS);
+        assert_eq!(list["result"]["tools"][0]["name"], "notes");
+
+        t.executor.prints(r#"{"note": "hi"}"#);
+        let read = json!({"name": "notes", "arguments": {"operation": "read", "name": "todo"}});
+        let (_, call) = stateless(&t, "tools/call", read).await;
+        assert_eq!(call["result"]["resultType"], "complete");
+        assert_eq!(call["result"]["isError"], false);
+        // Invalid input: still the tool's error, now with resultType.
+        let bad = json!({"name": "notes", "arguments": {"operation": 5}});
+        let (status, call) = stateless(&t, "tools/call", bad).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(call["result"]["isError"], true, "{call}");
+        assert_eq!(call["result"]["structuredContent"]["status"], 400, "{call}");
+        // Faults of the request are the transport's statuses; `ping` and `initialize`'s
+        // siblings are gone from this era.
+        let (status, call) = stateless(&t, "tools/call", json!({"name": "nope"})).await;
+        assert_eq!(
+            (status, &call["error"]["code"]),
+            (StatusCode::BAD_REQUEST, &json!(INVALID_PARAMS))
+        );
+        let (status, ping) = stateless(&t, "ping", json!({})).await;
+        assert_eq!(
+            (status, &ping["error"]["code"]),
+            (StatusCode::NOT_FOUND, &json!(METHOD_NOT_FOUND))
+        );
+        // The handshake era keeps its shapes: no resultType.
+        let (_, list) = send(
+            &t,
+            Some(TOKEN),
+            &json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+        )
+        .await;
+        assert!(list["result"].get("resultType").is_none(), "{list}");
+        assert!(list["result"].get("ttlMs").is_none(), "{list}");
+    }
+
+    /// Time is paused: the fake tool's 9 s pass at once, and with them the progress ticks.
+    #[tokio::test(start_paused = true)]
+    async fn a_call_with_a_progress_token_streams_progress_then_its_result() {
+        let t = TestRunner::notes();
+        t.executor.prints(r#"{"note": "hi"}"#);
+        t.executor.delay(Duration::from_secs(9));
+        let mut call = tools_call("notes".into(), json!({"operation": "read", "name": "todo"}));
+        call["params"]["_meta"] = json!({"progressToken": 42});
+        let headers = vec![("authorization", format!("Bearer {TOKEN}"))];
+        let response = exchange(&t, headers, &call).await;
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "text/event-stream"
+        );
+        assert_eq!(response.headers()["x-accel-buffering"], "no");
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let messages: Vec<Value> = String::from_utf8(bytes.to_vec())
+            .unwrap()
+            .lines()
+            .filter_map(|line| line.strip_prefix("data: "))
+            .map(|data| serde_json::from_str(data).unwrap())
+            .collect();
+        let (answer, progress) = messages.split_last().unwrap();
+        assert_eq!(answer["result"]["structuredContent"], json!({"note": "hi"}));
+        let ticks: Vec<_> = progress
+            .iter()
+            .map(|p| p["params"]["progress"].clone())
+            .collect();
+        assert_eq!(ticks, [json!(2), json!(4), json!(6), json!(8)]);
+        for p in progress {
+            assert_eq!(p["method"], "notifications/progress");
+            assert_eq!(p["params"]["progressToken"], 42);
+        }
+
+        // Without a token (or with one that is no string or integer): one JSON body.
+        t.executor.delay(Duration::ZERO);
+        t.executor.prints(r#"{"note": "hi"}"#);
+        call["params"]["_meta"] = json!({"progressToken": true});
+        let (status, answer) = send(&t, Some(TOKEN), &call).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(answer["result"]["isError"], false, "{answer}");
     }
 
     fn tools_call(name: Value, arguments: Value) -> Value {

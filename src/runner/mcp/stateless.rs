@@ -145,6 +145,85 @@ pub fn check(headers: &HeaderMap, method: &str, params: &Value) -> Result<&'stat
         })
 }
 
+/// Checks the `Mcp-Param-{Name}` headers of a `tools/call` against its arguments,
+/// for each property the tool's input schema marks with `x-mcp-header` (reachable
+/// from the root through `properties` alone, as the transport defines it): a value
+/// in the body needs its header, a header needs its value, and the two must agree.
+pub fn check_param_headers(
+    headers: &HeaderMap,
+    input_schema: &Value,
+    arguments: &Value,
+) -> Result<(), Refusal> {
+    let mut annotated = Vec::new();
+    mirrored_properties(input_schema, &mut Vec::new(), &mut annotated);
+    for (path, token, schema) in annotated {
+        let name = format!("mcp-param-{}", token.to_ascii_lowercase());
+        let value = path
+            .iter()
+            .try_fold(arguments, |value, key| value.get(key))
+            .filter(|v| !v.is_null());
+        let sent = header(headers, &name)?;
+        let argument = path.join(".");
+        let agrees = match (sent, value) {
+            (None, None) => true,
+            (Some(sent), Some(value)) => {
+                decode_header_value(sent).is_some_and(|sent| header_matches(schema, value, &sent))
+            }
+            _ => false,
+        };
+        if !agrees {
+            return Err(Refusal::HeaderMismatch(format!(
+                "the {name} header does not match argument {argument}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The `x-mcp-header` annotations of `schema`: (property path, header token, property schema).
+fn mirrored_properties<'s>(
+    schema: &'s Value,
+    path: &mut Vec<&'s str>,
+    found: &mut Vec<(Vec<&'s str>, &'s str, &'s Value)>,
+) {
+    if let Some(token) = schema.get("x-mcp-header").and_then(Value::as_str)
+        && !path.is_empty()
+    {
+        found.push((path.clone(), token, schema));
+    }
+    let Some(properties) = schema.get("properties").and_then(Value::as_object) else {
+        return;
+    };
+    for (key, property) in properties {
+        path.push(key);
+        mirrored_properties(property, path, found);
+        path.pop();
+    }
+}
+
+/// Whether a decoded header value renders `value` as clients do: strings as they
+/// are, booleans as `true`/`false`, integers in decimal (compared as numbers, so
+/// `42.0` matches `42`, as the transport advises).
+fn header_matches(schema: &Value, value: &Value, sent: &str) -> bool {
+    match value {
+        Value::String(s) => s == sent,
+        Value::Bool(b) => sent == if *b { "true" } else { "false" },
+        Value::Number(n) if schema.get("type").and_then(Value::as_str) == Some("integer") => {
+            let whole = sent
+                .split_once('.')
+                .filter(|(_, fraction)| fraction.bytes().all(|b| b == b'0'))
+                .map_or(sent, |(whole, _)| whole);
+            match (whole.parse::<i64>(), n.as_i64(), n.as_f64()) {
+                (Ok(sent), Some(body), _) => sent == body,
+                (Ok(sent), None, Some(body)) => body.fract() == 0.0 && sent as f64 == body,
+                _ => false,
+            }
+        }
+        Value::Number(n) => n.to_string() == sent,
+        _ => false,
+    }
+}
+
 /// A routing header's value: `None` when absent; a mismatch when it is sent twice
 /// (first-copy and last-copy readers would disagree) or is not visible ASCII.
 fn header<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, Refusal> {
@@ -248,6 +327,56 @@ mod tests {
             let refusal = check(&headers(&doubled), "tools/call", &params).unwrap_err();
             assert_eq!(refusal.reason(), "HeaderMismatch", "{doubled:?}");
         }
+    }
+
+    #[test]
+    fn mirrored_arguments_must_match_their_headers() {
+        let schema = json!({"type": "object", "properties": {
+            "region": {"type": "string", "x-mcp-header": "Region"},
+            "shard": {"type": "integer", "x-mcp-header": "Shard"},
+            "options": {"type": "object", "properties": {
+                "dry": {"type": "boolean", "x-mcp-header": "Dry"}}},
+            "query": {"type": "string"},
+            "list": {"type": "array", "items": {"x-mcp-header": "Item"}}}});
+        let args = json!({"region": "eu-west1", "shard": 7, "options": {"dry": true},
+                          "query": "x", "list": ["a"]});
+        let good = [
+            ("mcp-param-region", "eu-west1"),
+            ("mcp-param-shard", "7.0"),
+            ("mcp-param-dry", "true"),
+        ];
+        assert_eq!(check_param_headers(&headers(&good), &schema, &args), Ok(()));
+        let encoded = [
+            ("mcp-param-region", "=?base64?ZXUtd2VzdDE=?="),
+            good[1],
+            good[2],
+        ];
+        assert_eq!(
+            check_param_headers(&headers(&encoded), &schema, &args),
+            Ok(())
+        );
+        // No values, no headers: nothing to check (null is no value).
+        let none = json!({"region": null, "query": "x"});
+        assert_eq!(
+            check_param_headers(&HeaderMap::new(), &schema, &none),
+            Ok(())
+        );
+
+        // The attack: a gateway routes on the header, the tool gets the body's value.
+        for (i, forged) in ["us-east1", "8", "false"].into_iter().enumerate() {
+            let mut sent = good;
+            sent[i].1 = forged;
+            let refusal = check_param_headers(&headers(&sent), &schema, &args).unwrap_err();
+            assert_eq!(refusal.code(), HEADER_MISMATCH, "{forged}");
+            // A header left out, a header for a value that is not in the body.
+            let mut missing = good.to_vec();
+            missing.remove(i);
+            assert!(check_param_headers(&headers(&missing), &schema, &args).is_err());
+            let mut doubled = good.to_vec();
+            doubled.push(good[i]);
+            assert!(check_param_headers(&headers(&doubled), &schema, &args).is_err());
+        }
+        assert!(check_param_headers(&headers(&good), &schema, &none).is_err());
     }
 
     #[test]
