@@ -317,13 +317,13 @@ mod tests {
             assert_eq!(refusal.code(), HEADER_MISMATCH, "{why}: {refusal}");
         }
         // Missing or doubled headers.
-        for i in 0..3 {
+        for (i, sent) in GOOD.into_iter().enumerate() {
             let mut missing = GOOD.to_vec();
             missing.remove(i);
             let refusal = check(&headers(&missing), "tools/call", &params).unwrap_err();
             assert_eq!(refusal.reason(), "HeaderMismatch", "{missing:?}");
             let mut doubled = GOOD.to_vec();
-            doubled.push(GOOD[i]);
+            doubled.push(sent);
             let refusal = check(&headers(&doubled), "tools/call", &params).unwrap_err();
             assert_eq!(refusal.reason(), "HeaderMismatch", "{doubled:?}");
         }
