@@ -5,10 +5,10 @@
 //! each answered in its own era's shapes. `tools/list` and `tools/call` are
 //! served in both. Answers are plain JSON (the transport allows a JSON response
 //! instead of an SSE stream), except a `tools/call` that asks for progress, which
-//! is streamed ([`progress`]). No session IDs, no server-initiated messages, so
+//! is streamed with progress ([`event_stream`]). No session IDs, no server-initiated messages, so
 //! `GET` and `DELETE` answer 405 as the transport specifies for that case.
 
-mod progress;
+mod event_stream;
 mod stateless;
 
 use std::net::SocketAddr;
@@ -438,10 +438,13 @@ pub async fn post(
                 return refuse(id, &refusal);
             }
             let call = call_tool(Arc::clone(&runner), ctx, name, arguments);
-            if let Some(token) = progress::progress_token(&params)
+            if let Some(token) = event_stream::progress_token(&params)
                 && accepts(&headers, "text/event-stream")
             {
-                return progress::stream(token, async move { era.respond(id, call.await) });
+                return event_stream::with_progress(
+                    token,
+                    async move { era.respond(id, call.await) },
+                );
             }
             call.await
         }
@@ -453,7 +456,7 @@ pub async fn post(
     let answer = era.respond(id, reply);
     match format {
         ResponseFormat::Json => (era.status(&answer), axum::Json(answer)).into_response(),
-        ResponseFormat::EventStream => event_stream(&answer),
+        ResponseFormat::EventStream => event_stream::single(&answer),
     }
 }
 
@@ -551,19 +554,6 @@ fn accepts(headers: &HeaderMap, media: &str) -> bool {
     accepted
         .iter()
         .any(|a| *a == media || *a == "*/*" || *a == format!("{kind}/*"))
-}
-
-/// One JSON-RPC response as an SSE stream of one `message` event, then the end.
-fn event_stream(answer: &RpcResponse) -> Response {
-    let data = serde_json::to_string(answer).expect("a response always serializes");
-    (
-        [
-            (header::CONTENT_TYPE, "text/event-stream"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        format!("event: message\ndata: {data}\n\n"),
-    )
-        .into_response()
 }
 
 /// Answers with the protocol version asked for when it is spoken, else the

@@ -1,5 +1,6 @@
-//! A `tools/call` answered as an SSE stream: `notifications/progress` every few
-//! seconds while the sandbox runs, then the response. Clients that reset their
+//! Answers as SSE streams: one response alone, for a client that accepts nothing
+//! else, or a `tools/call` with `notifications/progress` every few seconds while
+//! the sandbox runs, then the response. Clients that reset their
 //! request timeout on progress (the TypeScript SDK's `resetTimeoutOnProgress`,
 //! the Inspector) then wait for a tool as long as it runs, not their 60 s default;
 //! the notifications also keep idle-timeout proxies from cutting the stream.
@@ -15,6 +16,7 @@ use std::time::Duration;
 use axum::http::HeaderValue;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
+use futures::Stream;
 use serde::Serialize;
 use serde_json::Value;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
@@ -61,8 +63,13 @@ enum State<F> {
     Done,
 }
 
+/// One response as a stream of one `message` event, then the end.
+pub fn single(answer: &RpcResponse) -> Response {
+    sse(futures::stream::once(std::future::ready(message(answer))))
+}
+
 /// Streams progress for `token` until `answer` is ready, then the answer, then the end.
-pub fn stream<F>(token: Value, answer: F) -> Response
+pub fn with_progress<F>(token: Value, answer: F) -> Response
 where
     F: Future<Output = RpcResponse> + Send + 'static,
 {
@@ -103,6 +110,10 @@ where
             }
         }
     });
+    sse(events)
+}
+
+fn sse(events: impl Stream<Item = Result<Event, Infallible>> + Send + 'static) -> Response {
     let mut response = Sse::new(events).into_response();
     // Proxies such as nginx must pass each event on as it comes (the transport's advice).
     response
