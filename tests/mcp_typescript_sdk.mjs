@@ -18,18 +18,18 @@ const tools = await client.listTools();
 const ok = await client.callTool({ name: "moderate-content", arguments: { content: "hello", contentType: "post" } });
 const bad = await client.callTool({ name: "moderate-content", arguments: { content: 1 } });
 
-// The slow tool sleeps 3 s; the client gives up after 2.5 s of silence. With
+// The slow tool sleeps 3 s; the client gives up after 2.9 s of silence. With
 // progress it hears from the server every 2 s and waits for the result...
 const progress = [];
 const slow = await client.callTool({ name: "slow", arguments: {} }, undefined, {
-  timeout: 2500,
+  timeout: 2900,
   resetTimeoutOnProgress: true,
   onprogress: (p) => progress.push(p),
 });
 // ...without (no progress token, so one JSON body at the end), it gives up.
 let silentError = null;
 try {
-  await client.callTool({ name: "slow", arguments: {} }, undefined, { timeout: 2500 });
+  await client.callTool({ name: "slow", arguments: {} }, undefined, { timeout: 2900 });
 } catch (e) {
   silentError = { code: e.code, message: e.message };
 }

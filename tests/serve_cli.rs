@@ -785,7 +785,7 @@ fn the_official_mcp_typescript_sdk_outlasts_its_request_timeout_on_progress() {
     assert_eq!(seen["badIsError"], true);
     let problem: Value = serde_json::from_str(seen["badText"].as_str().unwrap()).unwrap();
     assert_eq!(problem["status"], 400, "{problem}");
-    // A 3 s call with a 2.5 s request timeout: finished, thanks to progress...
+    // A 3 s call with a 2.9 s request timeout: finished, thanks to progress...
     assert_eq!(
         seen["slowResult"],
         serde_json::json!({"slept": true}),
