@@ -1549,6 +1549,31 @@ async fn mcp_stateless_requests_whose_headers_disagree_with_the_body_are_refused
         assert_eq!(answer["error"]["code"], -32020, "{why}: {answer}");
         assert_eq!(answer["id"], 1, "{why}");
     }
+    // The same forgery dressed as a handshake-era request (no envelope): headers that
+    // era does not require must still agree with the body when they are sent.
+    for headers in [
+        [
+            ("mcp-protocol-version", "2025-11-25"),
+            ("mcp-name", "moderate-content"),
+        ],
+        [
+            ("mcp-protocol-version", "2025-06-18"),
+            ("mcp-method", "tools/list"),
+        ],
+    ] {
+        let mut request = s
+            .http
+            .post(format!("{}/mcp", s.base))
+            .bearer_auth(ALICE_TOKEN);
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        let body =
+            json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": secret_call});
+        let r = request.json(&body).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{headers:?}");
+        assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], -32020);
+    }
     // The same call with consistent headers (the encoded name too) runs: the refusals were the headers.
     for name in ["echo", "=?base64?ZWNobw==?="] {
         let (status, answer) = stateless(

@@ -395,6 +395,8 @@ pub async fn post(
             return refuse(id, &refusal);
         }
         Era::Stateless
+    } else if let Err(refusal) = stateless::check_routing(&headers, method, &params, false) {
+        return refuse(id, &refusal);
     } else {
         Era::Handshake
     };
@@ -460,7 +462,7 @@ pub async fn post(
     }
 }
 
-/// A stateless request refused before it is served, with the specification's code and status.
+/// A request refused before it is served, with the stateless specification's code and status.
 fn refuse(id: Value, refusal: &stateless::Refusal) -> Response {
     tracing::debug!(reason = refusal.reason(), "{refusal}");
     let code = refusal.code();

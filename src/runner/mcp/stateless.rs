@@ -110,7 +110,6 @@ pub fn check(headers: &HeaderMap, method: &str, params: &Value) -> Result<&'stat
             _ => Refusal::MissingEnvelope,
         });
     };
-    let mismatch = |what: &str| Err(Refusal::HeaderMismatch(what.to_string()));
     match header(headers, VERSION_HEADER)? {
         None => return mismatch("MCP-Protocol-Version header is missing"),
         Some(v) if Some(v) != version.as_str() => {
@@ -118,24 +117,7 @@ pub fn check(headers: &HeaderMap, method: &str, params: &Value) -> Result<&'stat
         }
         Some(_) => {}
     }
-    match header(headers, METHOD_HEADER)? {
-        None => return mismatch("Mcp-Method header is missing"),
-        Some(m) if m != method => {
-            return mismatch("Mcp-Method header does not match the body's method");
-        }
-        Some(_) => {}
-    }
-    if method == "tools/call" {
-        let name = header(headers, NAME_HEADER)?.map(decode_header_value);
-        match (name, params.get("name").and_then(Value::as_str)) {
-            (None, _) => return mismatch("Mcp-Name header is missing"),
-            (Some(None), _) => return mismatch("Mcp-Name header is not valid base64 UTF-8"),
-            (Some(Some(header)), body) if Some(header.as_str()) != body => {
-                return mismatch("Mcp-Name header does not match params.name");
-            }
-            _ => {}
-        }
-    }
+    check_routing(headers, method, params, true)?;
     let version = version.as_str().ok_or(Refusal::VersionNotAString)?;
     STATELESS_VERSIONS
         .into_iter()
@@ -143,6 +125,42 @@ pub fn check(headers: &HeaderMap, method: &str, params: &Value) -> Result<&'stat
         .ok_or_else(|| Refusal::UnsupportedVersion {
             requested: version.to_string(),
         })
+}
+
+fn mismatch<T>(what: &str) -> Result<T, Refusal> {
+    Err(Refusal::HeaderMismatch(what.to_string()))
+}
+
+/// Checks `Mcp-Method` against the body's method and, for `tools/call`, `Mcp-Name`
+/// against `params.name`. `required` in the stateless era; in the handshake era,
+/// which does not define them, headers that are sent must still agree with the
+/// body: whoever routes on them must not be shown one call while another runs.
+pub fn check_routing(
+    headers: &HeaderMap,
+    method: &str,
+    params: &Value,
+    required: bool,
+) -> Result<(), Refusal> {
+    match header(headers, METHOD_HEADER)? {
+        None if required => return mismatch("Mcp-Method header is missing"),
+        Some(m) if m != method => {
+            return mismatch("Mcp-Method header does not match the body's method");
+        }
+        _ => {}
+    }
+    if method == "tools/call" {
+        let name = header(headers, NAME_HEADER)?.map(decode_header_value);
+        match (name, params.get("name").and_then(Value::as_str)) {
+            (None, _) if required => return mismatch("Mcp-Name header is missing"),
+            (None, _) => {}
+            (Some(None), _) => return mismatch("Mcp-Name header is not valid base64 UTF-8"),
+            (Some(Some(header)), body) if Some(header.as_str()) != body => {
+                return mismatch("Mcp-Name header does not match params.name");
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Checks the `Mcp-Param-{Name}` headers of a `tools/call` against its arguments,
@@ -326,6 +344,27 @@ mod tests {
             doubled.push(sent);
             let refusal = check(&headers(&doubled), "tools/call", &params).unwrap_err();
             assert_eq!(refusal.reason(), "HeaderMismatch", "{doubled:?}");
+        }
+    }
+
+    #[test]
+    fn handshake_requests_need_no_routing_headers_but_those_sent_must_agree() {
+        let params = json!({"name": "notes"});
+        assert_eq!(
+            check_routing(&HeaderMap::new(), "tools/call", &params, false),
+            Ok(())
+        );
+        assert_eq!(
+            check_routing(&headers(&GOOD[1..]), "tools/call", &params, false),
+            Ok(())
+        );
+        for forged in [
+            vec![("mcp-method", "tools/list")],
+            vec![("mcp-name", "harmless")],
+            vec![GOOD[1], ("mcp-name", "=?base64?aGFybWxlc3M=?=")],
+        ] {
+            let refusal = check_routing(&headers(&forged), "tools/call", &params, false);
+            assert_eq!(refusal.unwrap_err().code(), HEADER_MISMATCH, "{forged:?}");
         }
     }
 
