@@ -420,10 +420,11 @@ pub async fn post(
             Ok(Reply::Tools(ToolsList { tools, cache }))
         }
         (_, "tools/call") => {
+            let progress_token = event_stream::progress_token(&params);
             // Params are an object: serde would also read a struct from an array.
             let Some(CallToolParams { name, arguments }) = params
                 .is_object()
-                .then(|| serde_json::from_value(params.clone()).ok())
+                .then(|| serde_json::from_value(params).ok())
                 .flatten()
             else {
                 let error = RpcError::new(INVALID_PARAMS, "params.name is required");
@@ -440,7 +441,7 @@ pub async fn post(
                 return refuse(id, &refusal);
             }
             let call = call_tool(Arc::clone(&runner), ctx, name, arguments);
-            if let Some(token) = event_stream::progress_token(&params)
+            if let Some(token) = progress_token
                 && accepts(&headers, "text/event-stream")
             {
                 return event_stream::with_progress(
