@@ -17,8 +17,7 @@ use serde_json::Value;
 use super::pipeline::{Called, Runner, Success};
 use super::problem::{Problem, ProblemKind};
 use super::request::{call_context, is_json, read_body};
-use super::tool::PreparedTool;
-use crate::api::Risk;
+use super::tool_metadata::{ToolDescription, describe};
 
 /// Protocol revisions spoken, newest first; the newest is offered when the
 /// client asks for one we do not know.
@@ -130,24 +129,6 @@ struct CallToolParams {
 
 fn no_arguments() -> Value {
     Value::Object(serde_json::Map::new())
-}
-
-/// A tool as `tools/list` shows it.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ToolDescription {
-    pub name: String,
-    pub description: String,
-    pub input_schema: Value,
-    pub annotations: ToolAnnotations,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ToolAnnotations {
-    pub read_only_hint: bool,
-    pub destructive_hint: bool,
-    pub open_world_hint: bool,
 }
 
 #[derive(Serialize)]
@@ -276,12 +257,9 @@ pub async fn post(
         "initialize" => result(id, Reply::Initialize(initialize(params))),
         "ping" => result(id, Reply::Empty {}),
         "tools/list" => {
-            let tools = runner
-                .registry
-                .snapshot()
-                .values()
-                .map(|t| describe(t))
-                .collect();
+            // Only the tools this caller may call (it was authenticated above).
+            let visible = ctx.caller.as_ref().map(|c| runner.visible_tools(c));
+            let tools = visible.unwrap_or_default().iter().map(|t| describe(t)).collect();
             result(id, Reply::Tools { tools })
         }
         "tools/call" => {
@@ -414,30 +392,6 @@ fn initialize(params: Value) -> InitializeResult {
             version: env!("CARGO_PKG_VERSION"),
         },
         instructions: "Every tool call is validated, authorized, rate limited and audited, then run in a fresh sandbox.",
-    }
-}
-
-/// A tool as `tools/list` shows it, with hints derived from risk and permissions. Pure.
-pub fn describe(tool: &PreparedTool) -> ToolDescription {
-    let permissions = &tool.spec.permissions;
-    let writes_files = permissions.filesystem.iter().any(|m| !m.read_only);
-    let writes_cluster = permissions
-        .kubernetes
-        .iter()
-        .flat_map(|r| &r.verbs)
-        .any(|v| !matches!(v.as_str(), "get" | "list" | "watch"));
-    let networked = !permissions.network.egress.is_empty();
-    let read_only = !writes_files && !writes_cluster && !networked && tool.spec.risk == Risk::Low;
-    ToolDescription {
-        name: tool.name.clone(),
-        description: tool.spec.description.clone(),
-        input_schema: tool.spec.input_schema.clone(),
-        annotations: ToolAnnotations {
-            read_only_hint: read_only,
-            destructive_hint: !read_only
-                && (tool.spec.risk == Risk::High || writes_files || writes_cluster),
-            open_world_hint: networked,
-        },
     }
 }
 
