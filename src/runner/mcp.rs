@@ -604,10 +604,13 @@ mod tests {
             tool["inputSchema"]["required"],
             json!(["operation", "name"])
         );
+        // No mount, Kubernetes rule or egress: nothing it could write.
         assert_eq!(
             tool["annotations"],
-            json!({"readOnlyHint": false, "destructiveHint": false, "openWorldHint": false})
+            json!({"title": "Notes", "readOnlyHint": true, "destructiveHint": false,
+                   "openWorldHint": false})
         );
+        assert!(tool.get("outputSchema").is_none());
 
         t.executor.prints(r#"{"note": 12345678901234567890123}"#);
         let call = tools_call("notes".into(), json!({"operation": "read", "name": "todo"}));
@@ -623,5 +626,32 @@ mod tests {
             t.executor.runs()[0].stdin,
             json!({"operation": "read", "name": "todo"})
         );
+    }
+
+    #[tokio::test]
+    async fn a_declared_output_schema_is_listed_and_answers_are_structured_content() {
+        let t = TestRunner::new(&[crate::runner::fake::FORECAST], &[]);
+        let list = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"});
+        let (_, answer) = send(&t, Some(TOKEN), &list).await;
+        let tool = &answer["result"]["tools"][0];
+        assert_eq!(tool["title"], "Forecast");
+        assert_eq!(tool["outputSchema"]["required"], json!(["weather", "celsius"]));
+
+        t.executor.prints(r#"{"weather": "rain", "celsius": 9}"#);
+        let (_, answer) = send(&t, Some(TOKEN), &tools_call("forecast".into(), json!({}))).await;
+        let result = &answer["result"];
+        assert_eq!(result["isError"], false, "{answer}");
+        assert_eq!(result["structuredContent"], json!({"weather": "rain", "celsius": 9}));
+
+        // Outside the schema: a tool error naming the problem, never the output.
+        t.executor.prints(r#"{"weather": "rain", "celsius": 9, "debug": "x"}"#);
+        let (_, answer) = send(&t, Some(TOKEN), &tools_call("forecast".into(), json!({}))).await;
+        let result = &answer["result"];
+        assert_eq!(result["isError"], true, "{answer}");
+        assert_eq!(
+            result["structuredContent"]["type"],
+            "https://toolwarden.dev/problems/tool-output-invalid"
+        );
+        assert!(!result["content"][0]["text"].as_str().unwrap().contains("debug"));
     }
 }

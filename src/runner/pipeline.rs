@@ -709,7 +709,7 @@ mod scenarios {
 
     use super::*;
     use crate::runner::executor::ExecError;
-    use crate::runner::fake::{NOTES_SECRET, TOKEN, TestRunner};
+    use crate::runner::fake::{FORECAST, NOTES_SECRET, TOKEN, TestRunner};
     use crate::runner::tool::SecretDelivery;
 
     fn body(input: &Value) -> impl Future<Output = Result<Bytes, Problem>> + Send + use<> {
@@ -1077,6 +1077,35 @@ mod scenarios {
             "the secret's head was kept: {shown}"
         );
         assert_eq!(t.records().pop().unwrap()["outputTruncated"], true);
+    }
+
+    #[tokio::test]
+    async fn an_answer_outside_the_output_schema_is_a_tool_error_and_audited() {
+        let t = TestRunner::new(&[FORECAST], &[]);
+        t.executor.prints(r#"{"weather": "sunny", "celsius": 21.5}"#);
+        let success = call(&t, &alice(), "forecast", &json!({})).await.unwrap();
+        assert_eq!(success.output.get(), r#"{"weather": "sunny", "celsius": 21.5}"#);
+        // Each way a tool can break its promise: an extra field (a leak), a wrong
+        // type, a missing field, no JSON at all, a JSON value that is no object.
+        let broken = [
+            r#"{"weather": "sunny", "celsius": 21, "apiKey": "k"}"#,
+            r#"{"weather": "sunny", "celsius": "21"}"#,
+            r#"{"weather": "sunny"}"#,
+            "sunny, 21 degrees",
+            "[1, 2]",
+        ];
+        for printed in broken {
+            t.executor.prints(printed);
+            let problem = call(&t, &alice(), "forecast", &json!({})).await.unwrap_err();
+            assert_eq!(problem.kind, ProblemKind::OutputInvalid, "{printed}");
+            assert!(!problem.errors.is_empty(), "{printed}");
+            let shown = serde_json::to_string(&problem.body()).unwrap();
+            assert!(!shown.contains("apiKey") && !shown.contains("sunny"), "{shown}");
+            let finished = t.records().pop().unwrap();
+            assert_eq!(finished["event"], "finished");
+            assert_eq!(finished["invocationId"].as_str(), problem.invocation_id.as_deref());
+            assert!(finished["outputSchemaErrors"].is_array(), "{finished}");
+        }
     }
 
     #[tokio::test]
