@@ -162,13 +162,14 @@ fn every_policy_rule_passes_on_compliant_tools() {
     let file = write_temp(&pinned);
     let out = check(&["-f", file.path().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
-    let with_output_schema =
-        std::fs::read_to_string(root().join("examples/violations/TW-INPUT-007.yaml"))
-            .unwrap()
-            .replace(
-                "  sanitize:\n",
-                "  outputSchema: {type: object, properties: {answer: {type: string}}}\n  sanitize:\n",
-            );
+    let with_output_schema = std::fs::read_to_string(
+        root().join("examples/violations/TW-INPUT-007.yaml"),
+    )
+    .unwrap()
+    .replace(
+        "  sanitize:\n",
+        "  outputSchema: {type: object, properties: {answer: {type: string}}}\n  sanitize:\n",
+    );
     let file = write_temp(&with_output_schema);
     let out = check(&["-f", file.path().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));

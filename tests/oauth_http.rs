@@ -159,7 +159,10 @@ async fn serve(idp: &IdentityProvider, refresh_interval: Option<Duration>) -> Se
     std::fs::write(dir.path().join("tools.yaml"), TOOLS).unwrap();
     let registry = Arc::new(Registry::new(LimiterClock::real(), SecretsDir(None)));
     let report = registry.load(&manifest_files(dir.path()).unwrap());
-    assert!(report.errors.is_empty() && report.refused.is_empty(), "{report:?}");
+    assert!(
+        report.errors.is_empty() && report.refused.is_empty(),
+        "{report:?}"
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let resource = format!("{base}/mcp");
@@ -241,7 +244,12 @@ impl Server {
             names.sort();
             names
         };
-        let rest: Value = self.get("/v1/tools", Some(token)).await.json().await.unwrap();
+        let rest: Value = self
+            .get("/v1/tools", Some(token))
+            .await
+            .json()
+            .await
+            .unwrap();
         let list = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"});
         let mcp: Value = self.mcp(Some(token), list).await.json().await.unwrap();
         (names(&rest["tools"]), names(&mcp["result"]["tools"]))
@@ -293,7 +301,9 @@ async fn the_metadata_names_the_resource_its_issuer_and_scopes_and_every_refusal
         assert_eq!(response.status(), StatusCode::OK, "{path}");
         assert_eq!(response.json::<Value>().await.unwrap(), expected, "{path}");
     }
-    let other = server.get("/.well-known/oauth-protected-resource/other", None).await;
+    let other = server
+        .get("/.well-known/oauth-protected-resource/other", None)
+        .await;
     assert_eq!(other.status(), StatusCode::NOT_FOUND);
 
     let wanted = format!(
@@ -313,15 +323,26 @@ async fn the_metadata_names_the_resource_its_issuer_and_scopes_and_every_refusal
     let response = server.get("/v1/tools", Some(&key.sign(&scopeless))).await;
     assert_eq!(response.status(), StatusCode::FORBIDDEN);
     let header = challenge(&response);
-    assert!(header.starts_with("Bearer error=\"insufficient_scope\""), "{header}");
+    assert!(
+        header.starts_with("Bearer error=\"insufficient_scope\""),
+        "{header}"
+    );
     assert!(header.contains(&format!("scope=\"{SCOPE}\"")), "{header}");
     assert!(header.contains("resource_metadata="), "{header}");
     let problem: Value = response.json().await.unwrap();
-    assert_eq!(problem["type"], "https://toolwarden.dev/problems/insufficient-scope");
+    assert_eq!(
+        problem["type"],
+        "https://toolwarden.dev/problems/insufficient-scope"
+    );
 
     // The scope as an `scp` array (Okta, Entra ID) counts as well; a trailing
     // slash or upper-case host in `aud` names the same resource.
-    let mut scp = claims(&idp, "alice", &[], &format!("{}/", server.resource.replacen("http", "HTTP", 1)));
+    let mut scp = claims(
+        &idp,
+        "alice",
+        &[],
+        &format!("{}/", server.resource.replacen("http", "HTTP", 1)),
+    );
     scp.as_object_mut().unwrap().remove("scope");
     scp["scp"] = json!([SCOPE]);
     let response = server.get("/v1/tools", Some(&key.sign(&scp))).await;
@@ -336,7 +357,10 @@ async fn tokens_for_another_resource_expired_forged_or_from_elsewhere_are_refuse
     let server = serve(&idp, None).await;
     let good = claims(&idp, "alice", &["admins"], &server.resource);
     assert_eq!(
-        server.get("/v1/tools", Some(&key.sign(&good))).await.status(),
+        server
+            .get("/v1/tools", Some(&key.sign(&good)))
+            .await
+            .status(),
         StatusCode::OK
     );
 
@@ -357,20 +381,37 @@ async fn tokens_for_another_resource_expired_forged_or_from_elsewhere_are_refuse
         jsonwebtoken::encode(&header, &good, &EncodingKey::from_secret(&key.public_pem)).unwrap()
     };
     let unsigned = {
-        let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
-        format!("{}.{}.", b64(&json!({"alg": "none", "kid": "k1"})), b64(&good))
+        let b64 =
+            |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+        format!(
+            "{}.{}.",
+            b64(&json!({"alg": "none", "kid": "k1"})),
+            b64(&good)
+        )
     };
     let attacks: Vec<(&str, String)> = vec![
         // RFC 8707: minted for another MCP server of the same provider.
-        ("another resource", key.sign(&with("aud", json!("https://other.example.com/mcp")))),
-        ("another resource's prefix", key.sign(&with("aud", json!(format!("{}x", server.resource))))),
-        ("several audiences, none this one", key.sign(&with("aud", json!(["a", "b"])))),
+        (
+            "another resource",
+            key.sign(&with("aud", json!("https://other.example.com/mcp"))),
+        ),
+        (
+            "another resource's prefix",
+            key.sign(&with("aud", json!(format!("{}x", server.resource)))),
+        ),
+        (
+            "several audiences, none this one",
+            key.sign(&with("aud", json!(["a", "b"]))),
+        ),
         ("no audience", key.sign(&without("aud"))),
         ("expired", key.sign(&with("exp", json!(now - 3600)))),
         ("not yet valid", key.sign(&with("nbf", json!(now + 3600)))),
         ("no expiry", key.sign(&without("exp"))),
         ("empty subject", key.sign(&with("sub", json!("")))),
-        ("another issuer", key.sign(&with("iss", json!("https://evil.example.com")))),
+        (
+            "another issuer",
+            key.sign(&with("iss", json!("https://evil.example.com"))),
+        ),
         ("no issuer", key.sign(&without("iss"))),
         ("a stranger's key under a known kid", stranger.sign(&good)),
         ("HS256 with the public key as secret", hs256_with_public_key),
@@ -380,7 +421,10 @@ async fn tokens_for_another_resource_expired_forged_or_from_elsewhere_are_refuse
     for (attack, token) in &attacks {
         let response = server.get("/v1/tools", Some(token)).await;
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{attack}");
-        assert!(challenge(&response).contains("resource_metadata="), "{attack}");
+        assert!(
+            challenge(&response).contains("resource_metadata="),
+            "{attack}"
+        );
         let call = server.invoke(token, "lookup", json!({"word": "x"})).await;
         assert_eq!(call.status(), StatusCode::UNAUTHORIZED, "{attack}");
     }
@@ -390,8 +434,14 @@ async fn tokens_for_another_resource_expired_forged_or_from_elsewhere_are_refuse
     // The audit log says why, without the token.
     let log = std::fs::read_to_string(&server.audit_path).unwrap();
     assert!(log.contains("OAuth") || log.contains("oauth"), "{log}");
-    assert!(log.contains("is for [\\\"https://other.example.com/mcp\\\"]"), "{log}");
-    assert!(!log.contains(&attacks[0].1), "a token reached the audit log");
+    assert!(
+        log.contains("is for [\\\"https://other.example.com/mcp\\\"]"),
+        "{log}"
+    );
+    assert!(
+        !log.contains(&attacks[0].1),
+        "a token reached the audit log"
+    );
 }
 
 #[tokio::test]
@@ -402,12 +452,18 @@ async fn a_rotated_key_is_fetched_once_and_a_flood_of_unknown_key_ids_is_not_pas
     let server = serve(&idp, Some(Duration::ZERO)).await;
     assert_eq!(idp.fetches(), 1, "keys are fetched at start");
     let token = |key: &SigningKey| key.sign(&claims(&idp, "alice", &[], &server.resource));
-    assert_eq!(server.get("/v1/tools", Some(&token(&old))).await.status(), StatusCode::OK);
+    assert_eq!(
+        server.get("/v1/tools", Some(&token(&old))).await.status(),
+        StatusCode::OK
+    );
     assert_eq!(idp.fetches(), 1, "a known key costs no fetch");
 
     // The provider rotates: the new key's first token makes the runner fetch again.
     idp.publish(&[&new]);
-    assert_eq!(server.get("/v1/tools", Some(&token(&new))).await.status(), StatusCode::OK);
+    assert_eq!(
+        server.get("/v1/tools", Some(&token(&new))).await.status(),
+        StatusCode::OK
+    );
     assert_eq!(idp.fetches(), 2);
     // The retired key is gone from the set, so its tokens are refused.
     assert_eq!(
@@ -438,20 +494,37 @@ async fn two_callers_see_only_the_tools_their_identity_lets_them_call() {
     let server = serve(&idp, None).await;
     let alice = key.sign(&claims(&idp, "alice", &["admins"], &server.resource));
     let bob = key.sign(&claims(&idp, "bob", &["devs"], &server.resource));
-    let all = vec!["admin-reset".to_string(), "lookup".into(), "own-profile".into()];
+    let all = vec![
+        "admin-reset".to_string(),
+        "lookup".into(),
+        "own-profile".into(),
+    ];
     let not_admin = vec!["lookup".to_string(), "own-profile".into()];
     assert_eq!(server.listed(&alice).await, (all.clone(), all));
     // own-profile depends on the input: listed for bob, decided when he calls.
-    assert_eq!(server.listed(&bob).await, (not_admin.clone(), not_admin.clone()));
-    let openapi: Value = server.get("/openapi.json", Some(&bob)).await.json().await.unwrap();
+    assert_eq!(
+        server.listed(&bob).await,
+        (not_admin.clone(), not_admin.clone())
+    );
+    let openapi: Value = server
+        .get("/openapi.json", Some(&bob))
+        .await
+        .json()
+        .await
+        .unwrap();
     let paths: Vec<&String> = openapi["paths"].as_object().unwrap().keys().collect();
-    assert!(!paths.iter().any(|p| p.contains("admin-reset")), "{paths:?}");
+    assert!(
+        !paths.iter().any(|p| p.contains("admin-reset")),
+        "{paths:?}"
+    );
     assert!(paths.iter().any(|p| p.contains("lookup")), "{paths:?}");
 
     // Hidden is not the only guard: calling it anyway is refused, and nothing runs.
     let call = server.invoke(&bob, "admin-reset", json!({})).await;
     assert_eq!(call.status(), StatusCode::FORBIDDEN);
-    let someone_else = server.invoke(&bob, "own-profile", json!({"userId": "alice"})).await;
+    let someone_else = server
+        .invoke(&bob, "own-profile", json!({"userId": "alice"}))
+        .await;
     assert_eq!(someone_else.status(), StatusCode::FORBIDDEN);
     assert_eq!(server.started_runs(), 0);
 }
@@ -468,10 +541,19 @@ async fn settings_that_cannot_protect_anything_are_refused_at_start() {
     };
     let cases = [
         // Plain http to a remote host: tokens and keys would cross the network in clear.
-        (settings("http://tools.example.com/mcp", &idp.issuer), "BadUrl"),
-        (settings("https://tools.example.com/mcp#x", &idp.issuer), "BadUrl"),
+        (
+            settings("http://tools.example.com/mcp", &idp.issuer),
+            "BadUrl",
+        ),
+        (
+            settings("https://tools.example.com/mcp#x", &idp.issuer),
+            "BadUrl",
+        ),
         (settings("tools.example.com", &idp.issuer), "BadUrl"),
-        (settings("https://tools.example.com", "http://idp.example.com"), "BadUrl"),
+        (
+            settings("https://tools.example.com", "http://idp.example.com"),
+            "BadUrl",
+        ),
         // The metadata must name the issuer exactly (RFC 8414 3.3): a typo is caught.
         (
             settings("https://tools.example.com", &format!("{}/", idp.issuer)),
@@ -487,15 +569,32 @@ async fn settings_that_cannot_protect_anything_are_refused_at_start() {
     }
     let mut bad_scope = settings("https://tools.example.com", &idp.issuer);
     bad_scope.scopes = vec!["a\"b".into()];
-    assert_eq!(OAuthResource::start(bad_scope).await.err().unwrap().reason(), "BadScope");
+    assert_eq!(
+        OAuthResource::start(bad_scope)
+            .await
+            .err()
+            .unwrap()
+            .reason(),
+        "BadScope"
+    );
     // Keys from a file: symmetric keys in it are never used.
     let dir = tempfile::tempdir().unwrap();
     let jwks = dir.path().join("jwks.json");
-    std::fs::write(&jwks, json!({"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "h"}]}).to_string())
-        .unwrap();
+    std::fs::write(
+        &jwks,
+        json!({"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "h"}]}).to_string(),
+    )
+    .unwrap();
     let mut from_file = settings("https://tools.example.com", &idp.issuer);
     from_file.jwks_file = Some(jwks.clone());
-    assert_eq!(OAuthResource::start(from_file.clone()).await.err().unwrap().reason(), "NoUsableKey");
+    assert_eq!(
+        OAuthResource::start(from_file.clone())
+            .await
+            .err()
+            .unwrap()
+            .reason(),
+        "NoUsableKey"
+    );
     std::fs::write(&jwks, json!({"keys": [key.jwk]}).to_string()).unwrap();
     let resource = OAuthResource::start(from_file).await.unwrap();
     let token = key.sign(&claims(&idp, "carol", &[], "https://tools.example.com"));

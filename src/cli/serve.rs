@@ -131,7 +131,10 @@ pub struct OAuthArgs {
 
 impl OAuthArgs {
     /// The protected resource, started (its issuers' keys loaded), when configured.
-    fn start(&self, tokio: &tokio::runtime::Runtime) -> Result<Option<OAuthResource>, OAuthConfigError> {
+    fn start(
+        &self,
+        tokio: &tokio::runtime::Runtime,
+    ) -> Result<Option<OAuthResource>, OAuthConfigError> {
         let Some(resource) = &self.oauth_resource else {
             return Ok(None);
         };

@@ -259,7 +259,11 @@ pub async fn post(
         "tools/list" => {
             // Only the tools this caller may call (it was authenticated above).
             let visible = ctx.caller.as_ref().map(|c| runner.visible_tools(c));
-            let tools = visible.unwrap_or_default().iter().map(|t| describe(t)).collect();
+            let tools = visible
+                .unwrap_or_default()
+                .iter()
+                .map(|t| describe(t))
+                .collect();
             result(id, Reply::Tools { tools })
         }
         "tools/call" => {
@@ -635,16 +639,23 @@ mod tests {
         let (_, answer) = send(&t, Some(TOKEN), &list).await;
         let tool = &answer["result"]["tools"][0];
         assert_eq!(tool["title"], "Forecast");
-        assert_eq!(tool["outputSchema"]["required"], json!(["weather", "celsius"]));
+        assert_eq!(
+            tool["outputSchema"]["required"],
+            json!(["weather", "celsius"])
+        );
 
         t.executor.prints(r#"{"weather": "rain", "celsius": 9}"#);
         let (_, answer) = send(&t, Some(TOKEN), &tools_call("forecast".into(), json!({}))).await;
         let result = &answer["result"];
         assert_eq!(result["isError"], false, "{answer}");
-        assert_eq!(result["structuredContent"], json!({"weather": "rain", "celsius": 9}));
+        assert_eq!(
+            result["structuredContent"],
+            json!({"weather": "rain", "celsius": 9})
+        );
 
         // Outside the schema: a tool error naming the problem, never the output.
-        t.executor.prints(r#"{"weather": "rain", "celsius": 9, "debug": "x"}"#);
+        t.executor
+            .prints(r#"{"weather": "rain", "celsius": 9, "debug": "x"}"#);
         let (_, answer) = send(&t, Some(TOKEN), &tools_call("forecast".into(), json!({}))).await;
         let result = &answer["result"];
         assert_eq!(result["isError"], true, "{answer}");
@@ -652,6 +663,11 @@ mod tests {
             result["structuredContent"]["type"],
             "https://toolwarden.dev/problems/tool-output-invalid"
         );
-        assert!(!result["content"][0]["text"].as_str().unwrap().contains("debug"));
+        assert!(
+            !result["content"][0]["text"]
+                .as_str()
+                .unwrap()
+                .contains("debug")
+        );
     }
 }

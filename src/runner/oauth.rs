@@ -45,17 +45,18 @@ pub enum OAuthConfigError {
          (http:// only on a loopback address)"
     )]
     BadUrl { what: &'static str, url: String },
-    #[error("--oauth-issuer is required with --oauth-resource (the authorization server(s) clients get tokens from)")]
+    #[error(
+        "--oauth-issuer is required with --oauth-resource (the authorization server(s) clients get tokens from)"
+    )]
     NoIssuer,
     #[error("--oauth-jwks names the keys of one issuer: give exactly one --oauth-issuer with it")]
     JwksNeedsOneIssuer,
-    #[error("scope {0:?} is not an RFC 6749 scope token (printable ASCII, no space, quote or backslash)")]
+    #[error(
+        "scope {0:?} is not an RFC 6749 scope token (printable ASCII, no space, quote or backslash)"
+    )]
     BadScope(String),
     #[error("keys of {issuer}: {source}")]
-    Keys {
-        issuer: String,
-        source: KeysError,
-    },
+    Keys { issuer: String, source: KeysError },
 }
 
 impl OAuthConfigError {
@@ -93,7 +94,9 @@ pub enum KeysError {
     NoMetadata { issuer: String, tried: String },
     #[error("jwks_uri {0:?} is not https:// (or http:// on loopback)")]
     InsecureJwksUri(String),
-    #[error("the key set holds no usable signing key (RSA, EC or OKP; symmetric keys are never taken from a JWKS)")]
+    #[error(
+        "the key set holds no usable signing key (RSA, EC or OKP; symmetric keys are never taken from a JWKS)"
+    )]
     NoUsableKey,
 }
 
@@ -276,7 +279,8 @@ impl OAuthResource {
     /// The host name of the resource URL, which clients put in `Host`.
     pub fn host(&self) -> Option<String> {
         let uri: Uri = self.resource.parse().ok()?;
-        uri.host().map(|h| h.trim_matches(['[', ']']).to_ascii_lowercase())
+        uri.host()
+            .map(|h| h.trim_matches(['[', ']']).to_ascii_lowercase())
     }
 
     /// The scopes every token must carry.
@@ -390,7 +394,9 @@ impl OAuthResource {
         }
         // Every part was checked at start to be a valid header value.
         if let Ok(value) = HeaderValue::from_str(&value) {
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, value);
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, value);
         }
     }
 }
@@ -464,7 +470,9 @@ impl Issuer {
                 Err(e) => last = Some(e),
             }
         }
-        Err(TokenRejection::Invalid(last.expect("at least one candidate")))
+        Err(TokenRejection::Invalid(
+            last.expect("at least one candidate"),
+        ))
     }
 }
 
@@ -665,10 +673,12 @@ async fn load_keys(
 ) -> Result<Vec<VerifyKey>, KeysError> {
     let (document, from) = match (source, jwks_uri) {
         (KeySource::File(path), _) => {
-            let text = tokio::fs::read(path).await.map_err(|source| KeysError::Read {
-                path: path.clone(),
-                source,
-            })?;
+            let text = tokio::fs::read(path)
+                .await
+                .map_err(|source| KeysError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
             let value = serde_json::from_slice(&text).map_err(|source| KeysError::NotJwks {
                 url: path.display().to_string(),
                 source,
@@ -678,8 +688,8 @@ async fn load_keys(
         (KeySource::Discovered, Some(url)) => (fetch_json(http, url).await?, url.to_string()),
         (KeySource::Discovered, None) => return Err(KeysError::NoUsableKey),
     };
-    let set: JwkSet =
-        serde_json::from_value(document).map_err(|source| KeysError::NotJwks { url: from, source })?;
+    let set: JwkSet = serde_json::from_value(document)
+        .map_err(|source| KeysError::NotJwks { url: from, source })?;
     let keys: Vec<VerifyKey> = set
         .keys
         .iter()

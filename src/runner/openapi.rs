@@ -53,7 +53,11 @@ pub fn document(tools: &[Arc<PreparedTool>], oauth: bool) -> Value {
     );
     for (path, id, summary) in [
         ("/healthz", "healthz", "Liveness"),
-        ("/readyz", "readyz", "Readiness: the audit log can be written"),
+        (
+            "/readyz",
+            "readyz",
+            "Readiness: the audit log can be written",
+        ),
     ] {
         let mut responses = json!({"200": {"description": "ok",
             "content": {"text/plain": {"schema": {"type": "string"}}}}});
@@ -129,7 +133,8 @@ fn invoke_operation(tool: &PreparedTool) -> Value {
     op["description"] = description.description.into();
     op["requestBody"] = json!({"required": true,
         "content": {"application/json": {"schema": description.input_schema}}});
-    op["x-toolwarden-annotations"] = serde_json::to_value(&description.annotations).unwrap_or_default();
+    op["x-toolwarden-annotations"] =
+        serde_json::to_value(&description.annotations).unwrap_or_default();
     op
 }
 
@@ -250,7 +255,11 @@ mod tests {
             .unwrap()
             .len();
         assert_eq!(types, ProblemKind::ALL.len());
-        assert!(doc["paths"].get(super::super::oauth::METADATA_PATH).is_none());
+        assert!(
+            doc["paths"]
+                .get(super::super::oauth::METADATA_PATH)
+                .is_none()
+        );
         // The document is valid JSON Schema where it embeds schemas: the 200's compiles.
         let ok = &invoke["responses"]["200"]["content"]["application/json"]["schema"];
         jsonschema::draft202012::new(ok).unwrap();

@@ -471,14 +471,15 @@ impl Runner {
             .redact_capped(&outcome.stdout, tool.output_cap());
         let truncated = cut || outcome.stdout_truncated;
         let mut finished = finished_record(&outcome, &stdout, truncated, tool);
-        let answer = respond(outcome, stdout, truncated, &tool.redactor, invocation_id)
-            .and_then(|success| match conforms(tool, &success) {
+        let answer = respond(outcome, stdout, truncated, &tool.redactor, invocation_id).and_then(
+            |success| match conforms(tool, &success) {
                 Ok(()) => Ok(success),
                 Err(errors) => {
                     finished["outputSchemaErrors"] = json!(errors);
                     Err(output_invalid(errors, success.invocation_id))
                 }
-            });
+            },
+        );
         trail.record(closing("finished"), finished)?;
         answer
     }
@@ -1082,9 +1083,13 @@ mod scenarios {
     #[tokio::test]
     async fn an_answer_outside_the_output_schema_is_a_tool_error_and_audited() {
         let t = TestRunner::new(&[FORECAST], &[]);
-        t.executor.prints(r#"{"weather": "sunny", "celsius": 21.5}"#);
+        t.executor
+            .prints(r#"{"weather": "sunny", "celsius": 21.5}"#);
         let success = call(&t, &alice(), "forecast", &json!({})).await.unwrap();
-        assert_eq!(success.output.get(), r#"{"weather": "sunny", "celsius": 21.5}"#);
+        assert_eq!(
+            success.output.get(),
+            r#"{"weather": "sunny", "celsius": 21.5}"#
+        );
         // Each way a tool can break its promise: an extra field (a leak), a wrong
         // type, a missing field, no JSON at all, a JSON value that is no object.
         let broken = [
@@ -1096,14 +1101,22 @@ mod scenarios {
         ];
         for printed in broken {
             t.executor.prints(printed);
-            let problem = call(&t, &alice(), "forecast", &json!({})).await.unwrap_err();
+            let problem = call(&t, &alice(), "forecast", &json!({}))
+                .await
+                .unwrap_err();
             assert_eq!(problem.kind, ProblemKind::OutputInvalid, "{printed}");
             assert!(!problem.errors.is_empty(), "{printed}");
             let shown = serde_json::to_string(&problem.body()).unwrap();
-            assert!(!shown.contains("apiKey") && !shown.contains("sunny"), "{shown}");
+            assert!(
+                !shown.contains("apiKey") && !shown.contains("sunny"),
+                "{shown}"
+            );
             let finished = t.records().pop().unwrap();
             assert_eq!(finished["event"], "finished");
-            assert_eq!(finished["invocationId"].as_str(), problem.invocation_id.as_deref());
+            assert_eq!(
+                finished["invocationId"].as_str(),
+                problem.invocation_id.as_deref()
+            );
             assert!(finished["outputSchemaErrors"].is_array(), "{finished}");
         }
     }

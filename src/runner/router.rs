@@ -27,7 +27,10 @@ pub fn router(runner: Arc<Runner>) -> Router {
         .route("/metrics", get(rest::authenticated_metrics))
         .route("/openapi.json", get(rest::openapi_document))
         .route(METADATA_PATH, get(rest::protected_resource))
-        .route(&format!("{METADATA_PATH}/{{*resource}}"), get(rest::protected_resource))
+        .route(
+            &format!("{METADATA_PATH}/{{*resource}}"),
+            get(rest::protected_resource),
+        )
         .fallback(|| async { Problem::new(ProblemKind::NotFound, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             Problem::new(

@@ -81,17 +81,18 @@ pub fn annotations(spec: &AgentToolSpec, title: String) -> ToolAnnotations {
     let verbs = || permissions.kubernetes.iter().flat_map(|r| &r.verbs);
     let egress = &permissions.network.egress;
     let writes_files = permissions.filesystem.iter().any(|m| !m.read_only);
-    let overwrites_files = permissions.filesystem.iter().any(|m| {
-        !m.read_only && (m.persistent_volume_claim.is_some() || m.host_path.is_some())
-    });
+    let overwrites_files = permissions
+        .filesystem
+        .iter()
+        .any(|m| !m.read_only && (m.persistent_volume_claim.is_some() || m.host_path.is_some()));
     let writes_cluster = verbs().any(|v| !READ_VERBS.contains(&v.as_str()));
     let deletes_in_cluster = verbs().any(|v| DESTRUCTIVE_VERBS.contains(&v.as_str()));
     let sends = egress
         .iter()
         .any(|r| r.methods.is_empty() || r.methods.iter().any(|m| !SAFE_METHODS.contains(m)));
-    let overwrites_remote = egress.iter().any(|r| {
-        r.methods.is_empty() || r.methods.iter().any(|m| DESTRUCTIVE_METHODS.contains(m))
-    });
+    let overwrites_remote = egress
+        .iter()
+        .any(|r| r.methods.is_empty() || r.methods.iter().any(|m| DESTRUCTIVE_METHODS.contains(m)));
     ToolAnnotations {
         title,
         read_only_hint: !writes_files && !writes_cluster && !sends,
@@ -125,17 +126,47 @@ mod tests {
         // (readOnly, destructive, openWorld)
         let cases = [
             ("{}", (true, false, false)),
-            ("{filesystem: [{mountPath: /d, configMap: c}]}", (true, false, false)),
-            ("{filesystem: [{mountPath: /s, readOnly: false, emptyDir: {}}]}", (false, false, false)),
-            ("{filesystem: [{mountPath: /p, readOnly: false, persistentVolumeClaim: p}]}", (false, true, false)),
-            ("{kubernetes: [{apiGroups: [''], resources: [pods], verbs: [get, list]}]}", (true, false, false)),
-            ("{kubernetes: [{apiGroups: [''], resources: [pods], verbs: [create]}]}", (false, false, false)),
-            ("{kubernetes: [{apiGroups: [''], resources: [pods], verbs: [delete]}]}", (false, true, false)),
-            ("{network: {egress: [{host: api.example.com, methods: [GET]}]}}", (true, false, true)),
-            ("{network: {egress: [{host: api.example.com, methods: [GET, POST]}]}}", (false, false, true)),
-            ("{network: {egress: [{host: api.example.com, methods: [DELETE]}]}}", (false, true, true)),
+            (
+                "{filesystem: [{mountPath: /d, configMap: c}]}",
+                (true, false, false),
+            ),
+            (
+                "{filesystem: [{mountPath: /s, readOnly: false, emptyDir: {}}]}",
+                (false, false, false),
+            ),
+            (
+                "{filesystem: [{mountPath: /p, readOnly: false, persistentVolumeClaim: p}]}",
+                (false, true, false),
+            ),
+            (
+                "{kubernetes: [{apiGroups: [''], resources: [pods], verbs: [get, list]}]}",
+                (true, false, false),
+            ),
+            (
+                "{kubernetes: [{apiGroups: [''], resources: [pods], verbs: [create]}]}",
+                (false, false, false),
+            ),
+            (
+                "{kubernetes: [{apiGroups: [''], resources: [pods], verbs: [delete]}]}",
+                (false, true, false),
+            ),
+            (
+                "{network: {egress: [{host: api.example.com, methods: [GET]}]}}",
+                (true, false, true),
+            ),
+            (
+                "{network: {egress: [{host: api.example.com, methods: [GET, POST]}]}}",
+                (false, false, true),
+            ),
+            (
+                "{network: {egress: [{host: api.example.com, methods: [DELETE]}]}}",
+                (false, true, true),
+            ),
             // No methods: anything may be sent, tunnels included.
-            ("{network: {egress: [{host: api.example.com}]}}", (false, true, true)),
+            (
+                "{network: {egress: [{host: api.example.com}]}}",
+                (false, true, true),
+            ),
         ];
         for (permissions, expected) in cases {
             assert_eq!(hints(permissions), expected, "{permissions}");
