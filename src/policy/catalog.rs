@@ -53,7 +53,7 @@ macro_rules! rules {
 }
 
 rules! {
-    SCHEMA_COMPILES = "TW-INPUT-001", InputValidation, true, "inputSchema compiles as JSON Schema 2020-12 with no remote references";
+    SCHEMA_COMPILES = "TW-INPUT-001", InputValidation, true, "inputSchema (and outputSchema) compile as JSON Schema 2020-12 with no remote references";
     SCHEMA_OBJECT_CLOSED = "TW-INPUT-002", InputValidation, false, "every object in the input schema is closed (additionalProperties: false)";
     SCHEMA_STRING_BOUNDED = "TW-INPUT-003", InputValidation, false, "every string is bounded by maxLength, enum, const, format or pattern";
     SCHEMA_ARRAY_BOUNDED = "TW-INPUT-004", InputValidation, false, "every array is bounded by maxItems";
