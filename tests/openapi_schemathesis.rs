@@ -93,7 +93,9 @@ fn schemathesis_finds_no_server_error_and_no_answer_the_document_does_not_declar
     )
     .unwrap();
     let report = work.path().join("report.json");
+    // In the temporary folder: schemathesis keeps a cache of crashes in its working directory.
     let out = Command::new(&schemathesis)
+        .current_dir(work.path())
         .arg("--no-color")
         .arg("--config-file")
         .arg(&config)
