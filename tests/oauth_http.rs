@@ -334,6 +334,15 @@ async fn the_metadata_names_the_resource_its_issuer_and_scopes_and_every_refusal
         problem["type"],
         "https://toolwarden.dev/problems/insufficient-scope"
     );
+    // The same on MCP, before the message is read.
+    let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"});
+    let mcp = server.mcp(Some(&key.sign(&scopeless)), list).await;
+    assert_eq!(mcp.status(), StatusCode::FORBIDDEN);
+    assert!(
+        challenge(&mcp).contains("error=\"insufficient_scope\""),
+        "{}",
+        challenge(&mcp)
+    );
 
     // The scope as an `scp` array (Okta, Entra ID) counts as well; a trailing
     // slash or upper-case host in `aud` names the same resource.
