@@ -122,14 +122,16 @@ fn every_rule_has_a_violation_manifest_that_breaks_only_that_rule() {
 }
 
 /// The compliant side of every policy rule: the policy each violation manifest
-/// carries, applied to the five example tools, finds nothing. The one exception
-/// is image pinning, which the examples (tagged public images) do not do; its
-/// compliant case is the pinned image below.
+/// carries, applied to the five example tools, finds nothing. The exceptions
+/// are image pinning, which the examples (tagged public images) do not do, and
+/// output schemas, which the high-risk example cannot declare (its reads answer
+/// plain text, and MCP structured output is an object); their compliant cases
+/// are the pinned image and the declared output schema below.
 #[test]
 fn every_policy_rule_passes_on_compliant_tools() {
     for file in violation_files() {
         let rule = file.file_stem().unwrap().to_string_lossy().into_owned();
-        if rule == "TW-PRIV-007" {
+        if rule == "TW-PRIV-007" || rule == "TW-INPUT-007" {
             continue;
         }
         // The example's policy selects only its own tool; without the selector its rules
@@ -158,6 +160,17 @@ fn every_policy_rule_passes_on_compliant_tools() {
             &format!("docker.io/library/busybox@sha256:{digest}"),
         );
     let file = write_temp(&pinned);
+    let out = check(&["-f", file.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    let with_output_schema = std::fs::read_to_string(
+        root().join("examples/violations/TW-INPUT-007.yaml"),
+    )
+    .unwrap()
+    .replace(
+        "  sanitize:\n",
+        "  outputSchema: {type: object, properties: {answer: {type: string}}}\n  sanitize:\n",
+    );
+    let file = write_temp(&with_output_schema);
     let out = check(&["-f", file.path().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
 }

@@ -853,6 +853,31 @@ fn weak_or_incomplete_authentication_settings_refuse_to_start() {
     ] {
         refuses_to_start(&["--tokens", &empty], "holds no tokens");
     }
+    // OAuth: tokens and keys would cross the network in clear, or no issuer to get them from,
+    // or an issuer whose metadata cannot be had (every call would be refused).
+    let issuer = "https://idp.example.com/realms/agents";
+    refuses_to_start(
+        &[
+            "--oauth-resource",
+            "http://tools.example.com/mcp",
+            "--oauth-issuer",
+            issuer,
+        ],
+        "must be an absolute https:// URL",
+    );
+    refuses_to_start(
+        &["--oauth-resource", "https://tools.example.com/mcp"],
+        "--oauth-issuer",
+    );
+    refuses_to_start(
+        &[
+            "--oauth-resource",
+            "https://tools.example.com/mcp",
+            "--oauth-issuer",
+            "http://127.0.0.1:1/realms/agents",
+        ],
+        "no authorization server metadata names issuer",
+    );
     // An explicit --jwt-any-audience gets past authentication (to the sandbox check).
     let out = toolwarden()
         .args([

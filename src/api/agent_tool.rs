@@ -9,7 +9,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::agent_tool_guards::{Alerts, AnomalySpec, Callers, Guards};
-use super::common::{AuditLevel, Risk, input_schema_document, optional_quantity};
+use super::common::{
+    AuditLevel, Risk, input_schema_document, optional_quantity, output_schema_document,
+};
 use super::names::{ABSOLUTE_CLEAN_PATH, CONFIG_KEY, DNS1123_SUBDOMAIN};
 
 /// Declares a tool an AI agent may call: its input contract, what it may touch,
@@ -40,6 +42,16 @@ pub struct AgentToolSpec {
     /// JSON Schema (2020-12) of the tool's input; the top level must be `type: object`.
     #[schemars(schema_with = "input_schema_document")]
     pub input_schema: serde_json::Value,
+    /// JSON Schema (2020-12) of the tool's output; the top level must be `type: object`.
+    /// When set, every answer is checked against it before the caller gets it (a
+    /// mismatch is a `tool-output-invalid` error), and MCP lists it as `outputSchema`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "output_schema_document")]
+    pub output_schema: Option<serde_json::Value>,
+    /// Calling the tool again with the same input has no further effect
+    /// (shown to MCP clients as `idempotentHint`; absent means not declared).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotent: Option<bool>,
     /// Largest accepted input body in bytes.
     #[serde(default = "default_max_input_bytes")]
     #[schemars(range(min = 2, max = 16777216))]

@@ -80,6 +80,19 @@ pub fn input_schema_document(_: &mut SchemaGenerator) -> Schema {
     })
 }
 
+/// Schema of `outputSchema`: a JSON Schema whose top level is an object, since
+/// MCP's `structuredContent` is one.
+pub fn output_schema_document(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true,
+        "required": ["type"],
+        "properties": {
+            "type": {"type": "string", "enum": ["object"], "description": "Must be `object`: a tool's structured output is a JSON object."}
+        },
+    })
+}
+
 /// Schema for an optional Kubernetes quantity (`512Mi`, `250m`, `1`).
 pub fn optional_quantity(_: &mut SchemaGenerator) -> Schema {
     json_schema!({

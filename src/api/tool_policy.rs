@@ -91,6 +91,10 @@ pub struct InputValidationRules {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 2, max = 16777216))]
     pub max_input_bytes: Option<u64>,
+    /// Tools of these risk levels must declare an `outputSchema`, so that what
+    /// they answer is checked before it reaches the agent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub require_output_schema_for_risk: Vec<Risk>,
 }
 
 /// Checklist item 2.

@@ -19,6 +19,7 @@ use crate::runner::image_volumes::ImageVolumes;
 use crate::runner::images::ImageStore;
 use crate::runner::listener::{self, AllowedHosts, HttpConfig, HttpLimits};
 use crate::runner::metrics::Metrics;
+use crate::runner::oauth::{OAuthConfigError, OAuthResource, OAuthSettings};
 use crate::runner::pipeline::Runner;
 use crate::runner::ratelimit::LimiterClock;
 use crate::runner::registry::Registry;
@@ -92,10 +93,59 @@ pub struct ServeArgs {
     /// Required `iss` claim of JWTs (tokens without it are refused).
     #[arg(long, value_name = "ISS")]
     pub jwt_issuer: Option<String>,
+    #[command(flatten)]
+    pub oauth: OAuthArgs,
     /// Calls without a token: `auto` allows them only on a loopback address when
-    /// no authentication (--tokens, --jwt-*) is configured.
+    /// no authentication (--tokens, --jwt-*, --oauth-*) is configured.
     #[arg(long, value_enum, default_value_t = Anonymous::Auto)]
     pub anonymous: Anonymous,
+}
+
+/// The runner as an OAuth 2.0 protected resource (the MCP authorization spec).
+#[derive(Args, Debug, Default)]
+pub struct OAuthArgs {
+    /// This server's canonical URL as clients reach it, e.g.
+    /// `https://tools.example.com/mcp`: OAuth access tokens must name it in
+    /// `aud` (RFC 8707; a token minted for another resource is refused), and it
+    /// is the `resource` of the metadata served at
+    /// /.well-known/oauth-protected-resource (RFC 9728), which 401 answers point to.
+    #[arg(long, value_name = "URL", requires = "oauth_issuer")]
+    pub oauth_resource: Option<String>,
+    /// Authorization server whose access tokens are accepted (repeatable): its
+    /// exact `issuer`, e.g. `https://keycloak.example.com/realms/agents`. Its
+    /// keys come from the `jwks_uri` of its metadata (RFC 8414, then OpenID
+    /// Connect discovery), are cached, and are fetched again when a token names
+    /// a key id they lack (at most every 10 s).
+    #[arg(long, value_name = "URL", requires = "oauth_resource")]
+    pub oauth_issuer: Vec<String>,
+    /// Read the issuer's keys from this JWKS file instead of fetching them (one
+    /// --oauth-issuer only); re-read when a token names a key id it lacks.
+    #[arg(long, value_name = "FILE", requires = "oauth_resource")]
+    pub oauth_jwks: Option<PathBuf>,
+    /// Scope every access token must carry (repeatable); advertised as
+    /// `scopes_supported` and in the `WWW-Authenticate` challenge. A valid token
+    /// without it gets 403 `insufficient_scope`.
+    #[arg(long, value_name = "SCOPE", requires = "oauth_resource")]
+    pub oauth_scope: Vec<String>,
+}
+
+impl OAuthArgs {
+    /// The protected resource, started (its issuers' keys loaded), when configured.
+    fn start(
+        &self,
+        tokio: &tokio::runtime::Runtime,
+    ) -> Result<Option<OAuthResource>, OAuthConfigError> {
+        let Some(resource) = &self.oauth_resource else {
+            return Ok(None);
+        };
+        let settings = OAuthSettings {
+            resource: resource.clone(),
+            issuers: self.oauth_issuer.clone(),
+            jwks_file: self.oauth_jwks.clone(),
+            scopes: self.oauth_scope.clone(),
+        };
+        tokio.block_on(OAuthResource::start(settings)).map(Some)
+    }
 }
 
 #[derive(Args, Debug)]
@@ -108,6 +158,8 @@ pub struct RunnerArgs {
     /// Audience callers' ServiceAccount tokens must be bound to (checked with TokenReview).
     #[arg(long, value_name = "AUD", default_value = "toolwarden")]
     pub audience: String,
+    #[command(flatten)]
+    pub oauth: OAuthArgs,
 }
 
 #[derive(Args, Debug)]
@@ -196,14 +248,19 @@ pub enum Anonymous {
 }
 
 pub fn serve(args: ServeArgs) -> ExitCode {
-    let auth = match standalone_auth(&args) {
+    let mut auth = match standalone_auth(&args) {
         Ok(auth) => auth,
         Err(e) => return fail(&e.to_string()),
     };
-    match tokio::runtime::Runtime::new() {
-        Ok(tokio) => run(&args.dir, &args.common, auth, "serve", tokio),
-        Err(e) => fail(&e.to_string()),
+    let tokio = match tokio::runtime::Runtime::new() {
+        Ok(tokio) => tokio,
+        Err(e) => return fail(&e.to_string()),
+    };
+    match args.oauth.start(&tokio) {
+        Ok(oauth) => auth.oauth = oauth,
+        Err(e) => return fail(&e.to_string()),
     }
+    run(&args.dir, &args.common, auth, "serve", tokio)
 }
 
 pub fn runner(args: RunnerArgs) -> ExitCode {
@@ -215,8 +272,13 @@ pub fn runner(args: RunnerArgs) -> ExitCode {
         Ok(client) => client,
         Err(e) => return fail(&format!("no Kubernetes client for TokenReview: {e}")),
     };
+    let oauth = match args.oauth.start(&tokio) {
+        Ok(oauth) => oauth,
+        Err(e) => return fail(&e.to_string()),
+    };
     let auth = Authenticator {
         token_review: Some(TokenReviewer::new(client, args.audience.clone())),
+        oauth,
         ..Authenticator::default()
     };
     // The same runtime: the client's background tasks live on it.
@@ -268,7 +330,12 @@ fn standalone_auth(args: &ServeArgs) -> Result<Authenticator, AuthConfigError> {
     auth.allow_anonymous = match args.anonymous {
         Anonymous::Allow => true,
         Anonymous::Deny => false,
-        Anonymous::Auto => loopback && args.tokens.is_none() && !jwt_configured,
+        Anonymous::Auto => {
+            loopback
+                && args.tokens.is_none()
+                && !jwt_configured
+                && args.oauth.oauth_resource.is_none()
+        }
     };
     if auth.allow_anonymous {
         tracing::warn!(
@@ -357,7 +424,10 @@ fn run(
         ),
         approvals: Default::default(),
     });
-    let http = http_config(common);
+    // Clients reach an OAuth resource by the name in its URL: that name is allowed too.
+    let mut allowed_hosts = common.allowed_host.clone();
+    allowed_hosts.extend(runner.auth.oauth.as_ref().and_then(|o| o.host()));
+    let http = http_config(common, &allowed_hosts);
     tokio.block_on(async move {
         let listener = match tokio::net::TcpListener::bind(common.listen).await {
             Ok(l) => l,
@@ -427,7 +497,7 @@ fn run(
 /// The HTTP limits of the flags, after raising the open-files limit: every
 /// connection takes a descriptor, and so does every sandbox's I/O, so at most
 /// half of them go to connections.
-fn http_config(common: &CommonArgs) -> HttpConfig {
+fn http_config(common: &CommonArgs, allowed_hosts: &[String]) -> HttpConfig {
     let mut limits = HttpLimits {
         max_connections: common.max_connections,
         header_read_timeout: Duration::from_secs(common.header_read_timeout.max(1)),
@@ -449,7 +519,7 @@ fn http_config(common: &CommonArgs) -> HttpConfig {
     }
     HttpConfig {
         limits,
-        allowed_hosts: AllowedHosts::for_listen(common.listen, &common.allowed_host),
+        allowed_hosts: AllowedHosts::for_listen(common.listen, allowed_hosts),
     }
 }
 
@@ -563,6 +633,10 @@ fn banner(
     eprintln!("  REST:      http://{addr}/v1/tools   POST http://{addr}/v1/tools/{{name}}/invoke");
     eprintln!("  MCP:       http://{addr}/mcp   (streamable HTTP)");
     eprintln!("  probes:    http://{addr}/healthz  /readyz  /metrics (with a token)");
+    eprintln!("  OpenAPI:   http://{addr}/openapi.json (with a token)");
+    if let Some(oauth) = &runner.auth.oauth {
+        eprintln!("  OAuth:     {}", oauth.metadata_url());
+    }
     eprintln!("  isolation: {}", runner.executor.isolation());
     for tool in tools.values() {
         let degradations = runner.executor.degradations(tool).unwrap_or_default();

@@ -37,6 +37,13 @@ pub fn check(
             format!("input schema does not compile: {error}"),
         );
     }
+    if let Some(error) = &facts.output_schema_error {
+        flag(
+            rule::SCHEMA_COMPILES,
+            "spec.outputSchema".into(),
+            format!("output schema does not compile: {error}"),
+        );
+    }
     if let Some(site) = &facts.shape.too_deep {
         flag(
             rule::SCHEMA_TOO_DEEP,

@@ -53,12 +53,13 @@ macro_rules! rules {
 }
 
 rules! {
-    SCHEMA_COMPILES = "TW-INPUT-001", InputValidation, true, "inputSchema compiles as JSON Schema 2020-12 with no remote references";
+    SCHEMA_COMPILES = "TW-INPUT-001", InputValidation, true, "inputSchema (and outputSchema) compile as JSON Schema 2020-12 with no remote references";
     SCHEMA_OBJECT_CLOSED = "TW-INPUT-002", InputValidation, false, "every object in the input schema is closed (additionalProperties: false)";
     SCHEMA_STRING_BOUNDED = "TW-INPUT-003", InputValidation, false, "every string is bounded by maxLength, enum, const, format or pattern";
     SCHEMA_ARRAY_BOUNDED = "TW-INPUT-004", InputValidation, false, "every array is bounded by maxItems";
     INPUT_BYTES_CAPPED = "TW-INPUT-005", InputValidation, false, "maxInputBytes is within the policy cap";
     SCHEMA_TOO_DEEP = "TW-INPUT-006", InputValidation, true, "the input schema nests at most 32 levels";
+    OUTPUT_SCHEMA_FOR_RISK = "TW-INPUT-007", InputValidation, false, "tools of the policy's risk levels declare an outputSchema";
     FREE_TEXT_SANITIZED = "TW-SANITIZE-001", Sanitization, false, "free-text strings have a sanitize rule";
     SANITIZE_TARGET_EXISTS = "TW-SANITIZE-002", Sanitization, true, "each sanitize rule names a string field of the input schema";
     GUARDS_FOR_HIGH_RISK = "TW-SANITIZE-003", Sanitization, true, "tools of risk: high declare input guards";

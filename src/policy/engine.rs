@@ -63,6 +63,9 @@ impl Engine {
     fn analysis_key(&self, spec: &AgentToolSpec) -> u64 {
         let mut h = self.hasher.build_hasher();
         hash_json(&spec.input_schema, &mut h);
+        if let Some(output) = &spec.output_schema {
+            hash_json(output, &mut h);
+        }
         for rule in &spec.authorization {
             rule.expression.hash(&mut h);
         }
@@ -119,6 +122,44 @@ mod tests {
             .find(|t| t.object.metadata.name.as_deref() == Some(name))
             .unwrap()
             .object
+    }
+
+    #[test]
+    fn an_output_schema_that_does_not_compile_or_nests_too_deep_is_a_baseline_violation() {
+        let engine = Engine::default();
+        let labels = BTreeMap::new();
+        let mut tool = example_tool("moderate-content");
+        let output_errors = |tool: &AgentTool| -> Vec<String> {
+            engine
+                .evaluate(tool, &[], &labels)
+                .violations
+                .into_iter()
+                .filter(|v| v.path == "spec.outputSchema")
+                .map(|v| format!("{} {}", v.rule, v.message))
+                .collect()
+        };
+        tool.spec.output_schema = Some(serde_json::json!({"type": "object",
+            "properties": {"approved": {"type": "boolean"}}}));
+        assert!(output_errors(&tool).is_empty());
+        // Changing only the output schema must not be served the old analysis.
+        tool.spec.output_schema =
+            Some(serde_json::json!({"type": "object", "minProperties": "two"}));
+        let errors = output_errors(&tool);
+        assert!(
+            errors.len() == 1 && errors[0].starts_with("TW-INPUT-001"),
+            "{errors:?}"
+        );
+        // A deep schema is reported, not compiled (no stack to exhaust).
+        let mut deep = serde_json::json!({"type": "object"});
+        for _ in 0..100 {
+            deep = serde_json::json!({"type": "object", "properties": {"a": deep}});
+        }
+        tool.spec.output_schema = Some(deep);
+        let errors = output_errors(&tool);
+        assert!(
+            errors[0].contains("nests deeper than 32 levels"),
+            "{errors:?}"
+        );
     }
 
     #[test]

@@ -15,6 +15,8 @@ pub const DIALECT_2020_12: &str = "https://json-schema.org/draft/2020-12/schema"
 pub struct ToolFacts {
     /// Why the input schema does not compile, if it does not.
     pub schema_error: Option<String>,
+    /// Why the output schema does not compile (or is too deep to), if one is declared.
+    pub output_schema_error: Option<String>,
     pub shape: SchemaShape,
     /// `(index, error)` of each authorization expression that is not valid CEL.
     pub authorization_errors: Vec<(usize, String)>,
@@ -34,6 +36,16 @@ impl ToolFacts {
                 compile_error(schema)
             },
             shape,
+            output_schema_error: spec.output_schema.as_ref().and_then(|schema| {
+                // As for the input: a schema too deep to walk is not compiled.
+                match schema_shape::analyze(schema).too_deep {
+                    Some(_) => Some(format!(
+                        "nests deeper than {} levels",
+                        schema_shape::MAX_SCHEMA_DEPTH
+                    )),
+                    None => compile_error(schema),
+                }
+            }),
             authorization_errors: spec
                 .authorization
                 .iter()

@@ -115,6 +115,16 @@ fn input_validation(ctx: &mut Ctx, spec: &AgentToolSpec, facts: &ToolFacts) {
             ),
         );
     }
+    if rules.require_output_schema_for_risk.contains(&spec.risk) && spec.output_schema.is_none() {
+        ctx.flag(
+            rule::OUTPUT_SCHEMA_FOR_RISK,
+            "spec.outputSchema",
+            format!(
+                "{}-risk tools must declare an outputSchema, so their answers are checked before an agent sees them",
+                spec.risk.as_str()
+            ),
+        );
+    }
 }
 
 fn sanitization(ctx: &mut Ctx, spec: &AgentToolSpec, facts: &ToolFacts) {

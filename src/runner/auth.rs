@@ -1,6 +1,7 @@
 //! Who is calling: Kubernetes ServiceAccount tokens (TokenReview, audience
 //! bound) in a cluster; bearer tokens from a file (stored as SHA-256 hashes)
-//! or JWTs (HS256/RS256) standalone; anonymous only when allowed.
+//! or JWTs (HS256/RS256) standalone; OAuth access tokens from configured
+//! authorization servers (`oauth.rs`); anonymous only when allowed.
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
@@ -12,6 +13,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+
+use super::oauth::{OAuthResource, TokenRejection};
 
 /// The authenticated caller, as CEL rules see it (`caller.sub`, `caller.groups`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,6 +44,9 @@ pub enum AuthError {
     /// Each way the token was tried, and why it refused the token.
     #[error("the bearer token is not valid")]
     Invalid { rejections: Vec<Rejection> },
+    /// A valid access token without every scope the runner requires.
+    #[error("the access token lacks scope(s) {}", missing.join(" "))]
+    InsufficientScope { missing: Vec<String> },
 }
 
 impl AuthError {
@@ -49,6 +55,7 @@ impl AuthError {
         match self {
             AuthError::Missing => "TokenMissing",
             AuthError::Invalid { .. } => "TokenInvalid",
+            AuthError::InsufficientScope { .. } => "InsufficientScope",
         }
     }
 
@@ -61,6 +68,9 @@ impl AuthError {
                 .map(ToString::to_string)
                 .collect::<Vec<_>>()
                 .join("; "),
+            AuthError::InsufficientScope { missing } => {
+                format!("missing scope(s): {}", missing.join(" "))
+            }
         }
     }
 }
@@ -78,6 +88,8 @@ pub enum Rejection {
     Jwt(jsonwebtoken::errors::Error),
     #[error("tokenreview: {0}")]
     TokenReview(ReviewError),
+    #[error(transparent)]
+    OAuth(Arc<TokenRejection>),
 }
 
 impl Rejection {
@@ -89,6 +101,7 @@ impl Rejection {
             Rejection::JwtEmptySubject => "JwtEmptySubject",
             Rejection::Jwt(_) => "JwtInvalid",
             Rejection::TokenReview(e) => e.reason(),
+            Rejection::OAuth(e) => e.reason(),
         }
     }
 }
@@ -392,6 +405,8 @@ pub struct Authenticator {
     pub tokens: HashMap<String, (String, Vec<String>)>,
     pub jwt_keys: Vec<JwtKey>,
     pub token_review: Option<TokenReviewer>,
+    /// Access tokens of OAuth authorization servers, for this resource only.
+    pub oauth: Option<OAuthResource>,
     pub allow_anonymous: bool,
 }
 
@@ -407,6 +422,9 @@ impl Authenticator {
         }
         if !self.jwt_keys.is_empty() {
             ways.push(format!("JWT ({} key(s))", self.jwt_keys.len()));
+        }
+        if let Some(oauth) = &self.oauth {
+            ways.push(oauth.describe());
         }
         if self.allow_anonymous {
             ways.push("ANONYMOUS allowed".to_string());
@@ -444,6 +462,31 @@ impl Authenticator {
             });
         }
         let mut rejections = Vec::new();
+        if let Some(oauth) = &self.oauth
+            && oauth.claims_issuer(token)
+        {
+            return match oauth.verify(token).await {
+                Ok(verified) => {
+                    let missing: Vec<String> = oauth
+                        .required_scopes()
+                        .iter()
+                        .filter(|s| !verified.scopes.contains(s))
+                        .cloned()
+                        .collect();
+                    if !missing.is_empty() {
+                        return Err(AuthError::InsufficientScope { missing });
+                    }
+                    Ok(Caller {
+                        sub: verified.sub,
+                        groups: verified.groups,
+                        method: "oauth",
+                    })
+                }
+                Err(e) => Err(AuthError::Invalid {
+                    rejections: vec![Rejection::OAuth(Arc::new(e))],
+                }),
+            };
+        }
         if token.matches('.').count() == 2 {
             for key in &self.jwt_keys {
                 match jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation) {

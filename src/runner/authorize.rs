@@ -13,6 +13,8 @@ pub struct CompiledRule {
     program: cel::Program,
     /// What the caller is told on denial.
     pub message: String,
+    /// The rule looks at `input`, so it can only be decided at call time.
+    pub reads_input: bool,
 }
 
 /// Why a rule does not compile, or has no boolean value for a call.
@@ -56,6 +58,7 @@ pub fn compile(rules: &[AuthorizationRule]) -> Result<Vec<CompiledRule>, RuleErr
                 .map_err(|source| RuleError::Parse { index: i, source })?;
             Ok(CompiledRule {
                 expression: rule.expression.clone(),
+                reads_input: program.references().has_variable("input"),
                 program,
                 message: rule
                     .message
@@ -86,6 +89,16 @@ pub fn authorize(rules: &[CompiledRule], caller: &Caller, input: &Value) -> Resu
         });
     }
     Ok(())
+}
+
+/// Whether `caller` passes every rule that depends on the caller alone (rules
+/// that read `input` are decided at call time): listings show a caller only
+/// the tools it could call. An error counts as a denial, as at call time.
+pub fn may_call(rules: &[CompiledRule], caller: &Caller) -> bool {
+    rules
+        .iter()
+        .filter(|rule| !rule.reads_input)
+        .all(|rule| matches!(holds(rule, caller, &Value::Null), Ok(true)))
 }
 
 /// Evaluates one rule; an error says why it has no boolean value.
@@ -163,6 +176,19 @@ mod tests {
         let rule = &rules(&["1 + 1"])[0];
         let e = holds(rule, &c, &json!({})).unwrap_err();
         assert_eq!(e.reason(), "RuleNotBoolean", "{e}");
+    }
+
+    #[test]
+    fn listings_decide_caller_only_rules_and_leave_input_rules_to_the_call() {
+        let admins = rules(&[r#""admins" in caller.groups"#]);
+        assert!(may_call(&admins, &caller("a", &["admins"])));
+        assert!(!may_call(&admins, &caller("b", &["devs"])));
+        // Depends on the input: every caller may try, the call decides.
+        let own = rules(&[r#"caller.sub == input.userId"#]);
+        assert!(own[0].reads_input);
+        assert!(may_call(&own, &caller("b", &[])));
+        // A caller-only rule that errors hides the tool (fail closed).
+        assert!(!may_call(&rules(&["caller.nope == 1"]), &caller("a", &[])));
     }
 
     #[test]

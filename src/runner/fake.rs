@@ -246,6 +246,25 @@ spec:
   audit: {input: redacted, redact: [/text]}
 "#;
 
+/// A tool that promises `{"weather": string, "celsius": number}` and nothing else.
+pub const FORECAST: &str = r#"
+apiVersion: toolwarden.dev/v1alpha1
+kind: AgentTool
+metadata: {name: forecast}
+spec:
+  description: Tomorrow's weather
+  risk: low
+  inputSchema: {type: object, additionalProperties: false, properties: {}}
+  outputSchema:
+    type: object
+    additionalProperties: false
+    required: [weather, celsius]
+    properties:
+      weather: {type: string, maxLength: 64}
+      celsius: {type: number}
+  runtime: {image: "busybox:1.36.1", command: [/bin/forecast]}
+"#;
+
 impl TestRunner {
     /// Serves [`NOTES`] with its secret.
     pub fn notes() -> TestRunner {

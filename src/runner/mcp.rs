@@ -24,8 +24,7 @@ use serde_json::Value;
 use super::pipeline::{CallContext, Called, Runner, Success};
 use super::problem::{Problem, ProblemKind};
 use super::request::{call_context, is_json, read_body};
-use super::tool::PreparedTool;
-use crate::api::Risk;
+use super::tool_metadata::{ToolDescription, describe};
 
 /// Handshake-era revisions spoken, newest first; `initialize` offers the newest
 /// when the client asks for one we do not know.
@@ -259,24 +258,6 @@ fn no_arguments() -> Value {
     Value::Object(serde_json::Map::new())
 }
 
-/// A tool as `tools/list` shows it.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ToolDescription {
-    pub name: String,
-    pub description: String,
-    pub input_schema: Value,
-    pub annotations: ToolAnnotations,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ToolAnnotations {
-    pub read_only_hint: bool,
-    pub destructive_hint: bool,
-    pub open_world_hint: bool,
-}
-
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct CallToolResult {
@@ -405,10 +386,11 @@ pub async fn post(
         (Era::Handshake, "ping") => Ok(Reply::Empty {}),
         (Era::Stateless, "server/discover") => Ok(Reply::Discover(discover())),
         (_, "tools/list") => {
-            let tools = runner
-                .registry
-                .snapshot()
-                .values()
+            // Only the tools this caller may call (it was authenticated above).
+            let visible = ctx.caller.as_ref().map(|c| runner.visible_tools(c));
+            let tools = visible
+                .unwrap_or_default()
+                .iter()
                 .map(|t| describe(t))
                 .collect();
             // Tools in name order (the registry's), each described from its manifest
@@ -597,30 +579,6 @@ fn discover() -> DiscoverResult {
         },
         meta: DiscoverMeta {
             server_info: SERVER_INFO,
-        },
-    }
-}
-
-/// A tool as `tools/list` shows it, with hints derived from risk and permissions. Pure.
-pub fn describe(tool: &PreparedTool) -> ToolDescription {
-    let permissions = &tool.spec.permissions;
-    let writes_files = permissions.filesystem.iter().any(|m| !m.read_only);
-    let writes_cluster = permissions
-        .kubernetes
-        .iter()
-        .flat_map(|r| &r.verbs)
-        .any(|v| !matches!(v.as_str(), "get" | "list" | "watch"));
-    let networked = !permissions.network.egress.is_empty();
-    let read_only = !writes_files && !writes_cluster && !networked && tool.spec.risk == Risk::Low;
-    ToolDescription {
-        name: tool.name.clone(),
-        description: tool.spec.description.clone(),
-        input_schema: tool.spec.input_schema.clone(),
-        annotations: ToolAnnotations {
-            read_only_hint: read_only,
-            destructive_hint: !read_only
-                && (tool.spec.risk == Risk::High || writes_files || writes_cluster),
-            open_world_hint: networked,
         },
     }
 }
@@ -972,10 +930,13 @@ mod tests {
             tool["inputSchema"]["required"],
             json!(["operation", "name"])
         );
+        // No mount, Kubernetes rule or egress: nothing it could write.
         assert_eq!(
             tool["annotations"],
-            json!({"readOnlyHint": false, "destructiveHint": false, "openWorldHint": false})
+            json!({"title": "Notes", "readOnlyHint": true, "destructiveHint": false,
+                   "openWorldHint": false})
         );
+        assert!(tool.get("outputSchema").is_none());
 
         t.executor.prints(r#"{"note": 12345678901234567890123}"#);
         let call = tools_call("notes".into(), json!({"operation": "read", "name": "todo"}));
@@ -990,6 +951,45 @@ mod tests {
         assert_eq!(
             t.executor.runs()[0].stdin,
             json!({"operation": "read", "name": "todo"})
+        );
+    }
+
+    #[tokio::test]
+    async fn a_declared_output_schema_is_listed_and_answers_are_structured_content() {
+        let t = TestRunner::new(&[crate::runner::fake::FORECAST], &[]);
+        let list = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"});
+        let (_, answer) = send(&t, Some(TOKEN), &list).await;
+        let tool = &answer["result"]["tools"][0];
+        assert_eq!(tool["title"], "Forecast");
+        assert_eq!(
+            tool["outputSchema"]["required"],
+            json!(["weather", "celsius"])
+        );
+
+        t.executor.prints(r#"{"weather": "rain", "celsius": 9}"#);
+        let (_, answer) = send(&t, Some(TOKEN), &tools_call("forecast".into(), json!({}))).await;
+        let result = &answer["result"];
+        assert_eq!(result["isError"], false, "{answer}");
+        assert_eq!(
+            result["structuredContent"],
+            json!({"weather": "rain", "celsius": 9})
+        );
+
+        // Outside the schema: a tool error naming the problem, never the output.
+        t.executor
+            .prints(r#"{"weather": "rain", "celsius": 9, "debug": "x"}"#);
+        let (_, answer) = send(&t, Some(TOKEN), &tools_call("forecast".into(), json!({}))).await;
+        let result = &answer["result"];
+        assert_eq!(result["isError"], true, "{answer}");
+        assert_eq!(
+            result["structuredContent"]["type"],
+            "https://toolwarden.dev/problems/tool-output-invalid"
+        );
+        assert!(
+            !result["content"][0]["text"]
+                .as_str()
+                .unwrap()
+                .contains("debug")
         );
     }
 }

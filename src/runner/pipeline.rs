@@ -27,11 +27,11 @@ use super::admission::{Admission, RunSlot};
 use super::approvals::{Approvals, PendingApproval};
 use super::audit::{AuditFailed, AuditLog};
 use super::auth::{AuthError, Authenticator, Caller};
-use super::authorize::{authorize, holds};
+use super::authorize::{authorize, holds, may_call};
 use super::body_limits::{bounded, parse_input};
 use super::executor::{ExecOutcome, ToolExecutor};
 use super::metrics::Metrics;
-use super::problem::{Problem, ProblemKind};
+use super::problem::{FieldError, Problem, ProblemKind};
 use super::redact::{Redactor, redact_fields};
 use super::registry::Registry;
 use super::sanitize::sanitize;
@@ -132,10 +132,19 @@ impl Trail {
     }
 }
 
-/// Records an authentication refusal and hands back the caller's `401`.
+/// Records an authentication refusal and hands back the caller's `401` (or
+/// `403` for a token without the scopes required).
 fn unauthenticated(trail: &Trail, e: &AuthError) -> Problem {
-    let problem = Problem::new(ProblemKind::Unauthenticated, e.to_string());
-    trail.deny("authentication", &e.detail(), problem)
+    trail.deny("authentication", &e.detail(), auth_problem(e))
+}
+
+/// What a caller the authenticator refused is told.
+pub fn auth_problem(e: &AuthError) -> Problem {
+    let kind = match e {
+        AuthError::InsufficientScope { .. } => ProblemKind::InsufficientScope,
+        AuthError::Missing | AuthError::Invalid { .. } => ProblemKind::Unauthenticated,
+    };
+    Problem::new(kind, e.to_string())
 }
 
 fn audit_problem(e: AuditFailed) -> Problem {
@@ -197,6 +206,17 @@ impl Runner {
         self.metrics
             .call(tool.as_ref().map_or("", |t| t.name.as_str()), outcome);
         result
+    }
+
+    /// The tools `caller` may call as far as its identity alone decides (rules
+    /// that read the input are left to the call): what listings show it.
+    pub fn visible_tools(&self, caller: &Caller) -> Vec<Arc<PreparedTool>> {
+        self.registry
+            .snapshot()
+            .values()
+            .filter(|tool| may_call(&tool.rules, caller))
+            .cloned()
+            .collect()
     }
 
     /// Authenticates from the headers alone, for transports that must know
@@ -450,11 +470,18 @@ impl Runner {
             .redactor
             .redact_capped(&outcome.stdout, tool.output_cap());
         let truncated = cut || outcome.stdout_truncated;
-        trail.record(
-            closing("finished"),
-            finished_record(&outcome, &stdout, truncated, tool),
-        )?;
-        respond(outcome, stdout, truncated, &tool.redactor, invocation_id)
+        let mut finished = finished_record(&outcome, &stdout, truncated, tool);
+        let answer = respond(outcome, stdout, truncated, &tool.redactor, invocation_id).and_then(
+            |success| match conforms(tool, &success) {
+                Ok(()) => Ok(success),
+                Err(errors) => {
+                    finished["outputSchemaErrors"] = json!(errors);
+                    Err(output_invalid(errors, success.invocation_id))
+                }
+            },
+        );
+        trail.record(closing("finished"), finished)?;
+        answer
     }
 }
 
@@ -533,6 +560,29 @@ fn tool_output(stdout: &[u8], redactor: &Redactor) -> Box<RawValue> {
         Err(_) => Value::String(text.into_owned()),
     };
     serde_json::value::to_raw_value(&value).expect("a JSON value always serializes")
+}
+
+/// Checks a successful answer against the tool's `outputSchema`, if it declares
+/// one: the errors say where it differs (never the values, as for input). Pure.
+fn conforms(tool: &PreparedTool, success: &Success) -> Result<(), Vec<FieldError>> {
+    let Some(validator) = &tool.output_validator else {
+        return Ok(());
+    };
+    let output: Value = serde_json::from_str(success.output.get()).unwrap_or(Value::Null);
+    validate(validator, &output)
+}
+
+/// The caller's answer when the tool's output breaks its schema: a tool error,
+/// with where it differs.
+fn output_invalid(errors: Vec<FieldError>, invocation_id: String) -> Problem {
+    let mut problem = Problem::new(
+        ProblemKind::OutputInvalid,
+        "the tool's output does not match its outputSchema; it was not passed on \
+         (the run is in the audit log under this invocationId)",
+    );
+    problem.errors = errors;
+    problem.invocation_id = Some(invocation_id);
+    problem
 }
 
 /// How a run failed, in words safe to show a caller (never the tool's stderr, which
@@ -660,7 +710,7 @@ mod scenarios {
 
     use super::*;
     use crate::runner::executor::ExecError;
-    use crate::runner::fake::{NOTES_SECRET, TOKEN, TestRunner};
+    use crate::runner::fake::{FORECAST, NOTES_SECRET, TOKEN, TestRunner};
     use crate::runner::tool::SecretDelivery;
 
     fn body(input: &Value) -> impl Future<Output = Result<Bytes, Problem>> + Send + use<> {
@@ -1028,6 +1078,47 @@ mod scenarios {
             "the secret's head was kept: {shown}"
         );
         assert_eq!(t.records().pop().unwrap()["outputTruncated"], true);
+    }
+
+    #[tokio::test]
+    async fn an_answer_outside_the_output_schema_is_a_tool_error_and_audited() {
+        let t = TestRunner::new(&[FORECAST], &[]);
+        t.executor
+            .prints(r#"{"weather": "sunny", "celsius": 21.5}"#);
+        let success = call(&t, &alice(), "forecast", &json!({})).await.unwrap();
+        assert_eq!(
+            success.output.get(),
+            r#"{"weather": "sunny", "celsius": 21.5}"#
+        );
+        // Each way a tool can break its promise: an extra field (a leak), a wrong
+        // type, a missing field, no JSON at all, a JSON value that is no object.
+        let broken = [
+            r#"{"weather": "sunny", "celsius": 21, "apiKey": "k"}"#,
+            r#"{"weather": "sunny", "celsius": "21"}"#,
+            r#"{"weather": "sunny"}"#,
+            "sunny, 21 degrees",
+            "[1, 2]",
+        ];
+        for printed in broken {
+            t.executor.prints(printed);
+            let problem = call(&t, &alice(), "forecast", &json!({}))
+                .await
+                .unwrap_err();
+            assert_eq!(problem.kind, ProblemKind::OutputInvalid, "{printed}");
+            assert!(!problem.errors.is_empty(), "{printed}");
+            let shown = serde_json::to_string(&problem.body()).unwrap();
+            assert!(
+                !shown.contains("apiKey") && !shown.contains("sunny"),
+                "{shown}"
+            );
+            let finished = t.records().pop().unwrap();
+            assert_eq!(finished["event"], "finished");
+            assert_eq!(
+                finished["invocationId"].as_str(),
+                problem.invocation_id.as_deref()
+            );
+            assert!(finished["outputSchemaErrors"].is_array(), "{finished}");
+        }
     }
 
     #[tokio::test]

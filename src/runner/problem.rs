@@ -16,6 +16,8 @@ pub struct FieldError {
 pub enum ProblemKind {
     Validation,
     Unauthenticated,
+    /// The access token lacks a scope this runner requires (RFC 6750 `insufficient_scope`).
+    InsufficientScope,
     Forbidden,
     RateLimited,
     TooLarge,
@@ -25,6 +27,8 @@ pub enum ProblemKind {
     MethodNotAllowed,
     ToolFailed,
     ToolTimeout,
+    /// The tool answered something its `outputSchema` does not allow.
+    OutputInvalid,
     AuditUnavailable,
     /// The tool's run slots stayed full for the queue deadline.
     Overloaded,
@@ -34,18 +38,39 @@ pub enum ProblemKind {
 }
 
 impl ProblemKind {
+    /// Every kind, for documents that list them (`/openapi.json`).
+    pub const ALL: [ProblemKind; 17] = [
+        ProblemKind::Validation,
+        ProblemKind::Unauthenticated,
+        ProblemKind::InsufficientScope,
+        ProblemKind::Forbidden,
+        ProblemKind::RateLimited,
+        ProblemKind::TooLarge,
+        ProblemKind::UnsupportedMediaType,
+        ProblemKind::NotAcceptable,
+        ProblemKind::NotFound,
+        ProblemKind::MethodNotAllowed,
+        ProblemKind::ToolFailed,
+        ProblemKind::ToolTimeout,
+        ProblemKind::OutputInvalid,
+        ProblemKind::AuditUnavailable,
+        ProblemKind::Overloaded,
+        ProblemKind::RequestTimeout,
+        ProblemKind::Internal,
+    ];
+
     pub fn status(self) -> StatusCode {
         match self {
             ProblemKind::Validation => StatusCode::BAD_REQUEST,
             ProblemKind::Unauthenticated => StatusCode::UNAUTHORIZED,
-            ProblemKind::Forbidden => StatusCode::FORBIDDEN,
+            ProblemKind::Forbidden | ProblemKind::InsufficientScope => StatusCode::FORBIDDEN,
             ProblemKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ProblemKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProblemKind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ProblemKind::NotAcceptable => StatusCode::NOT_ACCEPTABLE,
             ProblemKind::NotFound => StatusCode::NOT_FOUND,
             ProblemKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ProblemKind::ToolFailed => StatusCode::BAD_GATEWAY,
+            ProblemKind::ToolFailed | ProblemKind::OutputInvalid => StatusCode::BAD_GATEWAY,
             ProblemKind::ToolTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProblemKind::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ProblemKind::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
@@ -59,6 +84,7 @@ impl ProblemKind {
         match self {
             ProblemKind::Validation => "validation",
             ProblemKind::Unauthenticated => "unauthenticated",
+            ProblemKind::InsufficientScope => "insufficient-scope",
             ProblemKind::Forbidden => "forbidden",
             ProblemKind::RateLimited => "rate-limited",
             ProblemKind::TooLarge => "too-large",
@@ -68,6 +94,7 @@ impl ProblemKind {
             ProblemKind::MethodNotAllowed => "method-not-allowed",
             ProblemKind::ToolFailed => "tool-failed",
             ProblemKind::ToolTimeout => "tool-timeout",
+            ProblemKind::OutputInvalid => "tool-output-invalid",
             ProblemKind::AuditUnavailable => "audit-unavailable",
             ProblemKind::Overloaded => "overloaded",
             ProblemKind::RequestTimeout => "request-timeout",
@@ -79,6 +106,7 @@ impl ProblemKind {
         match self {
             ProblemKind::Validation => "The input is not valid",
             ProblemKind::Unauthenticated => "Authentication required",
+            ProblemKind::InsufficientScope => "Insufficient scope",
             ProblemKind::Forbidden => "Forbidden",
             ProblemKind::RateLimited => "Too many requests",
             ProblemKind::TooLarge => "The input is too large",
@@ -88,6 +116,7 @@ impl ProblemKind {
             ProblemKind::MethodNotAllowed => "Method not allowed",
             ProblemKind::ToolFailed => "The tool failed",
             ProblemKind::ToolTimeout => "The tool timed out",
+            ProblemKind::OutputInvalid => "The tool's output does not match its outputSchema",
             ProblemKind::AuditUnavailable => "The audit log is unavailable",
             ProblemKind::Overloaded => "The tool is busy",
             ProblemKind::RequestTimeout => "The request body did not arrive in time",
@@ -169,6 +198,8 @@ impl IntoResponse for Problem {
         if self.kind == ProblemKind::Unauthenticated {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        // For layers that add to a kind's answer (the OAuth challenge).
+        response.extensions_mut().insert(self.kind);
         response
     }
 }

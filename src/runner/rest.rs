@@ -8,40 +8,45 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::metrics::{OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE};
-use super::pipeline::{Called, Runner};
+use super::openapi;
+use super::pipeline::{Called, Runner, auth_problem};
 use super::problem::{Problem, ProblemKind};
 use super::request::{call_context, is_json, read_body};
+use super::tool_metadata::describe;
 
 /// Body cap for calls to unknown tools (they are refused anyway).
 const UNKNOWN_TOOL_BODY_BYTES: usize = 64 * 1024;
 
+/// `GET /v1/tools`: the tools this caller may call, described as MCP lists
+/// them, with their risk, generation and isolation.
 pub async fn list_tools(
     State(runner): State<Arc<Runner>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
     let ctx = call_context("rest", peer, &headers);
-    if let Err(e) = runner.auth.authenticate(ctx.authorization.as_deref()).await {
-        return Problem::new(ProblemKind::Unauthenticated, e.to_string()).into_response();
-    }
+    let caller = match runner.auth.authenticate(ctx.authorization.as_deref()).await {
+        Ok(caller) => caller,
+        Err(e) => return auth_problem(&e).into_response(),
+    };
     let tools: Vec<_> = runner
-        .registry
-        .snapshot()
-        .values()
+        .visible_tools(&caller)
+        .iter()
         .map(|t| {
             let degradations = runner.executor.degradations(t);
-            json!({"name": t.name, "description": t.spec.description,
-            "inputSchema": t.spec.input_schema, "risk": t.spec.risk.as_str(),
-            "generation": t.generation,
-            "isolation": {
+            let mut entry = serde_json::to_value(describe(t)).unwrap_or_default();
+            entry["risk"] = t.spec.risk.as_str().into();
+            entry["generation"] = t.generation.into();
+            entry["isolation"] = json!({
                 "degraded": degradations.as_ref().map(|d| !d.is_empty()),
                 "degradations": degradations,
-            }})
+            });
+            entry
         })
         .collect();
     // How calls are isolated here (the engine's probe result, as in the startup banner).
@@ -105,7 +110,7 @@ pub async fn approval(
     let ctx = call_context("rest", peer, &headers);
     let caller = match runner.auth.authenticate(ctx.authorization.as_deref()).await {
         Ok(caller) => caller,
-        Err(e) => return Problem::new(ProblemKind::Unauthenticated, e.to_string()).into_response(),
+        Err(e) => return auth_problem(&e).into_response(),
     };
     match runner.approvals.lookup(&id, &caller.sub) {
         Some(pending) => axum::Json(pending.view(jiff::Timestamp::now())).into_response(),
@@ -142,7 +147,7 @@ pub async fn authenticated_metrics(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     if let Err(e) = runner.auth.authenticate(authorization).await {
-        return Problem::new(ProblemKind::Unauthenticated, e.to_string()).into_response();
+        return auth_problem(&e).into_response();
     }
     metrics(State(runner), headers).await
 }
@@ -175,4 +180,32 @@ pub async fn metrics(State(runner): State<Arc<Runner>>, headers: HeaderMap) -> R
         )
             .into_response()
     }
+}
+
+/// `GET /.well-known/oauth-protected-resource[/path]`: this resource's OAuth
+/// metadata (RFC 9728), public like any discovery document; only when OAuth
+/// is configured.
+pub async fn protected_resource(State(runner): State<Arc<Runner>>, uri: Uri) -> Response {
+    match &runner.auth.oauth {
+        Some(oauth) if oauth.serves_metadata_at(uri.path()) => {
+            axum::Json(oauth.metadata()).into_response()
+        }
+        _ => Problem::new(ProblemKind::NotFound, "no such endpoint").into_response(),
+    }
+}
+
+/// `GET /openapi.json`: the REST API as OpenAPI 3.1, with the tools this
+/// caller may call (each its own invoke path with its input and output schema).
+pub async fn openapi_document(
+    State(runner): State<Arc<Runner>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    let ctx = call_context("rest", peer, &headers);
+    let caller = match runner.auth.authenticate(ctx.authorization.as_deref()).await {
+        Ok(caller) => caller,
+        Err(e) => return auth_problem(&e).into_response(),
+    };
+    let oauth = runner.auth.oauth.is_some();
+    axum::Json(openapi::document(&runner.visible_tools(&caller), oauth)).into_response()
 }

@@ -4,11 +4,14 @@
 
 use std::sync::Arc;
 
-use axum::Router;
+use axum::extract::State;
+use axum::response::Response;
 use axum::routing::{get, post};
+use axum::{Router, middleware};
 
 use super::listener::{self, HttpConfig};
 use super::mcp;
+use super::oauth::METADATA_PATH;
 use super::pipeline::Runner;
 use super::problem::{Problem, ProblemKind};
 use super::rest;
@@ -22,6 +25,12 @@ pub fn router(runner: Arc<Runner>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(rest::ready))
         .route("/metrics", get(rest::authenticated_metrics))
+        .route("/openapi.json", get(rest::openapi_document))
+        .route(METADATA_PATH, get(rest::protected_resource))
+        .route(
+            &format!("{METADATA_PATH}/{{*resource}}"),
+            get(rest::protected_resource),
+        )
         .fallback(|| async { Problem::new(ProblemKind::NotFound, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             Problem::new(
@@ -29,7 +38,20 @@ pub fn router(runner: Arc<Runner>) -> Router {
                 "method not allowed on this endpoint",
             )
         })
+        .layer(middleware::map_response_with_state(
+            runner.clone(),
+            oauth_challenge,
+        ))
         .with_state(runner)
+}
+
+/// With OAuth configured, every refusal of a caller says where to get a
+/// token (RFC 9728 section 5.1), whichever handler refused.
+async fn oauth_challenge(State(runner): State<Arc<Runner>>, mut response: Response) -> Response {
+    if let Some(oauth) = &runner.auth.oauth {
+        oauth.challenge(&mut response);
+    }
+    response
 }
 
 /// Only `/metrics`, unauthenticated: for `--metrics-listen`, an address the

@@ -20,6 +20,8 @@ pub enum ToolError {
     Image(#[from] ImageError),
     #[error("spec.inputSchema: {0}")]
     Schema(#[from] InvalidSchema),
+    #[error("spec.outputSchema: {0}")]
+    OutputSchema(InvalidSchema),
     #[error("spec.{0}")]
     Authorization(RuleError),
     #[error("spec.approval.when: {0}")]
@@ -44,6 +46,7 @@ impl ToolError {
         match self {
             ToolError::Image(e) => e.reason(),
             ToolError::Schema(e) => e.reason(),
+            ToolError::OutputSchema(_) => "OutputSchemaInvalid",
             ToolError::Authorization(e) | ToolError::ApprovalWhen(e) => e.reason(),
             ToolError::SecretUnavailable { .. } => "SecretUnavailable",
             ToolError::Redactor(e) => e.reason(),
@@ -58,6 +61,8 @@ pub struct PreparedTool {
     pub generation: u64,
     pub spec: AgentToolSpec,
     pub validator: jsonschema::Validator,
+    /// `outputSchema`, compiled: every answer is checked against it.
+    pub output_validator: Option<jsonschema::Validator>,
     pub rules: Vec<CompiledRule>,
     /// `approval.when`, compiled.
     pub approval_when: Option<CompiledRule>,
@@ -204,6 +209,11 @@ pub fn prepare(
     let validator = validate::compile(&spec.input_schema)
         .map_err(|e| errors.push(e.into()))
         .ok();
+    let output_validator = spec.output_schema.as_ref().and_then(|schema| {
+        validate::compile(schema)
+            .map_err(|e| errors.push(ToolError::OutputSchema(e)))
+            .ok()
+    });
     let rules = authorize::compile(&spec.authorization)
         .map_err(|e| errors.push(ToolError::Authorization(e)))
         .ok();
@@ -236,6 +246,7 @@ pub fn prepare(
                 generation,
                 spec: spec.clone(),
                 validator,
+                output_validator,
                 rules,
                 approval_when,
                 limiter: spec
