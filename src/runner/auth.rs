@@ -310,6 +310,10 @@ impl JwtKey {
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
+    /// Read only to refuse a list: `iss` is one issuer (RFC 7519 4.1.1), and
+    /// jsonwebtoken would accept `["other", "ours"]` as issued by us.
+    #[serde(default, rename = "iss")]
+    _issuer: Option<String>,
     #[serde(default)]
     groups: Vec<String>,
 }
@@ -499,8 +503,13 @@ async fn review(reviewer: &TokenReviewer, token: &str) -> Result<Caller, ReviewE
         return Err(ReviewError::WrongAudience(reviewer.audience.clone()));
     }
     let user = status.user.ok_or(ReviewError::NoUser)?;
+    // An empty name would be a caller every rule's `caller.sub` check misreads.
+    let sub = user
+        .username
+        .filter(|name| !name.is_empty())
+        .ok_or(ReviewError::NoUser)?;
     Ok(Caller {
-        sub: user.username.unwrap_or_default(),
+        sub,
         groups: user.groups.unwrap_or_default(),
         method: "serviceaccount",
     })
@@ -626,14 +635,24 @@ mod tests {
         }
         for (claim, value) in [
             ("nbf", serde_json::json!(now + 600)),
+            // Just past the allowed clock skew.
+            ("nbf", serde_json::json!(now + JWT_LEEWAY_SECS as i64 + 5)),
             ("aud", serde_json::json!(["other"])),
+            ("aud", serde_json::json!([])),
+            ("aud", serde_json::json!(["toolwarden-other", "other"])),
+            ("aud", serde_json::json!("TOOLWARDEN")),
+            ("iss", serde_json::json!(["idp"])),
             ("iss", serde_json::json!("other-idp")),
             ("exp", serde_json::json!(now - 600)),
         ] {
             let mut claims = full.clone();
-            claims[claim] = value;
-            assert!(check(&claims).is_err(), "{claim} not checked");
+            claims[claim] = value.clone();
+            assert!(check(&claims).is_err(), "{claim} = {value} not checked");
         }
+        // An audience list naming this runner among others is for this runner (RFC 7519 4.1.3).
+        let mut claims = full.clone();
+        claims["aud"] = serde_json::json!(["other", "toolwarden"]);
+        assert_eq!(check(&claims).unwrap().sub, "eve");
     }
 
     #[test]
@@ -658,12 +677,17 @@ mod tests {
             "/apis/authentication.k8s.io/v1/tokenreviews",
             post(move |axum::Json(review): axum::Json<serde_json::Value>| {
                 reviews.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let good = review["spec"]["token"] == "good-token";
+                let token = &review["spec"]["token"];
+                let good = token == "good-token" || token == "nameless-token";
+                let user = match token == "nameless-token" {
+                    true => serde_json::json!({"username": ""}),
+                    false => serde_json::json!({"username": "system:serviceaccount:agents:bot"}),
+                };
                 async move {
                     axum::Json(serde_json::json!({
                         "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
                         "status": {"authenticated": good, "audiences": ["toolwarden"],
-                                   "user": {"username": "system:serviceaccount:agents:bot"}}
+                                   "user": user}
                     }))
                 }
             }),
@@ -686,8 +710,14 @@ mod tests {
             let caller = auth.authenticate(Some("Bearer good-token")).await.unwrap();
             assert_eq!(caller.sub, "system:serviceaccount:agents:bot");
             assert!(auth.authenticate(Some("Bearer forged")).await.is_err());
+            // Authenticated, but as nobody: refused, not a caller with an empty name.
+            let nameless = auth.authenticate(Some("Bearer nameless-token")).await;
+            let Err(AuthError::Invalid { rejections }) = nameless else {
+                panic!("a nameless caller was accepted: {nameless:?}");
+            };
+            assert_eq!(rejections[0].reason(), "TokenReviewIncomplete");
         }
-        assert_eq!(reviews.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(reviews.load(std::sync::atomic::Ordering::SeqCst), 3);
         let reviewer = auth.token_review.as_ref().unwrap();
         let cache = reviewer.cache.lock().unwrap();
         let forged: [u8; 32] = Sha256::digest(b"forged").into();
