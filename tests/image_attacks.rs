@@ -1126,6 +1126,26 @@ fn pax_names_and_links_over_symlinks_stay_in_the_root() {
         "image's own"
     );
     assert_eq!(fx.host_state(), before);
+    std::fs::remove_dir_all(fx.store.dir.join("example.com_tool_v1")).unwrap();
+
+    // A folder declared over a symlink to a host folder replaces the symlink;
+    // what goes into it (an opaque whiteout included) stays in the root.
+    fx.oci(
+        "example.com_tool_v1",
+        &[
+            Layer::new().symlink("evil", &format!("{host}/dir")).bytes(),
+            Layer::new()
+                .dir("evil")
+                .file("evil/.wh..wh..opq", "")
+                .file("evil/new", "in the root")
+                .bytes(),
+        ],
+    );
+    let rootfs = fx.store.resolve("example.com/tool:v1").unwrap();
+    let evil = std::fs::symlink_metadata(rootfs.join("evil")).unwrap();
+    assert!(evil.is_dir(), "{evil:?}");
+    assert_eq!(walk_names(&rootfs.join("evil")).len(), 1);
+    assert_eq!(fx.host_state(), before);
 }
 
 /// Set-id bits arriving in a later layer (a file replaced, a folder re-declared)
