@@ -1529,3 +1529,244 @@ async fn tool_json_keeps_every_digit_over_rest_and_mcp() {
     assert_eq!(mcp["result"]["content"][0]["text"], printed, "{mcp}");
     assert_eq!(mcp["result"]["isError"], false, "{mcp}");
 }
+
+/// A 2026-07-28 request: the `_meta` envelope in the body, and the routing headers
+/// as given (`headers` may disagree with the body: that is the attack).
+async fn stateless(
+    s: &Server,
+    headers: &[(&str, &str)],
+    method: &str,
+    params: Value,
+) -> (StatusCode, Value) {
+    let mut params = params;
+    params["_meta"] = json!({
+        "io.modelcontextprotocol/protocolVersion": params["_meta"]["version"].as_str().unwrap_or("2026-07-28"),
+        "io.modelcontextprotocol/clientCapabilities": {},
+        "io.modelcontextprotocol/clientInfo": {"name": "test", "version": "1"}});
+    let mut request = s
+        .http
+        .post(format!("{}/mcp", s.base))
+        .bearer_auth(ALICE_TOKEN)
+        .header("accept", "application/json, text/event-stream");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+    let response = request.json(&body).send().await.unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap())
+}
+
+/// The attack: a gateway routes and authorizes on `Mcp-Method`/`Mcp-Name`, the server
+/// would run what the body says. Every disagreement is refused before anything runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_stateless_requests_whose_headers_disagree_with_the_body_are_refused() {
+    require_root!();
+    let s = start().await;
+    const V: (&str, &str) = ("mcp-protocol-version", "2026-07-28");
+    let (status, discover) = stateless(
+        &s,
+        &[V, ("mcp-method", "server/discover")],
+        "server/discover",
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{discover}");
+    assert_eq!(discover["result"]["resultType"], "complete");
+    assert_eq!(discover["result"]["supportedVersions"][0], "2026-07-28");
+    assert_eq!(discover["result"]["cacheScope"], "public");
+    assert_eq!(
+        discover["result"]["_meta"]["io.modelcontextprotocol/serverInfo"]["name"],
+        "toolwarden"
+    );
+
+    let secret_call = json!({"name": "echo", "arguments": {"mode": "secret"}});
+    let call = [V, ("mcp-method", "tools/call")];
+    for (headers, why) in [
+        (
+            vec![
+                V,
+                ("mcp-method", "tools/call"),
+                ("mcp-name", "moderate-content"),
+            ],
+            "another tool's name",
+        ),
+        (
+            vec![V, ("mcp-method", "tools/list"), ("mcp-name", "echo")],
+            "another method",
+        ),
+        (
+            vec![
+                ("mcp-protocol-version", "2025-11-25"),
+                call[1],
+                ("mcp-name", "echo"),
+            ],
+            "another version",
+        ),
+        (vec![V, ("mcp-method", "tools/call")], "no name"),
+        (vec![V, ("mcp-name", "echo")], "no method"),
+        (
+            vec![("mcp-method", "tools/call"), ("mcp-name", "echo")],
+            "no version",
+        ),
+        (
+            vec![
+                V,
+                call[1],
+                ("mcp-name", "echo"),
+                ("mcp-name", "moderate-content"),
+            ],
+            "the name twice",
+        ),
+        // The base64 form clients use for names that are not plain ASCII.
+        (
+            vec![
+                V,
+                call[1],
+                ("mcp-name", "=?base64?bW9kZXJhdGUtY29udGVudA==?="),
+            ],
+            "an encoded other name",
+        ),
+        (
+            vec![V, call[1], ("mcp-name", "=?base64?not base64?=")],
+            "malformed base64",
+        ),
+    ] {
+        let (status, answer) = stateless(&s, &headers, "tools/call", secret_call.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{why}: {answer}");
+        assert_eq!(answer["error"]["code"], -32020, "{why}: {answer}");
+        assert_eq!(answer["id"], 1, "{why}");
+    }
+    // The same forgery dressed as a handshake-era request (no envelope): headers that
+    // era does not require must still agree with the body when they are sent.
+    for headers in [
+        [
+            ("mcp-protocol-version", "2025-11-25"),
+            ("mcp-name", "moderate-content"),
+        ],
+        [
+            ("mcp-protocol-version", "2025-06-18"),
+            ("mcp-method", "tools/list"),
+        ],
+    ] {
+        let mut request = s
+            .http
+            .post(format!("{}/mcp", s.base))
+            .bearer_auth(ALICE_TOKEN);
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        let body =
+            json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": secret_call});
+        let r = request.json(&body).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{headers:?}");
+        assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], -32020);
+    }
+    // The same call with consistent headers (the encoded name too) runs: the refusals were the headers.
+    for name in ["echo", "=?base64?ZWNobw==?="] {
+        let (status, answer) = stateless(
+            &s,
+            &[V, call[1], ("mcp-name", name)],
+            "tools/call",
+            json!({"name": "echo", "arguments": {"mode": "ok"}}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        assert_eq!(answer["result"]["isError"], false, "{answer}");
+        assert_eq!(answer["result"]["resultType"], "complete", "{answer}");
+    }
+    let records = s.audit();
+    assert_eq!(
+        events(&records, "started").len(),
+        2,
+        "only the consistent calls ran"
+    );
+    assert!(
+        !serde_json::to_string(&records)
+            .unwrap()
+            .contains("\"secret\"")
+    );
+
+    // A version this server does not speak, in header and body alike: the versions it does.
+    let (status, answer) = stateless(
+        &s,
+        &[
+            ("mcp-protocol-version", "2099-01-01"),
+            ("mcp-method", "tools/list"),
+        ],
+        "tools/list",
+        json!({"_meta": {"version": "2099-01-01"}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert_eq!(answer["error"]["code"], -32022, "{answer}");
+    assert_eq!(answer["error"]["data"]["requested"], "2099-01-01");
+    assert_eq!(answer["error"]["data"]["supported"][0], "2026-07-28");
+    // An unknown version header without an envelope is refused alike.
+    let r = s
+        .http
+        .post(format!("{}/mcp", s.base))
+        .bearer_auth(ALICE_TOKEN)
+        .header("mcp-protocol-version", "1999-01-01")
+        .json(&json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], -32022);
+
+    // A stateless `tools/list`: deterministic, cacheable per caller; no `ping` in this era.
+    let list = [V, ("mcp-method", "tools/list")];
+    let (_, first) = stateless(&s, &list, "tools/list", json!({})).await;
+    let (_, again) = stateless(&s, &list, "tools/list", json!({})).await;
+    assert_eq!(first, again);
+    assert_eq!(first["result"]["ttlMs"], 60_000);
+    assert_eq!(first["result"]["cacheScope"], "private");
+    let (status, ping) = stateless(&s, &[V, ("mcp-method", "ping")], "ping", json!({})).await;
+    assert_eq!(
+        (status, &ping["error"]["code"]),
+        (StatusCode::NOT_FOUND, &json!(-32601))
+    );
+}
+
+/// A streamed call whose client hangs up after the first progress notification:
+/// the sandbox runs to its end and the call is closed as `abandoned`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_a_streamed_call_the_client_abandons_is_audited_to_its_end() {
+    require_root!();
+    let s = start_opts(Options {
+        slow_tool: true,
+        ..Options::default()
+    })
+    .await;
+    let mut response = s
+        .mcp(json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                    "params": {"name": "slow", "arguments": {}, "_meta": {"progressToken": "p1"}}}))
+        .await;
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut seen = String::new();
+    while !seen.contains("notifications/progress") {
+        let chunk = response.chunk().await.unwrap();
+        let chunk = chunk.unwrap_or_else(|| panic!("no progress before the end: {seen}"));
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(seen.contains(r#""progressToken":"p1""#), "{seen}");
+    assert!(
+        !seen.contains(r#""result""#),
+        "the slow tool is still running: {seen}"
+    );
+    drop(response);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let closing = loop {
+        if let Some(closing) = s.audit().into_iter().find(|r| r["event"] == "abandoned") {
+            break closing;
+        }
+        assert!(std::time::Instant::now() < deadline, "no closing record");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        closing["exitCode"], 0,
+        "the sandbox ran to its end: {closing}"
+    );
+    assert!(closing["durationMs"].as_u64().unwrap() >= 6000, "{closing}");
+}

@@ -639,18 +639,134 @@ fn test_python(test: &str) -> Option<String> {
     }
 }
 
+/// The official Python SDK against one `serve`, opening in `era` (`stateless`:
+/// `discover()`; `handshake`: `initialize()`); what it saw.
+fn python_sdk_session(python: &str, addr: &str, era: &str) -> Value {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/mcp_python_sdk.py");
+    let out = Command::new(python)
+        .arg(script)
+        .arg(format!("http://{addr}/mcp"))
+        .arg(era)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{era}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 #[test]
-fn the_official_mcp_python_sdk_lists_and_calls_tools() {
+fn the_official_mcp_python_sdk_lists_and_calls_tools_in_both_eras() {
     require_root!();
-    let Some(python) = test_python("the_official_mcp_python_sdk_lists_and_calls_tools") else {
+    let Some(python) =
+        test_python("the_official_mcp_python_sdk_lists_and_calls_tools_in_both_eras")
+    else {
         return;
     };
     let dir = tools_dir();
     let audit = dir.path().join("audit.log");
     let served = serve(dir.path(), &audit);
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/mcp_python_sdk.py");
-    let out = Command::new(python)
+    for (era, protocol) in [("stateless", "2026-07-28"), ("handshake", "2025-11-25")] {
+        let seen = python_sdk_session(&python, &served.addr, era);
+        assert_eq!(seen["protocol"], protocol, "{seen}");
+        // In name order, the same every time (the stateless era's caching relies on it).
+        assert_eq!(
+            seen["tools"],
+            serde_json::json!([
+                "api-call",
+                "execute-code",
+                "file-operation",
+                "moderate-content",
+                "slow",
+                "user-profile-update"
+            ]),
+            "{era}"
+        );
+        assert_eq!(seen["readOnly"]["moderate-content"], true, "{era}");
+        assert_eq!(seen["readOnly"]["file-operation"], false, "{era}");
+        assert_eq!(seen["okIsError"], false, "{era}");
+        assert_eq!(
+            seen["okResult"],
+            serde_json::json!({"approved": true}),
+            "{era}"
+        );
+        // Input that fails the schema is the tool's error, with the problem's details.
+        assert_eq!(seen["badIsError"], true, "{era}");
+        let problem: Value = serde_json::from_str(seen["badText"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            problem["type"],
+            "https://toolwarden.dev/problems/validation"
+        );
+        assert_eq!(problem["errors"][1]["path"], "/content");
+        // The slow tool sleeps 3 s: streamed, with progress while it ran, result last.
+        assert_eq!(
+            seen["slowResult"],
+            serde_json::json!({"slept": true}),
+            "{era}"
+        );
+        let progress = seen["progress"].as_array().unwrap();
+        assert!(!progress.is_empty(), "{era}: no progress in {seen}");
+        assert!(
+            progress[0]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("running in its sandbox"),
+            "{era}: {seen}"
+        );
+        if era == "stateless" {
+            assert_eq!(seen["supportedVersions"][0], "2026-07-28");
+            assert_eq!(seen["listTtlMs"], 60_000);
+            assert_eq!(seen["listCacheScope"], "private");
+        }
+    }
+}
+
+/// The directory holding the official TypeScript SDK (`node_modules/@modelcontextprotocol/sdk`):
+/// `TOOLWARDEN_TEST_TS_SDK`, else `target/mcp-ts` where `.ci/run` installs it. `None` (after
+/// printing why `test` skips) without node or the SDK; under `TOOLWARDEN_REQUIRE_SANDBOX=1`
+/// (CI) that fails the test.
+fn typescript_sdk(test: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os("TOOLWARDEN_TEST_TS_SDK").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/mcp-ts"),
+        PathBuf::from,
+    );
+    let node = Command::new("node").arg("--version").output();
+    let why = if !node.is_ok_and(|out| out.status.success()) {
+        "no `node` (apt-get install nodejs npm)".to_string()
+    } else if !dir.join("node_modules/@modelcontextprotocol/sdk").is_dir() {
+        format!(
+            "no @modelcontextprotocol/sdk under {} (.ci/run installs it)",
+            dir.display()
+        )
+    } else {
+        return Some(dir);
+    };
+    if std::env::var(common::REQUIRE_SANDBOX_ENV).is_ok_and(|v| v == "1") {
+        panic!(
+            "{test} must run under {}=1: {why}",
+            common::REQUIRE_SANDBOX_ENV
+        );
+    }
+    eprintln!("SKIPPED {test}: {why}");
+    None
+}
+
+#[test]
+fn the_official_mcp_typescript_sdk_outlasts_its_request_timeout_on_progress() {
+    require_root!();
+    let test = "the_official_mcp_typescript_sdk_outlasts_its_request_timeout_on_progress";
+    let Some(sdk) = typescript_sdk(test) else {
+        return;
+    };
+    let dir = tools_dir();
+    let audit = dir.path().join("audit.log");
+    let served = serve(dir.path(), &audit);
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/mcp_typescript_sdk.mjs");
+    let out = Command::new("node")
         .arg(script)
+        .arg(sdk)
         .arg(format!("http://{}/mcp", served.addr))
         .output()
         .unwrap();
@@ -660,29 +776,35 @@ fn the_official_mcp_python_sdk_lists_and_calls_tools() {
         String::from_utf8_lossy(&out.stderr)
     );
     let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(seen["protocol"], "2025-11-25");
-    assert_eq!(
-        seen["tools"],
-        serde_json::json!([
-            "api-call",
-            "execute-code",
-            "file-operation",
-            "moderate-content",
-            "slow",
-            "user-profile-update"
-        ])
-    );
-    assert_eq!(seen["readOnly"]["moderate-content"], true);
-    assert_eq!(seen["readOnly"]["file-operation"], false);
+    // The TypeScript SDK speaks the handshake era.
+    assert_eq!(seen["protocol"], "2025-11-25", "{seen}");
+    assert_eq!(seen["server"]["name"], "toolwarden");
+    assert_eq!(seen["tools"].as_array().unwrap().len(), 6, "{seen}");
     assert_eq!(seen["okIsError"], false);
     assert_eq!(seen["okResult"], serde_json::json!({"approved": true}));
     assert_eq!(seen["badIsError"], true);
     let problem: Value = serde_json::from_str(seen["badText"].as_str().unwrap()).unwrap();
+    assert_eq!(problem["status"], 400, "{problem}");
+    // A 3 s call with a 2.9 s request timeout: finished, thanks to progress...
     assert_eq!(
-        problem["type"],
-        "https://toolwarden.dev/problems/validation"
+        seen["slowResult"],
+        serde_json::json!({"slept": true}),
+        "{seen}"
     );
-    assert_eq!(problem["errors"][1]["path"], "/content");
+    assert!(!seen["progress"].as_array().unwrap().is_empty(), "{seen}");
+    // ...and the same call without progress timed out (the SDK's RequestTimeout).
+    assert_eq!(seen["silentError"]["code"], -32001, "{seen}");
+    // The call the client gave up on still ran to its end and was audited so:
+    // three calls ran (moderate-content, the slow one twice), three were closed.
+    wait_for("every call that ran to be closed", || {
+        let all = records(&audit);
+        let count = |events: &[&str]| {
+            all.iter()
+                .filter(|r| events.contains(&r["event"].as_str().unwrap_or_default()))
+                .count()
+        };
+        count(&["started"]) == 3 && count(&["finished", "abandoned"]) == 3
+    });
 }
 
 /// `serve` with `flags` must refuse to start, saying `expected`.

@@ -1,8 +1,15 @@
-//! MCP (Model Context Protocol) over the streamable HTTP transport at `/mcp`:
-//! `initialize`, `ping`, `tools/list` and `tools/call`, answered as plain JSON
-//! (the transport allows a JSON response instead of an SSE stream). The server
-//! is stateless: no session IDs, no server-initiated messages, so `GET` and
-//! `DELETE` answer 405 as the transport specifies for that case.
+//! MCP (Model Context Protocol) over the streamable HTTP transport at `/mcp`, in
+//! both eras on one endpoint: the stateless revision 2026-07-28 (`server/discover`,
+//! per-request `_meta`, routing headers checked against the body: [`stateless`])
+//! and the handshake revisions 2025-03-26 to 2025-11-25 (`initialize`, `ping`),
+//! each answered in its own era's shapes. `tools/list` and `tools/call` are
+//! served in both. Answers are plain JSON (the transport allows a JSON response
+//! instead of an SSE stream), except a `tools/call` that asks for progress, which
+//! is streamed with progress ([`event_stream`]). No session IDs, no server-initiated messages, so
+//! `GET` and `DELETE` answer 405 as the transport specifies for that case.
+
+mod event_stream;
+mod stateless;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,15 +21,35 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::pipeline::{Called, Runner, Success};
+use super::pipeline::{CallContext, Called, Runner, Success};
 use super::problem::{Problem, ProblemKind};
 use super::request::{call_context, is_json, read_body};
 use super::tool::PreparedTool;
 use crate::api::Risk;
 
-/// Protocol revisions spoken, newest first; the newest is offered when the
-/// client asks for one we do not know.
-pub const PROTOCOL_VERSIONS: [&str; 3] = ["2025-11-25", "2025-06-18", "2025-03-26"];
+/// Handshake-era revisions spoken, newest first; `initialize` offers the newest
+/// when the client asks for one we do not know.
+pub const HANDSHAKE_VERSIONS: [&str; 3] = ["2025-11-25", "2025-06-18", "2025-03-26"];
+
+/// Every revision served, newest first.
+pub fn served_versions() -> impl Iterator<Item = &'static str> {
+    stateless::STATELESS_VERSIONS
+        .into_iter()
+        .chain(HANDSHAKE_VERSIONS)
+}
+
+/// How long a stateless client may cache `tools/list`: the served tools change
+/// only when their manifests do, and a minute bounds how stale a list can be.
+const TOOLS_TTL_MS: u64 = 60_000;
+/// How long a stateless client may cache `server/discover`: it changes only
+/// when the runner is upgraded.
+const DISCOVER_TTL_MS: u64 = 3_600_000;
+
+const INSTRUCTIONS: &str = "Every tool call is validated, authorized, rate limited and audited, then run in a fresh sandbox.";
+const SERVER_INFO: ServerInfo = ServerInfo {
+    name: "toolwarden",
+    version: env!("CARGO_PKG_VERSION"),
+};
 
 /// Largest JSON-RPC message read (the largest tool input the CRD allows, plus room).
 pub const MAX_MESSAGE_BYTES: usize = 17 * 1024 * 1024;
@@ -45,14 +72,36 @@ struct RpcResponse {
 #[derive(Serialize)]
 #[serde(rename_all = "lowercase")]
 enum Outcome {
-    Result(Reply),
+    Result(Answer),
     Error(RpcError),
+}
+
+/// A result in its era's shape: the stateless era adds `resultType`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Answer {
+    #[serde(flatten)]
+    reply: Reply,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result_type: Option<&'static str>,
 }
 
 #[derive(Serialize)]
 struct RpcError {
     code: i64,
     message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<Value>,
+}
+
+impl RpcError {
+    fn new(code: i64, message: impl Into<String>) -> Self {
+        RpcError {
+            code,
+            message: message.into(),
+            data: None,
+        }
+    }
 }
 
 /// The results of the methods served.
@@ -60,31 +109,90 @@ struct RpcError {
 #[serde(untagged)]
 enum Reply {
     Initialize(InitializeResult),
+    Discover(DiscoverResult),
     /// `ping`'s empty object.
     Empty {},
-    Tools {
-        tools: Vec<ToolDescription>,
-    },
+    Tools(ToolsList),
     Call(CallToolResult),
 }
 
-fn error(id: Value, code: i64, message: impl Into<String>) -> RpcResponse {
-    RpcResponse {
-        jsonrpc: "2.0",
-        id,
-        outcome: Outcome::Error(RpcError {
-            code,
-            message: message.into(),
-        }),
+#[derive(Serialize)]
+struct ToolsList {
+    tools: Vec<ToolDescription>,
+    /// Stateless era only.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    cache: Option<CacheHints>,
+}
+
+/// The stateless era's `CacheableResult` fields.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CacheHints {
+    ttl_ms: u64,
+    cache_scope: CacheScope,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "lowercase")]
+enum CacheScope {
+    /// The same for every caller: shared caches may keep it.
+    Public,
+    /// May differ per caller (which tools a caller is shown): only that caller's cache.
+    Private,
+}
+
+/// Which revision a request speaks, which decides the shapes of its answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Era {
+    /// 2025-03-26 to 2025-11-25: `initialize` first, results as those revisions give them.
+    Handshake,
+    /// 2026-07-28: every request self-contained, results with `resultType`.
+    Stateless,
+}
+
+impl Era {
+    fn respond(self, id: Value, reply: Result<Reply, RpcError>) -> RpcResponse {
+        let outcome = match reply {
+            Ok(reply) => Outcome::Result(Answer {
+                reply,
+                result_type: (self == Era::Stateless).then_some("complete"),
+            }),
+            Err(error) => Outcome::Error(error),
+        };
+        RpcResponse {
+            jsonrpc: "2.0",
+            id,
+            outcome,
+        }
+    }
+
+    /// The HTTP status of an answer sent as JSON. The stateless transport gives
+    /// JSON-RPC errors their own (400, or 404 for an unknown method); the
+    /// handshake era answers every request it could read with 200.
+    fn status(self, answer: &RpcResponse) -> StatusCode {
+        match (&answer.outcome, self) {
+            (Outcome::Error(error), Era::Stateless) => error_status(error.code),
+            _ => StatusCode::OK,
+        }
     }
 }
 
-fn result(id: Value, reply: Reply) -> RpcResponse {
-    RpcResponse {
-        jsonrpc: "2.0",
-        id,
-        outcome: Outcome::Result(reply),
+/// The stateless transport's table (as the official SDKs apply it): request
+/// faults 400, an unknown method 404, anything else (an internal error) 200.
+fn error_status(code: i64) -> StatusCode {
+    match code {
+        METHOD_NOT_FOUND => StatusCode::NOT_FOUND,
+        PARSE_ERROR
+        | INVALID_REQUEST
+        | INVALID_PARAMS
+        | stateless::HEADER_MISMATCH
+        | stateless::UNSUPPORTED_PROTOCOL_VERSION => StatusCode::BAD_REQUEST,
+        _ => StatusCode::OK,
     }
+}
+
+fn error(id: Value, code: i64, message: impl Into<String>) -> RpcResponse {
+    Era::Handshake.respond(id, Err(RpcError::new(code, message)))
 }
 
 #[derive(Deserialize, Default)]
@@ -100,6 +208,25 @@ struct InitializeResult {
     capabilities: Capabilities,
     server_info: ServerInfo,
     instructions: &'static str,
+}
+
+/// `server/discover`'s result: what `initialize` told, without a handshake.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DiscoverResult {
+    supported_versions: Vec<&'static str>,
+    capabilities: Capabilities,
+    instructions: &'static str,
+    #[serde(flatten)]
+    cache: CacheHints,
+    #[serde(rename = "_meta")]
+    meta: DiscoverMeta,
+}
+
+#[derive(Serialize)]
+struct DiscoverMeta {
+    #[serde(rename = "io.modelcontextprotocol/serverInfo")]
+    server_info: ServerInfo,
 }
 
 #[derive(Serialize)]
@@ -209,18 +336,6 @@ pub async fn post(
         )
         .into_response();
     }
-    if let Some(version) = headers
-        .get("mcp-protocol-version")
-        .and_then(|v| v.to_str().ok())
-        && !PROTOCOL_VERSIONS.contains(&version)
-    {
-        let body = error(
-            Value::Null,
-            INVALID_REQUEST,
-            format!("unsupported MCP-Protocol-Version {version}"),
-        );
-        return (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
-    }
     let bytes = match read_body(body, MAX_MESSAGE_BYTES).await {
         Ok(bytes) => bytes,
         Err(mut problem) => {
@@ -272,67 +387,130 @@ pub async fn post(
         return (StatusCode::BAD_REQUEST, axum::Json(body)).into_response();
     }
     let params = message.get("params").cloned().unwrap_or(Value::Null);
-    let answer = match method {
-        "initialize" => result(id, Reply::Initialize(initialize(params))),
-        "ping" => result(id, Reply::Empty {}),
-        "tools/list" => {
+    let header_version = headers
+        .get("mcp-protocol-version")
+        .and_then(|v| v.to_str().ok());
+    let era = if stateless::is_stateless(method, &params, header_version) {
+        if let Err(refusal) = stateless::check(&headers, method, &params) {
+            return refuse(id, &refusal);
+        }
+        Era::Stateless
+    } else if let Err(refusal) = stateless::check_routing(&headers, method, &params, false) {
+        return refuse(id, &refusal);
+    } else {
+        Era::Handshake
+    };
+    let reply = match (era, method) {
+        (Era::Handshake, "initialize") => Ok(Reply::Initialize(initialize(params))),
+        (Era::Handshake, "ping") => Ok(Reply::Empty {}),
+        (Era::Stateless, "server/discover") => Ok(Reply::Discover(discover())),
+        (_, "tools/list") => {
             let tools = runner
                 .registry
                 .snapshot()
                 .values()
                 .map(|t| describe(t))
                 .collect();
-            result(id, Reply::Tools { tools })
+            // Tools in name order (the registry's), each described from its manifest
+            // alone: the same list every time, which clients and prompt caches rely on.
+            let cache = (era == Era::Stateless).then_some(CacheHints {
+                ttl_ms: TOOLS_TTL_MS,
+                cache_scope: CacheScope::Private,
+            });
+            Ok(Reply::Tools(ToolsList { tools, cache }))
         }
-        "tools/call" => {
+        (_, "tools/call") => {
+            let progress_token = event_stream::progress_token(&params);
             // Params are an object: serde would also read a struct from an array.
             let Some(CallToolParams { name, arguments }) = params
                 .is_object()
                 .then(|| serde_json::from_value(params).ok())
                 .flatten()
             else {
-                return axum::Json(error(id, INVALID_PARAMS, "params.name is required"))
-                    .into_response();
+                let error = RpcError::new(INVALID_PARAMS, "params.name is required");
+                let answer = era.respond(id, Err(error));
+                return (era.status(&answer), axum::Json(answer)).into_response();
             };
-            let input = serde_json::to_vec(&arguments).unwrap_or_default();
-            let body = std::future::ready(Ok(input.into()));
-            match runner.invoke(&ctx, &name, body).await {
-                Ok(Called::Ran(success)) => result(id, Reply::Call(success_result(&success))),
-                // Not run: a tool error, so the agent does not take it for the tool's answer.
-                Ok(Called::AwaitingApproval(pending)) => {
-                    let view = serde_json::to_value(pending.view(jiff::Timestamp::now()))
-                        .unwrap_or_default();
-                    result(
-                        id,
-                        Reply::Call(call_result(view, true, Some(&pending.invocation_id))),
-                    )
-                }
-                Err(problem) => match problem.kind {
-                    ProblemKind::Unauthenticated => return problem.into_response(),
-                    // After authentication, so names cannot be probed anonymously.
-                    ProblemKind::NotFound => {
-                        error(id, INVALID_PARAMS, format!("Unknown tool: {name}"))
-                    }
-                    ProblemKind::AuditUnavailable | ProblemKind::Internal => {
-                        error(id, INTERNAL_ERROR, problem.detail)
-                    }
-                    _ => result(
-                        id,
-                        Reply::Call(call_result(
-                            problem.body(),
-                            true,
-                            problem.invocation_id.as_deref(),
-                        )),
-                    ),
-                },
+            // A stateless client mirrors the arguments the schema marks with
+            // `x-mcp-header` into headers an intermediary may act on: they must agree.
+            if era == Era::Stateless
+                && let Some(tool) = runner.registry.get(&name)
+                && let Err(refusal) =
+                    stateless::check_param_headers(&headers, &tool.spec.input_schema, &arguments)
+            {
+                return refuse(id, &refusal);
             }
+            let call = call_tool(Arc::clone(&runner), ctx, name, arguments);
+            if let Some(token) = progress_token
+                && accepts(&headers, "text/event-stream")
+            {
+                return event_stream::with_progress(
+                    token,
+                    async move { era.respond(id, call.await) },
+                );
+            }
+            call.await
         }
-        other => error(id, METHOD_NOT_FOUND, format!("method not found: {other}")),
+        (_, other) => Err(RpcError::new(
+            METHOD_NOT_FOUND,
+            format!("method not found: {other}"),
+        )),
     };
+    let answer = era.respond(id, reply);
     match format {
-        ResponseFormat::Json => axum::Json(answer).into_response(),
-        ResponseFormat::EventStream => event_stream(&answer),
+        ResponseFormat::Json => (era.status(&answer), axum::Json(answer)).into_response(),
+        ResponseFormat::EventStream => event_stream::single(&answer),
     }
+}
+
+/// A request refused before it is served, with the stateless specification's code and status.
+fn refuse(id: Value, refusal: &stateless::Refusal) -> Response {
+    tracing::debug!(reason = refusal.reason(), "{refusal}");
+    let code = refusal.code();
+    let error = RpcError {
+        code,
+        message: refusal.to_string(),
+        data: refusal.data(),
+    };
+    let answer = Era::Stateless.respond(id, Err(error));
+    (error_status(code), axum::Json(answer)).into_response()
+}
+
+/// Runs a `tools/call` through the pipeline. A call the pipeline refused is the
+/// tool's result, flagged as an error with the problem as its content, so the
+/// agent sees why and can correct itself; only an unknown tool and a fault of the
+/// runner itself are JSON-RPC errors.
+async fn call_tool(
+    runner: Arc<Runner>,
+    ctx: CallContext,
+    name: String,
+    arguments: Value,
+) -> Result<Reply, RpcError> {
+    let input = serde_json::to_vec(&arguments).unwrap_or_default();
+    let body = std::future::ready(Ok(input.into()));
+    let result = match runner.invoke(&ctx, &name, body).await {
+        Ok(Called::Ran(success)) => success_result(&success),
+        // Not run: a tool error, so the agent does not take it for the tool's answer.
+        Ok(Called::AwaitingApproval(pending)) => {
+            let view =
+                serde_json::to_value(pending.view(jiff::Timestamp::now())).unwrap_or_default();
+            call_result(view, true, Some(&pending.invocation_id))
+        }
+        Err(problem) => match problem.kind {
+            // After authentication, so names cannot be probed anonymously.
+            ProblemKind::NotFound => {
+                return Err(RpcError::new(
+                    INVALID_PARAMS,
+                    format!("Unknown tool: {name}"),
+                ));
+            }
+            ProblemKind::AuditUnavailable | ProblemKind::Internal => {
+                return Err(RpcError::new(INTERNAL_ERROR, problem.detail));
+            }
+            _ => call_result(problem.body(), true, problem.invocation_id.as_deref()),
+        },
+    };
+    Ok(Reply::Call(result))
 }
 
 /// How the answer to a request is sent, from the request's `Accept`.
@@ -346,8 +524,19 @@ enum ResponseFormat {
 /// body or an SSE stream; a client that accepts only one gets that one. `None`
 /// when `Accept` allows neither (406). No `Accept` at all is taken as `*/*`.
 fn response_format(headers: &HeaderMap) -> Option<ResponseFormat> {
+    if accepts(headers, "application/json") {
+        Some(ResponseFormat::Json)
+    } else if accepts(headers, "text/event-stream") {
+        Some(ResponseFormat::EventStream)
+    } else {
+        None
+    }
+}
+
+/// Whether `Accept` allows `media`; no `Accept` at all is taken as `*/*`.
+fn accepts(headers: &HeaderMap, media: &str) -> bool {
     let Some(accept) = headers.get(header::ACCEPT) else {
-        return Some(ResponseFormat::Json);
+        return true;
     };
     let accept = accept.to_str().unwrap_or_default().to_ascii_lowercase();
     let accepted: Vec<&str> = accept
@@ -364,32 +553,10 @@ fn response_format(headers: &HeaderMap) -> Option<ResponseFormat> {
             (!refused).then_some(media)
         })
         .collect();
-    let allows = |media: &str| {
-        let (kind, _) = media.split_once('/').unwrap_or((media, ""));
-        accepted
-            .iter()
-            .any(|a| *a == media || *a == "*/*" || *a == format!("{kind}/*"))
-    };
-    if allows("application/json") {
-        Some(ResponseFormat::Json)
-    } else if allows("text/event-stream") {
-        Some(ResponseFormat::EventStream)
-    } else {
-        None
-    }
-}
-
-/// One JSON-RPC response as an SSE stream of one `message` event, then the end.
-fn event_stream(answer: &RpcResponse) -> Response {
-    let data = serde_json::to_string(answer).expect("a response always serializes");
-    (
-        [
-            (header::CONTENT_TYPE, "text/event-stream"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        format!("event: message\ndata: {data}\n\n"),
-    )
-        .into_response()
+    let (kind, _) = media.split_once('/').unwrap_or((media, ""));
+    accepted
+        .iter()
+        .any(|a| *a == media || *a == "*/*" || *a == format!("{kind}/*"))
 }
 
 /// Answers with the protocol version asked for when it is spoken, else the
@@ -398,10 +565,10 @@ fn initialize(params: Value) -> InitializeResult {
     let asked = serde_json::from_value::<InitializeParams>(params)
         .unwrap_or_default()
         .protocol_version;
-    let version = PROTOCOL_VERSIONS
+    let version = HANDSHAKE_VERSIONS
         .into_iter()
         .find(|v| Some(*v) == asked.as_deref())
-        .unwrap_or(PROTOCOL_VERSIONS[0]);
+        .unwrap_or(HANDSHAKE_VERSIONS[0]);
     InitializeResult {
         protocol_version: version,
         capabilities: Capabilities {
@@ -409,11 +576,28 @@ fn initialize(params: Value) -> InitializeResult {
                 list_changed: false,
             },
         },
-        server_info: ServerInfo {
-            name: "toolwarden",
-            version: env!("CARGO_PKG_VERSION"),
+        server_info: SERVER_INFO,
+        instructions: INSTRUCTIONS,
+    }
+}
+
+/// What `server/discover` answers every stateless client alike.
+fn discover() -> DiscoverResult {
+    DiscoverResult {
+        supported_versions: served_versions().collect(),
+        capabilities: Capabilities {
+            tools: ToolsCapability {
+                list_changed: false,
+            },
         },
-        instructions: "Every tool call is validated, authorized, rate limited and audited, then run in a fresh sandbox.",
+        instructions: INSTRUCTIONS,
+        cache: CacheHints {
+            ttl_ms: DISCOVER_TTL_MS,
+            cache_scope: CacheScope::Public,
+        },
+        meta: DiscoverMeta {
+            server_info: SERVER_INFO,
+        },
     }
 }
 
@@ -483,6 +667,8 @@ fn call_result_with_text(
 mod tests {
     use axum::Router;
     use axum::http::Request;
+    use std::time::Duration;
+
     use serde_json::json;
     use tower::ServiceExt;
 
@@ -490,20 +676,11 @@ mod tests {
     use crate::runner::fake::{TOKEN, TestRunner};
 
     async fn send(t: &TestRunner, token: Option<&str>, message: &Value) -> (StatusCode, Value) {
-        let router = Router::new()
-            .route("/mcp", axum::routing::post(post))
-            .with_state(t.runner.clone());
-        let mut request = Request::post("/mcp")
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(header::ACCEPT, "application/json, text/event-stream");
+        let mut headers = vec![];
         if let Some(token) = token {
-            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+            headers.push(("authorization", format!("Bearer {token}")));
         }
-        let mut request = request.body(Body::from(message.to_string())).unwrap();
-        request
-            .extensions_mut()
-            .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))));
-        let response = router.oneshot(request).await.unwrap();
+        let response = exchange(t, headers, message).await;
         let status = response.status();
         let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
             .await
@@ -512,6 +689,151 @@ mod tests {
             status,
             serde_json::from_slice(&bytes).unwrap_or(Value::Null),
         )
+    }
+
+    /// One POST to `/mcp` with `headers` (beside the content type and `Accept`).
+    async fn exchange(
+        t: &TestRunner,
+        headers: Vec<(&'static str, String)>,
+        message: &Value,
+    ) -> Response {
+        let router = Router::new()
+            .route("/mcp", axum::routing::post(post))
+            .with_state(t.runner.clone());
+        let mut request = Request::post("/mcp")
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, "application/json, text/event-stream");
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        let mut request = request.body(Body::from(message.to_string())).unwrap();
+        request
+            .extensions_mut()
+            .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))));
+        router.oneshot(request).await.unwrap()
+    }
+
+    /// A stateless (2026-07-28) request with consistent headers: its answer.
+    async fn stateless(t: &TestRunner, method: &str, mut params: Value) -> (StatusCode, Value) {
+        params["_meta"]["io.modelcontextprotocol/protocolVersion"] = json!("2026-07-28");
+        params["_meta"]["io.modelcontextprotocol/clientCapabilities"] = json!({});
+        let mut headers = vec![
+            ("authorization", format!("Bearer {TOKEN}")),
+            ("mcp-protocol-version", "2026-07-28".to_string()),
+            ("mcp-method", method.to_string()),
+        ];
+        if let Some(name) = params["name"].as_str() {
+            headers.push(("mcp-name", name.to_string()));
+        }
+        let message = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+        let response = exchange(t, headers, &message).await;
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_stateless_era_answers_in_its_own_shapes() {
+        let t = TestRunner::notes();
+        let (status, discover) = stateless(&t, "server/discover", json!({})).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            discover["result"],
+            json!({
+                "supportedVersions": ["2026-07-28", "2025-11-25", "2025-06-18", "2025-03-26"],
+                "capabilities": {"tools": {"listChanged": false}},
+                "instructions": INSTRUCTIONS,
+                "ttlMs": DISCOVER_TTL_MS,
+                "cacheScope": "public",
+                "_meta": {"io.modelcontextprotocol/serverInfo":
+                          {"name": "toolwarden", "version": env!("CARGO_PKG_VERSION")}},
+                "resultType": "complete",
+            })
+        );
+        let (_, list) = stateless(&t, "tools/list", json!({})).await;
+        assert_eq!(list["result"]["resultType"], "complete");
+        assert_eq!(list["result"]["ttlMs"], TOOLS_TTL_MS);
+        assert_eq!(list["result"]["tools"][0]["name"], "notes");
+
+        t.executor.prints(r#"{"note": "hi"}"#);
+        let read = json!({"name": "notes", "arguments": {"operation": "read", "name": "todo"}});
+        let (_, call) = stateless(&t, "tools/call", read).await;
+        assert_eq!(call["result"]["resultType"], "complete");
+        assert_eq!(call["result"]["isError"], false);
+        // Invalid input: still the tool's error, now with resultType.
+        let bad = json!({"name": "notes", "arguments": {"operation": 5}});
+        let (status, call) = stateless(&t, "tools/call", bad).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(call["result"]["isError"], true, "{call}");
+        assert_eq!(call["result"]["structuredContent"]["status"], 400, "{call}");
+        // Faults of the request are the transport's statuses; `ping` and `initialize`'s
+        // siblings are gone from this era.
+        let (status, call) = stateless(&t, "tools/call", json!({"name": "nope"})).await;
+        assert_eq!(
+            (status, &call["error"]["code"]),
+            (StatusCode::BAD_REQUEST, &json!(INVALID_PARAMS))
+        );
+        let (status, ping) = stateless(&t, "ping", json!({})).await;
+        assert_eq!(
+            (status, &ping["error"]["code"]),
+            (StatusCode::NOT_FOUND, &json!(METHOD_NOT_FOUND))
+        );
+        // The handshake era keeps its shapes: no resultType.
+        let (_, list) = send(
+            &t,
+            Some(TOKEN),
+            &json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+        )
+        .await;
+        assert!(list["result"].get("resultType").is_none(), "{list}");
+        assert!(list["result"].get("ttlMs").is_none(), "{list}");
+    }
+
+    /// Time is paused: the fake tool's 9 s pass at once, and with them the progress ticks.
+    #[tokio::test(start_paused = true)]
+    async fn a_call_with_a_progress_token_streams_progress_then_its_result() {
+        let t = TestRunner::notes();
+        t.executor.prints(r#"{"note": "hi"}"#);
+        t.executor.delay(Duration::from_secs(9));
+        let mut call = tools_call("notes".into(), json!({"operation": "read", "name": "todo"}));
+        call["params"]["_meta"] = json!({"progressToken": 42});
+        let headers = vec![("authorization", format!("Bearer {TOKEN}"))];
+        let response = exchange(&t, headers, &call).await;
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "text/event-stream"
+        );
+        assert_eq!(response.headers()["x-accel-buffering"], "no");
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let messages: Vec<Value> = String::from_utf8(bytes.to_vec())
+            .unwrap()
+            .lines()
+            .filter_map(|line| line.strip_prefix("data: "))
+            .map(|data| serde_json::from_str(data).unwrap())
+            .collect();
+        let (answer, progress) = messages.split_last().unwrap();
+        assert_eq!(answer["result"]["structuredContent"], json!({"note": "hi"}));
+        let ticks: Vec<_> = progress
+            .iter()
+            .map(|p| p["params"]["progress"].clone())
+            .collect();
+        assert_eq!(ticks, [json!(2), json!(4), json!(6), json!(8)]);
+        for p in progress {
+            assert_eq!(p["method"], "notifications/progress");
+            assert_eq!(p["params"]["progressToken"], 42);
+        }
+
+        // Without a token (or with one that is no string or integer): one JSON body.
+        t.executor.delay(Duration::ZERO);
+        t.executor.prints(r#"{"note": "hi"}"#);
+        call["params"]["_meta"] = json!({"progressToken": true});
+        let (status, answer) = send(&t, Some(TOKEN), &call).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(answer["result"]["isError"], false, "{answer}");
     }
 
     fn tools_call(name: Value, arguments: Value) -> Value {
@@ -629,7 +951,7 @@ mod tests {
         let unknown = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
                              "params": {"protocolVersion": 20}});
         let (_, answer) = send(&t, Some(TOKEN), &unknown).await;
-        assert_eq!(answer["result"]["protocolVersion"], PROTOCOL_VERSIONS[0]);
+        assert_eq!(answer["result"]["protocolVersion"], HANDSHAKE_VERSIONS[0]);
         let (_, answer) = send(
             &t,
             Some(TOKEN),
