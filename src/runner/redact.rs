@@ -211,9 +211,7 @@ impl Redactor {
         }
         (merged, found_cut_short)
     }
-}
 
-impl Redactor {
     /// Where a secret cut short by the end of `view` may start: the longest
     /// suffix that is a proper prefix of a needle, where an unfinished escape
     /// at the very end counts as the needle's next byte. `None` when the end
