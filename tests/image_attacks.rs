@@ -1025,3 +1025,173 @@ fn descriptor_digests_cannot_name_other_files() {
         );
     }
 }
+
+/// A PAX extended header record (`NN key=value\n`, NN counting itself).
+fn pax_record(key: &str, value: &str) -> Vec<u8> {
+    let body = format!(" {key}={value}\n");
+    let mut len = body.len() + 1;
+    while format!("{len}{body}").len() != len {
+        len += 1;
+    }
+    format!("{len}{body}").into_bytes()
+}
+
+/// Variants of the first suite's layer attacks: the escaping name or link
+/// target carried by a PAX header instead of the tar header, and a hard link
+/// laid over a planted symlink. All are refused (or stay inside the root) and
+/// the host is untouched.
+#[test]
+fn pax_names_and_links_over_symlinks_stay_in_the_root() {
+    let fx = Fixture::new();
+    let host = fx.host().display().to_string();
+    // The header's own name is harmless; the PAX record before it overrides it.
+    let pax = |key: &str, value: &str, then: fn(Layer) -> Layer| {
+        let record = pax_record(key, value);
+        then(Layer::new().entry(EntryType::XHeader, "PaxHeaders/x", "", 0o644, &record)).bytes()
+    };
+    let refused: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "PAX path: absolute whiteout",
+            pax("path", &format!("{host}/.wh.victim.txt"), |l| {
+                l.file("harmless", "")
+            }),
+        ),
+        (
+            "PAX path: climbing file",
+            pax("path", "../../host/victim.txt", |l| {
+                l.file("harmless", "pwned")
+            }),
+        ),
+        (
+            "PAX linkpath: hard link to a host file",
+            pax("linkpath", &format!("{host}/victim.txt"), |l| {
+                l.hardlink("stolen", "harmless")
+            }),
+        ),
+        (
+            "PAX linkpath: climbing hard link",
+            pax("linkpath", "../../../../../etc/passwd", |l| {
+                l.hardlink("stolen", "harmless")
+            }),
+        ),
+        (
+            "whiteout through an in-root symlink (layers name real folders)",
+            Layer::new()
+                .dir("real")
+                .file("real/x", "")
+                .symlink("alias", "real")
+                .file("alias/.wh.x", "")
+                .bytes(),
+        ),
+    ];
+    let before = fx.host_state();
+    let passwd_links = std::fs::metadata("/etc/passwd").unwrap().nlink();
+    for (i, (what, layer)) in refused.into_iter().enumerate() {
+        let name = format!("variant{i}");
+        fx.tarball(&name, layer);
+        let err = fx.store.resolve(&name).unwrap_err();
+        assert!(
+            matches!(
+                refusal(&err),
+                Refusal::Absolute
+                    | Refusal::ParentComponent
+                    | Refusal::HardLinkTarget(_)
+                    | Refusal::SymlinkInPath
+            ),
+            "{what}: {err}"
+        );
+        assert_eq!(fx.host_state(), before, "{what} changed the host");
+        fx.assert_cache_empty();
+    }
+    assert_eq!(
+        std::fs::metadata("/etc/passwd").unwrap().nlink(),
+        passwd_links
+    );
+
+    // A hard link laid over a symlink to a host file replaces the symlink; the
+    // host file gains no link and keeps its content.
+    fx.oci(
+        "example.com_tool_v1",
+        &[
+            Layer::new()
+                .file("t", "image's own")
+                .symlink("evil", &format!("{host}/victim.txt"))
+                .bytes(),
+            Layer::new().hardlink("evil", "t").bytes(),
+        ],
+    );
+    let rootfs = fx.store.resolve("example.com/tool:v1").unwrap();
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("evil")).unwrap(),
+        "image's own"
+    );
+    assert_eq!(fx.host_state(), before);
+    std::fs::remove_dir_all(fx.store.dir.join("example.com_tool_v1")).unwrap();
+
+    // A folder declared over a symlink to a host folder replaces the symlink;
+    // what goes into it (an opaque whiteout included) stays in the root.
+    fx.oci(
+        "example.com_tool_v1",
+        &[
+            Layer::new().symlink("evil", &format!("{host}/dir")).bytes(),
+            Layer::new()
+                .dir("evil")
+                .file("evil/.wh..wh..opq", "")
+                .file("evil/new", "in the root")
+                .bytes(),
+        ],
+    );
+    let rootfs = fx.store.resolve("example.com/tool:v1").unwrap();
+    let evil = std::fs::symlink_metadata(rootfs.join("evil")).unwrap();
+    assert!(evil.is_dir(), "{evil:?}");
+    assert_eq!(walk_names(&rootfs.join("evil")).len(), 1);
+    assert_eq!(fx.host_state(), before);
+}
+
+/// Set-id bits arriving in a later layer (a file replaced, a folder re-declared)
+/// or through a hard link to a lower layer's file are stripped too; an opaque
+/// whiteout of the root folder hides the lower layers and nothing else.
+#[test]
+fn set_id_bits_from_any_layer_are_stripped_and_a_root_opaque_whiteout_stays_inside() {
+    let fx = Fixture::new();
+    let before = fx.host_state();
+    fx.oci(
+        "example.com_tool_v1",
+        &[
+            Layer::new()
+                .file("bin/sh", "#!/bin/sh\n")
+                .file("lower-only", "x")
+                .bytes(),
+            Layer::new()
+                .entry(EntryType::Directory, "bin", "", 0o6777, b"")
+                .entry(EntryType::Regular, "bin/sh", "", 0o4755, b"#!/bin/sh\nid\n")
+                .entry(EntryType::Regular, "bin/gsh", "", 0o2711, b"#!/bin/sh\n")
+                .bytes(),
+            Layer::new()
+                .entry(EntryType::Link, "bin/sh-link", "bin/sh", 0o4755, b"")
+                .bytes(),
+        ],
+    );
+    let rootfs = fx.store.resolve("example.com/tool:v1").unwrap();
+    let mode = |p: &str| std::fs::metadata(rootfs.join(p)).unwrap().mode() & 0o7777;
+    assert_eq!(mode("bin"), 0o755);
+    assert_eq!(mode("bin/sh"), 0o755);
+    assert_eq!(mode("bin/gsh"), 0o711);
+    assert_eq!(mode("bin/sh-link"), 0o755);
+    assert!(rootfs.join("lower-only").exists());
+    std::fs::remove_dir_all(fx.store.dir.join("example.com_tool_v1")).unwrap();
+
+    fx.oci(
+        "example.com_tool_v1",
+        &[
+            Layer::new().file("lower", "x").file("d/lower", "x").bytes(),
+            Layer::new()
+                .file(".wh..wh..opq", "")
+                .file("upper", "y")
+                .bytes(),
+        ],
+    );
+    let rootfs = fx.store.resolve("example.com/tool:v1").unwrap();
+    assert_eq!(walk_names(&rootfs), ["upper"]);
+    assert_eq!(fx.host_state(), before);
+}

@@ -1115,6 +1115,94 @@ async fn slowloris_connections_cannot_lock_out_healthz() {
     }
 }
 
+/// Variants of the slowloris against `/mcp`: half-sent `/mcp` headers,
+/// token-less posts that announce 16 MiB and trickle it, and connections left
+/// idle after one complete request (keep-alive). MCP and `/healthz` still
+/// answer at once, and every attacking connection is closed by the header
+/// deadline at the latest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_variants_on_mcp_cannot_lock_out_mcp_or_healthz() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    require_root!();
+    listener::raise_fd_limit().unwrap();
+    let limits = HttpLimits {
+        header_read_timeout: std::time::Duration::from_secs(3),
+        max_connections: 256,
+        ..HttpLimits::default()
+    };
+    let s = start_opts(Options {
+        limits: Some(limits.clone()),
+        ..Options::default()
+    })
+    .await;
+    let mut held = Vec::new();
+    for i in 0..400 {
+        let mut stream = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        let opening: &[u8] = match i % 3 {
+            0 => b"POST /mcp HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nX-Slow: ",
+            1 => b"POST /mcp HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+                   Accept: application/json\r\nContent-Length: 16777216\r\n\r\n{",
+            _ => b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        };
+        // The server may already have answered and closed: that is the point.
+        let _ = stream.write_all(opening).await;
+        held.push(stream);
+    }
+    // Keep trickling on every connection while the real clients are served.
+    let trickle = async {
+        for _ in 0..3 {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            for stream in held.iter_mut() {
+                let _ = stream.write_all(b"a").await;
+            }
+        }
+    };
+    let started = std::time::Instant::now();
+    let real_clients = async {
+        let init = s
+            .mcp(
+                json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                "protocolVersion": "2025-06-18", "capabilities": {},
+                "clientInfo": {"name": "test", "version": "1"}}}),
+            )
+            .await;
+        let healthz = raw_exchange(
+            s.addr,
+            b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        (init.status(), status_of(&healthz))
+    };
+    let ((mcp, healthz), ()) = tokio::join!(real_clients, trickle);
+    assert_eq!((mcp, healthz), (StatusCode::OK, 200));
+    assert!(
+        started.elapsed() < limits.header_read_timeout,
+        "real clients took {:?}",
+        started.elapsed()
+    );
+    let deadline = limits.header_read_timeout + std::time::Duration::from_secs(5);
+    for (i, stream) in held.iter_mut().enumerate() {
+        let closed = tokio::time::timeout(deadline, async {
+            let mut buf = [0u8; 4096];
+            // Drain any answer (a 401, a healthz 200) until the server closes.
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "connection {i} (kind {}) still open", i % 3);
+    }
+    // The token-less posts were refused at authentication, bodies unread; nothing ran.
+    let records = s.audit();
+    let denied = events(&records, "denied");
+    assert!(!denied.is_empty());
+    assert!(denied.iter().all(|r| r["stage"] == "authentication"));
+    assert!(events(&records, "started").is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_less_calls_are_refused_from_their_headers_before_any_body_is_sent() {
     require_root!();

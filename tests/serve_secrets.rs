@@ -31,7 +31,7 @@ spec:
     type: object
     additionalProperties: false
     properties:
-      mode: {type: string, enum: [raw, trimmed, uescaped, slashed, uescaped-text, stderr]}
+      mode: {type: string, enum: [raw, trimmed, uescaped, slashed, uescaped-text, twice-escaped-text, stderr]}
       pad: {type: integer, minimum: 0, maximum: 200}
   runtime:
     image: docker.io/library/busybox:1.36.1
@@ -50,6 +50,7 @@ spec:
           *'"uescaped"'*) printf '{"t":"%s"}' "$(uesc "$T")";;
           *'"slashed"'*) printf '{"t":"%s"}' "$(printf %s "$T" | tr -d '\n' | sed 's|/|\\/|g')";;
           *'"uescaped-text"'*) printf 'token: %s' "$(uesc "$T")";;
+          *'"twice-escaped-text"'*) printf 'token: %s' "$(uesc "$T" | sed 's/\\/\\\\/g')";;
           *'"stderr"'*) uesc "$T" >&2; printf %s "$T" >&2; exit 1;;
         esac
   sandbox: {timeoutMs: 5000, maxOutputBytes: CAP}
@@ -281,6 +282,18 @@ fn a_tool_leaking_its_secret_escaped_trimmed_or_across_the_cap_gets_only_redacte
                 "{mode} {pad}"
             );
         }
+    }
+
+    // Escaped twice (7 bytes a byte, past the capture margin of 6): from 34
+    // bytes of padding on, the capture itself ends inside the secret.
+    for pad in 30..=57 {
+        let body = leak("capped", "twice-escaped-text", pad);
+        let whole = format!("{}token: [REDACTED]", "x".repeat(pad));
+        assert_eq!(
+            body["output"].as_str().unwrap(),
+            &whole[..whole.len().min(64)],
+            "twice escaped with {pad} bytes before it"
+        );
     }
 
     // Stderr kept in the audit record: escaped and raw, and across the cap.

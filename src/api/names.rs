@@ -84,6 +84,27 @@ mod tests {
         ] {
             assert!(dns1123_subdomain(bad).is_err(), "{bad}");
         }
+        // Encoded and look-alike dots and slashes, and a newline for `$`.
+        for bad in [
+            "%2e%2e",
+            "%2e%2e%2foutside",
+            "\\u002e\\u002e",
+            "\u{2024}\u{2024}",
+            "\u{ff0e}\u{ff0e}",
+            "a\u{2215}b",
+            "a\u{ff0f}b",
+            "outside\n",
+            "a\n..",
+            "a\0",
+            "\u{ff41}",
+            ".a",
+            "a.",
+        ] {
+            assert!(dns1123_subdomain(bad).is_err(), "{bad:?}");
+        }
+        for bad in ["\u{ff0e}\u{ff0e}", "..\n", "a\u{2215}b", "%2e%2e%2fx"] {
+            assert!(config_key(bad).is_err(), "{bad:?}");
+        }
         assert!(dns1123_subdomain(&"a".repeat(254)).is_err());
         for good in ["a", "agent-workspace", "a.b-c.d", "0"] {
             assert!(dns1123_subdomain(good).is_ok(), "{good}");

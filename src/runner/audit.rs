@@ -1690,6 +1690,35 @@ mod tests {
         assert_eq!(e.damage, Damage::Altered, "{e}");
     }
 
+    /// The attack while the runner is still writing: cut the log at a record
+    /// boundary (before or after a checkpoint), then let the runner go on. Its
+    /// next record names a predecessor that is no longer there.
+    #[tokio::test]
+    async fn a_tail_cut_under_a_running_runner_breaks_the_chain_at_its_next_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = file_log(&path, 3);
+        (0..6).for_each(|n| log.append(event(n)).unwrap());
+        let full = std::fs::read_to_string(&path).unwrap();
+        let count = full.lines().count();
+        for keep in [count - 1, count - 2, count - 4] {
+            std::fs::write(&path, &full).unwrap();
+            cut(&path, keep, 0);
+            log.append(event(100 + keep as u64)).unwrap();
+            let e = check_file(&path).unwrap_err();
+            assert!(
+                matches!(e.damage, Damage::Unlinked | Damage::Truncated),
+                "cut to {keep} lines: {e}"
+            );
+            assert!(
+                e.line <= keep + 1,
+                "cut to {keep} lines, reported at {}",
+                e.line
+            );
+        }
+        log.close(Duration::ZERO).await.unwrap();
+    }
+
     #[test]
     fn records_after_the_last_checkpoint_are_the_documented_window() {
         let dir = tempfile::tempdir().unwrap();

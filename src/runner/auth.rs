@@ -323,6 +323,10 @@ impl JwtKey {
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
+    /// Read only to refuse a list: `iss` is one issuer (RFC 7519 4.1.1), and
+    /// jsonwebtoken would accept `["other", "ours"]` as issued by us.
+    #[serde(default, rename = "iss")]
+    _issuer: Option<String>,
     #[serde(default)]
     groups: Vec<String>,
 }
@@ -332,7 +336,8 @@ struct Claims {
 /// token that just became valid is not refused for long.
 const REVIEW_ACCEPTED_TTL: Duration = Duration::from_secs(60);
 const REVIEW_REFUSED_TTL: Duration = Duration::from_secs(5);
-/// Distinct tokens remembered; the least recently used is forgotten first.
+/// Distinct tokens remembered, accepted and refused ones each; the least
+/// recently used is forgotten first.
 const REVIEW_CACHE_ENTRIES: usize = 4096;
 /// TokenReviews in flight at once: a flood of fresh tokens queues here
 /// instead of hammering the API server.
@@ -341,37 +346,53 @@ const REVIEWS_IN_FLIGHT: usize = 16;
 type ReviewCache = lru::LruCache<[u8; 32], (Result<Caller, ReviewError>, Instant)>;
 
 /// In-cluster authentication through the API server's TokenReview, with
-/// answers cached by the token's SHA-256 (never the token itself).
+/// answers cached by the token's SHA-256 (never the token itself). Accepted
+/// and refused answers are kept apart, so a flood of made-up tokens cannot
+/// push the real callers' answers out and make each of them wait for a new
+/// review behind the flood.
 pub struct TokenReviewer {
     client: kube::Client,
     /// The runner's audience: tokens minted for anything else are rejected.
     audience: String,
-    cache: Mutex<ReviewCache>,
+    accepted: Mutex<ReviewCache>,
+    refused: Mutex<ReviewCache>,
     in_flight: tokio::sync::Semaphore,
 }
 
 impl TokenReviewer {
     pub fn new(client: kube::Client, audience: String) -> TokenReviewer {
+        TokenReviewer::with_cache_entries(client, audience, REVIEW_CACHE_ENTRIES)
+    }
+
+    fn with_cache_entries(client: kube::Client, audience: String, entries: usize) -> TokenReviewer {
+        let cache = || {
+            Mutex::new(lru::LruCache::new(
+                NonZeroUsize::new(entries).unwrap_or(NonZeroUsize::MIN),
+            ))
+        };
         TokenReviewer {
             client,
             audience,
-            cache: Mutex::new(lru::LruCache::new(
-                NonZeroUsize::new(REVIEW_CACHE_ENTRIES).unwrap_or(NonZeroUsize::MIN),
-            )),
+            accepted: cache(),
+            refused: cache(),
             in_flight: tokio::sync::Semaphore::new(REVIEWS_IN_FLIGHT),
         }
     }
 
     fn cached(&self, digest: &[u8; 32]) -> Option<Result<Caller, ReviewError>> {
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        match cache.get(digest) {
-            Some((answer, expires)) if *expires > Instant::now() => Some(answer.clone()),
-            Some(_) => {
-                cache.pop(digest);
-                None
-            }
-            None => None,
-        }
+        [&self.accepted, &self.refused]
+            .into_iter()
+            .find_map(|cache| {
+                let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+                match cache.get(digest) {
+                    Some((answer, expires)) if *expires > Instant::now() => Some(answer.clone()),
+                    Some(_) => {
+                        cache.pop(digest);
+                        None
+                    }
+                    None => None,
+                }
+            })
     }
 
     /// The API server's verdict on `token`, from the cache when fresh.
@@ -386,12 +407,12 @@ impl TokenReviewer {
             return answer; // reviewed while this call waited
         }
         let answer = review(self, token).await;
-        let ttl = if answer.is_ok() {
-            REVIEW_ACCEPTED_TTL
+        let (cache, ttl) = if answer.is_ok() {
+            (&self.accepted, REVIEW_ACCEPTED_TTL)
         } else {
-            REVIEW_REFUSED_TTL
+            (&self.refused, REVIEW_REFUSED_TTL)
         };
-        self.cache
+        cache
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .put(digest, (answer.clone(), Instant::now() + ttl));
@@ -542,8 +563,13 @@ async fn review(reviewer: &TokenReviewer, token: &str) -> Result<Caller, ReviewE
         return Err(ReviewError::WrongAudience(reviewer.audience.clone()));
     }
     let user = status.user.ok_or(ReviewError::NoUser)?;
+    // An empty name would be a caller every rule's `caller.sub` check misreads.
+    let sub = user
+        .username
+        .filter(|name| !name.is_empty())
+        .ok_or(ReviewError::NoUser)?;
     Ok(Caller {
-        sub: user.username.unwrap_or_default(),
+        sub,
         groups: user.groups.unwrap_or_default(),
         method: "serviceaccount",
     })
@@ -669,14 +695,24 @@ mod tests {
         }
         for (claim, value) in [
             ("nbf", serde_json::json!(now + 600)),
+            // Just past the allowed clock skew.
+            ("nbf", serde_json::json!(now + JWT_LEEWAY_SECS as i64 + 5)),
             ("aud", serde_json::json!(["other"])),
+            ("aud", serde_json::json!([])),
+            ("aud", serde_json::json!(["toolwarden-other", "other"])),
+            ("aud", serde_json::json!("TOOLWARDEN")),
+            ("iss", serde_json::json!(["idp"])),
             ("iss", serde_json::json!("other-idp")),
             ("exp", serde_json::json!(now - 600)),
         ] {
             let mut claims = full.clone();
-            claims[claim] = value;
-            assert!(check(&claims).is_err(), "{claim} not checked");
+            claims[claim] = value.clone();
+            assert!(check(&claims).is_err(), "{claim} = {value} not checked");
         }
+        // An audience list naming this runner among others is for this runner (RFC 7519 4.1.3).
+        let mut claims = full.clone();
+        claims["aud"] = serde_json::json!(["other", "toolwarden"]);
+        assert_eq!(check(&claims).unwrap().sub, "eve");
     }
 
     #[test]
@@ -701,12 +737,17 @@ mod tests {
             "/apis/authentication.k8s.io/v1/tokenreviews",
             post(move |axum::Json(review): axum::Json<serde_json::Value>| {
                 reviews.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let good = review["spec"]["token"] == "good-token";
+                let token = &review["spec"]["token"];
+                let good = token == "good-token" || token == "nameless-token";
+                let user = match token == "nameless-token" {
+                    true => serde_json::json!({"username": ""}),
+                    false => serde_json::json!({"username": "system:serviceaccount:agents:bot"}),
+                };
                 async move {
                     axum::Json(serde_json::json!({
                         "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
                         "status": {"authenticated": good, "audiences": ["toolwarden"],
-                                   "user": {"username": "system:serviceaccount:agents:bot"}}
+                                   "user": user}
                     }))
                 }
             }),
@@ -729,13 +770,48 @@ mod tests {
             let caller = auth.authenticate(Some("Bearer good-token")).await.unwrap();
             assert_eq!(caller.sub, "system:serviceaccount:agents:bot");
             assert!(auth.authenticate(Some("Bearer forged")).await.is_err());
+            // Authenticated, but as nobody: refused, not a caller with an empty name.
+            let nameless = auth.authenticate(Some("Bearer nameless-token")).await;
+            let Err(AuthError::Invalid { rejections }) = nameless else {
+                panic!("a nameless caller was accepted: {nameless:?}");
+            };
+            assert_eq!(rejections[0].reason(), "TokenReviewIncomplete");
         }
-        assert_eq!(reviews.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(reviews.load(std::sync::atomic::Ordering::SeqCst), 3);
         let reviewer = auth.token_review.as_ref().unwrap();
-        let cache = reviewer.cache.lock().unwrap();
+        let cache = reviewer.refused.lock().unwrap();
         let forged: [u8; 32] = Sha256::digest(b"forged").into();
         let (answer, expires) = cache.peek(&forged).unwrap();
         assert!(answer.is_err() && *expires <= Instant::now() + REVIEW_REFUSED_TTL);
+    }
+
+    /// The eviction attack: more made-up tokens than the cache holds, sent
+    /// between a real caller's calls. The real caller's answer stays cached.
+    #[tokio::test]
+    async fn a_flood_of_made_up_tokens_cannot_push_out_a_real_callers_review() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let reviews = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let client = fake_api_server(reviews.clone()).await;
+        let auth = Authenticator {
+            token_review: Some(TokenReviewer::with_cache_entries(
+                client,
+                "toolwarden".into(),
+                8,
+            )),
+            ..Default::default()
+        };
+        auth.authenticate(Some("Bearer good-token")).await.unwrap();
+        for i in 0..40 {
+            let forged = format!("Bearer forged-{i}");
+            assert!(auth.authenticate(Some(&forged)).await.is_err());
+        }
+        assert_eq!(reviews.load(SeqCst), 41);
+        auth.authenticate(Some("Bearer good-token")).await.unwrap();
+        assert_eq!(
+            reviews.load(SeqCst),
+            41,
+            "the real caller was reviewed again"
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ConnectInfo;
-use axum::http::{HeaderMap, Request, header};
+use axum::http::{HeaderMap, Request, Uri, header};
 use axum::response::{IntoResponse, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -108,16 +108,14 @@ impl AllowedHosts {
 
     /// The reason a request is refused, if it is: an unknown `Host` (or
     /// absolute-form authority), or an `Origin` naming another site.
-    fn refusal(&self, request: &Request<Incoming>) -> Option<String> {
-        let headers = request.headers();
+    fn refusal_of(&self, uri: &Uri, headers: &HeaderMap) -> Option<String> {
         // Two of either could be read differently by a proxy in front.
         for name in [header::HOST, header::ORIGIN] {
             if headers.get_all(&name).iter().count() > 1 {
                 return Some(format!("the request has more than one {name} header"));
             }
         }
-        let host = request
-            .uri()
+        let host = uri
             .authority()
             .map(|a| a.as_str().to_string())
             .or_else(|| text(headers, header::HOST));
@@ -292,7 +290,7 @@ pub async fn serve(
         let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
             connection.requests.fetch_add(1, Ordering::Relaxed);
             let busy = Busy(connection.clone());
-            let refusal = hosts.refusal(&request);
+            let refusal = hosts.refusal_of(request.uri(), request.headers());
             request.extensions_mut().insert(ConnectInfo(peer));
             let router = router.clone();
             async move {
@@ -365,6 +363,65 @@ mod tests {
             "localhost:http",
         ] {
             assert!(!h.allows(bad), "{bad}");
+        }
+    }
+
+    /// Variants of a rebinding page's `Host` and `Origin`: trailing dots,
+    /// case, ports, userinfo and fragment tricks, opaque origins.
+    #[test]
+    fn forged_host_and_origin_spellings_are_refused() {
+        let h = hosts("127.0.0.1:8080", &["runner.example"]);
+        for ok in [
+            "runner.example.:8080",
+            "RUNNER.EXAMPLE",
+            "localhost.:0",
+            "127.0.0.1.",
+        ] {
+            assert!(h.allows(ok), "{ok}");
+        }
+        for bad in [
+            "runner.example.evil",
+            "evil.runner.example",
+            "localhost@evil.example",
+            "evil.example#@localhost",
+            "localhost:8080.evil.example",
+            "localhost:123456",
+            "localhost :80",
+            "127.1",
+            "0x7f.0.0.1",
+            "[::ffff:127.0.0.1]",
+            "[fe80::1%25lo]",
+            "xn--localhost",
+        ] {
+            assert!(!h.allows(bad), "{bad}");
+        }
+        let refused = |origin: &str| {
+            let request = Request::builder()
+                .uri("/v1/tools")
+                .header(header::HOST, "localhost:8080")
+                .header(header::ORIGIN, origin)
+                .body(())
+                .unwrap();
+            h.refusal_of(request.uri(), request.headers()).is_some()
+        };
+        for bad in [
+            "null",
+            "file://",
+            "http://localhost@evil.example",
+            "http://evil.example#@localhost",
+            "http://localhost:3000.evil.example",
+            "http://localhost.evil.example",
+            "localhost",
+            "",
+        ] {
+            assert!(refused(bad), "Origin {bad:?} was allowed");
+        }
+        for ok in [
+            "http://localhost:3000",
+            "https://runner.example",
+            "http://[::1]:1",
+        ] {
+            assert!(!refused(ok), "Origin {ok:?} was refused");
         }
     }
 

@@ -5,8 +5,10 @@
 //! pass) in three views of the output: the raw bytes; the bytes with JSON
 //! string escapes decoded, so `\u0073k-live` or `a\/b` is found (up to
 //! [`MAX_UNESCAPE_DEPTH`] times escaped); and, when the output is JSON, every
-//! decoded string and key. Encoded forms (base64, hex, reversed, split into
-//! pieces) are beyond exact matching.
+//! decoded string and key. When output is cut, a secret the end of the
+//! capture cuts short is covered from its start in any of these views.
+//! Encoded forms (base64, hex, reversed, split into pieces) are beyond exact
+//! matching.
 
 use std::ops::Range;
 
@@ -44,6 +46,8 @@ pub struct Redactor {
     values: Vec<Vec<u8>>,
     /// `None` when there is nothing to find.
     matcher: Option<AhoCorasick>,
+    /// What the matcher finds, for secrets cut short at the end of a capture.
+    needles: Vec<Vec<u8>>,
     longest: usize,
 }
 
@@ -75,6 +79,7 @@ impl Redactor {
         Ok(Redactor {
             values,
             matcher,
+            needles,
             longest,
         })
     }
@@ -93,8 +98,14 @@ impl Redactor {
     /// `text` with every secret replaced, then cut to `cap` bytes; `true` when
     /// something was cut. Secrets are searched in all of `text` first, so one
     /// that crosses the cut is replaced whole and none of its bytes are kept.
+    /// When `text` is longer than `cap` it may be a capture that ended inside
+    /// a secret (escaped more than [`Self::capture_margin`] allows for): the
+    /// start of a secret at its very end is covered too.
     pub fn redact_capped(&self, text: &[u8], cap: usize) -> (Vec<u8>, bool) {
-        splice(text, &self.covered(text), cap)
+        let (covered, cut_short) = self.covered(text, text.len() > cap);
+        let (out, cut) = splice(text, &covered, cap);
+        // A secret cut short was replaced by a marker, but the text goes on.
+        (out, cut || cut_short)
     }
 
     pub fn redact_str(&self, text: &str) -> String {
@@ -103,7 +114,7 @@ impl Redactor {
 
     /// `Some` redacted copy of `text` when it holds a secret.
     fn redacted(&self, text: &str) -> Option<String> {
-        let covered = self.covered(text.as_bytes());
+        let (covered, _) = self.covered(text.as_bytes(), false);
         if covered.is_empty() {
             return None;
         }
@@ -153,27 +164,40 @@ impl Redactor {
     /// Sorted, disjoint byte ranges of `text` covered by an occurrence of a
     /// needle in the raw bytes or in one of its unescaped views. Overlapping
     /// occurrences are merged: the tail of one secret that is the head of
-    /// another is covered too.
-    fn covered(&self, text: &[u8]) -> Vec<Range<usize>> {
+    /// another is covered too. With `cut_short`, the start of a secret that
+    /// the end of `text` cuts short, in any view, is covered to the end (and
+    /// `true` returned with the ranges when there is one).
+    fn covered(&self, text: &[u8], cut_short: bool) -> (Vec<Range<usize>>, bool) {
         let Some(matcher) = &self.matcher else {
-            return Vec::new();
+            return (Vec::new(), false);
         };
         let mut found: Vec<Range<usize>> = matcher
             .find_overlapping_iter(text)
             .map(|m| m.range())
             .collect();
+        let mut found_cut_short = false;
+        if cut_short && let Some(at) = self.cut_short_at(text) {
+            found.push(at..text.len());
+            found_cut_short = true;
+        }
         let mut views: Vec<Unescaped> = Vec::new();
         while views.len() < MAX_UNESCAPE_DEPTH {
             let source = views.last().map_or(text, |v| v.bytes.as_slice());
             let Some(view) = unescape(source) else {
                 break;
             };
-            for m in matcher.find_overlapping_iter(&view.bytes) {
-                let range = views
+            let to_source = |range| {
+                views
                     .iter()
                     .rev()
-                    .fold(view.to_source(m.range()), |r, outer| outer.to_source(r));
-                found.push(range);
+                    .fold(view.to_source(range), |r, outer| outer.to_source(r))
+            };
+            for m in matcher.find_overlapping_iter(&view.bytes) {
+                found.push(to_source(m.range()));
+            }
+            if cut_short && let Some(at) = self.cut_short_at(&view.bytes) {
+                found.push(to_source(at..view.bytes.len()));
+                found_cut_short = true;
             }
             views.push(view);
         }
@@ -185,8 +209,57 @@ impl Redactor {
                 _ => merged.push(range),
             }
         }
-        merged
+        (merged, found_cut_short)
     }
+
+    /// Where a secret cut short by the end of `view` may start: the longest
+    /// suffix that is a proper prefix of a needle, where an unfinished escape
+    /// at the very end counts as the needle's next byte. `None` when the end
+    /// of `view` cannot be the start of a secret.
+    fn cut_short_at(&self, view: &[u8]) -> Option<usize> {
+        let unfinished = unfinished_escape(view);
+        let body = &view[..unfinished.unwrap_or(view.len())];
+        let mut earliest = unfinished;
+        for needle in &self.needles {
+            let longest = needle.len().saturating_sub(1).min(body.len());
+            // Longest first: the earliest start for this needle.
+            let prefix = (1..=longest)
+                .rev()
+                .find(|&k| body[body.len() - k] == needle[0] && body.ends_with(&needle[..k]));
+            if let Some(k) = prefix {
+                let at = body.len() - k;
+                earliest = Some(earliest.map_or(at, |e| e.min(at)));
+            }
+        }
+        earliest
+    }
+}
+
+/// Where an escape that `text` ends before finishing starts: a lone `\`, a
+/// `\u` with fewer than four hex digits, or a high surrogate whose low half
+/// is missing or unfinished.
+fn unfinished_escape(text: &[u8]) -> Option<usize> {
+    /// The longest unfinished escape: `\uD83D\uDD1` (a surrogate pair less one digit).
+    const LONGEST: usize = 11;
+    let hex = |digits: &[u8]| digits.iter().all(u8::is_ascii_hexdigit);
+    let unfinished = |tail: &[u8]| {
+        if tail == b"\\" {
+            return true;
+        }
+        if tail.get(1) != Some(&b'u') || !hex(&tail[2..tail.len().min(6)]) {
+            return false;
+        }
+        if tail.len() < 6 {
+            return true;
+        }
+        let high = hex4(&tail[2..6]).is_some_and(|u| (0xD800..0xDC00).contains(&u));
+        let (marker, digits) = tail[6..].split_at(tail.len().min(8) - 6);
+        high && b"\\u".starts_with(marker)
+            && (digits.is_empty() || marker.len() == 2)
+            && hex(digits)
+    };
+    (text.len().saturating_sub(LONGEST)..text.len())
+        .find(|&i| text[i] == b'\\' && unfinished(&text[i..]))
 }
 
 /// `text` with each of the sorted, disjoint `covered` ranges replaced by
@@ -430,14 +503,25 @@ mod tests {
     #[test]
     fn a_secret_across_the_cut_leaves_no_prefix() {
         let r = redactor(&[SECRET]);
-        for escaped in [SECRET.to_string(), u_escaped(SECRET)] {
-            for before in 0..=SECRET.len() + 2 {
-                let cap = 32;
+        let mixed = r"\u0073k-\u006cive\/01\u00323456789";
+        for escaped in [
+            SECRET.to_string(),
+            u_escaped(SECRET),
+            mixed.to_string(),
+            // Escaped twice: what `json_escaped_secrets_are_found_in_raw_text` redacts whole.
+            u_escaped(SECRET).replace('\\', r"\\"),
+        ] {
+            for before in 0..=escaped.len() {
+                let cap = 256;
                 let text = format!("{}{escaped}{}", "x".repeat(cap - before), "y".repeat(50));
                 let captured = &text.as_bytes()[..text.len().min(cap + r.capture_margin())];
                 let (out, cut) = r.redact_capped(captured, cap);
                 let out = String::from_utf8(out).unwrap();
-                assert!(cut);
+                if !cut {
+                    // Redacted, all of it fits: nothing may be missing.
+                    let whole = r.redact_str(std::str::from_utf8(captured).unwrap());
+                    assert_eq!(out, whole, "{before} bytes before the cut");
+                }
                 assert!(out.len() <= cap, "{out}");
                 let kept = out.trim_start_matches('x').trim_end_matches('y');
                 assert!(
@@ -446,6 +530,38 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The attack on the capture margin: a secret escaped so heavily that the
+    /// capture ends inside it (here every backslash of its `\u` escapes is
+    /// itself `\u005c`, 11 bytes a character), wherever that end falls,
+    /// including inside an escape or between the halves of a surrogate pair.
+    #[test]
+    fn a_secret_escaped_past_the_margin_and_cut_by_the_capture_leaves_nothing() {
+        let secret = "pässwörd-🔑-key";
+        let r = redactor(&[secret]);
+        for escaped in [
+            u_escaped(secret).replace('\\', r"\u005c"),
+            u_escaped(secret).replace('\\', r"\\\\"),
+            u_escaped(secret),
+        ] {
+            let start = 40;
+            let text = format!("{}{escaped}", "x".repeat(start));
+            for end in start + 1..text.len() {
+                let cap = start + (end - start) / 2;
+                let (out, cut) = r.redact_capped(&text.as_bytes()[..end], cap);
+                let out = String::from_utf8_lossy(&out);
+                let kept = out.trim_start_matches('x');
+                assert!(cut, "{escaped} cut at {end}");
+                assert!(
+                    REDACTED.starts_with(kept),
+                    "{escaped} captured to {end}, cap {cap}: {out:?}"
+                );
+            }
+        }
+        // Output that merely ends like a secret begins loses only that end.
+        let (out, _) = r.redact_capped(b"a long enough line ending in p\\u00e4", 20);
+        assert_eq!(out, b"a long enough line e");
     }
 
     #[test]
