@@ -319,7 +319,10 @@ async fn nothing_is_admitted_before_the_stores_are_synced() {
     assert_eq!(review["response"]["allowed"], false, "{review}");
     assert_eq!(review["response"]["uid"], REQUEST_UID, "{review}");
     assert_eq!(review["response"]["status"]["code"], 503, "{review}");
-    assert_eq!(review["response"]["status"]["reason"], "NotReady", "{review}");
+    assert_eq!(
+        review["response"]["status"]["reason"], "NotReady",
+        "{review}"
+    );
     let message = review["response"]["status"]["message"].as_str().unwrap();
     assert!(message.contains("has not synced"), "{message}");
     stop.send(()).unwrap();
@@ -353,7 +356,9 @@ async fn a_busy_webhook_denies_the_review_it_could_not_evaluate() {
         let addr = running.addr;
         waiting.push(tokio::spawn(async move {
             let started = Instant::now();
-            let answer = request(addr, &tls, "POST", "/validate", &body).await.unwrap();
+            let answer = request(addr, &tls, "POST", "/validate", &body)
+                .await
+                .unwrap();
             (started.elapsed(), answer)
         }));
     }
@@ -368,7 +373,10 @@ async fn a_busy_webhook_denies_the_review_it_could_not_evaluate() {
         assert_eq!(response["status"]["code"], 503, "{review}");
         assert_eq!(response["status"]["reason"], "Busy", "{review}");
         let message = response["status"]["message"].as_str().unwrap();
-        assert!(message.contains("busy") && message.contains("300ms"), "{message}");
+        assert!(
+            message.contains("busy") && message.contains("300ms"),
+            "{message}"
+        );
         assert!(
             elapsed >= deadline && elapsed < deadline + Duration::from_secs(3),
             "answered after {elapsed:?}, deadline {deadline:?}"
