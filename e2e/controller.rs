@@ -186,7 +186,14 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?
         .lines()
-        .find_map(|l| l.strip_prefix(field)?.trim().strip_suffix("kB")?.trim().parse().ok())
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
 }
 
 /// `toolwarden controller` as its own process, so that its memory is measured alone.
@@ -197,7 +204,12 @@ impl ControllerProcess {
         let runner_image = std::env::var("TOOLWARDEN_E2E_RUNNER_IMAGE")
             .unwrap_or_else(|_| "docker.io/toolwarden/toolwarden:0.1.0".into());
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_toolwarden"))
-            .args(["controller", "--no-leader-election", "--listen", "127.0.0.1:0"])
+            .args([
+                "controller",
+                "--no-leader-election",
+                "--listen",
+                "127.0.0.1:0",
+            ])
             .args(["--runner-image", &runner_image, "--namespaces", namespace])
             .stdout(std::process::Stdio::null())
             .spawn()

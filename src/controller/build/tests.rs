@@ -699,3 +699,94 @@ mod variants {
         }
     }
 }
+
+/// The runner serves what the controller admitted. The ConfigMap, written as kubelet
+/// mounts it, goes into a `toolwarden runner` registry: a tool that an enforcing cluster
+/// policy denies in its real namespace (which the runner cannot see, so its own check
+/// would pass) is refused naming the rule; a verdict about another tool or generation,
+/// an unreadable one, or none at all, is not trusted.
+#[test]
+fn the_runner_serves_the_configmaps_verdict_and_nothing_else() {
+    use crate::runner::ratelimit::LimiterClock;
+    use crate::runner::registry::{ADMITTED_VERDICT_FILE, Judge, Registry, manifest_files};
+    use crate::runner::tool::SecretsDir;
+
+    let (tools, _) = load(&manifest_dir().join("examples/execute-code.yaml"));
+    let tool = tools.into_iter().next().unwrap();
+    let strict: ToolPolicy = serde_yaml::from_str(
+        "apiVersion: toolwarden.dev/v1alpha1\nkind: ToolPolicy\nmetadata: {name: strict}\n\
+         spec: {mode: enforce, namespaceSelector: {matchLabels: {team: a}},\n  \
+         rules: {sandboxing: {maxTimeoutMs: 500}}}\n",
+    )
+    .unwrap();
+    let admit = |labels: &[(&str, &str)]| {
+        let inputs = Inputs {
+            namespace_labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            policies: vec![strict.clone()],
+        };
+        validate::validate(&tool, &inputs, &Engine::default()).unwrap()
+    };
+    let mounted = |admitted: &Admitted| {
+        let dir = tempfile::tempdir().unwrap();
+        let config_map = children(admitted, &settings()).unwrap().config_map;
+        for (key, value) in config_map.data.unwrap() {
+            std::fs::write(dir.path().join(key), value).unwrap();
+        }
+        dir
+    };
+    let serve = |dir: &Path, judge: Judge| {
+        Registry::new(LimiterClock::manual(), SecretsDir::default())
+            .with_judge(judge)
+            .load(&manifest_files(dir).unwrap())
+    };
+
+    let denied = mounted(&admit(&[("team", "a")]));
+    let report = serve(denied.path(), Judge::Admitted);
+    assert!(report.served.is_empty(), "{report:?}");
+    let reasons = report.refused[0].reasons.join("; ");
+    assert!(
+        reasons.contains("TW-SANDBOX-001") && reasons.contains("policy strict"),
+        "{reasons}"
+    );
+    // What the runner's own check, without the namespace's labels, would have served.
+    assert_eq!(
+        serve(denied.path(), Judge::Evaluate).served,
+        ["execute-code"]
+    );
+
+    let admitted = mounted(&admit(&[("team", "b")]));
+    assert_eq!(
+        serve(admitted.path(), Judge::Admitted).served,
+        ["execute-code"]
+    );
+    let verdict_path = admitted.path().join(ADMITTED_VERDICT_FILE);
+    let verdict = std::fs::read_to_string(&verdict_path).unwrap();
+    let forged = [
+        (
+            verdict.replace("\"generation\": 1", "\"generation\": 2"),
+            "generation Some(2)",
+        ),
+        (
+            verdict.replace("\"tool\": \"execute-code\"", "\"tool\": \"other\""),
+            "about other",
+        ),
+        ("{\"denied\": false".to_string(), "unreadable"),
+    ];
+    for (text, why) in forged {
+        std::fs::write(&verdict_path, &text).unwrap();
+        let report = serve(admitted.path(), Judge::Admitted);
+        assert!(report.served.is_empty(), "{text}: {report:?}");
+        let reasons = report.refused[0].reasons.join("; ");
+        assert!(reasons.contains(why), "{why}: {reasons}");
+    }
+    std::fs::remove_file(&verdict_path).unwrap();
+    let report = serve(admitted.path(), Judge::Admitted);
+    assert!(report.served.is_empty(), "{report:?}");
+    assert!(
+        report.refused[0].reasons[0].contains("no verdict of the controller"),
+        "{report:?}"
+    );
+}
