@@ -29,6 +29,8 @@ const API_TOKEN_SECONDS: u32 = 3600;
 /// Enough CPU that warm-pool refills are not throttled (p90 3.1 ms at 500m, 78 ms at 200m).
 pub const MIN_CPU_REQUEST: &str = "500m";
 const SECRET_FILE_MODE: u32 = 0o400;
+/// The runner container's memory limit: the outer bound of all its sandboxes' memory.
+pub const RUNNER_MEMORY_LIMIT: &str = "1Gi";
 
 pub fn build(
     admitted: &Admitted,
@@ -58,6 +60,10 @@ pub fn build(
         IMAGE_VOLUMES_DIR.into(),
         "--volumes".into(),
         VOLUMES_DIR.into(),
+        // A pod's cgroup tree is read-only: sandboxes get rlimits, bounded by the runner
+        // container's cgroup (the tool's status says so per limit). Without the flag every
+        // tool that does not set `sandbox.allowDegraded` would be refused in the pod.
+        "--allow-degraded".into(),
     ];
     if !tool.spec.secrets.is_empty() {
         args.extend(["--secrets-dir".into(), SECRETS_DIR.into()]);
@@ -89,7 +95,7 @@ pub fn build(
             "securityContext": runner_security_context(),
             "resources": {
                 "requests": {"cpu": MIN_CPU_REQUEST, "memory": "256Mi"},
-                "limits": {"memory": "1Gi"},
+                "limits": {"memory": RUNNER_MEMORY_LIMIT},
             },
             "readinessProbe": probe("/readyz", 5),
             "livenessProbe": probe("/healthz", 10),

@@ -25,7 +25,7 @@ use super::labels::child_labels;
 use super::validate::Admitted;
 use crate::api::AgentTool;
 
-pub use deployment::RUNNER_PORT;
+pub use deployment::{RUNNER_MEMORY_LIMIT, RUNNER_PORT};
 
 /// Operator-wide settings the children depend on.
 #[derive(Clone, Debug, PartialEq, Eq)]
