@@ -71,6 +71,7 @@ impl RunningController {
             settings: Settings {
                 runner_image,
                 api_server: Vec::new(),
+                tool_rootfs: Default::default(),
             },
             namespaces: vec![namespace.to_string()],
             lease: None,

@@ -10,7 +10,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 
 use super::apply::FIELD_MANAGER;
-use super::build::service;
+use super::build::{ToolRootfs, service};
 use super::validate::Admitted;
 use crate::api::{AgentTool, AgentToolStatus};
 
@@ -92,7 +92,26 @@ pub fn of_applied(
         endpoints: service::endpoints(&tool.name_any(), &namespace)
             .into_iter()
             .collect(),
-        isolation: isolation(tool),
+        isolation: isolation(tool, rootfs_source(deployment)),
+    }
+}
+
+/// How the applied Deployment gives the tool its root file system.
+fn rootfs_source(deployment: &Deployment) -> &'static str {
+    let image_volume = deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|pod| pod.volumes.as_ref())
+        .is_some_and(|volumes| {
+            volumes
+                .iter()
+                .any(|v| v.name == "tool-image" && v.image.is_some())
+        });
+    if image_volume {
+        ToolRootfs::ImageVolume.as_str()
+    } else {
+        ToolRootfs::Copy.as_str()
     }
 }
 
@@ -167,7 +186,7 @@ fn compliance(tool: &AgentTool, admitted: &Admitted, now: &Time) -> Condition {
 /// configures. A pod's cgroup tree is read-only, so the runner (`--allow-degraded`)
 /// enforces a sandbox's memory, pids and cpu with rlimits, bounded together by the
 /// runner container's cgroup; everything else is the same as on a host.
-fn isolation(tool: &AgentTool) -> BTreeMap<String, String> {
+fn isolation(tool: &AgentTool, rootfs: &str) -> BTreeMap<String, String> {
     let sandbox = &tool.spec.sandbox;
     let pod_memory = super::build::RUNNER_MEMORY_LIMIT;
     let memory = match &sandbox.memory {
@@ -186,7 +205,7 @@ fn isolation(tool: &AgentTool) -> BTreeMap<String, String> {
     };
     BTreeMap::from([
         ("podUserNamespace".into(), "hostUsers=false".into()),
-        ("rootfs".into(), "imageVolume".into()),
+        ("rootfs".into(), rootfs.into()),
         (
             "runtimeClass".into(),
             sandbox
@@ -299,6 +318,21 @@ mod tests {
         serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
     }
 
+    /// `isolation.rootfs` says which path the applied Deployment uses.
+    #[test]
+    fn the_rootfs_path_comes_from_the_applied_deployment() {
+        let deployment = |volume: serde_json::Value| -> Deployment {
+            serde_json::from_value(json!({"spec": {"selector": {}, "template": {"spec": {
+                "containers": [{"name": "runner"}], "volumes": [volume]}}}}))
+            .unwrap()
+        };
+        let by_image =
+            deployment(json!({"name": "tool-image", "image": {"reference": "busybox:1.36.1"}}));
+        let copied = deployment(json!({"name": "tool-image", "emptyDir": {}}));
+        assert_eq!(rootfs_source(&by_image), "imageVolume");
+        assert_eq!(rootfs_source(&copied), "initContainerCopy");
+    }
+
     /// Every limit of `spec.sandbox` names the mechanism that enforces it in the pod: a
     /// limit added to the API without one fails here.
     #[test]
@@ -309,7 +343,7 @@ mod tests {
         ));
         tool.spec.sandbox.cpu = None;
         tool.spec.sandbox.timeout_ms = 2500;
-        let isolation = isolation(&tool);
+        let isolation = isolation(&tool, "imageVolume");
         let limits = serde_json::to_value(&tool.spec.sandbox).unwrap();
         let not_limits = ["warmPool", "runtimeClassName", "allowDegraded"];
         for field in limits.as_object().unwrap().keys() {

@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use tower_test::mock;
 
 use super::apply::OwnedStores;
-use super::build::{ApiServerEndpoint, Settings};
+use super::build::{ApiServerEndpoint, Settings, ToolRootfs};
 use super::dereference::Stores;
 use super::metrics::Metrics;
 use super::reconcile::{Context, ReconcileError, backoff, error_policy, reconcile};
@@ -235,6 +235,7 @@ impl Harness {
                     ip: [10, 0, 0, 1].into(),
                     port: 6443,
                 }],
+                tool_rootfs: ToolRootfs::default(),
             },
             Stores {
                 namespaces: namespace_store,
@@ -676,6 +677,7 @@ async fn health_metrics_and_readiness_are_served_and_shutdown_is_graceful() {
         settings: Settings {
             runner_image: "ghcr.io/toolwarden/toolwarden:test".into(),
             api_server: Vec::new(),
+            tool_rootfs: ToolRootfs::default(),
         },
         namespaces: vec!["agents".into()],
         lease: None,
@@ -776,6 +778,7 @@ async fn the_controller_reads_and_writes_nothing_before_it_holds_the_lease_and_r
         settings: Settings {
             runner_image: "ghcr.io/toolwarden/toolwarden:test".into(),
             api_server: Vec::new(),
+            tool_rootfs: ToolRootfs::default(),
         },
         namespaces: vec!["agents".into()],
         lease: Some(super::run::LeaseOptions {

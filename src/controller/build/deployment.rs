@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::apps::v1::Deployment;
 use serde_json::{Value, json};
 
-use super::{BuildError, ChildNames, Settings, child_meta, from_json};
+use super::{BuildError, ChildNames, Settings, ToolRootfs, child_meta, from_json};
 use crate::api::AgentTool;
 use crate::controller::labels::{CONFIG_HASH, child_labels};
 use crate::controller::validate::Admitted;
@@ -29,6 +29,22 @@ const API_TOKEN_SECONDS: u32 = 3600;
 /// Enough CPU that warm-pool refills are not throttled (p90 3.1 ms at 500m, 78 ms at 200m).
 pub const MIN_CPU_REQUEST: &str = "500m";
 const SECRET_FILE_MODE: u32 = 0o400;
+/// Where the copy init container writes the tool's file system: its only writable path.
+const ROOTFS_COPY_DIR: &str = "/toolwarden-rootfs";
+/// `sh -c` script of the copy init container (`$1`: the root to copy, `$2`: the target):
+/// the image's own file system, without the pod's mounts over `/proc`, `/sys` and `/dev`
+/// (their mount points are made empty) or the target. Symlinks are copied as links; no
+/// owner or set-id bit survives (the copy needs no capability and is read-only later).
+pub(crate) const ROOTFS_COPY_SCRIPT: &str = r#"set -eu
+cd "$1"
+for entry in * .[!.]* ..?*; do
+  [ -e "$entry" ] || [ -L "$entry" ] || continue
+  case "$entry" in proc|sys|dev|toolwarden-rootfs) continue ;; esac
+  cp -R -P "$entry" "$2/"
+done
+mkdir -p "$2/proc" "$2/sys" "$2/dev" "$2/tmp"
+"#;
+
 /// The runner container's memory limit: the outer bound of all its sandboxes' memory.
 pub const RUNNER_MEMORY_LIMIT: &str = "1Gi";
 
@@ -40,7 +56,7 @@ pub fn build(
 ) -> Result<Deployment, BuildError> {
     let tool = &admitted.tool;
     let labels = child_labels(tool);
-    let (volumes, mounts) = volumes(tool, names);
+    let (volumes, mounts) = volumes(tool, names, settings.tool_rootfs);
     let namespace = tool.metadata.namespace.as_deref().unwrap_or_default();
     let service_names = [
         names.runner.clone(),
@@ -103,6 +119,16 @@ pub fn build(
         }],
         "volumes": volumes,
     });
+    if settings.tool_rootfs == ToolRootfs::Copy {
+        pod_spec["initContainers"] = json!([{
+            "name": "tool-rootfs",
+            "image": tool.spec.runtime.image,
+            "command": ["/bin/sh", "-c", ROOTFS_COPY_SCRIPT, "copy-rootfs", "/", ROOTFS_COPY_DIR],
+            "securityContext": rootfs_copy_security_context(),
+            "resources": {"requests": {"cpu": "100m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}},
+            "volumeMounts": [{"name": "tool-image", "mountPath": ROOTFS_COPY_DIR}],
+        }]);
+    }
     if let Some(class) = &tool.spec.sandbox.runtime_class_name {
         pod_spec["runtimeClassName"] = json!(class);
     }
@@ -125,12 +151,30 @@ pub fn build(
 }
 
 /// The pod's volumes and the runner container's mounts of them.
-fn volumes(tool: &AgentTool, names: &ChildNames) -> (Vec<Value>, Vec<Value>) {
+/// The copy init container runs the tool's (untrusted) image: no capability at all, no
+/// privilege escalation, nothing writable but the target.
+pub fn rootfs_copy_security_context() -> Value {
+    json!({
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "runAsUser": 0,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    })
+}
+
+fn volumes(tool: &AgentTool, names: &ChildNames, rootfs: ToolRootfs) -> (Vec<Value>, Vec<Value>) {
     let image = &tool.spec.runtime.image;
+    let tool_image = match rootfs {
+        ToolRootfs::ImageVolume => {
+            json!({"name": "tool-image", "image": {"reference": image, "pullPolicy": "IfNotPresent"}})
+        }
+        ToolRootfs::Copy => json!({"name": "tool-image", "emptyDir": {}}),
+    };
     let mut volumes = vec![
         json!({"name": "tools", "configMap": {"name": names.runner, "defaultMode": 0o444}}),
         json!({"name": "state", "emptyDir": {}}),
-        json!({"name": "tool-image", "image": {"reference": image, "pullPolicy": "IfNotPresent"}}),
+        tool_image,
         json!({"name": "api-credentials", "projected": {"defaultMode": 0o444, "sources": [
             {"serviceAccountToken": {"path": "token", "expirationSeconds": API_TOKEN_SECONDS}},
             {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},

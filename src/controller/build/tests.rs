@@ -29,6 +29,7 @@ fn settings() -> Settings {
             ip: [10, 0, 0, 1].into(),
             port: 6443,
         }],
+        tool_rootfs: ToolRootfs::default(),
     }
 }
 
@@ -191,11 +192,21 @@ fn pod_violations(pod: &PodSpec, tool: &AgentTool) -> Vec<String> {
         found.extend(volume_violations(volume, &declared));
     }
     let documented: BTreeSet<&str> = RUNNER_POD_CAPABILITIES.iter().copied().collect();
+    let copy_context: k8s_openapi::api::core::v1::SecurityContext =
+        serde_json::from_value(deployment::rootfs_copy_security_context()).unwrap();
+    // The runner gets exactly the runner set; an init container (the rootfs copy, running
+    // the tool's untrusted image) exactly the copy's: no capability at all.
     let containers = pod
         .containers
         .iter()
-        .chain(pod.init_containers.iter().flatten());
-    for container in containers {
+        .map(|c| (c, runner_security_context()))
+        .chain(
+            pod.init_containers
+                .iter()
+                .flatten()
+                .map(|c| (c, copy_context.clone())),
+        );
+    for (container, expected_context) in containers {
         let name = &container.name;
         let context = container.security_context.clone().unwrap_or_default();
         if context.privileged == Some(true) {
@@ -215,8 +226,10 @@ fn pod_violations(pod: &PodSpec, tool: &AgentTool) -> Vec<String> {
                 ));
             }
         }
-        if context != runner_security_context() {
-            found.push(format!("{name}: securityContext differs from the runner's"));
+        if context != expected_context {
+            found.push(format!(
+                "{name}: securityContext differs from the documented one"
+            ));
         }
         for env in container.env.iter().flatten() {
             if env
@@ -789,4 +802,140 @@ fn the_runner_serves_the_configmaps_verdict_and_nothing_else() {
         report.refused[0].reasons[0].contains("no verdict of the controller"),
         "{report:?}"
     );
+}
+
+/// Clusters without image volumes: an init container running the tool's image copies its
+/// file system into an emptyDir mounted where the image volume would be; the pod keeps
+/// every invariant (the init container adds no capability), and the status says so.
+#[test]
+fn without_image_volumes_an_init_container_copies_the_tools_file_system() {
+    let copy = Settings {
+        tool_rootfs: ToolRootfs::Copy,
+        ..settings()
+    };
+    for admitted in admitted_fixtures() {
+        let tool = &admitted.tool;
+        let copied = children(&admitted, &copy).unwrap();
+        let pod = pod_spec(&copied.deployment);
+        let mut found = pod_violations(pod, tool);
+        found.extend(identity_violations(&copied, tool));
+        // The admission webhook lets the controller write it.
+        crate::webhook::workloads::pod_problems(pod, "spec.template.spec", &mut found);
+        assert!(found.is_empty(), "{}: {found:#?}", tool.name_any());
+        let init = &pod.init_containers.as_ref().expect("an init container")[0];
+        assert_eq!(
+            init.image.as_deref(),
+            Some(tool.spec.runtime.image.as_str())
+        );
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "tool-image")
+            .unwrap();
+        assert!(
+            volume.empty_dir.is_some() && volume.image.is_none(),
+            "{volume:?}"
+        );
+        // The runner mounts it read-only where the image volume would be.
+        let runner_mount = |d: &Deployment| {
+            pod_spec(d).containers[0]
+                .volume_mounts
+                .iter()
+                .flatten()
+                .find(|m| m.name == "tool-image")
+                .cloned()
+                .unwrap()
+        };
+        let by_volume = children(&admitted, &settings()).unwrap();
+        assert_eq!(
+            runner_mount(&copied.deployment),
+            runner_mount(&by_volume.deployment)
+        );
+        assert_eq!(runner_mount(&copied.deployment).read_only, Some(true));
+        assert!(
+            by_volume
+                .deployment
+                .spec
+                .as_ref()
+                .unwrap()
+                .template
+                .spec
+                .as_ref()
+                .unwrap()
+                .init_containers
+                .is_none()
+        );
+    }
+    // An init container with any capability is caught.
+    let admitted = &admitted_fixtures()[0];
+    let mut pod = pod_spec(&children(admitted, &copy).unwrap().deployment).clone();
+    let init = &mut pod.init_containers.as_mut().unwrap()[0];
+    init.security_context = Some(runner_security_context());
+    assert!(!pod_violations(&pod, &admitted.tool).is_empty());
+}
+
+/// The copy script, run by a real shell on a tree shaped like an image: regular files
+/// (modes kept, set-id bits dropped), hidden entries, symlinks copied as links (never
+/// followed out of the image), and the pod's /proc, /sys, /dev left as empty mount points.
+#[test]
+fn the_rootfs_copy_script_copies_the_image_and_not_the_pods_mounts() {
+    use std::os::unix::fs::{PermissionsExt, symlink};
+    let root = tempfile::tempdir().unwrap();
+    let target = tempfile::tempdir().unwrap();
+    let r = root.path();
+    for dir in [
+        "bin",
+        "etc/deep",
+        "proc/1",
+        "sys/kernel",
+        "dev",
+        ".hidden-dir",
+    ] {
+        std::fs::create_dir_all(r.join(dir)).unwrap();
+    }
+    std::fs::write(r.join("bin/tool"), "#!/bin/sh\necho hi\n").unwrap();
+    std::fs::set_permissions(r.join("bin/tool"), std::fs::Permissions::from_mode(0o4755)).unwrap();
+    std::fs::write(r.join("etc/deep/conf"), "x").unwrap();
+    std::fs::write(r.join(".profile"), "hidden").unwrap();
+    std::fs::write(r.join("..odd"), "odd").unwrap();
+    std::fs::write(r.join("proc/1/status"), "the pod's").unwrap();
+    std::fs::write(r.join("sys/kernel/x"), "the pod's").unwrap();
+    std::fs::write(r.join("dev/null-ish"), "the pod's").unwrap();
+    // Links that would leave the image if followed.
+    symlink("/etc/shadow", r.join("etc/passwd-link")).unwrap();
+    symlink("/", r.join("host-root")).unwrap();
+
+    let status = std::process::Command::new("/bin/sh")
+        .args(["-c", deployment::ROOTFS_COPY_SCRIPT, "copy-rootfs"])
+        .arg(r)
+        .arg(target.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let t = target.path();
+    assert_eq!(
+        std::fs::read_to_string(t.join("etc/deep/conf")).unwrap(),
+        "x"
+    );
+    assert_eq!(
+        std::fs::read_to_string(t.join(".profile")).unwrap(),
+        "hidden"
+    );
+    assert_eq!(std::fs::read_to_string(t.join("..odd")).unwrap(), "odd");
+    assert!(t.join(".hidden-dir").is_dir());
+    let mode = std::fs::metadata(t.join("bin/tool"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o111, 0o111, "executable: {mode:o}");
+    assert_eq!(mode & 0o6000, 0, "no set-id bit: {mode:o}");
+    for link in ["etc/passwd-link", "host-root"] {
+        let meta = std::fs::symlink_metadata(t.join(link)).unwrap();
+        assert!(meta.file_type().is_symlink(), "{link} copied as a link");
+    }
+    for mount_point in ["proc", "sys", "dev", "tmp"] {
+        let entries = std::fs::read_dir(t.join(mount_point)).unwrap().count();
+        assert_eq!(entries, 0, "{mount_point} is an empty mount point");
+    }
 }
