@@ -22,6 +22,8 @@ const STATE_DIR: &str = "/run/toolwarden";
 const IMAGE_VOLUMES_DIR: &str = "/var/lib/toolwarden/image-volumes";
 const VOLUMES_DIR: &str = "/var/lib/toolwarden/volumes";
 const SECRETS_DIR: &str = "/var/run/secrets/toolwarden";
+/// Where `audit.persistentVolumeClaim` is mounted: one `<pod>.jsonl` per runner pod.
+const AUDIT_DIR: &str = "/var/log/toolwarden/audit";
 /// Where in-cluster clients (the runner's TokenReview client) look for their credentials.
 const API_CREDENTIALS_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 /// Lifetime of the runner's own API token; the kubelet renews it at 80%.
@@ -84,6 +86,14 @@ pub fn build(
     if !tool.spec.secrets.is_empty() {
         args.extend(["--secrets-dir".into(), SECRETS_DIR.into()]);
     }
+    // Audit records go to stdout (what log pipelines collect) unless the tool names a
+    // PVC; the kubelet expands `$(POD_NAME)`, so replicas never share a file.
+    if tool.spec.audit.persistent_volume_claim.is_some() {
+        args.extend([
+            "--audit-log".into(),
+            format!("{AUDIT_DIR}/$(POD_NAME).jsonl"),
+        ]);
+    }
     for host in service_names {
         args.extend(["--allowed-host".into(), host]);
     }
@@ -128,6 +138,10 @@ pub fn build(
             "resources": {"requests": {"cpu": "100m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}},
             "volumeMounts": [{"name": "tool-image", "mountPath": ROOTFS_COPY_DIR}],
         }]);
+    }
+    if tool.spec.audit.persistent_volume_claim.is_some() {
+        pod_spec["containers"][0]["env"] = json!([{"name": "POD_NAME", "valueFrom":
+            {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}}]);
     }
     if let Some(class) = &tool.spec.sandbox.runtime_class_name {
         pod_spec["runtimeClassName"] = json!(class);
@@ -225,6 +239,10 @@ fn volumes(tool: &AgentTool, names: &ChildNames, rootfs: ToolRootfs) -> (Vec<Val
         if let Some(config_map) = &mount.config_map {
             sources.insert(("configmap", config_map), true);
         }
+    }
+    if let Some(claim) = &tool.spec.audit.persistent_volume_claim {
+        volumes.push(json!({"name": "audit", "persistentVolumeClaim": {"claimName": claim}}));
+        mounts.push(json!({"name": "audit", "mountPath": AUDIT_DIR}));
     }
     for (index, ((kind, name), read_only)) in sources.into_iter().enumerate() {
         let volume = format!("volume-{index}");

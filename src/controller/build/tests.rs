@@ -522,8 +522,16 @@ fn the_runner_pod_gets_its_cpu_probes_image_volume_and_runtime_class() {
             .as_ref()
             .is_some_and(|t| !t.is_empty())
     );
-    // Audit records go to stdout (the default): never a file in the pod.
-    assert!(!runner.args.iter().flatten().any(|a| a == "--audit-log"));
+    // Audit records go to stdout, or to the tool's audit claim: never a file that dies
+    // with the pod (the claim case is checked in an_audit_claim_gets_one_file_per_runner_pod).
+    let args = runner.args.clone().unwrap_or_default();
+    if let Some(i) = args.iter().position(|a| a == "--audit-log") {
+        assert!(
+            args[i + 1].starts_with("/var/log/toolwarden/audit/"),
+            "{args:?}"
+        );
+        assert!(admitted.tool.spec.audit.persistent_volume_claim.is_some());
+    }
     // Only the declared keys of each Secret, as 0400 files.
     let secret_keys: BTreeSet<String> = pod
         .volumes
@@ -938,4 +946,61 @@ fn the_rootfs_copy_script_copies_the_image_and_not_the_pods_mounts() {
         let entries = std::fs::read_dir(t.join(mount_point)).unwrap().count();
         assert_eq!(entries, 0, "{mount_point} is an empty mount point");
     }
+}
+
+/// `audit.persistentVolumeClaim`: the records go to one file per pod on the claim
+/// (`$(POD_NAME)` is expanded by the kubelet), not stdout; without it, stdout.
+#[test]
+fn an_audit_claim_gets_one_file_per_runner_pod() {
+    let fixtures = admitted_fixtures();
+    for admitted in &fixtures {
+        let built = children(admitted, &settings()).unwrap();
+        let pod = pod_spec(&built.deployment);
+        let runner = &pod.containers[0];
+        let args = runner.args.clone().unwrap_or_default();
+        let audit_log = args
+            .iter()
+            .position(|a| a == "--audit-log")
+            .map(|i| args[i + 1].as_str());
+        match &admitted.tool.spec.audit.persistent_volume_claim {
+            None => assert_eq!(audit_log, None, "{}: stdout", admitted.tool.name_any()),
+            Some(claim) => {
+                assert_eq!(
+                    audit_log,
+                    Some("/var/log/toolwarden/audit/$(POD_NAME).jsonl")
+                );
+                let env = runner.env.as_ref().unwrap();
+                assert!(env.iter().any(|e| {
+                    e.name == "POD_NAME"
+                        && e.value_from
+                            .as_ref()
+                            .and_then(|v| v.field_ref.as_ref())
+                            .map(|f| f.field_path.as_str())
+                            == Some("metadata.name")
+                }));
+                let volume = pod
+                    .volumes
+                    .iter()
+                    .flatten()
+                    .find(|v| v.name == "audit")
+                    .unwrap();
+                let source = volume.persistent_volume_claim.as_ref().unwrap();
+                assert_eq!(&source.claim_name, claim);
+                assert_ne!(source.read_only, Some(true));
+                let mount = runner
+                    .volume_mounts
+                    .iter()
+                    .flatten()
+                    .find(|m| m.name == "audit")
+                    .unwrap();
+                assert_eq!(mount.mount_path, "/var/log/toolwarden/audit");
+            }
+        }
+    }
+    assert!(
+        fixtures
+            .iter()
+            .any(|a| a.tool.spec.audit.persistent_volume_claim.is_some()),
+        "the everything fixture names an audit claim"
+    );
 }
