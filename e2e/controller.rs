@@ -6,7 +6,8 @@
 //! Runner pods only become Ready on a cluster with a Ready node and the runner image
 //! (`TOOLWARDEN_E2E_RUNNER_IMAGE`, as in `runner_pod.rs`); without them the test checks
 //! everything but `Ready=True`. `TOOLWARDEN_E2E_SCALE=1` adds the scale run: 1,000
-//! AgentTools reconciled to all their children within 60 s, figures printed.
+//! AgentTools reconciled to all their children within 60 s by the `toolwarden controller`
+//! binary in a process of its own, whose peak RSS must stay within 64 MiB; figures printed.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -31,6 +32,8 @@ use super::{cluster, examples, install_crds};
 const SCALE_ENV: &str = "TOOLWARDEN_E2E_SCALE";
 const SCALE_TOOLS: usize = 1000;
 const SCALE_DEADLINE: Duration = Duration::from_secs(60);
+/// The controller's peak resident memory through the scale run.
+const SCALE_MAX_RSS_KIB: u64 = 64 * 1024;
 
 /// Polls `check` until it returns `Some`, or fails with `what` after `within`.
 async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
@@ -68,6 +71,7 @@ impl RunningController {
             settings: Settings {
                 runner_image,
                 api_server: Vec::new(),
+                tool_rootfs: Default::default(),
             },
             namespaces: vec![namespace.to_string()],
             lease: None,
@@ -178,14 +182,52 @@ fn strict_policy(name: &str, ns: &str, mode: &str) -> ToolPolicy {
     .unwrap()
 }
 
-fn rss_kib() -> String {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().to_string()))
+/// A `/proc/PID/status` figure in KiB (`VmHWM`: the peak resident set).
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
         })
-        .unwrap_or_else(|| "unknown".into())
+}
+
+/// `toolwarden controller` as its own process, so that its memory is measured alone.
+struct ControllerProcess(std::process::Child);
+
+impl ControllerProcess {
+    fn start(namespace: &str) -> ControllerProcess {
+        let runner_image = std::env::var("TOOLWARDEN_E2E_RUNNER_IMAGE")
+            .unwrap_or_else(|_| "docker.io/toolwarden/toolwarden:0.1.0".into());
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_toolwarden"))
+            .args([
+                "controller",
+                "--no-leader-election",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--runner-image", &runner_image, "--namespaces", namespace])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("starting toolwarden controller");
+        ControllerProcess(child)
+    }
+
+    fn peak_rss_kib(&self) -> u64 {
+        status_kib(self.0.id(), "VmHWM:").expect("the controller process is running")
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[tokio::test]
@@ -354,17 +396,19 @@ async fn the_controller_deploys_reports_restores_denies_and_collects() {
     .await;
     eprintln!("deleting a tool collected its children");
 
+    controller.stop().await;
     if std::env::var_os(SCALE_ENV).is_some() {
         scale_run(&client, &ns).await;
     } else {
         eprintln!("scale run SKIPPED: set {SCALE_ENV}=1");
     }
-    controller.stop().await;
     let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
 }
 
-/// 1,000 tools reconciled to all their children and a status within 60 s.
+/// 1,000 tools reconciled to all their children and a status within 60 s, by the
+/// controller binary, whose peak RSS stays within 64 MiB.
 async fn scale_run(client: &Client, ns: &str) {
+    let controller = ControllerProcess::start(ns);
     let tools: Api<AgentTool> = Api::namespaced(client.clone(), ns);
     let template = examples()
         .tools
@@ -417,9 +461,14 @@ async fn scale_run(client: &Client, ns: &str) {
         .items
         .len();
     assert!(count >= SCALE_TOOLS, "{count} Deployments");
+    let peak = controller.peak_rss_kib();
     eprintln!(
         "scale: {SCALE_TOOLS} tools applied in {created:?}, all reconciled with children in {done:?} \
-         (limit {SCALE_DEADLINE:?}); test process RSS (controller included) {}",
-        rss_kib()
+         (limit {SCALE_DEADLINE:?}); controller peak RSS {peak} KiB (limit {SCALE_MAX_RSS_KIB} KiB)"
     );
+    assert!(
+        peak <= SCALE_MAX_RSS_KIB,
+        "the controller peaked at {peak} KiB RSS reconciling {SCALE_TOOLS} tools"
+    );
+    drop(controller);
 }

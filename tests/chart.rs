@@ -215,6 +215,7 @@ fn chart_metadata_and_values_match_the_crate() {
         ("/webhook/replicas", json!(0)),
         ("/defaultPolicy/mode", json!("loud")),
         ("/certManager/enabled", json!("yes")),
+        ("/controller/toolRootfs", json!("init-container")),
     ] {
         let mut broken = values_json.clone();
         *broken.pointer_mut(path).unwrap() = bad;
@@ -223,6 +224,21 @@ fn chart_metadata_and_values_match_the_crate() {
     let mut extra = values_json.clone();
     extra["webhook"]["replicaz"] = json!(2);
     assert!(!validator.is_valid(&extra));
+    // The other rootfs path is valid and reaches the controller's arguments.
+    let mut copy = values.clone();
+    copy["controller"]["toolRootfs"] = "copy".into();
+    assert!(validator.is_valid(&serde_json::to_value(&copy).unwrap()));
+    let objects = render_chart(&copy, "toolwarden");
+    let controller = objects
+        .iter()
+        .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "toolwarden-controller")
+        .unwrap();
+    let args = &controller["spec"]["template"]["spec"]["containers"][0]["args"];
+    assert_eq!(
+        (&args[3], &args[4]),
+        (&json!("--tool-rootfs"), &json!("copy")),
+        "{args}"
+    );
 }
 
 /// Each object through its Kubernetes type and back: a misspelt or misplaced
@@ -356,7 +372,13 @@ fn every_object_parses_and_names_labels_and_selectors_line_up() {
         let container = &controller["spec"]["template"]["spec"]["containers"][0];
         assert_eq!(
             container["args"],
-            json!(["controller", "--runner-image", container["image"]])
+            json!([
+                "controller",
+                "--runner-image",
+                container["image"],
+                "--tool-rootfs",
+                "image-volume"
+            ])
         );
         // Bindings bind existing roles to existing ServiceAccounts.
         for binding in objects

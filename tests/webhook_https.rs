@@ -312,9 +312,97 @@ async fn nothing_is_admitted_before_the_stores_are_synced() {
     )
     .await
     .unwrap();
-    assert_eq!(status, 503, "{body}");
-    assert!(body.contains("has not synced"), "{body}");
+    // A denial for this request (code 503, the reason readable by the caller),
+    // so it is refused even under `failurePolicy: Ignore`.
+    assert_eq!(status, 200, "{body}");
+    let review: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(review["response"]["allowed"], false, "{review}");
+    assert_eq!(review["response"]["uid"], REQUEST_UID, "{review}");
+    assert_eq!(review["response"]["status"]["code"], 503, "{review}");
+    assert_eq!(
+        review["response"]["status"]["reason"], "NotReady",
+        "{review}"
+    );
+    let message = review["response"]["status"]["message"].as_str().unwrap();
+    assert!(message.contains("has not synced"), "{message}");
     stop.send(()).unwrap();
     task.await.unwrap();
     reflectors.abort();
+}
+
+/// Every evaluation slot taken (here: none at all) until the deadline: the
+/// review is denied for its uid with code 503 and a message saying the webhook
+/// is busy, after waiting the whole deadline and not longer; a body without a
+/// readable uid gets a bare 503. The server keeps serving afterwards.
+#[tokio::test]
+async fn a_busy_webhook_denies_the_review_it_could_not_evaluate() {
+    let material = material(time_now());
+    let deadline = Duration::from_millis(300);
+    let limits = Limits {
+        max_in_flight: 0,
+        deadline,
+        ..Limits::default()
+    };
+    let running = start(&material, vec![strict_policy()], limits).await;
+    let tls = client_for(&material.ca_bundle(time_now()));
+    // Compliant: admitted were it evaluated, so a denial can only come from the busy path.
+    let mut tool = example_tool("user-profile-update");
+    tool.spec.sandbox.timeout_ms = 100;
+    tool.spec.rate_limit = None;
+    let body = tool_request(&tool, None, ALICE).body();
+    let mut waiting = Vec::new();
+    for _ in 0..4 {
+        let (tls, body) = (tls.clone(), body.clone());
+        let addr = running.addr;
+        waiting.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let answer = request(addr, &tls, "POST", "/validate", &body)
+                .await
+                .unwrap();
+            (started.elapsed(), answer)
+        }));
+    }
+    for waiter in waiting {
+        let (elapsed, (status, body)) = waiter.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        let review: Value = serde_json::from_str(&body).unwrap();
+        let response = &review["response"];
+        assert_eq!(review["apiVersion"], "admission.k8s.io/v1", "{review}");
+        assert_eq!(response["uid"], REQUEST_UID, "{review}");
+        assert_eq!(response["allowed"], false, "{review}");
+        assert_eq!(response["status"]["code"], 503, "{review}");
+        assert_eq!(response["status"]["reason"], "Busy", "{review}");
+        let message = response["status"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("busy") && message.contains("300ms"),
+            "{message}"
+        );
+        assert!(
+            elapsed >= deadline && elapsed < deadline + Duration::from_secs(3),
+            "answered after {elapsed:?}, deadline {deadline:?}"
+        );
+    }
+    // Nothing to answer for: not a v1 AdmissionReview, or no uid.
+    let mut wrong_version: Value = serde_json::from_slice(&body).unwrap();
+    wrong_version["apiVersion"] = json!("admission.k8s.io/v1beta1");
+    let mut no_uid: Value = serde_json::from_slice(&body).unwrap();
+    no_uid["request"]["uid"] = json!("");
+    for hostile in [wrong_version, no_uid] {
+        let (status, body) = request(
+            running.addr,
+            &tls,
+            "POST",
+            "/validate",
+            &serde_json::to_vec(&hostile).unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("busy"), "{body}");
+    }
+    let (status, _) = request(running.addr, &tls, "GET", "/healthz", b"")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    running.stop().await;
 }

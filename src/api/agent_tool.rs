@@ -590,6 +590,12 @@ pub struct AuditSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 128))]
     pub redact: Vec<String>,
+    /// In a cluster: write the audit records to this PersistentVolumeClaim of the
+    /// tool's namespace (one `<pod>.jsonl` file per runner pod) instead of the runner
+    /// container's stdout. Ignored by `serve` (see `--audit-log`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS1123_SUBDOMAIN))]
+    pub persistent_volume_claim: Option<String>,
 }
 
 /// Observed state of an AgentTool.

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use crate::controller::build::Settings;
+use crate::controller::build::{Settings, ToolRootfs};
 use crate::controller::run::{self, LeaseOptions, Options};
 
 #[derive(Args, Debug)]
@@ -38,6 +38,12 @@ pub struct ControllerArgs {
     /// This replica's identity in the Lease (in a pod: its name).
     #[arg(long, env = "POD_NAME", value_name = "ID")]
     pub identity: Option<String>,
+    /// How a tool's image becomes its sandboxes' root file system in the runner pods:
+    /// `image-volume` (Kubernetes image volumes, nothing copied) or, on clusters without
+    /// them, `copy` (an init container running the tool's image copies its file system
+    /// into an emptyDir; the image needs /bin/sh and cp). The tool's status says which.
+    #[arg(long, value_enum, default_value_t = ToolRootfs::ImageVolume, value_name = "HOW")]
+    pub tool_rootfs: ToolRootfs,
 }
 
 pub fn run(args: ControllerArgs) -> ExitCode {
@@ -59,6 +65,7 @@ pub fn run(args: ControllerArgs) -> ExitCode {
                 runner_image: args.runner_image.clone(),
                 // Discovered from the cluster.
                 api_server: Vec::new(),
+                tool_rootfs: args.tool_rootfs,
             },
             namespaces: args.namespaces.clone(),
             lease: (!args.no_leader_election).then(|| LeaseOptions {

@@ -22,7 +22,7 @@ use crate::runner::metrics::Metrics;
 use crate::runner::oauth::{OAuthConfigError, OAuthResource, OAuthSettings};
 use crate::runner::pipeline::Runner;
 use crate::runner::ratelimit::LimiterClock;
-use crate::runner::registry::Registry;
+use crate::runner::registry::{Judge, Registry};
 use crate::runner::reload;
 use crate::runner::router;
 use crate::runner::sandbox_executor::{SandboxExecutor, VolumesDir};
@@ -260,7 +260,13 @@ pub fn serve(args: ServeArgs) -> ExitCode {
         Ok(oauth) => auth.oauth = oauth,
         Err(e) => return fail(&e.to_string()),
     }
-    run(&args.dir, &args.common, auth, "serve", tokio)
+    run(
+        &args.dir,
+        &args.common,
+        auth,
+        ("serve", Judge::Evaluate),
+        tokio,
+    )
 }
 
 pub fn runner(args: RunnerArgs) -> ExitCode {
@@ -281,8 +287,15 @@ pub fn runner(args: RunnerArgs) -> ExitCode {
         oauth,
         ..Authenticator::default()
     };
-    // The same runtime: the client's background tasks live on it.
-    run(&args.tools, &args.common, auth, "runner", tokio)
+    // The same runtime: the client's background tasks live on it. The runner serves
+    // what the controller admitted: it cannot see the namespace's labels or the policies.
+    run(
+        &args.tools,
+        &args.common,
+        auth,
+        ("runner", Judge::Admitted),
+        tokio,
+    )
 }
 
 /// `--image-cache`, or a cache folder: never a shared temporary folder, where
@@ -355,7 +368,7 @@ fn run(
     dir: &Path,
     common: &CommonArgs,
     auth: Authenticator,
-    command: &str,
+    (command, judge): (&str, Judge),
     tokio: tokio::runtime::Runtime,
 ) -> ExitCode {
     let executor: Arc<dyn ToolExecutor> = if common.unsandboxed_dev {
@@ -381,7 +394,8 @@ fn run(
         },
         None => AuditLog::to_writer(Box::new(std::io::stdout()), "stdout", audit_key),
     };
-    let mut registry = Registry::new(LimiterClock::real(), SecretsDir(common.secrets_dir.clone()));
+    let mut registry = Registry::new(LimiterClock::real(), SecretsDir(common.secrets_dir.clone()))
+        .with_judge(judge);
     let images = common
         .images
         .clone()

@@ -105,6 +105,8 @@ fn references(tool: &AgentTool) -> References<'_> {
         refs.config_maps.extend(mount.config_map.as_deref());
         refs.claims.extend(mount.persistent_volume_claim.as_deref());
     }
+    refs.claims
+        .extend(tool.spec.audit.persistent_volume_claim.as_deref());
     refs
 }
 
@@ -130,5 +132,24 @@ where
             name: name.to_string(),
             source,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_audit_claim_must_exist_like_every_mounted_claim() {
+        let mut tool: AgentTool = serde_yaml::from_str(
+            &std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/examples/execute-code.yaml"
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        tool.spec.audit.persistent_volume_claim = Some("audit-trail".into());
+        assert!(references(&tool).claims.contains("audit-trail"));
     }
 }

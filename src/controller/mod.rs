@@ -6,13 +6,15 @@
 //! → [`validate`] (pure: the checklist engine with the namespace's real labels) →
 //! [`build`] (pure: every child object) → [`apply`] (server-side apply under one field
 //! manager, stale children deleted) → [`status`] (derived from what was applied).
-//! [`run`] wires the kube-runtime `Controller`, leader election, metrics and health.
+//! [`run`] wires the kube-runtime `Controller`, leader election, metrics and health;
+//! [`policy_status`] keeps each ToolPolicy's `violatingTools` current.
 
 pub mod apply;
 pub mod build;
 pub mod dereference;
 pub mod labels;
 pub mod metrics;
+pub mod policy_status;
 pub mod reconcile;
 pub mod run;
 pub mod status;

@@ -23,6 +23,7 @@ use super::build::{ApiServerEndpoint, Settings};
 use super::dereference::Stores;
 use super::labels::{MANAGED_BY, MANAGED_BY_VALUE};
 use super::metrics::Metrics;
+use super::policy_status;
 use super::reconcile::{Context, error_policy, reconcile};
 use crate::api::{AgentTool, ToolPolicy};
 
@@ -241,7 +242,24 @@ async fn run_controllers(
         controller: FIELD_MANAGER.into(),
         instance: options.lease.as_ref().map(|l| l.identity.clone()),
     };
-    let all = scopes.into_iter().map(|scope| {
+    let controllers: Vec<(Option<String>, Controller<AgentTool>)> = scopes
+        .into_iter()
+        .map(|scope| {
+            let controller = Controller::new(
+                scoped::<AgentTool>(&client, &scope),
+                watcher::Config::default(),
+            );
+            (scope, controller)
+        })
+        .collect();
+    let counting = policy_status::run(
+        client.clone(),
+        stores.policies.clone(),
+        stores.namespaces.clone(),
+        controllers.iter().map(|(_, c)| c.store()).collect(),
+        stop.clone(),
+    );
+    let all = controllers.into_iter().map(|(scope, controller)| {
         let recorder = Recorder::new(client.clone(), reporter.clone());
         let triggers = Triggers {
             policies: policy_changes.subscribe(),
@@ -253,9 +271,15 @@ async fn run_controllers(
             Arc::clone(&metrics),
             recorder,
         );
-        run_scope(client.clone(), scope, parts, triggers, stop.clone())
+        run_scope(
+            client.clone(),
+            (scope, controller),
+            parts,
+            triggers,
+            stop.clone(),
+        )
     });
-    futures::future::join_all(all).await;
+    futures::future::join(futures::future::join_all(all), counting).await;
 }
 
 /// What makes tools reconcile besides their own and their children's changes.
@@ -279,7 +303,7 @@ where
 /// One kube-runtime Controller over the AgentTools of `scope` (a namespace, or all).
 async fn run_scope(
     client: Client,
-    scope: Option<String>,
+    (scope, controller): (Option<String>, Controller<AgentTool>),
     (settings, stores, metrics, recorder): (Settings, Stores, Arc<Metrics>, Recorder),
     triggers: Triggers,
     stop: watch::Receiver<bool>,
@@ -312,10 +336,6 @@ async fn run_scope(
         metrics,
         recorder,
     ));
-    let controller = Controller::new(
-        scoped::<AgentTool>(&client, &scope),
-        watcher::Config::default(),
-    );
     let tools = controller.store();
     let tools_listed = tools.clone();
     let policy_changes = futures::stream::unfold(triggers.policies, |mut rx| async move {

@@ -10,7 +10,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 
 use super::apply::FIELD_MANAGER;
-use super::build::service;
+use super::build::{ToolRootfs, service};
 use super::validate::Admitted;
 use crate::api::{AgentTool, AgentToolStatus};
 
@@ -92,7 +92,26 @@ pub fn of_applied(
         endpoints: service::endpoints(&tool.name_any(), &namespace)
             .into_iter()
             .collect(),
-        isolation: isolation(tool),
+        isolation: isolation(tool, rootfs_source(deployment)),
+    }
+}
+
+/// How the applied Deployment gives the tool its root file system.
+fn rootfs_source(deployment: &Deployment) -> &'static str {
+    let image_volume = deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|pod| pod.volumes.as_ref())
+        .is_some_and(|volumes| {
+            volumes
+                .iter()
+                .any(|v| v.name == "tool-image" && v.image.is_some())
+        });
+    if image_volume {
+        ToolRootfs::ImageVolume.as_str()
+    } else {
+        ToolRootfs::Copy.as_str()
     }
 }
 
@@ -163,21 +182,66 @@ fn compliance(tool: &AgentTool, admitted: &Admitted, now: &Time) -> Condition {
     condition(tool, POLICY_COMPLIANT, "False", reason, &message, now)
 }
 
-/// Which mechanism isolates the tool at each layer the controller configures.
-fn isolation(tool: &AgentTool) -> BTreeMap<String, String> {
+/// Which mechanism enforces each limit in the runner pod, and each layer the controller
+/// configures. A pod's cgroup tree is read-only, so the runner (`--allow-degraded`)
+/// enforces a sandbox's memory, pids and cpu with rlimits, bounded together by the
+/// runner container's cgroup; everything else is the same as on a host.
+fn isolation(tool: &AgentTool, rootfs: &str) -> BTreeMap<String, String> {
+    let sandbox = &tool.spec.sandbox;
+    let pod_memory = super::build::RUNNER_MEMORY_LIMIT;
+    let memory = match &sandbox.memory {
+        Some(memory) => format!(
+            "rlimit RLIMIT_AS {} per process; the runner container's cgroup memory.max {pod_memory} bounds all sandboxes",
+            memory.0
+        ),
+        None => format!("the runner container's cgroup memory.max {pod_memory}, shared"),
+    };
+    let cpu = match &sandbox.cpu {
+        Some(cpu) => format!(
+            "rlimit RLIMIT_CPU (timeout x {}) per process, a CPU-seconds budget; the wall-clock timeout is the real bound",
+            cpu.0
+        ),
+        None => "no per-sandbox cap; the wall-clock timeout bounds it".into(),
+    };
     BTreeMap::from([
         ("podUserNamespace".into(), "hostUsers=false".into()),
-        ("rootfs".into(), "imageVolume".into()),
+        ("rootfs".into(), rootfs.into()),
         (
             "runtimeClass".into(),
-            tool.spec
-                .sandbox
+            sandbox
                 .runtime_class_name
                 .clone()
                 .unwrap_or_else(|| "default".into()),
         ),
         ("network".into(), "NetworkPolicy".into()),
         ("perCall".into(), "sandbox".into()),
+        (
+            "limits.timeoutMs".into(),
+            format!(
+                "the runner kills the whole sandbox after {} ms",
+                sandbox.timeout_ms
+            ),
+        ),
+        ("limits.memory".into(), memory),
+        ("limits.cpu".into(), cpu),
+        (
+            "limits.pids".into(),
+            format!("rlimit RLIMIT_NPROC {} per uid", sandbox.pids),
+        ),
+        (
+            "limits.maxOutputBytes".into(),
+            format!(
+                "the runner cuts the output at {} bytes",
+                sandbox.max_output_bytes
+            ),
+        ),
+        (
+            "limits.tmpSize".into(),
+            match &sandbox.tmp_size {
+                Some(size) => format!("tmpfs size={} at /tmp", size.0),
+                None => "tmpfs at /tmp, 64Mi (the default)".into(),
+            },
+        ),
     ])
 }
 
@@ -243,4 +307,72 @@ pub async fn write(
         name: tool.name_any(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn execute_code() -> AgentTool {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/execute-code.yaml");
+        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    /// `isolation.rootfs` says which path the applied Deployment uses.
+    #[test]
+    fn the_rootfs_path_comes_from_the_applied_deployment() {
+        let deployment = |volume: serde_json::Value| -> Deployment {
+            serde_json::from_value(json!({"spec": {"selector": {}, "template": {"spec": {
+                "containers": [{"name": "runner"}], "volumes": [volume]}}}}))
+            .unwrap()
+        };
+        let by_image =
+            deployment(json!({"name": "tool-image", "image": {"reference": "busybox:1.36.1"}}));
+        let copied = deployment(json!({"name": "tool-image", "emptyDir": {}}));
+        assert_eq!(rootfs_source(&by_image), "imageVolume");
+        assert_eq!(rootfs_source(&copied), "initContainerCopy");
+    }
+
+    /// Every limit of `spec.sandbox` names the mechanism that enforces it in the pod: a
+    /// limit added to the API without one fails here.
+    #[test]
+    fn isolation_names_the_mechanism_of_every_limit() {
+        let mut tool = execute_code();
+        tool.spec.sandbox.memory = Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(
+            "128Mi".into(),
+        ));
+        tool.spec.sandbox.cpu = None;
+        tool.spec.sandbox.timeout_ms = 2500;
+        let isolation = isolation(&tool, "imageVolume");
+        let limits = serde_json::to_value(&tool.spec.sandbox).unwrap();
+        let not_limits = ["warmPool", "runtimeClassName", "allowDegraded"];
+        for field in limits.as_object().unwrap().keys() {
+            if !not_limits.contains(&field.as_str()) {
+                assert!(
+                    isolation.contains_key(&format!("limits.{field}")),
+                    "no mechanism for {field}: {isolation:?}"
+                );
+            }
+        }
+        for optional in ["cpu", "tmpSize"] {
+            assert!(isolation.contains_key(&format!("limits.{optional}")));
+        }
+        assert_eq!(
+            isolation["limits.memory"],
+            "rlimit RLIMIT_AS 128Mi per process; the runner container's cgroup memory.max \
+             1Gi bounds all sandboxes"
+        );
+        assert_eq!(
+            isolation["limits.timeoutMs"],
+            "the runner kills the whole sandbox after 2500 ms"
+        );
+        assert!(
+            isolation["limits.cpu"].starts_with("no per-sandbox cap"),
+            "{isolation:?}"
+        );
+        assert_eq!(
+            isolation["limits.pids"],
+            format!("rlimit RLIMIT_NPROC {} per uid", tool.spec.sandbox.pids)
+        );
+    }
 }

@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use tower_test::mock;
 
 use super::apply::OwnedStores;
-use super::build::{ApiServerEndpoint, Settings};
+use super::build::{ApiServerEndpoint, Settings, ToolRootfs};
 use super::dereference::Stores;
 use super::metrics::Metrics;
 use super::reconcile::{Context, ReconcileError, backoff, error_policy, reconcile};
@@ -235,6 +235,7 @@ impl Harness {
                     ip: [10, 0, 0, 1].into(),
                     port: 6443,
                 }],
+                tool_rootfs: ToolRootfs::default(),
             },
             Stores {
                 namespaces: namespace_store,
@@ -676,6 +677,7 @@ async fn health_metrics_and_readiness_are_served_and_shutdown_is_graceful() {
         settings: Settings {
             runner_image: "ghcr.io/toolwarden/toolwarden:test".into(),
             api_server: Vec::new(),
+            tool_rootfs: ToolRootfs::default(),
         },
         namespaces: vec!["agents".into()],
         lease: None,
@@ -776,6 +778,7 @@ async fn the_controller_reads_and_writes_nothing_before_it_holds_the_lease_and_r
         settings: Settings {
             runner_image: "ghcr.io/toolwarden/toolwarden:test".into(),
             api_server: Vec::new(),
+            tool_rootfs: ToolRootfs::default(),
         },
         namespaces: vec!["agents".into()],
         lease: Some(super::run::LeaseOptions {
@@ -870,4 +873,86 @@ async fn an_object_of_someone_elses_under_a_childs_name_is_never_taken_over() {
     h.api.put(path, ours);
     h.reconcile().await.unwrap();
     assert_eq!(condition(&h.status(), "Degraded").0, "False");
+}
+
+/// `violatingTools` on the fake API server: counted from the stores, written once per
+/// change (not again while it holds), lowered when the tool is fixed or deleted, and a
+/// failed write is tried again on the next look.
+#[tokio::test]
+async fn each_policy_status_counts_the_tools_that_break_it() {
+    const POLICY_PATH: &str = "/apis/toolwarden.dev/v1alpha1/toolpolicies/strict";
+    let mut h = Harness::new();
+    let mut policy = strict_policy("warn");
+    policy.metadata.generation = Some(2);
+    h.api
+        .put(POLICY_PATH, serde_json::to_value(&policy).unwrap());
+    h.set_policy(policy);
+    let (tools, mut tool_writer) = reflector::store::<AgentTool>();
+    let breaking = example_tool();
+    tool_writer.apply_watcher_event(&watcher::Event::Apply(breaking.clone()));
+    let mut counter = super::policy_status::Counter::default();
+    let (client, stores) = (h.ctx.client.clone(), h.ctx.stores.clone());
+    let tool_stores = [tools];
+    let mut look = async || {
+        counter
+            .update(&client, &stores.policies, &stores.namespaces, &tool_stores)
+            .await;
+    };
+    let status_writes = |api: &FakeApi| -> Vec<Value> {
+        api.take_calls()
+            .into_iter()
+            .filter(|c| c.method == Method::PATCH && c.path() == format!("{POLICY_PATH}/status"))
+            .map(|c| c.body["status"].clone())
+            .collect()
+    };
+    // The watch brings the written status back into the policy store.
+    let observe = |h: &mut Harness| {
+        let stored: ToolPolicy = serde_json::from_value(h.api.get(POLICY_PATH).unwrap()).unwrap();
+        h.set_policy(stored);
+    };
+
+    look().await;
+    assert_eq!(
+        status_writes(&h.api),
+        [json!({"observedGeneration": 2, "violatingTools": 1})]
+    );
+    observe(&mut h);
+    look().await;
+    assert_eq!(
+        status_writes(&h.api),
+        Vec::<Value>::new(),
+        "nothing changed"
+    );
+
+    // Fixed: within the policy's limits, it no longer counts.
+    let mut fixed = breaking.clone();
+    fixed.spec.sandbox.timeout_ms = 100;
+    fixed.spec.sandbox.pids = 4;
+    fixed.metadata.resource_version = Some("2".into());
+    tool_writer.apply_watcher_event(&watcher::Event::Apply(fixed));
+    h.api
+        .fail_next(Method::PATCH, "/toolpolicies/strict/status", 500);
+    look().await;
+    assert_eq!(
+        h.api.get(POLICY_PATH).unwrap()["status"]["violatingTools"],
+        1,
+        "the injected failure kept the old count"
+    );
+    h.api.take_calls();
+    look().await;
+    assert_eq!(
+        status_writes(&h.api),
+        [json!({"observedGeneration": 2, "violatingTools": 0})],
+        "the failed write is tried again"
+    );
+    observe(&mut h);
+
+    // Broken again, then deleted.
+    tool_writer.apply_watcher_event(&watcher::Event::Apply(breaking.clone()));
+    look().await;
+    assert_eq!(status_writes(&h.api)[0]["violatingTools"], 1);
+    observe(&mut h);
+    tool_writer.apply_watcher_event(&watcher::Event::Delete(breaking));
+    look().await;
+    assert_eq!(status_writes(&h.api)[0]["violatingTools"], 0);
 }

@@ -8,13 +8,51 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use crate::api::ToolPolicy;
 use crate::api::manifest::Manifests;
+use crate::api::{AgentTool, PolicyMode, ToolPolicy};
 use crate::policy;
 
 use super::images::RootfsResolver;
 use super::ratelimit::LimiterClock;
 use super::tool::{PreparedTool, SecretsDir, prepare};
+
+/// The file beside the manifests in which the controller states its verdict on
+/// the tool of the same ConfigMap (`toolwarden runner` serves by it).
+pub const ADMITTED_VERDICT_FILE: &str = "verdict.json";
+
+/// The controller's verdict, as `src/controller/build/config_map.rs` writes it:
+/// the checklist run with the namespace's real labels and the cluster's
+/// ToolPolicies, which a runner pod cannot see.
+#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AdmittedVerdict {
+    /// The tool it is about, and the generation the controller validated.
+    pub tool: String,
+    pub generation: Option<i64>,
+    pub denied: bool,
+    #[serde(default)]
+    pub violations: Vec<AdmittedViolation>,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
+pub struct AdmittedViolation {
+    pub rule: String,
+    pub path: String,
+    pub message: String,
+    pub policy: Option<String>,
+    pub mode: PolicyMode,
+}
+
+/// How a tool is judged before it is served.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Judge {
+    /// `serve`: the checklist, with the tool's namespace as its only label.
+    #[default]
+    Evaluate,
+    /// `runner`: the controller's verdict beside the manifests; a tool without
+    /// a verdict about it (its name and generation) is not served.
+    Admitted,
+}
 
 /// A tool that is not served, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,6 +79,7 @@ pub struct Registry {
     clock: LimiterClock,
     secrets: SecretsDir,
     images: Option<Box<dyn RootfsResolver>>,
+    judge: Judge,
 }
 
 impl Registry {
@@ -50,7 +89,15 @@ impl Registry {
             clock,
             secrets,
             images: None,
+            judge: Judge::Evaluate,
         }
+    }
+
+    /// Serves by the controller's verdict ([`ADMITTED_VERDICT_FILE`]) instead of
+    /// evaluating the checklist without the cluster's labels and policies.
+    pub fn with_judge(mut self, judge: Judge) -> Registry {
+        self.judge = judge;
+        self
     }
 
     /// Resolves every tool's image to a root file system; tools whose image
@@ -82,6 +129,14 @@ impl Registry {
     /// cannot be read at all, the current set stays.
     pub fn load(&self, paths: &[PathBuf]) -> LoadReport {
         match Manifests::load(paths, false) {
+            Ok(manifests) if self.judge == Judge::Admitted => {
+                let verdict = paths
+                    .first()
+                    .and_then(|p| p.parent())
+                    .map(|dir| read_verdict(&dir.join(ADMITTED_VERDICT_FILE)))
+                    .unwrap_or_else(|| Err("no manifest folder".into()));
+                self.replace_judged(&manifests, Some(&verdict))
+            }
             Ok(manifests) => self.replace(&manifests),
             Err(errors) => LoadReport {
                 errors: errors.iter().map(ToString::to_string).collect(),
@@ -93,6 +148,16 @@ impl Registry {
     /// Checks every tool against the checklist (same engine and messages as
     /// `toolwarden check`) and serves those that pass.
     pub fn replace(&self, manifests: &Manifests) -> LoadReport {
+        self.replace_judged(manifests, None)
+    }
+
+    /// As [`Self::replace`]; with `admitted`, each tool is judged by that verdict
+    /// (or refused with the reason it could not be read) instead of the checklist.
+    pub fn replace_judged(
+        &self,
+        manifests: &Manifests,
+        admitted: Option<&Result<AdmittedVerdict, String>>,
+    ) -> LoadReport {
         let policies: Vec<ToolPolicy> = manifests
             .policies
             .iter()
@@ -115,20 +180,12 @@ impl Registry {
                 )]));
                 continue;
             }
-            let namespace = tool
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into());
-            let labels = BTreeMap::from([("kubernetes.io/metadata.name".to_string(), namespace)]);
-            let verdict = policy::evaluate(tool, &policies, &labels);
-            if verdict.denied() {
-                report.refused.push(refuse(
-                    verdict
-                        .with_mode(crate::api::PolicyMode::Enforce)
-                        .map(|v| format!("{} {}: {} ({})", v.rule, v.path, v.message, v.source()))
-                        .collect(),
-                ));
+            let denial = match admitted {
+                None => evaluate(tool, &policies),
+                Some(verdict) => judged_by(tool, verdict),
+            };
+            if let Some(reasons) = denial {
+                report.refused.push(refuse(reasons));
                 continue;
             }
             let previous = current.get(&name);
@@ -181,6 +238,73 @@ impl Registry {
         *self.tools.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
         report
     }
+}
+
+/// The checklist without a cluster: the namespace's name is its only label.
+/// `Some(every enforced violation)` when the tool is denied.
+fn evaluate(tool: &AgentTool, policies: &[ToolPolicy]) -> Option<Vec<String>> {
+    let namespace = tool
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let labels = BTreeMap::from([("kubernetes.io/metadata.name".to_string(), namespace)]);
+    let verdict = policy::evaluate(tool, policies, &labels);
+    verdict.denied().then(|| {
+        verdict
+            .with_mode(PolicyMode::Enforce)
+            .map(|v| format!("{} {}: {} ({})", v.rule, v.path, v.message, v.source()))
+            .collect()
+    })
+}
+
+/// The controller's verdict on `tool`: `Some(reasons)` when it is not to be served.
+fn judged_by(tool: &AgentTool, verdict: &Result<AdmittedVerdict, String>) -> Option<Vec<String>> {
+    let verdict = match verdict {
+        Ok(verdict) => verdict,
+        Err(why) => return Some(vec![why.clone()]),
+    };
+    let name = tool.metadata.name.as_deref().unwrap_or_default();
+    if verdict.tool != name || verdict.generation != tool.metadata.generation {
+        return Some(vec![format!(
+            "the controller's verdict is about {} generation {:?}, not {name} generation {:?}",
+            verdict.tool, verdict.generation, tool.metadata.generation
+        )]);
+    }
+    verdict.denied.then(|| {
+        let reasons: Vec<String> = verdict
+            .violations
+            .iter()
+            .filter(|v| v.mode == PolicyMode::Enforce)
+            .map(|v| {
+                let source = v
+                    .policy
+                    .as_deref()
+                    .map_or_else(|| "baseline".into(), |p| format!("policy {p}"));
+                format!("{} {}: {} ({source})", v.rule, v.path, v.message)
+            })
+            .collect();
+        if reasons.is_empty() {
+            vec!["the controller denies it".to_string()]
+        } else {
+            reasons
+        }
+    })
+}
+
+fn read_verdict(path: &Path) -> Result<AdmittedVerdict, String> {
+    let text = std::fs::read(path).map_err(|e| {
+        format!(
+            "no verdict of the controller at {}: {e} (toolwarden runner serves only what the controller admitted)",
+            path.display()
+        )
+    })?;
+    serde_json::from_slice(&text).map_err(|e| {
+        format!(
+            "the controller's verdict {} is unreadable: {e}",
+            path.display()
+        )
+    })
 }
 
 /// True when `path` is a manifest file a reload should react to.

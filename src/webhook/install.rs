@@ -149,7 +149,7 @@ impl Install {
                 "template": {
                     "metadata": {"labels": labels(component)},
                     // Runner pods run this same image; the Lease is this pod's (POD_NAMESPACE, POD_NAME).
-                    "spec": pod_spec(sa, container(&self.image, json!(["controller", "--runner-image", self.image]), json!({
+                    "spec": pod_spec(sa, container(&self.image, json!(["controller", "--runner-image", self.image, "--tool-rootfs", "image-volume"]), json!({
                         "requests": {"cpu": "100m", "memory": "64Mi"},
                         "limits": {"cpu": "1", "memory": "256Mi"}}))),
                 }}}),

@@ -132,6 +132,27 @@ impl Admission {
     }
 }
 
+/// The `request.uid` of an `admission.k8s.io/v1` AdmissionReview body, read
+/// without building the objects; `None` for anything else. Used only when the
+/// webhook cannot evaluate (busy), to answer that request with a denial.
+pub(crate) fn request_uid(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Envelope {
+        api_version: String,
+        kind: String,
+        request: Option<Uid>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Uid {
+        uid: String,
+    }
+    let envelope: Envelope = serde_json::from_slice(body).ok()?;
+    (envelope.api_version == "admission.k8s.io/v1" && envelope.kind == "AdmissionReview")
+        .then_some(envelope.request?.uid)
+        .filter(|uid| !uid.is_empty())
+}
+
 /// A denial with a reason the API server passes to the client (`403`).
 pub(crate) fn deny(
     request: &AdmissionRequest<DynamicObject>,

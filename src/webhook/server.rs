@@ -1,8 +1,12 @@
 //! The HTTPS server: `POST /validate` for every review (one service, one
 //! validator per kind behind it), `/healthz` and `/readyz`. Each evaluation
 //! holds one of a fixed number of slots and must finish within a deadline
-//! below the API server's webhook timeout; otherwise the answer is `503`, and
-//! the API server fails the request closed (`failurePolicy: Fail`).
+//! below the API server's webhook timeout. When it cannot (no slot in time, the
+//! deadline overrun, the stores not synced yet) the answer is a *denial* with
+//! code 503 and a message saying why, for the request's `uid`: the API server
+//! shows that message to the caller and the request is refused whatever the
+//! configuration's `failurePolicy` says. Only a body without a readable `uid`
+//! gets a bare HTTP `503` (the API server fails it closed under `Fail`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +20,7 @@ use axum::routing::{get, post};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use kube::core::admission::AdmissionResponse;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
@@ -85,6 +90,8 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
 async fn validate(State(app): State<Arc<App>>, body: Bytes) -> Response {
     if !app.admission.view.is_synced() {
         return unavailable(
+            &body,
+            "NotReady",
             "toolwarden's webhook has not synced its ToolPolicy, Namespace and AgentTool stores yet",
         );
     }
@@ -92,16 +99,23 @@ async fn validate(State(app): State<Arc<App>>, body: Bytes) -> Response {
     let Ok(Ok(slot)) =
         tokio::time::timeout_at(deadline, Arc::clone(&app.slots).acquire_owned()).await
     else {
-        return unavailable(format!(
-            "toolwarden's webhook is busy: no evaluation slot within {:?}",
-            app.deadline
-        ));
+        tracing::warn!(deadline = ?app.deadline, "no evaluation slot before the deadline");
+        return unavailable(
+            &body,
+            "Busy",
+            format!(
+                "toolwarden's webhook is busy: no evaluation slot within {:?}; retry",
+                app.deadline
+            ),
+        );
     };
     let admission = Arc::clone(&app.admission);
+    // `Bytes` clones share the buffer: the busy answer below reads the uid from it.
+    let request = body.clone();
     // The slot goes with the evaluation: one that overruns the deadline still counts.
     let work = tokio::task::spawn_blocking(move || {
         let _slot = slot;
-        admission.review(&body)
+        admission.review(&request)
     });
     match tokio::time::timeout_at(deadline, work).await {
         Ok(Ok(Ok(review))) => axum::Json(review).into_response(),
@@ -119,16 +133,34 @@ async fn validate(State(app): State<Arc<App>>, body: Bytes) -> Response {
         }
         Err(_) => {
             tracing::warn!(deadline = ?app.deadline, "admission evaluation overran its deadline");
-            unavailable(format!(
-                "toolwarden's webhook did not finish evaluating within {:?}",
-                app.deadline
-            ))
+            unavailable(
+                &body,
+                "Busy",
+                format!(
+                    "toolwarden's webhook did not finish evaluating within {:?}; retry",
+                    app.deadline
+                ),
+            )
         }
     }
 }
 
-fn unavailable(message: impl Into<String>) -> Response {
-    (StatusCode::SERVICE_UNAVAILABLE, message.into()).into_response()
+/// The answer when the webhook cannot judge a review: a denial (code 503,
+/// `reason`, `message`) for the review's uid, so the caller reads why and the
+/// request is refused even under `failurePolicy: Ignore`; a bare `503` only
+/// when the body has no readable uid (nothing to answer for).
+fn unavailable(body: &[u8], reason: &str, message: impl Into<String>) -> Response {
+    let message = message.into();
+    match super::review::request_uid(body) {
+        Some(uid) => {
+            let mut response = AdmissionResponse::invalid(message);
+            response.uid = uid;
+            response.result.code = 503;
+            response.result.reason = reason.to_string();
+            axum::Json(response.into_review()).into_response()
+        }
+        None => (StatusCode::SERVICE_UNAVAILABLE, message).into_response(),
+    }
 }
 
 /// Serves `router` over TLS until `shutdown` resolves, then lets open

@@ -12,6 +12,8 @@ use toolwarden::webhook::{Admission, ClusterView, Config};
 
 pub const NAMESPACE: &str = "agents";
 pub const RELEASE_NAMESPACE: &str = "toolwarden";
+/// The uid of every request [`Request::body`] builds.
+pub const REQUEST_UID: &str = "0c9a8d74-9cb7-44dd-b98e-09fd62def2f4";
 pub const CONTROLLER_USER: &str = "system:serviceaccount:toolwarden:toolwarden-controller";
 
 /// A namespace with the labels the API server and its owner set.
@@ -96,7 +98,7 @@ impl Request<'_> {
         let gvk = json!({"group": self.group, "version": self.version, "kind": self.kind});
         let gvr = json!({"group": self.group, "version": self.version, "resource": self.resource});
         let mut request = json!({
-            "uid": "0c9a8d74-9cb7-44dd-b98e-09fd62def2f4",
+            "uid": REQUEST_UID,
             "kind": gvk, "resource": gvr, "requestKind": gvk, "requestResource": gvr,
             "name": self.name,
             "operation": self.operation,
@@ -150,7 +152,7 @@ pub fn answer(admission: &Admission, body: &[u8]) -> Value {
     assert_eq!(value["apiVersion"], "admission.k8s.io/v1", "{value}");
     assert_eq!(value["kind"], "AdmissionReview", "{value}");
     assert_eq!(
-        value["response"]["uid"], "0c9a8d74-9cb7-44dd-b98e-09fd62def2f4",
+        value["response"]["uid"], REQUEST_UID,
         "the response must echo the request's uid: {value}"
     );
     value["response"].clone()

@@ -13,7 +13,7 @@ use crate::api::AgentTool;
 use crate::controller::validate::Admitted;
 
 /// Key of the verdict: not `*.yaml`, so the runner does not read it as a manifest.
-pub const VERDICT_KEY: &str = "verdict.json";
+pub const VERDICT_KEY: &str = crate::runner::registry::ADMITTED_VERDICT_FILE;
 
 pub fn build(admitted: &Admitted, names: &ChildNames) -> Result<ConfigMap, BuildError> {
     let tool = &admitted.tool;
@@ -29,11 +29,18 @@ pub fn build(admitted: &Admitted, names: &ChildNames) -> Result<ConfigMap, Build
         spec: tool.spec.clone(),
         status: None,
     };
-    let verdict =
-        serde_json::to_string_pretty(&admitted.verdict).map_err(|source| BuildError::Encode {
-            kind: "ConfigMap",
-            source,
-        })?;
+    // What `toolwarden runner` serves by (`runner::registry::AdmittedVerdict`): it names
+    // the tool and generation, so a verdict never applies to another spec.
+    let verdict = serde_json::to_string_pretty(&serde_json::json!({
+        "tool": tool.name_any(),
+        "generation": tool.metadata.generation,
+        "denied": admitted.verdict.denied,
+        "violations": admitted.verdict.violations,
+    }))
+    .map_err(|source| BuildError::Encode {
+        kind: "ConfigMap",
+        source,
+    })?;
     Ok(ConfigMap {
         metadata: child_meta(tool, &names.runner)?,
         data: Some(BTreeMap::from([

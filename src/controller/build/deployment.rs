@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::apps::v1::Deployment;
 use serde_json::{Value, json};
 
-use super::{BuildError, ChildNames, Settings, child_meta, from_json};
+use super::{BuildError, ChildNames, Settings, ToolRootfs, child_meta, from_json};
 use crate::api::AgentTool;
 use crate::controller::labels::{CONFIG_HASH, child_labels};
 use crate::controller::validate::Admitted;
@@ -22,6 +22,8 @@ const STATE_DIR: &str = "/run/toolwarden";
 const IMAGE_VOLUMES_DIR: &str = "/var/lib/toolwarden/image-volumes";
 const VOLUMES_DIR: &str = "/var/lib/toolwarden/volumes";
 const SECRETS_DIR: &str = "/var/run/secrets/toolwarden";
+/// Where `audit.persistentVolumeClaim` is mounted: one `<pod>.jsonl` per runner pod.
+const AUDIT_DIR: &str = "/var/log/toolwarden/audit";
 /// Where in-cluster clients (the runner's TokenReview client) look for their credentials.
 const API_CREDENTIALS_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 /// Lifetime of the runner's own API token; the kubelet renews it at 80%.
@@ -29,6 +31,24 @@ const API_TOKEN_SECONDS: u32 = 3600;
 /// Enough CPU that warm-pool refills are not throttled (p90 3.1 ms at 500m, 78 ms at 200m).
 pub const MIN_CPU_REQUEST: &str = "500m";
 const SECRET_FILE_MODE: u32 = 0o400;
+/// Where the copy init container writes the tool's file system: its only writable path.
+const ROOTFS_COPY_DIR: &str = "/toolwarden-rootfs";
+/// `sh -c` script of the copy init container (`$1`: the root to copy, `$2`: the target):
+/// the image's own file system, without the pod's mounts over `/proc`, `/sys` and `/dev`
+/// (their mount points are made empty) or the target. Symlinks are copied as links; no
+/// owner or set-id bit survives (the copy needs no capability and is read-only later).
+pub(crate) const ROOTFS_COPY_SCRIPT: &str = r#"set -eu
+cd "$1"
+for entry in * .[!.]* ..?*; do
+  [ -e "$entry" ] || [ -L "$entry" ] || continue
+  case "$entry" in proc|sys|dev|toolwarden-rootfs) continue ;; esac
+  cp -R -P "$entry" "$2/"
+done
+mkdir -p "$2/proc" "$2/sys" "$2/dev" "$2/tmp"
+"#;
+
+/// The runner container's memory limit: the outer bound of all its sandboxes' memory.
+pub const RUNNER_MEMORY_LIMIT: &str = "1Gi";
 
 pub fn build(
     admitted: &Admitted,
@@ -38,7 +58,7 @@ pub fn build(
 ) -> Result<Deployment, BuildError> {
     let tool = &admitted.tool;
     let labels = child_labels(tool);
-    let (volumes, mounts) = volumes(tool, names);
+    let (volumes, mounts) = volumes(tool, names, settings.tool_rootfs);
     let namespace = tool.metadata.namespace.as_deref().unwrap_or_default();
     let service_names = [
         names.runner.clone(),
@@ -58,9 +78,21 @@ pub fn build(
         IMAGE_VOLUMES_DIR.into(),
         "--volumes".into(),
         VOLUMES_DIR.into(),
+        // A pod's cgroup tree is read-only: sandboxes get rlimits, bounded by the runner
+        // container's cgroup (the tool's status says so per limit). Without the flag every
+        // tool that does not set `sandbox.allowDegraded` would be refused in the pod.
+        "--allow-degraded".into(),
     ];
     if !tool.spec.secrets.is_empty() {
         args.extend(["--secrets-dir".into(), SECRETS_DIR.into()]);
+    }
+    // Audit records go to stdout (what log pipelines collect) unless the tool names a
+    // PVC; the kubelet expands `$(POD_NAME)`, so replicas never share a file.
+    if tool.spec.audit.persistent_volume_claim.is_some() {
+        args.extend([
+            "--audit-log".into(),
+            format!("{AUDIT_DIR}/$(POD_NAME).jsonl"),
+        ]);
     }
     for host in service_names {
         args.extend(["--allowed-host".into(), host]);
@@ -89,7 +121,7 @@ pub fn build(
             "securityContext": runner_security_context(),
             "resources": {
                 "requests": {"cpu": MIN_CPU_REQUEST, "memory": "256Mi"},
-                "limits": {"memory": "1Gi"},
+                "limits": {"memory": RUNNER_MEMORY_LIMIT},
             },
             "readinessProbe": probe("/readyz", 5),
             "livenessProbe": probe("/healthz", 10),
@@ -97,6 +129,20 @@ pub fn build(
         }],
         "volumes": volumes,
     });
+    if settings.tool_rootfs == ToolRootfs::Copy {
+        pod_spec["initContainers"] = json!([{
+            "name": "tool-rootfs",
+            "image": tool.spec.runtime.image,
+            "command": ["/bin/sh", "-c", ROOTFS_COPY_SCRIPT, "copy-rootfs", "/", ROOTFS_COPY_DIR],
+            "securityContext": rootfs_copy_security_context(),
+            "resources": {"requests": {"cpu": "100m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}},
+            "volumeMounts": [{"name": "tool-image", "mountPath": ROOTFS_COPY_DIR}],
+        }]);
+    }
+    if tool.spec.audit.persistent_volume_claim.is_some() {
+        pod_spec["containers"][0]["env"] = json!([{"name": "POD_NAME", "valueFrom":
+            {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}}]);
+    }
     if let Some(class) = &tool.spec.sandbox.runtime_class_name {
         pod_spec["runtimeClassName"] = json!(class);
     }
@@ -119,12 +165,30 @@ pub fn build(
 }
 
 /// The pod's volumes and the runner container's mounts of them.
-fn volumes(tool: &AgentTool, names: &ChildNames) -> (Vec<Value>, Vec<Value>) {
+/// The copy init container runs the tool's (untrusted) image: no capability at all, no
+/// privilege escalation, nothing writable but the target.
+pub fn rootfs_copy_security_context() -> Value {
+    json!({
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "runAsUser": 0,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    })
+}
+
+fn volumes(tool: &AgentTool, names: &ChildNames, rootfs: ToolRootfs) -> (Vec<Value>, Vec<Value>) {
     let image = &tool.spec.runtime.image;
+    let tool_image = match rootfs {
+        ToolRootfs::ImageVolume => {
+            json!({"name": "tool-image", "image": {"reference": image, "pullPolicy": "IfNotPresent"}})
+        }
+        ToolRootfs::Copy => json!({"name": "tool-image", "emptyDir": {}}),
+    };
     let mut volumes = vec![
         json!({"name": "tools", "configMap": {"name": names.runner, "defaultMode": 0o444}}),
         json!({"name": "state", "emptyDir": {}}),
-        json!({"name": "tool-image", "image": {"reference": image, "pullPolicy": "IfNotPresent"}}),
+        tool_image,
         json!({"name": "api-credentials", "projected": {"defaultMode": 0o444, "sources": [
             {"serviceAccountToken": {"path": "token", "expirationSeconds": API_TOKEN_SECONDS}},
             {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
@@ -175,6 +239,10 @@ fn volumes(tool: &AgentTool, names: &ChildNames) -> (Vec<Value>, Vec<Value>) {
         if let Some(config_map) = &mount.config_map {
             sources.insert(("configmap", config_map), true);
         }
+    }
+    if let Some(claim) = &tool.spec.audit.persistent_volume_claim {
+        volumes.push(json!({"name": "audit", "persistentVolumeClaim": {"claimName": claim}}));
+        mounts.push(json!({"name": "audit", "mountPath": AUDIT_DIR}));
     }
     for (index, ((kind, name), read_only)) in sources.into_iter().enumerate() {
         let volume = format!("volume-{index}");

@@ -25,7 +25,7 @@ use super::labels::child_labels;
 use super::validate::Admitted;
 use crate::api::AgentTool;
 
-pub use deployment::RUNNER_PORT;
+pub use deployment::{RUNNER_MEMORY_LIMIT, RUNNER_PORT};
 
 /// Operator-wide settings the children depend on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,6 +35,30 @@ pub struct Settings {
     /// Where the API server listens (the `kubernetes` Service's endpoints): the runner's
     /// TokenReviews go there, so its NetworkPolicy lets exactly these through.
     pub api_server: Vec<ApiServerEndpoint>,
+    /// How the tool's image becomes the sandbox root file system in the runner pod.
+    pub tool_rootfs: ToolRootfs,
+}
+
+/// How the tool's image reaches the runner pod (`--tool-rootfs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ToolRootfs {
+    /// An image volume (`volumes[].image`, Kubernetes 1.33+ with the ImageVolume feature):
+    /// the image itself, read-only, nothing copied.
+    #[default]
+    ImageVolume,
+    /// For clusters without image volumes: an init container running the tool's image
+    /// copies its file system into an `emptyDir` (the image needs `/bin/sh` and `cp`).
+    Copy,
+}
+
+impl ToolRootfs {
+    /// The name the tool's status reports (`isolation.rootfs`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ToolRootfs::ImageVolume => "imageVolume",
+            ToolRootfs::Copy => "initContainerCopy",
+        }
+    }
 }
 
 /// One address and port of the API server.

@@ -29,6 +29,7 @@ fn settings() -> Settings {
             ip: [10, 0, 0, 1].into(),
             port: 6443,
         }],
+        tool_rootfs: ToolRootfs::default(),
     }
 }
 
@@ -191,11 +192,21 @@ fn pod_violations(pod: &PodSpec, tool: &AgentTool) -> Vec<String> {
         found.extend(volume_violations(volume, &declared));
     }
     let documented: BTreeSet<&str> = RUNNER_POD_CAPABILITIES.iter().copied().collect();
+    let copy_context: k8s_openapi::api::core::v1::SecurityContext =
+        serde_json::from_value(deployment::rootfs_copy_security_context()).unwrap();
+    // The runner gets exactly the runner set; an init container (the rootfs copy, running
+    // the tool's untrusted image) exactly the copy's: no capability at all.
     let containers = pod
         .containers
         .iter()
-        .chain(pod.init_containers.iter().flatten());
-    for container in containers {
+        .map(|c| (c, runner_security_context()))
+        .chain(
+            pod.init_containers
+                .iter()
+                .flatten()
+                .map(|c| (c, copy_context.clone())),
+        );
+    for (container, expected_context) in containers {
         let name = &container.name;
         let context = container.security_context.clone().unwrap_or_default();
         if context.privileged == Some(true) {
@@ -215,8 +226,10 @@ fn pod_violations(pod: &PodSpec, tool: &AgentTool) -> Vec<String> {
                 ));
             }
         }
-        if context != runner_security_context() {
-            found.push(format!("{name}: securityContext differs from the runner's"));
+        if context != expected_context {
+            found.push(format!(
+                "{name}: securityContext differs from the documented one"
+            ));
         }
         for env in container.env.iter().flatten() {
             if env
@@ -509,8 +522,16 @@ fn the_runner_pod_gets_its_cpu_probes_image_volume_and_runtime_class() {
             .as_ref()
             .is_some_and(|t| !t.is_empty())
     );
-    // Audit records go to stdout (the default): never a file in the pod.
-    assert!(!runner.args.iter().flatten().any(|a| a == "--audit-log"));
+    // Audit records go to stdout, or to the tool's audit claim: never a file that dies
+    // with the pod (the claim case is checked in an_audit_claim_gets_one_file_per_runner_pod).
+    let args = runner.args.clone().unwrap_or_default();
+    if let Some(i) = args.iter().position(|a| a == "--audit-log") {
+        assert!(
+            args[i + 1].starts_with("/var/log/toolwarden/audit/"),
+            "{args:?}"
+        );
+        assert!(admitted.tool.spec.audit.persistent_volume_claim.is_some());
+    }
     // Only the declared keys of each Secret, as 0400 files.
     let secret_keys: BTreeSet<String> = pod
         .volumes
@@ -698,4 +719,288 @@ mod variants {
             prop_assert_eq!(built.pdb.is_some(), want > 1);
         }
     }
+}
+
+/// The runner serves what the controller admitted. The ConfigMap, written as kubelet
+/// mounts it, goes into a `toolwarden runner` registry: a tool that an enforcing cluster
+/// policy denies in its real namespace (which the runner cannot see, so its own check
+/// would pass) is refused naming the rule; a verdict about another tool or generation,
+/// an unreadable one, or none at all, is not trusted.
+#[test]
+fn the_runner_serves_the_configmaps_verdict_and_nothing_else() {
+    use crate::runner::ratelimit::LimiterClock;
+    use crate::runner::registry::{ADMITTED_VERDICT_FILE, Judge, Registry, manifest_files};
+    use crate::runner::tool::SecretsDir;
+
+    let (tools, _) = load(&manifest_dir().join("examples/execute-code.yaml"));
+    let tool = tools.into_iter().next().unwrap();
+    let strict: ToolPolicy = serde_yaml::from_str(
+        "apiVersion: toolwarden.dev/v1alpha1\nkind: ToolPolicy\nmetadata: {name: strict}\n\
+         spec: {mode: enforce, namespaceSelector: {matchLabels: {team: a}},\n  \
+         rules: {sandboxing: {maxTimeoutMs: 500}}}\n",
+    )
+    .unwrap();
+    let admit = |labels: &[(&str, &str)]| {
+        let inputs = Inputs {
+            namespace_labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            policies: vec![strict.clone()],
+        };
+        validate::validate(&tool, &inputs, &Engine::default()).unwrap()
+    };
+    let mounted = |admitted: &Admitted| {
+        let dir = tempfile::tempdir().unwrap();
+        let config_map = children(admitted, &settings()).unwrap().config_map;
+        for (key, value) in config_map.data.unwrap() {
+            std::fs::write(dir.path().join(key), value).unwrap();
+        }
+        dir
+    };
+    let serve = |dir: &Path, judge: Judge| {
+        Registry::new(LimiterClock::manual(), SecretsDir::default())
+            .with_judge(judge)
+            .load(&manifest_files(dir).unwrap())
+    };
+
+    let denied = mounted(&admit(&[("team", "a")]));
+    let report = serve(denied.path(), Judge::Admitted);
+    assert!(report.served.is_empty(), "{report:?}");
+    let reasons = report.refused[0].reasons.join("; ");
+    assert!(
+        reasons.contains("TW-SANDBOX-001") && reasons.contains("policy strict"),
+        "{reasons}"
+    );
+    // What the runner's own check, without the namespace's labels, would have served.
+    assert_eq!(
+        serve(denied.path(), Judge::Evaluate).served,
+        ["execute-code"]
+    );
+
+    let admitted = mounted(&admit(&[("team", "b")]));
+    assert_eq!(
+        serve(admitted.path(), Judge::Admitted).served,
+        ["execute-code"]
+    );
+    let verdict_path = admitted.path().join(ADMITTED_VERDICT_FILE);
+    let verdict = std::fs::read_to_string(&verdict_path).unwrap();
+    let forged = [
+        (
+            verdict.replace("\"generation\": 1", "\"generation\": 2"),
+            "generation Some(2)",
+        ),
+        (
+            verdict.replace("\"tool\": \"execute-code\"", "\"tool\": \"other\""),
+            "about other",
+        ),
+        ("{\"denied\": false".to_string(), "unreadable"),
+    ];
+    for (text, why) in forged {
+        std::fs::write(&verdict_path, &text).unwrap();
+        let report = serve(admitted.path(), Judge::Admitted);
+        assert!(report.served.is_empty(), "{text}: {report:?}");
+        let reasons = report.refused[0].reasons.join("; ");
+        assert!(reasons.contains(why), "{why}: {reasons}");
+    }
+    std::fs::remove_file(&verdict_path).unwrap();
+    let report = serve(admitted.path(), Judge::Admitted);
+    assert!(report.served.is_empty(), "{report:?}");
+    assert!(
+        report.refused[0].reasons[0].contains("no verdict of the controller"),
+        "{report:?}"
+    );
+}
+
+/// Clusters without image volumes: an init container running the tool's image copies its
+/// file system into an emptyDir mounted where the image volume would be; the pod keeps
+/// every invariant (the init container adds no capability), and the status says so.
+#[test]
+fn without_image_volumes_an_init_container_copies_the_tools_file_system() {
+    let copy = Settings {
+        tool_rootfs: ToolRootfs::Copy,
+        ..settings()
+    };
+    for admitted in admitted_fixtures() {
+        let tool = &admitted.tool;
+        let copied = children(&admitted, &copy).unwrap();
+        let pod = pod_spec(&copied.deployment);
+        let mut found = pod_violations(pod, tool);
+        found.extend(identity_violations(&copied, tool));
+        // The admission webhook lets the controller write it.
+        crate::webhook::workloads::pod_problems(pod, "spec.template.spec", &mut found);
+        assert!(found.is_empty(), "{}: {found:#?}", tool.name_any());
+        let init = &pod.init_containers.as_ref().expect("an init container")[0];
+        assert_eq!(
+            init.image.as_deref(),
+            Some(tool.spec.runtime.image.as_str())
+        );
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "tool-image")
+            .unwrap();
+        assert!(
+            volume.empty_dir.is_some() && volume.image.is_none(),
+            "{volume:?}"
+        );
+        // The runner mounts it read-only where the image volume would be.
+        let runner_mount = |d: &Deployment| {
+            pod_spec(d).containers[0]
+                .volume_mounts
+                .iter()
+                .flatten()
+                .find(|m| m.name == "tool-image")
+                .cloned()
+                .unwrap()
+        };
+        let by_volume = children(&admitted, &settings()).unwrap();
+        assert_eq!(
+            runner_mount(&copied.deployment),
+            runner_mount(&by_volume.deployment)
+        );
+        assert_eq!(runner_mount(&copied.deployment).read_only, Some(true));
+        assert!(
+            by_volume
+                .deployment
+                .spec
+                .as_ref()
+                .unwrap()
+                .template
+                .spec
+                .as_ref()
+                .unwrap()
+                .init_containers
+                .is_none()
+        );
+    }
+    // An init container with any capability is caught.
+    let admitted = &admitted_fixtures()[0];
+    let mut pod = pod_spec(&children(admitted, &copy).unwrap().deployment).clone();
+    let init = &mut pod.init_containers.as_mut().unwrap()[0];
+    init.security_context = Some(runner_security_context());
+    assert!(!pod_violations(&pod, &admitted.tool).is_empty());
+}
+
+/// The copy script, run by a real shell on a tree shaped like an image: regular files
+/// (modes kept, set-id bits dropped), hidden entries, symlinks copied as links (never
+/// followed out of the image), and the pod's /proc, /sys, /dev left as empty mount points.
+#[test]
+fn the_rootfs_copy_script_copies_the_image_and_not_the_pods_mounts() {
+    use std::os::unix::fs::{PermissionsExt, symlink};
+    let root = tempfile::tempdir().unwrap();
+    let target = tempfile::tempdir().unwrap();
+    let r = root.path();
+    for dir in [
+        "bin",
+        "etc/deep",
+        "proc/1",
+        "sys/kernel",
+        "dev",
+        ".hidden-dir",
+    ] {
+        std::fs::create_dir_all(r.join(dir)).unwrap();
+    }
+    std::fs::write(r.join("bin/tool"), "#!/bin/sh\necho hi\n").unwrap();
+    std::fs::set_permissions(r.join("bin/tool"), std::fs::Permissions::from_mode(0o4755)).unwrap();
+    std::fs::write(r.join("etc/deep/conf"), "x").unwrap();
+    std::fs::write(r.join(".profile"), "hidden").unwrap();
+    std::fs::write(r.join("..odd"), "odd").unwrap();
+    std::fs::write(r.join("proc/1/status"), "the pod's").unwrap();
+    std::fs::write(r.join("sys/kernel/x"), "the pod's").unwrap();
+    std::fs::write(r.join("dev/null-ish"), "the pod's").unwrap();
+    // Links that would leave the image if followed.
+    symlink("/etc/shadow", r.join("etc/passwd-link")).unwrap();
+    symlink("/", r.join("host-root")).unwrap();
+
+    let status = std::process::Command::new("/bin/sh")
+        .args(["-c", deployment::ROOTFS_COPY_SCRIPT, "copy-rootfs"])
+        .arg(r)
+        .arg(target.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let t = target.path();
+    assert_eq!(
+        std::fs::read_to_string(t.join("etc/deep/conf")).unwrap(),
+        "x"
+    );
+    assert_eq!(
+        std::fs::read_to_string(t.join(".profile")).unwrap(),
+        "hidden"
+    );
+    assert_eq!(std::fs::read_to_string(t.join("..odd")).unwrap(), "odd");
+    assert!(t.join(".hidden-dir").is_dir());
+    let mode = std::fs::metadata(t.join("bin/tool"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o111, 0o111, "executable: {mode:o}");
+    assert_eq!(mode & 0o6000, 0, "no set-id bit: {mode:o}");
+    for link in ["etc/passwd-link", "host-root"] {
+        let meta = std::fs::symlink_metadata(t.join(link)).unwrap();
+        assert!(meta.file_type().is_symlink(), "{link} copied as a link");
+    }
+    for mount_point in ["proc", "sys", "dev", "tmp"] {
+        let entries = std::fs::read_dir(t.join(mount_point)).unwrap().count();
+        assert_eq!(entries, 0, "{mount_point} is an empty mount point");
+    }
+}
+
+/// `audit.persistentVolumeClaim`: the records go to one file per pod on the claim
+/// (`$(POD_NAME)` is expanded by the kubelet), not stdout; without it, stdout.
+#[test]
+fn an_audit_claim_gets_one_file_per_runner_pod() {
+    let fixtures = admitted_fixtures();
+    for admitted in &fixtures {
+        let built = children(admitted, &settings()).unwrap();
+        let pod = pod_spec(&built.deployment);
+        let runner = &pod.containers[0];
+        let args = runner.args.clone().unwrap_or_default();
+        let audit_log = args
+            .iter()
+            .position(|a| a == "--audit-log")
+            .map(|i| args[i + 1].as_str());
+        match &admitted.tool.spec.audit.persistent_volume_claim {
+            None => assert_eq!(audit_log, None, "{}: stdout", admitted.tool.name_any()),
+            Some(claim) => {
+                assert_eq!(
+                    audit_log,
+                    Some("/var/log/toolwarden/audit/$(POD_NAME).jsonl")
+                );
+                let env = runner.env.as_ref().unwrap();
+                assert!(env.iter().any(|e| {
+                    e.name == "POD_NAME"
+                        && e.value_from
+                            .as_ref()
+                            .and_then(|v| v.field_ref.as_ref())
+                            .map(|f| f.field_path.as_str())
+                            == Some("metadata.name")
+                }));
+                let volume = pod
+                    .volumes
+                    .iter()
+                    .flatten()
+                    .find(|v| v.name == "audit")
+                    .unwrap();
+                let source = volume.persistent_volume_claim.as_ref().unwrap();
+                assert_eq!(&source.claim_name, claim);
+                assert_ne!(source.read_only, Some(true));
+                let mount = runner
+                    .volume_mounts
+                    .iter()
+                    .flatten()
+                    .find(|m| m.name == "audit")
+                    .unwrap();
+                assert_eq!(mount.mount_path, "/var/log/toolwarden/audit");
+            }
+        }
+    }
+    assert!(
+        fixtures
+            .iter()
+            .any(|a| a.tool.spec.audit.persistent_volume_claim.is_some()),
+        "the everything fixture names an audit claim"
+    );
 }
