@@ -142,3 +142,70 @@ fn a_reload_logs_only_the_pools_it_creates() {
     let _ = child.wait();
     assert_eq!(pools, ["user-profile-update"]);
 }
+
+/// The sandbox zygote logs as the runner does: JSON lines when the runner logs JSON (it is
+/// told so through its otherwise empty environment), text otherwise. Started here without its
+/// socket, it reports that one error and exits.
+#[test]
+fn the_zygote_logs_in_the_runners_format() {
+    for json in [true, false] {
+        let mut zygote = Command::new(env!("CARGO_BIN_EXE_toolwarden"));
+        zygote.arg("sandbox-zygote").env_remove("RUST_LOG");
+        if json {
+            zygote.env("TOOLWARDEN_SANDBOX_LOG_JSON", "1");
+        }
+        let out = zygote.output().unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let line = stderr.lines().last().unwrap_or_default();
+        let event = serde_json::from_str::<serde_json::Value>(line);
+        if json {
+            let event = event.unwrap_or_else(|e| panic!("not a JSON line ({e}): {stderr}"));
+            assert_eq!(event["level"], "ERROR", "{event}");
+            assert_eq!(
+                event["fields"]["message"], "sandbox zygote failed",
+                "{event}"
+            );
+            assert!(event["fields"]["reason"].is_string(), "{event}");
+        } else {
+            assert!(event.is_err(), "JSON without being asked: {stderr}");
+            assert!(line.contains("sandbox zygote failed"), "{stderr}");
+        }
+    }
+}
+
+/// `--log-format json` reaches the zygote the runner starts.
+#[test]
+fn a_json_runner_tells_its_zygote_to_log_json() {
+    require_root!();
+    let dir = common::examples_tools_dir();
+    let state = state_dir();
+    for (format, told) in [("json", true), ("text", false)] {
+        let (mut child, _, _) = common::spawn_serve(
+            Command::new(env!("CARGO_BIN_EXE_toolwarden"))
+                .args(["--log-format", format, "serve", "--listen", "127.0.0.1:0"])
+                .arg("--state-dir")
+                .arg(state.path())
+                .arg(dir.path()),
+        );
+        let children =
+            std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id())).unwrap();
+        let zygote_env = children
+            .split_whitespace()
+            .filter_map(|pid| std::fs::read(format!("/proc/{pid}/environ")).ok())
+            .find(|env| {
+                env.split(|b| *b == 0)
+                    .any(|v| v.starts_with(b"TOOLWARDEN_SANDBOX_STATE="))
+            })
+            .expect("serve has a zygote child");
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(
+            zygote_env
+                .split(|b| *b == 0)
+                .any(|v| v == b"TOOLWARDEN_SANDBOX_LOG_JSON=1"),
+            told,
+            "--log-format {format}"
+        );
+    }
+}

@@ -606,6 +606,7 @@ fn sandbox_executor(dir: &Path, common: &CommonArgs) -> Result<SandboxExecutor, 
     let exe = std::env::current_exe().map_err(StartError::NoExecutable)?;
     let mut config = EngineConfig::new(exe);
     config.state_root = common.state_dir.join("sandbox");
+    config.json_logs = super::logging::logs_json();
     let engine = Sandboxes::start(&config).map_err(StartError::Engine)?;
     let volumes = common
         .volumes

@@ -93,12 +93,12 @@ pub trait ToolExecutor: Send + Sync {
 
     /// Called with the whole tool set after every (re)load, off the request
     /// path: get ready to run `tools` (e.g. fill warm pools) and release what
-    /// belonged to tools no longer in it. Returns one reason per tool that
-    /// cannot be run, as `(tool, reason)`.
+    /// belonged to tools no longer in it. Returns the tools that cannot be
+    /// run, each with why.
     fn prepare<'a>(
         &'a self,
         tools: &'a [std::sync::Arc<PreparedTool>],
-    ) -> ExecFuture<'a, Vec<(String, String)>> {
+    ) -> ExecFuture<'a, Vec<(String, ExecError)>> {
         let _ = tools;
         Box::pin(async { Ok(Vec::new()) })
     }

@@ -46,8 +46,13 @@ pub async fn prepare_executor(runner: &Runner) {
     let tools: Vec<_> = runner.registry.snapshot().values().cloned().collect();
     match runner.executor.prepare(&tools).await {
         Ok(unrunnable) => {
-            for (tool, reason) in &unrunnable {
-                tracing::error!(%tool, %reason, "cannot run {tool}, not served: {reason}");
+            for (tool, error) in &unrunnable {
+                tracing::error!(
+                    %tool,
+                    %error,
+                    reason = error.reason(),
+                    "cannot run {tool}, not served: {error}"
+                );
             }
             let names: Vec<String> = unrunnable.into_iter().map(|(tool, _)| tool).collect();
             runner.registry.withdraw(&names);

@@ -404,7 +404,7 @@ impl ToolExecutor for SandboxExecutor {
     fn prepare<'a>(
         &'a self,
         tools: &'a [Arc<PreparedTool>],
-    ) -> ExecFuture<'a, Vec<(String, String)>> {
+    ) -> ExecFuture<'a, Vec<(String, ExecError)>> {
         Box::pin(async move {
             let fresh = self.create_images(tools).await;
             let live: Vec<PoolKey> = tools
@@ -448,7 +448,7 @@ impl ToolExecutor for SandboxExecutor {
                             .join("; "),
                         "sandbox pool ready with DEGRADED isolation (allowed)"
                     ),
-                    Err(e) => errors.push((tool.name.clone(), e.to_string())),
+                    Err(e) => errors.push((tool.name.clone(), ExecError::NotRunnable(Box::new(e)))),
                 }
             }
             Ok(errors)

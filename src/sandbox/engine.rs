@@ -25,6 +25,9 @@ pub struct EngineConfig {
     /// Calls executing at once, over all pools; further `run`s wait in FIFO order. Together with
     /// the warm pools this bounds the number of live keepers/containers.
     pub max_running: usize,
+    /// The zygote writes its diagnostics as JSON lines (the runner's `--log-format json`)
+    /// instead of text, so one log collector parses both.
+    pub json_logs: bool,
 }
 
 impl EngineConfig {
@@ -37,6 +40,7 @@ impl EngineConfig {
             // parallel only slows each one down.
             max_concurrent_builds: std::thread::available_parallelism().map_or(2, |n| n.get()),
             max_running: DEFAULT_MAX_RUNNING,
+            json_logs: false,
         }
     }
 }
@@ -58,6 +62,7 @@ impl Sandboxes {
             force_rlimits: cfg.force_rlimits,
             max_concurrent_builds: cfg.max_concurrent_builds,
             max_running: cfg.max_running,
+            json_logs: cfg.json_logs,
         })?;
         log_host(&host);
         Ok(Sandboxes {

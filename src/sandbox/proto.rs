@@ -18,6 +18,8 @@ pub const ZYGOTE_SOCK_FD: RawFd = 3;
 /// Environment variables the runner sets for the zygote (its environment is otherwise empty).
 pub const ENV_STATE_ROOT: &str = "TOOLWARDEN_SANDBOX_STATE";
 pub const ENV_FORCE_RLIMITS: &str = "TOOLWARDEN_SANDBOX_FORCE_RLIMITS";
+/// Set when the runner logs JSON lines: the zygote then logs them too.
+pub const ENV_LOG_JSON: &str = "TOOLWARDEN_SANDBOX_LOG_JSON";
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
 pub enum ToZygote {

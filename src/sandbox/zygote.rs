@@ -18,14 +18,14 @@ use crate::sandbox::keeper::{self, BACKGROUND_NICE, PoolDef, set_nice};
 use crate::sandbox::model::Enforcement;
 use crate::sandbox::names;
 use crate::sandbox::proto::{
-    self, ENV_FORCE_RLIMITS, ENV_STATE_ROOT, FromZygote, ToZygote, ZYGOTE_SOCK_FD,
+    self, ENV_FORCE_RLIMITS, ENV_LOG_JSON, ENV_STATE_ROOT, FromZygote, ToZygote, ZYGOTE_SOCK_FD,
 };
 use crate::sandbox::{mountpoint, oci_spec, seal, seccomp, sweep, zygote_mounts};
 
 /// Entry point of the hidden `sandbox-zygote` subcommand. Returns the process exit code.
 pub fn zygote_main() -> i32 {
     let seal_err = seal::ensure_sealed().err();
-    tracing::subscriber::with_default(log_subscriber(), || serve(seal_err))
+    tracing::dispatcher::with_default(&log_subscriber(), || serve(seal_err))
 }
 
 fn serve(seal_err: Option<std::io::Error>) -> i32 {
@@ -57,19 +57,24 @@ fn serve(seal_err: Option<std::io::Error>) -> i32 {
     code
 }
 
-/// The zygote's diagnostics go to the stderr it shares with the runner, as text, at the level
-/// of the runner's `RUST_LOG` (passed on by the runner; default `info`). Installed for the
+/// The zygote's diagnostics go to the stderr it shares with the runner, as text or as JSON
+/// lines like the runner's (`ENV_LOG_JSON`), at the level of the runner's `RUST_LOG` (passed on
+/// by the runner; default `info`). Installed for the
 /// zygote's thread only, never process-wide: a keeper (and the container init cloned from it,
 /// whose stderr is the tool's) must not log, or libcontainer's own events would end up in the
 /// tool's output (see the keeper's fork).
-fn log_subscriber() -> impl tracing::Subscriber + Send + Sync {
+fn log_subscriber() -> tracing::Dispatch {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .finish()
+        .with_ansi(false);
+    if std::env::var_os(ENV_LOG_JSON).is_some() {
+        tracing::Dispatch::new(builder.json().finish())
+    } else {
+        tracing::Dispatch::new(builder.finish())
+    }
 }
 
 fn run(sock: BorrowedFd<'_>, seal_err: Option<std::io::Error>) -> Result<()> {

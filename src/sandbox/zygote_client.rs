@@ -16,7 +16,7 @@ use crate::sandbox::error::{Error, Failure, ProtocolError, Result};
 use crate::sandbox::model::{Enforcement, SandboxSpec};
 use crate::sandbox::names::ZYGOTE_SUBCOMMAND;
 use crate::sandbox::proto::{
-    self, ENV_FORCE_RLIMITS, ENV_STATE_ROOT, FromZygote, ToZygote, ZYGOTE_SOCK_FD,
+    self, ENV_FORCE_RLIMITS, ENV_LOG_JSON, ENV_STATE_ROOT, FromZygote, ToZygote, ZYGOTE_SOCK_FD,
 };
 
 /// What the reader thread passes to a task waiting for its container.
@@ -32,6 +32,7 @@ pub struct Launch<'a> {
     pub force_rlimits: bool,
     pub max_concurrent_builds: usize,
     pub max_running: usize,
+    pub json_logs: bool,
 }
 
 /// A running zygote and the requests in flight to it.
@@ -65,6 +66,9 @@ impl ZygoteClient {
             .stdout(std::process::Stdio::null());
         if launch.force_rlimits {
             cmd.env(ENV_FORCE_RLIMITS, "1");
+        }
+        if launch.json_logs {
+            cmd.env(ENV_LOG_JSON, "1");
         }
         // The zygote's diagnostics at the runner's level.
         if let Some(filter) = std::env::var_os("RUST_LOG") {
