@@ -25,7 +25,7 @@ use tracing::Instrument;
 
 use super::admission::{Admission, RunSlot};
 use super::approvals::{Approvals, PendingApproval};
-use super::audit::{AuditFailed, AuditLog};
+use super::audit::{AuditFailed, AuditLog, EgressTrail};
 use super::auth::{AuthError, Authenticator, Caller};
 use super::authorize::{authorize, holds};
 use super::body_limits::{bounded, parse_input};
@@ -426,9 +426,10 @@ impl Runner {
     ) -> Result<Success, Problem> {
         trail.record("started", json!({}))?;
         let stdin = input.to_string().into_bytes();
+        let egress_audit = Arc::new(EgressTrail::new(trail.log.clone(), trail.base.clone()));
         let outcome = match self
             .executor
-            .execute(tool, stdin, tool.secrets.clone())
+            .execute_with_egress(tool, stdin, tool.secrets.clone(), egress_audit)
             .await
         {
             Ok(outcome) => outcome,

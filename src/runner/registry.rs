@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use crate::api::ToolPolicy;
+use crate::api::{EgressCidr, ToolPolicy};
 use crate::api::manifest::Manifests;
 use crate::policy;
 
@@ -131,8 +131,10 @@ impl Registry {
                 ));
                 continue;
             }
+            let allowed_egress_cidrs = granted_cidrs(tool, &policies, &labels);
             let previous = current.get(&name);
-            let unchanged = previous.filter(|p| p.spec == tool.spec);
+            let unchanged = previous
+                .filter(|p| p.spec == tool.spec && p.allowed_egress_cidrs == allowed_egress_cidrs);
             if let Some(prev) = unchanged {
                 // Secrets are read again on every reload: rotation changes no spec.
                 let fresh = self.secrets.read_all(&tool.spec);
@@ -157,6 +159,10 @@ impl Registry {
                 self.images.as_deref(),
                 &self.clock,
             )
+            .map(|mut prepared| {
+                prepared.allowed_egress_cidrs = allowed_egress_cidrs;
+                prepared
+            })
             .and_then(|mut prepared| match previous {
                 Some(prev) => prepared
                     .take_over_from(prev)
@@ -181,6 +187,34 @@ impl Registry {
         *self.tools.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
         report
     }
+}
+
+/// `sandboxing.allowedEgressCidrs` of every policy that selects `tool`, each once.
+fn granted_cidrs(
+    tool: &crate::api::AgentTool,
+    policies: &[ToolPolicy],
+    namespace_labels: &BTreeMap<String, String>,
+) -> Vec<EgressCidr> {
+    let tool_labels = tool.metadata.labels.clone().unwrap_or_default();
+    let mut cidrs: Vec<EgressCidr> = Vec::new();
+    for policy in policies
+        .iter()
+        .filter(|p| policy::policy_grants_to(p, &tool_labels, namespace_labels))
+    {
+        let granted = policy
+            .spec
+            .rules
+            .sandboxing
+            .as_ref()
+            .map(|s| s.allowed_egress_cidrs.as_slice())
+            .unwrap_or_default();
+        for cidr in granted {
+            if !cidrs.contains(cidr) {
+                cidrs.push(cidr.clone());
+            }
+        }
+    }
+    cidrs
 }
 
 /// True when `path` is a manifest file a reload should react to.
