@@ -10,12 +10,13 @@ mod common;
 #[path = "egress_support/mod.rs"]
 mod support;
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use support::{Names, Upstream};
+use support::{Names, TestPki, Upstream};
 use toolwarden::egress::UpstreamTls;
 use toolwarden::runner::admission::Admission;
 use toolwarden::runner::audit::{AuditKey, AuditLog};
@@ -130,7 +131,6 @@ fn host_address() -> Option<std::net::IpAddr> {
 
 async fn world() -> World {
     let dir = common::world_traversable_tempdir();
-    let (executor, store) = common::runner_sandbox(dir.path());
     let upstream = Upstream::start("127.0.0.1:0", None).await.unwrap();
     let bystander = Upstream::start("0.0.0.0:0", None).await.unwrap();
     let mut targets = vec![
@@ -141,35 +141,58 @@ async fn world() -> World {
         targets.push(format!("{ip}:{}", bystander.port()));
     }
     let names = Arc::new(Names::default());
-    names.set("api.test", &[&["127.0.0.1"]]);
-    names.set("other.test", &[&["127.0.0.1"]]);
-    names.set("evil.test", &[&["127.0.0.1"]]);
-    let executor = executor.with_egress_upstreams(
+    for name in ["api.test", "other.test", "evil.test"] {
+        names.set(name, &[&["127.0.0.1"]]);
+    }
+    let manifest = tool_manifest(upstream.port(), &targets.join(" "));
+    let (runner, audit) = runner(
+        dir.path(),
+        &manifest,
+        &[("upstream/token", SECRET)],
         UpstreamTls::with_roots(rustls::RootCertStore::empty()).unwrap(),
         names,
-    );
-    let tools = dir.path().join("tools");
-    std::fs::create_dir_all(&tools).unwrap();
-    std::fs::write(
-        tools.join("fetch.yaml"),
-        tool_manifest(upstream.port(), &targets.join(" ")),
     )
-    .unwrap();
-    std::fs::write(tools.join("policy.yaml"), LOOPBACK_POLICY).unwrap();
-    let secrets = dir.path().join("secrets");
-    std::fs::create_dir_all(secrets.join("upstream")).unwrap();
-    std::fs::write(secrets.join("upstream/token"), SECRET).unwrap();
+    .await;
+    World {
+        runner,
+        upstream,
+        bystander,
+        audit,
+        _dir: dir,
+    }
+}
 
+/// A runner with the real sandbox executor serving `manifest` and
+/// [`LOOPBACK_POLICY`], its proxies trusting `tls` and resolving with `names`.
+async fn runner(
+    dir: &Path,
+    manifest: &str,
+    secrets: &[(&str, &str)],
+    tls: UpstreamTls,
+    names: Arc<Names>,
+) -> (Arc<Runner>, Captured) {
+    let (executor, store) = common::runner_sandbox(dir);
+    let executor = executor.with_egress_upstreams(tls, names);
+    let tools = dir.join("tools");
+    std::fs::create_dir_all(&tools).unwrap();
+    std::fs::write(tools.join("tool.yaml"), manifest).unwrap();
+    std::fs::write(tools.join("policy.yaml"), LOOPBACK_POLICY).unwrap();
+    let secrets_dir = dir.join("secrets");
+    for (path, value) in secrets {
+        let file = secrets_dir.join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, value).unwrap();
+    }
     let registry =
-        Registry::new(LimiterClock::manual(), SecretsDir(Some(secrets))).with_images(store);
+        Registry::new(LimiterClock::manual(), SecretsDir(Some(secrets_dir))).with_images(store);
     let report = registry.load(&manifest_files(&tools).unwrap());
     assert!(
         report.refused.is_empty() && report.errors.is_empty(),
         "{report:?}"
     );
-    let tool = registry.get("fetch").unwrap();
-    assert_eq!(tool.allowed_egress_cidrs.len(), 1, "the policy's range");
-    let refused = executor.prepare(std::slice::from_ref(&tool)).await.unwrap();
+    let tools: Vec<_> = registry.snapshot().values().cloned().collect();
+    assert_eq!(tools[0].allowed_egress_cidrs.len(), 1, "the policy's range");
+    let refused = executor.prepare(&tools).await.unwrap();
     assert!(refused.is_empty(), "{refused:?}");
     let audit = Captured::default();
     let runner = Arc::new(Runner {
@@ -192,38 +215,33 @@ async fn world() -> World {
         admission: Admission::new(8, Duration::from_secs(30)),
         approvals: Default::default(),
     });
-    World {
-        runner,
-        upstream,
-        bystander,
-        audit,
-        _dir: dir,
+    (runner, audit)
+}
+
+/// Calls `tool` with `input`; its output (text or JSON) and invocation id.
+async fn call(runner: &Arc<Runner>, tool: &str, input: &Value) -> (Value, String) {
+    let ctx = CallContext {
+        transport: "rest",
+        client_ip: Some("127.0.0.1".into()),
+        user_agent: None,
+        authorization: Some(format!("Bearer {TOKEN}")),
+        caller: None,
+    };
+    let body = bytes::Bytes::from(input.to_string());
+    match runner.invoke(&ctx, tool, async move { Ok(body) }).await {
+        Ok(Called::Ran(success)) => (
+            serde_json::from_str(success.output.get()).unwrap(),
+            success.invocation_id,
+        ),
+        Ok(Called::AwaitingApproval(_)) => panic!("{input}: no approval is configured"),
+        Err(problem) => panic!("{input}: {problem:?}"),
     }
 }
 
 impl World {
     /// Calls the tool with `mode`; its output (text or JSON) and invocation id.
     async fn call(&self, mode: &str) -> (Value, String) {
-        let ctx = CallContext {
-            transport: "rest",
-            client_ip: Some("127.0.0.1".into()),
-            user_agent: None,
-            authorization: Some(format!("Bearer {TOKEN}")),
-            caller: None,
-        };
-        let body = bytes::Bytes::from(format!(r#"{{"mode":"{mode}"}}"#));
-        match self
-            .runner
-            .invoke(&ctx, "fetch", async move { Ok(body) })
-            .await
-        {
-            Ok(Called::Ran(success)) => (
-                serde_json::from_str(success.output.get()).unwrap(),
-                success.invocation_id,
-            ),
-            Ok(Called::AwaitingApproval(_)) => panic!("{mode}: no approval is configured"),
-            Err(problem) => panic!("{mode}: {problem:?}"),
-        }
+        call(&self.runner, "fetch", &serde_json::json!({ "mode": mode })).await
     }
 
     /// The `egress` records of one call, from the runner's audit log.
@@ -380,4 +398,59 @@ async fn placeholders_are_per_call() {
     let first = placeholder(&w.call("dump").await.0);
     let second = placeholder(&w.call("dump").await.0);
     assert_ne!(first, second);
+}
+
+/// The example `api-call` tool, as shipped: a GET of `api.example.com`
+/// (an HTTPS upstream on loopback whose CA only this test trusts) goes out
+/// over TLS with the example's key injected, and the caller gets the
+/// upstream's JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_api_call_tool_returns_the_upstreams_json() {
+    require_root!();
+    let dir = common::world_traversable_tempdir();
+    let pki = TestPki::new(&["api.example.com"]);
+    let upstream = Upstream::start("127.0.0.1:0", Some(pki.server.clone()))
+        .await
+        .unwrap();
+    let names = Arc::new(Names::default());
+    names.set("api.example.com", &[&["127.0.0.1"]]);
+    // The example declares port 443; the test's upstream listens elsewhere.
+    let manifest = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/api-call.yaml"),
+    )
+    .unwrap()
+    .replace("ports: [443]", &format!("ports: [443, {}]", upstream.port()))
+    .replace(
+        r"api\\.example\\.com|",
+        &format!(r"api\\.example\\.com:{}|", upstream.port()),
+    );
+    let (runner, audit) = runner(
+        dir.path(),
+        &manifest,
+        &[
+            ("external-api-keys/example", SECRET),
+            ("external-api-keys/service", "the-other-key"),
+        ],
+        pki.upstream_tls(),
+        names,
+    )
+    .await;
+    let input = serde_json::json!({
+        "endpoint": format!("https://api.example.com:{}/v1/items?q=a%20b", upstream.port()),
+        "method": "GET",
+    });
+    let (output, id) = call(&runner, "api-call", &input).await;
+    assert_eq!(output, serde_json::json!({"ok": true}));
+    let seen = upstream.requests();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].target, "/v1/items?q=a%20b");
+    assert_eq!(seen[0].headers["x-api-key"], real_value());
+    let text = String::from_utf8(audit.0.lock().unwrap().clone()).unwrap();
+    let egress: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["event"] == "egress" && r["invocationId"] == id.as_str())
+        .collect();
+    assert_eq!(egress.len(), 1, "{text}");
+    assert_eq!(egress[0]["egress"]["injected"], serde_json::json!(["external-api-keys/example"]));
 }
