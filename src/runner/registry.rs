@@ -364,6 +364,63 @@ spec:
         );
     }
 
+    fn policy(name: &str, selector: &str, cidr: &str) -> String {
+        format!(
+            "apiVersion: toolwarden.dev/v1alpha1
+kind: ToolPolicy
+metadata: {{name: {name}}}
+spec:
+  mode: enforce
+  {selector}
+  rules:
+    sandboxing:
+      allowedEgressCidrs: [\"{cidr}\"]
+---
+"
+        )
+    }
+
+    /// A policy grants its ranges to the tools it selects, and only those: one
+    /// selecting other tools, or whose selector cannot be parsed, grants
+    /// nothing; a changed policy reaches an otherwise unchanged tool.
+    #[test]
+    fn egress_ranges_come_from_the_policies_that_select_the_tool() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = dir.path().join("all.yaml");
+        let tool = ROTATING_TOOL
+            .replace("metadata: {name: rotating}", "metadata: {name: rotating, labels: {team: a}}")
+            .replace("  secrets:\n    - {secretName: api, key: token, env: API_TOKEN}\n", "");
+        let write = |policies: &[String]| {
+            std::fs::write(&manifest, format!("{}{tool}", policies.concat())).unwrap()
+        };
+        write(&[
+            policy("mine", "toolSelector: {matchLabels: {team: a}}", "10.0.0.0/8"),
+            policy("theirs", "toolSelector: {matchLabels: {team: b}}", "192.168.0.0/16"),
+            policy(
+                "broken",
+                "toolSelector: {matchExpressions: [{key: team, operator: Bogus}]}",
+                "172.16.0.0/12",
+            ),
+            policy("everyone", "", "10.0.0.0/8"),
+        ]);
+        let registry = Registry::new(LimiterClock::manual(), SecretsDir::default());
+        let report = registry.load(std::slice::from_ref(&manifest));
+        assert!(report.refused.is_empty() && report.errors.is_empty(), "{report:?}");
+        let granted = |r: &Registry| -> Vec<String> {
+            r.get("rotating")
+                .unwrap()
+                .allowed_egress_cidrs
+                .iter()
+                .map(|c| c.0.clone())
+                .collect()
+        };
+        assert_eq!(granted(&registry), ["10.0.0.0/8"]);
+
+        write(&[policy("mine", "toolSelector: {matchLabels: {team: a}}", "100.64.0.0/10")]);
+        registry.load(std::slice::from_ref(&manifest));
+        assert_eq!(granted(&registry), ["100.64.0.0/10"]);
+    }
+
     #[test]
     fn unchanged_tools_keep_their_generation_and_state() {
         let registry = Registry::new(LimiterClock::manual(), SecretsDir::default());
