@@ -181,7 +181,10 @@ async fn sandboxed_api_call() {
     println!("| Call | Median ms | p95 ms |");
     println!("| --- | ---: | ---: |");
     for (name, samples) in [
-        ("GET through the proxy, key injected, TLS upstream", &proxied),
+        (
+            "GET through the proxy, key injected, TLS upstream",
+            &proxied,
+        ),
         ("same tool, no request (wget fails at once)", &offline),
     ] {
         println!(

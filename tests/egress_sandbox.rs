@@ -55,7 +55,9 @@ exit 0
 "#;
 
 fn tool_manifest(port: u16, hosts: &str) -> String {
-    let script = SCRIPT.replace("PORT", &port.to_string()).replace("HOSTS", hosts);
+    let script = SCRIPT
+        .replace("PORT", &port.to_string())
+        .replace("HOSTS", hosts);
     format!(
         r#"apiVersion: toolwarden.dev/v1alpha1
 kind: AgentTool
@@ -277,7 +279,11 @@ async fn a_sandboxed_tool_reaches_its_declared_host_with_the_key_injected() {
     assert_eq!(records.len(), 1, "{records:?}");
     let r = &records[0];
     assert_eq!(
-        (r["outcome"].as_str(), r["method"].as_str(), r["host"].as_str()),
+        (
+            r["outcome"].as_str(),
+            r["method"].as_str(),
+            r["host"].as_str()
+        ),
         (Some("allowed"), Some("GET"), Some("api.test"))
     );
     assert_eq!(r["port"], w.upstream.port());
@@ -361,7 +367,10 @@ async fn nothing_leaves_the_sandbox_but_through_the_proxy() {
     assert!(w.upstream.requests().is_empty());
     assert_eq!(w.upstream.connection_count(), 0);
     assert_eq!(w.bystander.connection_count(), 0);
-    assert!(w.egress_records(&id).is_empty(), "no request went through the proxy");
+    assert!(
+        w.egress_records(&id).is_empty(),
+        "no request went through the proxy"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -374,7 +383,10 @@ async fn the_real_key_is_nowhere_in_the_sandbox_and_redacted_from_output() {
     // redaction of that value would show as [REDACTED].
     assert!(dump.contains("http_proxy=http://127.0.0.1:3128"), "{dump}");
     assert!(dump.contains("API_KEY=twph_"), "{dump}");
-    assert!(dump.contains("root:x:0:0"), "the dump read the sandbox's files: {dump}");
+    assert!(
+        dump.contains("root:x:0:0"),
+        "the dump read the sandbox's files: {dump}"
+    );
     assert!(!dump.contains("[REDACTED]") && !dump.contains(real_value()));
 
     // An upstream that echoes the key back: the caller gets it redacted.
@@ -419,7 +431,10 @@ async fn the_example_api_call_tool_returns_the_upstreams_json() {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/api-call.yaml"),
     )
     .unwrap()
-    .replace("ports: [443]", &format!("ports: [443, {}]", upstream.port()))
+    .replace(
+        "ports: [443]",
+        &format!("ports: [443, {}]", upstream.port()),
+    )
     .replace(
         r"api\\.example\\.com|",
         &format!(r"api\\.example\\.com:{}|", upstream.port()),
@@ -452,5 +467,8 @@ async fn the_example_api_call_tool_returns_the_upstreams_json() {
         .filter(|r| r["event"] == "egress" && r["invocationId"] == id.as_str())
         .collect();
     assert_eq!(egress.len(), 1, "{text}");
-    assert_eq!(egress[0]["egress"]["injected"], serde_json::json!(["external-api-keys/example"]));
+    assert_eq!(
+        egress[0]["egress"]["injected"],
+        serde_json::json!(["external-api-keys/example"])
+    );
 }

@@ -285,7 +285,11 @@ fn check_secret_delivery(spec: &AgentToolSpec, flag: &mut impl FnMut(Rule, Strin
                 ),
             );
         }
-        if let Some(name) = secret.inject.as_ref().and_then(|i| i.placeholder_env.as_ref()) {
+        if let Some(name) = secret
+            .inject
+            .as_ref()
+            .and_then(|i| i.placeholder_env.as_ref())
+        {
             let taken = crate::egress::PROXY_ENV.contains(&name.as_str())
                 || spec.runtime.env.iter().any(|e| &e.name == name)
                 || spec.secrets.iter().enumerate().any(|(j, other)| {

@@ -136,10 +136,18 @@ mod tests {
         let mut tool = example_tool("api-call");
         assert!(!clashes(&tool));
         for name in ["HTTPS_PROXY", "no_proxy", "SERVICE_API_KEY"] {
-            tool.spec.secrets[0].inject.as_mut().unwrap().placeholder_env = Some(name.into());
+            tool.spec.secrets[0]
+                .inject
+                .as_mut()
+                .unwrap()
+                .placeholder_env = Some(name.into());
             assert!(clashes(&tool), "{name}");
         }
-        tool.spec.secrets[0].inject.as_mut().unwrap().placeholder_env = Some("KEY".into());
+        tool.spec.secrets[0]
+            .inject
+            .as_mut()
+            .unwrap()
+            .placeholder_env = Some("KEY".into());
         assert!(!clashes(&tool));
         tool.spec.runtime.env.push(crate::api::EnvVar {
             name: "KEY".into(),

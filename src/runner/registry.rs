@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use crate::api::{EgressCidr, ToolPolicy};
 use crate::api::manifest::Manifests;
+use crate::api::{EgressCidr, ToolPolicy};
 use crate::policy;
 
 use super::images::RootfsResolver;
@@ -388,14 +388,28 @@ spec:
         let dir = tempfile::tempdir().unwrap();
         let manifest = dir.path().join("all.yaml");
         let tool = ROTATING_TOOL
-            .replace("metadata: {name: rotating}", "metadata: {name: rotating, labels: {team: a}}")
-            .replace("  secrets:\n    - {secretName: api, key: token, env: API_TOKEN}\n", "");
+            .replace(
+                "metadata: {name: rotating}",
+                "metadata: {name: rotating, labels: {team: a}}",
+            )
+            .replace(
+                "  secrets:\n    - {secretName: api, key: token, env: API_TOKEN}\n",
+                "",
+            );
         let write = |policies: &[String]| {
             std::fs::write(&manifest, format!("{}{tool}", policies.concat())).unwrap()
         };
         write(&[
-            policy("mine", "toolSelector: {matchLabels: {team: a}}", "10.0.0.0/8"),
-            policy("theirs", "toolSelector: {matchLabels: {team: b}}", "192.168.0.0/16"),
+            policy(
+                "mine",
+                "toolSelector: {matchLabels: {team: a}}",
+                "10.0.0.0/8",
+            ),
+            policy(
+                "theirs",
+                "toolSelector: {matchLabels: {team: b}}",
+                "192.168.0.0/16",
+            ),
             policy(
                 "broken",
                 "toolSelector: {matchExpressions: [{key: team, operator: Bogus}]}",
@@ -405,7 +419,10 @@ spec:
         ]);
         let registry = Registry::new(LimiterClock::manual(), SecretsDir::default());
         let report = registry.load(std::slice::from_ref(&manifest));
-        assert!(report.refused.is_empty() && report.errors.is_empty(), "{report:?}");
+        assert!(
+            report.refused.is_empty() && report.errors.is_empty(),
+            "{report:?}"
+        );
         let granted = |r: &Registry| -> Vec<String> {
             r.get("rotating")
                 .unwrap()
@@ -416,7 +433,11 @@ spec:
         };
         assert_eq!(granted(&registry), ["10.0.0.0/8"]);
 
-        write(&[policy("mine", "toolSelector: {matchLabels: {team: a}}", "100.64.0.0/10")]);
+        write(&[policy(
+            "mine",
+            "toolSelector: {matchLabels: {team: a}}",
+            "100.64.0.0/10",
+        )]);
         registry.load(std::slice::from_ref(&manifest));
         assert_eq!(granted(&registry), ["100.64.0.0/10"]);
     }

@@ -443,8 +443,8 @@ impl ToolExecutor for SandboxExecutor {
             let outcome = match &pool.egress {
                 None => pool.pool.run(invocation).await?,
                 Some((policy, tls)) => {
-                    let (credentials, placeholders) = call_credentials(tool)
-                        .map_err(|e| ExecError::NotRunnable(Box::new(e)))?;
+                    let (credentials, placeholders) =
+                        call_credentials(tool).map_err(|e| ExecError::NotRunnable(Box::new(e)))?;
                     let env = &mut invocation.env;
                     env.retain(|(name, _)| !PROXY_ENV.contains(&name.as_str()));
                     env.extend(proxy_env(SANDBOX_PROXY_PORT));
@@ -575,7 +575,11 @@ fn call_credentials(
     let mut env = Vec::new();
     for injected in &tool.injected {
         let placeholder = credentials.issue(&injected.secret, &injected.value)?;
-        let variable = injected.secret.inject.as_ref().and_then(|i| i.placeholder_env.clone());
+        let variable = injected
+            .secret
+            .inject
+            .as_ref()
+            .and_then(|i| i.placeholder_env.clone());
         if let Some(name) = variable {
             env.push((name, placeholder));
         }
