@@ -472,3 +472,36 @@ async fn the_example_api_call_tool_returns_the_upstreams_json() {
         serde_json::json!(["external-api-keys/example"])
     );
 }
+
+/// A key that cannot be a header value refuses the tool when it is loaded,
+/// naming the secret and never its value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_that_cannot_be_a_header_refuses_the_tool() {
+    require_root!();
+    let dir = common::world_traversable_tempdir();
+    let (executor, store) = common::runner_sandbox(dir.path());
+    let secrets = dir.path().join("secrets/upstream");
+    std::fs::create_dir_all(&secrets).unwrap();
+    std::fs::write(secrets.join("token"), "first-line\nsecond-line").unwrap();
+    let tool: toolwarden::api::AgentTool =
+        serde_yaml::from_str(&tool_manifest(8080, "127.0.0.1:1")).unwrap();
+    let tool = toolwarden::runner::tool::prepare(
+        &tool,
+        1,
+        &SecretsDir(Some(dir.path().join("secrets"))),
+        Some(&store),
+        &LimiterClock::manual(),
+    )
+    .unwrap();
+    let refused = executor.prepare(&[Arc::new(tool)]).await.unwrap();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    let why = &refused[0].1;
+    assert!(
+        why.contains("upstream/token") && why.contains("not a valid header value"),
+        "{why}"
+    );
+    assert!(
+        !why.contains("first-line") && !why.contains("second-line"),
+        "{why}"
+    );
+}

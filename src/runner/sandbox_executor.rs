@@ -127,6 +127,8 @@ impl SandboxExecutor {
             path: rootfs.clone(),
             source,
         })?;
+        // Before anything is created for the pool: a bad policy leaves nothing behind.
+        let egress = self.egress_policy(tool).await?;
         let planned = self.plan_mounts(&tool.spec)?;
         let file_secrets: Vec<(&str, &[u8])> = tool
             .secrets
@@ -197,7 +199,6 @@ impl SandboxExecutor {
             spec.mounts.extend(mounts);
             Some(files)
         };
-        let egress = self.egress_policy(tool).await?;
         let pool = self.engine.pool(spec).await?;
         // The engine decides again on the final spec: what it gave is what counts.
         let given = pool.enforcement();
