@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use support::{Names, TestPki, Upstream};
 use toolwarden::egress::UpstreamTls;
 use toolwarden::runner::admission::Admission;
-use toolwarden::runner::audit::{AuditKey, AuditLog};
+use toolwarden::runner::audit::{self, AuditKey, AuditLog};
 use toolwarden::runner::auth::Authenticator;
 use toolwarden::runner::executor::ToolExecutor;
 use toolwarden::runner::metrics::Metrics;
@@ -31,6 +31,7 @@ use toolwarden::runner::tool::SecretsDir;
 /// The real key, as a Secret file holds it (with its newline).
 const SECRET: &str = "sk-live-REAL-0123456789abcdef\n";
 const TOKEN: &str = "egress-test-token";
+const AUDIT_KEY: [u8; 32] = [9; 32];
 
 /// Does what its input's `mode` says; always exits 0 so the output comes back.
 const SCRIPT: &str = r#"read -r line
@@ -218,7 +219,7 @@ async fn runner(
         audit: AuditLog::to_writer(
             Box::new(audit.clone()),
             "memory",
-            AuditKey::new(&[9; 32]).unwrap(),
+            AuditKey::new(&AUDIT_KEY).unwrap(),
         ),
         executor: Arc::new(executor),
         metrics: Metrics::default(),
@@ -301,6 +302,14 @@ async fn a_sandboxed_tool_reaches_its_declared_host_with_the_key_injected() {
     assert!(r["durationMs"].is_u64());
     assert_eq!(r["injected"], serde_json::json!(["upstream/token"]));
     assert!(!w.audit_text().contains(real_value()));
+    // The egress record is a link of the keyed chain like any other.
+    let verified = audit::verify(
+        w.audit_text().as_bytes(),
+        Some(&AuditKey::new(&AUDIT_KEY).unwrap()),
+        None,
+    )
+    .unwrap();
+    assert!(verified.records >= 6, "{verified:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
