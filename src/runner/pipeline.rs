@@ -426,12 +426,16 @@ impl Runner {
     ) -> Result<Success, Problem> {
         trail.record("started", json!({}))?;
         let stdin = input.to_string().into_bytes();
-        let egress_audit = Arc::new(EgressTrail::new(trail.log.clone(), trail.base.clone()));
-        let outcome = match self
-            .executor
-            .execute_with_egress(tool, stdin, tool.secrets.clone(), egress_audit)
-            .await
-        {
+        let secrets = tool.secrets.clone();
+        // Only a tool with egress has a proxy whose records join the trail.
+        let run = if tool.spec.permissions.network.egress.is_empty() {
+            self.executor.execute(tool, stdin, secrets)
+        } else {
+            let egress = Arc::new(EgressTrail::new(trail.log.clone(), trail.base.clone()));
+            self.executor
+                .execute_with_egress(tool, stdin, secrets, egress)
+        };
+        let outcome = match run.await {
             Ok(outcome) => outcome,
             Err(e) => {
                 let reason = tool.redactor.redact_str(&e.to_string());
