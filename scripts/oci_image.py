@@ -20,6 +20,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import sys
 import tarfile
 
@@ -43,6 +44,9 @@ def add(tar, name, data=None, mode=0o644, kind=tarfile.REGTYPE, mtime=0):
         tar.addfile(info)
 
 
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+
+
 def rootfs_layer(binary, mtime):
     """The one layer: the binary, users and the folders a read-only root needs as mount points."""
     buf = io.BytesIO()
@@ -59,6 +63,14 @@ def rootfs_layer(binary, mtime):
             "usr/local/bin/": (None, 0o755, tarfile.DIRTYPE),
             BINARY_PATH: (binary, 0o755, tarfile.REGTYPE),
         }
+        # The egress proxy's upstream TLS trusts the system roots (as the Dockerfile copies them).
+        if os.path.exists(CA_BUNDLE):
+            with open(CA_BUNDLE, "rb") as f:
+                entries.update({
+                    "etc/ssl/": (None, 0o755, tarfile.DIRTYPE),
+                    "etc/ssl/certs/": (None, 0o755, tarfile.DIRTYPE),
+                    CA_BUNDLE.lstrip("/"): (f.read(), 0o644, tarfile.REGTYPE),
+                })
         for name in sorted(entries):
             data, mode, kind = entries[name]
             add(tar, name.rstrip("/"), data, mode, kind, mtime)

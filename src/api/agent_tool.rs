@@ -520,6 +520,16 @@ pub struct SecretInjection {
     /// Only requests under this path prefix (whole segments) get the value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_prefix: Option<EgressPath>,
+    /// Environment variable in which the tool gets this call's placeholder
+    /// (`twph_` and 32 hex digits) to send as `prefix` + placeholder in
+    /// `header`; the proxy swaps the real value in. Without it the tool gets
+    /// nothing and must not send the header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 256),
+        regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$")
+    )]
+    pub placeholder_env: Option<String>,
 }
 
 /// Whom a rate limit counts.

@@ -1,5 +1,5 @@
 //! One record per request through the proxy, handed to whoever keeps the
-//! audit trail (the runner's audit log, once the proxy is wired in).
+//! audit trail (the runner's audit log: `runner::audit::EgressTrail`).
 
 use std::net::IpAddr;
 

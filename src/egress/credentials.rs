@@ -206,6 +206,7 @@ mod tests {
                 header: header.into(),
                 prefix: prefix.map(Into::into),
                 path_prefix: path.map(|p| EgressPath(p.into())),
+                placeholder_env: None,
             }),
         }
     }

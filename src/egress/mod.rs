@@ -11,7 +11,9 @@
 //! proxy, every address is checked ([`address`]) and the connection goes to
 //! exactly the checked address. Every request becomes an [`EgressEvent`].
 //!
-//! Not wired into sandboxes yet: see the README's "Egress proxy" section.
+//! The runner's sandbox executor serves one per call of a tool with egress, on a socket inside
+//! the sandbox's network namespace ([`SANDBOX_PROXY_PORT`], [`proxy_env`]); see the README's
+//! "Egress proxy" section.
 
 pub mod address;
 mod audit;
@@ -20,6 +22,7 @@ mod error;
 mod policy;
 mod proxy;
 mod resolve;
+mod sandbox_env;
 mod sni;
 
 pub use audit::{EgressAudit, EgressEvent, EgressOutcome};
@@ -28,3 +31,4 @@ pub use error::EgressError;
 pub use policy::{EgressLimits, EgressPolicy};
 pub use proxy::{EgressProxy, Listener, MAX_CONNECTIONS, REASON_HEADER, UpstreamTls};
 pub use resolve::{ResolveFuture, Resolver, SystemResolver};
+pub use sandbox_env::{PROXY_ENV, SANDBOX_PROXY_PORT, proxy_env};

@@ -292,6 +292,32 @@ fn check_secret_delivery(spec: &AgentToolSpec, flag: &mut impl FnMut(Rule, Strin
                 ),
             );
         }
+        if let Some(name) = secret
+            .inject
+            .as_ref()
+            .and_then(|i| i.placeholder_env.as_ref())
+        {
+            let taken = crate::egress::PROXY_ENV.contains(&name.as_str())
+                || spec.runtime.env.iter().any(|e| &e.name == name)
+                || spec.secrets.iter().enumerate().any(|(j, other)| {
+                    j != i
+                        && (other.env.as_ref() == Some(name)
+                            || other
+                                .inject
+                                .as_ref()
+                                .and_then(|o| o.placeholder_env.as_ref())
+                                == Some(name))
+                });
+            if taken {
+                flag(
+                    rule::SECRET_DELIVERED_ONCE,
+                    format!("spec.secrets[{i}].inject.placeholderEnv"),
+                    format!(
+                        "`{name}` is already set for the tool (runtime.env, another secret or the proxy's variables)"
+                    ),
+                );
+            }
+        }
     }
 }
 

@@ -93,7 +93,7 @@ rules! {
     NO_LITERAL_SECRET = "TW-SECRET-001", SecretManagement, true, "no known credential format in runtime env, args or command";
     NO_HIGH_ENTROPY_LITERAL = "TW-SECRET-002", SecretManagement, true, "no high-entropy literal in runtime env, args or command";
     SECRET_NAMED_ENV_LITERAL = "TW-SECRET-003", SecretManagement, true, "a secret-named env var (…_TOKEN, …_PASSWORD) gets its value from spec.secrets";
-    SECRET_DELIVERED_ONCE = "TW-SECRET-004", SecretManagement, true, "each secret has exactly one delivery, and injected hosts are in the egress list";
+    SECRET_DELIVERED_ONCE = "TW-SECRET-004", SecretManagement, true, "each secret has exactly one delivery, injected hosts are in the egress list, and placeholder variables clash with no other variable";
     SECRET_INJECTED_ONLY = "TW-SECRET-005", SecretManagement, false, "secrets are injected by the egress proxy, never shown to the tool";
 }
 

@@ -124,6 +124,41 @@ mod tests {
             .object
     }
 
+    /// A placeholder variable that would clash with another variable of the
+    /// tool (the proxy's, another secret's, runtime.env) is a violation.
+    #[test]
+    fn placeholder_variables_clash_with_nothing() {
+        let labels = BTreeMap::new();
+        let at = "spec.secrets[0].inject.placeholderEnv";
+        let clashes = |tool: &AgentTool| {
+            super::super::evaluate(tool, &[], &labels)
+                .violations
+                .iter()
+                .any(|v| v.rule == "TW-SECRET-004" && v.path == at)
+        };
+        let mut tool = example_tool("api-call");
+        assert!(!clashes(&tool));
+        for name in ["HTTPS_PROXY", "no_proxy", "SERVICE_API_KEY"] {
+            tool.spec.secrets[0]
+                .inject
+                .as_mut()
+                .unwrap()
+                .placeholder_env = Some(name.into());
+            assert!(clashes(&tool), "{name}");
+        }
+        tool.spec.secrets[0]
+            .inject
+            .as_mut()
+            .unwrap()
+            .placeholder_env = Some("KEY".into());
+        assert!(!clashes(&tool));
+        tool.spec.runtime.env.push(crate::api::EnvVar {
+            name: "KEY".into(),
+            value: String::new(),
+        });
+        assert!(clashes(&tool));
+    }
+
     #[test]
     fn an_output_schema_that_does_not_compile_or_nests_too_deep_is_a_baseline_violation() {
         let engine = Engine::default();

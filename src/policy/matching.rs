@@ -19,6 +19,22 @@ pub fn policy_applies(
         && selects(policy.spec.tool_selector.as_ref(), tool_labels)
 }
 
+/// True when the policy certainly selects the tool: as [`policy_applies`], but
+/// a selector that cannot be parsed selects nothing. For what a policy grants
+/// (such as `allowedEgressCidrs`): a broken policy must not widen access.
+pub fn policy_grants_to(
+    policy: &ToolPolicy,
+    tool_labels: &BTreeMap<String, String>,
+    namespace_labels: &BTreeMap<String, String>,
+) -> bool {
+    let strict = |selector: Option<&LabelSelector>, labels| match selector {
+        None => true,
+        Some(selector) => Selector::try_from(selector.clone()).is_ok_and(|s| s.matches(labels)),
+    };
+    strict(policy.spec.namespace_selector.as_ref(), namespace_labels)
+        && strict(policy.spec.tool_selector.as_ref(), tool_labels)
+}
+
 fn selects(selector: Option<&LabelSelector>, labels: &BTreeMap<String, String>) -> bool {
     match selector {
         None => true,

@@ -32,6 +32,8 @@ use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
+use crate::egress::{EgressAudit, EgressEvent};
+
 /// `prevHash` of the first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 /// The largest record line written (without its newline).
@@ -1101,6 +1103,34 @@ impl AuditLog {
             sink.recover(inner)?;
             sink.checkpoint_with(inner, "shutdown", json!({"openCalls": open}))
         })
+    }
+}
+
+/// Writes the egress proxy's events into a call's trail: one `egress` record
+/// per proxied request or tunnel, carrying the call's own fields (tool,
+/// invocation id, caller) and the event under `egress`.
+pub struct EgressTrail {
+    log: AuditLog,
+    base: Map<String, Value>,
+}
+
+impl EgressTrail {
+    pub fn new(log: AuditLog, base: Map<String, Value>) -> EgressTrail {
+        EgressTrail { log, base }
+    }
+}
+
+impl EgressAudit for EgressTrail {
+    fn record(&self, event: EgressEvent) {
+        let mut record = Map::new();
+        record.insert("event".into(), "egress".into());
+        record.extend(self.base.clone());
+        record.insert("egress".into(), json!(event));
+        // The proxy cannot refuse after the fact; a failed log fails the
+        // call's closing record, and with it the call.
+        if let Err(AuditFailed(error)) = self.log.append(record) {
+            tracing::error!(%error, host = %event.host, "egress record not written");
+        }
     }
 }
 

@@ -91,6 +91,20 @@ pub trait ToolExecutor: Send + Sync {
         secrets: Vec<SecretDelivery>,
     ) -> ExecFuture<'a>;
 
+    /// [`ToolExecutor::execute`], with the records of the egress proxy (for a
+    /// tool with `permissions.network.egress`) going to `egress_audit`.
+    /// Executors that run no proxy ignore it.
+    fn execute_with_egress<'a>(
+        &'a self,
+        tool: &'a PreparedTool,
+        stdin: Vec<u8>,
+        secrets: Vec<SecretDelivery>,
+        egress_audit: std::sync::Arc<dyn crate::egress::EgressAudit>,
+    ) -> ExecFuture<'a> {
+        let _ = egress_audit;
+        self.execute(tool, stdin, secrets)
+    }
+
     /// Called with the whole tool set after every (re)load, off the request
     /// path: get ready to run `tools` (e.g. fill warm pools) and release what
     /// belonged to tools no longer in it. Returns the tools that cannot be

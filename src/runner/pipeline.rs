@@ -25,7 +25,7 @@ use tracing::Instrument;
 
 use super::admission::{Admission, RunSlot};
 use super::approvals::{Approvals, PendingApproval};
-use super::audit::{AuditFailed, AuditLog};
+use super::audit::{AuditFailed, AuditLog, EgressTrail};
 use super::auth::{AuthError, Authenticator, Caller};
 use super::authorize::{authorize, holds, may_call};
 use super::body_limits::{bounded, parse_input};
@@ -446,11 +446,16 @@ impl Runner {
     ) -> Result<Success, Problem> {
         trail.record("started", json!({}))?;
         let stdin = input.to_string().into_bytes();
-        let outcome = match self
-            .executor
-            .execute(tool, stdin, tool.secrets.clone())
-            .await
-        {
+        let secrets = tool.secrets.clone();
+        // Only a tool with egress has a proxy whose records join the trail.
+        let run = if tool.spec.permissions.network.egress.is_empty() {
+            self.executor.execute(tool, stdin, secrets)
+        } else {
+            let egress = Arc::new(EgressTrail::new(trail.log.clone(), trail.base.clone()));
+            self.executor
+                .execute_with_egress(tool, stdin, secrets, egress)
+        };
+        let outcome = match run.await {
             Ok(outcome) => outcome,
             Err(e) => {
                 let reason = tool.redactor.redact_str(&e.to_string());

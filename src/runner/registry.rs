@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use crate::api::manifest::Manifests;
-use crate::api::{AgentTool, PolicyMode, ToolPolicy};
+use crate::api::{AgentTool, EgressCidr, PolicyMode, ToolPolicy};
 use crate::policy;
 
 use super::images::RootfsResolver;
@@ -188,8 +188,10 @@ impl Registry {
                 report.refused.push(refuse(reasons));
                 continue;
             }
+            let allowed_egress_cidrs = granted_cidrs(tool, &policies, &namespace_labels(tool));
             let previous = current.get(&name);
-            let unchanged = previous.filter(|p| p.spec == tool.spec);
+            let unchanged = previous
+                .filter(|p| p.spec == tool.spec && p.allowed_egress_cidrs == allowed_egress_cidrs);
             if let Some(prev) = unchanged {
                 // Secrets are read again on every reload: rotation changes no spec.
                 let fresh = self.secrets.read_all(&tool.spec);
@@ -214,6 +216,10 @@ impl Registry {
                 self.images.as_deref(),
                 &self.clock,
             )
+            .map(|mut prepared| {
+                prepared.allowed_egress_cidrs = allowed_egress_cidrs;
+                prepared
+            })
             .and_then(|mut prepared| match previous {
                 Some(prev) => prepared
                     .take_over_from(prev)
@@ -240,16 +246,20 @@ impl Registry {
     }
 }
 
-/// The checklist without a cluster: the namespace's name is its only label.
-/// `Some(every enforced violation)` when the tool is denied.
-fn evaluate(tool: &AgentTool, policies: &[ToolPolicy]) -> Option<Vec<String>> {
+/// Without a cluster the namespace's name is its only label.
+fn namespace_labels(tool: &AgentTool) -> BTreeMap<String, String> {
     let namespace = tool
         .metadata
         .namespace
         .clone()
         .unwrap_or_else(|| "default".into());
-    let labels = BTreeMap::from([("kubernetes.io/metadata.name".to_string(), namespace)]);
-    let verdict = policy::evaluate(tool, policies, &labels);
+    BTreeMap::from([("kubernetes.io/metadata.name".to_string(), namespace)])
+}
+
+/// The checklist without a cluster: the namespace's name is its only label.
+/// `Some(every enforced violation)` when the tool is denied.
+fn evaluate(tool: &AgentTool, policies: &[ToolPolicy]) -> Option<Vec<String>> {
+    let verdict = policy::evaluate(tool, policies, &namespace_labels(tool));
     verdict.denied().then(|| {
         verdict
             .with_mode(PolicyMode::Enforce)
@@ -305,6 +315,34 @@ fn read_verdict(path: &Path) -> Result<AdmittedVerdict, String> {
             path.display()
         )
     })
+}
+
+/// `sandboxing.allowedEgressCidrs` of every policy that selects `tool`, each once.
+fn granted_cidrs(
+    tool: &AgentTool,
+    policies: &[ToolPolicy],
+    namespace_labels: &BTreeMap<String, String>,
+) -> Vec<EgressCidr> {
+    let tool_labels = tool.metadata.labels.clone().unwrap_or_default();
+    let mut cidrs: Vec<EgressCidr> = Vec::new();
+    for policy in policies
+        .iter()
+        .filter(|p| policy::policy_grants_to(p, &tool_labels, namespace_labels))
+    {
+        let granted = policy
+            .spec
+            .rules
+            .sandboxing
+            .as_ref()
+            .map(|s| s.allowed_egress_cidrs.as_slice())
+            .unwrap_or_default();
+        for cidr in granted {
+            if !cidrs.contains(cidr) {
+                cidrs.push(cidr.clone());
+            }
+        }
+    }
+    cidrs
 }
 
 /// True when `path` is a manifest file a reload should react to.
@@ -452,6 +490,84 @@ spec:
             report.refused[0].reasons[0].contains("secret api/token is not available"),
             "{report:?}"
         );
+    }
+
+    fn policy(name: &str, selector: &str, cidr: &str) -> String {
+        format!(
+            "apiVersion: toolwarden.dev/v1alpha1
+kind: ToolPolicy
+metadata: {{name: {name}}}
+spec:
+  mode: enforce
+  {selector}
+  rules:
+    sandboxing:
+      allowedEgressCidrs: [\"{cidr}\"]
+---
+"
+        )
+    }
+
+    /// A policy grants its ranges to the tools it selects, and only those: one
+    /// selecting other tools, or whose selector cannot be parsed, grants
+    /// nothing; a changed policy reaches an otherwise unchanged tool.
+    #[test]
+    fn egress_ranges_come_from_the_policies_that_select_the_tool() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = dir.path().join("all.yaml");
+        let tool = ROTATING_TOOL
+            .replace(
+                "metadata: {name: rotating}",
+                "metadata: {name: rotating, labels: {team: a}}",
+            )
+            .replace(
+                "  secrets:\n    - {secretName: api, key: token, env: API_TOKEN}\n",
+                "",
+            );
+        let write = |policies: &[String]| {
+            std::fs::write(&manifest, format!("{}{tool}", policies.concat())).unwrap()
+        };
+        write(&[
+            policy(
+                "mine",
+                "toolSelector: {matchLabels: {team: a}}",
+                "10.0.0.0/8",
+            ),
+            policy(
+                "theirs",
+                "toolSelector: {matchLabels: {team: b}}",
+                "192.168.0.0/16",
+            ),
+            policy(
+                "broken",
+                "toolSelector: {matchExpressions: [{key: team, operator: Bogus}]}",
+                "172.16.0.0/12",
+            ),
+            policy("everyone", "", "10.0.0.0/8"),
+        ]);
+        let registry = Registry::new(LimiterClock::manual(), SecretsDir::default());
+        let report = registry.load(std::slice::from_ref(&manifest));
+        assert!(
+            report.refused.is_empty() && report.errors.is_empty(),
+            "{report:?}"
+        );
+        let granted = |r: &Registry| -> Vec<String> {
+            r.get("rotating")
+                .unwrap()
+                .allowed_egress_cidrs
+                .iter()
+                .map(|c| c.0.clone())
+                .collect()
+        };
+        assert_eq!(granted(&registry), ["10.0.0.0/8"]);
+
+        write(&[policy(
+            "mine",
+            "toolSelector: {matchLabels: {team: a}}",
+            "100.64.0.0/10",
+        )]);
+        registry.load(std::slice::from_ref(&manifest));
+        assert_eq!(granted(&registry), ["100.64.0.0/10"]);
     }
 
     #[test]

@@ -13,6 +13,10 @@ use std::time::Duration;
 use tokio::sync::OnceCell;
 
 use crate::api::{AgentToolSpec, parse_quantity};
+use crate::egress::{
+    Credentials, EgressAudit, EgressError, EgressEvent, EgressPolicy, EgressProxy, PROXY_ENV,
+    Resolver, SANDBOX_PROXY_PORT, SystemResolver, UpstreamTls, proxy_env,
+};
 use crate::sandbox::detect::RootSwitch;
 use crate::sandbox::names::SANDBOX_UID;
 use crate::sandbox::{BindMount, Invocation, Limits, Mechanism, Pool, SandboxSpec, Sandboxes};
@@ -32,6 +36,9 @@ pub struct SandboxExecutor {
     /// `serve --allow-degraded`: every tool may run with weaker isolation.
     allow_degraded: bool,
     pools: Mutex<HashMap<PoolKey, Arc<OnceCell<Arc<ToolPool>>>>>,
+    /// How the egress proxies reach upstreams.
+    upstream_tls: OnceCell<UpstreamTls>,
+    resolver: Arc<dyn Resolver>,
 }
 
 /// Name, generation and secrets revision: rotated secrets need fresh sandboxes.
@@ -45,6 +52,9 @@ struct ToolPool {
     _volumes: Vec<BoundedVolume>,
     /// What this tool runs without (accepted by `allowDegraded` or the flag).
     degradations: Vec<Degradation>,
+    /// The tool's egress rules (and its policies' ranges), for a tool with
+    /// `permissions.network.egress`: each call gets a proxy enforcing them.
+    egress: Option<(EgressPolicy, UpstreamTls)>,
 }
 
 /// A private folder of file secrets, removed when dropped.
@@ -75,7 +85,17 @@ impl SandboxExecutor {
             bounded,
             allow_degraded: false,
             pools: Mutex::new(HashMap::new()),
+            upstream_tls: OnceCell::new(),
+            resolver: Arc::new(SystemResolver),
         }
+    }
+
+    /// The egress proxies trust `tls`'s roots instead of the system's and
+    /// resolve names with `resolver` (tests, with upstreams on loopback).
+    pub fn with_egress_upstreams(mut self, tls: UpstreamTls, resolver: Arc<dyn Resolver>) -> Self {
+        self.upstream_tls = OnceCell::new_with(Some(tls));
+        self.resolver = resolver;
+        self
     }
 
     /// Serve tools whose isolation the host weakens (no user namespace,
@@ -107,6 +127,8 @@ impl SandboxExecutor {
             path: rootfs.clone(),
             source,
         })?;
+        // Before anything is created for the pool: a bad policy leaves nothing behind.
+        let egress = self.egress_policy(tool).await?;
         let planned = self.plan_mounts(&tool.spec)?;
         let file_secrets: Vec<(&str, &[u8])> = tool
             .secrets
@@ -198,7 +220,28 @@ impl SandboxExecutor {
             _secret_files: secret_files,
             _volumes: volumes,
             degradations,
+            egress,
         }))
+    }
+
+    /// The egress policy of a tool that declares egress, checked once here
+    /// (its rules, ranges and injected values) so a bad one refuses the tool.
+    async fn egress_policy(
+        &self,
+        tool: &PreparedTool,
+    ) -> Result<Option<(EgressPolicy, UpstreamTls)>, PoolError> {
+        let rules = &tool.spec.permissions.network.egress;
+        if rules.is_empty() {
+            return Ok(None);
+        }
+        let policy = EgressPolicy::new(rules, &tool.allowed_egress_cidrs)?;
+        call_credentials(tool)?;
+        // Loaded once, by the first tool that needs it (it reads files).
+        let tls = self
+            .upstream_tls
+            .get_or_try_init(|| async { UpstreamTls::system() })
+            .await?;
+        Ok(Some((policy, tls.clone())))
     }
 
     /// Creates the images of the volumes `tools` mount writable, before any
@@ -303,6 +346,8 @@ pub enum PoolError {
     Interrupted(#[from] tokio::task::JoinError),
     #[error("{0}")]
     Engine(#[from] crate::sandbox::Error),
+    #[error("egress: {0}")]
+    Egress(#[from] EgressError),
     #[error(
         "refused: its isolation would be degraded ({}); set spec.sandbox.allowDegraded: true or start serve with --allow-degraded to accept that",
         .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
@@ -321,6 +366,7 @@ impl PoolError {
             PoolError::SecretFiles(_) => "SecretFilesUnwritable",
             PoolError::Interrupted(_) => "PoolCreationInterrupted",
             PoolError::Engine(_) => "SandboxEngineFailed",
+            PoolError::Egress(e) => e.reason(),
             PoolError::Degraded(_) => "IsolationDegraded",
         }
     }
@@ -358,6 +404,16 @@ impl ToolExecutor for SandboxExecutor {
         stdin: Vec<u8>,
         secrets: Vec<SecretDelivery>,
     ) -> ExecFuture<'a> {
+        self.execute_with_egress(tool, stdin, secrets, Arc::new(EgressToLog))
+    }
+
+    fn execute_with_egress<'a>(
+        &'a self,
+        tool: &'a PreparedTool,
+        stdin: Vec<u8>,
+        secrets: Vec<SecretDelivery>,
+        egress_audit: Arc<dyn EgressAudit>,
+    ) -> ExecFuture<'a> {
         Box::pin(async move {
             let pool = self
                 .pool(tool)
@@ -374,7 +430,7 @@ impl ToolExecutor for SandboxExecutor {
                 SecretDelivery::Env { name, value } => Some((name, value)),
                 SecretDelivery::File { .. } => None,
             }));
-            let invocation = Invocation {
+            let mut invocation = Invocation {
                 argv: runtime
                     .command
                     .iter()
@@ -385,7 +441,28 @@ impl ToolExecutor for SandboxExecutor {
                 cwd: runtime.working_dir.clone(),
                 stdin,
             };
-            let outcome = pool.pool.run(invocation).await?;
+            let outcome = match &pool.egress {
+                None => pool.pool.run(invocation).await?,
+                Some((policy, tls)) => {
+                    let (credentials, placeholders) =
+                        call_credentials(tool).map_err(|e| ExecError::NotRunnable(Box::new(e)))?;
+                    let env = &mut invocation.env;
+                    env.retain(|(name, _)| !PROXY_ENV.contains(&name.as_str()));
+                    env.extend(proxy_env(SANDBOX_PROXY_PORT));
+                    env.extend(placeholders);
+                    let proxy = EgressProxy::new(
+                        policy.clone().with_credentials(credentials),
+                        tls.clone(),
+                        egress_audit,
+                    )
+                    .with_resolver(self.resolver.clone());
+                    pool.pool
+                        .run_serving(invocation, SANDBOX_PROXY_PORT, |listener| {
+                            serve_proxy(proxy, listener)
+                        })
+                        .await?
+                }
+            };
             Ok(ExecOutcome {
                 exit_code: outcome.exit_code,
                 stdout: outcome.stdout.bytes,
@@ -486,6 +563,48 @@ impl ToolExecutor for SandboxExecutor {
             "youki sandbox per call (pid, mount, ipc, uts, net, cgroup namespaces; seccomp; {}; user namespace: {user_namespace}; root switch: {root_switch}{outer_bound})",
             host.cgroup_mechanism().as_str(),
         )
+    }
+}
+
+/// This call's credentials for the tool's `inject` secrets, and the
+/// placeholder variables (`inject.placeholderEnv`) the sandbox gets instead
+/// of the values.
+fn call_credentials(
+    tool: &PreparedTool,
+) -> Result<(Credentials, Vec<(String, String)>), EgressError> {
+    let mut credentials = Credentials::default();
+    let mut env = Vec::new();
+    for injected in &tool.injected {
+        let placeholder = credentials.issue(&injected.secret, &injected.value)?;
+        let variable = injected
+            .secret
+            .inject
+            .as_ref()
+            .and_then(|i| i.placeholder_env.clone());
+        if let Some(name) = variable {
+            env.push((name, placeholder));
+        }
+    }
+    Ok((credentials, env))
+}
+
+/// Serves `proxy` on the socket made inside the sandbox until the call ends
+/// (the future is dropped with it).
+async fn serve_proxy(proxy: EgressProxy, listener: std::net::TcpListener) {
+    let error = match tokio::net::TcpListener::from_std(listener) {
+        Ok(listener) => proxy.serve(listener).await,
+        Err(error) => error,
+    };
+    tracing::error!(%error, "egress proxy stopped: the sandbox has no way out for the rest of the call");
+}
+
+/// Where egress records go when the caller gave no audit trail (direct use of
+/// [`ToolExecutor::execute`]): the runner's log.
+struct EgressToLog;
+
+impl EgressAudit for EgressToLog {
+    fn record(&self, event: EgressEvent) {
+        tracing::info!(event = %serde_json::json!(event), "egress");
     }
 }
 

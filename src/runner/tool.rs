@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::api::{AgentTool, AgentToolSpec, AuthorizationRule};
+use crate::api::{AgentTool, AgentToolSpec, AuthorizationRule, EgressCidr, SecretUse};
 
 use super::authorize::{self, CompiledRule, RuleError};
 use super::images::{ImageError, RootfsResolver};
@@ -70,6 +70,11 @@ pub struct PreparedTool {
     pub limiter: Option<Arc<ToolLimiter>>,
     /// Env and file secrets, handed to the executor.
     pub secrets: Vec<SecretDelivery>,
+    /// `inject` secrets and their values: only the egress proxy uses them.
+    pub injected: Vec<InjectedSecret>,
+    /// `sandboxing.allowedEgressCidrs` of the ToolPolicies that select the
+    /// tool: the non-public ranges its egress proxy may connect to.
+    pub allowed_egress_cidrs: Vec<EgressCidr>,
     /// Every secret value the tool has now (injected ones too).
     pub secret_values: Vec<Vec<u8>>,
     /// Finds `secret_values` and the values rotation retired in output.
@@ -122,6 +127,7 @@ pub const RETIRED_SECRETS_KEPT: usize = 16;
 /// A tool's secrets as read from the secrets folder.
 pub(crate) struct ToolSecrets {
     deliveries: Vec<SecretDelivery>,
+    injected: Vec<InjectedSecret>,
     pub(crate) values: Vec<Vec<u8>>,
 }
 
@@ -153,6 +159,7 @@ impl SecretsDir {
     pub(crate) fn read_all(&self, spec: &AgentToolSpec) -> Result<ToolSecrets, Vec<ToolError>> {
         let mut errors = Vec::new();
         let mut deliveries = Vec::new();
+        let mut injected = Vec::new();
         let mut values = Vec::new();
         for (i, use_) in spec.secrets.iter().enumerate() {
             let value = self.read(&use_.secret_name, &use_.key);
@@ -171,9 +178,20 @@ impl SecretsDir {
                         value: v,
                     });
                 }
-                // Injected secrets never reach the tool; the runner redacts them if it can read them.
-                (Some(v), None, None) => values.push(v),
-                (None, None, None) => {}
+                // Injected secrets never reach the tool: the egress proxy adds them, and
+                // the runner redacts them from output.
+                (Some(v), None, None) => {
+                    values.push(v.clone());
+                    injected.push(InjectedSecret {
+                        secret: use_.clone(),
+                        value: v,
+                    });
+                }
+                (None, None, None) => tracing::warn!(
+                    secret = %use_.secret_name,
+                    key = %use_.key,
+                    "an inject secret is not available: the egress proxy will not add it"
+                ),
                 (None, _, _) => errors.push(ToolError::SecretUnavailable {
                     index: i,
                     secret: use_.secret_name.clone(),
@@ -183,7 +201,11 @@ impl SecretsDir {
             }
         }
         if errors.is_empty() {
-            Ok(ToolSecrets { deliveries, values })
+            Ok(ToolSecrets {
+                deliveries,
+                injected,
+                values,
+            })
         } else {
             Err(errors)
         }
@@ -254,6 +276,8 @@ pub fn prepare(
                     .as_ref()
                     .map(|r| Arc::new(ToolLimiter::new(r, clock.clone()))),
                 secrets: secrets.deliveries,
+                injected: secrets.injected,
+                allowed_egress_cidrs: Vec::new(),
                 secret_values: secrets.values,
                 redactor,
                 secrets_revision: 0,
@@ -261,6 +285,20 @@ pub fn prepare(
             })
         }
         _ => Err(errors),
+    }
+}
+
+/// A secret the egress proxy adds to requests (`secrets[].inject`): the tool
+/// gets a placeholder instead.
+#[derive(Clone, PartialEq)]
+pub struct InjectedSecret {
+    pub secret: SecretUse,
+    pub value: Vec<u8>,
+}
+
+impl std::fmt::Debug for InjectedSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.secret.secret_name, self.secret.key)
     }
 }
 

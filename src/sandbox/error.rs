@@ -194,6 +194,8 @@ pub enum ContainerError {
     Loopback(std::io::Error),
     #[error("loopback: the setup thread panicked")]
     LoopbackPanicked,
+    #[error("egress proxy listener in the sandbox: {0}")]
+    EgressListener(std::io::Error),
     #[error("for unknown pool {0}")]
     UnknownPool(u64),
     #[error("fork keeper: {0}")]
@@ -208,6 +210,7 @@ impl ContainerError {
             ContainerError::Start(_) => "ContainerStartFailed",
             ContainerError::RemoveDevice { .. } => "DeviceCleanupFailed",
             ContainerError::Loopback(_) | ContainerError::LoopbackPanicked => "LoopbackFailed",
+            ContainerError::EgressListener(_) => "EgressListenerFailed",
             ContainerError::UnknownPool(_) => "UnknownPool",
             ContainerError::ForkKeeper(_) => "KeeperForkFailed",
         }

@@ -42,3 +42,30 @@ pub fn bring_up_lo(pid: i32) -> Result<(), ContainerError> {
     .map_err(|_| ContainerError::LoopbackPanicked)?
     .map_err(ContainerError::Loopback)
 }
+
+/// A TCP socket listening on `127.0.0.1:port` inside the network namespace of the process
+/// `pidfd` names (a parked container's init), for the runner to serve: the sandbox's only way
+/// out (its namespace has nothing but `lo`). A socket keeps the namespace it was created in, so
+/// accepting it from the runner's namespace is what lets the proxy reach the outside.
+///
+/// Made on a thread of its own that exits afterwards: setns(CLONE_NEWNET) moves only the
+/// calling thread, and a pooled thread (tokio's blocking pool, which also runs name lookups)
+/// must never be left inside a sandbox's namespace. `pidfd` names that exact process, so a
+/// reused pid cannot lead into another namespace.
+pub fn listen_in(
+    pidfd: std::os::fd::BorrowedFd<'_>,
+    port: u16,
+) -> Result<std::net::TcpListener, ContainerError> {
+    let ns = pidfd
+        .try_clone_to_owned()
+        .map_err(ContainerError::EgressListener)?;
+    std::thread::spawn(move || -> std::io::Result<std::net::TcpListener> {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port))?;
+        listener.set_nonblocking(true)?;
+        Ok(listener)
+    })
+    .join()
+    .map_err(|_| ContainerError::LoopbackPanicked)?
+    .map_err(ContainerError::EgressListener)
+}

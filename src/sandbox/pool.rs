@@ -2,6 +2,8 @@
 //! background, and the back-pressure on calls running at once.
 
 use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -10,6 +12,7 @@ use tokio::sync::Notify;
 use crate::sandbox::call;
 use crate::sandbox::error::{Error, Result};
 use crate::sandbox::model::{Enforcement, Invocation, Outcome, SandboxSpec};
+use crate::sandbox::netlo;
 use crate::sandbox::proto::ToZygote;
 use crate::sandbox::zygote_client::{Parked, ZygoteClient, lock};
 
@@ -165,6 +168,26 @@ impl Pool {
     /// Runs one invocation in a fresh sandbox. Never hangs: the container is SIGKILLed at the
     /// timeout and every wait afterwards is bounded.
     pub async fn run(&self, inv: Invocation) -> Result<Outcome> {
+        type NoProxy = fn(std::net::TcpListener) -> std::future::Pending<()>;
+        self.run_inner(inv, None::<(u16, NoProxy)>).await
+    }
+
+    /// Like [`Pool::run`], with a socket listening on `127.0.0.1:port` inside the sandbox's
+    /// network namespace handed to `serve` (the egress proxy) before the invocation is
+    /// delivered. `serve` runs for as long as the call and is dropped with it.
+    pub async fn run_serving<S, F>(&self, inv: Invocation, port: u16, serve: S) -> Result<Outcome>
+    where
+        S: FnOnce(std::net::TcpListener) -> F,
+        F: std::future::Future<Output = ()>,
+    {
+        self.run_inner(inv, Some((port, serve))).await
+    }
+
+    async fn run_inner<S, F>(&self, inv: Invocation, serving: Option<(u16, S)>) -> Result<Outcome>
+    where
+        S: FnOnce(std::net::TcpListener) -> F,
+        F: std::future::Future<Output = ()>,
+    {
         call::validate(&inv)?;
         let s = &self.shared;
         // Back-pressure: a burst beyond max_running waits here instead of forking keepers.
@@ -177,6 +200,18 @@ impl Pool {
         let start = Instant::now();
         let _refill = RefillOnDrop(s.clone());
         let warm = s.take().await?;
-        call::run(warm, inv, start, &s.spec.limits, s.enforcement, s.id).await
+        let Some((port, serve)) = serving else {
+            return call::run(warm, inv, start, &s.spec.limits, s.enforcement, s.id).await;
+        };
+        let listener = netlo::listen_in(warm.pidfd.as_fd(), port)?;
+        let serving = async {
+            serve(listener).await;
+            // A proxy that stopped early leaves the call running without a way out.
+            std::future::pending::<Infallible>().await
+        };
+        tokio::select! {
+            outcome = call::run(warm, inv, start, &s.spec.limits, s.enforcement, s.id) => outcome,
+            never = serving => match never {},
+        }
     }
 }

@@ -94,7 +94,8 @@ pub struct Seen {
 }
 
 /// An HTTP (or HTTPS) server on loopback that records what it gets.
-/// `/big` answers 2 MiB, `/slow` answers after 10 s, anything else `{"ok":true}`.
+/// `/big` answers 2 MiB, `/slow` answers after 10 s, a path ending in `/echo`
+/// the request's headers as a JSON object, anything else `{"ok":true}`.
 pub struct Upstream {
     pub addr: SocketAddr,
     pub connections: Arc<AtomicUsize>,
@@ -178,11 +179,22 @@ async fn answer(
     record.lock().unwrap().push(Seen {
         method: parts.method.to_string(),
         target: target.clone(),
-        headers: parts.headers,
+        headers: parts.headers.clone(),
         body,
     });
     let body = match parts.uri.path() {
         "/big" => Bytes::from(vec![b'x'; 2 * 1024 * 1024]),
+        echo if echo.ends_with("/echo") => {
+            let headers: serde_json::Map<String, serde_json::Value> = parts
+                .headers
+                .iter()
+                .map(|(name, value)| {
+                    let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+                    (name.to_string(), value.into())
+                })
+                .collect();
+            Bytes::from(serde_json::Value::Object(headers).to_string())
+        }
         "/slow" => {
             tokio::time::sleep(Duration::from_secs(10)).await;
             Bytes::from_static(b"late")
