@@ -166,6 +166,7 @@ impl TestRunner {
             // One run of a tool at a time, a short queue: admission is testable.
             admission: Admission::new(1, Duration::from_millis(50)),
             approvals: Default::default(),
+            watch: Default::default(),
         });
         TestRunner {
             runner,
@@ -186,7 +187,7 @@ impl TestRunner {
             client_ip: Some("127.0.0.1".into()),
             user_agent: Some("unit-test".into()),
             authorization: authorization.map(String::from),
-            caller: None,
+            ..CallContext::default()
         }
     }
 

@@ -35,3 +35,4 @@ pub mod tool;
 pub mod unsandboxed;
 pub mod validate;
 pub mod volumes;
+pub mod watch;

@@ -4,13 +4,19 @@
 
 use std::sync::Arc;
 
+use std::net::SocketAddr;
+
 use axum::Router;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
 use super::listener::{self, HttpConfig};
 use super::mcp;
 use super::pipeline::Runner;
 use super::problem::{Problem, ProblemKind};
+use super::request::call_context;
 use super::rest;
 
 pub fn router(runner: Arc<Runner>) -> Router {
@@ -19,9 +25,14 @@ pub fn router(runner: Arc<Runner>) -> Router {
         .route("/v1/tools/{name}/invoke", post(rest::invoke))
         .route("/v1/approvals/{id}", get(rest::approval))
         .route("/mcp", post(mcp::post).get(mcp::get).delete(mcp::delete))
+        .route("/metrics", get(rest::authenticated_metrics))
+        // Everything above only for clients in `--ip-allow-list`; the probes for anyone.
+        .route_layer(middleware::from_fn_with_state(
+            runner.clone(),
+            allow_listed_clients,
+        ))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(rest::ready))
-        .route("/metrics", get(rest::authenticated_metrics))
         .fallback(|| async { Problem::new(ProblemKind::NotFound, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             Problem::new(
@@ -30,6 +41,20 @@ pub fn router(runner: Arc<Runner>) -> Router {
             )
         })
         .with_state(runner)
+}
+
+/// Refuses requests from clients outside the runner-wide allow-list.
+async fn allow_listed_clients(
+    State(runner): State<Arc<Runner>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let ctx = call_context("http", peer, request.headers());
+    match runner.admit_client(&ctx) {
+        Ok(()) => next.run(request).await,
+        Err(problem) => problem.into_response(),
+    }
 }
 
 /// Only `/metrics`, unauthenticated: for `--metrics-listen`, an address the
