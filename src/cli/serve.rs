@@ -210,7 +210,9 @@ pub struct CommonArgs {
     pub forwarded_header: ForwardedHeaderArg,
     /// Where per-caller anomaly baselines (spec.anomaly) are kept across
     /// restarts, saved every 10 s and at shutdown. Default:
-    /// STATE_DIR/anomaly-baselines.json. A corrupt file stops the start.
+    /// anomaly-baselines.json beside the default audit key (STATE_DIR, or
+    /// ~/.local/state/toolwarden for users other than root with the default
+    /// STATE_DIR). A corrupt file stops the start.
     #[arg(long, value_name = "FILE")]
     pub anomaly_baselines: Option<PathBuf>,
     /// Serve tools whose sandbox this host can only give weaker isolation (no
@@ -513,7 +515,9 @@ async fn save_baselines_every(runner: Arc<Runner>, interval: Duration) {
         // The write syncs the disk: off the runtime's worker threads.
         let saving = runner.clone();
         match tokio::task::spawn_blocking(move || saving.watch.save_baselines()).await {
-            Ok(Err(e)) => tracing::warn!(error = %e, reason = e.reason(), "anomaly baselines not saved"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, reason = e.reason(), "anomaly baselines not saved")
+            }
             Ok(Ok(())) | Err(_) => {}
         }
     }
@@ -521,16 +525,15 @@ async fn save_baselines_every(runner: Arc<Runner>, interval: Duration) {
 
 /// The runner-wide allow-list, trusted proxies and the anomaly baselines of the flags.
 fn watch(common: &CommonArgs) -> Result<Watch, StartError> {
-    let allow_list = IpAllowList::parse(&common.ip_allow_list)
-        .map_err(|source| StartError::Cidr {
+    let allow_list =
+        IpAllowList::parse(&common.ip_allow_list).map_err(|source| StartError::Cidr {
             flag: "--ip-allow-list",
             source,
         })?;
-    let networks = Networks::parse(&common.trusted_proxies)
-        .map_err(|source| StartError::Cidr {
-            flag: "--trusted-proxies",
-            source,
-        })?;
+    let networks = Networks::parse(&common.trusted_proxies).map_err(|source| StartError::Cidr {
+        flag: "--trusted-proxies",
+        source,
+    })?;
     let header = match common.forwarded_header {
         ForwardedHeaderArg::XForwardedFor => ForwardedHeader::XForwardedFor,
         ForwardedHeaderArg::Forwarded => ForwardedHeader::Forwarded,
@@ -538,7 +541,7 @@ fn watch(common: &CommonArgs) -> Result<Watch, StartError> {
     let path = common
         .anomaly_baselines
         .clone()
-        .unwrap_or_else(|| common.state_dir.join("anomaly-baselines.json"));
+        .unwrap_or_else(|| default_audit_key_dir(common).join("anomaly-baselines.json"));
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|source| StartError::BaselinesDir {
             dir: dir.into(),

@@ -9,6 +9,7 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +26,32 @@ pub struct SystemClock;
 impl Clock for SystemClock {
     fn now_unix(&self) -> i64 {
         jiff::Timestamp::now().as_second()
+    }
+}
+
+/// A clock that stands still until it is set, for tests: days, hours and
+/// minutes after 2026-01-01T00:00:00Z.
+pub struct ManualClock(AtomicI64);
+
+impl ManualClock {
+    pub fn at(day: i64, hour: i64, minute: i64) -> Arc<ManualClock> {
+        let clock = Arc::new(ManualClock(AtomicI64::new(0)));
+        clock.set(day, hour, minute);
+        clock
+    }
+
+    pub fn set(&self, day: i64, hour: i64, minute: i64) {
+        const BASE: i64 = 1_767_225_600;
+        self.0.store(
+            BASE + day * 86_400 + hour * 3_600 + minute * 60,
+            Ordering::SeqCst,
+        );
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_unix(&self) -> i64 {
+        self.0.load(Ordering::SeqCst)
     }
 }
 

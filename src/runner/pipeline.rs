@@ -40,8 +40,8 @@ use super::tool::PreparedTool;
 use super::validate::{validate, validate_sanitized};
 use super::watch::{Watch, alerts};
 use crate::api::AuditLevel;
-use crate::guards::anomaly::{Call, Decision};
 use crate::guards::GuardOutcome;
+use crate::guards::anomaly::{Call, Decision};
 
 /// Bytes of a failed tool's stderr kept in the audit record.
 const AUDIT_STDERR_BYTES: usize = 4096;
@@ -574,9 +574,11 @@ impl Runner {
             self.metrics.enforcement(&tool.name, enforcement);
         }
         let guarded = match &tool.output_guards {
-            Some(guards) if failure_hint(&outcome).is_none() && !outcome.timed_out => {
-                Some(self.watch.check(guards, &output_document(&outcome.stdout)).await)
-            }
+            Some(guards) if failure_hint(&outcome).is_none() && !outcome.timed_out => Some(
+                self.watch
+                    .check(guards, &output_document(&outcome.stdout))
+                    .await,
+            ),
             _ => None,
         };
         let guarded_stdout = guarded
@@ -1241,3 +1243,8 @@ mod scenarios {
         assert_eq!(t.executor.runs().len(), 1);
     }
 }
+
+/// The watching stages (guards, allow-lists, anomaly scoring, alerts) in the whole pipeline.
+#[cfg(test)]
+#[path = "pipeline_watch_tests.rs"]
+mod watch_scenarios;

@@ -42,7 +42,10 @@ pub fn call_context(transport: &'static str, peer: SocketAddr, headers: &HeaderM
 /// believed only when the peer is a trusted proxy.
 fn forwarding_headers(headers: &HeaderMap) -> HeaderMap {
     let mut forwarding = HeaderMap::new();
-    for name in [header::FORWARDED, HeaderName::from_static("x-forwarded-for")] {
+    for name in [
+        header::FORWARDED,
+        HeaderName::from_static("x-forwarded-for"),
+    ] {
         for value in headers.get_all(&name) {
             forwarding.append(name.clone(), value.clone());
         }

@@ -374,14 +374,20 @@ mod tests {
             covered(&doc, &fields).into_iter().map(|(p, _)| p).collect()
         };
         assert_eq!(pointers(&[]), [""]);
-        assert_eq!(pointers(&["/items/*/note"]), ["/items/0/note", "/items/1/note"]);
+        assert_eq!(
+            pointers(&["/items/*/note"]),
+            ["/items/0/note", "/items/1/note"]
+        );
         assert_eq!(pointers(&["/a~1b/x", "/s", "/missing"]), ["/a~1b/x", "/s"]);
         assert_eq!(pointers(&["/items/1"]), ["/items/1"]);
     }
 
     #[test]
     fn verdicts_are_read_strictly() {
-        assert_eq!(Verdict::parse(br#"{"verdict":"allow"}"#).unwrap(), Verdict::Allow);
+        assert_eq!(
+            Verdict::parse(br#"{"verdict":"allow"}"#).unwrap(),
+            Verdict::Allow
+        );
         assert_eq!(
             Verdict::parse(br#"{"verdict":"deny","rule":"toxicity"}"#).unwrap(),
             Verdict::Deny("toxicity".into())
