@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use axum::body::Bytes;
 use axum::http::HeaderMap;
+use http_body_util::{BodyExt, Full, Limited};
 use serde_json::{Value, json};
 
 use super::executor::ExecOutcome;
@@ -39,7 +41,7 @@ pub struct Watch {
     /// Baselines changed since they were last saved.
     unsaved: AtomicBool,
     /// Built on the first `http` guard's call (it reads the system's roots).
-    classifier: OnceLock<reqwest::Client>,
+    classifier: OnceLock<ClassifierClient>,
 }
 
 impl Default for Watch {
@@ -181,21 +183,20 @@ impl Watch {
     ) -> Result<Verdict, ClassifierError> {
         let client = self.classifier.get_or_init(classifier_client);
         let ask = async {
-            let mut response = client
-                .post(&options.endpoint)
-                .json(&json!({"pointer": pointer, "text": text}))
-                .send()
-                .await?;
+            let body = json!({"pointer": pointer, "text": text}).to_string();
+            let request = axum::http::Request::post(options.endpoint.as_str())
+                .header(axum::http::header::CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from(body)))
+                .map_err(|e| ClassifierError::Endpoint(e.to_string()))?;
+            let response = client.request(request).await?;
             if !response.status().is_success() {
                 return Err(ClassifierError::Status(response.status().as_u16()));
             }
-            let mut body = Vec::new();
-            while let Some(chunk) = response.chunk().await? {
-                if body.len() + chunk.len() > MAX_VERDICT_BYTES {
-                    return Err(ClassifierError::TooLarge);
-                }
-                body.extend_from_slice(&chunk);
-            }
+            let body = Limited::new(response.into_body(), MAX_VERDICT_BYTES)
+                .collect()
+                .await
+                .map_err(|_| ClassifierError::TooLarge)?
+                .to_bytes();
             Verdict::parse(&body)
         };
         let timeout = Duration::from_millis(u64::from(options.timeout_ms));
@@ -250,39 +251,42 @@ enum ClassifierError {
     #[error("no answer within {0} ms")]
     Timeout(u32),
     #[error("{0}")]
-    Http(#[from] reqwest::Error),
+    Http(#[from] hyper_util::client::legacy::Error),
+    #[error("endpoint: {0}")]
+    Endpoint(String),
     #[error("answered HTTP {0}")]
     Status(u16),
-    #[error("answer larger than {MAX_VERDICT_BYTES} bytes")]
+    #[error("answer unreadable or larger than {MAX_VERDICT_BYTES} bytes")]
     TooLarge,
     #[error("answer is not a verdict: {0}")]
     Malformed(String),
 }
 
-/// The client classifiers are asked with: no redirects (a verdict comes from
-/// the configured endpoint), TLS with the system's roots (ring, as elsewhere).
-fn classifier_client() -> reqwest::Client {
+type ClassifierClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+>;
+
+/// The client classifiers are asked with: pooled connections, HTTP/1.1,
+/// TLS with the system's roots (ring, as elsewhere). Redirects are not
+/// followed: a verdict comes from the configured endpoint.
+fn classifier_client() -> ClassifierClient {
     let mut roots = rustls::RootCertStore::empty();
     roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-    let builder = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy();
     let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .map(|config| config.with_root_certificates(roots).with_no_client_auth());
-    let builder = match tls {
-        Ok(tls) => builder.tls_backend_preconfigured(tls),
-        Err(error) => {
-            tracing::warn!(%error, "no TLS for guard classifiers; https endpoints will fail");
-            builder
-        }
-    };
-    builder.build().unwrap_or_else(|error| {
-        tracing::warn!(%error, "guard classifier client with default settings");
-        reqwest::Client::new()
-    })
+    .expect("ring supports the default protocol versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(connector)
 }
 
 /// The values `fields` point at in `document`, with their JSON pointers
