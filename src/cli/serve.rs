@@ -514,11 +514,9 @@ async fn save_baselines_every(runner: Arc<Runner>, interval: Duration) {
         ticks.tick().await;
         // The write syncs the disk: off the runtime's worker threads.
         let saving = runner.clone();
-        match tokio::task::spawn_blocking(move || saving.watch.save_baselines()).await {
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, reason = e.reason(), "anomaly baselines not saved")
-            }
-            Ok(Ok(())) | Err(_) => {}
+        let saved = tokio::task::spawn_blocking(move || saving.watch.save_baselines()).await;
+        if let Ok(Err(e)) = saved {
+            tracing::warn!(error = %e, reason = e.reason(), "anomaly baselines not saved");
         }
     }
 }

@@ -477,7 +477,9 @@ impl Runner {
                 jiff::Timestamp::now(),
             );
             self.approvals.hold(pending.clone());
-            scored.map(OutcomeOf::succeeded);
+            if let Some(outcome) = scored {
+                outcome.succeeded();
+            }
             return Ok(Called::AwaitingApproval(pending));
         }
 
@@ -497,7 +499,9 @@ impl Runner {
         let ran = self
             .run_detached(trail, Arc::clone(tool), input, invocation_id, slot)
             .await?;
-        scored.map(OutcomeOf::succeeded);
+        if let Some(outcome) = scored {
+            outcome.succeeded();
+        }
         Ok(Called::Ran(ran))
     }
 
