@@ -1,7 +1,10 @@
 //! Cost of the input guards: all four in-process kinds (pii, secrets,
 //! promptInjection, malicious) over every string of a 4 KiB input, median of
-//! single calls. Target: ≤ 50 µs. Printed beside a baseline from the same run:
-//! parsing the same input with serde_json, work every call does anyway.
+//! single calls. Target: ≤ 50 µs added to the pipeline. Printed beside, from
+//! the same run: parsing the same input with serde_json (work every call does
+//! anyway), the guards alone, and the whole pipeline (authentication, rate
+//! limit, shape, validation, audit records, an executor that answers at
+//! once) for a tool without guards and the same tool with the four guards.
 //!
 //! Run: `cargo bench --bench guards`. Three inputs: ASCII prose (the fast
 //! path), accented prose (already NFKC: the skeleton runs per accented
@@ -11,8 +14,102 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use serde_json::{Value, json};
 use toolwarden::guards::{GuardAction, GuardDecl, GuardKind, GuardSet};
+use toolwarden::runner::admission::Admission;
+use toolwarden::runner::audit::{AuditKey, AuditLog};
+use toolwarden::runner::auth::Authenticator;
+use toolwarden::runner::executor::{ExecFuture, ExecOutcome, ToolExecutor};
+use toolwarden::runner::metrics::Metrics;
+use toolwarden::runner::pipeline::{CallContext, Runner};
+use toolwarden::runner::ratelimit::LimiterClock;
+use toolwarden::runner::registry::Registry;
+use toolwarden::runner::tool::{PreparedTool, SecretDelivery, SecretsDir};
+
+/// The same tool twice: `plain` without guards, `guarded` with all four input guards.
+const TOOLS: &str = r#"
+apiVersion: toolwarden.dev/v1alpha1
+kind: AgentTool
+metadata: {name: NAME}
+spec:
+  description: Moderates a post
+  risk: low
+  maxInputBytes: 8192
+  inputSchema:
+    type: object
+    additionalProperties: false
+    required: [content, contentType]
+    properties:
+      content: {type: string, maxLength: 8000}
+      contentType: {type: string, enum: [post, comment]}
+      author: {type: object, properties: {name: {type: string}, handle: {type: string}}}
+      tags: {type: array, items: {type: string}}
+  runtime: {image: "busybox:1.36.1", command: [/bin/true]}
+GUARDS"#;
+
+const GUARDS: &str = "  guards:
+    input:
+      - {kind: pii, action: refuse}
+      - {kind: secrets, action: refuse}
+      - {kind: promptInjection, action: refuse}
+      - {kind: malicious, action: refuse}
+";
+
+/// Answers `{}` at once: the pipeline's own cost only.
+struct Instant0;
+
+impl ToolExecutor for Instant0 {
+    fn execute<'a>(
+        &'a self,
+        _: &'a PreparedTool,
+        _: Vec<u8>,
+        _: Vec<SecretDelivery>,
+    ) -> ExecFuture<'a> {
+        Box::pin(async {
+            Ok(ExecOutcome {
+                exit_code: Some(0),
+                stdout: b"{}".to_vec(),
+                ..ExecOutcome::default()
+            })
+        })
+    }
+
+    fn isolation(&self) -> String {
+        "none (benchmark)".into()
+    }
+}
+
+/// A runner serving `plain` and `guarded`, its audit records written to nowhere.
+fn runner(dir: &std::path::Path) -> Arc<Runner> {
+    let mut files = Vec::new();
+    for (name, guards) in [("plain", ""), ("guarded", GUARDS)] {
+        let file = dir.join(format!("{name}.yaml"));
+        std::fs::write(&file, TOOLS.replace("NAME", name).replace("GUARDS", guards)).unwrap();
+        files.push(file);
+    }
+    let registry = Registry::new(LimiterClock::real(), SecretsDir::default());
+    let report = registry.load(&files);
+    assert_eq!(report.served.len(), 2, "{report:?}");
+    Arc::new(Runner {
+        registry: Arc::new(registry),
+        auth: Authenticator {
+            allow_anonymous: true,
+            ..Authenticator::default()
+        },
+        audit: AuditLog::to_writer(
+            Box::new(std::io::sink()),
+            "sink",
+            AuditKey::new(&[1; 32]).unwrap(),
+        ),
+        executor: Arc::new(Instant0),
+        metrics: Metrics::default(),
+        admission: Admission::default(),
+        approvals: Default::default(),
+        watch: Default::default(),
+    })
+}
 
 /// Median duration of one call of `f`, over calls made for about `budget`.
 fn median(budget: Duration, mut f: impl FnMut()) -> Duration {
@@ -66,6 +163,24 @@ fn main() {
         .collect();
     let guards = GuardSet::compile(&decls).expect("guards compile");
     let budget = Duration::from_secs(2);
+    let dir = tempfile::tempdir().unwrap();
+    let runner = runner(dir.path());
+    let tokio = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ctx = CallContext {
+        transport: "bench",
+        ..CallContext::default()
+    };
+    let pipeline = |tool: &str, text: &str| {
+        let body = axum::body::Bytes::from(text.to_string());
+        median(budget, || {
+            let called =
+                tokio.block_on(runner.invoke(&ctx, tool, std::future::ready(Ok(body.clone()))));
+            assert!(called.is_ok(), "{tool}: {called:?}");
+        })
+    };
     for (name, sentence) in [
         (
             "ascii",
@@ -100,12 +215,19 @@ fn main() {
                 format!("{} {:.1}", decl.kind.as_str(), alone.as_secs_f64() * 1e6)
             })
             .collect();
+        let plain = pipeline("plain", &text);
+        let guarded = pipeline("guarded", &text);
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
         println!(
-            "{name:>8} input, {} bytes: baseline serde_json parse {:>7.1} µs, all input guards {:>7.1} µs (target ≤ 50 µs; alone, µs: {})",
+            "{name:>8} input, {} bytes: pipeline without guards {:>6.1} µs, with all input guards {:>6.1} µs, added {:>5.1} µs (target ≤ 50 µs); \
+             guards alone {:>5.1} µs ({}); baseline serde_json parse {:>5.1} µs",
             text.len(),
-            parse.as_secs_f64() * 1e6,
-            checked.as_secs_f64() * 1e6,
+            us(plain),
+            us(guarded),
+            us(guarded) - us(plain),
+            us(checked),
             per_kind.join(", "),
+            us(parse),
         );
     }
 }

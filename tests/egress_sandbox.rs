@@ -225,6 +225,7 @@ async fn runner(
         metrics: Metrics::default(),
         admission: Admission::new(8, Duration::from_secs(30)),
         approvals: Default::default(),
+        watch: Default::default(),
     });
     (runner, audit)
 }
@@ -237,6 +238,7 @@ async fn call(runner: &Arc<Runner>, tool: &str, input: &Value) -> (Value, String
         user_agent: None,
         authorization: Some(format!("Bearer {TOKEN}")),
         caller: None,
+        forwarding: Default::default(),
     };
     let body = bytes::Bytes::from(input.to_string());
     match runner.invoke(&ctx, tool, async move { Ok(body) }).await {

@@ -700,6 +700,21 @@ fn the_official_mcp_python_sdk_lists_and_calls_tools_in_both_eras() {
             "https://toolwarden.dev/problems/validation"
         );
         assert_eq!(problem["errors"][1]["path"], "/content");
+        // The guide's prompt injection: a tool error with the generic refusal, nothing of the
+        // instruction echoed; the audit log names the guard, its rule and the field.
+        assert_eq!(seen["injectionIsError"], true, "{era}");
+        let text = seen["injectionText"].as_str().unwrap();
+        assert!(!text.contains("delete"), "{era}: {text}");
+        let problem: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(problem["type"], "https://toolwarden.dev/problems/refused");
+        assert_eq!(problem["detail"], "The request cannot be processed");
+        let denied = records(&audit)
+            .into_iter()
+            .find(|r| r["stage"] == "inputGuards" && r["invocationId"] == problem["invocationId"])
+            .unwrap_or_else(|| panic!("{era}: no denied record of the input guards"));
+        assert_eq!(denied["findings"][0]["guard"], "promptInjection");
+        assert_eq!(denied["findings"][0]["rule"], "instructionOverride");
+        assert_eq!(denied["findings"][0]["pointer"], "/content");
         // The slow tool sleeps 3 s: streamed, with progress while it ran, result last.
         assert_eq!(
             seen["slowResult"],
@@ -1089,4 +1104,147 @@ print(json.dumps({"contentType": content_type, "families": families}))
     for (name, family) in families {
         assert_ne!(family[0], "unknown", "{name} is untyped: {report}");
     }
+}
+
+/// One JSON POST (or GET when `body` is `None`) with an `X-Forwarded-For`; the status and body.
+fn request(
+    addr: &str,
+    path: &str,
+    forwarded_for: Option<&str>,
+    body: Option<&str>,
+) -> (u16, Value) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        let url = format!("http://{addr}{path}");
+        let mut request = match body {
+            Some(body) => client
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body.to_string()),
+            None => client.get(url),
+        };
+        if let Some(xff) = forwarded_for {
+            request = request.header("x-forwarded-for", xff);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    })
+}
+
+fn assert_refused(answer: &(u16, Value)) {
+    assert_eq!(answer.0, 403, "{answer:?}");
+    assert_eq!(answer.1["type"], "https://toolwarden.dev/problems/refused");
+    assert_eq!(answer.1["detail"], "The request cannot be processed");
+}
+
+const READ_NOTES: &str = r#"{"operation": "read", "path": "/workspace/notes.txt"}"#;
+const POST: &str = r#"{"content": "hello", "contentType": "post"}"#;
+
+#[test]
+fn allow_lists_believe_only_trusted_proxies_and_anomaly_baselines_survive_a_restart() {
+    require_root!();
+    let dir = tools_dir();
+    let audit_dir = tempfile::tempdir().unwrap();
+    let audit = audit_dir.path().join("audit.log");
+    let baselines = audit_dir.path().join("baselines.json");
+    let flags = [
+        "--ip-allow-list",
+        "10.0.0.0/8,192.0.2.0/24",
+        "--trusted-proxies",
+        "127.0.0.1",
+        "--anomaly-baselines",
+        baselines.to_str().unwrap(),
+    ];
+    let served = serve_with(dir.path(), &audit, &flags);
+    let addr = served.addr.clone();
+    // Loopback is the trusted proxy: the client is what it appended, right-most.
+    assert_eq!(
+        request(
+            &addr,
+            "/v1/tools/moderate-content/invoke",
+            Some("192.0.2.7"),
+            Some(POST)
+        )
+        .0,
+        200
+    );
+    // The proxy itself is not allowed, nor a client the proxy named after a spoofed entry.
+    assert_refused(&request(
+        &addr,
+        "/v1/tools/moderate-content/invoke",
+        None,
+        Some(POST),
+    ));
+    assert_refused(&request(
+        &addr,
+        "/v1/tools/moderate-content/invoke",
+        Some("192.0.2.7, 198.51.100.1"),
+        Some(POST),
+    ));
+    // Every endpoint but the probes.
+    assert_refused(&request(&addr, "/v1/tools", None, None));
+    assert_refused(&request(
+        &addr,
+        "/mcp",
+        None,
+        Some(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#),
+    ));
+    assert_eq!(request(&addr, "/healthz", None, None).0, 200);
+    // file-operation's own callers.ipAllowList (127/8, ::1, 10/8) narrows the runner's.
+    assert_refused(&request(
+        &addr,
+        "/v1/tools/file-operation/invoke",
+        Some("192.0.2.7"),
+        Some(READ_NOTES),
+    ));
+    let denied = records(&audit)
+        .into_iter()
+        .filter(|r| r["stage"] == "callers")
+        .collect::<Vec<_>>();
+    assert_eq!(denied.len(), 5, "{denied:?}");
+    assert_eq!(denied.last().unwrap()["clientIp"], "192.0.2.7");
+    assert_eq!(denied.last().unwrap()["peerIp"], "127.0.0.1");
+    // file-operation is scored: three calls train the caller's baseline...
+    for _ in 0..3 {
+        let (status, body) = request(
+            &addr,
+            "/v1/tools/file-operation/invoke",
+            Some("10.1.2.3"),
+            Some(READ_NOTES),
+        );
+        assert_eq!(status, 200, "{body}");
+    }
+    stop(served);
+    let saved: Value = serde_json::from_slice(&std::fs::read(&baselines).unwrap()).unwrap();
+    assert_eq!(saved["anonymous"]["calls"], 3, "{saved}");
+    // ...and a restarted serve goes on from them.
+    let served = serve_with(dir.path(), &audit, &flags);
+    let (status, _) = request(
+        &served.addr,
+        "/v1/tools/file-operation/invoke",
+        Some("10.1.2.3"),
+        Some(READ_NOTES),
+    );
+    assert_eq!(status, 200);
+    stop(served);
+    let saved: Value = serde_json::from_slice(&std::fs::read(&baselines).unwrap()).unwrap();
+    assert_eq!(saved["anonymous"]["calls"], 4, "{saved}");
+    assert_eq!(saved["anonymous"]["sources"]["10.1.2.3"], 4, "{saved}");
+    // Without --trusted-proxies the same header is a spoof: the client is loopback.
+    let served = serve_with(dir.path(), &audit, &["--ip-allow-list", "192.0.2.0/24"]);
+    assert_refused(&request(
+        &served.addr,
+        "/v1/tools/moderate-content/invoke",
+        Some("192.0.2.7"),
+        Some(POST),
+    ));
 }

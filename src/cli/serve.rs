@@ -11,6 +11,8 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use jsonwebtoken::Algorithm;
 
+use crate::guards::anomaly::{AnomalyDetector, AnomalyError, SystemClock};
+use crate::guards::client_addr::{ForwardedHeader, IpAllowList, Networks, TrustedProxies};
 use crate::runner::admission::{Admission, DEFAULT_CALLS_PER_TOOL, DEFAULT_QUEUE_TIMEOUT};
 use crate::runner::audit::{AuditKey, AuditKeyError, AuditLog};
 use crate::runner::auth::{AuthConfigError, Authenticator, JwtKey, TokenReviewer, load_token_file};
@@ -28,6 +30,7 @@ use crate::runner::router;
 use crate::runner::sandbox_executor::{SandboxExecutor, VolumesDir};
 use crate::runner::tool::SecretsDir;
 use crate::runner::unsandboxed::UnsandboxedProcessExecutor;
+use crate::runner::watch::Watch;
 use crate::sandbox::{EngineConfig, Sandboxes};
 
 const EXIT_FAILED: u8 = 2;
@@ -62,6 +65,18 @@ enum StartError {
     NoExecutable(std::io::Error),
     #[error("the sandbox engine could not start ({0}); {SANDBOX_NEEDS_ROOT}")]
     Engine(crate::sandbox::Error),
+    #[error("{flag}: {source}")]
+    Cidr {
+        flag: &'static str,
+        source: crate::guards::client_addr::InvalidCidr,
+    },
+    #[error("--anomaly-baselines: cannot create {}: {source}", dir.display())]
+    BaselinesDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Anomaly(#[from] AnomalyError),
 }
 const DEFAULT_STATE_DIR: &str = "/run/toolwarden";
 
@@ -232,12 +247,40 @@ pub struct CommonArgs {
     /// the HTTP API with trusted tools only; never with real agents.
     #[arg(long)]
     pub unsandboxed_dev: bool,
+    /// Serve only clients in these networks (CIDR or address, IPv4 or IPv6;
+    /// repeatable or comma-separated). Others get 403 `refused` on every
+    /// endpoint but /healthz and /readyz. Tools narrow it with spec.callers.ipAllowList.
+    #[arg(long, value_name = "CIDR", value_delimiter = ',')]
+    pub ip_allow_list: Vec<String>,
+    /// Proxies (CIDR or address; repeatable or comma-separated) whose forwarding
+    /// header names the client. From anyone else the header is ignored and the
+    /// client is the connection's peer.
+    #[arg(long, value_name = "CIDR", value_delimiter = ',')]
+    pub trusted_proxies: Vec<String>,
+    /// The header the trusted proxies write the client into.
+    #[arg(long, value_enum, default_value_t = ForwardedHeaderArg::XForwardedFor)]
+    pub forwarded_header: ForwardedHeaderArg,
+    /// Where per-caller anomaly baselines (spec.anomaly) are kept across
+    /// restarts, saved every 10 s and at shutdown. Default:
+    /// anomaly-baselines.json beside the default audit key (STATE_DIR, or
+    /// ~/.local/state/toolwarden for users other than root with the default
+    /// STATE_DIR). A corrupt file stops the start.
+    #[arg(long, value_name = "FILE")]
+    pub anomaly_baselines: Option<PathBuf>,
     /// Serve tools whose sandbox this host can only give weaker isolation (no
     /// user namespace, or rlimits instead of cgroups). Without it, such a tool is
     /// refused unless it sets `spec.sandbox.allowDegraded: true`. Degraded tools
     /// are named in the banner, `GET /v1/tools` and `toolwarden_sandbox_degraded`.
     #[arg(long)]
     pub allow_degraded: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForwardedHeaderArg {
+    /// `X-Forwarded-For: client, proxy1, ...`
+    XForwardedFor,
+    /// RFC 7239 `Forwarded: for=client, for=proxy1`
+    Forwarded,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -426,6 +469,10 @@ fn run(
     if !report.errors.is_empty() {
         return fail(&format!("{} could not be loaded", dir.display()));
     }
+    let watch = match watch(common) {
+        Ok(watch) => watch,
+        Err(e) => return fail(&e.to_string()),
+    };
     let runner = Arc::new(Runner {
         registry: registry.clone(),
         auth,
@@ -437,6 +484,7 @@ fn run(
             Duration::from_secs(common.queue_timeout),
         ),
         approvals: Default::default(),
+        watch,
     });
     // Clients reach an OAuth resource by the name in its URL: that name is allowed too.
     let mut allowed_hosts = common.allowed_host.clone();
@@ -490,6 +538,7 @@ fn run(
             eprintln!("  metrics:   http://{metrics_addr}/metrics   (no authentication)");
         }
         tokio::spawn(runner.audit.clone().maintain());
+        tokio::spawn(save_baselines_every(runner.clone(), BASELINES_SAVE_INTERVAL));
         let served = listener::serve(
             listener,
             router::router(runner.clone()),
@@ -500,6 +549,9 @@ fn run(
         // Calls whose callers left are still running: wait for their closing records.
         if let Err(e) = runner.audit.close(AUDIT_CLOSE_GRACE).await {
             tracing::error!(error = %e, "no shutdown checkpoint in the audit log");
+        }
+        if let Err(e) = runner.watch.save_baselines() {
+            tracing::error!(error = %e, reason = e.reason(), "anomaly baselines not saved at shutdown");
         }
         match served {
             Ok(()) => ExitCode::SUCCESS,
@@ -535,6 +587,55 @@ fn http_config(common: &CommonArgs, allowed_hosts: &[String]) -> HttpConfig {
         limits,
         allowed_hosts: AllowedHosts::for_listen(common.listen, allowed_hosts),
     }
+}
+
+/// How often changed anomaly baselines are written out.
+const BASELINES_SAVE_INTERVAL: Duration = Duration::from_secs(10);
+
+async fn save_baselines_every(runner: Arc<Runner>, interval: Duration) {
+    let mut ticks = tokio::time::interval(interval);
+    loop {
+        ticks.tick().await;
+        // The write syncs the disk: off the runtime's worker threads.
+        let saving = runner.clone();
+        let saved = tokio::task::spawn_blocking(move || saving.watch.save_baselines()).await;
+        if let Ok(Err(e)) = saved {
+            tracing::warn!(error = %e, reason = e.reason(), "anomaly baselines not saved");
+        }
+    }
+}
+
+/// The runner-wide allow-list, trusted proxies and the anomaly baselines of the flags.
+fn watch(common: &CommonArgs) -> Result<Watch, StartError> {
+    let allow_list =
+        IpAllowList::parse(&common.ip_allow_list).map_err(|source| StartError::Cidr {
+            flag: "--ip-allow-list",
+            source,
+        })?;
+    let networks = Networks::parse(&common.trusted_proxies).map_err(|source| StartError::Cidr {
+        flag: "--trusted-proxies",
+        source,
+    })?;
+    let header = match common.forwarded_header {
+        ForwardedHeaderArg::XForwardedFor => ForwardedHeader::XForwardedFor,
+        ForwardedHeaderArg::Forwarded => ForwardedHeader::Forwarded,
+    };
+    let path = common
+        .anomaly_baselines
+        .clone()
+        .unwrap_or_else(|| default_audit_key_dir(common).join("anomaly-baselines.json"));
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| StartError::BaselinesDir {
+            dir: dir.into(),
+            source,
+        })?;
+    }
+    let anomaly = AnomalyDetector::open(&path, Arc::new(SystemClock))?;
+    Ok(Watch::new(
+        TrustedProxies { networks, header },
+        allow_list,
+        anomaly,
+    ))
 }
 
 /// How long a clean shutdown waits for calls still running to be closed in the audit log.

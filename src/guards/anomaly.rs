@@ -9,6 +9,7 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +26,32 @@ pub struct SystemClock;
 impl Clock for SystemClock {
     fn now_unix(&self) -> i64 {
         jiff::Timestamp::now().as_second()
+    }
+}
+
+/// A clock that stands still until it is set, for tests: days, hours and
+/// minutes after 2026-01-01T00:00:00Z.
+pub struct ManualClock(AtomicI64);
+
+impl ManualClock {
+    pub fn at(day: i64, hour: i64, minute: i64) -> Arc<ManualClock> {
+        let clock = Arc::new(ManualClock(AtomicI64::new(0)));
+        clock.set(day, hour, minute);
+        clock
+    }
+
+    pub fn set(&self, day: i64, hour: i64, minute: i64) {
+        const BASE: i64 = 1_767_225_600;
+        self.0.store(
+            BASE + day * 86_400 + hour * 3_600 + minute * 60,
+            Ordering::SeqCst,
+        );
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_unix(&self) -> i64 {
+        self.0.load(Ordering::SeqCst)
     }
 }
 
@@ -275,21 +302,16 @@ impl AnomalyDetector {
     /// Writes the baselines to the file (a temporary file renamed over it,
     /// so a crash leaves the old or the new version, never half of one).
     pub fn save(&self) -> Result<(), AnomalyError> {
-        let Some(path) = &self.path else {
-            return Ok(());
-        };
-        let write = |source| AnomalyError::Write {
-            path: path.clone(),
-            source,
-        };
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-        let mut file =
-            tempfile::NamedTempFile::new_in(dir.unwrap_or(Path::new("."))).map_err(write)?;
-        serde_json::to_writer(&mut file, &self.baselines).map_err(|e| write(e.into()))?;
-        file.flush().map_err(write)?;
-        file.as_file().sync_all().map_err(write)?;
-        file.persist(path).map_err(|e| write(e.error))?;
-        Ok(())
+        self.snapshot().write()
+    }
+
+    /// The baselines as they are now, to be written without holding the
+    /// detector (writing syncs the disk).
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            path: self.path.clone(),
+            json: serde_json::to_vec(&self.baselines).expect("baselines always serialize"),
+        }
     }
 
     /// Scores a call without learning from it.
@@ -366,6 +388,33 @@ impl AnomalyDetector {
             }
             b.recent_outcomes.push_back(ok);
         }
+    }
+}
+
+/// Baselines serialized by [`AnomalyDetector::snapshot`].
+pub struct Snapshot {
+    path: Option<PathBuf>,
+    json: Vec<u8>,
+}
+
+impl Snapshot {
+    /// Writes to the detector's file, if it has one (a temporary file renamed
+    /// over it, so a crash leaves the old or the new version, never half of one).
+    pub fn write(&self) -> Result<(), AnomalyError> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let write = |source| AnomalyError::Write {
+            path: path.clone(),
+            source,
+        };
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        let mut file =
+            tempfile::NamedTempFile::new_in(dir.unwrap_or(Path::new("."))).map_err(write)?;
+        file.write_all(&self.json).map_err(write)?;
+        file.as_file().sync_all().map_err(write)?;
+        file.persist(path).map_err(|e| write(e.error))?;
+        Ok(())
     }
 }
 

@@ -67,6 +67,10 @@ impl IpAllowList {
     pub fn allows(&self, client: IpAddr) -> bool {
         self.0.is_empty() || self.0.contains(client)
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// Which header the trusted proxies append the client address to.

@@ -100,7 +100,12 @@ pub fn nfkc(text: &str) -> Cow<'_, str> {
 /// Folds `text`; the result is lower case with single spaces and no leading
 /// or trailing space.
 pub fn fold(text: &str) -> String {
-    let normalized = nfkc(text);
+    fold_nfkc(&nfkc(text))
+}
+
+/// [`fold`] of text already in NFKC (the guards normalise each string once
+/// for every detector that needs it).
+pub fn fold_nfkc(normalized: &str) -> String {
     let ascii = &*ASCII;
     let mut out = String::with_capacity(normalized.len());
     let push = |piece: &str, out: &mut String| {

@@ -7,7 +7,7 @@ use base64::Engine as _;
 use regex::Regex;
 use serde::Deserialize;
 
-use super::fold::fold;
+use super::fold::{fold, fold_nfkc};
 use super::rules::{self, RuleMask};
 use super::{GuardError, Hit};
 
@@ -88,8 +88,14 @@ impl PromptInjection {
         self.rule_ids.iter().map(String::as_str)
     }
 
+    #[cfg(test)]
     pub fn scan<'a>(&'a self, text: &str, mask: RuleMask, out: &mut Vec<Hit<'a>>) {
-        let folded = fold(text);
+        self.scan_text(&super::Text::new(text), mask, out);
+    }
+
+    pub fn scan_text<'a>(&'a self, text: &super::Text, mask: RuleMask, out: &mut Vec<Hit<'a>>) {
+        let folded = fold_nfkc(text.nfkc());
+        let text = text.raw();
         let before = out.len();
         self.scan_folded(&folded, mask, out);
         let encoded = self.rule_ids.len() - 1;

@@ -5,7 +5,6 @@
 use regex::RegexSet;
 use serde::Deserialize;
 
-use super::fold::nfkc;
 use super::rules::{self, RuleMask};
 use super::{GuardError, Hit};
 
@@ -56,11 +55,15 @@ impl Malicious {
 
     /// One hit per rule, covering the whole string (the match is in the
     /// normalised text).
+    #[cfg(test)]
     pub fn scan<'a>(&'a self, text: &str, mask: RuleMask, out: &mut Vec<Hit<'a>>) {
-        let normalized = nfkc(text);
+        self.scan_text(&super::Text::new(text), mask, out);
+    }
+
+    pub fn scan_text<'a>(&'a self, text: &super::Text, mask: RuleMask, out: &mut Vec<Hit<'a>>) {
         for index in self
             .set
-            .matches(&normalized)
+            .matches(text.nfkc())
             .iter()
             .filter(|&i| mask.has(i))
         {

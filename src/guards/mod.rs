@@ -13,6 +13,7 @@ mod pii;
 mod rules;
 pub(crate) mod secrets;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::LazyLock;
@@ -58,6 +59,17 @@ impl GuardError {
             GuardError::RuleSet { .. } => "GuardRuleSetInvalid",
         }
     }
+
+    /// Position of the declaration in its list; `None` for a broken built-in rule set.
+    pub fn index(&self) -> Option<usize> {
+        match self {
+            GuardError::InvalidField { index, .. }
+            | GuardError::UnknownCategory { index, .. }
+            | GuardError::HttpOptionsMismatch { index }
+            | GuardError::ActionUnsupported { index, .. } => Some(*index),
+            GuardError::RuleSet { .. } => None,
+        }
+    }
 }
 
 /// Something a detector found in one string: the rule and, where the match
@@ -65,6 +77,30 @@ impl GuardError {
 pub(crate) struct Hit<'a> {
     pub rule: &'a str,
     pub span: Option<Range<usize>>,
+}
+
+/// One string being checked, normalised (NFKC) at most once for all the
+/// detectors that match on normalised text.
+pub(crate) struct Text<'t> {
+    raw: &'t str,
+    nfkc: std::cell::OnceCell<Cow<'t, str>>,
+}
+
+impl<'t> Text<'t> {
+    pub fn new(raw: &'t str) -> Text<'t> {
+        Text {
+            raw,
+            nfkc: std::cell::OnceCell::new(),
+        }
+    }
+
+    pub fn raw(&self) -> &'t str {
+        self.raw
+    }
+
+    pub fn nfkc(&self) -> &str {
+        self.nfkc.get_or_init(|| fold::nfkc(self.raw))
+    }
 }
 
 struct Detectors {
@@ -99,8 +135,9 @@ pub struct Finding {
     pub guard: GuardKind,
     /// Position of the guard in its list (`spec.guards.input[i]`).
     pub guard_index: usize,
-    /// Rule of the kind's rule set, e.g. `paymentCard` or `instructionOverride`.
-    pub rule: &'static str,
+    /// Rule of the kind's rule set, e.g. `paymentCard` or `instructionOverride`
+    /// (for an `http` guard, the rule its classifier named).
+    pub rule: Cow<'static, str>,
     /// JSON pointer of the string (of the member, when the finding is in its key).
     pub pointer: String,
     /// What is done about it; `redact` on an object key becomes `refuse`
@@ -228,13 +265,13 @@ impl GuardSet {
         }
     }
 
-    fn scan(&self, guard: &CompiledGuard, text: &str, out: &mut Vec<Hit<'static>>) {
+    fn scan(&self, guard: &CompiledGuard, text: &Text, out: &mut Vec<Hit<'static>>) {
         let d = self.detectors;
         match guard.kind {
-            GuardKind::Pii => d.pii.scan(text, guard.mask, out),
-            GuardKind::Secrets => d.secrets.scan(text, guard.mask, out),
-            GuardKind::PromptInjection => d.injection.scan(text, guard.mask, out),
-            GuardKind::Malicious => d.malicious.scan(text, guard.mask, out),
+            GuardKind::Pii => d.pii.scan(text.raw(), guard.mask, out),
+            GuardKind::Secrets => d.secrets.scan(text.raw(), guard.mask, out),
+            GuardKind::PromptInjection => d.injection.scan_text(text, guard.mask, out),
+            GuardKind::Malicious => d.malicious.scan_text(text, guard.mask, out),
             GuardKind::Http => {}
         }
     }
@@ -320,13 +357,14 @@ impl Walk<'_> {
         }
     }
 
-    fn text(&mut self, text: &str, in_key: bool) {
+    fn text(&mut self, raw: &str, in_key: bool) {
+        let text = Text::new(raw);
         let mut hits = Vec::new();
         for guard in &self.set.guards {
             if !guard.covers(&self.segments) {
                 continue;
             }
-            self.set.scan(guard, text, &mut hits);
+            self.set.scan(guard, &text, &mut hits);
             if hits.is_empty() {
                 continue;
             }
@@ -338,7 +376,7 @@ impl Walk<'_> {
             self.findings.extend(hits.drain(..).map(|hit| Finding {
                 guard: guard.kind,
                 guard_index: guard.index,
-                rule: hit.rule,
+                rule: Cow::Borrowed(hit.rule),
                 pointer: pointer.clone(),
                 action,
                 in_key,

@@ -38,7 +38,7 @@ fn the_guides_prompt_injection_is_refused_with_its_pointer() {
     assert_eq!(outcome.redacted, None);
     let f = &outcome.findings[0];
     assert_eq!(
-        (f.guard, f.rule, f.pointer.as_str(), f.action),
+        (f.guard, f.rule.as_ref(), f.pointer.as_str(), f.action),
         (
             GuardKind::PromptInjection,
             "instructionOverride",
@@ -68,10 +68,10 @@ fn every_string_is_walked_with_its_json_pointer() {
         "m~n": [{"deep": [[ "AKIAIOSFODNN7EXAMPLE" ]]}],
         "n": 4111111111111111u64,
     });
-    let found: Vec<(String, &str)> = set
-        .check(&doc)
-        .into_iter()
-        .map(|f| (f.pointer, f.rule))
+    let findings = set.check(&doc);
+    let found: Vec<(String, &str)> = findings
+        .iter()
+        .map(|f| (f.pointer.clone(), f.rule.as_ref()))
         .collect();
     assert_eq!(
         found,

@@ -21,6 +21,7 @@ use super::pipeline::{CallContext, Runner};
 use super::ratelimit::LimiterClock;
 use super::registry::{Registry, manifest_files};
 use super::tool::{PreparedTool, SecretDelivery, SecretsDir};
+use super::watch::Watch;
 
 /// What one run was given.
 #[derive(Clone, Debug)]
@@ -143,6 +144,11 @@ impl TestRunner {
 
     /// Serves the manifests already in `dir`.
     pub fn serving(dir: tempfile::TempDir, secrets: Option<PathBuf>) -> TestRunner {
+        TestRunner::watched(dir, secrets, Watch::default())
+    }
+
+    /// [`serving`](Self::serving) with the watching stages' settings and state.
+    pub fn watched(dir: tempfile::TempDir, secrets: Option<PathBuf>, watch: Watch) -> TestRunner {
         let registry = Registry::new(LimiterClock::manual(), SecretsDir(secrets));
         let report = registry.load(&manifest_files(dir.path()).unwrap());
         assert!(
@@ -166,6 +172,7 @@ impl TestRunner {
             // One run of a tool at a time, a short queue: admission is testable.
             admission: Admission::new(1, Duration::from_millis(50)),
             approvals: Default::default(),
+            watch,
         });
         TestRunner {
             runner,
@@ -186,7 +193,7 @@ impl TestRunner {
             client_ip: Some("127.0.0.1".into()),
             user_agent: Some("unit-test".into()),
             authorization: authorization.map(String::from),
-            caller: None,
+            ..CallContext::default()
         }
     }
 

@@ -22,6 +22,14 @@ pub struct ToolLabel {
     pub tool: String,
 }
 
+/// A resource alert of a tool's call.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AlertLabels {
+    pub tool: String,
+    /// `duration` or `memory`.
+    pub kind: String,
+}
+
 /// Which mechanism enforces one limit of a tool's sandbox.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EnforcementLabels {
@@ -46,6 +54,7 @@ pub struct Metrics {
     degraded: Family<DegradedLabels, Gauge>,
     calls: Family<CallLabels, Counter>,
     run_seconds: Family<ToolLabel, Histogram>,
+    alerts: Family<AlertLabels, Counter>,
     in_flight: Gauge,
     pub tools_served: Gauge,
     pub audit_healthy: Gauge,
@@ -64,6 +73,12 @@ impl Default for Metrics {
             "tool_run_seconds",
             "Wall time of tool runs",
             run_seconds.clone(),
+        );
+        let alerts = Family::<AlertLabels, Counter>::default();
+        registry.register(
+            "alerts",
+            "Calls that ran longer or peaked higher in memory than their tool's spec.alerts",
+            alerts.clone(),
         );
         let in_flight = Gauge::default();
         registry.register(
@@ -108,6 +123,7 @@ impl Default for Metrics {
             degraded,
             calls,
             run_seconds,
+            alerts,
             in_flight,
             tools_served,
             audit_healthy,
@@ -166,6 +182,15 @@ impl Metrics {
         self.run_seconds
             .get_or_create(&ToolLabel { tool: tool.into() })
             .observe(seconds);
+    }
+
+    pub fn alert(&self, tool: &str, kind: &str) {
+        self.alerts
+            .get_or_create(&AlertLabels {
+                tool: tool.into(),
+                kind: kind.into(),
+            })
+            .inc();
     }
 
     /// Counts a call in flight until the guard is dropped.

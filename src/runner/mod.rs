@@ -38,3 +38,4 @@ pub mod tool_metadata;
 pub mod unsandboxed;
 pub mod validate;
 pub mod volumes;
+pub mod watch;

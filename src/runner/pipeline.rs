@@ -1,9 +1,10 @@
 //! One call, start to finish: every check of the security checklist, each
 //! step audited, then the run. REST and MCP both call [`Runner::invoke`].
 //!
-//! Order: authenticate, rate limit, read the body, size and shape, validate,
-//! sanitize, validate again (when sanitizing changed something), authorize,
-//! approval gate, wait for a run slot of the tool, run, redact, cap.
+//! Order: authenticate, client address allow-list, rate limit, read the body,
+//! size and shape, anomaly score, validate, sanitize, validate again (when
+//! sanitizing changed something), input guards, authorize, approval gate,
+//! wait for a run slot of the tool, run, output guards, alerts, redact, cap.
 //! Authentication uses the headers alone and the body is read only after it
 //! and rate limiting, so an anonymous caller costs no body reading or parsing.
 //! Authorization runs on the sanitized input, the exact input the tool
@@ -37,7 +38,10 @@ use super::registry::Registry;
 use super::sanitize::sanitize;
 use super::tool::PreparedTool;
 use super::validate::{validate, validate_sanitized};
+use super::watch::{Watch, alerts};
 use crate::api::AuditLevel;
+use crate::guards::GuardOutcome;
+use crate::guards::anomaly::{Call, Decision};
 
 /// Bytes of a failed tool's stderr kept in the audit record.
 const AUDIT_STDERR_BYTES: usize = 4096;
@@ -57,6 +61,8 @@ pub struct Runner {
     pub admission: Admission,
     /// Calls answered `202`, for their callers to look up.
     pub approvals: Approvals,
+    /// Client addresses, allow-lists, anomaly baselines and guard classifiers.
+    pub watch: Watch,
 }
 
 /// Who is asking, as the transport saw it.
@@ -69,6 +75,8 @@ pub struct CallContext {
     /// Set when the transport authenticated the caller already (MCP does,
     /// before it reads the body that names the tool).
     pub caller: Option<Caller>,
+    /// `X-Forwarded-For` and `Forwarded`, read only from trusted proxies.
+    pub forwarding: axum::http::HeaderMap,
 }
 
 /// What a call that was not refused comes to.
@@ -114,13 +122,31 @@ impl Trail {
     }
 
     /// Records the refusal (with every field error) and hands back the problem.
-    fn deny(&self, stage: &str, reason: &str, mut problem: Problem) -> Problem {
-        let mut fields = json!({"stage": stage, "reason": reason,
-                                "status": problem.kind.status().as_u16(), "problem": problem.kind.slug()});
+    fn deny(&self, stage: &str, reason: &str, problem: Problem) -> Problem {
+        self.deny_with(stage, reason, problem, Map::new())
+    }
+
+    /// [`deny`](Self::deny) with more fields in the record.
+    fn deny_with(
+        &self,
+        stage: &str,
+        reason: &str,
+        problem: Problem,
+        mut fields: Map<String, Value>,
+    ) -> Problem {
+        fields.insert("stage".into(), stage.into());
+        fields.insert("reason".into(), reason.into());
+        fields.insert("status".into(), problem.kind.status().as_u16().into());
+        fields.insert("problem".into(), problem.kind.slug().into());
         if !problem.errors.is_empty() {
-            fields["errors"] = json!(problem.errors);
+            fields.insert("errors".into(), json!(problem.errors));
         }
-        if let Err(audit) = self.record("denied", fields) {
+        self.close_with("denied", Value::Object(fields), problem)
+    }
+
+    /// Writes the record that ends the call and hands back its problem.
+    fn close_with(&self, event: &str, fields: Value, mut problem: Problem) -> Problem {
+        if let Err(audit) = self.record(event, fields) {
             return audit;
         }
         problem.invocation_id = self
@@ -129,6 +155,27 @@ impl Trail {
             .and_then(Value::as_str)
             .map(String::from);
         problem
+    }
+
+    /// Audits what the guards of one side (`inputGuards`, `outputGuards`)
+    /// found: a refusal is the generic problem with a `denied` record naming
+    /// each finding; redactions and flags are a `flagged` record.
+    fn guarded(&self, stage: &str, outcome: &GuardOutcome) -> Result<(), Problem> {
+        if outcome.refused {
+            let fields = json!({"findings": outcome.findings});
+            let Value::Object(fields) = fields else {
+                unreachable!("a json! object")
+            };
+            return Err(self.deny_with(stage, "a guard refused", Problem::refused(), fields));
+        }
+        if !outcome.findings.is_empty() {
+            self.record(
+                "flagged",
+                json!({"stage": stage, "findings": outcome.findings,
+                       "redacted": outcome.redacted.is_some()}),
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -233,6 +280,24 @@ impl Runner {
         }
     }
 
+    /// `Err` with the generic refusal (audited, stage `callers`) when the
+    /// client is not in the runner-wide allow-list (`serve --ip-allow-list`).
+    pub fn admit_client(&self, ctx: &CallContext) -> Result<(), Problem> {
+        if self.watch.allow_list.is_empty() {
+            return Ok(());
+        }
+        let client = self
+            .watch
+            .client_address(ctx.client_ip.as_deref(), &ctx.forwarding);
+        if client.is_some_and(|ip| self.watch.allow_list.allows(ip)) {
+            return Ok(());
+        }
+        let trail = self.trail(ctx, uuid::Uuid::new_v4().to_string(), None, None)?;
+        trail.record("received", json!({}))?;
+        let reason = "the client address is not in the runner's --ip-allow-list";
+        Err(trail.deny("callers", reason, Problem::refused()))
+    }
+
     /// A new call's trail with its correlation fields; fails closed when the
     /// audit log is down.
     fn trail(
@@ -257,7 +322,17 @@ impl Runner {
         if let Some(tool) = tool {
             trail.set("toolGeneration", tool.generation);
         }
-        trail.set("clientIp", ctx.client_ip.clone());
+        let client = self
+            .watch
+            .client_address(ctx.client_ip.as_deref(), &ctx.forwarding);
+        match client {
+            // Behind a trusted proxy: the client it named, and the proxy.
+            Some(client) if Some(client.to_string()) != ctx.client_ip => {
+                trail.set("clientIp", client.to_string());
+                trail.set("peerIp", ctx.client_ip.clone());
+            }
+            _ => trail.set("clientIp", ctx.client_ip.clone()),
+        }
         trail.set("userAgent", ctx.user_agent.clone());
         Ok(trail)
     }
@@ -297,6 +372,16 @@ impl Runner {
             return Err(trail.deny("lookup", "unknown tool", problem));
         };
 
+        let client = self
+            .watch
+            .client_address(ctx.client_ip.as_deref(), &ctx.forwarding);
+        // An address that cannot be read is in no list.
+        if !tool.ip_allow_list.is_empty() && !client.is_some_and(|ip| tool.ip_allow_list.allows(ip))
+        {
+            let reason = "the client address is not in callers.ipAllowList";
+            return Err(trail.deny("callers", reason, Problem::refused()));
+        }
+
         if let Some(limiter) = &tool.limiter
             && let Err(limited) = limiter.check(&caller.sub)
         {
@@ -327,6 +412,35 @@ impl Runner {
             .map_err(|p| trail.deny("shape", &p.detail.clone(), p))?;
         let mut input = parse_input(&body, tool.spec.max_input_bytes)
             .map_err(|p| trail.deny("shape", &p.detail.clone(), p))?;
+
+        // From here on, how the call ends feeds the caller's anomaly baseline.
+        let scored = match &tool.spec.anomaly {
+            Some(spec) => {
+                let call = Call {
+                    tool: &tool.name,
+                    input_bytes: body.len(),
+                    source: client,
+                };
+                let assessment = self.watch.assess(&caller.sub, &call, spec);
+                let fields = json!({"stage": "anomaly", "score": assessment.score,
+                                    "factors": assessment.factors, "coldStart": assessment.cold_start});
+                match assessment.decision {
+                    Decision::Refuse => {
+                        self.watch.record_outcome(&caller.sub, false);
+                        return Err(trail.close_with("suspicious", fields, Problem::refused()));
+                    }
+                    Decision::Flag => trail.record("flagged", fields)?,
+                    Decision::Allow => trail.record("scored", fields)?,
+                }
+                Some(OutcomeOf {
+                    watch: &self.watch,
+                    caller: &caller.sub,
+                    ok: false,
+                })
+            }
+            None => None,
+        };
+
         if let Err(errors) = validate(&tool.validator, &input) {
             let problem = Problem::validation(errors);
             return Err(trail.deny("validation", &problem.detail.clone(), problem));
@@ -355,6 +469,19 @@ impl Runner {
             ));
         }
 
+        if let Some(guards) = &tool.input_guards {
+            let outcome = self.watch.check(guards, &input).await;
+            trail.guarded("inputGuards", &outcome)?;
+            if let Some(redacted) = outcome.redacted {
+                // What the tool gets still satisfies the schema; a refusal saying why would tell.
+                if validate_sanitized(&tool.validator, &redacted).is_err() {
+                    let reason = "the redacted input fails the schema";
+                    return Err(trail.deny("inputGuards", reason, Problem::refused()));
+                }
+                input = redacted;
+            }
+        }
+
         if let Err(denied) = authorize(&tool.rules, &caller, &input) {
             let problem = Problem::new(ProblemKind::Forbidden, denied.message.clone());
             return Err(trail.deny("authorization", &denied.reason, problem));
@@ -372,6 +499,9 @@ impl Runner {
                 jiff::Timestamp::now(),
             );
             self.approvals.hold(pending.clone());
+            if let Some(outcome) = scored {
+                outcome.succeeded();
+            }
             return Ok(Called::AwaitingApproval(pending));
         }
 
@@ -388,9 +518,13 @@ impl Runner {
                 return Err(trail.deny("admission", busy.reason(), problem));
             }
         };
-        self.run_detached(trail, Arc::clone(tool), input, invocation_id, slot)
-            .await
-            .map(Called::Ran)
+        let ran = self
+            .run_detached(trail, Arc::clone(tool), input, invocation_id, slot)
+            .await?;
+        if let Some(outcome) = scored {
+            outcome.succeeded();
+        }
+        Ok(Called::Ran(ran))
     }
 
     /// Runs the call so that the run and its closing record happen whether or
@@ -470,11 +604,28 @@ impl Runner {
         if let Some(enforcement) = &outcome.enforcement {
             self.metrics.enforcement(&tool.name, enforcement);
         }
+        let guarded = match &tool.output_guards {
+            Some(guards) if failure_hint(&outcome).is_none() && !outcome.timed_out => Some(
+                self.watch
+                    .check(guards, &output_document(&outcome.stdout))
+                    .await,
+            ),
+            _ => None,
+        };
+        let guarded_stdout = guarded
+            .as_ref()
+            .and_then(|g| g.redacted.as_ref())
+            .map(|redacted| match redacted {
+                Value::String(text) => text.clone().into_bytes(),
+                json => json.to_string().into_bytes(),
+            });
         // Redact first, then cut: the run captured more than the cap for this.
-        let (stdout, cut) = tool
-            .redactor
-            .redact_capped(&outcome.stdout, tool.output_cap());
+        let (stdout, cut) = tool.redactor.redact_capped(
+            guarded_stdout.as_deref().unwrap_or(&outcome.stdout),
+            tool.output_cap(),
+        );
         let truncated = cut || outcome.stdout_truncated;
+        let alerts = alerts(tool, &outcome);
         let mut finished = finished_record(&outcome, &stdout, truncated, tool);
         let answer = respond(outcome, stdout, truncated, &tool.redactor, invocation_id).and_then(
             |success| match conforms(tool, &success) {
@@ -486,7 +637,41 @@ impl Runner {
             },
         );
         trail.record(closing("finished"), finished)?;
+        for (kind, fields) in alerts {
+            self.metrics.alert(&tool.name, kind);
+            trail.record("alert", fields)?;
+        }
+        if let Some(guarded) = &guarded {
+            trail.guarded("outputGuards", guarded)?;
+        }
         answer
+    }
+}
+
+/// The tool's output as output guards see it: its JSON, or its text as a string. Pure.
+fn output_document(stdout: &[u8]) -> Value {
+    let text = String::from_utf8_lossy(stdout);
+    serde_json::from_str(&text).unwrap_or_else(|_| Value::String(text.into_owned()))
+}
+
+/// How a scored call ended, for the caller's anomaly baseline: a failure
+/// unless [`succeeded`](Self::succeeded) is called, so every refusal and
+/// failure after scoring counts, whichever `return` it takes.
+struct OutcomeOf<'a> {
+    watch: &'a Watch,
+    caller: &'a str,
+    ok: bool,
+}
+
+impl OutcomeOf<'_> {
+    fn succeeded(mut self) {
+        self.ok = true;
+    }
+}
+
+impl Drop for OutcomeOf<'_> {
+    fn drop(&mut self) {
+        self.watch.record_outcome(self.caller, self.ok);
     }
 }
 
@@ -1161,3 +1346,8 @@ mod scenarios {
         assert_eq!(t.executor.runs().len(), 1);
     }
 }
+
+/// The watching stages (guards, allow-lists, anomaly scoring, alerts) in the whole pipeline.
+#[cfg(test)]
+#[path = "pipeline_watch_tests.rs"]
+mod watch_scenarios;

@@ -34,6 +34,9 @@ pub enum ProblemKind {
     Overloaded,
     /// The body did not arrive in time.
     RequestTimeout,
+    /// A guard, the anomaly score or an IP allow-list refused the call; one
+    /// answer for all of them, so callers cannot probe which check fired.
+    Refused,
     Internal,
 }
 
@@ -75,6 +78,7 @@ impl ProblemKind {
             ProblemKind::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ProblemKind::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ProblemKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProblemKind::Refused => StatusCode::FORBIDDEN,
             ProblemKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -98,6 +102,7 @@ impl ProblemKind {
             ProblemKind::AuditUnavailable => "audit-unavailable",
             ProblemKind::Overloaded => "overloaded",
             ProblemKind::RequestTimeout => "request-timeout",
+            ProblemKind::Refused => "refused",
             ProblemKind::Internal => "internal",
         }
     }
@@ -120,10 +125,14 @@ impl ProblemKind {
             ProblemKind::AuditUnavailable => "The audit log is unavailable",
             ProblemKind::Overloaded => "The tool is busy",
             ProblemKind::RequestTimeout => "The request body did not arrive in time",
+            ProblemKind::Refused => REFUSED,
             ProblemKind::Internal => "Internal error",
         }
     }
 }
+
+/// Title and detail of [`ProblemKind::Refused`].
+pub const REFUSED: &str = "The request cannot be processed";
 
 /// Base of every `type` URI.
 pub const TYPE_BASE: &str = "https://toolwarden.dev/problems/";
@@ -150,6 +159,11 @@ impl Problem {
             retry_after_secs: None,
             invocation_id: None,
         }
+    }
+
+    /// The generic refusal: nothing in it says which check fired.
+    pub fn refused() -> Problem {
+        Problem::new(ProblemKind::Refused, REFUSED)
     }
 
     pub fn validation(errors: Vec<FieldError>) -> Problem {

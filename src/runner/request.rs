@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, HeaderName, header};
 
 use super::body_limits::{bounded, too_large};
 use super::pipeline::CallContext;
@@ -34,7 +34,23 @@ pub fn call_context(transport: &'static str, peer: SocketAddr, headers: &HeaderM
             .map(|v| bounded(&String::from_utf8_lossy(v.as_bytes()), MAX_USER_AGENT_BYTES)),
         authorization: text(header::AUTHORIZATION),
         caller: None,
+        forwarding: forwarding_headers(headers),
     }
+}
+
+/// The headers proxies name the client in (`X-Forwarded-For`, `Forwarded`);
+/// believed only when the peer is a trusted proxy.
+fn forwarding_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut forwarding = HeaderMap::new();
+    for name in [
+        header::FORWARDED,
+        HeaderName::from_static("x-forwarded-for"),
+    ] {
+        for value in headers.get_all(&name) {
+            forwarding.append(name.clone(), value.clone());
+        }
+    }
+    forwarding
 }
 
 /// True for `application/json` and `application/*+json`, parameters allowed.

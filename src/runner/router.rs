@@ -2,10 +2,12 @@
 //! MCP from `mcp.rs`), and serving it. Connections, header limits and the
 //! `Host`/`Origin` check are the accept loop's (`listener.rs`).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::response::Response;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Router, middleware};
 
@@ -14,6 +16,7 @@ use super::mcp;
 use super::oauth::METADATA_PATH;
 use super::pipeline::Runner;
 use super::problem::{Problem, ProblemKind};
+use super::request::call_context;
 use super::rest;
 
 pub fn router(runner: Arc<Runner>) -> Router {
@@ -22,8 +25,6 @@ pub fn router(runner: Arc<Runner>) -> Router {
         .route("/v1/tools/{name}/invoke", post(rest::invoke))
         .route("/v1/approvals/{id}", get(rest::approval))
         .route("/mcp", post(mcp::post).get(mcp::get).delete(mcp::delete))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(rest::ready))
         .route("/metrics", get(rest::authenticated_metrics))
         .route("/openapi.json", get(rest::openapi_document))
         .route(METADATA_PATH, get(rest::protected_resource))
@@ -31,6 +32,13 @@ pub fn router(runner: Arc<Runner>) -> Router {
             &format!("{METADATA_PATH}/{{*resource}}"),
             get(rest::protected_resource),
         )
+        // Everything above only for clients in `--ip-allow-list`; the probes for anyone.
+        .route_layer(middleware::from_fn_with_state(
+            runner.clone(),
+            allow_listed_clients,
+        ))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(rest::ready))
         .fallback(|| async { Problem::new(ProblemKind::NotFound, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             Problem::new(
@@ -52,6 +60,20 @@ async fn oauth_challenge(State(runner): State<Arc<Runner>>, mut response: Respon
         oauth.challenge(&mut response);
     }
     response
+}
+
+/// Refuses requests from clients outside the runner-wide allow-list.
+async fn allow_listed_clients(
+    State(runner): State<Arc<Runner>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let ctx = call_context("http", peer, request.headers());
+    match runner.admit_client(&ctx) {
+        Ok(()) => next.run(request).await,
+        Err(problem) => problem.into_response(),
+    }
 }
 
 /// Only `/metrics`, unauthenticated: for `--metrics-listen`, an address the

@@ -5,7 +5,11 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::api::{AgentTool, AgentToolSpec, AuthorizationRule, EgressCidr, SecretUse};
+use crate::api::{
+    AgentTool, AgentToolSpec, AuthorizationRule, BadQuantity, EgressCidr, SecretUse, parse_quantity,
+};
+use crate::guards::client_addr::{InvalidCidr, IpAllowList};
+use crate::guards::{GuardError, GuardSet};
 
 use super::authorize::{self, CompiledRule, RuleError};
 use super::images::{ImageError, RootfsResolver};
@@ -38,6 +42,15 @@ pub enum ToolError {
     },
     #[error("spec.secrets: {0}")]
     Redactor(#[from] RedactorError),
+    #[error("spec.guards.{side}{}: {source}", source.index().map(|i| format!("[{i}]")).unwrap_or_default())]
+    Guard {
+        side: &'static str,
+        source: GuardError,
+    },
+    #[error("spec.callers.ipAllowList: {0}")]
+    AllowList(#[from] InvalidCidr),
+    #[error("spec.alerts.memory: {0}")]
+    AlertMemory(#[from] BadQuantity),
 }
 
 impl ToolError {
@@ -50,6 +63,9 @@ impl ToolError {
             ToolError::Authorization(e) | ToolError::ApprovalWhen(e) => e.reason(),
             ToolError::SecretUnavailable { .. } => "SecretUnavailable",
             ToolError::Redactor(e) => e.reason(),
+            ToolError::Guard { source, .. } => source.reason(),
+            ToolError::AllowList(e) => e.reason(),
+            ToolError::AlertMemory(_) => "BadQuantity",
         }
     }
 }
@@ -84,6 +100,13 @@ pub struct PreparedTool {
     pub secrets_revision: u64,
     /// Root file system of `runtime.image`, when the runner resolves images.
     pub rootfs: Option<PathBuf>,
+    /// `guards.input` and `guards.output`, compiled; `None` when none are declared.
+    pub input_guards: Option<GuardSet>,
+    pub output_guards: Option<GuardSet>,
+    /// `callers.ipAllowList`; empty allows every address.
+    pub ip_allow_list: IpAllowList,
+    /// `alerts.memory` in bytes.
+    pub memory_alert_bytes: Option<u64>,
 }
 
 impl PreparedTool {
@@ -256,6 +279,33 @@ pub fn prepare(
         .read_all(spec)
         .map_err(|reasons| errors.extend(reasons))
         .ok();
+    let mut guards = |side, decls: &[crate::api::GuardDecl]| {
+        if decls.is_empty() {
+            return None;
+        }
+        GuardSet::compile(decls)
+            .map_err(|source| errors.push(ToolError::Guard { side, source }))
+            .ok()
+    };
+    let input_guards = guards("input", &spec.guards.input);
+    let output_guards = guards("output", &spec.guards.output);
+    let ip_allow_list = IpAllowList::parse(
+        spec.callers
+            .as_ref()
+            .map_or(&[][..], |c| c.ip_allow_list.as_slice()),
+    )
+    .map_err(|e| errors.push(e.into()))
+    .unwrap_or_default();
+    let memory_alert_bytes = spec
+        .alerts
+        .as_ref()
+        .and_then(|a| a.memory.as_ref())
+        .and_then(|q| {
+            parse_quantity(q)
+                .map(|bytes| bytes as u64)
+                .map_err(|e| errors.push(e.into()))
+                .ok()
+        });
     let redactor = secrets.as_ref().and_then(|s| {
         Redactor::new(s.values.clone())
             .map_err(|e| errors.push(e.into()))
@@ -282,6 +332,10 @@ pub fn prepare(
                 redactor,
                 secrets_revision: 0,
                 rootfs,
+                input_guards,
+                output_guards,
+                ip_allow_list,
+                memory_alert_bytes,
             })
         }
         _ => Err(errors),

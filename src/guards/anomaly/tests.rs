@@ -1,32 +1,4 @@
-use std::sync::atomic::{AtomicI64, Ordering};
-
 use super::*;
-
-/// A clock the test sets.
-struct ManualClock(AtomicI64);
-
-impl ManualClock {
-    fn at(day: i64, hour: i64, minute: i64) -> Arc<ManualClock> {
-        let clock = Arc::new(ManualClock(AtomicI64::new(0)));
-        clock.set(day, hour, minute);
-        clock
-    }
-
-    fn set(&self, day: i64, hour: i64, minute: i64) {
-        // 2026-01-01T00:00:00Z plus the offset.
-        let base = 1_767_225_600;
-        self.0.store(
-            base + day * 86_400 + hour * 3_600 + minute * 60,
-            Ordering::SeqCst,
-        );
-    }
-}
-
-impl Clock for ManualClock {
-    fn now_unix(&self) -> i64 {
-        self.0.load(Ordering::SeqCst)
-    }
-}
 
 fn call<'a>(input: &'a str, source: Option<&str>) -> Call<'a> {
     Call {
