@@ -44,34 +44,75 @@ fn own_cgroup() -> PathBuf {
     Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'))
 }
 
+/// Memory bombs that succeed when swap sits outside a 64 MiB limit (the bug libcgroups 0.7
+/// left): `dd` needs its whole 128 MiB block at once; the pipeline grows `tail`'s buffer
+/// page by page to 100 MiB and prints how many bytes it held.
+const SWAP_BOMBS: [(&str, &str); 2] = [
+    ("dd if=/dev/zero of=/dev/null bs=128M count=1", ""),
+    (
+        "head -c 104857600 /dev/zero | tail -n 1 | wc -c",
+        "104857600",
+    ),
+];
+
+/// The control: each bomb, run on the host in a cgroup with the same memory limit but swap
+/// left unlimited, succeeds. So the sandbox's OOM kills are the swap limit's doing, not a
+/// guest that cannot swap. `parent` has the memory controller enabled for its children.
+fn bombs_survive_with_unlimited_swap(parent: &Path) {
+    let control = parent.join(format!("swap-control-{}", std::process::id()));
+    std::fs::create_dir(&control).unwrap();
+    std::fs::write(control.join("memory.max"), "67108864").unwrap();
+    std::fs::write(control.join("memory.swap.max"), "max").unwrap();
+    let procs = control.join("cgroup.procs");
+    for (bomb, prints) in SWAP_BOMBS {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("echo $$ >{} && {bomb}", procs.display()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == prints,
+            "control `{bomb}` with unlimited swap: {out:?}"
+        );
+    }
+    let events = std::fs::read_to_string(control.join("memory.swap.events")).unwrap_or_default();
+    std::fs::remove_dir(&control).unwrap();
+    eprintln!("swap control passed; memory.swap.events: {events:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swap_counts_against_the_memory_limit() {
     require_root!();
     if !cgroup_v2() {
         return;
     }
+    let rootfs = common::busybox_rootfs();
+    let engine = common::engine();
+    let limits = common::limits(); // 64 MiB of memory
+    let pool = engine.pool(common::spec(&rootfs, limits, 0)).await.unwrap();
     if std::env::var("TOOLWARDEN_TEST_EXPECT_SWAP").is_ok_and(|v| v == "1") {
         assert!(
             swap_bytes() >= 256 << 20,
             "the VM promised swap: {}",
             swap_bytes()
         );
+        // The engine moved this process into a leaf; its parent is the delegated cgroup.
+        bombs_survive_with_unlimited_swap(own_cgroup().parent().unwrap());
     }
-    let rootfs = common::busybox_rootfs();
-    let engine = common::engine();
-    let limits = common::limits(); // 64 MiB of memory
-    let pool = engine.pool(common::spec(&rootfs, limits, 0)).await.unwrap();
 
-    // dd needs its whole 128 MiB block resident at once: with swap outside the limit, half
-    // of it would go to swap and the call would succeed.
-    let o = run(&pool, sh("dd if=/dev/zero of=/dev/null bs=128M count=1")).await;
-    assert!(o.oom_killed && o.signal == Some(9), "{o:?}");
-    let peak = o.peak_memory_bytes.expect("a peak on cgroup v2");
-    assert!(
-        (60 << 20..=(64 << 20) + (1 << 20)).contains(&peak),
-        "peak {peak} should sit at the 64 MiB limit: {o:?}"
-    );
-    assert!(o.duration < Duration::from_secs(8), "{o:?}");
+    for (bomb, _) in SWAP_BOMBS {
+        let o = run(&pool, sh(bomb)).await;
+        assert!(o.oom_killed, "`{bomb}` was not OOM-killed: {o:?}");
+        assert_ne!(common::text(&o.stdout).trim(), "104857600", "{o:?}");
+        // The peak counts memory and swap (memory.peak + memory.swap.peak where the kernel
+        // has the latter): at the limit, since the swap allowance is 0.
+        let peak = o.peak_memory_bytes.expect("a peak on cgroup v2");
+        assert!(
+            (60 << 20..=(64 << 20) + (1 << 20)).contains(&peak),
+            "`{bomb}`: peak {peak} should sit at the 64 MiB limit: {o:?}"
+        );
+        assert!(o.duration < Duration::from_secs(8), "`{bomb}`: {o:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
