@@ -44,40 +44,47 @@ fn own_cgroup() -> PathBuf {
     Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'))
 }
 
-/// Memory bombs that succeed when swap sits outside a 64 MiB limit (the bug libcgroups 0.7
-/// left): `dd` needs its whole 128 MiB block at once; the pipeline grows `tail`'s buffer
-/// page by page to 100 MiB and prints how many bytes it held.
-const SWAP_BOMBS: [(&str, &str); 2] = [
-    ("dd if=/dev/zero of=/dev/null bs=128M count=1", ""),
-    (
-        "head -c 104857600 /dev/zero | tail -n 1 | wc -c",
-        "104857600",
-    ),
+/// Memory bombs that survive a 64 MiB limit when swap sits outside it (the bug libcgroups 0.7
+/// left): one process that needs 128 MiB at once, and three processes that each fit but hold
+/// 32 MiB at the same time (each dd blocks writing into a pipe nobody reads until `sleep`
+/// exits).
+const SWAP_BOMBS: [&str; 2] = [
+    "dd if=/dev/zero of=/dev/null bs=128M count=1",
+    "for i in 1 2 3; do dd if=/dev/zero bs=32M count=1 2>/dev/null | sleep 4 & done; wait",
 ];
 
+/// `oom_kill` of a cgroup v2 `memory.events`.
+fn oom_kills(cgroup: &Path) -> u64 {
+    std::fs::read_to_string(cgroup.join("memory.events"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|n| n.parse().ok())
+        .expect("oom_kill in memory.events")
+}
+
 /// The control: each bomb, run on the host in a cgroup with the same memory limit but swap
-/// left unlimited, succeeds. So the sandbox's OOM kills are the swap limit's doing, not a
-/// guest that cannot swap. `parent` has the memory controller enabled for its children.
+/// left unlimited, is not OOM-killed. So the sandbox's OOM kills are the swap limit's doing,
+/// not a guest that cannot swap. `parent` has the memory controller enabled for its children.
 fn bombs_survive_with_unlimited_swap(parent: &Path) {
-    let control = parent.join(format!("swap-control-{}", std::process::id()));
-    std::fs::create_dir(&control).unwrap();
-    std::fs::write(control.join("memory.max"), "67108864").unwrap();
-    std::fs::write(control.join("memory.swap.max"), "max").unwrap();
-    let procs = control.join("cgroup.procs");
-    for (bomb, prints) in SWAP_BOMBS {
-        let out = std::process::Command::new("sh")
+    for (i, bomb) in SWAP_BOMBS.into_iter().enumerate() {
+        let control = parent.join(format!("swap-control-{}-{i}", std::process::id()));
+        std::fs::create_dir(&control).unwrap();
+        std::fs::write(control.join("memory.max"), "67108864").unwrap();
+        std::fs::write(control.join("memory.swap.max"), "max").unwrap();
+        let procs = control.join("cgroup.procs");
+        let status = std::process::Command::new("sh")
             .arg("-c")
             .arg(format!("echo $$ >{} && {bomb}", procs.display()))
-            .output()
+            .status()
             .unwrap();
+        let kills = oom_kills(&control);
+        std::fs::remove_dir(&control).unwrap();
         assert!(
-            out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == prints,
-            "control `{bomb}` with unlimited swap: {out:?}"
+            status.success() && kills == 0,
+            "control `{bomb}` with unlimited swap: {status}, {kills} OOM kills"
         );
     }
-    let events = std::fs::read_to_string(control.join("memory.swap.events")).unwrap_or_default();
-    std::fs::remove_dir(&control).unwrap();
-    eprintln!("swap control passed; memory.swap.events: {events:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,10 +107,12 @@ async fn swap_counts_against_the_memory_limit() {
         bombs_survive_with_unlimited_swap(own_cgroup().parent().unwrap());
     }
 
-    for (bomb, _) in SWAP_BOMBS {
+    for bomb in SWAP_BOMBS {
         let o = run(&pool, sh(bomb)).await;
-        assert!(o.oom_killed, "`{bomb}` was not OOM-killed: {o:?}");
-        assert_ne!(common::text(&o.stdout).trim(), "104857600", "{o:?}");
+        assert!(
+            o.oom_killed && !o.timed_out,
+            "`{bomb}` was not OOM-killed: {o:?}"
+        );
         // The peak counts memory and swap (memory.peak + memory.swap.peak where the kernel
         // has the latter): at the limit, since the swap allowance is 0.
         let peak = o.peak_memory_bytes.expect("a peak on cgroup v2");
@@ -111,7 +120,6 @@ async fn swap_counts_against_the_memory_limit() {
             (60 << 20..=(64 << 20) + (1 << 20)).contains(&peak),
             "`{bomb}`: peak {peak} should sit at the 64 MiB limit: {o:?}"
         );
-        assert!(o.duration < Duration::from_secs(8), "`{bomb}`: {o:?}");
     }
 }
 

@@ -236,29 +236,34 @@ impl Pod {
             "--ipc",
             "--fork",
             "--kill-child",
-        ])
-        .args(["--propagation", "private", "sh"])
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/data/pod-sim.sh"
-        ))
-        .args(["/toolwarden/toolwarden", "serve", "/sim/tools"])
-        .args(["--listen", &format!("127.0.0.1:{PORT}")])
-        .args(["--state-dir", "/sim/state", "--image-cache", "/sim/cache"])
-        .args(["--secrets-dir", "/sim/secrets"])
-        // A pod's cgroup tree is read-only: rlimits and the pod's own cgroup bound the
-        // sandboxes, which the runner serves only when told to.
-        .arg("--allow-degraded")
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("SIM", dir.path())
-        .env("BIN", bin)
-        .env("POD_CAPS", pod_caps(caps))
-        .env("WRAP_DIR", &wrap_dir)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(File::create(dir.path().join("stdout")).unwrap())
-        .stderr(File::create(dir.path().join("stderr")).unwrap());
+        ]);
+        // On cgroup v2 a pod's container has its own cgroup namespace, rooted at its cgroup
+        // (joined before this runs), in which pod-sim.sh mounts cgroup2 read-only.
+        if cgroup_v2() {
+            cmd.arg("--cgroup");
+        }
+        cmd.args(["--propagation", "private", "sh"])
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/data/pod-sim.sh"
+            ))
+            .args(["/toolwarden/toolwarden", "serve", "/sim/tools"])
+            .args(["--listen", &format!("127.0.0.1:{PORT}")])
+            .args(["--state-dir", "/sim/state", "--image-cache", "/sim/cache"])
+            .args(["--secrets-dir", "/sim/secrets"])
+            // A pod's cgroup tree is read-only: rlimits and the pod's own cgroup bound the
+            // sandboxes, which the runner serves only when told to.
+            .arg("--allow-degraded")
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("SIM", dir.path())
+            .env("BIN", bin)
+            .env("POD_CAPS", pod_caps(caps))
+            .env("WRAP_DIR", &wrap_dir)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(File::create(dir.path().join("stdout")).unwrap())
+            .stderr(File::create(dir.path().join("stderr")).unwrap());
         if deny_pivot_root {
             cmd.env("WRAP", "/wrap/deny-pivot-root");
         }
@@ -282,7 +287,8 @@ impl Pod {
     }
 
     fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(90);
+        // Generous: in scripts/vm-test.sh's emulated guests a runner starts about 20x slower.
+        let deadline = Instant::now() + Duration::from_secs(300);
         loop {
             if let Ok((200, _)) = self.try_http("GET", "/healthz", None) {
                 return;
@@ -471,11 +477,15 @@ fn pod_pid1(unshare: u32) -> u32 {
     }
 }
 
+fn cgroup_v2() -> bool {
+    Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+}
+
 /// A cgroup per controller for the pod (pids.max = POD_PIDS_MAX), as the kubelet makes one.
 fn pod_cgroups(host_base: u32) -> Vec<PathBuf> {
     let root = Path::new("/sys/fs/cgroup");
     let name = format!("tw-podsim-{}-{host_base}", std::process::id());
-    let dirs: Vec<PathBuf> = if root.join("cgroup.controllers").exists() {
+    let dirs: Vec<PathBuf> = if cgroup_v2() {
         vec![root.join(&name)]
     } else {
         vec![
