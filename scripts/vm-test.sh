@@ -150,6 +150,9 @@ if [ "\$config" != host ]; then
     mount | grep -q " \$repo " || { mkdir -p "\$repo" && mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 repo "\$repo"; }
     # A guest promised cgroup v2: tests for v2 only fail rather than skip elsewhere.
     export TOOLWARDEN_TEST_CGROUP=v2
+    # Unix sockets cannot be bound on the 9p root, where systemd leaves /tmp (libcontainer's
+    # notify.sock in a test's state folder); a node's /tmp and emptyDirs are local.
+    [ "\$(stat -fc %T /tmp)" = tmpfs ] || mount -t tmpfs tmpfs /tmp
 fi
 results="\$repo/target/vm/results/\$config"
 rm -rf "\$results" && mkdir -p "\$results"
