@@ -210,7 +210,7 @@ fn own_cgroup_limits(mode: Option<CgroupMode>) -> String {
 }
 
 /// See [`own_cgroup_limits`]; `controller` is "" for the cgroup v2 hierarchy. None when no
-/// hierarchy with that controller is mounted.
+/// hierarchy with that controller is mounted, or no cgroup on the path has `file`.
 fn nearest_limit(
     own_cgroups: &str,
     mounts: &[MountEntry],
@@ -247,15 +247,19 @@ fn nearest_limit(
         .unwrap_or_default();
     let top = mount.mount_point.clone();
     let mut dir = top.join(below);
+    // On cgroup v2 a controller's files exist only where the parent enables it (systemd
+    // enables only memory and pids for system.slice): no file anywhere means no controller.
+    let mut controlled = false;
     loop {
         if let Ok(v) = std::fs::read_to_string(dir.join(file)) {
+            controlled = true;
             let v = v.trim();
             if !unlimited(v) {
                 return Some(v.to_string());
             }
         }
         if dir == top || !dir.pop() {
-            return Some("max".into());
+            return controlled.then(|| "max".into());
         }
     }
 }
@@ -793,5 +797,29 @@ mod tests {
         let escaped = "4:memory:/../other\n";
         let got = nearest_limit(escaped, &[mount("/")], "memory", "memory.limit_in_bytes");
         assert_eq!(got.as_deref(), Some("max"));
+    }
+
+    #[test]
+    fn outer_bound_without_the_controller_on_the_path_is_none() {
+        // cgroup v2 under systemd: the cpu controller is enabled at the root only, so neither
+        // the unit nor system.slice has cpu.max; memory.max is set on the slice.
+        let root = tempfile::tempdir().unwrap();
+        let top = root.path().to_path_buf();
+        let unit = top.join("system.slice/toolwarden.service");
+        std::fs::create_dir_all(&unit).unwrap();
+        std::fs::write(top.join("system.slice/memory.max"), "1073741824\n").unwrap();
+        std::fs::write(unit.join("memory.max"), "max\n").unwrap();
+        std::fs::write(unit.join("pids.max"), "max\n").unwrap();
+        let mounts = [MountEntry {
+            root: "/".into(),
+            mount_point: top,
+            fstype: "cgroup2".into(),
+            super_opts: "rw".into(),
+        }];
+        let own = "0::/system.slice/toolwarden.service\n";
+        let limit = |file| nearest_limit(own, &mounts, "", file);
+        assert_eq!(limit("memory.max").as_deref(), Some("1073741824"));
+        assert_eq!(limit("pids.max").as_deref(), Some("max"));
+        assert_eq!(limit("cpu.max"), None);
     }
 }

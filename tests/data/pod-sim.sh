@@ -2,7 +2,8 @@
 # Builds the mount namespace a containerd/runc pod with `hostUsers: false` gives its container,
 # then runs "$@" in it as PID 1 with only the capabilities in $POD_CAPS (tests/sandbox_in_pod.rs).
 # Runs as root of a fresh user namespace (65,536 ids mapped to an unused host range), already
-# in fresh mount, pid (we are its PID 1), network, uts and ipc namespaces: every mount inherited
+# in fresh mount, pid (we are its PID 1), network, uts and ipc namespaces (and, on cgroup v2,
+# a cgroup namespace rooted at the pod's cgroup): every mount inherited
 # from the host is locked, as in a pod. Inputs: $SIM (a folder holding the runner's files,
 # bound at /sim), $BIN (folder of the toolwarden binary, bound read-only at /toolwarden),
 # optionally $WRAP_DIR (bound read-only at /wrap) and $WRAP (a command put before "$@").
@@ -42,15 +43,21 @@ done
 mount -t sysfs -o ro,nosuid,nodev,noexec sysfs sys
 if [ -d sys/firmware ]; then mount -t tmpfs -o ro tmpfs sys/firmware; fi
 # The cgroup file system as a pod sees it: read-only.
-mount -t tmpfs -o mode=755 tmpfs sys/fs/cgroup
-for h in $(ls /sys/fs/cgroup); do
-  if [ -d "/sys/fs/cgroup/$h" ] && ! [ -L "/sys/fs/cgroup/$h" ]; then
-    mkdir "sys/fs/cgroup/$h"
-    mount --bind "/sys/fs/cgroup/$h" "sys/fs/cgroup/$h"
-    mount -o remount,bind,ro,nosuid,nodev,noexec "sys/fs/cgroup/$h"
-  fi
-done
-mount -o remount,bind,ro,nosuid,nodev,noexec sys/fs/cgroup
+if [ -e /sys/fs/cgroup/cgroup.controllers ]; then
+  # cgroup v2: the runtime mounts cgroup2 in the container's own cgroup namespace, rooted at
+  # its cgroup (the caller joined the pod's cgroup and then unshared --cgroup).
+  mount -t cgroup2 -o ro,nosuid,nodev,noexec cgroup2 sys/fs/cgroup
+else
+  mount -t tmpfs -o mode=755 tmpfs sys/fs/cgroup
+  for h in $(ls /sys/fs/cgroup); do
+    if [ -d "/sys/fs/cgroup/$h" ] && ! [ -L "/sys/fs/cgroup/$h" ]; then
+      mkdir "sys/fs/cgroup/$h"
+      mount --bind "/sys/fs/cgroup/$h" "sys/fs/cgroup/$h"
+      mount -o remount,bind,ro,nosuid,nodev,noexec "sys/fs/cgroup/$h"
+    fi
+  done
+  mount -o remount,bind,ro,nosuid,nodev,noexec sys/fs/cgroup
+fi
 # /dev: a tmpfs with the standard devices bound from the host (no mknod in a user namespace).
 mount -t tmpfs -o nosuid,mode=755,size=65536k tmpfs dev
 for n in null zero full random urandom tty; do
