@@ -12,6 +12,7 @@ use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use super::auth::Caller;
 use super::metrics::{OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE};
 use super::openapi;
 use super::pipeline::{Called, Runner, auth_problem};
@@ -22,6 +23,20 @@ use super::tool_metadata::describe;
 /// Body cap for calls to unknown tools (they are refused anyway).
 const UNKNOWN_TOOL_BODY_BYTES: usize = 64 * 1024;
 
+/// The caller of a read-only endpoint, from the headers, or the refusal to send.
+async fn caller_of(
+    runner: &Runner,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+) -> Result<Caller, Response> {
+    let ctx = call_context("rest", peer, headers);
+    runner
+        .auth
+        .authenticate(ctx.authorization.as_deref())
+        .await
+        .map_err(|e| auth_problem(&e).into_response())
+}
+
 /// `GET /v1/tools`: the tools this caller may call, described as MCP lists
 /// them, with their risk, generation and isolation.
 pub async fn list_tools(
@@ -29,10 +44,9 @@ pub async fn list_tools(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    let ctx = call_context("rest", peer, &headers);
-    let caller = match runner.auth.authenticate(ctx.authorization.as_deref()).await {
+    let caller = match caller_of(&runner, peer, &headers).await {
         Ok(caller) => caller,
-        Err(e) => return auth_problem(&e).into_response(),
+        Err(refusal) => return refusal,
     };
     let tools: Vec<_> = runner
         .visible_tools(&caller)
@@ -107,10 +121,9 @@ pub async fn approval(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let ctx = call_context("rest", peer, &headers);
-    let caller = match runner.auth.authenticate(ctx.authorization.as_deref()).await {
+    let caller = match caller_of(&runner, peer, &headers).await {
         Ok(caller) => caller,
-        Err(e) => return auth_problem(&e).into_response(),
+        Err(refusal) => return refusal,
     };
     match runner.approvals.lookup(&id, &caller.sub) {
         Some(pending) => axum::Json(pending.view(jiff::Timestamp::now())).into_response(),
@@ -201,10 +214,9 @@ pub async fn openapi_document(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    let ctx = call_context("rest", peer, &headers);
-    let caller = match runner.auth.authenticate(ctx.authorization.as_deref()).await {
+    let caller = match caller_of(&runner, peer, &headers).await {
         Ok(caller) => caller,
-        Err(e) => return auth_problem(&e).into_response(),
+        Err(refusal) => return refusal,
     };
     let oauth = runner.auth.oauth.is_some();
     axum::Json(openapi::document(&runner.visible_tools(&caller), oauth)).into_response()
