@@ -6,7 +6,7 @@ use kube::ResourceExt;
 use serde::Serialize;
 
 use super::dereference::Inputs;
-use crate::api::AgentTool;
+use crate::api::{AgentTool, EgressCidr};
 use crate::policy::{Engine, Violation};
 
 /// A tool as the controller admitted it: the spec it validated and the verdict.
@@ -14,6 +14,9 @@ use crate::policy::{Engine, Violation};
 pub struct Admitted {
     pub tool: AgentTool,
     pub verdict: Verdict,
+    /// What the selecting policies let its egress reach (`allowedEgressCidrs`), for the
+    /// runner, which cannot see the policies.
+    pub allowed_egress_cidrs: Vec<EgressCidr>,
 }
 
 /// The checklist's result for the tool in its namespace.
@@ -117,6 +120,11 @@ pub fn validate(
             denied: report.denied(),
             violations: report.violations,
         },
+        allowed_egress_cidrs: crate::policy::granted_egress_cidrs(
+            tool,
+            &inputs.policies,
+            &inputs.namespace_labels,
+        ),
     })
 }
 

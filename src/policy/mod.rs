@@ -19,7 +19,7 @@ use crate::api::{AgentTool, AllowedHostPath, PolicyMode, ToolPolicy};
 pub use catalog::{ChecklistItem, Rule};
 pub use engine::Engine;
 pub use facts::ToolFacts;
-pub use matching::{policy_applies, policy_grants_to};
+pub use matching::{granted_egress_cidrs, policy_applies, policy_grants_to};
 pub use rules::WRITE_VERBS;
 
 /// One broken rule.

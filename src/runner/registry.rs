@@ -32,6 +32,10 @@ pub struct AdmittedVerdict {
     pub denied: bool,
     #[serde(default)]
     pub violations: Vec<AdmittedViolation>,
+    /// The address ranges the tool's egress may reach: the union of
+    /// `sandboxing.allowedEgressCidrs` of the policies that select it.
+    #[serde(default)]
+    pub allowed_egress_cidrs: Vec<EgressCidr>,
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Deserialize)]
@@ -188,7 +192,13 @@ impl Registry {
                 report.refused.push(refuse(reasons));
                 continue;
             }
-            let allowed_egress_cidrs = granted_cidrs(tool, &policies, &namespace_labels(tool));
+            let allowed_egress_cidrs = match admitted {
+                None => policy::granted_egress_cidrs(tool, &policies, &namespace_labels(tool)),
+                Some(verdict) => verdict
+                    .as_ref()
+                    .map(|v| v.allowed_egress_cidrs.clone())
+                    .unwrap_or_default(),
+            };
             let previous = current.get(&name);
             let unchanged = previous
                 .filter(|p| p.spec == tool.spec && p.allowed_egress_cidrs == allowed_egress_cidrs);
@@ -315,34 +325,6 @@ fn read_verdict(path: &Path) -> Result<AdmittedVerdict, String> {
             path.display()
         )
     })
-}
-
-/// `sandboxing.allowedEgressCidrs` of every policy that selects `tool`, each once.
-fn granted_cidrs(
-    tool: &AgentTool,
-    policies: &[ToolPolicy],
-    namespace_labels: &BTreeMap<String, String>,
-) -> Vec<EgressCidr> {
-    let tool_labels = tool.metadata.labels.clone().unwrap_or_default();
-    let mut cidrs: Vec<EgressCidr> = Vec::new();
-    for policy in policies
-        .iter()
-        .filter(|p| policy::policy_grants_to(p, &tool_labels, namespace_labels))
-    {
-        let granted = policy
-            .spec
-            .rules
-            .sandboxing
-            .as_ref()
-            .map(|s| s.allowed_egress_cidrs.as_slice())
-            .unwrap_or_default();
-        for cidr in granted {
-            if !cidrs.contains(cidr) {
-                cidrs.push(cidr.clone());
-            }
-        }
-    }
-    cidrs
 }
 
 /// True when `path` is a manifest file a reload should react to.

@@ -36,6 +36,7 @@ pub fn build(admitted: &Admitted, names: &ChildNames) -> Result<ConfigMap, Build
         "generation": tool.metadata.generation,
         "denied": admitted.verdict.denied,
         "violations": admitted.verdict.violations,
+        "allowedEgressCidrs": admitted.allowed_egress_cidrs,
     }))
     .map_err(|source| BuildError::Encode {
         kind: "ConfigMap",

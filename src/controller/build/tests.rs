@@ -1004,3 +1004,53 @@ fn an_audit_claim_gets_one_file_per_runner_pod() {
         "the everything fixture names an audit claim"
     );
 }
+
+/// The address ranges a tool's egress may reach come from the ToolPolicies that select it,
+/// which a runner pod cannot see: the controller's verdict carries them, and the runner
+/// serves the tool with exactly those (a policy for another namespace grants nothing).
+#[test]
+fn the_runner_gets_the_egress_ranges_of_the_policies_that_select_the_tool() {
+    use crate::runner::ratelimit::LimiterClock;
+    use crate::runner::registry::{Judge, Registry, manifest_files};
+    use crate::runner::tool::SecretsDir;
+
+    let (tools, _) = load(&manifest_dir().join("examples/api-call.yaml"));
+    let tool = tools.into_iter().next().unwrap();
+    let granting = |name: &str, team: &str, cidr: &str| -> ToolPolicy {
+        serde_yaml::from_str(&format!(
+            "apiVersion: toolwarden.dev/v1alpha1\nkind: ToolPolicy\nmetadata: {{name: {name}}}\n\
+             spec: {{mode: warn, namespaceSelector: {{matchLabels: {{team: {team}}}}},\n  \
+             rules: {{sandboxing: {{allowedEgressCidrs: [\"{cidr}\"]}}}}}}\n"
+        ))
+        .unwrap()
+    };
+    let inputs = Inputs {
+        namespace_labels: BTreeMap::from([("team".into(), "b".into())]),
+        policies: vec![
+            granting("ours", "b", "10.1.0.0/16"),
+            granting("theirs", "a", "192.168.0.0/16"),
+        ],
+    };
+    let admitted = validate::validate(&tool, &inputs, &Engine::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config_map = children(&admitted, &settings()).unwrap().config_map;
+    for (key, value) in config_map.data.unwrap() {
+        std::fs::write(dir.path().join(key), value).unwrap();
+    }
+    let registry =
+        Registry::new(LimiterClock::manual(), SecretsDir::default()).with_judge(Judge::Admitted);
+    let report = registry.load(&manifest_files(dir.path()).unwrap());
+    assert_eq!(report.served, ["api-call"], "{report:?}");
+    let served = registry.snapshot()["api-call"].allowed_egress_cidrs.clone();
+    let ranges: Vec<String> = served
+        .iter()
+        .map(|c| {
+            serde_json::to_value(c)
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(ranges, ["10.1.0.0/16"]);
+}
