@@ -190,6 +190,7 @@ async fn serve(idp: &IdentityProvider, refresh_interval: Option<Duration>) -> Se
         metrics: Metrics::default(),
         admission: Default::default(),
         approvals: Default::default(),
+        tasks: Default::default(),
     });
     tokio::spawn(router::serve(listener, runner, std::future::pending()));
     Server {

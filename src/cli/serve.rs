@@ -437,6 +437,7 @@ fn run(
             Duration::from_secs(common.queue_timeout),
         ),
         approvals: Default::default(),
+        tasks: Default::default(),
     });
     // Clients reach an OAuth resource by the name in its URL: that name is allowed too.
     let mut allowed_hosts = common.allowed_host.clone();

@@ -166,6 +166,7 @@ impl TestRunner {
             // One run of a tool at a time, a short queue: admission is testable.
             admission: Admission::new(1, Duration::from_millis(50)),
             approvals: Default::default(),
+            tasks: Default::default(),
         });
         TestRunner {
             runner,

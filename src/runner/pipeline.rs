@@ -30,6 +30,7 @@ use super::auth::{AuthError, Authenticator, Caller};
 use super::authorize::{authorize, holds, may_call};
 use super::body_limits::{bounded, parse_input};
 use super::executor::{ExecOutcome, ToolExecutor};
+use super::mcp::tasks::TaskBook;
 use super::metrics::Metrics;
 use super::problem::{FieldError, Problem, ProblemKind};
 use super::redact::{Redactor, redact_fields};
@@ -57,6 +58,8 @@ pub struct Runner {
     pub admission: Admission,
     /// Calls answered `202`, for their callers to look up.
     pub approvals: Approvals,
+    /// MCP calls answered with a task handle, for their callers to poll.
+    pub tasks: TaskBook,
 }
 
 /// Who is asking, as the transport saw it.
