@@ -149,6 +149,7 @@ fn runner(
         metrics: Metrics::default(),
         admission: Admission::default(),
         approvals: Default::default(),
+        tasks: Default::default(),
     })
 }
 
