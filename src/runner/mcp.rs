@@ -555,6 +555,7 @@ async fn call_or_task(
         return call.await;
     };
     let task_id = task.task_id().to_string();
+    tracing::debug!(task_id, "the call continues as a task");
     let book = Arc::clone(runner);
     let running = tokio::spawn(
         async move {

@@ -198,9 +198,12 @@ impl TaskBook {
         Some(view)
     }
 
-    /// Ties the running call to its task, for `tasks/cancel`.
+    /// Ties the running call to its task, for `tasks/cancel` (a call that
+    /// already ended has nothing left to stop).
     pub fn attach(&self, task_id: &str, abort: AbortHandle) {
-        if let Some(entry) = self.lock().by_id.get_mut(task_id) {
+        if let Some(entry) = self.lock().by_id.get_mut(task_id)
+            && entry.state == State::Working
+        {
             entry.abort = Some(abort);
         }
     }
