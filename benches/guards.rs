@@ -108,6 +108,7 @@ fn runner(dir: &std::path::Path) -> Arc<Runner> {
         admission: Admission::default(),
         approvals: Default::default(),
         watch: Default::default(),
+        tasks: Default::default(),
     })
 }
 

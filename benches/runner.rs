@@ -150,6 +150,7 @@ fn runner(
         admission: Admission::default(),
         approvals: Default::default(),
         watch: Default::default(),
+        tasks: Default::default(),
     })
 }
 

@@ -226,6 +226,7 @@ async fn runner(
         admission: Admission::new(8, Duration::from_secs(30)),
         approvals: Default::default(),
         watch: Default::default(),
+        tasks: Default::default(),
     });
     (runner, audit)
 }

@@ -2,13 +2,85 @@
 # Usage: python tests/mcp_python_sdk.py http://127.0.0.1:8080/mcp stateless|handshake
 # `stateless` opens with server/discover (revision 2026-07-28), `handshake` with
 # initialize (2025-11-25). Prints one JSON object with what the SDK saw;
-# tests/serve_cli.rs asserts it.
+# tests/serve_cli.rs asserts it. In the stateless era a second session declares
+# the tasks extension (io.modelcontextprotocol/tasks) through the SDK's generic
+# extension support (the SDK has no tasks client of its own): its `task` result
+# claim, and `tasks/get` as a request with `Mcp-Name` mirrored from `taskId`.
 import asyncio
 import json
 import sys
+from typing import Any, Literal
 
 from mcp import ClientSession
+from mcp.client.extension import ResultClaim
 from mcp.client.streamable_http import streamable_http_client
+from mcp_types import CallToolResult, Request, RequestParams, Result
+from pydantic import ConfigDict
+
+TASKS = "io.modelcontextprotocol/tasks"
+
+
+class CreateTaskResult(Result):
+    model_config = ConfigDict(extra="allow")
+    result_type: Literal["task"] = "task"
+    task_id: str
+    status: str
+    ttl_ms: int | None = None
+    poll_interval_ms: int | None = None
+
+
+class GetTaskParams(RequestParams):
+    task_id: str
+
+
+class GetTaskRequest(Request[GetTaskParams, Literal["tasks/get"]]):
+    method: Literal["tasks/get"] = "tasks/get"
+    params: GetTaskParams
+    name_param = "taskId"
+
+
+class GetTaskResult(Result):
+    model_config = ConfigDict(extra="allow")
+    task_id: str
+    status: str
+    result: dict[str, Any] | None = None
+
+
+async def poll(session, created):
+    """Polls a task to its end, at the server's interval; the statuses seen and the result."""
+    statuses = []
+    for _ in range(100):
+        got = await session.send_request(
+            GetTaskRequest(params=GetTaskParams(task_id=created.task_id)), GetTaskResult
+        )
+        if not statuses or statuses[-1] != got.status:
+            statuses.append(got.status)
+        if got.status != "working":
+            return statuses, got.result
+        await asyncio.sleep((created.poll_interval_ms or 1000) / 1000)
+    raise RuntimeError(f"task {created.task_id} still working: {statuses}")
+
+
+async def resolve(created, ctx):
+    _, result = await poll(ctx.session, created)
+    return CallToolResult.model_validate(result)
+
+
+async def tasks_session(url):
+    claim = ResultClaim(result_type="task", model=CreateTaskResult, resolve=resolve)
+    async with streamable_http_client(url) as (read, write, *_):
+        async with ClientSession(
+            read, write, extensions={TASKS: {}}, result_claims={TASKS: [claim]}
+        ) as session:
+            found = await session.discover()
+            created = await session.call_tool("slow", {}, allow_claimed=True)
+            statuses, result = await poll(session, created)
+            return {
+                "serverExtensions": found.capabilities.extensions,
+                "taskResultType": created.result_type,
+                "taskStatuses": statuses,
+                "taskResult": CallToolResult.model_validate(result).structured_content,
+            }
 
 
 async def main(url, era):
@@ -57,7 +129,9 @@ async def main(url, era):
                 "slowResult": slow.structured_content,
                 "progress": progress,
             })
-            print(json.dumps(seen))
+    if era == "stateless":
+        seen["tasks"] = await tasks_session(url)
+    print(json.dumps(seen))
 
 
 asyncio.run(main(sys.argv[1], sys.argv[2]))

@@ -191,6 +191,7 @@ async fn serve(idp: &IdentityProvider, refresh_interval: Option<Duration>) -> Se
         admission: Default::default(),
         approvals: Default::default(),
         watch: Default::default(),
+        tasks: Default::default(),
     });
     tokio::spawn(router::serve(listener, runner, std::future::pending()));
     Server {

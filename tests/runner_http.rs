@@ -164,6 +164,7 @@ async fn start_opts(options: Options) -> Server {
         admission: options.admission.unwrap_or_default(),
         approvals: Default::default(),
         watch: Default::default(),
+        tasks: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -1799,4 +1800,122 @@ async fn mcp_a_streamed_call_the_client_abandons_is_audited_to_its_end() {
         "the sandbox ran to its end: {closing}"
     );
     assert!(closing["durationMs"].as_u64().unwrap() >= 6000, "{closing}");
+}
+
+/// A 2026-07-28 request from a client that declares the tasks extension, with
+/// the routing headers a client sends (`Mcp-Name`: the tool, or the task id).
+async fn with_tasks(s: &Server, token: &str, method: &str, params: Value) -> (StatusCode, Value) {
+    let mut params = params;
+    params["_meta"] = json!({
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities":
+            {"extensions": {"io.modelcontextprotocol/tasks": {}}}});
+    let name = params["name"].as_str().or(params["taskId"].as_str());
+    let mut request = s
+        .http
+        .post(format!("{}/mcp", s.base))
+        .bearer_auth(token)
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", method);
+    if let Some(name) = name {
+        request = request.header("mcp-name", name);
+    }
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+    let response = request.json(&body).send().await.unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap())
+}
+
+/// A call longer than a client would wait becomes a task: the client polls it to its
+/// result over real HTTP while the sandbox runs. Another caller cannot see, cancel or
+/// reach it through a forged routing header, and a task nobody collects is still
+/// audited to its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_a_long_call_becomes_a_task_only_its_caller_can_poll() {
+    require_root!();
+    let s = start_opts(Options {
+        slow_tool: true,
+        ..Options::default()
+    })
+    .await;
+    let (_, discover) = with_tasks(&s, ALICE_TOKEN, "server/discover", json!({})).await;
+    assert_eq!(
+        discover["result"]["capabilities"]["extensions"],
+        json!({"io.modelcontextprotocol/tasks": {}}),
+        "{discover}"
+    );
+    let slow = json!({"name": "slow", "arguments": {}});
+    let (status, handle) = with_tasks(&s, ALICE_TOKEN, "tools/call", slow.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{handle}");
+    assert_eq!(handle["result"]["resultType"], "task", "{handle}");
+    assert_eq!(handle["result"]["status"], "working", "{handle}");
+    let task_id = handle["result"]["taskId"].as_str().unwrap().to_string();
+    // A second task, which nobody will ever collect.
+    let (_, forgotten) = with_tasks(&s, ALICE_TOKEN, "tools/call", slow).await;
+    assert_eq!(forgotten["result"]["resultType"], "task", "{forgotten}");
+
+    // The attack: another caller with the id, for each task method.
+    let task = json!({"taskId": task_id});
+    for method in ["tasks/get", "tasks/update", "tasks/cancel"] {
+        let (status, answer) = with_tasks(&s, "admin-token", method, task.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{method}: {answer}");
+        assert_eq!(answer["error"]["code"], -32602, "{method}: {answer}");
+        assert!(answer.get("result").is_none(), "{method}: {answer}");
+    }
+    // The attack: a gateway routing on `Mcp-Name` is shown another task than the body's.
+    let forged = s
+        .http
+        .post(format!("{}/mcp", s.base))
+        .bearer_auth(ALICE_TOKEN)
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "tasks/cancel")
+        .header("mcp-name", forgotten["result"]["taskId"].as_str().unwrap())
+        .json(
+            &json!({"jsonrpc": "2.0", "id": 2, "method": "tasks/cancel", "params": {
+            "taskId": task_id, "_meta": {
+                "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                "io.modelcontextprotocol/clientCapabilities":
+                    {"extensions": {"io.modelcontextprotocol/tasks": {}}}}}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        forged.json::<Value>().await.unwrap()["error"]["code"],
+        -32020
+    );
+
+    // Alice polls her task (still working: nobody cancelled it) to its result.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let done = loop {
+        let (status, polled) = with_tasks(&s, ALICE_TOKEN, "tasks/get", task.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{polled}");
+        match polled["result"]["status"].as_str() {
+            Some("working") => {}
+            Some("completed") => break polled["result"].clone(),
+            other => panic!("unexpected status {other:?}: {polled}"),
+        }
+        assert!(std::time::Instant::now() < deadline, "the task never ended");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(done["result"]["isError"], false, "{done}");
+    assert_eq!(done["result"]["structuredContent"], json!({"slept": true}));
+
+    // Both runs are audited to their end, the uncollected one too.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let records = s.audit();
+        let finished = events(&records, "finished");
+        if finished.len() == 2 {
+            for record in finished {
+                assert_eq!(record["exitCode"], 0, "{record}");
+                assert!(record["durationMs"].as_u64().unwrap() >= 6000, "{record}");
+            }
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{records:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }

@@ -734,6 +734,18 @@ fn the_official_mcp_python_sdk_lists_and_calls_tools_in_both_eras() {
             assert_eq!(seen["supportedVersions"][0], "2026-07-28");
             assert_eq!(seen["listTtlMs"], 60_000);
             assert_eq!(seen["listCacheScope"], "private");
+            // A session declaring the tasks extension: the 3 s call comes back as a
+            // task (after 2 s), which the SDK polls to the tool's result.
+            let tasks = &seen["tasks"];
+            assert_eq!(
+                tasks["serverExtensions"],
+                serde_json::json!({"io.modelcontextprotocol/tasks": {}}),
+                "{seen}"
+            );
+            assert_eq!(tasks["taskResultType"], "task", "{seen}");
+            assert_eq!(tasks["taskStatuses"][0], "working", "{seen}");
+            assert_eq!(tasks["taskStatuses"][1], "completed", "{seen}");
+            assert_eq!(tasks["taskResult"], serde_json::json!({"slept": true}));
         }
     }
 }

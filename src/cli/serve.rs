@@ -485,6 +485,7 @@ fn run(
         ),
         approvals: Default::default(),
         watch,
+        tasks: Default::default(),
     });
     // Clients reach an OAuth resource by the name in its URL: that name is allowed too.
     let mut allowed_hosts = common.allowed_host.clone();

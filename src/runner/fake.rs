@@ -173,6 +173,7 @@ impl TestRunner {
             admission: Admission::new(1, Duration::from_millis(50)),
             approvals: Default::default(),
             watch,
+            tasks: Default::default(),
         });
         TestRunner {
             runner,

@@ -10,7 +10,9 @@
 
 mod event_stream;
 mod stateless;
+pub mod tasks;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -20,6 +22,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tracing::Instrument;
 
 use super::pipeline::{CallContext, Called, Runner, Success};
 use super::problem::{Problem, ProblemKind};
@@ -58,6 +61,8 @@ const INVALID_REQUEST: i64 = -32600;
 const METHOD_NOT_FOUND: i64 = -32601;
 const INVALID_PARAMS: i64 = -32602;
 const INTERNAL_ERROR: i64 = -32603;
+/// The request needs a capability the client did not declare (the tasks extension's).
+const MISSING_REQUIRED_CLIENT_CAPABILITY: i64 = -32021;
 
 /// One JSON-RPC response: `result` or `error`.
 #[derive(Serialize)]
@@ -113,6 +118,10 @@ enum Reply {
     Empty {},
     Tools(ToolsList),
     Call(CallToolResult),
+    /// A `tools/call` answered with a task handle (`resultType: "task"`).
+    TaskCreated(tasks::TaskView),
+    /// `tasks/get`.
+    Task(tasks::TaskView),
 }
 
 #[derive(Serialize)]
@@ -153,8 +162,11 @@ impl Era {
     fn respond(self, id: Value, reply: Result<Reply, RpcError>) -> RpcResponse {
         let outcome = match reply {
             Ok(reply) => Outcome::Result(Answer {
+                result_type: (self == Era::Stateless).then_some(match reply {
+                    Reply::TaskCreated(_) => "task",
+                    _ => "complete",
+                }),
                 reply,
-                result_type: (self == Era::Stateless).then_some("complete"),
             }),
             Err(error) => Outcome::Error(error),
         };
@@ -185,7 +197,8 @@ fn error_status(code: i64) -> StatusCode {
         | INVALID_REQUEST
         | INVALID_PARAMS
         | stateless::HEADER_MISMATCH
-        | stateless::UNSUPPORTED_PROTOCOL_VERSION => StatusCode::BAD_REQUEST,
+        | stateless::UNSUPPORTED_PROTOCOL_VERSION
+        | MISSING_REQUIRED_CLIENT_CAPABILITY => StatusCode::BAD_REQUEST,
         _ => StatusCode::OK,
     }
 }
@@ -231,7 +244,20 @@ struct DiscoverMeta {
 #[derive(Serialize)]
 struct Capabilities {
     tools: ToolsCapability,
+    /// Stateless era only: extensions are negotiated per request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    extensions: Option<Extensions>,
 }
+
+#[derive(Serialize)]
+struct Extensions {
+    /// No settings: an empty object declares support.
+    #[serde(rename = "io.modelcontextprotocol/tasks")]
+    tasks: NoSettings,
+}
+
+#[derive(Serialize)]
+struct NoSettings {}
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -401,8 +427,12 @@ pub async fn post(
             });
             Ok(Reply::Tools(ToolsList { tools, cache }))
         }
+        (Era::Stateless, "tasks/get" | "tasks/update" | "tasks/cancel") => {
+            task_request(&runner.tasks, &task_owner(&ctx), method, &params)
+        }
         (_, "tools/call") => {
             let progress_token = event_stream::progress_token(&params);
+            let as_task = era == Era::Stateless && tasks::client_declares(&params);
             // Params are an object: serde would also read a struct from an array.
             let Some(CallToolParams { name, arguments }) = params
                 .is_object()
@@ -422,16 +452,20 @@ pub async fn post(
             {
                 return refuse(id, &refusal);
             }
+            let owner = task_owner(&ctx);
             let call = call_tool(Arc::clone(&runner), ctx, name, arguments);
-            if let Some(token) = progress_token
+            if as_task {
+                call_or_task(&runner, &owner, call).await
+            } else if let Some(token) = progress_token
                 && accepts(&headers, "text/event-stream")
             {
                 return event_stream::with_progress(
                     token,
                     async move { era.respond(id, call.await) },
                 );
+            } else {
+                call.await
             }
-            call.await
         }
         (_, other) => Err(RpcError::new(
             METHOD_NOT_FOUND,
@@ -493,6 +527,87 @@ async fn call_tool(
         },
     };
     Ok(Reply::Call(result))
+}
+
+/// Who owns the tasks a request makes: the caller as its authenticator named it
+/// (the same `sub` from another authenticator is someone else).
+fn task_owner(ctx: &CallContext) -> String {
+    ctx.caller
+        .as_ref()
+        .map(|c| format!("{}:{}", c.method, c.sub))
+        .unwrap_or_default()
+}
+
+/// Answers a call inline when it ends within [`tasks::TASK_AFTER`]; else with a
+/// task handle, while the call runs on in a task of its own and leaves its
+/// outcome in the book. Waiting in place first keeps quick calls free of the
+/// spawn and the polling; a book with no room for `owner` means an inline answer.
+async fn call_or_task(
+    runner: &Arc<Runner>,
+    owner: &str,
+    call: impl Future<Output = Result<Reply, RpcError>> + Send + 'static,
+) -> Result<Reply, RpcError> {
+    let mut call = Box::pin(call);
+    if let Ok(reply) = tokio::time::timeout(tasks::TASK_AFTER, &mut call).await {
+        return reply;
+    }
+    let Some(task) = runner.tasks.open(owner) else {
+        return call.await;
+    };
+    let task_id = task.task_id().to_string();
+    tracing::debug!(task_id, "the call continues as a task");
+    let book = Arc::clone(runner);
+    let running = tokio::spawn(
+        async move {
+            // Serializing these types cannot fail: they hold only JSON values and strings.
+            let outcome = match call.await {
+                Ok(reply) => Ok(serde_json::to_value(reply).unwrap_or_default()),
+                Err(error) => Err(serde_json::to_value(error).unwrap_or_default()),
+            };
+            book.tasks.finish(&task_id, outcome);
+        }
+        .in_current_span(),
+    );
+    runner.tasks.attach(task.task_id(), running.abort_handle());
+    Ok(Reply::TaskCreated(task))
+}
+
+/// `tasks/get`, `tasks/update` and `tasks/cancel`, for the caller's own tasks:
+/// anyone else's task is "not found", like one that never was.
+fn task_request(
+    book: &tasks::TaskBook,
+    owner: &str,
+    method: &str,
+    params: &Value,
+) -> Result<Reply, RpcError> {
+    if !tasks::client_declares(params) {
+        return Err(RpcError {
+            code: MISSING_REQUIRED_CLIENT_CAPABILITY,
+            message: "Missing required client capability".into(),
+            data: Some(serde_json::json!({
+                "requiredCapabilities": {"extensions": {tasks::EXTENSION: {}}}})),
+        });
+    }
+    let Some(task_id) = params.get("taskId").and_then(Value::as_str) else {
+        return Err(RpcError::new(INVALID_PARAMS, "params.taskId is required"));
+    };
+    let not_found = || RpcError::new(INVALID_PARAMS, "Failed to retrieve task: Task not found");
+    match method {
+        "tasks/get" => book
+            .get(task_id, owner)
+            .map(Reply::Task)
+            .ok_or_else(not_found),
+        // No task here ever asks for input, so no response is outstanding and
+        // every one sent is ignored, as the extension says of unknown keys.
+        "tasks/update" => book
+            .get(task_id, owner)
+            .map(|_| Reply::Empty {})
+            .ok_or_else(not_found),
+        _ => match book.cancel(task_id, owner) {
+            true => Ok(Reply::Empty {}),
+            false => Err(not_found()),
+        },
+    }
 }
 
 /// How the answer to a request is sent, from the request's `Accept`.
@@ -557,6 +672,7 @@ fn initialize(params: Value) -> InitializeResult {
             tools: ToolsCapability {
                 list_changed: false,
             },
+            extensions: None,
         },
         server_info: SERVER_INFO,
         instructions: INSTRUCTIONS,
@@ -571,6 +687,9 @@ fn discover() -> DiscoverResult {
             tools: ToolsCapability {
                 list_changed: false,
             },
+            extensions: Some(Extensions {
+                tasks: NoSettings {},
+            }),
         },
         instructions: INSTRUCTIONS,
         cache: CacheHints {
@@ -672,15 +791,30 @@ mod tests {
     }
 
     /// A stateless (2026-07-28) request with consistent headers: its answer.
-    async fn stateless(t: &TestRunner, method: &str, mut params: Value) -> (StatusCode, Value) {
+    async fn stateless(t: &TestRunner, method: &str, params: Value) -> (StatusCode, Value) {
+        stateless_with(t, method, params, json!({})).await
+    }
+
+    /// A stateless request from a client that declares the tasks extension.
+    async fn with_tasks(t: &TestRunner, method: &str, params: Value) -> (StatusCode, Value) {
+        let capabilities = json!({"extensions": {tasks::EXTENSION: {}}});
+        stateless_with(t, method, params, capabilities).await
+    }
+
+    async fn stateless_with(
+        t: &TestRunner,
+        method: &str,
+        mut params: Value,
+        capabilities: Value,
+    ) -> (StatusCode, Value) {
         params["_meta"]["io.modelcontextprotocol/protocolVersion"] = json!("2026-07-28");
-        params["_meta"]["io.modelcontextprotocol/clientCapabilities"] = json!({});
+        params["_meta"]["io.modelcontextprotocol/clientCapabilities"] = capabilities;
         let mut headers = vec![
             ("authorization", format!("Bearer {TOKEN}")),
             ("mcp-protocol-version", "2026-07-28".to_string()),
             ("mcp-method", method.to_string()),
         ];
-        if let Some(name) = params["name"].as_str() {
+        if let Some(name) = params["name"].as_str().or(params["taskId"].as_str()) {
             headers.push(("mcp-name", name.to_string()));
         }
         let message = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
@@ -701,7 +835,8 @@ mod tests {
             discover["result"],
             json!({
                 "supportedVersions": ["2026-07-28", "2025-11-25", "2025-06-18", "2025-03-26"],
-                "capabilities": {"tools": {"listChanged": false}},
+                "capabilities": {"tools": {"listChanged": false},
+                                 "extensions": {"io.modelcontextprotocol/tasks": {}}},
                 "instructions": INSTRUCTIONS,
                 "ttlMs": DISCOVER_TTL_MS,
                 "cacheScope": "public",
@@ -792,6 +927,109 @@ mod tests {
         let (status, answer) = send(&t, Some(TOKEN), &call).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(answer["result"]["isError"], false, "{answer}");
+    }
+
+    /// Time is paused: the fake tool's 9 s pass as soon as the test waits.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_call_from_a_tasks_client_becomes_a_task_polled_to_its_result() {
+        let t = TestRunner::notes();
+        let read = json!({"name": "notes", "arguments": {"operation": "read", "name": "todo"}});
+        // Quick: answered inline, even to a client that could take a task.
+        t.executor.prints(r#"{"note": "quick"}"#);
+        let (_, call) = with_tasks(&t, "tools/call", read.clone()).await;
+        assert_eq!(call["result"]["resultType"], "complete", "{call}");
+        assert_eq!(call["result"]["structuredContent"]["note"], "quick");
+
+        t.executor.prints(r#"{"note": "slow"}"#);
+        t.executor.delay(Duration::from_secs(9));
+        let (status, call) = with_tasks(&t, "tools/call", read.clone()).await;
+        assert_eq!(status, StatusCode::OK);
+        let handle = &call["result"];
+        assert_eq!(handle["resultType"], "task", "{call}");
+        assert_eq!(handle["status"], "working");
+        assert_eq!(handle["ttlMs"], tasks::TASK_TTL.as_millis() as u64);
+        assert_eq!(
+            handle["pollIntervalMs"],
+            tasks::POLL_INTERVAL.as_millis() as u64
+        );
+        assert!(handle.get("result").is_none());
+        let task_id = handle["taskId"].as_str().unwrap().to_string();
+        let get = json!({"taskId": task_id});
+        let (_, polled) = with_tasks(&t, "tasks/get", get.clone()).await;
+        assert_eq!(polled["result"]["status"], "working", "{polled}");
+        assert_eq!(polled["result"]["resultType"], "complete");
+
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let (_, polled) = with_tasks(&t, "tasks/get", get.clone()).await;
+        let done = &polled["result"];
+        assert_eq!(done["status"], "completed", "{polled}");
+        assert_eq!(done["result"]["structuredContent"], json!({"note": "slow"}));
+        assert_eq!(done["result"]["isError"], false);
+        let invocation = t.records().pop().unwrap()["invocationId"].clone();
+        assert_eq!(
+            done["result"]["_meta"]["toolwarden.dev/invocationId"],
+            invocation
+        );
+        assert_eq!(done["createdAt"], handle["createdAt"]);
+        // `tasks/update` has nothing to answer; `tasks/cancel` of a finished task keeps it.
+        let update = json!({"taskId": task_id, "inputResponses": {"x": {}}});
+        let (_, ack) = with_tasks(&t, "tasks/update", update).await;
+        assert_eq!(ack["result"], json!({"resultType": "complete"}));
+        let (_, ack) = with_tasks(&t, "tasks/cancel", get.clone()).await;
+        assert_eq!(ack["result"], json!({"resultType": "complete"}));
+        let (_, polled) = with_tasks(&t, "tasks/get", get.clone()).await;
+        assert_eq!(polled["result"]["status"], "completed");
+
+        // Without the extension declared: no task, and the tasks methods refuse.
+        let (status, refused) = stateless(&t, "tasks/get", get.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(refused["error"]["code"], MISSING_REQUIRED_CLIENT_CAPABILITY);
+        assert_eq!(
+            refused["error"]["data"],
+            json!({"requiredCapabilities": {"extensions": {tasks::EXTENSION: {}}}})
+        );
+        t.executor.prints(r#"{"note": "inline"}"#);
+        let (_, call) = stateless(&t, "tools/call", read.clone()).await;
+        assert_eq!(
+            call["result"]["structuredContent"]["note"], "inline",
+            "{call}"
+        );
+        // The handshake era has no tasks.
+        let message = json!({"jsonrpc": "2.0", "id": 2, "method": "tasks/get", "params": get});
+        let (_, answer) = send(&t, Some(TOKEN), &message).await;
+        assert_eq!(answer["error"]["code"], METHOD_NOT_FOUND);
+        // An unknown id is invalid params; no id at all, no `Mcp-Name` to route on.
+        let unknown = json!({"taskId": "786512e2-9e0d-44bd-8f29-789f320fe840"});
+        let (status, answer) = with_tasks(&t, "tasks/get", unknown).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(answer["error"]["code"], INVALID_PARAMS, "{answer}");
+        let (_, answer) = with_tasks(&t, "tasks/get", json!({})).await;
+        assert_eq!(
+            answer["error"]["code"],
+            stateless::HEADER_MISMATCH,
+            "{answer}"
+        );
+    }
+
+    /// A task cancelled while its tool runs: cancelled at once; the run ends on its
+    /// own and is audited as `abandoned`.
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_task_is_cancelled_and_its_run_still_audited() {
+        let t = TestRunner::notes();
+        t.executor.prints(r#"{"note": "slow"}"#);
+        t.executor.delay(Duration::from_secs(9));
+        let read = json!({"name": "notes", "arguments": {"operation": "read", "name": "todo"}});
+        let (_, call) = with_tasks(&t, "tools/call", read).await;
+        let get = json!({"taskId": call["result"]["taskId"]});
+        let (_, ack) = with_tasks(&t, "tasks/cancel", get.clone()).await;
+        assert_eq!(ack["result"], json!({"resultType": "complete"}), "{ack}");
+        let (_, polled) = with_tasks(&t, "tasks/get", get.clone()).await;
+        assert_eq!(polled["result"]["status"], "cancelled", "{polled}");
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let closing = t.records().pop().unwrap();
+        assert_eq!(closing["event"], "abandoned", "{closing}");
+        let (_, polled) = with_tasks(&t, "tasks/get", get).await;
+        assert_eq!(polled["result"]["status"], "cancelled", "{polled}");
     }
 
     fn tools_call(name: Value, arguments: Value) -> Value {

@@ -31,6 +31,7 @@ use super::auth::{AuthError, Authenticator, Caller};
 use super::authorize::{authorize, holds, may_call};
 use super::body_limits::{bounded, parse_input};
 use super::executor::{ExecOutcome, ToolExecutor};
+use super::mcp::tasks::TaskBook;
 use super::metrics::Metrics;
 use super::problem::{FieldError, Problem, ProblemKind};
 use super::redact::{Redactor, redact_fields};
@@ -63,6 +64,8 @@ pub struct Runner {
     pub approvals: Approvals,
     /// Client addresses, allow-lists, anomaly baselines and guard classifiers.
     pub watch: Watch,
+    /// MCP calls answered with a task handle, for their callers to poll.
+    pub tasks: TaskBook,
 }
 
 /// Who is asking, as the transport saw it.

@@ -132,7 +132,7 @@ fn mismatch<T>(what: &str) -> Result<T, Refusal> {
 }
 
 /// Checks `Mcp-Method` against the body's method and, for `tools/call`, `Mcp-Name`
-/// against `params.name`. `required` in the stateless era; in the handshake era,
+/// against `params.name` (for `tasks/*`, against `params.taskId`). `required` in the stateless era; in the handshake era,
 /// which does not define them, headers that are sent must still agree with the
 /// body: whoever routes on them must not be shown one call while another runs.
 pub fn check_routing(
@@ -148,19 +148,22 @@ pub fn check_routing(
         }
         _ => {}
     }
-    if method == "tools/call" {
-        let name = header(headers, NAME_HEADER)?.map(decode_header_value);
-        match (name, params.get("name").and_then(Value::as_str)) {
-            (None, _) if required => return mismatch("Mcp-Name header is missing"),
-            (None, _) => {}
-            (Some(None), _) => return mismatch("Mcp-Name header is not valid base64 UTF-8"),
-            (Some(Some(header)), body) if Some(header.as_str()) != body => {
-                return mismatch("Mcp-Name header does not match params.name");
-            }
-            _ => {}
-        }
+    // The tasks extension routes `tasks/*` on the task id, as tools on their name.
+    let named = match method {
+        "tools/call" => "name",
+        "tasks/get" | "tasks/update" | "tasks/cancel" => "taskId",
+        _ => return Ok(()),
+    };
+    let name = header(headers, NAME_HEADER)?.map(decode_header_value);
+    match (name, params.get(named).and_then(Value::as_str)) {
+        (None, _) if required => mismatch("Mcp-Name header is missing"),
+        (None, _) => Ok(()),
+        (Some(None), _) => mismatch("Mcp-Name header is not valid base64 UTF-8"),
+        (Some(Some(header)), body) if Some(header.as_str()) != body => Err(
+            Refusal::HeaderMismatch(format!("Mcp-Name header does not match params.{named}")),
+        ),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// Checks the `Mcp-Param-{Name}` headers of a `tools/call` against its arguments,
