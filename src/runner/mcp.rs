@@ -10,7 +10,6 @@
 
 mod event_stream;
 mod stateless;
-pub mod tasks;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -24,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tracing::Instrument;
 
+use super::mcp_tasks as tasks;
 use super::pipeline::{CallContext, Called, Runner, Success};
 use super::problem::{Problem, ProblemKind};
 use super::request::{call_context, is_json, read_body};

@@ -19,6 +19,7 @@ pub mod image_volumes;
 pub mod images;
 pub mod listener;
 pub mod mcp;
+pub mod mcp_tasks;
 pub mod metrics;
 pub mod oauth;
 pub mod openapi;

@@ -31,7 +31,7 @@ use super::auth::{AuthError, Authenticator, Caller};
 use super::authorize::{authorize, holds, may_call};
 use super::body_limits::{bounded, parse_input};
 use super::executor::{ExecOutcome, ToolExecutor};
-use super::mcp::tasks::TaskBook;
+use super::mcp_tasks::TaskBook;
 use super::metrics::Metrics;
 use super::problem::{FieldError, Problem, ProblemKind};
 use super::redact::{Redactor, redact_fields};
