@@ -18,11 +18,9 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 use toolwarden::guards::{GuardAction, GuardDecl, GuardKind, GuardSet};
-use toolwarden::runner::admission::Admission;
 use toolwarden::runner::audit::{AuditKey, AuditLog};
 use toolwarden::runner::auth::Authenticator;
 use toolwarden::runner::executor::{ExecFuture, ExecOutcome, ToolExecutor};
-use toolwarden::runner::metrics::Metrics;
 use toolwarden::runner::pipeline::{CallContext, Runner};
 use toolwarden::runner::ratelimit::LimiterClock;
 use toolwarden::runner::registry::Registry;
@@ -92,24 +90,19 @@ fn runner(dir: &std::path::Path) -> Arc<Runner> {
     let registry = Registry::new(LimiterClock::real(), SecretsDir::default());
     let report = registry.load(&files);
     assert_eq!(report.served.len(), 2, "{report:?}");
-    Arc::new(Runner {
-        registry: Arc::new(registry),
-        auth: Authenticator {
+    Arc::new(Runner::new(
+        Arc::new(registry),
+        Authenticator {
             allow_anonymous: true,
             ..Authenticator::default()
         },
-        audit: AuditLog::to_writer(
+        AuditLog::to_writer(
             Box::new(std::io::sink()),
             "sink",
             AuditKey::new(&[1; 32]).unwrap(),
         ),
-        executor: Arc::new(Instant0),
-        metrics: Metrics::default(),
-        admission: Admission::default(),
-        approvals: Default::default(),
-        watch: Default::default(),
-        tasks: Default::default(),
-    })
+        Arc::new(Instant0),
+    ))
 }
 
 /// Median duration of one call of `f`, over calls made for about `budget`.

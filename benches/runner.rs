@@ -29,12 +29,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use toolwarden::runner::admission::Admission;
 use toolwarden::runner::audit::{AuditKey, AuditLog};
 use toolwarden::runner::auth::Authenticator;
 use toolwarden::runner::executor::{ExecFuture, ExecOutcome, ToolExecutor};
 use toolwarden::runner::images::{ImageStore, entry_name};
-use toolwarden::runner::metrics::Metrics;
 use toolwarden::runner::pipeline::{CallContext, Runner};
 use toolwarden::runner::ratelimit::LimiterClock;
 use toolwarden::runner::registry::Registry;
@@ -134,24 +132,19 @@ fn runner(
     }
     let report = registry.load(&[manifest]);
     assert_eq!(report.served, ["trivial"], "{report:?}");
-    Arc::new(Runner {
-        registry: Arc::new(registry),
-        auth: Authenticator {
+    Arc::new(Runner::new(
+        Arc::new(registry),
+        Authenticator {
             allow_anonymous: true,
             ..Authenticator::default()
         },
-        audit: AuditLog::open_file(
+        AuditLog::open_file(
             &dir.join(format!("{name}-audit.log")),
             AuditKey::new(&[1u8; 32]).unwrap(),
         )
         .unwrap(),
         executor,
-        metrics: Metrics::default(),
-        admission: Admission::default(),
-        approvals: Default::default(),
-        watch: Default::default(),
-        tasks: Default::default(),
-    })
+    ))
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

@@ -22,7 +22,6 @@ use toolwarden::runner::admission::Admission;
 use toolwarden::runner::audit::{self, AuditKey, AuditLog};
 use toolwarden::runner::auth::Authenticator;
 use toolwarden::runner::executor::ToolExecutor;
-use toolwarden::runner::metrics::Metrics;
 use toolwarden::runner::pipeline::{CallContext, Called, Runner};
 use toolwarden::runner::ratelimit::LimiterClock;
 use toolwarden::runner::registry::{Registry, manifest_files};
@@ -207,26 +206,24 @@ async fn runner(
     assert!(refused.is_empty(), "{refused:?}");
     let audit = Captured::default();
     let runner = Arc::new(Runner {
-        registry: Arc::new(registry),
-        auth: Authenticator {
-            tokens: [(
-                hex::encode(Sha256::digest(TOKEN)),
-                ("alice".to_string(), vec![]),
-            )]
-            .into(),
-            ..Authenticator::default()
-        },
-        audit: AuditLog::to_writer(
-            Box::new(audit.clone()),
-            "memory",
-            AuditKey::new(&AUDIT_KEY).unwrap(),
-        ),
-        executor: Arc::new(executor),
-        metrics: Metrics::default(),
         admission: Admission::new(8, Duration::from_secs(30)),
-        approvals: Default::default(),
-        watch: Default::default(),
-        tasks: Default::default(),
+        ..Runner::new(
+            Arc::new(registry),
+            Authenticator {
+                tokens: [(
+                    hex::encode(Sha256::digest(TOKEN)),
+                    ("alice".to_string(), vec![]),
+                )]
+                .into(),
+                ..Authenticator::default()
+            },
+            AuditLog::to_writer(
+                Box::new(audit.clone()),
+                "memory",
+                AuditKey::new(&AUDIT_KEY).unwrap(),
+            ),
+            Arc::new(executor),
+        )
     });
     (runner, audit)
 }

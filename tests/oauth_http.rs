@@ -15,7 +15,6 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use toolwarden::runner::audit::{AuditKey, AuditLog};
 use toolwarden::runner::auth::Authenticator;
-use toolwarden::runner::metrics::Metrics;
 use toolwarden::runner::oauth::{OAuthResource, OAuthSettings};
 use toolwarden::runner::pipeline::Runner;
 use toolwarden::runner::ratelimit::LimiterClock;
@@ -179,20 +178,15 @@ async fn serve(idp: &IdentityProvider, refresh_interval: Option<Duration>) -> Se
     }
     let audit_path = dir.path().join("audit.log");
     let key = AuditKey::new(b"oauth-http-test-audit-key-32-bytes!!").unwrap();
-    let runner = Arc::new(Runner {
+    let runner = Arc::new(Runner::new(
         registry,
-        auth: Authenticator {
+        Authenticator {
             oauth: Some(oauth),
             ..Authenticator::default()
         },
-        audit: AuditLog::open_file(&audit_path, key).unwrap(),
-        executor: Arc::new(UnsandboxedProcessExecutor),
-        metrics: Metrics::default(),
-        admission: Default::default(),
-        approvals: Default::default(),
-        watch: Default::default(),
-        tasks: Default::default(),
-    });
+        AuditLog::open_file(&audit_path, key).unwrap(),
+        Arc::new(UnsandboxedProcessExecutor),
+    ));
     tokio::spawn(router::serve(listener, runner, std::future::pending()));
     Server {
         base,

@@ -16,7 +16,6 @@ use toolwarden::runner::admission::Admission;
 use toolwarden::runner::audit::{AuditKey, AuditLog, verify};
 use toolwarden::runner::auth::{Authenticator, parse_token_file};
 use toolwarden::runner::listener::{self, HttpConfig, HttpLimits};
-use toolwarden::runner::metrics::Metrics;
 use toolwarden::runner::pipeline::Runner;
 use toolwarden::runner::ratelimit::LimiterClock;
 use toolwarden::runner::registry::{Registry, manifest_files};
@@ -156,15 +155,8 @@ async fn start_opts(options: Options) -> Server {
         .audit
         .unwrap_or_else(|| AuditLog::open_file(&audit_path, audit_key()).unwrap());
     let runner = Arc::new(Runner {
-        registry,
-        auth,
-        audit,
-        executor: Arc::new(executor),
-        metrics: Metrics::default(),
         admission: options.admission.unwrap_or_default(),
-        approvals: Default::default(),
-        watch: Default::default(),
-        tasks: Default::default(),
+        ..Runner::new(registry, auth, audit, Arc::new(executor))
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -20,7 +20,6 @@ use crate::runner::executor::ToolExecutor;
 use crate::runner::image_volumes::ImageVolumes;
 use crate::runner::images::ImageStore;
 use crate::runner::listener::{self, AllowedHosts, HttpConfig, HttpLimits};
-use crate::runner::metrics::Metrics;
 use crate::runner::oauth::{OAuthConfigError, OAuthResource, OAuthSettings};
 use crate::runner::pipeline::Runner;
 use crate::runner::ratelimit::LimiterClock;
@@ -474,18 +473,12 @@ fn run(
         Err(e) => return fail(&e.to_string()),
     };
     let runner = Arc::new(Runner {
-        registry: registry.clone(),
-        auth,
-        audit,
-        executor,
-        metrics: Metrics::default(),
         admission: Admission::new(
             common.max_calls_per_tool,
             Duration::from_secs(common.queue_timeout),
         ),
-        approvals: Default::default(),
         watch,
-        tasks: Default::default(),
+        ..Runner::new(registry.clone(), auth, audit, executor)
     });
     // Clients reach an OAuth resource by the name in its URL: that name is allowed too.
     let mut allowed_hosts = common.allowed_host.clone();

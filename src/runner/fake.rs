@@ -16,7 +16,6 @@ use super::admission::Admission;
 use super::audit::{AuditKey, AuditLog};
 use super::auth::Authenticator;
 use super::executor::{ExecError, ExecFuture, ExecOutcome, ToolExecutor};
-use super::metrics::Metrics;
 use super::pipeline::{CallContext, Runner};
 use super::ratelimit::LimiterClock;
 use super::registry::{Registry, manifest_files};
@@ -164,16 +163,15 @@ impl TestRunner {
             ..Authenticator::default()
         };
         let runner = Arc::new(Runner {
-            registry: Arc::new(registry),
-            auth,
-            audit: AuditLog::to_writer(Box::new(audit.clone()), "memory", key),
-            executor: executor.clone(),
-            metrics: Metrics::default(),
             // One run of a tool at a time, a short queue: admission is testable.
             admission: Admission::new(1, Duration::from_millis(50)),
-            approvals: Default::default(),
             watch,
-            tasks: Default::default(),
+            ..Runner::new(
+                Arc::new(registry),
+                auth,
+                AuditLog::to_writer(Box::new(audit.clone()), "memory", key),
+                executor.clone(),
+            )
         });
         TestRunner {
             runner,

@@ -68,6 +68,30 @@ pub struct Runner {
     pub tasks: TaskBook,
 }
 
+impl Runner {
+    /// A runner with no calls behind it: default admission, fresh metrics and
+    /// empty approval, watch and task books. Override a field with
+    /// `Runner { admission, ..Runner::new(..) }`.
+    pub fn new(
+        registry: Arc<Registry>,
+        auth: Authenticator,
+        audit: AuditLog,
+        executor: Arc<dyn ToolExecutor>,
+    ) -> Runner {
+        Runner {
+            registry,
+            auth,
+            audit,
+            executor,
+            metrics: Metrics::default(),
+            admission: Admission::default(),
+            approvals: Approvals::default(),
+            watch: Watch::default(),
+            tasks: TaskBook::default(),
+        }
+    }
+}
+
 /// Who is asking, as the transport saw it.
 #[derive(Clone, Debug, Default)]
 pub struct CallContext {
