@@ -27,6 +27,7 @@ use crate::runner::registry::{Judge, Registry};
 use crate::runner::reload;
 use crate::runner::router;
 use crate::runner::sandbox_executor::{SandboxExecutor, VolumesDir};
+use crate::runner::termination::{self, StartRefusal};
 use crate::runner::tool::SecretsDir;
 use crate::runner::unsandboxed::UnsandboxedProcessExecutor;
 use crate::runner::watch::Watch;
@@ -172,6 +173,18 @@ pub struct RunnerArgs {
     /// Audience callers' ServiceAccount tokens must be bound to (checked with TokenReview).
     #[arg(long, value_name = "AUD", default_value = "toolwarden")]
     pub audience: String,
+    /// The container's termination message file. When a tool of --tools is refused at
+    /// start (e.g. its image lacks the mount points /proc, /dev, /tmp) or there is none,
+    /// the runner writes one line `Reason: message` here and exits non-zero instead of
+    /// serving nothing; the controller shows it in the tool's conditions. Written only
+    /// when the file exists (the kubelet creates it).
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "TOOLWARDEN_TERMINATION_LOG",
+        default_value = termination::DEFAULT_PATH
+    )]
+    pub termination_log: PathBuf,
     #[command(flatten)]
     pub oauth: OAuthArgs,
 }
@@ -306,7 +319,7 @@ pub fn serve(args: ServeArgs) -> ExitCode {
         &args.dir,
         &args.common,
         auth,
-        ("serve", Judge::Evaluate),
+        ("serve", Judge::Evaluate, None),
         tokio,
     )
 }
@@ -335,7 +348,7 @@ pub fn runner(args: RunnerArgs) -> ExitCode {
         &args.tools,
         &args.common,
         auth,
-        ("runner", Judge::Admitted),
+        ("runner", Judge::Admitted, Some(&args.termination_log)),
         tokio,
     )
 }
@@ -357,6 +370,22 @@ fn image_cache(common: &CommonArgs) -> PathBuf {
 fn fail(message: &str) -> ExitCode {
     eprintln!("error: {message}");
     ExitCode::from(EXIT_FAILED)
+}
+
+/// `runner`'s last word when a tool it was given cannot be served: the refusal into the
+/// termination message file for the controller (when the kubelet provides one), and on
+/// stderr for the logs.
+fn refuse_start(termination_log: &Path, refusal: &StartRefusal) -> ExitCode {
+    match refusal.write(termination_log) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::debug!(path = %termination_log.display(), "no termination message file");
+        }
+        Err(e) => {
+            tracing::warn!(path = %termination_log.display(), error = %e, "termination message not written");
+        }
+    }
+    fail(&format!("refusing to start: {refusal}"))
 }
 
 fn standalone_auth(args: &ServeArgs) -> Result<Authenticator, AuthConfigError> {
@@ -406,11 +435,13 @@ fn standalone_auth(args: &ServeArgs) -> Result<Authenticator, AuthConfigError> {
     Ok(auth)
 }
 
+/// `termination_log`: `runner` only; a refused tool then stops the start (see
+/// [`StartRefusal::of`]), `serve` serves the others.
 fn run(
     dir: &Path,
     common: &CommonArgs,
     auth: Authenticator,
-    (command, judge): (&str, Judge),
+    (command, judge, termination_log): (&str, Judge, Option<&Path>),
     tokio: tokio::runtime::Runtime,
 ) -> ExitCode {
     let executor: Arc<dyn ToolExecutor> = if common.unsandboxed_dev {
@@ -468,6 +499,11 @@ fn run(
     if !report.errors.is_empty() {
         return fail(&format!("{} could not be loaded", dir.display()));
     }
+    if let Some(log) = termination_log
+        && let Some(refusal) = StartRefusal::of(&report, &[])
+    {
+        return refuse_start(log, &refusal);
+    }
     let watch = match watch(common) {
         Ok(watch) => watch,
         Err(e) => return fail(&e.to_string()),
@@ -508,7 +544,12 @@ fn run(
                 Err(e) => return fail(&format!("cannot listen on {metrics_addr}: {e}")),
             }
         }
-        reload::prepare_executor(&runner).await;
+        let withdrawn = reload::prepare_executor(&runner).await;
+        if let Some(log) = termination_log
+            && let Some(refusal) = StartRefusal::of(&report, &withdrawn)
+        {
+            return refuse_start(log, &refusal);
+        }
         // Watching starts before the banner says what is served: a change made as soon as
         // the banner appears is never missed.
         let secrets = common.secrets_dir.as_deref();

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod policy_status;
 pub mod reconcile;
 pub mod run;
+pub mod runner_pods;
 pub mod status;
 #[cfg(test)]
 mod tests;

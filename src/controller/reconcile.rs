@@ -6,15 +6,20 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{self, Store};
 use kube::{Client, Resource, ResourceExt};
 
 use super::apply::{self, ApplyError, OwnedStores};
 use super::build::{self, BuildError, Settings};
 use super::dereference::{self, DereferenceError, Stores};
+use super::labels::{CONFIG_HASH, TOOL};
 use super::metrics::Metrics;
+use super::runner_pods::{self, PodTrouble};
 use super::status::{self, DEGRADED, READY, Refusal, StatusError};
 use super::validate::{self, ValidateError};
 use crate::api::{AgentTool, AgentToolStatus};
@@ -38,6 +43,9 @@ pub struct Context {
     pub owned: OwnedStores,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
+    /// The runner pods of every tool (watched, never listed per reconcile): what they
+    /// report goes into the tool's status.
+    pub runner_pods: Store<Pod>,
     /// Consecutive failures per tool (`namespace/name`), for the backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -59,8 +67,15 @@ impl Context {
             owned,
             metrics,
             recorder,
+            runner_pods: reflector::store().0,
             failures: Mutex::default(),
         }
+    }
+
+    /// Reads the runner pods from `pods` (by default an empty cache: no pod reports).
+    pub fn with_runner_pods(mut self, pods: Store<Pod>) -> Context {
+        self.runner_pods = pods;
+        self
     }
 
     fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
@@ -203,13 +218,36 @@ async fn phases(tool: &AgentTool, ctx: &Context) -> Result<Reconciled, Reconcile
         }
         Err(e) => return Err(e.into()),
     };
+    let trouble = pod_trouble(tool, &ctx.runner_pods, &applied.deployment);
     report(
         tool,
         ctx,
-        status::of_applied(tool, &admitted, &applied.deployment, now),
+        status::of_applied(tool, &admitted, &applied.deployment, trouble.as_ref(), now),
     )
     .await?;
     Ok(Reconciled::Applied)
+}
+
+/// What the runner pods of the applied Deployment's current template report.
+fn pod_trouble(tool: &AgentTool, pods: &Store<Pod>, deployment: &Deployment) -> Option<PodTrouble> {
+    let (namespace, name) = (tool.namespace(), tool.name_any());
+    let pods: Vec<Arc<Pod>> = pods
+        .state()
+        .into_iter()
+        .filter(|pod| pod.namespace() == namespace && pod.labels().get(TOOL) == Some(&name))
+        .collect();
+    let config_hash = deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .and_then(|m| m.annotations.as_ref())
+        .and_then(|a| a.get(CONFIG_HASH));
+    let deployment_name = deployment.metadata.name.as_deref().unwrap_or(&name);
+    runner_pods::trouble(
+        deployment_name,
+        config_hash.map(String::as_str),
+        pods.iter().map(|pod| &**pod),
+    )
 }
 
 /// Reports why the tool cannot be deployed; it then waits for a change, or looks again
@@ -251,10 +289,8 @@ pub fn events(old: &AgentToolStatus, new: &AgentToolStatus) -> Vec<Event> {
     };
     let (before, after) = (reasons(old), reasons(new));
     let mut events = Vec::new();
-    let applied = new
-        .conditions
-        .iter()
-        .any(|c| c.type_ == DEGRADED && c.status == "False");
+    // Only an applied tool has endpoints (its runner pods may still be in trouble).
+    let applied = !new.endpoints.is_empty();
     if applied && new.observed_generation != old.observed_generation {
         let reason = if old.observed_generation.is_none() {
             "Created"

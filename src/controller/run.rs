@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams, PartialObjectMeta};
 use kube::runtime::events::{Recorder, Reporter};
@@ -21,7 +21,7 @@ use tokio::sync::{broadcast, watch};
 use super::apply::{FIELD_MANAGER, OwnedStores};
 use super::build::{ApiServerEndpoint, Settings};
 use super::dereference::Stores;
-use super::labels::{MANAGED_BY, MANAGED_BY_VALUE};
+use super::labels::{MANAGED_BY, MANAGED_BY_VALUE, NAME, NAME_VALUE, TOOL};
 use super::metrics::Metrics;
 use super::policy_status;
 use super::reconcile::{Context, error_policy, reconcile};
@@ -328,14 +328,11 @@ async fn run_scope(
         network_policies,
         pdbs,
     };
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        settings,
-        stores,
-        owned,
-        metrics,
-        recorder,
-    ));
+    let (runner_pods, pod_events) = runner_pods_reflector(&client, &scope);
+    let ctx = Arc::new(
+        Context::new(client.clone(), settings, stores, owned, metrics, recorder)
+            .with_runner_pods(runner_pods),
+    );
     let tools = controller.store();
     let tools_listed = tools.clone();
     let policy_changes = futures::stream::unfold(triggers.policies, |mut rx| async move {
@@ -369,6 +366,11 @@ async fn run_scope(
         .owns_stream(deployment_events)
         .owns_stream(service_events)
         .owns_stream(network_policy_events)
+        // Pods belong to ReplicaSets, not to the tool: their label names it.
+        .watches_stream(pod_events, |pod| {
+            let tool = pod.labels().get(TOOL)?;
+            Some(ObjectRef::new(tool).within(&pod.namespace()?))
+        })
         .reconcile_all_on(policy_changes)
         .reconcile_on(relabelled)
         .with_config(
@@ -426,6 +428,32 @@ where
             scoped::<PartialObjectMeta<K>>(client, scope),
             config.clone(),
         ),
+    )
+    .default_backoff()
+    .touched_objects();
+    (store, events)
+}
+
+/// The runner pods of `scope` (by the runner labels), each reduced to its metadata and
+/// status (what [`super::runner_pods::trouble`] reads), and the stream that fills the
+/// cache and triggers the reconcile of the pod's tool.
+fn runner_pods_reflector(
+    client: &Client,
+    scope: &Option<String>,
+) -> (
+    Store<Pod>,
+    impl futures::Stream<Item = Result<Pod, watcher::Error>> + Send + 'static,
+) {
+    let (store, writer) = reflector::store();
+    let runners = watcher::Config::default().labels(&format!(
+        "{MANAGED_BY}={MANAGED_BY_VALUE},{NAME}={NAME_VALUE}"
+    ));
+    let events = reflector(
+        writer,
+        watcher(scoped::<Pod>(client, scope), runners).modify(|pod| {
+            pod.spec = None;
+            pod.managed_fields_mut().clear();
+        }),
     )
     .default_backoff()
     .touched_objects();

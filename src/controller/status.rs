@@ -11,6 +11,7 @@ use serde_json::json;
 
 use super::apply::FIELD_MANAGER;
 use super::build::{ToolRootfs, service};
+use super::runner_pods::PodTrouble;
 use super::validate::Admitted;
 use crate::api::{AgentTool, AgentToolStatus};
 
@@ -41,11 +42,13 @@ pub struct Refusal<'a> {
     pub admitted: Option<&'a Admitted>,
 }
 
-/// Status of an admitted, applied tool.
+/// Status of an admitted, applied tool; `trouble`: why its runner pods do not run, if
+/// they say so ([`super::runner_pods::trouble`]).
 pub fn of_applied(
     tool: &AgentTool,
     admitted: &Admitted,
     deployment: &Deployment,
+    trouble: Option<&PodTrouble>,
     now: Time,
 ) -> AgentToolStatus {
     let want = admitted.replicas();
@@ -66,6 +69,8 @@ pub fn of_applied(
             "RunnersReady",
             format!("{ready_replicas} of {want} runner pods ready"),
         )
+    } else if let Some(trouble) = trouble {
+        ("False", trouble.reason.as_str(), trouble.message.clone())
     } else {
         (
             "False",
@@ -73,18 +78,17 @@ pub fn of_applied(
             format!("{ready_replicas} of {want} runner pods ready"),
         )
     };
+    // Ready pods of an earlier rollout may still serve while the new ones fail: Degraded
+    // says so even then.
+    let degraded = match trouble {
+        Some(trouble) => ("True", trouble.reason.as_str(), trouble.message.as_str()),
+        None => ("False", "AsExpected", "every child applied"),
+    };
     let namespace = tool.namespace().unwrap_or_default();
     let conditions = vec![
         condition(tool, READY, ready.0, ready.1, &ready.2, &now),
         compliance(tool, admitted, &now),
-        condition(
-            tool,
-            DEGRADED,
-            "False",
-            "AsExpected",
-            "every child applied",
-            &now,
-        ),
+        condition(tool, DEGRADED, degraded.0, degraded.1, degraded.2, &now),
     ];
     AgentToolStatus {
         observed_generation: tool.metadata.generation,

@@ -62,7 +62,7 @@ mod tests {
         let root = dir.path().join(entry_name(reference));
         std::fs::create_dir_all(root.join("dev")).unwrap();
         let err = volumes.resolve(reference).unwrap_err();
-        assert_eq!(err.reason(), "ImageVolumeIncomplete");
+        assert_eq!(err.reason(), "ImageLacksMountPoints");
         assert!(
             err.to_string()
                 .contains("lacks the mount point(s) /proc, /tmp"),

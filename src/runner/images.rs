@@ -164,7 +164,7 @@ impl ImageError {
             ImageError::LimitExceeded { .. } => "ImageTooLarge",
             ImageError::UnsafeCache { .. } => "ImageCacheUnsafe",
             ImageError::NoImageVolume { .. } => "ImageVolumeMissing",
-            ImageError::MountPointsMissing { .. } => "ImageVolumeIncomplete",
+            ImageError::MountPointsMissing { .. } => "ImageLacksMountPoints",
         }
     }
 }

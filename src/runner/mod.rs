@@ -34,6 +34,7 @@ pub mod rest;
 pub mod router;
 pub mod sandbox_executor;
 pub mod sanitize;
+pub mod termination;
 pub mod tool;
 pub mod tool_metadata;
 pub mod unsandboxed;

@@ -63,6 +63,8 @@ pub enum Judge {
 pub struct Refusal {
     pub tool: String,
     pub origin: String,
+    /// Stable CamelCase class of the first reason (what a runner pod reports on refusal).
+    pub reason: &'static str,
     pub reasons: Vec<String>,
 }
 
@@ -173,23 +175,25 @@ impl Registry {
         for loaded in &manifests.tools {
             let tool = &loaded.object;
             let name = tool.metadata.name.clone().unwrap_or_default();
-            let refuse = |reasons: Vec<String>| Refusal {
+            let refuse = |reason: &'static str, reasons: Vec<String>| Refusal {
                 tool: name.clone(),
                 origin: loaded.origin.to_string(),
+                reason,
                 reasons,
             };
             if next.contains_key(&name) {
-                report.refused.push(refuse(vec![format!(
-                    "a tool named {name} is already served"
-                )]));
+                report.refused.push(refuse(
+                    "DuplicateToolName",
+                    vec![format!("a tool named {name} is already served")],
+                ));
                 continue;
             }
             let denial = match admitted {
                 None => evaluate(tool, &policies),
                 Some(verdict) => judged_by(tool, verdict),
             };
-            if let Some(reasons) = denial {
-                report.refused.push(refuse(reasons));
+            if let Some((reason, reasons)) = denial {
+                report.refused.push(refuse(reason, reasons));
                 continue;
             }
             let allowed_egress_cidrs = match admitted {
@@ -246,9 +250,10 @@ impl Registry {
                     next.insert(name.clone(), Arc::new(prepared));
                     report.served.push(name);
                 }
-                Err(errors) => report
-                    .refused
-                    .push(refuse(errors.iter().map(ToString::to_string).collect())),
+                Err(errors) => report.refused.push(refuse(
+                    errors.first().map_or("ToolInvalid", |e| e.reason()),
+                    errors.iter().map(ToString::to_string).collect(),
+                )),
             }
         }
         *self.tools.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
@@ -268,28 +273,37 @@ fn namespace_labels(tool: &AgentTool) -> BTreeMap<String, String> {
 
 /// The checklist without a cluster: the namespace's name is its only label.
 /// `Some(every enforced violation)` when the tool is denied.
-fn evaluate(tool: &AgentTool, policies: &[ToolPolicy]) -> Option<Vec<String>> {
+fn evaluate(tool: &AgentTool, policies: &[ToolPolicy]) -> Option<(&'static str, Vec<String>)> {
     let verdict = policy::evaluate(tool, policies, &namespace_labels(tool));
     verdict.denied().then(|| {
-        verdict
+        let reasons = verdict
             .with_mode(PolicyMode::Enforce)
             .map(|v| format!("{} {}: {} ({})", v.rule, v.path, v.message, v.source()))
-            .collect()
+            .collect();
+        (POLICY_DENIED, reasons)
     })
 }
 
-/// The controller's verdict on `tool`: `Some(reasons)` when it is not to be served.
-fn judged_by(tool: &AgentTool, verdict: &Result<AdmittedVerdict, String>) -> Option<Vec<String>> {
+const POLICY_DENIED: &str = "PolicyDenied";
+
+/// The controller's verdict on `tool`: `Some((reason, reasons))` when it is not to be served.
+fn judged_by(
+    tool: &AgentTool,
+    verdict: &Result<AdmittedVerdict, String>,
+) -> Option<(&'static str, Vec<String>)> {
     let verdict = match verdict {
         Ok(verdict) => verdict,
-        Err(why) => return Some(vec![why.clone()]),
+        Err(why) => return Some(("AdmittedVerdictUnreadable", vec![why.clone()])),
     };
     let name = tool.metadata.name.as_deref().unwrap_or_default();
     if verdict.tool != name || verdict.generation != tool.metadata.generation {
-        return Some(vec![format!(
-            "the controller's verdict is about {} generation {:?}, not {name} generation {:?}",
-            verdict.tool, verdict.generation, tool.metadata.generation
-        )]);
+        return Some((
+            "AdmittedVerdictMismatch",
+            vec![format!(
+                "the controller's verdict is about {} generation {:?}, not {name} generation {:?}",
+                verdict.tool, verdict.generation, tool.metadata.generation
+            )],
+        ));
     }
     verdict.denied.then(|| {
         let reasons: Vec<String> = verdict
@@ -305,9 +319,9 @@ fn judged_by(tool: &AgentTool, verdict: &Result<AdmittedVerdict, String>) -> Opt
             })
             .collect();
         if reasons.is_empty() {
-            vec!["the controller denies it".to_string()]
+            (POLICY_DENIED, vec!["the controller denies it".to_string()])
         } else {
-            reasons
+            (POLICY_DENIED, reasons)
         }
     })
 }

@@ -29,7 +29,8 @@ pub fn load(registry: &Registry, dir: &Path) -> LoadReport {
         tracing::warn!(
             tool = %refusal.tool,
             origin = %refusal.origin,
-            "refused {} ({}): fails the checklist: {}",
+            reason = refusal.reason,
+            "refused {} ({}): {}",
             refusal.tool,
             refusal.origin,
             refusal.reasons.join("; ")
@@ -41,20 +42,23 @@ pub fn load(registry: &Registry, dir: &Path) -> LoadReport {
 /// Lets the executor get ready for the tools now served (e.g. fill warm pools,
 /// drop those of replaced tools). A tool that cannot run (e.g. its isolation
 /// would be degraded without permission) is logged and no longer served; the
-/// metrics name what each served tool runs without.
-pub async fn prepare_executor(runner: &Runner) {
+/// metrics name what each served tool runs without. Returns the tools withdrawn,
+/// each with the reason and message of why.
+pub async fn prepare_executor(runner: &Runner) -> Vec<(String, &'static str, String)> {
     let tools: Vec<_> = runner.registry.snapshot().values().cloned().collect();
+    let mut withdrawn = Vec::new();
     match runner.executor.prepare(&tools).await {
         Ok(unrunnable) => {
-            for (tool, error) in &unrunnable {
+            for (tool, error) in unrunnable {
                 tracing::error!(
                     %tool,
                     %error,
                     reason = error.reason(),
                     "cannot run {tool}, not served: {error}"
                 );
+                withdrawn.push((tool, error.reason(), error.to_string()));
             }
-            let names: Vec<String> = unrunnable.into_iter().map(|(tool, _)| tool).collect();
+            let names: Vec<String> = withdrawn.iter().map(|(tool, ..)| tool.clone()).collect();
             runner.registry.withdraw(&names);
         }
         Err(e) => tracing::error!(error = %e, "preparing the executor failed"),
@@ -74,6 +78,7 @@ pub async fn prepare_executor(runner: &Runner) {
             .iter()
             .flat_map(|(tool, list)| list.iter().map(move |d| (tool.as_str(), d.missing))),
     );
+    withdrawn
 }
 
 /// One reload: load `dir` off the I/O threads (it compiles schemas and may
@@ -93,6 +98,7 @@ pub async fn reload(runner: &Arc<Runner>, dir: &Path) {
             dir.display(),
             report.served.join(", ")
         );
+        // A reload keeps serving what it can; what it withdrew is logged above.
         prepare_executor(runner).await;
     } else {
         tracing::error!(

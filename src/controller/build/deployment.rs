@@ -125,6 +125,10 @@ pub fn build(
             },
             "readinessProbe": probe("/readyz", 5),
             "livenessProbe": probe("/healthz", 10),
+            // A start refusal (`ImageLacksMountPoints: ...`) is the runner's own line in
+            // /dev/termination-log. Never the log tail: stdout carries audit records, which
+            // readers of the pod's status may not be allowed to see.
+            "terminationMessagePolicy": "File",
             "volumeMounts": mounts,
         }],
         "volumes": volumes,
@@ -136,6 +140,8 @@ pub fn build(
             "command": ["/bin/sh", "-c", ROOTFS_COPY_SCRIPT, "copy-rootfs", "/", ROOTFS_COPY_DIR],
             "securityContext": rootfs_copy_security_context(),
             "resources": {"requests": {"cpu": "100m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}},
+            // Why a copy failed (no /bin/sh, a file cp cannot read) is in its log.
+            "terminationMessagePolicy": "FallbackToLogsOnError",
             "volumeMounts": [{"name": "tool-image", "mountPath": ROOTFS_COPY_DIR}],
         }]);
     }
