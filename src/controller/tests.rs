@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
-use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::Client;
@@ -188,6 +188,8 @@ struct Harness {
     namespaces: Writer<Namespace>,
     policies: Writer<ToolPolicy>,
     owned: OwnedWriters,
+    /// What the watch of runner pods would have seen.
+    pods: Writer<Pod>,
 }
 
 /// What the controller's watches of optional children would have seen.
@@ -209,6 +211,7 @@ impl Harness {
         let (roles, role_writer) = reflector::store();
         let (role_bindings, binding_writer) = reflector::store();
         let (pdbs, pdb_writer) = reflector::store();
+        let (runner_pods, pods) = reflector::store();
         // Caches the tests leave empty: every child then costs a metadata read.
         let owned = OwnedStores {
             service_accounts,
@@ -227,7 +230,7 @@ impl Harness {
                 instance: None,
             },
         );
-        let ctx = Arc::new(Context::new(
+        let ctx = Context::new(
             client,
             Settings {
                 runner_image: "ghcr.io/toolwarden/toolwarden:test".into(),
@@ -244,10 +247,12 @@ impl Harness {
             owned,
             Arc::new(Metrics::default()),
             recorder,
-        ));
+        )
+        .with_runner_pods(runner_pods);
         Harness {
             api,
-            ctx,
+            ctx: Arc::new(ctx),
+            pods,
             namespaces,
             policies,
             owned: OwnedWriters {
@@ -444,6 +449,87 @@ async fn an_updated_spec_rolls_the_pods_and_reports_the_new_generation() {
     );
     assert_eq!(h.status().observed_generation, Some(2));
     assert!(events(&h.api.take_calls()).contains(&("Normal".into(), "Updated".into())));
+}
+
+/// A runner pod of the current rollout: controlled by a ReplicaSet of the tool's
+/// Deployment, with its pod template's config hash, and these container statuses.
+fn runner_pod(deployment: &Value, container_statuses: Value) -> Pod {
+    let template = &deployment["spec"]["template"]["metadata"];
+    serde_json::from_value(json!({
+        "metadata": {
+            "name": "execute-code-6c9f7d8b4-x2x7q", "namespace": "agents",
+            "labels": template["labels"], "annotations": template["annotations"],
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                "name": "execute-code-6c9f7d8b4", "uid": "rs-1", "controller": true}],
+        },
+        "status": {"phase": "Running", "containerStatuses": container_statuses},
+    }))
+    .unwrap()
+}
+
+/// The image lacks /proc and /tmp: the runner writes why into its termination message and
+/// exits; the pod's status reaches the tool's conditions through the pod watch, and once
+/// the pod runs (a fixed image) the conditions clear.
+#[tokio::test]
+async fn a_runner_pod_refusing_an_image_without_mount_points_makes_the_tool_degraded() {
+    let mut h = Harness::new();
+    h.create(&example_tool());
+    h.reconcile().await.unwrap();
+    let refusal = "ImageLacksMountPoints: tool execute-code (/etc/toolwarden/tools/\
+        execute-code.yaml): spec.runtime.image: image docker.io/library/busybox:1.36.1 (image \
+        volume /var/lib/toolwarden/image-volumes/docker.io_library_busybox_1.36.1) lacks the \
+        mount point(s) /proc, /tmp: an image volume is read-only, so the image itself must \
+        contain these empty directories";
+    let refused = runner_pod(
+        &h.deployment(),
+        json!([{"name": "runner", "image": "ghcr.io/toolwarden/toolwarden:test", "imageID": "",
+            "ready": false, "restartCount": 4,
+            "state": {"waiting": {"reason": "CrashLoopBackOff",
+                "message": "back-off 1m20s restarting failed container=runner"}},
+            "lastState": {"terminated": {"exitCode": 2, "reason": "Error", "message": refusal}}}]),
+    );
+    h.pods
+        .apply_watcher_event(&watcher::Event::Apply(refused.clone()));
+    h.api.take_calls();
+    h.reconcile().await.unwrap();
+    let calls = h.api.take_calls();
+    let patch = calls
+        .iter()
+        .find(|c| c.method == Method::PATCH && c.path() == format!("{TOOL_PATH}/status"))
+        .expect("the status is patched");
+    let patched: AgentToolStatus = serde_json::from_value(patch.body["status"].clone()).unwrap();
+    for type_ in ["Ready", "Degraded"] {
+        let (status, reason, message) = condition(&patched, type_);
+        let expected = if type_ == "Ready" { "False" } else { "True" };
+        assert_eq!((status, reason), (expected, "ImageLacksMountPoints"));
+        assert!(
+            message.starts_with("runner pod execute-code-6c9f7d8b4-x2x7q refuses to start")
+                && message.contains("lacks the mount point(s) /proc, /tmp"),
+            "{message}"
+        );
+    }
+    assert_eq!(condition(&patched, "PolicyCompliant").0, "True");
+    assert_eq!(patched.isolation["rootfs"], "imageVolume");
+    assert!(
+        events(&calls).contains(&("Warning".into(), "ImageLacksMountPoints".into())),
+        "{calls:?}"
+    );
+
+    // The same pod, from a rollout the tool no longer has, is not the tool's story.
+    let mut stale = refused;
+    stale
+        .metadata
+        .annotations
+        .as_mut()
+        .unwrap()
+        .insert("toolwarden.dev/config-hash".into(), "an-older-one".into());
+    h.pods.apply_watcher_event(&watcher::Event::Apply(stale));
+    h.reconcile().await.unwrap();
+    assert_eq!(
+        condition(&h.status(), "Degraded"),
+        ("False", "AsExpected", "every child applied")
+    );
+    assert_eq!(condition(&h.status(), "Ready").1, "RunnersNotReady");
 }
 
 #[tokio::test]
