@@ -5,7 +5,8 @@
 //!
 //! Runner pods only become Ready on a cluster with a Ready node and the runner image
 //! (`TOOLWARDEN_E2E_RUNNER_IMAGE`, as in `runner_pod.rs`); without them the test checks
-//! everything but `Ready=True`. `TOOLWARDEN_E2E_SCALE=1` adds the scale run: 1,000
+//! everything but `Ready=True`; with them, a tool whose image lacks the sandbox's mount
+//! points is reported with the reason. `TOOLWARDEN_E2E_SCALE=1` adds the scale run: 1,000
 //! AgentTools reconciled to all their children within 60 s by the `toolwarden controller`
 //! binary in a process of its own, whose peak RSS must stay within 64 MiB; figures printed.
 
@@ -402,6 +403,111 @@ async fn the_controller_deploys_reports_restores_denies_and_collects() {
     } else {
         eprintln!("scale run SKIPPED: set {SCALE_ENV}=1");
     }
+    let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
+}
+
+/// A tool whose image lacks the mount points a sandbox needs: its runner pod refuses to
+/// start with `ImageLacksMountPoints` in its termination message, and the tool's status says
+/// so, naming what is missing. The toolwarden image is such an image (it has `/tmp` but no
+/// `/proc` or `/dev`). Needs a Ready node and `TOOLWARDEN_E2E_RUNNER_IMAGE`.
+#[tokio::test]
+async fn a_tool_whose_image_lacks_mount_points_is_degraded_naming_them() {
+    let skip = |why: String| eprintln!("SKIPPED {}: {why}", module_path!());
+    let client = match cluster().await {
+        Ok(client) => client,
+        Err(why) => {
+            return skip(format!(
+                "{why}; set KUBECONFIG to a Kubernetes 1.33+ cluster"
+            ));
+        }
+    };
+    let Ok(runner_image) = std::env::var("TOOLWARDEN_E2E_RUNNER_IMAGE") else {
+        return skip(
+            "TOOLWARDEN_E2E_RUNNER_IMAGE is not set (the image scripts/build-image.sh \
+                     builds, imported into the node's containerd)"
+                .into(),
+        );
+    };
+    if let Err(why) = super::runner_pod::ready_node(&client).await {
+        return skip(why);
+    }
+    install_crds(&client).await;
+    let ns = format!("toolwarden-e2e-mp-{}", std::process::id());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap();
+    namespaces
+        .create(&PostParams::default(), &namespace)
+        .await
+        .expect("creating the test namespace");
+    let controller = RunningController::start(client.clone(), &ns);
+    let tools: Api<AgentTool> = Api::namespaced(client.clone(), &ns);
+    let mut tool = examples()
+        .tools
+        .into_iter()
+        .find(|t| t.object.name_any() == "execute-code")
+        .unwrap()
+        .object;
+    tool.metadata = kube::api::ObjectMeta {
+        name: Some("no-mount-points".into()),
+        namespace: Some(ns.clone()),
+        ..Default::default()
+    };
+    tool.spec.runtime.image = runner_image;
+    tools
+        .patch(
+            "no-mount-points",
+            &PatchParams::apply("toolwarden-e2e").force(),
+            &Patch::Apply(&tool),
+        )
+        .await
+        .expect("the tool");
+
+    let (ready, degraded, isolation) = eventually(
+        "Ready=False and Degraded=True with ImageLacksMountPoints",
+        Duration::from_secs(240),
+        || async {
+            let tool = tools.get("no-mount-points").await.ok()?;
+            let ready = condition(&tool, "Ready")?;
+            let degraded = condition(&tool, "Degraded")?;
+            (ready.1 == "ImageLacksMountPoints" && degraded.1 == "ImageLacksMountPoints")
+                .then(|| (ready, degraded, tool.status.unwrap_or_default().isolation))
+        },
+    )
+    .await;
+    assert_eq!((ready.0.as_str(), degraded.0.as_str()), ("False", "True"));
+    for message in [&ready.2, &degraded.2] {
+        assert!(
+            message.contains("lacks the mount point(s) /proc, /dev:"),
+            "{message}"
+        );
+    }
+    assert_eq!(isolation["rootfs"], "imageVolume");
+    // The runner said it itself, in the pod's termination message.
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &ns);
+    let listed = pods
+        .list(&ListParams::default().labels(&children_selector("no-mount-points")))
+        .await
+        .expect("the runner pods");
+    let said = listed.items.iter().flat_map(|pod| {
+        let statuses = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.clone());
+        statuses.unwrap_or_default().into_iter().flat_map(|c| {
+            [c.state, c.last_state]
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.terminated?.message)
+        })
+    });
+    let said: Vec<String> = said.collect();
+    assert!(
+        said.iter()
+            .any(|m| m.starts_with("ImageLacksMountPoints: tool no-mount-points")),
+        "{said:?}"
+    );
+    eprintln!("no-mount-points: {}", degraded.2);
+    controller.stop().await;
     let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
 }
 

@@ -45,6 +45,17 @@ async fn setup() -> Result<Setup, String> {
     };
     let runner_image = env(RUNNER_IMAGE_ENV)?;
     let tool_image = env(TOOL_IMAGE_ENV)?;
+    let node = ready_node(&client).await?;
+    Ok(Setup {
+        client,
+        runner_image,
+        tool_image,
+        node,
+    })
+}
+
+/// A Ready, schedulable node, or why there is none (pods would stay Pending).
+pub(super) async fn ready_node(client: &Client) -> Result<String, String> {
     let nodes: Api<Node> = Api::all(client.clone());
     let list = nodes
         .list(&ListParams::default())
@@ -63,14 +74,8 @@ async fn setup() -> Result<Setup, String> {
             .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
         schedulable && is_ready
     });
-    let node = ready
-        .and_then(|n| n.metadata.name)
-        .ok_or("the cluster has no Ready, schedulable node (pods would stay Pending)")?;
-    Ok(Setup {
-        client,
-        runner_image,
-        tool_image,
-        node,
+    ready.and_then(|n| n.metadata.name).ok_or_else(|| {
+        "the cluster has no Ready, schedulable node (pods would stay Pending)".to_string()
     })
 }
 
