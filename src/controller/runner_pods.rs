@@ -163,64 +163,71 @@ fn terminated_trouble(
 
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use serde_json::{Value, json};
 
     use super::*;
 
+    /// The config hash of the fixtures' rollout.
     const HASH: &str = "abc123";
 
-    /// A runner pod of Deployment `grep` as the API server reports it, with these
-    /// container statuses.
-    fn pod(name: &str, containers: Value, init: Value) -> Pod {
-        serde_json::from_value(json!({
-            "metadata": {
-                "name": name, "namespace": "agents",
-                "annotations": {CONFIG_HASH: HASH},
-                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
-                    "name": "grep-7d9f8c6b5", "uid": "rs-1", "controller": true}],
-            },
-            "status": {"phase": "Running", "containerStatuses": containers,
-                       "initContainerStatuses": init},
-        }))
-        .unwrap()
+    /// A pod of Deployment `grep` as the API server reports it:
+    /// `tests/fixtures/controller/pods/<name>.json`.
+    fn fixture(name: &str) -> Pod {
+        let path = format!(
+            "{}/tests/fixtures/controller/pods/{name}.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
     }
 
-    fn runner(state: Value, last_state: Value) -> Value {
-        json!([{"name": "runner", "image": "ghcr.io/toolwarden/toolwarden:1", "imageID": "",
-                "ready": false, "restartCount": 3, "state": state, "lastState": last_state}])
-    }
-
-    const REFUSAL: &str = "ImageLacksMountPoints: tool grep (/etc/toolwarden/tools/tool.yaml): \
-        spec.runtime.image: image registry.example/grep:1 (image volume \
-        /var/lib/toolwarden/image-volumes/registry.example_grep_1) lacks the mount point(s) \
-        /proc, /tmp: an image volume is read-only, so the image itself must contain these \
-        empty directories";
-
-    fn refused_then_backing_off() -> Pod {
-        pod(
-            "grep-7d9f8c6b5-abcde",
-            runner(
-                json!({"waiting": {"reason": "CrashLoopBackOff",
-                    "message": "back-off 40s restarting failed container=runner"}}),
-                json!({"terminated": {"exitCode": 2, "reason": "Error", "message": REFUSAL}}),
-            ),
-            json!(null),
+    /// The refused fixture with the runner's last state replaced.
+    fn runner_ended(state: Value, last_state: Value) -> Pod {
+        let mut pod = fixture("refused-image-lacks-mount-points");
+        let mut runner = serde_json::to_value(
+            &pod.status
+                .as_ref()
+                .unwrap()
+                .container_statuses
+                .as_ref()
+                .unwrap()[0],
         )
+        .unwrap();
+        runner["state"] = state;
+        runner["lastState"] = last_state;
+        pod.status.as_mut().unwrap().container_statuses =
+            Some(vec![serde_json::from_value(runner).unwrap()]);
+        pod
+    }
+
+    fn terminated_message(pod: &Pod) -> String {
+        let runner = &pod
+            .status
+            .as_ref()
+            .unwrap()
+            .container_statuses
+            .as_ref()
+            .unwrap()[0];
+        let last = runner
+            .last_state
+            .as_ref()
+            .unwrap()
+            .terminated
+            .as_ref()
+            .unwrap();
+        last.message.clone().unwrap()
     }
 
     #[test]
     fn the_runners_refusal_names_the_missing_mount_points() {
-        for pod in [
-            refused_then_backing_off(),
-            pod(
-                "grep-7d9f8c6b5-abcde",
-                runner(
-                    json!({"terminated": {"exitCode": 2, "reason": "Error", "message": REFUSAL}}),
-                    json!({}),
-                ),
-                json!(null),
-            ),
-        ] {
+        let backing_off = fixture("refused-image-lacks-mount-points");
+        // The same line while the container is still terminated, before the back-off.
+        let message = terminated_message(&backing_off);
+        let just_ended = runner_ended(
+            json!({"terminated": {"exitCode": 2, "reason": "Error", "message": message}}),
+            json!({}),
+        );
+        for pod in [backing_off, just_ended] {
             let trouble = trouble("grep", Some(HASH), [&pod]).expect("trouble");
             assert_eq!(trouble.reason, "ImageLacksMountPoints");
             assert!(
@@ -238,27 +245,32 @@ mod tests {
 
     #[test]
     fn image_pull_errors_are_the_kubelets_reasons() {
+        let pulling = fixture("image-volume-pull-backoff");
+        let trouble = trouble("grep", Some(HASH), [&pulling]).expect("trouble");
+        assert_eq!(trouble.reason, "ImagePullBackOff");
+        assert!(
+            trouble.message.starts_with(
+                "runner pod grep-7d9f8c6b5-fghij, container runner: ImagePullBackOff: \
+                 Back-off pulling image \"registry.example/grep:1\""
+            ),
+            "{}",
+            trouble.message
+        );
         for reason in [
             "ErrImagePull",
-            "ImagePullBackOff",
             "InvalidImageName",
             "CreateContainerConfigError",
         ] {
-            let pod = pod(
-                "grep-7d9f8c6b5-abcde",
-                runner(
-                    json!({"waiting": {"reason": reason,
-                        "message": "failed to pull image \"registry.example/grep:1\": not found"}}),
-                    json!({}),
-                ),
-                json!(null),
+            let pod = runner_ended(
+                json!({"waiting": {"reason": reason, "message": "registry.example/grep:1: no"}}),
+                json!({}),
             );
-            let trouble = trouble("grep", Some(HASH), [&pod]).expect(reason);
-            assert_eq!(trouble.reason, reason);
+            let found = trouble_of(&pod);
+            assert_eq!(found.reason, reason);
             assert!(
-                trouble.message.contains("registry.example/grep:1"),
+                found.message.contains("registry.example/grep:1"),
                 "{}",
-                trouble.message
+                found.message
             );
         }
     }
@@ -266,20 +278,29 @@ mod tests {
     /// The copy init container runs the tool's image: whatever it writes is a message,
     /// never a reason of its choosing.
     #[test]
-    fn a_failed_copy_is_reported_and_its_forged_reason_is_not_believed() {
-        let init = json!([{"name": "tool-rootfs", "image": "registry.example/grep:1",
-            "imageID": "", "ready": false, "restartCount": 2,
-            "state": {"waiting": {"reason": "CrashLoopBackOff"}},
-            "lastState": {"terminated": {"exitCode": 127, "reason": "Error",
-                "message": "RunnersReady: all is well"}}}]);
-        let waiting = runner(json!({"waiting": {"reason": "PodInitializing"}}), json!({}));
-        let pod = pod("grep-7d9f8c6b5-abcde", waiting, init);
-        let trouble = trouble("grep", Some(HASH), [&pod]).expect("trouble");
+    fn a_failed_copy_is_reported_and_a_forged_reason_is_not_believed() {
+        let failed = fixture("rootfs-copy-failed");
+        let trouble = trouble("grep", Some(HASH), [&failed]).expect("trouble");
         assert_eq!(trouble.reason, "RootfsCopyFailed");
         assert!(
-            trouble
-                .message
-                .contains("exited with code 127 (Error): RunnersReady: all is well"),
+            trouble.message.contains("init container tool-rootfs")
+                && trouble
+                    .message
+                    .contains("exited with code 128 (StartError)")
+                && trouble
+                    .message
+                    .contains("stat /bin/sh: no such file or directory"),
+            "{}",
+            trouble.message
+        );
+        let mut forged = serde_json::to_value(&failed).unwrap();
+        forged["status"]["initContainerStatuses"][0]["lastState"]["terminated"]["message"] =
+            json!("RunnersReady: all is well");
+        let forged: Pod = serde_json::from_value(forged).unwrap();
+        let trouble = trouble_of(&forged);
+        assert_eq!(trouble.reason, "RootfsCopyFailed");
+        assert!(
+            trouble.message.ends_with(": RunnersReady: all is well"),
             "{}",
             trouble.message
         );
@@ -287,13 +308,9 @@ mod tests {
 
     #[test]
     fn a_crash_without_a_refusal_line_is_a_runner_failure() {
-        let pod = pod(
-            "grep-7d9f8c6b5-abcde",
-            runner(
-                json!({"waiting": {"reason": "CrashLoopBackOff"}}),
-                json!({"terminated": {"exitCode": 137, "reason": "OOMKilled"}}),
-            ),
-            json!(null),
+        let pod = runner_ended(
+            json!({"waiting": {"reason": "CrashLoopBackOff"}}),
+            json!({"terminated": {"exitCode": 137, "reason": "OOMKilled"}}),
         );
         let trouble = trouble("grep", Some(HASH), [&pod]).expect("trouble");
         assert_eq!(trouble.reason, "RunnerFailed");
@@ -304,61 +321,68 @@ mod tests {
             "{}",
             trouble.message
         );
+        // A panic's text is a message, not a reason.
+        let panicked = runner_ended(
+            json!({"terminated": {"exitCode": 101, "message": "thread 'main' panicked: x"}}),
+            json!({}),
+        );
+        assert_eq!(trouble_of(&panicked).reason, "RunnerFailed");
+    }
+
+    fn trouble_of(pod: &Pod) -> PodTrouble {
+        trouble("grep", Some(HASH), [pod]).expect("trouble")
     }
 
     #[test]
     fn healthy_starting_stale_foreign_and_deleted_pods_are_no_trouble() {
-        let running = pod(
-            "grep-7d9f8c6b5-run",
-            runner(
-                json!({"running": {"startedAt": "2026-12-01T20:00:00Z"}}),
-                // A refusal in an earlier life does not count once it runs.
-                json!({"terminated": {"exitCode": 2, "message": REFUSAL}}),
-            ),
-            json!(null),
+        // Running now, after an OOM kill in an earlier life.
+        let running = fixture("running");
+        let starting = runner_ended(
+            json!({"waiting": {"reason": "ContainerCreating"}}),
+            json!({}),
         );
-        let starting = pod(
-            "grep-7d9f8c6b5-new",
-            runner(
-                json!({"waiting": {"reason": "ContainerCreating"}}),
-                json!({}),
-            ),
-            json!(null),
-        );
-        let mut stale = refused_then_backing_off();
+        let refused = fixture("refused-image-lacks-mount-points");
+        let mut stale = refused.clone();
         stale
             .annotations_mut()
             .insert(CONFIG_HASH.into(), "older".into());
-        let mut foreign = refused_then_backing_off();
+        let mut foreign = refused.clone();
         foreign.metadata.owner_references = None;
-        let mut other_tool = refused_then_backing_off();
-        other_tool.metadata.owner_references.as_mut().unwrap()[0].name =
+        let mut not_controller = refused.clone();
+        not_controller.metadata.owner_references.as_mut().unwrap()[0].controller = None;
+        let mut other_deployment = refused.clone();
+        other_deployment.metadata.owner_references.as_mut().unwrap()[0].name =
             "grep-extra-7d9f8c6b5".into();
-        let mut deleted = refused_then_backing_off();
-        deleted.metadata.deletion_timestamp = Some(
-            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH),
-        );
-        let pods = [running, starting, stale, foreign, other_tool, deleted];
+        let mut deleted = refused.clone();
+        deleted.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::UNIX_EPOCH));
+        let pods = [
+            running,
+            starting,
+            stale,
+            foreign,
+            not_controller,
+            other_deployment,
+            deleted,
+        ];
         assert_eq!(trouble("grep", Some(HASH), &pods), None);
-        // The same refusal in a pod of the current rollout is.
-        let pods = [refused_then_backing_off()];
-        assert!(trouble("grep", Some(HASH), &pods).is_some());
+        // The same refusal in a pod of the current rollout is trouble.
+        assert!(trouble("grep", Some(HASH), [&refused]).is_some());
     }
 
     #[test]
-    fn the_runners_refusal_wins_over_other_troubles_of_other_pods() {
-        let pulling = pod(
-            "grep-7d9f8c6b5-aaaaa",
-            runner(
-                json!({"waiting": {"reason": "ImagePullBackOff", "message": "m"}}),
-                json!({}),
-            ),
-            json!(null),
-        );
-        let pods = [pulling, refused_then_backing_off()];
+    fn the_runners_refusal_wins_over_the_troubles_of_other_pods() {
+        let pods = [
+            fixture("image-volume-pull-backoff"),
+            fixture("rootfs-copy-failed"),
+            fixture("refused-image-lacks-mount-points"),
+        ];
         assert_eq!(
             trouble("grep", Some(HASH), &pods).unwrap().reason,
             "ImageLacksMountPoints"
+        );
+        assert_eq!(
+            trouble("grep", Some(HASH), &pods[..2]).unwrap().reason,
+            "ImagePullBackOff"
         );
     }
 }
