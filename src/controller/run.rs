@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -14,6 +15,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams, PartialObjectMeta};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
+use kube::runtime::utils::PredicateConfig;
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tokio::sync::{broadcast, watch};
@@ -456,8 +458,24 @@ fn runner_pods_reflector(
         }),
     )
     .default_backoff()
-    .touched_objects();
+    .touched_objects()
+    .predicate_filter(runner_pod_state, PredicateConfig::default());
     (store, events)
+}
+
+/// A hash of what a tool's status reads from its runner pod: a change of anything else
+/// (its scheduling conditions, its IP) triggers no reconcile.
+fn runner_pod_state(pod: &Pod) -> Option<u64> {
+    let status = pod.status.as_ref();
+    let read = (
+        &pod.metadata.deletion_timestamp,
+        status.and_then(|s| s.container_statuses.as_ref()),
+        status.and_then(|s| s.init_container_statuses.as_ref()),
+    );
+    let bytes = serde_json::to_vec(&read).ok()?;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    Some(hasher.finish())
 }
 
 /// The ToolPolicy cache, and a signal on every change after the initial list.
@@ -613,6 +631,37 @@ mod tests {
         serde_json::from_value(serde_json::json!({"metadata": {
             "name": "agents", "labels": labels, "annotations": {"note": annotation}}}))
         .unwrap()
+    }
+
+    /// A pod's scheduling and address changes reconcile nothing; its containers' states
+    /// and its deletion do.
+    #[test]
+    fn only_what_the_status_reads_of_a_runner_pod_triggers_a_reconcile() {
+        let pod = |conditions: serde_json::Value, containers: serde_json::Value| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "grep-7d9f8c6b5-abcde", "namespace": "agents"},
+                "status": {"conditions": conditions, "podIP": "10.0.0.7",
+                           "containerStatuses": containers}}))
+            .unwrap()
+        };
+        let waiting = serde_json::json!([{"name": "runner", "image": "i", "imageID": "",
+            "ready": false, "restartCount": 0, "state": {"waiting": {"reason": "ContainerCreating"}}}]);
+        let crashed = serde_json::json!([{"name": "runner", "image": "i", "imageID": "",
+            "ready": false, "restartCount": 1, "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+            "lastState": {"terminated": {"exitCode": 2, "message": "ImageLacksMountPoints: x"}}}]);
+        let pending = pod(serde_json::json!([]), waiting.clone());
+        let scheduled = pod(
+            serde_json::json!([{"type": "PodScheduled", "status": "True"}]),
+            waiting,
+        );
+        assert_eq!(runner_pod_state(&pending), runner_pod_state(&scheduled));
+        let refused = pod(serde_json::json!([]), crashed);
+        assert_ne!(runner_pod_state(&pending), runner_pod_state(&refused));
+        let mut deleting = refused.clone();
+        deleting.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH),
+        );
+        assert_ne!(runner_pod_state(&refused), runner_pod_state(&deleting));
     }
 
     #[test]
