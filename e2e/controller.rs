@@ -1,12 +1,14 @@
 //! `toolwarden controller` against a real cluster, run in-process: the examples get every
 //! child and their conditions, a hand-edited Deployment is put back, an enforcing
 //! ToolPolicy scales a violating tool to zero with the rule named (and `warn` brings it
-//! back), deleting a tool collects its children.
+//! back), every runner may review tokens, deleting a tool collects its children.
 //!
-//! Runner pods only become Ready on a cluster with a Ready node and the runner image
-//! (`TOOLWARDEN_E2E_RUNNER_IMAGE`, as in `runner_pod.rs`); without them the test checks
-//! everything but `Ready=True`; with them, a tool whose image lacks the sandbox's mount
-//! points is reported with the reason. `TOOLWARDEN_E2E_SCALE=1` adds the scale run: 1,000
+//! Runner pods only run on a cluster with a Ready node and the runner and tool images
+//! (`TOOLWARDEN_E2E_RUNNER_IMAGE`, `TOOLWARDEN_E2E_TOOL_IMAGE`, as in `runner_pod.rs`);
+//! then the test also waits for `Ready=True` and calls a tool as an authenticated caller.
+//! Without them it checks everything else. With a Ready node and the runner image, a tool
+//! whose image lacks the sandbox's mount points is reported with the reason.
+//! `TOOLWARDEN_E2E_SCALE=1` adds the scale run: 1,000
 //! AgentTools reconciled to all their children within 60 s by the `toolwarden controller`
 //! binary in a process of its own, whose peak RSS must stay within 64 MiB; figures printed.
 
@@ -20,6 +22,7 @@ use k8s_openapi::api::core::v1::{
     ConfigMap, Namespace, PersistentVolumeClaim, Secret, Service, ServiceAccount,
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
@@ -27,10 +30,14 @@ use toolwarden::api::{AgentTool, ToolPolicy};
 use toolwarden::controller::build::Settings;
 use toolwarden::controller::labels::children_selector;
 use toolwarden::controller::run::{Options, run};
+use toolwarden::controller::runner_token_review::TOKEN_REVIEW_ROLE;
+use toolwarden::webhook::install::Install;
 
-use super::{cluster, examples, install_crds};
+use super::{cluster, examples, install_crds, ready_node, runner_call};
 
 const SCALE_ENV: &str = "TOOLWARDEN_E2E_SCALE";
+const RUNNER_IMAGE_ENV: &str = "TOOLWARDEN_E2E_RUNNER_IMAGE";
+const TOOL_IMAGE_ENV: &str = "TOOLWARDEN_E2E_TOOL_IMAGE";
 const SCALE_TOOLS: usize = 1000;
 const SCALE_DEADLINE: Duration = Duration::from_secs(60);
 /// The controller's peak resident memory through the scale run.
@@ -66,7 +73,7 @@ struct RunningController {
 
 impl RunningController {
     fn start(client: Client, namespace: &str) -> RunningController {
-        let runner_image = std::env::var("TOOLWARDEN_E2E_RUNNER_IMAGE")
+        let runner_image = std::env::var(RUNNER_IMAGE_ENV)
             .unwrap_or_else(|_| "docker.io/toolwarden/toolwarden:0.1.0".into());
         let options = Options {
             settings: Settings {
@@ -203,7 +210,7 @@ struct ControllerProcess(std::process::Child);
 
 impl ControllerProcess {
     fn start(namespace: &str) -> ControllerProcess {
-        let runner_image = std::env::var("TOOLWARDEN_E2E_RUNNER_IMAGE")
+        let runner_image = std::env::var(RUNNER_IMAGE_ENV)
             .unwrap_or_else(|_| "docker.io/toolwarden/toolwarden:0.1.0".into());
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_toolwarden"))
             .args([
@@ -244,6 +251,7 @@ async fn the_controller_deploys_reports_restores_denies_and_collects() {
         }
     };
     install_crds(&client).await;
+    install_runner_token_review(&client).await;
     let ns = format!("toolwarden-e2e-ctl-{}", std::process::id());
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap();
@@ -257,9 +265,14 @@ async fn the_controller_deploys_reports_restores_denies_and_collects() {
 
     // Every example gets its children and a compliant, reconciled status.
     let manifests = examples();
+    let running = running_pods(&client).await;
     for loaded in &manifests.tools {
         let mut tool = loaded.object.clone();
         tool.metadata.namespace = Some(ns.clone());
+        if let Some(images) = &running {
+            // The node has no registry: every tool runs on the imported tool image.
+            tool.spec.runtime.image = images.tool.clone();
+        }
         create_references(&client, &ns, &tool).await;
         tools
             .patch(&tool.name_any(), &apply, &Patch::Apply(&tool))
@@ -369,15 +382,39 @@ async fn the_controller_deploys_reports_restores_denies_and_collects() {
         .delete(&policy_name, &DeleteParams::default())
         .await;
 
-    // With a Ready node and the runner image, the runner pods become Ready.
-    if std::env::var_os("TOOLWARDEN_E2E_RUNNER_IMAGE").is_some() {
-        eventually("execute-code Ready", Duration::from_secs(180), || async {
-            let tool = tools.get("execute-code").await.ok()?;
-            (condition(&tool, "Ready")?.0 == "True").then_some(())
-        })
-        .await;
-    } else {
-        eprintln!("not waiting for Ready=True: TOOLWARDEN_E2E_RUNNER_IMAGE is not set");
+    // The runner may review its callers' tokens: its ServiceAccount is a subject of the
+    // one TokenReview binding the controller keeps.
+    let bindings: Api<ClusterRoleBinding> = Api::all(client.clone());
+    eventually(
+        "execute-code's runner in the TokenReview binding",
+        Duration::from_secs(30),
+        || async {
+            let binding = bindings.get(TOKEN_REVIEW_ROLE).await.ok()?;
+            binding
+                .subjects?
+                .iter()
+                .any(|s| s.name == "execute-code" && s.namespace.as_deref() == Some(&ns))
+                .then_some(())
+        },
+    )
+    .await;
+    eprintln!("execute-code's runner may review tokens");
+
+    // With a Ready node and both images, the runner pods become Ready and serve calls
+    // authenticated by TokenReview.
+    match &running {
+        Some(_) => {
+            eventually("execute-code Ready", Duration::from_secs(180), || async {
+                let tool = tools.get("execute-code").await.ok()?;
+                (condition(&tool, "Ready")?.0 == "True").then_some(())
+            })
+            .await;
+            call_execute_code(&client, &ns).await;
+        }
+        None => eprintln!(
+            "not waiting for Ready=True nor calling a tool: {}",
+            running_pods_missing(&client).await
+        ),
     }
 
     // Deleting a tool collects its children (ownerReferences, the garbage collector).
@@ -421,14 +458,14 @@ async fn a_tool_whose_image_lacks_mount_points_is_degraded_naming_them() {
             ));
         }
     };
-    let Ok(runner_image) = std::env::var("TOOLWARDEN_E2E_RUNNER_IMAGE") else {
+    let Ok(runner_image) = std::env::var(RUNNER_IMAGE_ENV) else {
         return skip(
             "TOOLWARDEN_E2E_RUNNER_IMAGE is not set (the image scripts/build-image.sh \
                      builds, imported into the node's containerd)"
                 .into(),
         );
     };
-    if let Err(why) = super::runner_pod::ready_node(&client).await {
+    if let Err(why) = ready_node(&client).await {
         return skip(why);
     }
     install_crds(&client).await;
@@ -509,6 +546,104 @@ async fn a_tool_whose_image_lacks_mount_points_is_degraded_naming_them() {
     eprintln!("no-mount-points: {}", degraded.2);
     controller.stop().await;
     let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
+}
+
+/// The images runner pods need on a cluster without a registry.
+struct Images {
+    tool: String,
+}
+
+/// The images, when the cluster can run pods (a Ready node) and both are given.
+async fn running_pods(client: &Client) -> Option<Images> {
+    ready_node(client).await.ok()?;
+    std::env::var_os(RUNNER_IMAGE_ENV)?;
+    Some(Images {
+        tool: std::env::var(TOOL_IMAGE_ENV).ok()?,
+    })
+}
+
+/// Why [`running_pods`] found none.
+async fn running_pods_missing(client: &Client) -> String {
+    if let Err(why) = ready_node(client).await {
+        return why;
+    }
+    [RUNNER_IMAGE_ENV, TOOL_IMAGE_ENV]
+        .iter()
+        .filter(|name| std::env::var_os(name).is_none())
+        .map(|name| format!("{name} is not set"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The cluster-wide grant the chart installs for runner pods (a ClusterRole allowing
+/// `create tokenreviews` and its binding, whose subjects the controller keeps).
+async fn install_runner_token_review(client: &Client) {
+    let apply = PatchParams::apply("toolwarden-e2e").force();
+    for object in Install::default().objects() {
+        if object["metadata"]["name"] != TOKEN_REVIEW_ROLE {
+            continue;
+        }
+        let kind = object["kind"].as_str().unwrap_or_default();
+        let result = match kind {
+            "ClusterRole" => Api::<ClusterRole>::all(client.clone())
+                .patch(TOKEN_REVIEW_ROLE, &apply, &Patch::Apply(&object))
+                .await
+                .map(|_| ()),
+            "ClusterRoleBinding" => Api::<ClusterRoleBinding>::all(client.clone())
+                .patch(TOKEN_REVIEW_ROLE, &apply, &Patch::Apply(&object))
+                .await
+                .map(|_| ()),
+            other => panic!("unexpected {other} {TOKEN_REVIEW_ROLE}"),
+        };
+        result.unwrap_or_else(|e| panic!("applying {kind} {TOKEN_REVIEW_ROLE}: {e}"));
+    }
+}
+
+/// Calls execute-code in one of its runner pods: with a ServiceAccount token for the
+/// runner's audience it runs; without a token, or with one for another audience, it is
+/// refused before anything runs.
+async fn call_execute_code(client: &Client, ns: &str) {
+    let selector = children_selector("execute-code");
+    let pod = eventually("a Ready execute-code pod", Duration::from_secs(60), || {
+        runner_call::ready_pod(client, ns, &selector)
+    })
+    .await;
+    let host = format!("execute-code.{ns}.svc");
+    let invoke = |code: &str| {
+        (
+            "POST",
+            "/v1/tools/execute-code/invoke",
+            Some(json!({ "code": code })),
+        )
+    };
+    let token = runner_call::caller_token(client, ns, "e2e-caller", "toolwarden").await;
+    let (status, answer) = runner_call::request(
+        client,
+        (ns, &pod, &host),
+        invoke("echo called-through-the-runner"),
+        Some(&token),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer["output"].as_str().map(str::trim),
+        Some("called-through-the-runner"),
+        "{answer}"
+    );
+    let (status, answer) =
+        runner_call::request(client, (ns, &pod, &host), invoke("echo nobody"), None).await;
+    assert_eq!(status, 401, "no token: {answer}");
+    let other_audience =
+        runner_call::caller_token(client, ns, "e2e-caller", "not-toolwarden").await;
+    let (status, answer) = runner_call::request(
+        client,
+        (ns, &pod, &host),
+        invoke("echo wrong-audience"),
+        Some(&other_audience),
+    )
+    .await;
+    assert_eq!(status, 401, "a token for another audience: {answer}");
+    eprintln!("execute-code answered an authenticated call and refused the others");
 }
 
 /// 1,000 tools reconciled to all their children and a status within 60 s, by the

@@ -6,15 +6,16 @@
 //! server-side dry run.
 
 mod controller;
+mod runner_call;
 mod runner_pod;
 mod webhook;
 
 use std::path::Path;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Node};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Api, Client};
 use toolwarden::api::manifest::Manifests;
@@ -45,6 +46,31 @@ macro_rules! cluster_or_skip {
             }
         }
     };
+}
+
+/// A Ready, schedulable node's name, or why pods would stay Pending.
+async fn ready_node(client: &Client) -> Result<String, String> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let list = nodes
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| format!("listing nodes: {e}"))?;
+    let ready = list.items.into_iter().find(|n| {
+        let schedulable = !n
+            .spec
+            .as_ref()
+            .and_then(|s| s.unschedulable)
+            .unwrap_or(false);
+        let is_ready = n
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        schedulable && is_ready
+    });
+    ready.and_then(|n| n.metadata.name).ok_or_else(|| {
+        "the cluster has no Ready, schedulable node (pods would stay Pending)".into()
+    })
 }
 
 async fn install_crds(client: &Client) {

@@ -12,14 +12,14 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Service};
-use kube::api::{DeleteParams, ListParams, LogParams, PostParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service};
+use kube::api::{DeleteParams, LogParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use toolwarden::runner::images::entry_name;
 use toolwarden::sandbox::pod::runner_security_context;
 
-use super::cluster;
+use super::{cluster, ready_node};
 
 const RUNNER_IMAGE_ENV: &str = "TOOLWARDEN_E2E_RUNNER_IMAGE";
 const TOOL_IMAGE_ENV: &str = "TOOLWARDEN_E2E_TOOL_IMAGE";
@@ -51,31 +51,6 @@ async fn setup() -> Result<Setup, String> {
         runner_image,
         tool_image,
         node,
-    })
-}
-
-/// A Ready, schedulable node, or why there is none (pods would stay Pending).
-pub(super) async fn ready_node(client: &Client) -> Result<String, String> {
-    let nodes: Api<Node> = Api::all(client.clone());
-    let list = nodes
-        .list(&ListParams::default())
-        .await
-        .map_err(|e| format!("listing nodes: {e}"))?;
-    let ready = list.items.into_iter().find(|n| {
-        let schedulable = !n
-            .spec
-            .as_ref()
-            .and_then(|s| s.unschedulable)
-            .unwrap_or(false);
-        let is_ready = n
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-        schedulable && is_ready
-    });
-    ready.and_then(|n| n.metadata.name).ok_or_else(|| {
-        "the cluster has no Ready, schedulable node (pods would stay Pending)".to_string()
     })
 }
 

@@ -397,6 +397,12 @@ fn every_object_parses_and_names_labels_and_selectors_line_up() {
                     binding["metadata"]["namespace"]
                 );
             }
+            // The runners' TokenReview binding alone is installed without subjects: the
+            // controller keeps them.
+            if binding["metadata"]["name"] == "toolwarden-runner-token-review" {
+                assert_eq!(binding["subjects"], Value::Null, "{binding}");
+                continue;
+            }
             for subject in binding["subjects"].as_array().unwrap() {
                 assert_eq!(subject["namespace"], ns);
                 find(

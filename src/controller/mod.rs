@@ -7,7 +7,8 @@
 //! [`build`] (pure: every child object) → [`apply`] (server-side apply under one field
 //! manager, stale children deleted) → [`status`] (derived from what was applied).
 //! [`run`] wires the kube-runtime `Controller`, leader election, metrics and health;
-//! [`policy_status`] keeps each ToolPolicy's `violatingTools` current.
+//! [`policy_status`] keeps each ToolPolicy's `violatingTools` current;
+//! [`runner_token_review`] lets every tool's runner review its callers' tokens.
 
 pub mod apply;
 pub mod build;
@@ -18,6 +19,7 @@ pub mod policy_status;
 pub mod reconcile;
 pub mod run;
 pub mod runner_pods;
+pub mod runner_token_review;
 pub mod status;
 #[cfg(test)]
 mod tests;

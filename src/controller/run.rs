@@ -25,8 +25,8 @@ use super::build::{ApiServerEndpoint, Settings};
 use super::dereference::Stores;
 use super::labels::{MANAGED_BY, MANAGED_BY_VALUE, NAME, NAME_VALUE, TOOL};
 use super::metrics::Metrics;
-use super::policy_status;
 use super::reconcile::{Context, error_policy, reconcile};
+use super::{policy_status, runner_token_review};
 use crate::api::{AgentTool, ToolPolicy};
 
 /// How the controller runs.
@@ -261,6 +261,11 @@ async fn run_controllers(
         controllers.iter().map(|(_, c)| c.store()).collect(),
         stop.clone(),
     );
+    let token_review = runner_token_review::run(
+        client.clone(),
+        controllers.iter().map(|(_, c)| c.store()).collect(),
+        stop.clone(),
+    );
     let all = controllers.into_iter().map(|(scope, controller)| {
         let recorder = Recorder::new(client.clone(), reporter.clone());
         let triggers = Triggers {
@@ -281,7 +286,7 @@ async fn run_controllers(
             stop.clone(),
         )
     });
-    futures::future::join(futures::future::join_all(all), counting).await;
+    futures::future::join3(futures::future::join_all(all), counting, token_review).await;
 }
 
 /// What makes tools reconcile besides their own and their children's changes.

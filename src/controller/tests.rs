@@ -1042,3 +1042,72 @@ async fn each_policy_status_counts_the_tools_that_break_it() {
     look().await;
     assert_eq!(status_writes(&h.api)[0]["violatingTools"], 0);
 }
+
+/// The runners' TokenReview binding on the fake API server: the controller fills in
+/// the subjects the install leaves out, writes nothing while they hold, puts them back
+/// after an upgrade empties them, follows tools coming and going, and reports a
+/// missing binding or a failed write with its reason (tried again on the next look).
+#[tokio::test]
+async fn every_runner_may_review_tokens_through_the_one_binding_the_controller_keeps() {
+    use super::runner_token_review::{TOKEN_REVIEW_ROLE, TokenReviewBindingError, subjects, sync};
+    let binding_path =
+        format!("/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/{TOKEN_REVIEW_ROLE}");
+    let installed = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": TOKEN_REVIEW_ROLE},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": TOKEN_REVIEW_ROLE},
+    });
+    let h = Harness::new();
+    let client = h.ctx.client.clone();
+    let mut tools = vec![example_tool()];
+    let writes = |api: &FakeApi| -> Vec<Value> {
+        api.take_calls()
+            .into_iter()
+            .filter(|c| c.method == Method::PATCH && c.path() == binding_path)
+            .map(|c| c.body["subjects"].clone())
+            .collect()
+    };
+
+    let missing = sync(&client, &subjects(&tools)).await.unwrap_err();
+    assert!(
+        matches!(missing, TokenReviewBindingError::Missing),
+        "{missing}"
+    );
+    assert_eq!(missing.reason(), "TokenReviewBindingMissing");
+    assert_eq!(writes(&h.api), Vec::<Value>::new(), "nothing is created");
+
+    h.api.put(&binding_path, installed.clone());
+    assert!(sync(&client, &subjects(&tools)).await.unwrap());
+    let execute_code =
+        json!({"kind": "ServiceAccount", "name": "execute-code", "namespace": "agents"});
+    assert_eq!(writes(&h.api), [json!([execute_code])]);
+    assert!(!sync(&client, &subjects(&tools)).await.unwrap());
+    assert_eq!(writes(&h.api), Vec::<Value>::new(), "nothing changed");
+
+    // `helm upgrade` re-applies the binding without subjects: they are put back.
+    h.api.put(&binding_path, installed);
+    assert!(sync(&client, &subjects(&tools)).await.unwrap());
+    assert_eq!(writes(&h.api), [json!([execute_code])]);
+
+    // A second tool joins; a failed write is reported and tried again.
+    let mut search = example_tool();
+    search.metadata.name = Some("search".into());
+    search.metadata.namespace = Some("team-b".into());
+    tools.push(search);
+    h.api.fail_next(
+        Method::PATCH,
+        "/clusterrolebindings/toolwarden-runner-token-review",
+        500,
+    );
+    let failed = sync(&client, &subjects(&tools)).await.unwrap_err();
+    assert_eq!(failed.reason(), "TokenReviewBindingUpdateFailed");
+    h.api.take_calls();
+    assert!(sync(&client, &subjects(&tools)).await.unwrap());
+    let search_sa = json!({"kind": "ServiceAccount", "name": "search", "namespace": "team-b"});
+    assert_eq!(writes(&h.api), [json!([execute_code, search_sa])]);
+
+    // The first tool is deleted: its runner loses the permission.
+    tools.remove(0);
+    assert!(sync(&client, &subjects(&tools)).await.unwrap());
+    assert_eq!(writes(&h.api), [json!([search_sa])]);
+}

@@ -6,6 +6,7 @@
 use serde_json::{Value, json};
 
 use super::workloads::{MANAGED_BY_LABEL, MANAGED_BY_VALUE, WORKLOAD_KINDS};
+use crate::controller::runner_token_review::TOKEN_REVIEW_ROLE;
 
 pub const WEBHOOK_CONFIGURATION: &str = "toolwarden";
 pub const WEBHOOK_SERVICE: &str = "toolwarden-webhook";
@@ -118,6 +119,13 @@ impl Install {
                 // ClusterRoles), and the webhook refuses a runner Role granting more than
                 // its AgentTool declares.
                 {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles"], "verbs": ["escalate", "bind"]},
+                // Runner pods review their callers' tokens (a cluster-scoped API): the
+                // controller keeps the subjects of this one binding, and may bind only
+                // the one role that grants `create tokenreviews`.
+                {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterrolebindings"],
+                 "resourceNames": [TOKEN_REVIEW_ROLE], "verbs": ["get", "patch"]},
+                {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles"],
+                 "resourceNames": [TOKEN_REVIEW_ROLE], "verbs": ["bind"]},
                 {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
             ]}),
             binding(
@@ -129,6 +137,14 @@ impl Install {
                 ns,
                 component,
             ),
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+                "metadata": meta(TOKEN_REVIEW_ROLE, None, component),
+                "rules": [{"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}]}),
+            // No subjects here: the controller sets them (every runner ServiceAccount), and
+            // leaving the field out keeps `helm upgrade` and `kubectl apply` from emptying it.
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                "metadata": meta(TOKEN_REVIEW_ROLE, None, component),
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": TOKEN_REVIEW_ROLE}}),
             json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
                 "metadata": meta("toolwarden-controller-leader", Some(ns), component),
                 "rules": [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update", "patch"]}]}),
