@@ -106,7 +106,8 @@ impl Install {
                 {"apiGroups": ["toolwarden.dev"], "resources": ["agenttools/status", "toolpolicies/status"], "verbs": ["get", "patch", "update"]},
                 {"apiGroups": ["toolwarden.dev"], "resources": ["agenttools/finalizers"], "verbs": ["update"]},
                 {"apiGroups": ["toolwarden.dev"], "resources": ["toolpolicies"], "verbs": read},
-                {"apiGroups": [""], "resources": ["namespaces", "persistentvolumeclaims"], "verbs": read},
+                // Pods: the runner pods' status, watched for the tools' conditions.
+                {"apiGroups": [""], "resources": ["namespaces", "persistentvolumeclaims", "pods"], "verbs": read},
                 // Referenced Secrets are checked to exist, never listed or watched.
                 {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
                 {"apiGroups": [""], "resources": ["configmaps", "services", "serviceaccounts"], "verbs": write},
