@@ -1112,11 +1112,22 @@ impl AuditLog {
 pub struct EgressTrail {
     log: AuditLog,
     base: Map<String, Value>,
+    redactor: Option<crate::runner::redact::Redactor>,
 }
 
 impl EgressTrail {
     pub fn new(log: AuditLog, base: Map<String, Value>) -> EgressTrail {
-        EgressTrail { log, base }
+        EgressTrail {
+            log,
+            base,
+            redactor: None,
+        }
+    }
+
+    /// Records redacted with `redactor`: a tool may put a secret in a URL it asks for.
+    pub fn redacting(mut self, redactor: crate::runner::redact::Redactor) -> EgressTrail {
+        self.redactor = Some(redactor);
+        self
     }
 }
 
@@ -1125,7 +1136,11 @@ impl EgressAudit for EgressTrail {
         let mut record = Map::new();
         record.insert("event".into(), "egress".into());
         record.extend(self.base.clone());
-        record.insert("egress".into(), json!(event));
+        let mut egress = json!(event);
+        if let Some(redactor) = &self.redactor {
+            redactor.redact_json(&mut egress);
+        }
+        record.insert("egress".into(), egress);
         // The proxy cannot refuse after the fact; a failed log fails the
         // call's closing record, and with it the call.
         if let Err(AuditFailed(error)) = self.log.append(record) {

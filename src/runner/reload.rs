@@ -6,9 +6,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::executor::Degradation;
+use super::executor::{Degradation, ExecError};
+use super::kube_identity::MintError;
 use super::pipeline::Runner;
 use super::registry::{LoadReport, Registry, is_manifest, manifest_files};
+use super::tool::PreparedTool;
 
 /// Changes settle this long before a reload (editors write files in several steps).
 const SETTLE: Duration = Duration::from_millis(200);
@@ -43,9 +45,10 @@ pub fn load(registry: &Registry, dir: &Path) -> LoadReport {
 /// would be degraded without permission) is logged and no longer served; the
 /// metrics name what each served tool runs without.
 pub async fn prepare_executor(runner: &Runner) {
-    let tools: Vec<_> = runner.registry.snapshot().values().cloned().collect();
+    let (tools, unserved) = without_identity(runner);
     match runner.executor.prepare(&tools).await {
-        Ok(unrunnable) => {
+        Ok(mut unrunnable) => {
+            unrunnable.extend(unserved);
             for (tool, error) in &unrunnable {
                 tracing::error!(
                     %tool,
@@ -74,6 +77,26 @@ pub async fn prepare_executor(runner: &Runner) {
             .iter()
             .flat_map(|(tool, list)| list.iter().map(move |d| (tool.as_str(), d.missing))),
     );
+}
+
+/// The tools to prepare, and those refused because they declare
+/// `permissions.kubernetes` while this runner mints no tokens (`serve`, a runner
+/// without `--tool-service-account`): they would run without their identity.
+fn without_identity(runner: &Runner) -> (Vec<Arc<PreparedTool>>, Vec<(String, ExecError)>) {
+    let (tools, unserved): (Vec<_>, Vec<_>) = runner
+        .registry
+        .snapshot()
+        .values()
+        .cloned()
+        .partition(|t| runner.tool_identity.is_some() || t.spec.permissions.kubernetes.is_empty());
+    let refused = unserved
+        .into_iter()
+        .map(|t| {
+            let why = ExecError::NotRunnable(Box::new(MintError::NoIdentity));
+            (t.name.clone(), why)
+        })
+        .collect();
+    (tools, refused)
 }
 
 /// One reload: load `dir` off the I/O threads (it compiles schemas and may

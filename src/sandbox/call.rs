@@ -9,7 +9,10 @@ use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 
 use crate::sandbox::error::{Error, InvocationError, ProtocolError, Result};
-use crate::sandbox::model::{Captured, Enforcement, Invocation, Limits, Outcome};
+use crate::sandbox::model::{
+    Captured, Enforcement, Invocation, Limits, MAX_CALL_FILE_BYTES, MAX_CALL_FILES, Outcome,
+    is_call_file_name,
+};
 use crate::sandbox::output;
 use crate::sandbox::proto::{self, FromZygote, LateExec};
 use crate::sandbox::zygote_client::{Parked, lock};
@@ -37,6 +40,7 @@ pub async fn run(
         argv: inv.argv,
         env: inv.env,
         cwd: inv.cwd,
+        files: inv.files,
     };
     let payload = serde_json::to_vec(&late).map_err(ProtocolError::Encode)?;
     let kill_guard = KillOnDrop(w.pidfd);
@@ -168,8 +172,23 @@ impl Drop for KillOnDrop {
 }
 
 /// Refuses an invocation the container init could not run as given (checked before a
-/// container is taken from the pool).
-pub fn validate(inv: &Invocation) -> Result<(), InvocationError> {
+/// container is taken from the pool). `call_files`: whether the pool's sandboxes have a
+/// call-files tmpfs.
+pub fn validate(inv: &Invocation, call_files: bool) -> Result<(), InvocationError> {
+    if !inv.files.is_empty() && !call_files {
+        return Err(InvocationError::NoCallFilesMount);
+    }
+    if inv.files.len() > MAX_CALL_FILES {
+        return Err(InvocationError::TooManyCallFiles(inv.files.len()));
+    }
+    for (i, file) in inv.files.iter().enumerate() {
+        if !is_call_file_name(&file.name) || inv.files[..i].iter().any(|f| f.name == file.name) {
+            return Err(InvocationError::BadCallFileName(file.name.clone()));
+        }
+        if file.contents.len() > MAX_CALL_FILE_BYTES {
+            return Err(InvocationError::CallFileTooLarge(file.name.clone()));
+        }
+    }
     if inv.argv.is_empty() {
         return Err(InvocationError::EmptyArgv);
     }

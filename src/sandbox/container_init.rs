@@ -5,16 +5,17 @@
 //! and execve.
 
 use std::ffi::CString;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, RawFd};
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 
 use libcontainer::oci_spec::runtime::Spec;
 use libcontainer::workload::{
     Executor, ExecutorError, ExecutorSetEnvsError, ExecutorValidationError,
 };
 
+use crate::sandbox::model::{CallFile, is_call_file_name};
 use crate::sandbox::oci_spec::DEFAULT_PATH;
 use crate::sandbox::proto::LateExec;
 use crate::sandbox::seccomp;
@@ -28,6 +29,8 @@ pub struct ParkedInit {
     /// RLIMIT_AS (rlimit mode), set just before execve: earlier, the init still has the
     /// zygote's (larger) address space and its own allocations would fail.
     pub address_space: Option<u64>,
+    /// The container's own tmpfs for the call's files (`SandboxSpec::call_files_dir`).
+    pub call_files_dir: Option<PathBuf>,
 }
 
 /// Exit codes used when the sandbox could not run the tool (like a shell's 126/127).
@@ -111,6 +114,9 @@ impl Executor for ParkedInit {
         if !close_range(3, u32::MAX) {
             fail(EXIT_CANNOT_EXEC, "close_range failed");
         }
+        if let Err(e) = write_call_files(self.call_files_dir.as_deref(), &inv.files) {
+            fail(EXIT_CANNOT_EXEC, &e);
+        }
         let cwd = inv.cwd.as_deref().unwrap_or("/");
         if let Err(e) = nix::unistd::chdir(cwd) {
             fail(EXIT_CANNOT_EXEC, &format!("chdir {cwd}: {e}"));
@@ -175,6 +181,32 @@ impl Executor for ParkedInit {
         }
         Ok(())
     }
+}
+
+/// Writes each of the call's files into `dir`, this container's fresh tmpfs, as the
+/// sandbox's user (the init's uid by now), mode 0400. Names are checked again here (the
+/// runner checked them): a name is one plain path component, and `create_new` with
+/// `O_NOFOLLOW` never writes through anything already there.
+fn write_call_files(dir: Option<&Path>, files: &[CallFile]) -> Result<(), String> {
+    if files.is_empty() {
+        return Ok(());
+    }
+    let dir = dir.ok_or("per-call files but no call-files folder")?;
+    for file in files {
+        if !is_call_file_name(&file.name) {
+            return Err(format!("bad per-call file name {:?}", file.name));
+        }
+        let path = dir.join(&file.name);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o400)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+            .and_then(|mut f| f.write_all(file.contents.as_bytes()))
+            .map_err(|e| format!("per-call file {}: {e}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn resolve(arg0: &str, path_var: &str) -> Option<String> {

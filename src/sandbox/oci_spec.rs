@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 
 use crate::sandbox::detect::{CgroupMode, HostReport};
 use crate::sandbox::error::SpecError;
-use crate::sandbox::model::{Limits, SandboxSpec};
+use crate::sandbox::model::{CALL_FILES_TMPFS_BYTES, Limits, MAX_CALL_FILES, SandboxSpec};
 use crate::sandbox::names::SANDBOX_UID;
 
 /// Placeholder argv: the real argv arrives late through the control pipe.
@@ -80,6 +80,19 @@ pub fn build(spec: &SandboxSpec, host: &HostReport, userns: bool) -> Result<Valu
             json!({"destination": m.destination, "type": "bind", "source": m.source,
                            "options": ["rbind", rw, "nosuid", "nodev"]}),
         );
+    }
+    // Last, so no bind mount covers it: each container's own, empty folder for its call's
+    // files (a Kubernetes token), owned by the sandbox's user (who writes them, from the
+    // container init) and nobody else's to read.
+    if let Some(dir) = &spec.call_files_dir {
+        if !dir.is_absolute() {
+            return Err(SpecError::RelativeCallFilesDir);
+        }
+        mounts.push(json!({"destination": dir, "type": "tmpfs", "source": "tmpfs",
+            "options": ["nosuid", "nodev", "noexec", "mode=0700",
+                        format!("uid={SANDBOX_UID}"), format!("gid={SANDBOX_UID}"),
+                        format!("size={CALL_FILES_TMPFS_BYTES}"),
+                        format!("nr_inodes={}", MAX_CALL_FILES + 1)]}));
     }
 
     let mut rlimits = vec![

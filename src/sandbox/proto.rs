@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::sandbox::detect::HostReport;
 use crate::sandbox::error::{Failure, ProtocolError, Result};
-use crate::sandbox::model::{Enforcement, SandboxSpec};
+use crate::sandbox::model::{CallFile, Enforcement, SandboxSpec};
 
 const MAX_MSG: usize = 256 * 1024;
 
@@ -96,6 +96,9 @@ pub struct LateExec {
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
     pub cwd: Option<String>,
+    /// Written by the container init into its call-files tmpfs before execve.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<CallFile>,
 }
 
 pub fn send<T: Serialize>(sock: BorrowedFd<'_>, msg: &T, fds: &[RawFd]) -> Result<()> {

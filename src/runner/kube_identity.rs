@@ -1,0 +1,335 @@
+//! A tool's own Kubernetes identity, handed to its sandbox per call. For a tool with
+//! `permissions.kubernetes` the controller creates a ServiceAccount `<tool>-tool` bound to
+//! exactly the declared rules and lets the runner `create serviceaccounts/token` for it
+//! alone. Each call gets a fresh token of it (TokenRequest: the API server's default
+//! audience, the shortest lifetime it grants, bound to the runner's pod so it dies with
+//! it), never shared with another call and never the runner's own identity. It reaches the
+//! sandbox as `token` (with `namespace` and `ca.crt`) in the standard
+//! [`SERVICE_ACCOUNT_DIR`](crate::sandbox::model::SERVICE_ACCOUNT_DIR), a tmpfs of that
+//! sandbox alone, and is redacted from that call's output and audit records.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use k8s_openapi::api::authentication::v1::{
+    BoundObjectReference, TokenRequest, TokenRequestSpec,
+};
+use k8s_openapi::api::core::v1::ServiceAccount;
+
+use super::redact::{Redactor, RedactorError};
+use super::tool::PreparedTool;
+use crate::sandbox::model::CallFile;
+
+/// Lifetime asked for each token: the API server's minimum (shorter requests are refused).
+pub const TOKEN_SECONDS: i64 = 600;
+
+/// Why a call got no token of its tool's identity: the call fails, the tool never runs
+/// without it.
+#[derive(Debug, thiserror::Error)]
+pub enum MintError {
+    #[error(
+        "spec.permissions.kubernetes needs the tool's own ServiceAccount token, which only \
+         `toolwarden runner --tool-service-account` mints (in the pods the controller \
+         creates); this runner has no cluster identity to hand out"
+    )]
+    NoIdentity,
+    #[error(
+        "the API server refused a token for ServiceAccount {service_account} (HTTP {status}): {message}"
+    )]
+    Refused {
+        service_account: String,
+        status: u16,
+        message: String,
+    },
+    #[error("requesting a token for ServiceAccount {service_account} failed: {source}")]
+    Unavailable {
+        service_account: String,
+        source: kube::Error,
+    },
+    #[error("the API server's answer for ServiceAccount {service_account} holds no token")]
+    EmptyToken { service_account: String },
+    #[error(transparent)]
+    Redactor(#[from] RedactorError),
+}
+
+impl MintError {
+    /// Stable CamelCase name of the error class.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            MintError::NoIdentity => "KubernetesIdentityUnavailable",
+            MintError::Refused { status: 403, .. } => "TokenRequestForbidden",
+            MintError::Refused { .. } => "TokenRequestRefused",
+            MintError::Unavailable { .. } => "TokenRequestFailed",
+            MintError::EmptyToken { .. } => "TokenRequestEmpty",
+            MintError::Redactor(e) => e.reason(),
+        }
+    }
+}
+
+/// Future returned by [`TokenMinter::mint`].
+pub type MintFuture<'a> = Pin<Box<dyn Future<Output = Result<String, MintError>> + Send + 'a>>;
+
+/// Mints tokens of the tool's ServiceAccount: the seam tests without a cluster fill with a
+/// fake.
+pub trait TokenMinter: Send + Sync {
+    /// A token never handed out before.
+    fn mint(&self) -> MintFuture<'_>;
+}
+
+/// The pod the tokens are bound to: they are invalid once it is deleted.
+#[derive(Clone, Debug)]
+pub struct BoundPod {
+    pub name: String,
+    pub uid: String,
+}
+
+/// [`TokenMinter`] through the API server's TokenRequest.
+pub struct KubeTokenMinter {
+    api: kube::Api<ServiceAccount>,
+    service_account: String,
+    pod: BoundPod,
+}
+
+impl KubeTokenMinter {
+    pub fn new(
+        client: kube::Client,
+        namespace: &str,
+        service_account: String,
+        pod: BoundPod,
+    ) -> KubeTokenMinter {
+        KubeTokenMinter {
+            api: kube::Api::namespaced(client, namespace),
+            service_account,
+            pod,
+        }
+    }
+}
+
+impl TokenMinter for KubeTokenMinter {
+    fn mint(&self) -> MintFuture<'_> {
+        Box::pin(async move {
+            let request = TokenRequest {
+                spec: TokenRequestSpec {
+                    // Empty: the API server's own audience, what in-cluster clients present.
+                    audiences: Vec::new(),
+                    expiration_seconds: Some(TOKEN_SECONDS),
+                    bound_object_ref: Some(BoundObjectReference {
+                        api_version: Some("v1".into()),
+                        kind: Some("Pod".into()),
+                        name: Some(self.pod.name.clone()),
+                        uid: Some(self.pod.uid.clone()),
+                    }),
+                },
+                ..TokenRequest::default()
+            };
+            let service_account = &self.service_account;
+            let answer = self
+                .api
+                .create_token_request(service_account, &Default::default(), &request)
+                .await
+                .map_err(|source| match source {
+                    kube::Error::Api(status) if (400..500).contains(&status.code) => {
+                        MintError::Refused {
+                            service_account: service_account.clone(),
+                            status: status.code,
+                            message: status.message,
+                        }
+                    }
+                    source => MintError::Unavailable {
+                        service_account: service_account.clone(),
+                        source,
+                    },
+                })?;
+            match answer.status {
+                Some(status) if !status.token.is_empty() => Ok(status.token),
+                _ => Err(MintError::EmptyToken {
+                    service_account: service_account.clone(),
+                }),
+            }
+        })
+    }
+}
+
+/// What a runner hands every call of a tool with `permissions.kubernetes`.
+pub struct ToolIdentity {
+    minter: Arc<dyn TokenMinter>,
+    /// The tool's (and the runner's) namespace.
+    namespace: String,
+    /// The cluster's CA bundle, to check the API server with.
+    ca_crt: String,
+}
+
+/// One call's identity: its files and the tool's redactor with its token added.
+pub struct CallIdentity {
+    pub files: Vec<CallFile>,
+    pub redactor: Redactor,
+}
+
+impl ToolIdentity {
+    pub fn new(minter: Arc<dyn TokenMinter>, namespace: String, ca_crt: String) -> ToolIdentity {
+        ToolIdentity {
+            minter,
+            namespace,
+            ca_crt,
+        }
+    }
+
+    /// `tool`'s identity for one call: `None` for a tool without `permissions.kubernetes`.
+    pub async fn for_call(
+        identity: Option<&ToolIdentity>,
+        tool: &PreparedTool,
+    ) -> Result<Option<CallIdentity>, MintError> {
+        if tool.spec.permissions.kubernetes.is_empty() {
+            return Ok(None);
+        }
+        let identity = identity.ok_or(MintError::NoIdentity)?;
+        let token = identity.minter.mint().await?;
+        let redactor = tool.redactor.with_call_secrets(token_needles(&token))?;
+        let file = |name: &str, contents: String| CallFile {
+            name: name.into(),
+            contents,
+        };
+        Ok(Some(CallIdentity {
+            files: vec![
+                file("token", token),
+                file("namespace", identity.namespace.clone()),
+                file("ca.crt", identity.ca_crt.clone()),
+            ],
+            redactor,
+        }))
+    }
+}
+
+/// What is redacted of a token: all of it, and its signature alone. A JWT's header and
+/// claims are not secret, its signature is what makes it usable: printed in pieces, the
+/// token cannot be put back together from the output.
+fn token_needles(token: &str) -> Vec<Vec<u8>> {
+    let mut needles = vec![token.as_bytes().to_vec()];
+    if let Some((_, signature)) = token.rsplit_once('.')
+        && signature.len() >= 16
+    {
+        needles.push(signature.as_bytes().to_vec());
+    }
+    needles
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{Request, Response};
+    use kube::client::Body;
+    use serde_json::{Value, json};
+    use tower_test::mock;
+
+    /// A client whose every request gets `status` and `answer`; the requests seen come
+    /// back through the channel.
+    fn api_server(
+        status: u16,
+        answer: Value,
+    ) -> (
+        kube::Client,
+        tokio::sync::mpsc::UnboundedReceiver<(String, String, Value)>,
+    ) {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let (seen, requests) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some((request, send)) = handle.next_request().await {
+                let method = request.method().to_string();
+                let uri = request.uri().to_string();
+                let bytes = request.into_body().collect_bytes().await.unwrap();
+                let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                let _ = seen.send((method, uri, body));
+                send.send_response(
+                    Response::builder()
+                        .status(status)
+                        .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                        .unwrap(),
+                );
+            }
+        });
+        (kube::Client::new(service, "agents"), requests)
+    }
+
+    fn minter(client: kube::Client) -> KubeTokenMinter {
+        KubeTokenMinter::new(
+            client,
+            "agents",
+            "lister-tool".into(),
+            BoundPod {
+                name: "lister-6d9f-abcde".into(),
+                uid: "0f6c2f8e-1111-2222-3333-444455556666".into(),
+            },
+        )
+    }
+
+    fn status(code: u16, reason: &str) -> Value {
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code,
+               "reason": reason, "message": format!("{reason}: no")})
+    }
+
+    #[tokio::test]
+    async fn a_token_request_names_the_tool_account_the_minimal_expiry_and_the_runner_pod() {
+        let answer = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+            "spec": {"audiences": ["https://kubernetes.default.svc"]},
+            "status": {"token": "eyJh.eyJz.c2lnbmF0dXJl", "expirationTimestamp": "2026-12-01T21:00:00Z"}});
+        let (client, mut requests) = api_server(201, answer);
+        let token = minter(client).mint().await.unwrap();
+        assert_eq!(token, "eyJh.eyJz.c2lnbmF0dXJl");
+        let (method, uri, body) = requests.recv().await.unwrap();
+        assert_eq!(method, "POST");
+        assert_eq!(
+            uri,
+            "/api/v1/namespaces/agents/serviceaccounts/lister-tool/token?"
+        );
+        let spec = &body["spec"];
+        assert_eq!(spec["expirationSeconds"], 600);
+        assert_eq!(
+            spec["boundObjectRef"],
+            json!({"apiVersion": "v1", "kind": "Pod", "name": "lister-6d9f-abcde",
+                   "uid": "0f6c2f8e-1111-2222-3333-444455556666"})
+        );
+        // No audience of our own: the API server's default, which it alone accepts.
+        assert!(
+            spec.get("audiences")
+                .is_none_or(|a| a.as_array().is_some_and(Vec::is_empty)),
+            "{spec}"
+        );
+    }
+
+    #[tokio::test]
+    async fn refusals_and_failures_of_the_api_server_are_typed() {
+        let (client, _requests) = api_server(403, status(403, "Forbidden"));
+        let err = minter(client).mint().await.unwrap_err();
+        assert_eq!(err.reason(), "TokenRequestForbidden");
+        assert!(err.to_string().contains("lister-tool"), "{err}");
+        assert!(err.to_string().contains("HTTP 403"), "{err}");
+        let (client, _requests) = api_server(404, status(404, "NotFound"));
+        assert_eq!(
+            minter(client).mint().await.unwrap_err().reason(),
+            "TokenRequestRefused"
+        );
+        let (client, _requests) = api_server(500, status(500, "InternalError"));
+        let err = minter(client).mint().await.unwrap_err();
+        assert_eq!(err.reason(), "TokenRequestFailed");
+        assert!(matches!(err, MintError::Unavailable { .. }), "{err:?}");
+        let (client, _requests) = api_server(201, json!({"spec": {"audiences": []}}));
+        assert_eq!(
+            minter(client).mint().await.unwrap_err().reason(),
+            "TokenRequestEmpty"
+        );
+    }
+
+    #[test]
+    fn a_token_is_redacted_whole_and_by_its_signature() {
+        let token = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJlLW9mLXRoZS10b2tlbg";
+        let redactor = Redactor::default()
+            .with_call_secrets(token_needles(token))
+            .unwrap();
+        let (header, rest) = token.split_once('.').unwrap();
+        let printed = format!("{token}\n{header} {rest}\n");
+        let out = redactor.redact_str(&printed);
+        assert!(!out.contains("c2lnbmF0dXJlLW9mLXRoZS10b2tlbg"), "{out}");
+        assert!(out.starts_with("[REDACTED]\n"), "{out}");
+    }
+}
