@@ -208,3 +208,73 @@ pub fn validate(inv: &Invocation, call_files: bool) -> Result<(), InvocationErro
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::model::CallFile;
+
+    fn with_files(names: &[&str]) -> Invocation {
+        Invocation {
+            argv: vec!["true".into()],
+            files: names
+                .iter()
+                .map(|name| CallFile {
+                    name: name.to_string(),
+                    contents: "x".into(),
+                })
+                .collect(),
+            ..Invocation::default()
+        }
+    }
+
+    #[test]
+    fn hostile_call_file_names_are_refused_before_any_container_is_taken() {
+        for name in [
+            "../token",
+            "..",
+            ".",
+            "",
+            "a/b",
+            "/etc/passwd",
+            ".hidden",
+            "to\0ken",
+            "tok en",
+            "tøken",
+            &"a".repeat(65),
+        ] {
+            let err = validate(&with_files(&[name]), true).unwrap_err();
+            assert!(
+                matches!(err, InvocationError::BadCallFileName(_)),
+                "{name:?}: {err}"
+            );
+        }
+        assert!(matches!(
+            validate(&with_files(&["token", "token"]), true),
+            Err(InvocationError::BadCallFileName(_))
+        ));
+        validate(&with_files(&["token", "ca.crt", "namespace"]), true).unwrap();
+    }
+
+    #[test]
+    fn call_files_are_bounded_and_need_their_folder() {
+        assert!(matches!(
+            validate(&with_files(&["token"]), false),
+            Err(InvocationError::NoCallFilesMount)
+        ));
+        let names: Vec<String> = (0..=MAX_CALL_FILES).map(|i| format!("f{i}")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        assert!(matches!(
+            validate(&with_files(&names), true),
+            Err(InvocationError::TooManyCallFiles(_))
+        ));
+        let mut big = with_files(&["token"]);
+        big.files[0].contents = "x".repeat(MAX_CALL_FILE_BYTES + 1);
+        assert!(matches!(
+            validate(&big, true),
+            Err(InvocationError::CallFileTooLarge(_))
+        ));
+        // Without files, nothing changes for a pool without the folder.
+        validate(&with_files(&[]), false).unwrap();
+    }
+}
