@@ -122,7 +122,9 @@ impl TokenMinter for FakeMinter {
                 message: "serviceaccounts \"lister-tool\" is forbidden".into(),
             })
         } else {
-            Ok(FakeMinter::token(self.minted.fetch_add(1, Ordering::SeqCst) + 1))
+            Ok(FakeMinter::token(
+                self.minted.fetch_add(1, Ordering::SeqCst) + 1,
+            ))
         };
         Box::pin(std::future::ready(result))
     }

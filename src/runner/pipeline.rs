@@ -664,8 +664,7 @@ impl Runner {
             self.executor.execute(tool, stdin, secrets)
         } else {
             let egress = Arc::new(
-                EgressTrail::new(trail.log.clone(), trail.base.clone())
-                    .redacting(redactor.clone()),
+                EgressTrail::new(trail.log.clone(), trail.base.clone()).redacting(redactor.clone()),
             );
             self.executor
                 .execute_with_egress(tool, stdin, secrets, egress)
@@ -708,15 +707,16 @@ impl Runner {
         let truncated = cut || outcome.stdout_truncated;
         let alerts = alerts(tool, &outcome);
         let mut finished = finished_record(&outcome, &stdout, truncated, tool, redactor);
-        let answer = respond(outcome, stdout, truncated, redactor, invocation_id).and_then(
-            |success| match conforms(tool, &success) {
-                Ok(()) => Ok(success),
-                Err(errors) => {
-                    finished["outputSchemaErrors"] = json!(errors);
-                    Err(output_invalid(errors, success.invocation_id))
+        let answer =
+            respond(outcome, stdout, truncated, redactor, invocation_id).and_then(|success| {
+                match conforms(tool, &success) {
+                    Ok(()) => Ok(success),
+                    Err(errors) => {
+                        finished["outputSchemaErrors"] = json!(errors);
+                        Err(output_invalid(errors, success.invocation_id))
+                    }
                 }
-            },
-        );
+            });
         trail.record(closing("finished"), finished)?;
         for (kind, fields) in alerts {
             self.metrics.alert(&tool.name, kind);
@@ -1370,7 +1370,10 @@ mod scenarios {
         let t = TestRunner::new(&[LISTER], &[]).with_minter(minter.clone());
         let token = FakeMinter::token(1);
         let (claims, signature) = token.split_once('.').unwrap().1.split_once('.').unwrap();
-        let escaped: String = token.chars().map(|c| format!("\\u{:04x}", c as u32)).collect();
+        let escaped: String = token
+            .chars()
+            .map(|c| format!("\\u{:04x}", c as u32))
+            .collect();
         // The tool prints its token raw, JSON-escaped, as a key, and its signature alone.
         t.executor.answers(Ok(ExecOutcome {
             exit_code: Some(0),
@@ -1390,7 +1393,10 @@ mod scenarios {
         assert_eq!(output["sig"], "[REDACTED]");
         assert_eq!(output["[REDACTED]"], 1);
         let finished = t.records().pop().unwrap();
-        assert_eq!(finished["stderr"], "debug: Authorization: Bearer [REDACTED]");
+        assert_eq!(
+            finished["stderr"],
+            "debug: Authorization: Bearer [REDACTED]"
+        );
         let log = serde_json::to_string(&t.records()).unwrap();
         assert!(!log.contains(signature), "{log}");
         // The token reached the run, with the namespace and the cluster's CA.
@@ -1409,7 +1415,10 @@ mod scenarios {
         let second = call(&t, &alice(), "lister", &json!({})).await.unwrap();
         assert_eq!(second.output.get(), r#""[REDACTED]""#);
         let runs = t.executor.runs();
-        assert_eq!(call_files(&runs[1])[0], ("token".into(), FakeMinter::token(2)));
+        assert_eq!(
+            call_files(&runs[1])[0],
+            ("token".into(), FakeMinter::token(2))
+        );
         assert_ne!(FakeMinter::token(1), FakeMinter::token(2));
         assert_eq!(minter.minted(), 2);
     }
@@ -1419,9 +1428,7 @@ mod scenarios {
         let minter = Arc::new(FakeMinter::default());
         minter.forbidden.store(true, Ordering::SeqCst);
         let t = TestRunner::new(&[LISTER], &[]).with_minter(minter);
-        let problem = call(&t, &alice(), "lister", &json!({}))
-            .await
-            .unwrap_err();
+        let problem = call(&t, &alice(), "lister", &json!({})).await.unwrap_err();
         assert_eq!(problem.kind, ProblemKind::ToolFailed);
         assert!(problem.invocation_id.is_some());
         assert!(t.executor.runs().is_empty(), "it ran without its token");
@@ -1448,8 +1455,8 @@ mod scenarios {
         crate::runner::reload::prepare_executor(&t.runner).await;
         let served: Vec<String> = t.runner.registry.snapshot().keys().cloned().collect();
         assert_eq!(served, ["forecast"]);
-        let t = TestRunner::new(&[LISTER, FORECAST], &[])
-            .with_minter(Arc::new(FakeMinter::default()));
+        let t =
+            TestRunner::new(&[LISTER, FORECAST], &[]).with_minter(Arc::new(FakeMinter::default()));
         crate::runner::reload::prepare_executor(&t.runner).await;
         assert_eq!(t.runner.registry.snapshot().len(), 2);
     }

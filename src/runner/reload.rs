@@ -83,12 +83,10 @@ pub async fn prepare_executor(runner: &Runner) {
 /// `permissions.kubernetes` while this runner mints no tokens (`serve`, a runner
 /// without `--tool-service-account`): they would run without their identity.
 fn without_identity(runner: &Runner) -> (Vec<Arc<PreparedTool>>, Vec<(String, ExecError)>) {
-    let (tools, unserved): (Vec<_>, Vec<_>) = runner
-        .registry
-        .snapshot()
-        .values()
-        .cloned()
-        .partition(|t| runner.tool_identity.is_some() || t.spec.permissions.kubernetes.is_empty());
+    let (tools, unserved): (Vec<_>, Vec<_>) =
+        runner.registry.snapshot().values().cloned().partition(|t| {
+            runner.tool_identity.is_some() || t.spec.permissions.kubernetes.is_empty()
+        });
     let refused = unserved
         .into_iter()
         .map(|t| {

@@ -99,7 +99,9 @@ pub enum InvocationError {
     NoCallFilesMount,
     #[error("{0} per-call files (at most {max})", max = crate::sandbox::model::MAX_CALL_FILES)]
     TooManyCallFiles(usize),
-    #[error("per-call file name {0:?} is not a plain, unique file name (1-64 of A-Z a-z 0-9 . _ -, no leading dot)")]
+    #[error(
+        "per-call file name {0:?} is not a plain, unique file name (1-64 of A-Z a-z 0-9 . _ -, no leading dot)"
+    )]
     BadCallFileName(String),
     #[error("per-call file {0:?} is larger than {max} bytes", max = crate::sandbox::model::MAX_CALL_FILE_BYTES)]
     CallFileTooLarge(String),

@@ -89,7 +89,12 @@ pub struct CallFile {
 impl std::fmt::Debug for CallFile {
     /// Never the contents: they are credentials.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "CallFile({:?}, {} bytes)", self.name, self.contents.len())
+        write!(
+            f,
+            "CallFile({:?}, {} bytes)",
+            self.name,
+            self.contents.len()
+        )
     }
 }
 

@@ -164,7 +164,12 @@ mod tests {
         std::os::unix::fs::symlink("../../../../..", root.path().join("up")).unwrap();
         ensure_one(root.path(), Path::new("/abs/a"), false).unwrap();
         ensure_one(root.path(), Path::new("/up/b"), false).unwrap();
-        assert!(root.path().join(outside.path().strip_prefix("/").unwrap()).join("a").is_dir());
+        assert!(
+            root.path()
+                .join(outside.path().strip_prefix("/").unwrap())
+                .join("a")
+                .is_dir()
+        );
         assert!(root.path().join("b").is_dir());
         assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
         // A loop is an error naming the target, not a hang.

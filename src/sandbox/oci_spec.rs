@@ -88,11 +88,13 @@ pub fn build(spec: &SandboxSpec, host: &HostReport, userns: bool) -> Result<Valu
         if !dir.is_absolute() {
             return Err(SpecError::RelativeCallFilesDir);
         }
-        mounts.push(json!({"destination": dir, "type": "tmpfs", "source": "tmpfs",
+        mounts.push(
+            json!({"destination": dir, "type": "tmpfs", "source": "tmpfs",
             "options": ["nosuid", "nodev", "noexec", "mode=0700",
                         format!("uid={SANDBOX_UID}"), format!("gid={SANDBOX_UID}"),
                         format!("size={CALL_FILES_TMPFS_BYTES}"),
-                        format!("nr_inodes={}", MAX_CALL_FILES + 1)]}));
+                        format!("nr_inodes={}", MAX_CALL_FILES + 1)]}),
+        );
     }
 
     let mut rlimits = vec![

@@ -145,9 +145,7 @@ pub fn build(
             "volumeMounts": [{"name": "tool-image", "mountPath": ROOTFS_COPY_DIR}],
         }]);
     }
-    let downward = |name: &str, field: &str| {
-        json!({"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": field}}})
-    };
+    let downward = |name: &str, field: &str| json!({"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": field}}});
     let mut env = Vec::new();
     if tool.spec.audit.persistent_volume_claim.is_some() || mints_tokens {
         env.push(downward("POD_NAME", "metadata.name"));

@@ -458,7 +458,10 @@ fn a_builder_that_weakens_the_runner_pod_is_caught() {
         }),
         ("tokens of the runner's own account", |p| {
             let args = p.containers[0].args.as_mut().unwrap();
-            let at = args.iter().position(|a| a == "--tool-service-account").unwrap();
+            let at = args
+                .iter()
+                .position(|a| a == "--tool-service-account")
+                .unwrap();
             args[at + 1] = "everything".into();
         }),
         ("a legacy token Secret", |p| {
