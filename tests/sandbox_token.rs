@@ -22,7 +22,7 @@ use toolwarden::runner::ratelimit::LimiterClock;
 use toolwarden::runner::registry::{Registry, manifest_files};
 use toolwarden::runner::reload;
 use toolwarden::runner::tool::SecretsDir;
-use toolwarden::sandbox::model::{CallFile, SERVICE_ACCOUNT_DIR};
+use toolwarden::sandbox::model::{CallFile, MAX_CALL_FILE_BYTES, SERVICE_ACCOUNT_DIR};
 use toolwarden::sandbox::{Error, Invocation, SandboxSpec};
 
 /// Prints its token, inspects its folder (and tries to leave the token behind for the
@@ -291,6 +291,28 @@ async fn hostile_per_call_file_names_never_reach_a_container() {
         ..common::sh(&format!("cat {SERVICE_ACCOUNT_DIR}/token"))
     };
     assert_eq!(common::text(&common::run(&pool, inv).await.stdout), "t0ken");
+    // Files at the size limit (an invocation far beyond one pipe buffer) arrive whole.
+    let big = "c".repeat(MAX_CALL_FILE_BYTES);
+    let inv = Invocation {
+        files: vec![
+            CallFile {
+                name: "ca.crt".into(),
+                contents: big.clone(),
+            },
+            CallFile {
+                name: "token".into(),
+                contents: big,
+            },
+        ],
+        ..common::sh(&format!("cat {SERVICE_ACCOUNT_DIR}/* | wc -c"))
+    };
+    let outcome = common::run(&pool, inv).await;
+    assert_eq!(
+        common::text(&outcome.stdout).trim(),
+        (2 * MAX_CALL_FILE_BYTES).to_string(),
+        "{}",
+        common::text(&outcome.stderr)
+    );
     // A pool without the folder refuses files outright.
     let plain = engine
         .pool(common::spec(&rootfs, common::limits(), 0))
