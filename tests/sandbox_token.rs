@@ -347,3 +347,45 @@ fn tree(root: &std::path::Path) -> Vec<std::path::PathBuf> {
     out.sort();
     out
 }
+
+/// Without a user namespace (as where a pod cannot nest one) the folder and its files
+/// still belong to the sandbox's user alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_files_belong_to_the_sandbox_user_without_a_user_namespace_too() {
+    if let Some(why) = common::skip_reason() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let rootfs = common::busybox_rootfs();
+    // A rootfs the user-namespace root cannot traverse: the pool goes without one.
+    std::fs::set_permissions(
+        rootfs.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let engine = common::engine();
+    let pool = engine
+        .pool(SandboxSpec {
+            call_files_dir: Some(SERVICE_ACCOUNT_DIR.into()),
+            ..common::spec(&rootfs, common::limits(), 1)
+        })
+        .await
+        .unwrap();
+    assert!(!pool.enforcement().user_namespace);
+    let inv = Invocation {
+        files: vec![CallFile {
+            name: "token".into(),
+            contents: "t0ken".into(),
+        }],
+        ..common::sh(&format!(
+            "stat -c '%a %u %g' {SERVICE_ACCOUNT_DIR} {SERVICE_ACCOUNT_DIR}/token; id -u"
+        ))
+    };
+    let outcome = common::run(&pool, inv).await;
+    assert_eq!(
+        common::text(&outcome.stdout),
+        "700 65534 65534\n400 65534 65534\n65534\n",
+        "{}",
+        common::text(&outcome.stderr)
+    );
+}

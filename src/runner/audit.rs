@@ -1536,23 +1536,25 @@ mod tests {
         let token = "eyJhbGciOi.eyJzdWIi.c2lnbmF0dXJlLW9mLXRoZS10b2tlbg";
         let redactor = crate::runner::redact::Redactor::new(vec![token.into()]).unwrap();
         let base = event(1);
-        EgressTrail::new(log, base).redacting(redactor).record(EgressEvent {
-            outcome: EgressOutcome::Denied,
-            method: "GET".into(),
-            host: "exfil.example".into(),
-            port: 443,
-            path: format!("/collect/{token}"),
-            address: None,
-            status: 403,
-            bytes_sent: 0,
-            bytes_received: 0,
-            duration_ms: 1,
-            rule: None,
-            injected: Vec::new(),
-            reason: Some("HostNotAllowed"),
-            denied_by: None,
-            detail: Some(format!("GET https://exfil.example/collect/{token}")),
-        });
+        EgressTrail::new(log, base)
+            .redacting(redactor)
+            .record(EgressEvent {
+                outcome: EgressOutcome::Denied,
+                method: "GET".into(),
+                host: "exfil.example".into(),
+                port: 443,
+                path: format!("/collect/{token}"),
+                address: None,
+                status: 403,
+                bytes_sent: 0,
+                bytes_received: 0,
+                duration_ms: 1,
+                rule: None,
+                injected: Vec::new(),
+                reason: Some("HostNotAllowed"),
+                denied_by: None,
+                detail: Some(format!("GET https://exfil.example/collect/{token}")),
+            });
         let text = disk.text();
         assert!(!text.contains("c2lnbmF0dXJl"), "{text}");
         assert!(text.contains("/collect/[REDACTED]"), "{text}");

@@ -330,4 +330,136 @@ mod tests {
         assert!(!out.contains("c2lnbmF0dXJlLW9mLXRoZS10b2tlbg"), "{out}");
         assert!(out.starts_with("[REDACTED]\n"), "{out}");
     }
+
+    /// The pipeline with a fake minter and executor: what a call of a tool with an
+    /// identity gets, and what is left of its token in the answer and the records.
+    mod calls {
+        use std::sync::Arc;
+        use std::sync::atomic::Ordering;
+
+        use serde_json::{Value, json};
+
+        use crate::runner::executor::ExecOutcome;
+        use crate::runner::fake::{FAKE_CA, FORECAST, FakeMinter, LISTER, TOKEN, TestRunner};
+        use crate::runner::pipeline::{Called, Success};
+        use crate::runner::problem::{Problem, ProblemKind};
+        use crate::runner::tool::SecretDelivery;
+
+        /// Alice's call of `tool`.
+        async fn call(t: &TestRunner, tool: &str, input: &Value) -> Result<Success, Problem> {
+            let ctx = TestRunner::context(Some(&format!("Bearer {TOKEN}")));
+            let body = std::future::ready(Ok(bytes::Bytes::from(input.to_string())));
+            match t.runner.invoke(&ctx, tool, body).await? {
+                Called::Ran(success) => Ok(success),
+                Called::AwaitingApproval(pending) => panic!("awaits approval: {pending:?}"),
+            }
+        }
+
+        /// The files a run of a tool with a Kubernetes identity was handed.
+        fn call_files(run: &crate::runner::fake::Run) -> Vec<(String, String)> {
+            (run.secrets.iter())
+                .filter_map(|s| match s {
+                    SecretDelivery::CallFile(f) => Some((f.name.clone(), f.contents.clone())),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        #[tokio::test]
+        async fn each_call_gets_its_own_token_and_a_printed_token_is_redacted_everywhere() {
+            let minter = Arc::new(FakeMinter::default());
+            let t = TestRunner::new(&[LISTER], &[]).with_minter(minter.clone());
+            let token = FakeMinter::token(1);
+            let (claims, signature) = token.split_once('.').unwrap().1.split_once('.').unwrap();
+            let escaped: String = token
+                .chars()
+                .map(|c| format!("\\u{:04x}", c as u32))
+                .collect();
+            // The tool prints its token raw, JSON-escaped, as a key, and its signature alone.
+            t.executor.answers(Ok(ExecOutcome {
+                exit_code: Some(0),
+                stdout: format!(
+                    r#"{{"raw": "{token}", "escaped": "{escaped}", "{token}": 1, "sig": "{signature}", "claims": "{claims}"}}"#
+                )
+                .into_bytes(),
+                stderr: format!("debug: Authorization: Bearer {token}").into_bytes(),
+                ..ExecOutcome::default()
+            }));
+            let success = call(&t, "lister", &json!({})).await.unwrap();
+            let output = success.output.get();
+            assert!(!output.contains(signature), "{output}");
+            let output: Value = serde_json::from_str(output).unwrap();
+            assert_eq!(output["raw"], "[REDACTED]");
+            assert_eq!(output["escaped"], "[REDACTED]");
+            assert_eq!(output["sig"], "[REDACTED]");
+            assert_eq!(output["[REDACTED]"], 1);
+            let finished = t.records().pop().unwrap();
+            assert_eq!(
+                finished["stderr"],
+                "debug: Authorization: Bearer [REDACTED]"
+            );
+            let log = serde_json::to_string(&t.records()).unwrap();
+            assert!(!log.contains(signature), "{log}");
+            // The token reached the run, with the namespace and the cluster's CA.
+            let runs = t.executor.runs();
+            assert_eq!(
+                call_files(&runs[0]),
+                [
+                    ("token".to_string(), token.clone()),
+                    ("namespace".to_string(), "agents".to_string()),
+                    ("ca.crt".to_string(), FAKE_CA.to_string()),
+                ]
+            );
+            // The next call mints another token; the first is nothing special to it any more
+            // (only this call's token is its secret), and the second is redacted in its turn.
+            t.executor.prints(&FakeMinter::token(2));
+            let second = call(&t, "lister", &json!({})).await.unwrap();
+            assert_eq!(second.output.get(), r#""[REDACTED]""#);
+            let runs = t.executor.runs();
+            assert_eq!(
+                call_files(&runs[1])[0],
+                ("token".into(), FakeMinter::token(2))
+            );
+            assert_ne!(FakeMinter::token(1), FakeMinter::token(2));
+            assert_eq!(minter.minted(), 2);
+        }
+
+        #[tokio::test]
+        async fn a_tool_whose_token_cannot_be_minted_never_runs_and_the_failure_is_audited() {
+            let minter = Arc::new(FakeMinter::default());
+            minter.forbidden.store(true, Ordering::SeqCst);
+            let t = TestRunner::new(&[LISTER], &[]).with_minter(minter);
+            let problem = call(&t, "lister", &json!({})).await.unwrap_err();
+            assert_eq!(problem.kind, ProblemKind::ToolFailed);
+            assert!(problem.invocation_id.is_some());
+            assert!(t.executor.runs().is_empty(), "it ran without its token");
+            let failed = t.records().pop().unwrap();
+            assert_eq!(failed["event"], "failed");
+            assert_eq!(failed["reason"], "TokenRequestForbidden");
+            assert!(
+                failed["error"].as_str().unwrap().contains("HTTP 403"),
+                "{failed}"
+            );
+            // A runner that mints nothing (serve) runs it never either.
+            let t = TestRunner::new(&[LISTER], &[]);
+            call(&t, "lister", &json!({})).await.unwrap_err();
+            assert!(t.executor.runs().is_empty());
+            assert_eq!(
+                t.records().pop().unwrap()["reason"],
+                "KubernetesIdentityUnavailable"
+            );
+        }
+
+        #[tokio::test]
+        async fn a_runner_that_mints_no_tokens_does_not_serve_a_tool_with_kubernetes_rules() {
+            let t = TestRunner::new(&[LISTER, FORECAST], &[]);
+            crate::runner::reload::prepare_executor(&t.runner).await;
+            let served: Vec<String> = t.runner.registry.snapshot().keys().cloned().collect();
+            assert_eq!(served, ["forecast"]);
+            let t = TestRunner::new(&[LISTER, FORECAST], &[])
+                .with_minter(Arc::new(FakeMinter::default()));
+            crate::runner::reload::prepare_executor(&t.runner).await;
+            assert_eq!(t.runner.registry.snapshot().len(), 2);
+        }
+    }
 }
