@@ -389,3 +389,51 @@ async fn call_files_belong_to_the_sandbox_user_without_a_user_namespace_too() {
         common::text(&outcome.stderr)
     );
 }
+
+/// A read-only image (an image volume) without the service account folder: the pool is
+/// refused with an error naming the mount point, and nothing is written to the image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_image_without_the_mount_point_is_refused_by_name() {
+    use nix::mount::{MsFlags, mount, umount2};
+    if let Some(why) = common::skip_reason() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let rootfs = common::busybox_rootfs();
+    let root = rootfs.path();
+    // As the kubelet mounts an image volume: read-only. Before the engine starts, so its
+    // zygote sees the mount.
+    mount(
+        Some(&root),
+        &root,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .unwrap();
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _unmount = Unmount(root.clone());
+    let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+    mount(None::<&str>, &root, None::<&str>, flags, None::<&str>).unwrap();
+    let engine = common::engine();
+    let err = engine
+        .pool(SandboxSpec {
+            call_files_dir: Some(SERVICE_ACCOUNT_DIR.into()),
+            ..common::spec(&rootfs, common::limits(), 0)
+        })
+        .await
+        .err()
+        .expect("a pool on an image without the mount point");
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!("lacks the mount point {SERVICE_ACCOUNT_DIR}"))
+            && message.contains("the image must contain it"),
+        "{message}"
+    );
+    assert!(!root.join("var/run").exists());
+}
