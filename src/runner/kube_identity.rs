@@ -11,6 +11,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::ServiceAccount;
@@ -21,6 +22,10 @@ use crate::sandbox::model::CallFile;
 
 /// Lifetime asked for each token: the API server's minimum (shorter requests are refused).
 pub const TOKEN_SECONDS: i64 = 600;
+
+/// How long a call waits for its token: an API server that does not answer fails the
+/// call instead of holding its run slot for the client's own (minutes-long) timeout.
+pub const MINT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a call got no token of its tool's identity: the call fails, the tool never runs
 /// without it.
@@ -47,6 +52,8 @@ pub enum MintError {
     },
     #[error("the API server's answer for ServiceAccount {service_account} holds no token")]
     EmptyToken { service_account: String },
+    #[error("no token of the tool's ServiceAccount within {}s", MINT_TIMEOUT.as_secs())]
+    TimedOut,
     #[error(transparent)]
     Redactor(#[from] RedactorError),
 }
@@ -60,6 +67,7 @@ impl MintError {
             MintError::Refused { .. } => "TokenRequestRefused",
             MintError::Unavailable { .. } => "TokenRequestFailed",
             MintError::EmptyToken { .. } => "TokenRequestEmpty",
+            MintError::TimedOut => "TokenRequestTimedOut",
             MintError::Redactor(e) => e.reason(),
         }
     }
@@ -182,7 +190,9 @@ impl ToolIdentity {
             return Ok(None);
         }
         let identity = identity.ok_or(MintError::NoIdentity)?;
-        let token = identity.minter.mint().await?;
+        let token = tokio::time::timeout(MINT_TIMEOUT, identity.minter.mint())
+            .await
+            .map_err(|_| MintError::TimedOut)??;
         let redactor = tool.redactor.with_call_secrets(token_needles(&token))?;
         let file = |name: &str, contents: String| CallFile {
             name: name.into(),
@@ -316,6 +326,35 @@ mod tests {
             minter(client).mint().await.unwrap_err().reason(),
             "TokenRequestEmpty"
         );
+    }
+
+    /// An API server that never answers: the call fails at the deadline.
+    struct Hanging;
+
+    impl TokenMinter for Hanging {
+        fn mint(&self) -> MintFuture<'_> {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_request_that_never_returns_fails_the_call_at_the_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("lister.yaml"), crate::runner::fake::LISTER).unwrap();
+        let registry = crate::runner::registry::Registry::new(
+            crate::runner::ratelimit::LimiterClock::manual(),
+            crate::runner::tool::SecretsDir(None),
+        );
+        registry.load(&crate::runner::registry::manifest_files(dir.path()).unwrap());
+        let tool = registry.snapshot().values().next().unwrap().clone();
+        let identity = ToolIdentity::new(Arc::new(Hanging), "agents".into(), String::new());
+        let started = tokio::time::Instant::now();
+        let err = ToolIdentity::for_call(Some(&identity), &tool)
+            .await
+            .err()
+            .expect("no identity from a hanging API server");
+        assert_eq!(err.reason(), "TokenRequestTimedOut");
+        assert_eq!(started.elapsed(), MINT_TIMEOUT);
     }
 
     #[test]
