@@ -115,7 +115,7 @@ impl Executor for ParkedInit {
             fail(EXIT_CANNOT_EXEC, "close_range failed");
         }
         if let Err(e) = write_call_files(self.call_files_dir.as_deref(), &inv.files) {
-            fail(EXIT_CANNOT_EXEC, &e);
+            fail(EXIT_CANNOT_EXEC, &e.to_string());
         }
         let cwd = inv.cwd.as_deref().unwrap_or("/");
         if let Err(e) = nix::unistd::chdir(cwd) {
@@ -183,18 +183,32 @@ impl Executor for ParkedInit {
     }
 }
 
+/// Why the container init could not write a call's files (the tool then does not run).
+#[derive(Debug, thiserror::Error)]
+enum CallFileError {
+    #[error("per-call files but no call-files folder")]
+    NoFolder,
+    #[error("bad per-call file name {0:?}")]
+    BadName(String),
+    #[error("per-call file {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
 /// Writes each of the call's files into `dir`, this container's fresh tmpfs, as the
 /// sandbox's user (the init's uid by now), mode 0400. Names are checked again here (the
 /// runner checked them): a name is one plain path component, and `create_new` with
 /// `O_NOFOLLOW` never writes through anything already there.
-fn write_call_files(dir: Option<&Path>, files: &[CallFile]) -> Result<(), String> {
+fn write_call_files(dir: Option<&Path>, files: &[CallFile]) -> Result<(), CallFileError> {
     if files.is_empty() {
         return Ok(());
     }
-    let dir = dir.ok_or("per-call files but no call-files folder")?;
+    let dir = dir.ok_or(CallFileError::NoFolder)?;
     for file in files {
         if !is_call_file_name(&file.name) {
-            return Err(format!("bad per-call file name {:?}", file.name));
+            return Err(CallFileError::BadName(file.name.clone()));
         }
         let path = dir.join(&file.name);
         std::fs::OpenOptions::new()
@@ -204,7 +218,7 @@ fn write_call_files(dir: Option<&Path>, files: &[CallFile]) -> Result<(), String
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&path)
             .and_then(|mut f| f.write_all(file.contents.as_bytes()))
-            .map_err(|e| format!("per-call file {}: {e}", path.display()))?;
+            .map_err(|source| CallFileError::Write { path, source })?;
     }
     Ok(())
 }
@@ -288,4 +302,45 @@ fn reset_signals() {
             8usize,
         )
     };
+}
+
+/// The init's own check of a call's files, for an invocation that did not come through
+/// the runner's validation (no root needed: plain files in a temporary folder).
+#[cfg(test)]
+mod call_file_tests {
+    use super::*;
+
+    fn file(name: &str) -> CallFile {
+        CallFile {
+            name: name.into(),
+            contents: "t0ken".into(),
+        }
+    }
+
+    #[test]
+    fn the_init_writes_plain_names_only_and_never_through_what_is_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        for name in ["../escape", "a/b", "..", ""] {
+            let err = write_call_files(Some(dir.path()), &[file(name)]).unwrap_err();
+            assert!(matches!(err, CallFileError::BadName(_)), "{name:?}: {err}");
+        }
+        assert!(matches!(
+            write_call_files(None, &[file("token")]),
+            Err(CallFileError::NoFolder)
+        ));
+        // A link planted where the token goes is not followed.
+        let target = outside.path().join("stolen");
+        std::os::unix::fs::symlink(&target, dir.path().join("token")).unwrap();
+        let err = write_call_files(Some(dir.path()), &[file("token")]).unwrap_err();
+        assert!(matches!(err, CallFileError::Write { .. }), "{err}");
+        assert!(!target.exists());
+        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
+        // A good name: mode 0400, the contents as given.
+        write_call_files(Some(dir.path()), &[file("ca.crt")]).unwrap();
+        let written = dir.path().join("ca.crt");
+        assert_eq!(std::fs::read_to_string(&written).unwrap(), "t0ken");
+        let mode = std::fs::metadata(&written).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o400);
+    }
 }
