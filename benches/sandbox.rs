@@ -205,6 +205,7 @@ fn main() {
         mounts: vec![],
         limits: Limits::default(),
         warm_pool: warm,
+        call_files_dir: None,
     };
     let userns = rt
         .block_on(engine.pool(spec(0)))

@@ -899,6 +899,7 @@ async fn an_unpacked_image_runs_in_a_user_namespaced_sandbox() {
         mounts: vec![],
         limits: common::limits(),
         warm_pool: 0,
+        call_files_dir: None,
     };
     let pool = engine.pool(spec).await.unwrap();
     assert!(

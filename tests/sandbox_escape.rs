@@ -28,9 +28,7 @@ fn probe(args: &[&str]) -> Invocation {
     argv.extend(args.iter().map(|s| s.to_string()));
     Invocation {
         argv,
-        env: vec![],
-        cwd: None,
-        stdin: vec![],
+        ..Invocation::default()
     }
 }
 

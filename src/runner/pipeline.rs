@@ -12,6 +12,7 @@
 //! value into a forbidden one (e.g. `.\u0000.` passes
 //! `!input.path.contains("..")`, then stripControlChars makes it `..`).
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -31,13 +32,14 @@ use super::auth::{AuthError, Authenticator, Caller};
 use super::authorize::{authorize, holds, may_call};
 use super::body_limits::{bounded, parse_input};
 use super::executor::{ExecOutcome, ToolExecutor};
+use super::kube_identity::ToolIdentity;
 use super::mcp_tasks::TaskBook;
 use super::metrics::Metrics;
 use super::problem::{FieldError, Problem, ProblemKind};
 use super::redact::{Redactor, redact_fields};
 use super::registry::Registry;
 use super::sanitize::sanitize;
-use super::tool::PreparedTool;
+use super::tool::{PreparedTool, SecretDelivery};
 use super::validate::{validate, validate_sanitized};
 use super::watch::{Watch, alerts};
 use crate::api::AuditLevel;
@@ -66,6 +68,9 @@ pub struct Runner {
     pub watch: Watch,
     /// MCP calls answered with a task handle, for their callers to poll.
     pub tasks: TaskBook,
+    /// Mints each call of a tool with `permissions.kubernetes` its own token (`runner
+    /// --tool-service-account`); without it such tools are not served.
+    pub tool_identity: Option<Arc<ToolIdentity>>,
 }
 
 impl Runner {
@@ -88,6 +93,7 @@ impl Runner {
             approvals: Approvals::default(),
             watch: Watch::default(),
             tasks: TaskBook::default(),
+            tool_identity: None,
         }
     }
 }
@@ -131,6 +137,9 @@ pub struct Success {
 struct Trail {
     log: AuditLog,
     base: Map<String, Value>,
+    /// For a call with secrets of its own (its Kubernetes token): every record is
+    /// redacted with them, whatever field the tool got them into.
+    redactor: Option<Redactor>,
 }
 
 impl Trail {
@@ -141,7 +150,21 @@ impl Trail {
         if let Value::Object(fields) = fields {
             record.extend(fields);
         }
+        if let Some(redactor) = &self.redactor {
+            record.values_mut().for_each(|v| {
+                redactor.redact_json(v);
+            });
+        }
         self.log.append(record).map_err(audit_problem)
+    }
+
+    /// This trail, its records redacted with `redactor`.
+    fn redacting(&self, redactor: &Redactor) -> Trail {
+        Trail {
+            log: self.log.clone(),
+            base: self.base.clone(),
+            redactor: Some(redactor.clone()),
+        }
     }
 
     fn set(&mut self, key: &str, value: impl Into<Value>) {
@@ -339,6 +362,7 @@ impl Runner {
         let mut trail = Trail {
             log: self.audit.clone(),
             base: Map::new(),
+            redactor: None,
         };
         trail.set("invocationId", invocation_id);
         trail.set("transport", ctx.transport);
@@ -607,19 +631,48 @@ impl Runner {
     ) -> Result<Success, Problem> {
         trail.record("started", json!({}))?;
         let stdin = input.to_string().into_bytes();
-        let secrets = tool.secrets.clone();
+        let mut secrets = tool.secrets.clone();
+        // A tool with its own Kubernetes identity never runs without this call's token,
+        // which is redacted from this call's output and records like the tool's secrets.
+        let identity = match ToolIdentity::for_call(self.tool_identity.as_deref(), tool).await {
+            Ok(identity) => identity,
+            Err(e) => {
+                let error = tool.redactor.redact_str(&e.to_string());
+                trail.record(
+                    closing("failed"),
+                    json!({"error": error, "reason": e.reason()}),
+                )?;
+                let mut problem = Problem::new(
+                    ProblemKind::ToolFailed,
+                    "the tool's Kubernetes identity could not be issued",
+                );
+                problem.invocation_id = Some(invocation_id);
+                return Err(problem);
+            }
+        };
+        let (redactor, redacting_trail) = match identity {
+            Some(identity) => {
+                secrets.extend(identity.files.into_iter().map(SecretDelivery::CallFile));
+                let trail = trail.redacting(&identity.redactor);
+                (Cow::Owned(identity.redactor), Some(trail))
+            }
+            None => (Cow::Borrowed(&tool.redactor), None),
+        };
+        let (redactor, trail) = (redactor.as_ref(), redacting_trail.as_ref().unwrap_or(trail));
         // Only a tool with egress has a proxy whose records join the trail.
         let run = if tool.spec.permissions.network.egress.is_empty() {
             self.executor.execute(tool, stdin, secrets)
         } else {
-            let egress = Arc::new(EgressTrail::new(trail.log.clone(), trail.base.clone()));
+            let egress = Arc::new(
+                EgressTrail::new(trail.log.clone(), trail.base.clone()).redacting(redactor.clone()),
+            );
             self.executor
                 .execute_with_egress(tool, stdin, secrets, egress)
         };
         let outcome = match run.await {
             Ok(outcome) => outcome,
             Err(e) => {
-                let reason = tool.redactor.redact_str(&e.to_string());
+                let reason = redactor.redact_str(&e.to_string());
                 trail.record(closing("failed"), json!({"error": reason}))?;
                 let mut problem =
                     Problem::new(ProblemKind::ToolFailed, "the tool could not be run");
@@ -647,22 +700,23 @@ impl Runner {
                 json => json.to_string().into_bytes(),
             });
         // Redact first, then cut: the run captured more than the cap for this.
-        let (stdout, cut) = tool.redactor.redact_capped(
+        let (stdout, cut) = redactor.redact_capped(
             guarded_stdout.as_deref().unwrap_or(&outcome.stdout),
             tool.output_cap(),
         );
         let truncated = cut || outcome.stdout_truncated;
         let alerts = alerts(tool, &outcome);
-        let mut finished = finished_record(&outcome, &stdout, truncated, tool);
-        let answer = respond(outcome, stdout, truncated, &tool.redactor, invocation_id).and_then(
-            |success| match conforms(tool, &success) {
-                Ok(()) => Ok(success),
-                Err(errors) => {
-                    finished["outputSchemaErrors"] = json!(errors);
-                    Err(output_invalid(errors, success.invocation_id))
+        let mut finished = finished_record(&outcome, &stdout, truncated, tool, redactor);
+        let answer =
+            respond(outcome, stdout, truncated, redactor, invocation_id).and_then(|success| {
+                match conforms(tool, &success) {
+                    Ok(()) => Ok(success),
+                    Err(errors) => {
+                        finished["outputSchemaErrors"] = json!(errors);
+                        Err(output_invalid(errors, success.invocation_id))
+                    }
                 }
-            },
-        );
+            });
         trail.record(closing("finished"), finished)?;
         for (kind, fields) in alerts {
             self.metrics.alert(&tool.name, kind);
@@ -708,10 +762,11 @@ fn finished_record(
     stdout: &[u8],
     stdout_truncated: bool,
     tool: &PreparedTool,
+    redactor: &Redactor,
 ) -> Value {
     // Within maxOutputBytes: past it, the capture may end inside a secret.
     let stderr_cap = AUDIT_STDERR_BYTES.min(tool.output_cap());
-    let (stderr, _) = tool.redactor.redact_capped(&outcome.stderr, stderr_cap);
+    let (stderr, _) = redactor.redact_capped(&outcome.stderr, stderr_cap);
     json!({
         "exitCode": outcome.exit_code,
         "timedOut": outcome.timed_out,

@@ -44,8 +44,9 @@ impl RedactorError {
 pub struct Redactor {
     /// The secret values the needles come from.
     values: Vec<Vec<u8>>,
-    /// `None` when there is nothing to find.
-    matcher: Option<AhoCorasick>,
+    /// The tool's needles, then (for one call) that call's own: empty when there is
+    /// nothing to find.
+    matchers: Vec<AhoCorasick>,
     /// What the matcher finds, for secrets cut short at the end of a capture.
     needles: Vec<Vec<u8>>,
     longest: usize,
@@ -56,32 +57,24 @@ impl Redactor {
     /// secret usually ends in a newline the tool may drop) and, for a value
     /// that is not UTF-8, the lossy text an env secret is delivered as.
     pub fn new(values: Vec<Vec<u8>>) -> Result<Redactor, RedactorError> {
-        let mut needles: Vec<Vec<u8>> = Vec::new();
-        for value in &values {
-            needles.push(value.clone());
-            let trimmed = value.trim_ascii();
-            if trimmed.len() != value.len() && trimmed.len() >= MIN_TRIMMED_BYTES {
-                needles.push(trimmed.to_vec());
-            }
-            if std::str::from_utf8(value).is_err() {
-                needles.push(String::from_utf8_lossy(value).into_owned().into_bytes());
-            }
+        Redactor::default().with_call_secrets(values)
+    }
+
+    /// This redactor and `values` too: for one call's own secrets (its Kubernetes
+    /// token). The tool's automaton is shared, not rebuilt: only `values` are indexed.
+    pub fn with_call_secrets(&self, values: Vec<Vec<u8>>) -> Result<Redactor, RedactorError> {
+        let needles = needles_of(&values);
+        let mut all = self.clone();
+        if !needles.is_empty() {
+            all.matchers.push(AhoCorasick::new(&needles)?);
         }
-        needles.retain(|n| !n.is_empty());
-        needles.sort();
-        needles.dedup();
-        let longest = needles.iter().map(Vec::len).max().unwrap_or(0);
-        let matcher = if needles.is_empty() {
-            None
-        } else {
-            Some(AhoCorasick::new(&needles)?)
-        };
-        Ok(Redactor {
-            values,
-            matcher,
-            needles,
-            longest,
-        })
+        all.longest = (needles.iter().map(Vec::len))
+            .chain([self.longest])
+            .max()
+            .unwrap_or(0);
+        all.needles.extend(needles);
+        all.values.extend(values);
+        Ok(all)
     }
 
     /// The secret values this redactor was built from.
@@ -130,7 +123,7 @@ impl Redactor {
     /// decoded text the caller will see, whatever escapes the raw bytes used.
     /// Returns whether anything was replaced.
     pub fn redact_json(&self, value: &mut Value) -> bool {
-        if self.matcher.is_none() {
+        if self.matchers.is_empty() {
             return false;
         }
         match value {
@@ -168,11 +161,13 @@ impl Redactor {
     /// the end of `text` cuts short, in any view, is covered to the end (and
     /// `true` returned with the ranges when there is one).
     fn covered(&self, text: &[u8], cut_short: bool) -> (Vec<Range<usize>>, bool) {
-        let Some(matcher) = &self.matcher else {
+        if self.matchers.is_empty() {
             return (Vec::new(), false);
-        };
-        let mut found: Vec<Range<usize>> = matcher
-            .find_overlapping_iter(text)
+        }
+        let mut found: Vec<Range<usize>> = self
+            .matchers
+            .iter()
+            .flat_map(|matcher| matcher.find_overlapping_iter(text))
             .map(|m| m.range())
             .collect();
         let mut found_cut_short = false;
@@ -192,8 +187,10 @@ impl Redactor {
                     .rev()
                     .fold(view.to_source(range), |r, outer| outer.to_source(r))
             };
-            for m in matcher.find_overlapping_iter(&view.bytes) {
-                found.push(to_source(m.range()));
+            for matcher in &self.matchers {
+                for m in matcher.find_overlapping_iter(&view.bytes) {
+                    found.push(to_source(m.range()));
+                }
             }
             if cut_short && let Some(at) = self.cut_short_at(&view.bytes) {
                 found.push(to_source(at..view.bytes.len()));
@@ -233,6 +230,25 @@ impl Redactor {
         }
         earliest
     }
+}
+
+/// What [`Redactor::new`] searches for `values`: sorted, without duplicates or empty ones.
+fn needles_of(values: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let mut needles: Vec<Vec<u8>> = Vec::new();
+    for value in values {
+        needles.push(value.clone());
+        let trimmed = value.trim_ascii();
+        if trimmed.len() != value.len() && trimmed.len() >= MIN_TRIMMED_BYTES {
+            needles.push(trimmed.to_vec());
+        }
+        if std::str::from_utf8(value).is_err() {
+            needles.push(String::from_utf8_lossy(value).into_owned().into_bytes());
+        }
+    }
+    needles.retain(|n| !n.is_empty());
+    needles.sort();
+    needles.dedup();
+    needles
 }
 
 /// Where an escape that `text` ends before finishing starts: a lone `\`, a

@@ -6,9 +6,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::executor::Degradation;
+use super::executor::{Degradation, ExecError};
+use super::kube_identity::MintError;
 use super::pipeline::Runner;
 use super::registry::{LoadReport, Registry, is_manifest, manifest_files};
+use super::tool::PreparedTool;
 
 /// Changes settle this long before a reload (editors write files in several steps).
 const SETTLE: Duration = Duration::from_millis(200);
@@ -45,24 +47,26 @@ pub fn load(registry: &Registry, dir: &Path) -> LoadReport {
 /// metrics name what each served tool runs without. Returns the tools withdrawn,
 /// each with the reason and message of why.
 pub async fn prepare_executor(runner: &Runner) -> Vec<(String, &'static str, String)> {
-    let tools: Vec<_> = runner.registry.snapshot().values().cloned().collect();
-    let mut withdrawn = Vec::new();
-    match runner.executor.prepare(&tools).await {
-        Ok(unrunnable) => {
-            for (tool, error) in unrunnable {
-                tracing::error!(
-                    %tool,
-                    %error,
-                    reason = error.reason(),
-                    "cannot run {tool}, not served: {error}"
-                );
-                withdrawn.push((tool, error.reason(), error.to_string()));
-            }
-            let names: Vec<String> = withdrawn.iter().map(|(tool, ..)| tool.clone()).collect();
-            runner.registry.withdraw(&names);
+    let (tools, unserved) = without_identity(runner);
+    let unrunnable = match runner.executor.prepare(&tools).await {
+        Ok(unrunnable) => unrunnable,
+        Err(e) => {
+            tracing::error!(error = %e, "preparing the executor failed");
+            Vec::new()
         }
-        Err(e) => tracing::error!(error = %e, "preparing the executor failed"),
+    };
+    let mut withdrawn = Vec::new();
+    for (tool, error) in unrunnable.into_iter().chain(unserved) {
+        tracing::error!(
+            %tool,
+            %error,
+            reason = error.reason(),
+            "cannot run {tool}, not served: {error}"
+        );
+        withdrawn.push((tool, error.reason(), error.to_string()));
     }
+    let names: Vec<String> = withdrawn.iter().map(|(tool, ..)| tool.clone()).collect();
+    runner.registry.withdraw(&names);
     let served: Vec<_> = runner.registry.snapshot().values().cloned().collect();
     let degraded: Vec<(String, Vec<Degradation>)> = served
         .iter()
@@ -79,6 +83,24 @@ pub async fn prepare_executor(runner: &Runner) -> Vec<(String, &'static str, Str
             .flat_map(|(tool, list)| list.iter().map(move |d| (tool.as_str(), d.missing))),
     );
     withdrawn
+}
+
+/// The tools to prepare, and those refused because they declare
+/// `permissions.kubernetes` while this runner mints no tokens (`serve`, a runner
+/// without `--tool-service-account`): they would run without their identity.
+fn without_identity(runner: &Runner) -> (Vec<Arc<PreparedTool>>, Vec<(String, ExecError)>) {
+    let (tools, unserved): (Vec<_>, Vec<_>) =
+        runner.registry.snapshot().values().cloned().partition(|t| {
+            runner.tool_identity.is_some() || t.spec.permissions.kubernetes.is_empty()
+        });
+    let refused = unserved
+        .into_iter()
+        .map(|t| {
+            let why = ExecError::NotRunnable(Box::new(MintError::NoIdentity));
+            (t.name.clone(), why)
+        })
+        .collect();
+    (tools, refused)
 }
 
 /// One reload: load `dir` off the I/O threads (it compiles schemas and may

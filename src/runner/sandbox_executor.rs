@@ -18,6 +18,7 @@ use crate::egress::{
     Resolver, SANDBOX_PROXY_PORT, SystemResolver, UpstreamTls, proxy_env,
 };
 use crate::sandbox::detect::RootSwitch;
+use crate::sandbox::model::SERVICE_ACCOUNT_DIR;
 use crate::sandbox::names::SANDBOX_UID;
 use crate::sandbox::{BindMount, Invocation, Limits, Mechanism, Pool, SandboxSpec, Sandboxes};
 
@@ -135,7 +136,7 @@ impl SandboxExecutor {
             .iter()
             .filter_map(|s| match s {
                 SecretDelivery::File { path, value } => Some((path.as_str(), value.as_slice())),
-                SecretDelivery::Env { .. } => None,
+                SecretDelivery::Env { .. } | SecretDelivery::CallFile(_) => None,
             })
             .collect();
         let mut spec = SandboxSpec {
@@ -146,6 +147,9 @@ impl SandboxExecutor {
                 ..limits(&tool.spec)?
             },
             warm_pool: tool.spec.sandbox.warm_pool as usize,
+            // Only a tool with its own Kubernetes identity gets the folder its token lands in.
+            call_files_dir: (!tool.spec.permissions.kubernetes.is_empty())
+                .then(|| PathBuf::from(SERVICE_ACCOUNT_DIR)),
         };
         if !file_secrets.is_empty() {
             prepare_secrets_root(&self.secrets_root).map_err(|source| PoolError::Io {
@@ -425,11 +429,16 @@ impl ToolExecutor for SandboxExecutor {
                 .iter()
                 .map(|e| (e.name.clone(), e.value.clone()))
                 .collect();
-            // File secrets are mounted with the pool; env secrets go to this run only.
-            env.extend(secrets.into_iter().filter_map(|s| match s {
-                SecretDelivery::Env { name, value } => Some((name, value)),
-                SecretDelivery::File { .. } => None,
-            }));
+            // File secrets are mounted with the pool; env secrets and call files go to this
+            // run only.
+            let mut files = Vec::new();
+            for secret in secrets {
+                match secret {
+                    SecretDelivery::Env { name, value } => env.push((name, value)),
+                    SecretDelivery::CallFile(file) => files.push(file),
+                    SecretDelivery::File { .. } => {}
+                }
+            }
             let mut invocation = Invocation {
                 argv: runtime
                     .command
@@ -440,6 +449,7 @@ impl ToolExecutor for SandboxExecutor {
                 env,
                 cwd: runtime.working_dir.clone(),
                 stdin,
+                files,
             };
             let outcome = match &pool.egress {
                 None => pool.pool.run(invocation).await?,

@@ -363,4 +363,8 @@ pub enum SecretDelivery {
     Env { name: String, value: String },
     /// Written as a read-only file at this absolute path inside the sandbox.
     File { path: String, value: Vec<u8> },
+    /// A file of this call alone in its sandbox's
+    /// [`SERVICE_ACCOUNT_DIR`](crate::sandbox::model::SERVICE_ACCOUNT_DIR): the tool's
+    /// Kubernetes identity (see `kube_identity`).
+    CallFile(crate::sandbox::model::CallFile),
 }

@@ -8,6 +8,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use super::executor::{Degradation, ExecError, ExecFuture, ExecOutcome, ToolExecutor};
 use super::tool::{PreparedTool, SecretDelivery};
+use crate::sandbox::model::SERVICE_ACCOUNT_DIR;
 
 /// **Unsandboxed**: runs the tool's command as an ordinary child process of the
 /// runner, with the runner's privileges, file system and network. It enforces
@@ -88,6 +89,11 @@ async fn run_process(
             SecretDelivery::File { path, .. } => {
                 return Err(ExecError::NotRunnable(Box::new(Unrunnable::FileSecret {
                     path,
+                })));
+            }
+            SecretDelivery::CallFile(file) => {
+                return Err(ExecError::NotRunnable(Box::new(Unrunnable::FileSecret {
+                    path: format!("{SERVICE_ACCOUNT_DIR}/{}", file.name),
                 })));
             }
         }

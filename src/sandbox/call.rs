@@ -9,7 +9,10 @@ use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 
 use crate::sandbox::error::{Error, InvocationError, ProtocolError, Result};
-use crate::sandbox::model::{Captured, Enforcement, Invocation, Limits, Outcome};
+use crate::sandbox::model::{
+    Captured, Enforcement, Invocation, Limits, MAX_CALL_FILE_BYTES, MAX_CALL_FILES, Outcome,
+    is_call_file_name,
+};
 use crate::sandbox::output;
 use crate::sandbox::proto::{self, FromZygote, LateExec};
 use crate::sandbox::zygote_client::{Parked, lock};
@@ -37,6 +40,7 @@ pub async fn run(
         argv: inv.argv,
         env: inv.env,
         cwd: inv.cwd,
+        files: inv.files,
     };
     let payload = serde_json::to_vec(&late).map_err(ProtocolError::Encode)?;
     let kill_guard = KillOnDrop(w.pidfd);
@@ -168,8 +172,23 @@ impl Drop for KillOnDrop {
 }
 
 /// Refuses an invocation the container init could not run as given (checked before a
-/// container is taken from the pool).
-pub fn validate(inv: &Invocation) -> Result<(), InvocationError> {
+/// container is taken from the pool). `call_files`: whether the pool's sandboxes have a
+/// call-files tmpfs.
+pub fn validate(inv: &Invocation, call_files: bool) -> Result<(), InvocationError> {
+    if !inv.files.is_empty() && !call_files {
+        return Err(InvocationError::NoCallFilesMount);
+    }
+    if inv.files.len() > MAX_CALL_FILES {
+        return Err(InvocationError::TooManyCallFiles(inv.files.len()));
+    }
+    for (i, file) in inv.files.iter().enumerate() {
+        if !is_call_file_name(&file.name) || inv.files[..i].iter().any(|f| f.name == file.name) {
+            return Err(InvocationError::BadCallFileName(file.name.clone()));
+        }
+        if file.contents.len() > MAX_CALL_FILE_BYTES {
+            return Err(InvocationError::CallFileTooLarge(file.name.clone()));
+        }
+    }
     if inv.argv.is_empty() {
         return Err(InvocationError::EmptyArgv);
     }
@@ -188,4 +207,74 @@ pub fn validate(inv: &Invocation) -> Result<(), InvocationError> {
         return Err(InvocationError::RelativeCwd);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::model::CallFile;
+
+    fn with_files(names: &[&str]) -> Invocation {
+        Invocation {
+            argv: vec!["true".into()],
+            files: names
+                .iter()
+                .map(|name| CallFile {
+                    name: name.to_string(),
+                    contents: "x".into(),
+                })
+                .collect(),
+            ..Invocation::default()
+        }
+    }
+
+    #[test]
+    fn hostile_call_file_names_are_refused_before_any_container_is_taken() {
+        for name in [
+            "../token",
+            "..",
+            ".",
+            "",
+            "a/b",
+            "/etc/passwd",
+            ".hidden",
+            "to\0ken",
+            "tok en",
+            "tøken",
+            &"a".repeat(65),
+        ] {
+            let err = validate(&with_files(&[name]), true).unwrap_err();
+            assert!(
+                matches!(err, InvocationError::BadCallFileName(_)),
+                "{name:?}: {err}"
+            );
+        }
+        assert!(matches!(
+            validate(&with_files(&["token", "token"]), true),
+            Err(InvocationError::BadCallFileName(_))
+        ));
+        validate(&with_files(&["token", "ca.crt", "namespace"]), true).unwrap();
+    }
+
+    #[test]
+    fn call_files_are_bounded_and_need_their_folder() {
+        assert!(matches!(
+            validate(&with_files(&["token"]), false),
+            Err(InvocationError::NoCallFilesMount)
+        ));
+        let names: Vec<String> = (0..=MAX_CALL_FILES).map(|i| format!("f{i}")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        assert!(matches!(
+            validate(&with_files(&names), true),
+            Err(InvocationError::TooManyCallFiles(_))
+        ));
+        let mut big = with_files(&["token"]);
+        big.files[0].contents = "x".repeat(MAX_CALL_FILE_BYTES + 1);
+        assert!(matches!(
+            validate(&big, true),
+            Err(InvocationError::CallFileTooLarge(_))
+        ));
+        // Without files, nothing changes for a pool without the folder.
+        validate(&with_files(&[]), false).unwrap();
+    }
 }

@@ -5,16 +5,17 @@
 //! and execve.
 
 use std::ffi::CString;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, RawFd};
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 
 use libcontainer::oci_spec::runtime::Spec;
 use libcontainer::workload::{
     Executor, ExecutorError, ExecutorSetEnvsError, ExecutorValidationError,
 };
 
+use crate::sandbox::model::{CallFile, is_call_file_name};
 use crate::sandbox::oci_spec::DEFAULT_PATH;
 use crate::sandbox::proto::LateExec;
 use crate::sandbox::seccomp;
@@ -28,6 +29,8 @@ pub struct ParkedInit {
     /// RLIMIT_AS (rlimit mode), set just before execve: earlier, the init still has the
     /// zygote's (larger) address space and its own allocations would fail.
     pub address_space: Option<u64>,
+    /// The container's own tmpfs for the call's files (`SandboxSpec::call_files_dir`).
+    pub call_files_dir: Option<PathBuf>,
 }
 
 /// Exit codes used when the sandbox could not run the tool (like a shell's 126/127).
@@ -111,6 +114,9 @@ impl Executor for ParkedInit {
         if !close_range(3, u32::MAX) {
             fail(EXIT_CANNOT_EXEC, "close_range failed");
         }
+        if let Err(e) = write_call_files(self.call_files_dir.as_deref(), &inv.files) {
+            fail(EXIT_CANNOT_EXEC, &e.to_string());
+        }
         let cwd = inv.cwd.as_deref().unwrap_or("/");
         if let Err(e) = nix::unistd::chdir(cwd) {
             fail(EXIT_CANNOT_EXEC, &format!("chdir {cwd}: {e}"));
@@ -175,6 +181,46 @@ impl Executor for ParkedInit {
         }
         Ok(())
     }
+}
+
+/// Why the container init could not write a call's files (the tool then does not run).
+#[derive(Debug, thiserror::Error)]
+enum CallFileError {
+    #[error("per-call files but no call-files folder")]
+    NoFolder,
+    #[error("bad per-call file name {0:?}")]
+    BadName(String),
+    #[error("per-call file {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Writes each of the call's files into `dir`, this container's fresh tmpfs, as the
+/// sandbox's user (the init's uid by now), mode 0400. Names are checked again here (the
+/// runner checked them): a name is one plain path component, and `create_new` with
+/// `O_NOFOLLOW` never writes through anything already there.
+fn write_call_files(dir: Option<&Path>, files: &[CallFile]) -> Result<(), CallFileError> {
+    if files.is_empty() {
+        return Ok(());
+    }
+    let dir = dir.ok_or(CallFileError::NoFolder)?;
+    for file in files {
+        if !is_call_file_name(&file.name) {
+            return Err(CallFileError::BadName(file.name.clone()));
+        }
+        let path = dir.join(&file.name);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o400)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+            .and_then(|mut f| f.write_all(file.contents.as_bytes()))
+            .map_err(|source| CallFileError::Write { path, source })?;
+    }
+    Ok(())
 }
 
 fn resolve(arg0: &str, path_var: &str) -> Option<String> {
@@ -256,4 +302,45 @@ fn reset_signals() {
             8usize,
         )
     };
+}
+
+/// The init's own check of a call's files, for an invocation that did not come through
+/// the runner's validation (no root needed: plain files in a temporary folder).
+#[cfg(test)]
+mod call_file_tests {
+    use super::*;
+
+    fn file(name: &str) -> CallFile {
+        CallFile {
+            name: name.into(),
+            contents: "t0ken".into(),
+        }
+    }
+
+    #[test]
+    fn the_init_writes_plain_names_only_and_never_through_what_is_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        for name in ["../escape", "a/b", "..", ""] {
+            let err = write_call_files(Some(dir.path()), &[file(name)]).unwrap_err();
+            assert!(matches!(err, CallFileError::BadName(_)), "{name:?}: {err}");
+        }
+        assert!(matches!(
+            write_call_files(None, &[file("token")]),
+            Err(CallFileError::NoFolder)
+        ));
+        // A link planted where the token goes is not followed.
+        let target = outside.path().join("stolen");
+        std::os::unix::fs::symlink(&target, dir.path().join("token")).unwrap();
+        let err = write_call_files(Some(dir.path()), &[file("token")]).unwrap_err();
+        assert!(matches!(err, CallFileError::Write { .. }), "{err}");
+        assert!(!target.exists());
+        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
+        // A good name: mode 0400, the contents as given.
+        write_call_files(Some(dir.path()), &[file("ca.crt")]).unwrap();
+        let written = dir.path().join("ca.crt");
+        assert_eq!(std::fs::read_to_string(&written).unwrap(), "t0ken");
+        let mode = std::fs::metadata(&written).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o400);
+    }
 }

@@ -95,6 +95,16 @@ pub enum InvocationError {
     BadEnvName(String),
     #[error("cwd must be an absolute path")]
     RelativeCwd,
+    #[error("per-call files for a pool without a call-files folder")]
+    NoCallFilesMount,
+    #[error("{0} per-call files (at most {max})", max = crate::sandbox::model::MAX_CALL_FILES)]
+    TooManyCallFiles(usize),
+    #[error(
+        "per-call file name {0:?} is not a plain, unique file name (1-64 of A-Z a-z 0-9 . _ -, no leading dot)"
+    )]
+    BadCallFileName(String),
+    #[error("per-call file {0:?} is larger than {max} bytes", max = crate::sandbox::model::MAX_CALL_FILE_BYTES)]
+    CallFileTooLarge(String),
 }
 
 /// A [`crate::sandbox::model::SandboxSpec`] no OCI spec can be built from.
@@ -104,6 +114,8 @@ pub enum SpecError {
     RelativeRootfs,
     #[error("bind mount paths must be absolute")]
     RelativeBindMount,
+    #[error("the call-files folder must be an absolute path")]
+    RelativeCallFilesDir,
     #[error("user namespace without an id map")]
     UserNamespaceWithoutIdMap,
     #[error("mount targets: {0}")]
@@ -117,6 +129,7 @@ impl SpecError {
         match self {
             SpecError::RelativeRootfs => "RootfsNotAbsolute",
             SpecError::RelativeBindMount => "BindMountNotAbsolute",
+            SpecError::RelativeCallFilesDir => "CallFilesDirNotAbsolute",
             SpecError::UserNamespaceWithoutIdMap => "UserNamespaceWithoutIdMap",
             SpecError::MountTarget(_) => "MountTargetMissing",
             SpecError::Oci(_) => "OciSpecInvalid",

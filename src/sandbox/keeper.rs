@@ -29,6 +29,8 @@ pub struct PoolDef {
     pub no_pivot: bool,
     /// The ids the sandbox's user namespace maps (None without one).
     pub id_map: Option<IdMap>,
+    /// Where the container init writes the call's files (the spec's tmpfs there).
+    pub call_files_dir: Option<PathBuf>,
 }
 
 /// Keeper body (in a forked child). Returns the keeper's exit code.
@@ -118,6 +120,7 @@ fn keeper_run(
         control_fd: ctl_r.as_raw_fd(),
         keeper_pidfd: keeper.as_raw_fd(),
         address_space: def.address_space,
+        call_files_dir: def.call_files_dir.clone(),
     };
     let mut container = ContainerBuilder::new(id.to_string(), SyscallType::Linux)
         .with_root_path(state_root)

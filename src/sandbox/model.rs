@@ -61,6 +61,51 @@ pub struct SandboxSpec {
     pub limits: Limits,
     /// Number of pre-created containers kept ready (0 = every call is cold).
     pub warm_pool: usize,
+    /// Where each sandbox gets a small tmpfs of its own for the files of its one call
+    /// ([`Invocation::files`]); `None`: no such mount, and calls carry no files.
+    #[serde(default)]
+    pub call_files_dir: Option<PathBuf>,
+}
+
+/// The standard folder of a pod's Kubernetes credentials (`token`, `namespace`, `ca.crt`),
+/// where client libraries look for them: a tool's own identity is handed over there.
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// At most this many files per call, each at most [`MAX_CALL_FILE_BYTES`]: credentials, not data.
+pub const MAX_CALL_FILES: usize = 8;
+pub const MAX_CALL_FILE_BYTES: usize = 64 << 10;
+/// Size of the per-sandbox tmpfs holding them: every file at its largest fits.
+pub const CALL_FILES_TMPFS_BYTES: usize = MAX_CALL_FILES * MAX_CALL_FILE_BYTES;
+
+/// A file for one call only, written (mode 0400, owned by the sandbox's user) into the
+/// pool's [`SandboxSpec::call_files_dir`] before the tool starts.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallFile {
+    /// A plain file name: see [`is_call_file_name`].
+    pub name: String,
+    pub contents: String,
+}
+
+impl std::fmt::Debug for CallFile {
+    /// Never the contents: they are credentials.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CallFile({:?}, {} bytes)",
+            self.name,
+            self.contents.len()
+        )
+    }
+}
+
+/// A name that stays inside its folder: 1 to 64 of `A-Z a-z 0-9 . _ -`, not starting
+/// with `.` (so never `.` or `..`), hence no `/`, no NUL, no traversal.
+pub fn is_call_file_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// One call.
@@ -73,6 +118,8 @@ pub struct Invocation {
     /// Working directory inside the sandbox (default "/").
     pub cwd: Option<String>,
     pub stdin: Vec<u8>,
+    /// This call's own files (e.g. its Kubernetes token), for a pool with a `call_files_dir`.
+    pub files: Vec<CallFile>,
 }
 
 /// A captured output stream.

@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 
 use crate::sandbox::detect::{CgroupMode, HostReport};
 use crate::sandbox::error::SpecError;
-use crate::sandbox::model::{Limits, SandboxSpec};
+use crate::sandbox::model::{CALL_FILES_TMPFS_BYTES, Limits, MAX_CALL_FILES, SandboxSpec};
 use crate::sandbox::names::SANDBOX_UID;
 
 /// Placeholder argv: the real argv arrives late through the control pipe.
@@ -79,6 +79,21 @@ pub fn build(spec: &SandboxSpec, host: &HostReport, userns: bool) -> Result<Valu
         mounts.push(
             json!({"destination": m.destination, "type": "bind", "source": m.source,
                            "options": ["rbind", rw, "nosuid", "nodev"]}),
+        );
+    }
+    // Last, so no bind mount covers it: each container's own, empty folder for its call's
+    // files (a Kubernetes token), owned by the sandbox's user (who writes them, from the
+    // container init) and nobody else's to read.
+    if let Some(dir) = &spec.call_files_dir {
+        if !dir.is_absolute() {
+            return Err(SpecError::RelativeCallFilesDir);
+        }
+        mounts.push(
+            json!({"destination": dir, "type": "tmpfs", "source": "tmpfs",
+            "options": ["nosuid", "nodev", "noexec", "mode=0700",
+                        format!("uid={SANDBOX_UID}"), format!("gid={SANDBOX_UID}"),
+                        format!("size={CALL_FILES_TMPFS_BYTES}"),
+                        format!("nr_inodes={}", MAX_CALL_FILES + 1)]}),
         );
     }
 
@@ -286,6 +301,7 @@ mod golden_tests {
                 open_files: 1024,
             },
             warm_pool: 2,
+            call_files_dir: None,
         }
     }
 
@@ -306,7 +322,11 @@ mod golden_tests {
     }
 
     fn check(name: &str, host: &HostReport, userns: bool) {
-        let spec = build(&sandbox_spec(), host, userns).unwrap();
+        check_spec(name, &sandbox_spec(), host, userns)
+    }
+
+    fn check_spec(name: &str, sandbox: &SandboxSpec, host: &HostReport, userns: bool) {
+        let spec = build(sandbox, host, userns).unwrap();
         // What libcontainer is given must be a valid OCI spec, too.
         serde_json::from_value::<libcontainer::oci_spec::runtime::Spec>(spec.clone()).unwrap();
         let built = serde_json::to_string_pretty(&spec).unwrap() + "\n";
@@ -361,6 +381,25 @@ mod golden_tests {
         check("cgroup_v2", &host(Some(CgroupMode::V2), None), true);
     }
 
+    /// A tool with its own Kubernetes identity: one more mount, a tmpfs of the sandbox's
+    /// user at the service account folder; everything else as for any tool.
+    #[test]
+    fn a_tool_with_a_kubernetes_identity_gets_its_call_files_tmpfs() {
+        let spec = SandboxSpec {
+            call_files_dir: Some(PathBuf::from(crate::sandbox::model::SERVICE_ACCOUNT_DIR)),
+            ..sandbox_spec()
+        };
+        let host = host(Some(CgroupMode::V2), None);
+        check_spec("cgroup_v2_call_files", &spec, &host, true);
+        let with = build(&spec, &host, true).unwrap();
+        let mut without = build(&sandbox_spec(), &host, true).unwrap();
+        without["mounts"]
+            .as_array_mut()
+            .unwrap()
+            .push(with["mounts"].as_array().unwrap().last().unwrap().clone());
+        assert_eq!(with, without);
+    }
+
     #[test]
     fn rlimits_without_cgroups_or_user_namespace() {
         let host = host(
@@ -389,6 +428,12 @@ mod golden_tests {
         assert_eq!(
             build(&bind, &host, true).unwrap_err().reason(),
             "BindMountNotAbsolute"
+        );
+        let mut call_files = sandbox_spec();
+        call_files.call_files_dir = Some(PathBuf::from("var/run/secrets"));
+        assert_eq!(
+            build(&call_files, &host, true).unwrap_err().reason(),
+            "CallFilesDirNotAbsolute"
         );
         let no_ids = HostReport {
             id_map: None,

@@ -188,7 +188,7 @@ impl Pool {
         S: FnOnce(std::net::TcpListener) -> F,
         F: std::future::Future<Output = ()>,
     {
-        call::validate(&inv)?;
+        call::validate(&inv, self.shared.spec.call_files_dir.is_some())?;
         let s = &self.shared;
         // Back-pressure: a burst beyond max_running waits here instead of forking keepers.
         let _running = s

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::sandbox::detect::HostReport;
 use crate::sandbox::error::{Failure, ProtocolError, Result};
-use crate::sandbox::model::{Enforcement, SandboxSpec};
+use crate::sandbox::model::{CallFile, Enforcement, SandboxSpec};
 
 const MAX_MSG: usize = 256 * 1024;
 
@@ -96,6 +96,9 @@ pub struct LateExec {
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
     pub cwd: Option<String>,
+    /// Written by the container init into its call-files tmpfs before execve.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<CallFile>,
 }
 
 pub fn send<T: Serialize>(sock: BorrowedFd<'_>, msg: &T, fds: &[RawFd]) -> Result<()> {
@@ -214,6 +217,7 @@ mod tests {
                 ..Limits::default()
             },
             warm_pool: 3,
+            call_files_dir: Some(PathBuf::from(crate::sandbox::model::SERVICE_ACCOUNT_DIR)),
         }
     }
 
@@ -329,9 +333,36 @@ mod tests {
                 ("EMPTY".into(), String::new()),
             ],
             cwd: Some("/tmp".into()),
+            files: vec![
+                CallFile {
+                    name: "token".into(),
+                    contents: "eyJhbGciOi.eyJzdWIi.c2ln".into(),
+                },
+                CallFile {
+                    name: "ca.crt".into(),
+                    contents: "-----BEGIN CERTIFICATE-----\n\u{0}é\n".into(),
+                },
+            ],
         };
         let bytes = serde_json::to_vec(&late).unwrap();
         assert_eq!(serde_json::from_slice::<LateExec>(&bytes).unwrap(), late);
+        // A call without files sends what it always did, and an older sender's bytes
+        // (no `files`) are a call without files.
+        let plain = LateExec {
+            files: Vec::new(),
+            ..late
+        };
+        let bytes = serde_json::to_vec(&plain).unwrap();
+        assert!(!String::from_utf8_lossy(&bytes).contains("files"));
+        assert_eq!(serde_json::from_slice::<LateExec>(&bytes).unwrap(), plain);
+    }
+
+    #[test]
+    fn a_spec_without_a_call_files_folder_reads_as_none() {
+        let mut json = serde_json::to_value(spec()).unwrap();
+        json.as_object_mut().unwrap().remove("call_files_dir");
+        let back: SandboxSpec = serde_json::from_value(json).unwrap();
+        assert_eq!(back.call_files_dir, None);
     }
 
     #[test]

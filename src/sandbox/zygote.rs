@@ -177,6 +177,7 @@ fn run(sock: BorrowedFd<'_>, seal_err: Option<std::io::Error>) -> Result<()> {
                                 address_space,
                                 no_pivot: host.root_switch == RootSwitch::MoveMount,
                                 id_map: host.id_map.filter(|_| userns_why.is_none()),
+                                call_files_dir: sspec.call_files_dir.clone(),
                             },
                         );
                         let enforcement: Enforcement = host.enforcement(userns_why.is_none());

@@ -215,6 +215,7 @@ pub fn spec(rootfs: &Rootfs, limits: Limits, warm: usize) -> SandboxSpec {
         mounts: vec![],
         limits,
         warm_pool: warm,
+        call_files_dir: None,
     }
 }
 
@@ -224,6 +225,7 @@ pub fn sh(script: &str) -> Invocation {
         env: vec![("PATH".into(), "/bin".into())],
         cwd: None,
         stdin: vec![],
+        files: vec![],
     }
 }
 

@@ -97,6 +97,12 @@ pub fn build(
     for host in service_names {
         args.extend(["--allowed-host".into(), host]);
     }
+    // Only a tool with its own identity: the runner mints each call a token of it, bound
+    // to this pod (named by the downward API below).
+    let mints_tokens = !tool.spec.permissions.kubernetes.is_empty();
+    if mints_tokens {
+        args.extend(["--tool-service-account".into(), names.tool.clone()]);
+    }
     let probe = |path: &str, period: u32| {
         json!({"httpGet": {"path": path, "port": "http"}, "periodSeconds": period,
                "timeoutSeconds": 2, "failureThreshold": 3})
@@ -145,9 +151,16 @@ pub fn build(
             "volumeMounts": [{"name": "tool-image", "mountPath": ROOTFS_COPY_DIR}],
         }]);
     }
-    if tool.spec.audit.persistent_volume_claim.is_some() {
-        pod_spec["containers"][0]["env"] = json!([{"name": "POD_NAME", "valueFrom":
-            {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}}]);
+    let downward = |name: &str, field: &str| json!({"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": field}}});
+    let mut env = Vec::new();
+    if tool.spec.audit.persistent_volume_claim.is_some() || mints_tokens {
+        env.push(downward("POD_NAME", "metadata.name"));
+    }
+    if mints_tokens {
+        env.push(downward("POD_UID", "metadata.uid"));
+    }
+    if !env.is_empty() {
+        pod_spec["containers"][0]["env"] = json!(env);
     }
     if let Some(class) = &tool.spec.sandbox.runtime_class_name {
         pod_spec["runtimeClassName"] = json!(class);

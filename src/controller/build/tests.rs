@@ -182,6 +182,23 @@ fn pod_violations(pod: &PodSpec, tool: &AgentTool) -> Vec<String> {
             pod.service_account_name
         ));
     }
+    // Tokens are minted only of the tool's own account, and only when it declares rules.
+    let names = ChildNames::of(&tool.name_any());
+    for container in &pod.containers {
+        let args = container.args.iter().flatten();
+        let minted = args.skip_while(|a| *a != "--tool-service-account").nth(1);
+        match minted {
+            Some(_) if tool.spec.permissions.kubernetes.is_empty() => found.push(format!(
+                "{}: mints tokens without declared Kubernetes permissions",
+                container.name
+            )),
+            Some(account) if *account != names.tool => found.push(format!(
+                "{}: mints tokens of {account}, not the tool's own account",
+                container.name
+            )),
+            _ => {}
+        }
+    }
     let declared: BTreeSet<&str> = tool
         .spec
         .secrets
@@ -383,7 +400,7 @@ fn no_child_of_any_fixture_breaks_an_invariant() {
 #[test]
 fn a_builder_that_weakens_the_runner_pod_is_caught() {
     type Attack = (&'static str, fn(&mut PodSpec));
-    let attacks: [Attack; 12] = [
+    let attacks: [Attack; 13] = [
         ("hostPath", |p| {
             p.volumes.get_or_insert_default().push(
                 serde_json::from_value(serde_json::json!(
@@ -439,6 +456,14 @@ fn a_builder_that_weakens_the_runner_pod_is_caught() {
                 .unwrap(),
             )
         }),
+        ("tokens of the runner's own account", |p| {
+            let args = p.containers[0].args.as_mut().unwrap();
+            let at = args
+                .iter()
+                .position(|a| a == "--tool-service-account")
+                .unwrap();
+            args[at + 1] = "everything".into();
+        }),
         ("a legacy token Secret", |p| {
             p.volumes.get_or_insert_default().push(serde_json::from_value(serde_json::json!(
                 {"name": "legacy", "secret": {"secretName": "everything-tool-token", "defaultMode": 256}})).unwrap())
@@ -457,6 +482,18 @@ fn a_builder_that_weakens_the_runner_pod_is_caught() {
             "{attack}: not caught"
         );
     }
+    // A tool without Kubernetes permissions gets no token, whoever's it would be.
+    let plain = admitted_fixtures()
+        .into_iter()
+        .find(|a| a.tool.spec.permissions.kubernetes.is_empty())
+        .unwrap();
+    let mut pod = pod_spec(&super::children(&plain, &settings()).unwrap().deployment).clone();
+    let account = ChildNames::of(&plain.tool.name_any()).tool;
+    pod.containers[0]
+        .args
+        .get_or_insert_default()
+        .extend(["--tool-service-account".into(), account]);
+    assert!(!pod_violations(&pod, &plain.tool).is_empty());
     let mut granting_more = children.clone();
     if let Some(identity) = &mut granting_more.tool_identity {
         identity.role.rules.get_or_insert_default()[0]
@@ -467,6 +504,34 @@ fn a_builder_that_weakens_the_runner_pod_is_caught() {
     let mut no_identity = children;
     no_identity.tool_identity = None;
     assert!(!identity_violations(&no_identity, &admitted.tool).is_empty());
+}
+
+/// The runner mints tokens of the tool's own account, bound to its pod, only for a tool
+/// that declares Kubernetes rules; other tools' pods do not change.
+#[test]
+fn only_a_tool_with_kubernetes_rules_gets_a_token_minting_runner_bound_to_its_pod() {
+    for admitted in admitted_fixtures() {
+        let tool = &admitted.tool;
+        let children = children(&admitted, &settings()).unwrap();
+        let runner = &pod_spec(&children.deployment).containers[0];
+        let args = runner.args.clone().unwrap_or_default();
+        let env: Vec<(String, Option<String>)> = (runner.env.iter().flatten())
+            .map(|e| {
+                let field = e.value_from.as_ref().and_then(|v| v.field_ref.as_ref());
+                (e.name.clone(), field.map(|f| f.field_path.clone()))
+            })
+            .collect();
+        let flag = args.iter().position(|a| a == "--tool-service-account");
+        if tool.spec.permissions.kubernetes.is_empty() {
+            assert_eq!(flag, None, "{}", tool.name_any());
+            assert!(!env.iter().any(|(n, _)| n == "POD_UID"), "{env:?}");
+        } else {
+            let account = &args[flag.unwrap() + 1];
+            assert_eq!(*account, format!("{}-tool", tool.name_any()));
+            assert!(env.contains(&("POD_NAME".into(), Some("metadata.name".into()))));
+            assert!(env.contains(&("POD_UID".into(), Some("metadata.uid".into()))));
+        }
+    }
 }
 
 fn everything() -> Admitted {
