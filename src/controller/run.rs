@@ -263,6 +263,7 @@ async fn run_controllers(
     );
     let token_review = runner_token_review::run(
         client.clone(),
+        options.namespaces.clone(),
         controllers.iter().map(|(_, c)| c.store()).collect(),
         stop.clone(),
     );

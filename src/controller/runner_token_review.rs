@@ -7,7 +7,11 @@
 //! own ClusterRole lets it patch only that binding and bind only that role.
 //!
 //! The binding is read and compared on every look, not only after a tool changed, so a
-//! `helm upgrade` or a hand edit that empties it is put back within [`PERIOD`].
+//! `helm upgrade` or a hand edit that empties it is put back within [`PERIOD`]. A
+//! controller watching only some namespaces (`--namespaces`) keeps the subjects of the
+//! other namespaces as they are, so controllers of separate tenants share the binding;
+//! each write carries the `resourceVersion` it was computed from, so two of them never
+//! undo each other's change (the loser tries again on its next look).
 
 use std::time::Duration;
 
@@ -18,7 +22,6 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
 
-use super::apply::FIELD_MANAGER;
 use super::build::ChildNames;
 use crate::api::AgentTool;
 
@@ -72,29 +75,57 @@ pub fn subjects<'a>(tools: impl IntoIterator<Item = &'a AgentTool>) -> Vec<Subje
     subjects
 }
 
-/// One look: reads the binding and, when its subjects differ from `wanted`, applies
-/// them. Returns whether it wrote.
-pub async fn sync(client: &Client, wanted: &[Subject]) -> Result<bool, TokenReviewBindingError> {
+/// The subjects the binding should have: `wanted` for the namespaces this controller
+/// watches (`scope`; empty: all of them), and the current subjects of every other
+/// namespace, sorted and without repeats.
+pub fn merged_subjects(current: &[Subject], scope: &[String], wanted: &[Subject]) -> Vec<Subject> {
+    let watched = |subject: &Subject| {
+        scope.is_empty()
+            || subject
+                .namespace
+                .as_ref()
+                .is_some_and(|namespace| scope.contains(namespace))
+    };
+    let mut subjects: Vec<Subject> = current
+        .iter()
+        .filter(|subject| !watched(subject))
+        .chain(wanted)
+        .cloned()
+        .collect();
+    subjects.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    subjects.dedup();
+    subjects
+}
+
+/// One look: reads the binding and, when its subjects differ from what they should
+/// be, writes them, on the condition that nobody changed the binding in between.
+/// Returns whether it wrote.
+pub async fn sync(
+    client: &Client,
+    scope: &[String],
+    wanted: &[Subject],
+) -> Result<bool, TokenReviewBindingError> {
     let api: Api<ClusterRoleBinding> = Api::all(client.clone());
     let current = api
         .get_opt(TOKEN_REVIEW_ROLE)
         .await
         .map_err(TokenReviewBindingError::Read)?
         .ok_or(TokenReviewBindingError::Missing)?;
-    if current.subjects.as_deref().unwrap_or_default() == wanted {
+    let current_subjects = current.subjects.as_deref().unwrap_or_default();
+    let subjects = merged_subjects(current_subjects, scope, wanted);
+    if current_subjects == subjects {
         return Ok(false);
     }
+    // A merge patch with the resourceVersion read: the API server refuses it (409)
+    // if the binding changed since, instead of overwriting that change.
     let patch = json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "ClusterRoleBinding",
-        "metadata": {"name": TOKEN_REVIEW_ROLE},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": TOKEN_REVIEW_ROLE},
-        "subjects": wanted,
+        "metadata": {"resourceVersion": current.metadata.resource_version},
+        "subjects": subjects,
     });
     api.patch(
         TOKEN_REVIEW_ROLE,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
     )
     .await
     .map_err(TokenReviewBindingError::Write)?;
@@ -103,7 +134,12 @@ pub async fn sync(client: &Client, wanted: &[Subject]) -> Result<bool, TokenRevi
 
 /// Keeps the binding's subjects current until `stop` turns true. A failure is logged
 /// when it first happens (not every look) and tried again on the next look.
-pub async fn run(client: Client, tools: Vec<Store<AgentTool>>, mut stop: watch::Receiver<bool>) {
+pub async fn run(
+    client: Client,
+    scope: Vec<String>,
+    tools: Vec<Store<AgentTool>>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_failure: Option<&'static str> = None;
@@ -114,7 +150,7 @@ pub async fn run(client: Client, tools: Vec<Store<AgentTool>>, mut stop: watch::
         }
         let all_tools: Vec<_> = tools.iter().flat_map(Store::state).collect();
         let wanted = subjects(all_tools.iter().map(|t| &**t));
-        match sync(&client, &wanted).await {
+        match sync(&client, &scope, &wanted).await {
             Ok(wrote) => {
                 if wrote {
                     tracing::info!(
@@ -146,6 +182,36 @@ mod tests {
         tool.metadata.name = Some(name.into());
         tool.metadata.namespace = namespace.map(Into::into);
         tool
+    }
+
+    fn subject(namespace: &str, name: &str) -> Subject {
+        Subject {
+            kind: "ServiceAccount".into(),
+            name: name.into(),
+            namespace: Some(namespace.into()),
+            api_group: None,
+        }
+    }
+
+    #[test]
+    fn a_namespaced_controller_changes_only_the_subjects_of_its_namespaces() {
+        let current = [
+            subject("team-a", "gone"),
+            subject("team-b", "theirs"),
+            subject("team-c", "kept"),
+        ];
+        let wanted = [subject("team-a", "search")];
+        let scope = ["team-a".to_string(), "team-b".to_string()];
+        assert_eq!(
+            merged_subjects(&current, &scope, &wanted),
+            [subject("team-a", "search"), subject("team-c", "kept")],
+            "team-a and team-b are this controller's: only its tools stay there"
+        );
+        assert_eq!(
+            merged_subjects(&current, &[], &wanted),
+            [subject("team-a", "search")],
+            "a cluster-wide controller owns every subject"
+        );
     }
 
     #[test]

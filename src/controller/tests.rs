@@ -1054,7 +1054,7 @@ async fn every_runner_may_review_tokens_through_the_one_binding_the_controller_k
         format!("/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/{TOKEN_REVIEW_ROLE}");
     let installed = json!({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-        "metadata": {"name": TOKEN_REVIEW_ROLE},
+        "metadata": {"name": TOKEN_REVIEW_ROLE, "resourceVersion": "7"},
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": TOKEN_REVIEW_ROLE},
     });
     let h = Harness::new();
@@ -1064,11 +1064,15 @@ async fn every_runner_may_review_tokens_through_the_one_binding_the_controller_k
         api.take_calls()
             .into_iter()
             .filter(|c| c.method == Method::PATCH && c.path() == binding_path)
-            .map(|c| c.body["subjects"].clone())
+            .map(|c| {
+                // Written only on the condition that the binding is as it was read.
+                assert_eq!(c.body["metadata"]["resourceVersion"], "7", "{}", c.body);
+                c.body["subjects"].clone()
+            })
             .collect()
     };
 
-    let missing = sync(&client, &subjects(&tools)).await.unwrap_err();
+    let missing = sync(&client, &[], &subjects(&tools)).await.unwrap_err();
     assert!(
         matches!(missing, TokenReviewBindingError::Missing),
         "{missing}"
@@ -1077,16 +1081,16 @@ async fn every_runner_may_review_tokens_through_the_one_binding_the_controller_k
     assert_eq!(writes(&h.api), Vec::<Value>::new(), "nothing is created");
 
     h.api.put(&binding_path, installed.clone());
-    assert!(sync(&client, &subjects(&tools)).await.unwrap());
+    assert!(sync(&client, &[], &subjects(&tools)).await.unwrap());
     let execute_code =
         json!({"kind": "ServiceAccount", "name": "execute-code", "namespace": "agents"});
     assert_eq!(writes(&h.api), [json!([execute_code])]);
-    assert!(!sync(&client, &subjects(&tools)).await.unwrap());
+    assert!(!sync(&client, &[], &subjects(&tools)).await.unwrap());
     assert_eq!(writes(&h.api), Vec::<Value>::new(), "nothing changed");
 
     // `helm upgrade` re-applies the binding without subjects: they are put back.
     h.api.put(&binding_path, installed);
-    assert!(sync(&client, &subjects(&tools)).await.unwrap());
+    assert!(sync(&client, &[], &subjects(&tools)).await.unwrap());
     assert_eq!(writes(&h.api), [json!([execute_code])]);
 
     // A second tool joins; a failed write is reported and tried again.
@@ -1099,15 +1103,15 @@ async fn every_runner_may_review_tokens_through_the_one_binding_the_controller_k
         "/clusterrolebindings/toolwarden-runner-token-review",
         500,
     );
-    let failed = sync(&client, &subjects(&tools)).await.unwrap_err();
+    let failed = sync(&client, &[], &subjects(&tools)).await.unwrap_err();
     assert_eq!(failed.reason(), "TokenReviewBindingUpdateFailed");
     h.api.take_calls();
-    assert!(sync(&client, &subjects(&tools)).await.unwrap());
+    assert!(sync(&client, &[], &subjects(&tools)).await.unwrap());
     let search_sa = json!({"kind": "ServiceAccount", "name": "search", "namespace": "team-b"});
     assert_eq!(writes(&h.api), [json!([execute_code, search_sa])]);
 
     // The first tool is deleted: its runner loses the permission.
     tools.remove(0);
-    assert!(sync(&client, &subjects(&tools)).await.unwrap());
+    assert!(sync(&client, &[], &subjects(&tools)).await.unwrap());
     assert_eq!(writes(&h.api), [json!([search_sa])]);
 }
