@@ -3,7 +3,7 @@
 
 use std::ops::Range;
 
-use regex::{Regex, RegexSet};
+use regex::Regex;
 use serde::Deserialize;
 
 use super::rules::{self, RuleMask};
@@ -32,10 +32,12 @@ struct File {
 /// The rule name of the entropy test; it comes after the formats.
 pub const HIGH_ENTROPY: &str = "highEntropy";
 
+/// One regex per format rather than a `RegexSet`: each gets the regex
+/// crate's literal prefilter (`AKIA`, `ghp_`, `eyJ`...), so prose is skipped
+/// at memchr speed; the set ran its automaton over every byte (7 µs per 4 KiB).
 pub(crate) struct Secrets {
     formats: Vec<Format>,
     entropy: Entropy,
-    set: RegexSet,
     each: Vec<Regex>,
 }
 
@@ -47,7 +49,6 @@ impl Secrets {
             file,
             reason: e.to_string(),
         };
-        let set = RegexSet::new(formats.iter().map(|f| &f.pattern)).map_err(invalid)?;
         let each = formats
             .iter()
             .map(|f| Regex::new(&f.pattern))
@@ -56,7 +57,6 @@ impl Secrets {
         Ok(Secrets {
             formats,
             entropy,
-            set,
             each,
         })
     }
@@ -71,17 +71,19 @@ impl Secrets {
 
     /// The human name of the first known format `text` contains.
     pub fn known_format(&self, text: &str) -> Option<&str> {
-        self.set
-            .matches(text)
+        self.each
             .iter()
-            .next()
+            .position(|format| format.is_match(text))
             .map(|i| self.formats[i].name.as_str())
     }
 
     pub(super) fn scan<'a>(&'a self, text: &str, mask: RuleMask, out: &mut Vec<Hit<'a>>) {
         let before = out.len();
-        for index in self.set.matches(text).iter().filter(|&i| mask.has(i)) {
-            for m in self.each[index].find_iter(text) {
+        for (index, format) in self.each.iter().enumerate() {
+            if !mask.has(index) {
+                continue;
+            }
+            for m in format.find_iter(text) {
                 out.push(Hit {
                     rule: &self.formats[index].id,
                     span: Some(m.range()),
