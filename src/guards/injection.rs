@@ -309,6 +309,24 @@ mod tests {
         out.iter().map(|h| h.rule.to_string()).collect()
     }
 
+    /// The prefilters are only sound if each lets through every phrase of
+    /// its rule, as the automaton sees it (expanded, then folded).
+    #[test]
+    fn each_prefilter_lets_every_phrase_of_its_rule_through() {
+        let guard = PromptInjection::load().unwrap();
+        let (file, text) = rules::PROMPT_INJECTION;
+        let File { rules } = rules::load(file, text).unwrap();
+        let mut checked = 0;
+        for (index, rule) in rules.iter().enumerate() {
+            for literal in rule.phrases.iter().flat_map(expand) {
+                let folded = fold(&literal);
+                assert!(guard.prefilters[index].is_match(&folded), "{}: {folded}", rule.id);
+                checked += 1;
+            }
+        }
+        assert!(checked > 10_000, "{checked}");
+    }
+
     #[test]
     fn the_guides_injection_attempt() {
         assert_eq!(
