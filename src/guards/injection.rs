@@ -153,20 +153,12 @@ impl PromptInjection {
     }
 
     /// Whether `encoded_runs` could match: every match has a run of
-    /// [`ENCODED_MIN_RUN`] base64 characters, and such a run covers a
-    /// multiple of that length, so only those bytes are looked at first.
+    /// [`ENCODED_MIN_RUN`] base64 characters.
     fn has_encoded_runs(&self, path: Path, raw: &str) -> bool {
-        let is_run_byte = |b: &u8| b.is_ascii_alphanumeric() || b"+/_-".contains(b);
-        let bytes = raw.as_bytes();
         match path {
-            Path::Fast => (ENCODED_MIN_RUN - 1..bytes.len())
-                .step_by(ENCODED_MIN_RUN)
-                .filter(|&at| is_run_byte(&bytes[at]))
-                .any(|at| {
-                    let before = bytes[..at].iter().rev().take_while(|b| is_run_byte(b));
-                    let after = bytes[at..].iter().take_while(|b| is_run_byte(b));
-                    before.count() + after.count() >= ENCODED_MIN_RUN
-                }),
+            Path::Fast => super::has_run(raw, ENCODED_MIN_RUN, |b| {
+                b.is_ascii_alphanumeric() || b"+/_-".contains(&b)
+            }),
             #[cfg(test)]
             Path::Straightforward => true,
         }

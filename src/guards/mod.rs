@@ -123,6 +123,22 @@ impl<'t> Text<'t> {
     }
 }
 
+/// Whether `text` has `min` consecutive bytes that are `in_run` (`min` > 0).
+/// Such a run covers an index `k * min - 1`, so only those bytes are looked
+/// at first, and the run around them measured: for prose, a fraction of the
+/// bytes a full scan reads.
+pub(crate) fn has_run(text: &str, min: usize, in_run: impl Fn(u8) -> bool) -> bool {
+    let bytes = text.as_bytes();
+    (min.saturating_sub(1)..bytes.len())
+        .step_by(min.max(1))
+        .filter(|&at| in_run(bytes[at]))
+        .any(|at| {
+            let before = bytes[..at].iter().rev().take_while(|&&b| in_run(b));
+            let after = bytes[at..].iter().take_while(|&&b| in_run(b));
+            before.count() + after.count() >= min
+        })
+}
+
 struct Detectors {
     pii: pii::Pii,
     secrets: secrets::Secrets,
@@ -294,7 +310,7 @@ impl GuardSet {
         let d = self.detectors;
         match guard.kind {
             GuardKind::Pii => d.pii.scan(text.raw(), guard.mask, out),
-            GuardKind::Secrets => d.secrets.scan(text.raw(), guard.mask, out),
+            GuardKind::Secrets => d.secrets.scan_text(text, guard.mask, out),
             GuardKind::PromptInjection => d.injection.scan_text(text, guard.mask, out),
             GuardKind::Malicious => d.malicious.scan_text(text, guard.mask, out),
             GuardKind::Http => {}

@@ -77,7 +77,18 @@ impl Secrets {
             .map(|i| self.formats[i].name.as_str())
     }
 
-    pub(super) fn scan<'a>(&'a self, text: &str, mask: RuleMask, out: &mut Vec<Hit<'a>>) {
+    #[cfg(test)]
+    fn scan<'a>(&'a self, text: &str, mask: RuleMask, out: &mut Vec<Hit<'a>>) {
+        self.scan_text(&super::Text::new(text, super::Path::Fast), mask, out);
+    }
+
+    pub(super) fn scan_text<'a>(
+        &'a self,
+        text: &super::Text,
+        mask: RuleMask,
+        out: &mut Vec<Hit<'a>>,
+    ) {
+        let (path, text) = (text.path(), text.raw());
         let before = out.len();
         for (index, format) in self.each.iter().enumerate() {
             if !mask.has(index) {
@@ -90,7 +101,13 @@ impl Secrets {
                 });
             }
         }
-        if mask.has(self.formats.len()) {
+        // A random token is a run of token bytes; most strings have none long enough.
+        let may_have_tokens = match path {
+            super::Path::Fast => super::has_run(text, self.entropy.min_length, is_token_byte),
+            #[cfg(test)]
+            super::Path::Straightforward => true,
+        };
+        if mask.has(self.formats.len()) && may_have_tokens {
             let known: Vec<Range<usize>> = out[before..]
                 .iter()
                 .filter_map(|h| h.span.clone())
@@ -113,7 +130,6 @@ impl Secrets {
     /// Spans of tokens that look random enough to be keys.
     pub fn random_tokens<'t>(&self, text: &'t str) -> impl Iterator<Item = Range<usize>> + 't {
         let (min_length, threshold) = (self.entropy.min_length, self.entropy.bits_per_char);
-        let is_token_byte = |b: u8| b.is_ascii_alphanumeric() || b"+/=_-".contains(&b);
         let bytes = text.as_bytes();
         let mut start = 0;
         std::iter::from_fn(move || {
@@ -138,6 +154,10 @@ impl Secrets {
             None
         })
     }
+}
+
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"+/=_-".contains(&b)
 }
 
 fn shannon_entropy(token: &str) -> f64 {
