@@ -124,8 +124,7 @@ impl PromptInjection {
         };
         let mut found = self.found(path, &folded, mask);
         let encoded = self.rule_ids.len() - 1;
-        if mask.has(encoded) && found == RuleMask::NONE && self.has_encoded_runs(path, text.raw())
-        {
+        if mask.has(encoded) && found == RuleMask::NONE && self.has_encoded_runs(path, text.raw()) {
             let decoded_hit = self
                 .encoded_runs
                 .find_iter(text.raw())
@@ -209,7 +208,11 @@ fn phrase_regex(phrase: &Phrase) -> Option<String> {
             })
             .map(|words| {
                 (
-                    words.iter().map(String::as_str).filter(|w| !w.is_empty()).collect(),
+                    words
+                        .iter()
+                        .map(String::as_str)
+                        .filter(|w| !w.is_empty())
+                        .collect(),
                     words.iter().any(String::is_empty),
                 )
             })
@@ -230,7 +233,9 @@ fn phrase_regex(phrase: &Phrase) -> Option<String> {
             let rest: String = alternations[first + 1..]
                 .iter()
                 .filter(|(words, _)| !words.is_empty())
-                .map(|(words, optional)| format!("(?: (?:{words})){}", if *optional { "?" } else { "" }))
+                .map(|(words, optional)| {
+                    format!("(?: (?:{words})){}", if *optional { "?" } else { "" })
+                })
                 .collect();
             branches.push(format!("(?:{words}){rest}"));
         }
@@ -312,7 +317,11 @@ mod tests {
         for (index, rule) in rules.iter().enumerate() {
             for literal in rule.phrases.iter().flat_map(expand) {
                 let folded = fold(&literal);
-                assert!(guard.prefilters[index].is_match(&folded), "{}: {folded}", rule.id);
+                assert!(
+                    guard.prefilters[index].is_match(&folded),
+                    "{}: {folded}",
+                    rule.id
+                );
                 checked += 1;
             }
         }

@@ -309,7 +309,7 @@ impl GuardSet {
     fn scan(&self, guard: &CompiledGuard, text: &Text, out: &mut Vec<Hit<'static>>) {
         let d = self.detectors;
         match guard.kind {
-            GuardKind::Pii => d.pii.scan(text.raw(), guard.mask, out),
+            GuardKind::Pii => d.pii.scan_text(text, guard.mask, out),
             GuardKind::Secrets => d.secrets.scan_text(text, guard.mask, out),
             GuardKind::PromptInjection => d.injection.scan_text(text, guard.mask, out),
             GuardKind::Malicious => d.malicious.scan_text(text, guard.mask, out),
