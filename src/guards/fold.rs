@@ -6,6 +6,7 @@
 //! collapsed to one space.
 
 use std::borrow::Cow;
+use std::ops::Range;
 use std::sync::LazyLock;
 
 use unicode_normalization::char::is_combining_mark;
@@ -17,20 +18,12 @@ use unicode_security::general_security_profile::IdentifierType;
 /// every other non-alphanumeric ASCII character is a separator.
 const KEPT_PUNCTUATION: &str = "<>|[]#/`";
 
-/// What one character folds to, or part of it: a separator, or text.
+/// What one character folds to, or part of it.
 #[derive(Clone, Debug, PartialEq)]
 enum Piece {
     Separator,
+    Char(char),
     Text(String),
-}
-
-impl Piece {
-    fn text(&self) -> Option<&str> {
-        match self {
-            Piece::Separator => None,
-            Piece::Text(text) => Some(text),
-        }
-    }
 }
 
 /// The folded form of each ASCII character, computed once with the same
@@ -39,31 +32,46 @@ static ASCII: LazyLock<[Piece; 128]> = LazyLock::new(|| {
     std::array::from_fn(|b| {
         let c = b as u8 as char;
         if KEPT_PUNCTUATION.contains(c) {
-            Piece::Text(c.to_string())
+            Piece::Char(c)
         } else if c.is_ascii_alphanumeric() {
-            Piece::Text(skeleton_lower(c))
+            let folded = skeleton_lower(c);
+            let mut chars = folded.chars();
+            match (chars.next(), chars.next()) {
+                (Some(one), None) => Piece::Char(one),
+                _ => Piece::Text(folded),
+            }
         } else {
             Piece::Separator
         }
     })
 });
 
-/// The folded pieces of U+0080..U+024F (Latin-1 and Latin Extended A and B:
-/// accented prose), computed once; the skeleton costs about 100 ns a call.
-const LATIN_END: u32 = 0x250;
-static LATIN: LazyLock<Vec<Vec<Piece>>> = LazyLock::new(|| {
-    (0x80..LATIN_END)
-        .map(|u| {
-            let mut pieces = Vec::new();
-            if let Some(c) = char::from_u32(u) {
-                fold_char(c, &mut |piece| {
-                    pieces.push(piece.map_or(Piece::Separator, |t| Piece::Text(t.into())))
-                });
-            }
-            pieces
-        })
-        .collect()
+/// Blocks folded by table, computed once (the skeleton costs about 100 ns
+/// a call): Latin-1 and Latin Extended A and B (accented prose), and
+/// General Punctuation (spaces, zero-width characters, dashes, quotes).
+const TABLED: [Range<u32>; 2] = [0x80..0x250, 0x2000..0x2070];
+static TABLES: LazyLock<[Vec<Vec<Piece>>; 2]> = LazyLock::new(|| {
+    TABLED.map(|block| {
+        block
+            .map(|u| {
+                let mut pieces = Vec::new();
+                if let Some(c) = char::from_u32(u) {
+                    fold_char(c, &mut |piece| pieces.push(piece.clone()));
+                }
+                pieces
+            })
+            .collect()
+    })
 });
+
+fn tabled(c: char) -> Option<&'static [Piece]> {
+    let u = c as u32;
+    let (block, table) = TABLED
+        .iter()
+        .zip(&*TABLES)
+        .find(|(block, _)| block.contains(&u))?;
+    Some(&table[(u - block.start) as usize])
+}
 
 fn skeleton_lower(c: char) -> String {
     let mut out = String::new();
@@ -105,20 +113,19 @@ fn untag(c: char) -> char {
 /// slow way: invisible characters are nothing, whitespace separates, and the
 /// rest is its lower-cased skeleton without combining marks (the skeleton is
 /// decomposed: dropping the marks reads `ïgnöre` as `ignore`).
-/// `each` gets the text of each piece, `None` for a separator.
-fn fold_char(c: char, each: &mut impl FnMut(Option<&str>)) {
+fn fold_char(c: char, each: &mut impl FnMut(&Piece)) {
     if invisible(c) {
         return;
     }
     if c.is_whitespace() {
-        return each(None);
+        return each(&Piece::Separator);
     }
     let ascii = &*ASCII;
     for_skeleton_lower(c, |f| match f {
         f if is_combining_mark(f) => {}
-        f if f.is_ascii() => each(ascii[f as usize].text()),
-        f if f.is_alphanumeric() => each(Some(f.encode_utf8(&mut [0; 4]))),
-        _ => each(None),
+        f if f.is_ascii() => each(&ascii[f as usize]),
+        f if f.is_alphanumeric() => each(&Piece::Char(f)),
+        _ => each(&Piece::Separator),
     });
 }
 
@@ -172,24 +179,32 @@ struct Folded {
 }
 
 impl Folded {
-    fn push(&mut self, piece: Option<&str>) {
+    fn push(&mut self, piece: &Piece) {
         match piece {
-            None => self.gap = !self.text.is_empty(),
-            Some(text) => {
-                if std::mem::take(&mut self.gap) {
-                    self.text.push(' ');
-                }
+            Piece::Separator => self.gap = !self.text.is_empty(),
+            Piece::Char(c) => {
+                self.close_gap();
+                self.text.push(*c);
+            }
+            Piece::Text(text) => {
+                self.close_gap();
                 self.text.push_str(text);
             }
+        }
+    }
+
+    fn close_gap(&mut self) {
+        if std::mem::take(&mut self.gap) {
+            self.text.push(' ');
         }
     }
 }
 
 /// [`fold`] of text already in NFKC (the guards normalise each string once
-/// for every detector that needs it). ASCII and accented Latin letters are
-/// folded by table, byte by byte; other characters by [`fold_char`].
+/// for every detector that needs it). ASCII is folded by table, byte by
+/// byte, the [`TABLED`] blocks by table, other characters by [`fold_char`].
 pub fn fold_nfkc(normalized: &str) -> String {
-    let (ascii, latin) = (&*ASCII, &*LATIN);
+    let ascii = &*ASCII;
     let mut out = Folded {
         text: String::with_capacity(normalized.len()),
         gap: false,
@@ -198,7 +213,7 @@ pub fn fold_nfkc(normalized: &str) -> String {
     let mut at = 0;
     while at < bytes.len() {
         if bytes[at].is_ascii() {
-            out.push(ascii[bytes[at] as usize].text());
+            out.push(&ascii[bytes[at] as usize]);
             at += 1;
             continue;
         }
@@ -207,9 +222,9 @@ pub fn fold_nfkc(normalized: &str) -> String {
         };
         at += c.len_utf8();
         match untag(c) {
-            c if c.is_ascii() => out.push(ascii[c as usize].text()),
-            c => match latin.get((c as u32).wrapping_sub(0x80) as usize) {
-                Some(pieces) => pieces.iter().for_each(|piece| out.push(piece.text())),
+            c if c.is_ascii() => out.push(&ascii[c as usize]),
+            c => match tabled(c) {
+                Some(pieces) => pieces.iter().for_each(|piece| out.push(piece)),
                 None => fold_char(c, &mut |piece| out.push(piece)),
             },
         }
