@@ -136,6 +136,9 @@ fn fold_char(c: char, each: &mut impl FnMut(&Piece)) {
 /// nothing before it), so each run, with the ASCII character before it,
 /// normalises on its own. Full NFKC of a 4 KiB string costs about 35 µs.
 pub fn nfkc(text: &str) -> Cow<'_, str> {
+    if text.is_ascii() {
+        return Cow::Borrowed(text);
+    }
     let bytes = text.as_bytes();
     let mut normalized: Option<String> = None;
     let mut copied = 0;
