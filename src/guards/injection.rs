@@ -92,8 +92,11 @@ impl PromptInjection {
                 .push(Regex::new(&alternatives.join("|")).map_err(|e| invalid(e.to_string()))?);
         }
         let automaton = AhoCorasick::new(&literals).map_err(|e| invalid(e.to_string()))?;
-        let encoded_runs = Regex::new(r"[A-Za-z0-9+/_-]{16,}={0,2}|(?:[0-9A-Fa-f]{2}){8,}")
-            .map_err(|e| invalid(e.to_string()))?;
+        let encoded_runs = Regex::new(&format!(
+            "[A-Za-z0-9+/_-]{{{ENCODED_MIN_RUN},}}={{0,2}}|(?:[0-9A-Fa-f]{{2}}){{{},}}",
+            ENCODED_MIN_RUN / 2
+        ))
+        .map_err(|e| invalid(e.to_string()))?;
         let mut rule_ids: Vec<String> = rules.into_iter().map(|r| r.id).collect();
         rule_ids.push(ENCODED.into());
         Ok(PromptInjection {
