@@ -6,10 +6,13 @@
 //! limit, shape, validation, audit records, an executor that answers at
 //! once) for a tool without guards and the same tool with the four guards.
 //!
-//! Run: `cargo bench --bench guards`. Three inputs: ASCII prose (the fast
-//! path), accented prose (already NFKC: the skeleton runs per accented
-//! letter), and prose with a fullwidth word and a zero-width space (full NFKC
-//! as well).
+//! Run: `cargo bench --bench guards`. Three inputs: ASCII prose (nothing to
+//! normalise), accented prose (already NFKC: the quick check and the folding
+//! table per accented letter), and prose with a fullwidth word and a
+//! zero-width space (NFKC of the runs around them as well). None holds
+//! anything a guard reports, so the prefilters skip what they can; the
+//! property test `guards::tests::the_fast_path_finds_exactly_what_the_straightforward_path_finds`
+//! is what shows they skip nothing that matters.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -54,6 +57,9 @@ const GUARDS: &str = "  guards:
       - {kind: promptInjection, action: refuse}
       - {kind: malicious, action: refuse}
 ";
+
+/// The most all input guards may add to the pipeline's median, in µs.
+const TARGET_US: f64 = 50.0;
 
 /// Answers `{}` at once: the pipeline's own cost only.
 struct Instant0;
@@ -212,13 +218,15 @@ fn main() {
         let plain = pipeline("plain", &text);
         let guarded = pipeline("guarded", &text);
         let us = |d: Duration| d.as_secs_f64() * 1e6;
+        let added = us(guarded) - us(plain);
         println!(
-            "{name:>8} input, {} bytes: pipeline without guards {:>6.1} µs, with all input guards {:>6.1} µs, added {:>5.1} µs (target ≤ 50 µs); \
+            "{name:>8} input, {} bytes: pipeline without guards {:>6.1} µs, with all input guards {:>6.1} µs, added {:>5.1} µs (target ≤ {TARGET_US} µs: {}); \
              guards alone {:>5.1} µs ({}); baseline serde_json parse {:>5.1} µs",
             text.len(),
             us(plain),
             us(guarded),
-            us(guarded) - us(plain),
+            added,
+            if added <= TARGET_US { "met" } else { "NOT met" },
             us(checked),
             per_kind.join(", "),
             us(parse),

@@ -79,17 +79,29 @@ pub(crate) struct Hit<'a> {
     pub span: Option<Range<usize>>,
 }
 
+/// How the detectors run: the fast path (NFKC only of the runs that need
+/// it, table-driven folding, prefilters that rule out what cannot match), or,
+/// in tests, the straightforward path it must agree with finding for finding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Path {
+    Fast,
+    #[cfg(test)]
+    Straightforward,
+}
+
 /// One string being checked, normalised (NFKC) at most once for all the
 /// detectors that match on normalised text.
 pub(crate) struct Text<'t> {
     raw: &'t str,
+    path: Path,
     nfkc: std::cell::OnceCell<Cow<'t, str>>,
 }
 
 impl<'t> Text<'t> {
-    pub fn new(raw: &'t str) -> Text<'t> {
+    pub fn new(raw: &'t str, path: Path) -> Text<'t> {
         Text {
             raw,
+            path,
             nfkc: std::cell::OnceCell::new(),
         }
     }
@@ -98,9 +110,33 @@ impl<'t> Text<'t> {
         self.raw
     }
 
-    pub fn nfkc(&self) -> &str {
-        self.nfkc.get_or_init(|| fold::nfkc(self.raw))
+    pub fn path(&self) -> Path {
+        self.path
     }
+
+    pub fn nfkc(&self) -> &str {
+        self.nfkc.get_or_init(|| match self.path {
+            Path::Fast => fold::nfkc(self.raw),
+            #[cfg(test)]
+            Path::Straightforward => Cow::Owned(fold::straightforward::nfkc(self.raw)),
+        })
+    }
+}
+
+/// Whether `text` has `min` consecutive bytes that are `in_run` (`min` > 0).
+/// Such a run covers an index `k * min - 1`, so only those bytes are looked
+/// at first, and the run around them measured: for prose, a fraction of the
+/// bytes a full scan reads.
+pub(crate) fn has_run(text: &str, min: usize, in_run: impl Fn(u8) -> bool) -> bool {
+    let bytes = text.as_bytes();
+    (min.saturating_sub(1)..bytes.len())
+        .step_by(min.max(1))
+        .filter(|&at| in_run(bytes[at]))
+        .any(|at| {
+            let before = bytes[..at].iter().rev().take_while(|&&b| in_run(b));
+            let after = bytes[at..].iter().take_while(|&&b| in_run(b));
+            before.count() + after.count() >= min
+        })
 }
 
 struct Detectors {
@@ -243,8 +279,13 @@ impl GuardSet {
 
     /// Every finding of the in-process guards in `document`, in document order.
     pub fn check(&self, document: &Value) -> Vec<Finding> {
+        self.check_on(Path::Fast, document)
+    }
+
+    fn check_on(&self, path: Path, document: &Value) -> Vec<Finding> {
         let mut walk = Walk {
             set: self,
+            path,
             segments: Vec::new(),
             findings: Vec::new(),
         };
@@ -268,8 +309,8 @@ impl GuardSet {
     fn scan(&self, guard: &CompiledGuard, text: &Text, out: &mut Vec<Hit<'static>>) {
         let d = self.detectors;
         match guard.kind {
-            GuardKind::Pii => d.pii.scan(text.raw(), guard.mask, out),
-            GuardKind::Secrets => d.secrets.scan(text.raw(), guard.mask, out),
+            GuardKind::Pii => d.pii.scan_text(text, guard.mask, out),
+            GuardKind::Secrets => d.secrets.scan_text(text, guard.mask, out),
             GuardKind::PromptInjection => d.injection.scan_text(text, guard.mask, out),
             GuardKind::Malicious => d.malicious.scan_text(text, guard.mask, out),
             GuardKind::Http => {}
@@ -329,6 +370,7 @@ fn rule_mask(d: &Detectors, index: usize, decl: &GuardDecl) -> Result<RuleMask, 
 
 struct Walk<'s> {
     set: &'s GuardSet,
+    path: Path,
     /// Unescaped segments of the current position.
     segments: Vec<String>,
     findings: Vec<Finding>,
@@ -358,7 +400,7 @@ impl Walk<'_> {
     }
 
     fn text(&mut self, raw: &str, in_key: bool) {
-        let text = Text::new(raw);
+        let text = Text::new(raw, self.path);
         let mut hits = Vec::new();
         for guard in &self.set.guards {
             if !guard.covers(&self.segments) {

@@ -4,8 +4,8 @@
 use regex::{Regex, RegexSet};
 use serde::Deserialize;
 
-use super::rules::{self, RuleMask};
-use super::{GuardError, Hit};
+use super::rules::{self, RequiredBytes, RuleMask};
+use super::{GuardError, Hit, Path, Text};
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -32,6 +32,9 @@ struct File {
 
 pub(super) struct Pii {
     rules: Vec<RuleDecl>,
+    /// The set's automaton reads every byte (7 µs per 4 KiB); a string with
+    /// none of these bytes (no digit, `@` or `+`: most prose) is skipped.
+    required: RequiredBytes,
     set: RegexSet,
     each: Vec<Regex>,
 }
@@ -50,14 +53,35 @@ impl Pii {
             .map(|r| Regex::new(&r.pattern))
             .collect::<Result<_, _>>()
             .map_err(invalid)?;
-        Ok(Pii { rules, set, each })
+        let required = RequiredBytes::of(rules.iter().map(|r| r.pattern.as_str()))
+            .map_err(|reason| GuardError::RuleSet { file, reason })?;
+        Ok(Pii {
+            rules,
+            required,
+            set,
+            each,
+        })
     }
 
     pub fn rule_names(&self) -> impl Iterator<Item = &str> {
         self.rules.iter().map(|r| r.id.as_str())
     }
 
-    pub fn scan<'a>(&'a self, text: &str, mask: RuleMask, out: &mut Vec<Hit<'a>>) {
+    #[cfg(test)]
+    fn scan<'a>(&'a self, text: &str, mask: RuleMask, out: &mut Vec<Hit<'a>>) {
+        self.scan_text(&Text::new(text, Path::Fast), mask, out);
+    }
+
+    pub fn scan_text<'a>(&'a self, text: &Text, mask: RuleMask, out: &mut Vec<Hit<'a>>) {
+        let (path, text) = (text.path(), text.raw());
+        let possible = match path {
+            Path::Fast => self.required.found_in(text),
+            #[cfg(test)]
+            Path::Straightforward => true,
+        };
+        if !possible {
+            return;
+        }
         for index in self.set.matches(text).iter().filter(|&i| mask.has(i)) {
             let rule = &self.rules[index];
             for m in self.each[index].find_iter(text) {
@@ -247,6 +271,19 @@ mod tests {
         ] {
             assert!(rules_hit(text).is_empty(), "{text}: {:?}", rules_hit(text));
         }
+    }
+
+    #[test]
+    fn only_strings_with_a_digit_at_or_plus_can_hold_personal_information() {
+        let pii = Pii::load().unwrap();
+        let needed: Vec<u8> = (0..=255u8)
+            .filter(|&b| pii.required.found_in(&String::from(b as char)))
+            .collect();
+        assert_eq!(needed, b"+0123456789@");
+        assert!(
+            !pii.required
+                .found_in("My tomatoes finally ripened, mûri après l'hiver.")
+        );
     }
 
     #[test]
