@@ -139,29 +139,65 @@ pub(crate) fn has_run(text: &str, min: usize, in_run: impl Fn(u8) -> bool) -> bo
         })
 }
 
-struct Detectors {
-    pii: pii::Pii,
-    secrets: secrets::Secrets,
-    injection: injection::PromptInjection,
-    malicious: malicious::Malicious,
-}
+// Each kind's rule set is compiled on its first use, once per process: a runner whose
+// tools declare no guards (or `toolwarden check` asking only for the secrets detector)
+// never holds the others (the prompt-injection automaton alone is about 2 MB).
+static PII: LazyLock<Result<pii::Pii, GuardError>> = LazyLock::new(pii::Pii::load);
+static SECRETS: LazyLock<Result<secrets::Secrets, GuardError>> =
+    LazyLock::new(secrets::Secrets::load);
+static INJECTION: LazyLock<Result<injection::PromptInjection, GuardError>> =
+    LazyLock::new(injection::PromptInjection::load);
+static MALICIOUS: LazyLock<Result<malicious::Malicious, GuardError>> =
+    LazyLock::new(malicious::Malicious::load);
 
-static DETECTORS: LazyLock<Result<Detectors, GuardError>> = LazyLock::new(|| {
-    Ok(Detectors {
-        pii: pii::Pii::load()?,
-        secrets: secrets::Secrets::load()?,
-        injection: injection::PromptInjection::load()?,
-        malicious: malicious::Malicious::load()?,
-    })
-});
-
-fn detectors() -> Result<&'static Detectors, GuardError> {
-    DETECTORS.as_ref().map_err(Clone::clone)
+fn loaded<T>(rule_set: &'static LazyLock<Result<T, GuardError>>) -> Result<&'static T, GuardError> {
+    rule_set.as_ref().map_err(Clone::clone)
 }
 
 /// The credential detector, shared with `toolwarden check`.
 pub(crate) fn secrets_detector() -> Result<&'static secrets::Secrets, GuardError> {
-    detectors().map(|d| &d.secrets)
+    loaded(&SECRETS)
+}
+
+/// The in-process detector of one guard kind.
+#[derive(Clone, Copy)]
+enum Detector {
+    Pii(&'static pii::Pii),
+    Secrets(&'static secrets::Secrets),
+    PromptInjection(&'static injection::PromptInjection),
+    Malicious(&'static malicious::Malicious),
+}
+
+impl Detector {
+    /// The detector of `kind`, its rule set compiled if this is its first use;
+    /// `None` for `http`, which runs outside the process.
+    fn of(kind: GuardKind) -> Result<Option<Detector>, GuardError> {
+        Ok(Some(match kind {
+            GuardKind::Pii => Detector::Pii(loaded(&PII)?),
+            GuardKind::Secrets => Detector::Secrets(loaded(&SECRETS)?),
+            GuardKind::PromptInjection => Detector::PromptInjection(loaded(&INJECTION)?),
+            GuardKind::Malicious => Detector::Malicious(loaded(&MALICIOUS)?),
+            GuardKind::Http => return Ok(None),
+        }))
+    }
+
+    fn rule_names(self) -> Vec<&'static str> {
+        match self {
+            Detector::Pii(d) => d.rule_names().collect(),
+            Detector::Secrets(d) => d.rule_names().collect(),
+            Detector::PromptInjection(d) => d.rule_names().collect(),
+            Detector::Malicious(d) => d.rule_names().collect(),
+        }
+    }
+
+    fn scan_text(self, text: &Text, mask: RuleMask, out: &mut Vec<Hit<'static>>) {
+        match self {
+            Detector::Pii(d) => d.scan_text(text, mask, out),
+            Detector::Secrets(d) => d.scan_text(text, mask, out),
+            Detector::PromptInjection(d) => d.scan_text(text, mask, out),
+            Detector::Malicious(d) => d.scan_text(text, mask, out),
+        }
+    }
 }
 
 /// One thing a guard found.
@@ -188,6 +224,7 @@ pub struct Finding {
 struct CompiledGuard {
     index: usize,
     kind: GuardKind,
+    detector: Detector,
     action: GuardAction,
     /// Unescaped-segment patterns; empty means every string.
     fields: Vec<Vec<String>>,
@@ -208,7 +245,6 @@ impl CompiledGuard {
 pub struct GuardSet {
     guards: Vec<CompiledGuard>,
     http: Vec<(usize, HttpGuard, GuardAction, Vec<String>)>,
-    detectors: &'static Detectors,
 }
 
 /// The result of checking one document.
@@ -226,7 +262,6 @@ impl GuardSet {
     /// Checks the declarations and selects their rules; cheap (the rule sets
     /// themselves are compiled once per process).
     pub fn compile(decls: &[GuardDecl]) -> Result<GuardSet, GuardError> {
-        let detectors = detectors()?;
         let mut guards = Vec::new();
         let mut http = Vec::new();
         for (index, decl) in decls.iter().enumerate() {
@@ -249,20 +284,20 @@ impl GuardSet {
                 http.push((index, options.clone(), decl.action, decl.fields.clone()));
                 continue;
             }
-            let mask = rule_mask(detectors, index, decl)?;
+            let Some(detector) = Detector::of(decl.kind)? else {
+                return Err(GuardError::HttpOptionsMismatch { index });
+            };
+            let mask = rule_mask(detector, index, decl)?;
             guards.push(CompiledGuard {
                 index,
                 kind: decl.kind,
+                detector,
                 action: decl.action,
                 fields,
                 mask,
             });
         }
-        Ok(GuardSet {
-            guards,
-            http,
-            detectors,
-        })
+        Ok(GuardSet { guards, http })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -307,14 +342,7 @@ impl GuardSet {
     }
 
     fn scan(&self, guard: &CompiledGuard, text: &Text, out: &mut Vec<Hit<'static>>) {
-        let d = self.detectors;
-        match guard.kind {
-            GuardKind::Pii => d.pii.scan_text(text, guard.mask, out),
-            GuardKind::Secrets => d.secrets.scan_text(text, guard.mask, out),
-            GuardKind::PromptInjection => d.injection.scan_text(text, guard.mask, out),
-            GuardKind::Malicious => d.malicious.scan_text(text, guard.mask, out),
-            GuardKind::Http => {}
-        }
+        guard.detector.scan_text(text, guard.mask, out);
     }
 }
 
@@ -335,21 +363,15 @@ fn parse_field(index: usize, field: &str) -> Result<Vec<String>, GuardError> {
         .collect())
 }
 
-fn rule_mask(d: &Detectors, index: usize, decl: &GuardDecl) -> Result<RuleMask, GuardError> {
+fn rule_mask(detector: Detector, index: usize, decl: &GuardDecl) -> Result<RuleMask, GuardError> {
     if decl.categories.is_empty() {
         return Ok(RuleMask::ALL);
     }
-    let names: Vec<&str> = match decl.kind {
-        GuardKind::Pii => d.pii.rule_names().collect(),
-        GuardKind::Secrets => d.secrets.rule_names().collect(),
-        GuardKind::PromptInjection => d.injection.rule_names().collect(),
-        GuardKind::Malicious => d.malicious.rule_names().collect(),
-        GuardKind::Http => Vec::new(),
-    };
+    let names = detector.rule_names();
     let mut mask = RuleMask::NONE;
     for category in &decl.categories {
-        let by_category = match decl.kind {
-            GuardKind::Malicious => d.malicious.category_mask(category),
+        let by_category = match detector {
+            Detector::Malicious(d) => d.category_mask(category),
             _ => None,
         };
         mask = match (by_category, names.iter().position(|n| n == category)) {
