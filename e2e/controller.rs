@@ -110,6 +110,19 @@ impl RunningController {
     }
 }
 
+/// Creates namespace `<prefix>-<pid>` and starts a controller watching only it.
+async fn controlled_namespace(client: &Client, prefix: &str) -> (String, RunningController) {
+    let ns = format!("{prefix}-{}", std::process::id());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap();
+    namespaces
+        .create(&PostParams::default(), &namespace)
+        .await
+        .expect("creating the test namespace");
+    let controller = RunningController::start(client.clone(), &ns);
+    (ns, controller)
+}
+
 /// Creates what the tool references, so it is not refused for a missing Secret or PVC.
 async fn create_references(client: &Client, ns: &str, tool: &AgentTool) {
     let post = PostParams::default();
@@ -252,14 +265,7 @@ async fn the_controller_deploys_reports_restores_denies_and_collects() {
     };
     install_crds(&client).await;
     install_runner_token_review(&client).await;
-    let ns = format!("toolwarden-e2e-ctl-{}", std::process::id());
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap();
-    namespaces
-        .create(&PostParams::default(), &namespace)
-        .await
-        .expect("creating the test namespace");
-    let controller = RunningController::start(client.clone(), &ns);
+    let (ns, controller) = controlled_namespace(&client, "toolwarden-e2e-ctl").await;
     let tools: Api<AgentTool> = Api::namespaced(client.clone(), &ns);
     let apply = PatchParams::apply("toolwarden-e2e").force();
 
@@ -449,6 +455,7 @@ async fn the_controller_deploys_reports_restores_denies_and_collects() {
     } else {
         eprintln!("scale run SKIPPED: set {SCALE_ENV}=1");
     }
+    let namespaces: Api<Namespace> = Api::all(client.clone());
     let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
 }
 
@@ -478,14 +485,7 @@ async fn a_tool_whose_image_lacks_mount_points_is_degraded_naming_them() {
         return skip(why);
     }
     install_crds(&client).await;
-    let ns = format!("toolwarden-e2e-mp-{}", std::process::id());
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap();
-    namespaces
-        .create(&PostParams::default(), &namespace)
-        .await
-        .expect("creating the test namespace");
-    let controller = RunningController::start(client.clone(), &ns);
+    let (ns, controller) = controlled_namespace(&client, "toolwarden-e2e-mp").await;
     let tools: Api<AgentTool> = Api::namespaced(client.clone(), &ns);
     let mut tool = examples()
         .tools
@@ -554,6 +554,7 @@ async fn a_tool_whose_image_lacks_mount_points_is_degraded_naming_them() {
     );
     eprintln!("no-mount-points: {}", degraded.2);
     controller.stop().await;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
     let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
 }
 

@@ -179,6 +179,14 @@ impl Setup {
     }
 }
 
+/// A pool's spec whose sandboxes get per-call files at the service account path.
+fn call_files_spec(rootfs: &common::Rootfs, warm_pool: usize) -> SandboxSpec {
+    SandboxSpec {
+        call_files_dir: Some(SERVICE_ACCOUNT_DIR.into()),
+        ..common::spec(rootfs, common::limits(), warm_pool)
+    }
+}
+
 fn sha256(text: &str) -> String {
     hex::encode(Sha256::digest(text.as_bytes()))
 }
@@ -252,13 +260,7 @@ async fn hostile_per_call_file_names_never_reach_a_container() {
     }
     let rootfs = common::busybox_rootfs();
     let engine = common::engine();
-    let pool = engine
-        .pool(SandboxSpec {
-            call_files_dir: Some(SERVICE_ACCOUNT_DIR.into()),
-            ..common::spec(&rootfs, common::limits(), 0)
-        })
-        .await
-        .unwrap();
+    let pool = engine.pool(call_files_spec(&rootfs, 0)).await.unwrap();
     let before = tree(&rootfs.path());
     for name in [
         "../../../etc/passwd",
@@ -364,13 +366,7 @@ async fn call_files_belong_to_the_sandbox_user_without_a_user_namespace_too() {
     )
     .unwrap();
     let engine = common::engine();
-    let pool = engine
-        .pool(SandboxSpec {
-            call_files_dir: Some(SERVICE_ACCOUNT_DIR.into()),
-            ..common::spec(&rootfs, common::limits(), 1)
-        })
-        .await
-        .unwrap();
+    let pool = engine.pool(call_files_spec(&rootfs, 1)).await.unwrap();
     assert!(!pool.enforcement().user_namespace);
     let inv = Invocation {
         files: vec![CallFile {
@@ -422,10 +418,7 @@ async fn a_read_only_image_without_the_mount_point_is_refused_by_name() {
     mount(None::<&str>, &root, None::<&str>, flags, None::<&str>).unwrap();
     let engine = common::engine();
     let err = engine
-        .pool(SandboxSpec {
-            call_files_dir: Some(SERVICE_ACCOUNT_DIR.into()),
-            ..common::spec(&rootfs, common::limits(), 0)
-        })
+        .pool(call_files_spec(&rootfs, 0))
         .await
         .err()
         .expect("a pool on an image without the mount point");
