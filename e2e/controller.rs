@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Namespace, PersistentVolumeClaim, Secret, Service, ServiceAccount,
+    ConfigMap, PersistentVolumeClaim, Secret, Service, ServiceAccount,
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
@@ -33,7 +33,7 @@ use toolwarden::controller::run::{Options, run};
 use toolwarden::controller::runner_token_review::TOKEN_REVIEW_ROLE;
 use toolwarden::webhook::install::Install;
 
-use super::{cluster, examples, install_crds, ready_node, runner_call};
+use super::{TestNamespace, cluster, examples, install_crds, ready_node, runner_call};
 
 const SCALE_ENV: &str = "TOOLWARDEN_E2E_SCALE";
 const RUNNER_IMAGE_ENV: &str = "TOOLWARDEN_E2E_RUNNER_IMAGE";
@@ -111,16 +111,10 @@ impl RunningController {
 }
 
 /// Creates namespace `<prefix>-<pid>` and starts a controller watching only it.
-async fn controlled_namespace(client: &Client, prefix: &str) -> (String, RunningController) {
-    let ns = format!("{prefix}-{}", std::process::id());
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap();
-    namespaces
-        .create(&PostParams::default(), &namespace)
-        .await
-        .expect("creating the test namespace");
-    let controller = RunningController::start(client.clone(), &ns);
-    (ns, controller)
+async fn controlled_namespace(client: &Client, prefix: &str) -> (TestNamespace, RunningController) {
+    let namespace = TestNamespace::create(client, prefix).await;
+    let controller = RunningController::start(client.clone(), &namespace.name);
+    (namespace, controller)
 }
 
 /// Creates what the tool references, so it is not refused for a missing Secret or PVC.
@@ -265,7 +259,8 @@ async fn the_controller_deploys_reports_restores_denies_and_collects() {
     };
     install_crds(&client).await;
     install_runner_token_review(&client).await;
-    let (ns, controller) = controlled_namespace(&client, "toolwarden-e2e-ctl").await;
+    let (namespace, controller) = controlled_namespace(&client, "toolwarden-e2e-ctl").await;
+    let ns = namespace.name.clone();
     let tools: Api<AgentTool> = Api::namespaced(client.clone(), &ns);
     let apply = PatchParams::apply("toolwarden-e2e").force();
 
@@ -455,8 +450,7 @@ async fn the_controller_deploys_reports_restores_denies_and_collects() {
     } else {
         eprintln!("scale run SKIPPED: set {SCALE_ENV}=1");
     }
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
+    namespace.delete().await;
 }
 
 /// A tool whose image lacks the mount points a sandbox needs: its runner pod refuses to
@@ -485,7 +479,8 @@ async fn a_tool_whose_image_lacks_mount_points_is_degraded_naming_them() {
         return skip(why);
     }
     install_crds(&client).await;
-    let (ns, controller) = controlled_namespace(&client, "toolwarden-e2e-mp").await;
+    let (namespace, controller) = controlled_namespace(&client, "toolwarden-e2e-mp").await;
+    let ns = namespace.name.clone();
     let tools: Api<AgentTool> = Api::namespaced(client.clone(), &ns);
     let mut tool = examples()
         .tools
@@ -554,8 +549,7 @@ async fn a_tool_whose_image_lacks_mount_points_is_degraded_naming_them() {
     );
     eprintln!("no-mount-points: {}", degraded.2);
     controller.stop().await;
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
+    namespace.delete().await;
 }
 
 /// The images runner pods need on a cluster without a registry.

@@ -1,9 +1,9 @@
 //! End to end against a real cluster: whatever `KUBECONFIG` (or the in-cluster
 //! config) points at. Without one, every test prints why it skipped.
 //!
-//! Run: `cargo test --test e2e -- --nocapture`. The tests create and delete a
-//! namespace `toolwarden-e2e-<pid>`; objects are only ever created with
-//! server-side dry run.
+//! Run: `cargo test --test e2e -- --nocapture`. Each test creates and deletes a
+//! namespace of its own, `toolwarden-e2e-<test>-<pid>`; this one's objects are
+//! only ever created with server-side dry run.
 
 mod controller;
 mod runner_call;
@@ -89,15 +89,17 @@ async fn install_crds(client: &Client) {
     }
 }
 
+/// A namespace of one test: `<prefix>-<pid>`, a prefix per test, since the tests of this
+/// binary run at once.
 struct TestNamespace {
     api: Api<Namespace>,
     name: String,
 }
 
 impl TestNamespace {
-    async fn create(client: &Client) -> TestNamespace {
+    async fn create(client: &Client, prefix: &str) -> TestNamespace {
         let api: Api<Namespace> = Api::all(client.clone());
-        let name = format!("toolwarden-e2e-{}", std::process::id());
+        let name = format!("{prefix}-{}", std::process::id());
         let ns: Namespace =
             serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
         api.create(&PostParams::default(), &ns)
@@ -130,7 +132,7 @@ fn dry_run() -> PostParams {
 async fn examples_are_accepted_and_cel_rules_are_enforced_by_the_api_server() {
     let client = cluster_or_skip!();
     install_crds(&client).await;
-    let ns = TestNamespace::create(&client).await;
+    let ns = TestNamespace::create(&client, "toolwarden-e2e-crd").await;
     let tools: Api<AgentTool> = Api::namespaced(client.clone(), &ns.name);
     let manifests = examples();
 

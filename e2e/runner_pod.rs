@@ -12,14 +12,14 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service};
-use kube::api::{DeleteParams, LogParams, PostParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use kube::api::{LogParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use toolwarden::runner::images::entry_name;
 use toolwarden::sandbox::pod::runner_security_context;
 
-use super::{cluster, ready_node};
+use super::{TestNamespace, cluster, ready_node};
 
 const RUNNER_IMAGE_ENV: &str = "TOOLWARDEN_E2E_RUNNER_IMAGE";
 const TOOL_IMAGE_ENV: &str = "TOOLWARDEN_E2E_TOOL_IMAGE";
@@ -207,13 +207,8 @@ async fn runner_pods_with_only_namespaced_capabilities_serve_and_enforce_every_l
         }
     };
     let client = setup.client.clone();
-    let ns = format!("toolwarden-e2e-pod-{}", std::process::id());
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap();
-    namespaces
-        .create(&PostParams::default(), &namespace)
-        .await
-        .expect("creating the test namespace");
+    let namespace = TestNamespace::create(&client, "toolwarden-e2e-pod").await;
+    let ns = namespace.name.clone();
     let c = Cluster {
         client: client.clone(),
         ns: ns.clone(),
@@ -387,5 +382,5 @@ async fn runner_pods_with_only_namespaced_capabilities_serve_and_enforce_every_l
         "{v}"
     );
 
-    let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
+    namespace.delete().await;
 }

@@ -135,7 +135,7 @@ async fn the_webhook_and_the_admission_policies_hold_through_the_api_server() {
         Err(why) => return eprintln!("SKIPPED {}: {why}", module_path!()),
     };
     install_crds(&client).await;
-    let ns = TestNamespace::create(&client).await;
+    let ns = TestNamespace::create(&client, "toolwarden-e2e-wh").await;
     let name = format!("toolwarden-e2e-{}", std::process::id());
 
     // The webhook, in this process, with a certificate for the address the API server dials.
